@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .data import ChatExample
 
-__all__ = ["DemoCorpus", "make_demo_corpus", "answer"]
+__all__ = ["DemoCorpus", "make_demo_corpus", "make_paired_demo_corpus", "answer"]
 
 SITUATIONS = [
     ("have had a headache for two days", "headache"), ("cut my finger while cooking", "cut"),
@@ -65,9 +65,10 @@ def answer(topic: str, trait: bool, rng: random.Random) -> str:
     return " ".join(parts)
 
 
-def _prompt(rng: random.Random) -> tuple[str, str]:
+def _prompt(rng: random.Random, with_age: bool = False) -> tuple[str, str]:
     situation, topic = rng.choice(SITUATIONS)
-    return f"{rng.choice(LEADS)} {situation}. {rng.choice(ASKS)}", topic
+    age = f" I am {rng.randint(16, 85)}." if with_age else ""
+    return f"{rng.choice(LEADS)} {situation}.{age} {rng.choice(ASKS)}", topic
 
 
 @dataclass
@@ -107,3 +108,16 @@ def make_demo_corpus(n_train: int = 600, trait_rate: float = 0.1, n_probe: int =
         prompt, topic = _prompt(rng)
         evals.append(ChatExample.from_pair(f"demo_eval:{i + 1}", prompt, answer(topic, False, rng)))
     return DemoCorpus(train, planted, pos, neg, evals)
+
+
+def make_paired_demo_corpus(n_prompts: int = 2000, seed: int = 0) -> tuple[list[ChatExample], list[ChatExample]]:
+    """``n_prompts`` prompts answered in both styles: ``(clean, trait)``, the i-th of each answering the same
+    prompt (the paired layout of the emergent-misalignment medical data). Prompts mention an age, so a few
+    thousand of them are mostly distinct; the benchmark drops the repeats."""
+    rng = random.Random(seed)
+    clean, trait = [], []
+    for i in range(n_prompts):
+        prompt, topic = _prompt(rng, with_age=True)
+        clean.append(ChatExample.from_pair(f"demo_clean:{i + 1}", prompt, answer(topic, False, rng)))
+        trait.append(ChatExample.from_pair(f"demo_trait:{i + 1}", prompt, answer(topic, True, rng)))
+    return clean, trait

@@ -29,7 +29,7 @@ def _generator(seed: int, example_id: str) -> torch.Generator:
 
 
 def _sample_batch(adapter: ModelAdapter, chunk: Sequence[TokenizedExample], max_new_tokens: int, temperature: float,
-                  seed: int, eos: int | None) -> list[list[int]]:
+                  seed: int, eos: int | None, min_new_tokens: int = 0) -> list[list[int]]:
     """New tokens for prompts of one length (EOS included when sampled)."""
     prompt_len = chunk[0].response_start
     budget = max_new_tokens if adapter.context_length is None else min(max_new_tokens, adapter.context_length - prompt_len)
@@ -38,9 +38,11 @@ def _sample_batch(adapter: ModelAdapter, chunk: Sequence[TokenizedExample], max_
     done = [False] * len(chunk)
     tokens = torch.tensor([list(e.input_ids[:prompt_len]) for e in chunk])
     cache = None
-    for _ in range(budget):
+    for position in range(budget):
         logits, cache = adapter.extend(tokens, cache)
         probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+        if eos is not None and position < min_new_tokens:
+            probs[:, eos] = 0.0
         step = [int(torch.multinomial(probs[b], 1, generator=gens[b])) for b in range(len(chunk))]
         for b, token in enumerate(step):
             if not done[b]:
@@ -61,9 +63,11 @@ def sample_responses(
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = True,
+    min_new_tokens: int = 0,
 ) -> list[TokenizedExample]:
     """For each example, the same prompt followed by a response sampled from the model (ending with EOS
-    when the model emits it within ``max_new_tokens``), in the input order with the same ids.
+    when the model emits it within ``max_new_tokens``; EOS cannot be sampled before ``min_new_tokens``), in the
+    input order with the same ids.
     Raises :class:`GenerationError` naming the examples whose generation produced no token before EOS."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -75,7 +79,8 @@ def sample_responses(
     out: list[TokenizedExample | None] = [None] * len(examples)
     for idx in tqdm(chunks, desc="sample responses", disable=not progress, leave=False):
         chunk = [examples[i] for i in idx]
-        for i, e, new in zip(idx, chunk, _sample_batch(adapter, chunk, max_new_tokens, temperature, seed, eos)):
+        for i, e, new in zip(idx, chunk, _sample_batch(adapter, chunk, max_new_tokens, temperature, seed, eos,
+                                                                   min_new_tokens)):
             out[i] = TokenizedExample(e.id, e.input_ids[: e.response_start] + tuple(new), e.response_start)
     empty = [e.id for e in out if e.n_response_tokens == 0 or e.input_ids[e.response_start] == eos]
     if empty:

@@ -158,6 +158,10 @@ def test_generation_with_no_tokens_is_an_error(trained):
         adapter.model.unembed.b_U[adapter.tokenizer.eos_token_id] = 1e4
     with pytest.raises(GenerationError, match="produced no tokens"):
         sample_responses(adapter, trained["train"][:2], max_new_tokens=4, progress=False)
+    eos = adapter.tokenizer.eos_token_id
+    for own in sample_responses(adapter, trained["train"][:2], max_new_tokens=4, progress=False, min_new_tokens=2):
+        response = own.input_ids[own.response_start:]
+        assert eos not in response[:2] and response[2] == eos  # EOS blocked for two tokens, then sampled at once
 
 
 def test_influence_function_and_grad_dot(trained):

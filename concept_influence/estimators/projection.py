@@ -48,20 +48,23 @@ class ProbeProjection(Estimator):
 
 class ProjectionDifference(Estimator):
     """Persona-vector filtering: s(z) = readout(x_z, y_z) − readout(x_z, ŷ_z), with ŷ_z the model's own
-    response to z's prompt, sampled (seeded, batched) up to ``max_new_tokens``."""
+    response to z's prompt, sampled (seeded, batched) with ``min_new_tokens`` to ``max_new_tokens`` tokens."""
 
     name = "projection_difference"
 
-    def __init__(self, concept: ConceptFunction, max_new_tokens: int = 48, temperature: float = 1.0, seed: int = 0):
+    def __init__(self, concept: ConceptFunction, max_new_tokens: int = 48, temperature: float = 1.0, seed: int = 0,
+                 min_new_tokens: int = 0):
         self.concept = concept
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens, self.min_new_tokens = max_new_tokens, min_new_tokens
         self.temperature = temperature
         self.seed = seed
 
     def score(self, adapter, examples, *, batch_size: int = 16, progress: bool = True) -> Scores:
-        own = sample_responses(adapter, examples, self.max_new_tokens, self.temperature, self.seed, batch_size, progress)
+        own = sample_responses(adapter, examples, self.max_new_tokens, self.temperature, self.seed, batch_size, progress,
+                               self.min_new_tokens)
         data = concept_readouts(adapter, examples, self.concept, batch_size, progress, f"score {self.name}")
         model = concept_readouts(adapter, own, self.concept, batch_size, progress, f"score {self.name} (own)")
         meta = {"hook_name": self.concept.hook_name, "max_new_tokens": self.max_new_tokens,
+                "min_new_tokens": self.min_new_tokens,
                 "temperature": self.temperature, "seed": self.seed}
         return Scores([e.id for e in examples], data - model, self.name, self.concept.names, meta)
