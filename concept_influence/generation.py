@@ -40,9 +40,10 @@ def _sample_batch(adapter: ModelAdapter, chunk: Sequence[TokenizedExample], max_
     cache = None
     for position in range(budget):
         logits, cache = adapter.extend(tokens, cache)
-        probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+        logits = logits.float().cpu() / temperature
         if eos is not None and position < min_new_tokens:
-            probs[:, eos] = 0.0
+            logits[:, eos] = float("-inf")
+        probs = torch.softmax(logits, dim=-1)
         step = [int(torch.multinomial(probs[b], 1, generator=gens[b])) for b in range(len(chunk))]
         for b, token in enumerate(step):
             if not done[b]:
