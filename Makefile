@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo demo-quick test bench clean
+.PHONY: install demo demo-quick test bench bench-medical clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,13 @@ test: install
 
 bench: install
 	$(VENV)/bin/concept-influence bench speed --out benchmarks
+
+# The committed medical results: about an hour per rate on 2 cores (one torch thread per run).
+EM_DATA ?= ../shared/data/em
+bench-medical: install
+	OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence bench medical --data $(EM_DATA) --rate 0.1 --lds 10 --out runs/medical-0.1
+	OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence bench medical --data $(EM_DATA) --rate 0.05 --out runs/medical-0.05
+	for r in 0.1 0.05; do mkdir -p benchmarks/medical-rate$$r && cp runs/medical-$$r/results.md runs/medical-$$r/results.json runs/medical-$$r/*.png benchmarks/medical-rate$$r/; done
 
 clean:
 	rm -rf $(VENV) runs
