@@ -22,11 +22,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _planted_config(args: argparse.Namespace, paired: bool):
-    from .benchmarks.planted import PlantedConfig
+    from .benchmarks.planted import BenchmarkError, PlantedConfig
 
     overrides = {k: getattr(args, k) for k in PLANTED_SIZES if getattr(args, k) is not None}
-    overrides.update(rate=args.rate, paired=paired, seed=args.seed, lds=args.lds,
-                     remove_fractions=tuple(float(f) for f in args.remove_fractions.split(",")))
+    try:
+        fractions = tuple(float(f) for f in args.remove_fractions.split(","))
+    except ValueError:
+        raise BenchmarkError(f"--remove-fractions must be numbers separated by commas, got {args.remove_fractions!r}")
+    overrides.update(rate=args.rate, paired=paired, seed=args.seed, lds=args.lds, remove_fractions=fractions)
     return PlantedConfig.quick(**overrides) if args.quick else PlantedConfig(**overrides)
 
 

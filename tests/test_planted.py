@@ -91,6 +91,8 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
     assert "missing.jsonl: no such data file" in capsys.readouterr().err
     assert main(args + ["--planted", str(good), "--rate", "0.7"]) == 2
     assert "--rate must be in (0, 0.5], got 0.7" in capsys.readouterr().err
+    assert main(args + ["--planted", str(good), "--rate", "0.1", "--remove-fractions", "0.1,ten"]) == 2
+    assert "--remove-fractions must be numbers separated by commas, got '0.1,ten'" in capsys.readouterr().err
     assert main(args + ["--planted", str(good), "--rate", "0.1", "--paired"]) == 2
     assert "too few examples" in capsys.readouterr().err
     (tmp_path / "broken.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
