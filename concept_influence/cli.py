@@ -33,27 +33,25 @@ def _planted_config(args: argparse.Namespace, paired: bool):
     return PlantedConfig.quick(**overrides) if args.quick else PlantedConfig(**overrides)
 
 
-def _bench_planted(args: argparse.Namespace) -> int:
+def _run_planted(args: argparse.Namespace, clean, planted, paired: bool, names: tuple[str, str]) -> int:
     from .benchmarks.planted import command_line, run_planted
     from .data import load_chat_jsonl
 
-    cfg = _planted_config(args, args.paired)
-    run_planted(load_chat_jsonl(args.clean), load_chat_jsonl(args.planted), args.out, cfg,
-                progress=not args.no_progress, command=command_line(), data_names=(args.clean, args.planted))
+    cfg = _planted_config(args, paired)
+    run_planted(load_chat_jsonl(clean), load_chat_jsonl(planted), args.out, cfg, progress=not args.no_progress,
+                command=command_line(), data_names=names)
     return 0
+
+
+def _bench_planted(args: argparse.Namespace) -> int:
+    return _run_planted(args, args.clean, args.planted, args.paired, (args.clean, args.planted))
 
 
 def _bench_medical(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .benchmarks.planted import command_line, run_planted
-    from .data import load_chat_jsonl
-
     files = [Path(args.data) / f"{kind}_medical_advice.jsonl.gz" for kind in ("good", "bad")]
-    cfg = _planted_config(args, paired=True)
-    run_planted(*(load_chat_jsonl(f) for f in files), args.out, cfg, progress=not args.no_progress,
-                command=command_line(), data_names=tuple(f.name for f in files))
-    return 0
+    return _run_planted(args, *files, paired=True, names=tuple(f.name for f in files))
 
 
 def _add_planted_options(p: argparse.ArgumentParser, default_rate: float | None) -> None:

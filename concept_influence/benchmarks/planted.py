@@ -17,7 +17,6 @@ Protocol, for any two chat JSONL files (clean answers and planted-style answers)
 from __future__ import annotations
 
 import json
-import platform
 import random
 import shlex
 import sys
@@ -44,6 +43,7 @@ from ..generation import sample_responses
 from ..models import ModelAdapter
 from ..plots import plot_behaviour_removal, plot_fast_vs_full, plot_pr_curves, plot_score_histograms
 from ..smallmodel import build_small_model, seed_everything, train_bpe_tokenizer, train_model
+from .speed import machine_description
 
 __all__ = ["BenchmarkError", "PlantedConfig", "PlantedSplits", "split_planted", "run_planted", "format_report"]
 
@@ -218,10 +218,10 @@ def _effect(clean: Sequence[float], planted: Sequence[float]) -> dict:
 
 
 class _Finetuner:
-    """Fine-tunes copies of the pre-trained model (restoring its weights each time) and measures behaviour."""
+    """Fine-tunes copies of the pre-trained model (restoring its weights each time)."""
 
-    def __init__(self, adapter: ModelAdapter, cfg: PlantedConfig, behaviour: Callable[[], float], progress: bool):
-        self.adapter, self.cfg, self.behaviour, self.progress = adapter, cfg, behaviour, progress
+    def __init__(self, adapter: ModelAdapter, cfg: PlantedConfig, progress: bool):
+        self.adapter, self.cfg, self.progress = adapter, cfg, progress
         self.pretrained = {k: v.detach().clone() for k, v in adapter.model.state_dict().items()}
 
     def finetune(self, examples: Sequence[TokenizedExample], seed: int, desc: str = "fine-tune") -> None:
@@ -229,12 +229,12 @@ class _Finetuner:
         train_model(self.adapter, examples, self.cfg.finetune_epochs, self.cfg.finetune_lr, self.cfg.batch_size,
                     tokens="response", seed=seed, progress=self.progress, desc=desc)
 
-    def behaviours(self, examples: Sequence[TokenizedExample], desc: str) -> list[float]:
-        """Behaviour after fine-tuning on ``examples`` with each of the run's seeds."""
+    def behaviours(self, examples: Sequence[TokenizedExample], measure: Callable[[], float], desc: str) -> list[float]:
+        """``measure()`` after fine-tuning on ``examples`` with each of the run's seeds."""
         out = []
         for s in range(self.cfg.n_seeds):
             self.finetune(examples, self.cfg.seed + s, f"{desc} (seed {s})")
-            out.append(self.behaviour())
+            out.append(measure())
         return out
 
 
@@ -293,17 +293,7 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
     log(f"pre-trained {cfg.n_layers} blocks d{cfg.d_model} on {len(tk['pretrain'])} clean chats: loss "
         f"{pre_losses[-1]:.3f} ({time.perf_counter() - t0:.0f} s)")
 
-    concept_holder: dict[str, ConceptFunction] = {}
-
-    def behaviour() -> float:
-        if splits.eval_planted is not None:
-            return float(np.mean(_mean_loss(adapter, tk["eval"], cfg.batch_size)
-                                 - _mean_loss(adapter, tk["eval_planted"], cfg.batch_size)))
-        own = sample_responses(adapter, tk["eval"], cfg.max_new_tokens, seed=cfg.seed, progress=False,
-                               min_new_tokens=1)
-        return float(concept_holder["concept"].evaluate(adapter, own)[0])
-
-    tuner = _Finetuner(adapter, cfg, behaviour, progress)
+    tuner = _Finetuner(adapter, cfg, progress)
     t0 = time.perf_counter()
     tuner.finetune(pool_tk, cfg.seed, "fine-tune (planted pool)")
     finetune_seconds = time.perf_counter() - t0
@@ -317,7 +307,16 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
     log(f"probe at {hook}: held-out accuracy {probe.metrics['accuracy']:.3f}, AUROC {probe.metrics['roc_auc']:.3f}")
     own = sample_responses(adapter, tk["eval"], cfg.max_new_tokens, seed=cfg.seed, progress=False,
                                min_new_tokens=1)
-    concept = concept_holder["concept"] = ConceptFunction.from_directions(probe.direction, eval_examples=own)
+    concept = ConceptFunction.from_directions(probe.direction, eval_examples=own)
+
+    def behaviour() -> float:
+        """Paired: mean per-token log p(planted) − log p(clean) answer; unpaired: concept on the model's own answers."""
+        if splits.eval_planted is not None:
+            return float(np.mean(_mean_loss(adapter, tk["eval"], cfg.batch_size)
+                                 - _mean_loss(adapter, tk["eval_planted"], cfg.batch_size)))
+        answers = sample_responses(adapter, tk["eval"], cfg.max_new_tokens, seed=cfg.seed, progress=False,
+                                   min_new_tokens=1)
+        return float(concept.evaluate(adapter, answers)[0])
 
     t0 = time.perf_counter()
     curvature = fit_curvature(adapter, pool_tk, maps=adapter.linear_maps(), strategy="ekfac",
@@ -331,7 +330,7 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
         TfidfBaseline(response_texts(adapter, tk["pos"])), LengthBaseline(), RandomBaseline(cfg.seed),
     ]
     results: dict = {
-        "command": command, "machine": _machine(), "config": asdict(cfg), "data": list(data_names),
+        "command": command, "machine": machine_description(), "config": asdict(cfg), "data": list(data_names),
         "splits": {"probe": len(tk["pos"]), "pretrain": len(tk["pretrain"]), "pool": len(pool_tk),
                    "planted": int(sum(labels)), "eval": len(tk["eval"]), "dropped_duplicates": splits.dropped_duplicates,
                    "dropped_too_long_from_pool": len(splits.pool) - len(pool_tk)},
@@ -350,7 +349,7 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
     log("\n" + format_retrieval(results))
     _write(out, results)
 
-    results["behaviour"] = _behaviour_section(tuner, pool_tk, labels, scores, cfg, log)
+    results["behaviour"] = _behaviour_section(tuner, behaviour, pool_tk, labels, scores, cfg, log)
     _write(out, results)
     if cfg.lds:
         results["lds"] = _concept_lds(tuner, concept, pool_tk, scores, cfg)
@@ -361,12 +360,12 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
     return results
 
 
-def _behaviour_section(tuner: _Finetuner, pool: list[TokenizedExample], labels: list[int],
-                       scores: dict[str, np.ndarray], cfg: PlantedConfig, log) -> dict:
+def _behaviour_section(tuner: _Finetuner, behaviour: Callable[[], float], pool: list[TokenizedExample],
+                       labels: list[int], scores: dict[str, np.ndarray], cfg: PlantedConfig, log) -> dict:
     """Behaviour of clean and planted fine-tunes over seeds, then after removing the top of each ranking."""
     clean_pool = [t for t, lab in zip(pool, labels) if not lab]
-    planted_b = tuner.behaviours(pool, "fine-tune planted")
-    clean_b = tuner.behaviours(clean_pool, "fine-tune clean")
+    planted_b = tuner.behaviours(pool, behaviour, "fine-tune planted")
+    clean_b = tuner.behaviours(clean_pool, behaviour, "fine-tune clean")
     effect = _effect(clean_b, planted_b)
     log(f"behaviour: clean {np.mean(clean_b):.4f} ± {np.std(clean_b):.4f}, planted {np.mean(planted_b):.4f} ± "
         f"{np.std(planted_b):.4f}; planting {'raised' if effect['raised'] else 'did NOT raise'} it "
@@ -379,7 +378,7 @@ def _behaviour_section(tuner: _Finetuner, pool: list[TokenizedExample], labels: 
         for fraction in cfg.remove_fractions:
             drop = set(order[: round(fraction * len(pool))].tolist())
             kept = [t for i, t in enumerate(pool) if i not in drop]
-            values = tuner.behaviours(kept, f"retrain without top {fraction:.0%} of {name}")
+            values = tuner.behaviours(kept, behaviour, f"retrain without top {fraction:.0%} of {name}")
             shares = [(np.mean(planted_b) - v) / effect["gain"] for v in values] if effect["gain"] else [float("nan")]
             section["removal"][name][str(fraction)] = {
                 "behaviour": values, "mean": float(np.mean(values)), "sd": float(np.std(values)),
@@ -418,14 +417,6 @@ def _plots(out: Path, scores: dict[str, np.ndarray], labels: list[int], results:
     return {k: p.name for k, p in plots.items()}
 
 
-def _machine() -> str:
-    import os
-
-    cpu = platform.processor() or platform.machine()
-    return (f"{platform.system()} {platform.machine()} ({cpu}), {os.cpu_count()} cores, torch {torch.__version__} "
-            f"on {torch.get_num_threads()} threads, Python {platform.python_version()}")
-
-
 def _write(out: Path, results: dict) -> None:
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
     atomic_write_text(out / "results.md", format_report(results))
@@ -447,7 +438,10 @@ def format_report(results: dict) -> str:
     lines = ["# Planted-data benchmark", ""]
     if results.get("command"):
         lines += [f"Command: `{results['command']}`", ""]
-    lines += [f"Machine: {results['machine']}" + (f"; {results['total_seconds'] / 60:.1f} min in all"
+    m = results["machine"]
+    machine = (f"{m['cpu']}, {m['usable_cores']} cores, torch {m['torch']} on {m['torch_threads']} thread(s), "
+               f"Python {m['python']}, load average {m['load_average_start'][0]:.1f} at the start")
+    lines += [f"Machine: {machine}" + (f"; {results['total_seconds'] / 60:.1f} min in all"
                                                  if "total_seconds" in results else " (run in progress)"), "",
               f"Data: {' + '.join(results['data'])} ({'paired' if cfg['paired'] else 'unpaired'}); rate {cfg['rate']}; "
               f"pool {sp['pool']} ({sp['planted']} planted), pre-train {sp['pretrain']}, probe {sp['probe']} per class, "
