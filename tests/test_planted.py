@@ -160,7 +160,9 @@ def test_report_reads_well_and_says_plainly_when_planting_did_nothing(demo_run):
     assert "| concept_influence |" in report and "## Concept-LDS" in report and "![pr_curves](pr_curves.png)" in report
     flat = json.loads(json.dumps(results))
     flat["behaviour"]["raised"] = False
-    assert "**Planting did NOT raise the behaviour** measurably" in format_report(flat)
+    flat_report = format_report(flat)
+    assert "**Planting did NOT raise the behaviour** measurably" in flat_report
+    assert "| n/a (" in flat_report and "%" not in flat_report.split("| concept_influence |")[1].split("\n")[0]
 
 
 @pytest.mark.skipif(not (EM / "bad_medical_advice.jsonl.gz").is_file(), reason="shared EM data not present")

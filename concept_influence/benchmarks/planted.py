@@ -475,10 +475,12 @@ def format_report(results: dict) -> str:
         if b:
             for f in fractions:
                 r = b["removal"][name][f]
-                row += f" {r['share_of_gain_removed']:.0%} ± {r['share_sd']:.0%} ({r['planted_removed']} planted) |"
+                share = f"{r['share_of_gain_removed']:.0%} ± {r['share_sd']:.0%}" if b["raised"] else "n/a"
+                row += f" {share} ({r['planted_removed']} planted) |"
         lines.append(row)
     lines += ["", "P@k: precision among the top k = number planted. Gain removed: (planted − after removal) / "
-              "(planted − clean), mean ± sd over seeds; in brackets the planted examples among those removed.", ""]
+              "(planted − clean), mean ± sd over seeds (n/a when planting did not raise the behaviour; the values "
+              "are in results.json); in brackets the planted examples among those removed.", ""]
     if "lds" in results:
         lines += ["## Concept-LDS", "", f"{results['lds']['subsets']} random halves of the pool; Spearman between the "
                   "summed scores of the kept examples and the concept measured after fine-tuning on them. "
