@@ -29,7 +29,7 @@ def _generator(seed: int, example_id: str) -> torch.Generator:
 
 
 def _sample_batch(adapter: ModelAdapter, chunk: Sequence[TokenizedExample], max_new_tokens: int, temperature: float,
-                  seed: int, eos: int | None, min_new_tokens: int = 0) -> list[list[int]]:
+                  seed: int, eos: int | None, min_new_tokens: int) -> list[list[int]]:
     """New tokens for prompts of one length (EOS included when sampled)."""
     prompt_len = chunk[0].response_start
     budget = max_new_tokens if adapter.context_length is None else min(max_new_tokens, adapter.context_length - prompt_len)

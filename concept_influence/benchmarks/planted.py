@@ -261,8 +261,7 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
     started = time.perf_counter()
     seed_everything(cfg.seed)
     splits = split_planted(clean, planted, cfg, *data_names)
-    log = print
-    log(f"splits: probe {len(splits.probe_positive)}+{len(splits.probe_negative)}, pre-train {len(splits.pretrain)}, "
+    print(f"splits: probe {len(splits.probe_positive)}+{len(splits.probe_negative)}, pre-train {len(splits.pretrain)}, "
         f"pool {len(splits.pool)} ({sum(splits.planted)} planted), eval {len(splits.eval_clean)}")
 
     texts = [f"{c.prompt}\n{c.response}" for c in splits.pretrain + splits.probe_positive + splits.probe_negative]
@@ -278,8 +277,8 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
           "neg": _tokenize(splits.probe_negative, tokenizer, cfg, "probe-negative"),
           "eval": _tokenize(splits.eval_clean, tokenizer, cfg, "evaluation")}
     if splits.eval_planted is not None:  # keep only evaluation prompts whose two answers both fit
-        clean_tk, planted_tk = ({t.id: t for t in tokenize_examples(x, tokenizer, cfg.max_length, skip_truncated=True)}
-                                for x in (splits.eval_clean, splits.eval_planted))
+        clean_tk = {t.id: t for t in tk["eval"]}
+        planted_tk = {t.id: t for t in _tokenize(splits.eval_planted, tokenizer, cfg, "evaluation")}
         pairs = [(clean_tk[c.id], planted_tk[p.id]) for c, p in zip(splits.eval_clean, splits.eval_planted)
                  if c.id in clean_tk and p.id in planted_tk]
         if not pairs:
@@ -290,21 +289,21 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
     t0 = time.perf_counter()
     pre_losses = train_model(adapter, tk["pretrain"], cfg.pretrain_epochs, cfg.pretrain_lr, cfg.batch_size,
                              tokens="all", seed=cfg.seed, progress=progress, desc="pre-train")
-    log(f"pre-trained {cfg.n_layers} blocks d{cfg.d_model} on {len(tk['pretrain'])} clean chats: loss "
+    print(f"pre-trained {cfg.n_layers} blocks d{cfg.d_model} on {len(tk['pretrain'])} clean chats: loss "
         f"{pre_losses[-1]:.3f} ({time.perf_counter() - t0:.0f} s)")
 
     tuner = _Finetuner(adapter, cfg, progress)
     t0 = time.perf_counter()
     tuner.finetune(pool_tk, cfg.seed, "fine-tune (planted pool)")
     finetune_seconds = time.perf_counter() - t0
-    log(f"fine-tuned on the pool ({finetune_seconds:.0f} s)")
+    print(f"fine-tuned on the pool ({finetune_seconds:.0f} s)")
 
     hook = f"blocks.{cfg.probe_layer}.hook_resid_post"
     acts = [collect_activations(adapter, tk[k], hook, progress=False) for k in ("pos", "neg")]
     probe = train_logistic_probe(acts[0], acts[1], hook, seed=cfg.seed)
     probe.direction.metadata["name"] = "planted_probe"
     probe.direction.save(out / "probe.safetensors")
-    log(f"probe at {hook}: held-out accuracy {probe.metrics['accuracy']:.3f}, AUROC {probe.metrics['roc_auc']:.3f}")
+    print(f"probe at {hook}: held-out accuracy {probe.metrics['accuracy']:.3f}, AUROC {probe.metrics['roc_auc']:.3f}")
     own = sample_responses(adapter, tk["eval"], cfg.max_new_tokens, seed=cfg.seed, progress=False,
                                min_new_tokens=1)
     concept = ConceptFunction.from_directions(probe.direction, eval_examples=own)
@@ -346,28 +345,28 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
         scores[est.name] = s.column(0)
         results["estimators"][est.name] = {**retrieval_metrics(scores[est.name], labels),
                                            "seconds_per_1k": 1000 * seconds / len(pool_tk)}
-    log("\n" + format_retrieval(results))
+    print("\n" + format_retrieval(results))
     _write(out, results)
 
-    results["behaviour"] = _behaviour_section(tuner, behaviour, pool_tk, labels, scores, cfg, log)
+    results["behaviour"] = _behaviour_section(tuner, behaviour, pool_tk, labels, scores, cfg)
     _write(out, results)
     if cfg.lds:
         results["lds"] = _concept_lds(tuner, concept, pool_tk, scores, cfg)
     results["plots"] = _plots(out, scores, labels, results)
     results["total_seconds"] = time.perf_counter() - started
     _write(out, results)
-    log(f"\nresults: {out / 'results.md'} ({results['total_seconds']:.0f} s in all)")
+    print(f"\nresults: {out / 'results.md'} ({results['total_seconds']:.0f} s in all)")
     return results
 
 
 def _behaviour_section(tuner: _Finetuner, behaviour: Callable[[], float], pool: list[TokenizedExample],
-                       labels: list[int], scores: dict[str, np.ndarray], cfg: PlantedConfig, log) -> dict:
+                       labels: list[int], scores: dict[str, np.ndarray], cfg: PlantedConfig) -> dict:
     """Behaviour of clean and planted fine-tunes over seeds, then after removing the top of each ranking."""
     clean_pool = [t for t, lab in zip(pool, labels) if not lab]
     planted_b = tuner.behaviours(pool, behaviour, "fine-tune planted")
     clean_b = tuner.behaviours(clean_pool, behaviour, "fine-tune clean")
     effect = _effect(clean_b, planted_b)
-    log(f"behaviour: clean {np.mean(clean_b):.4f} ± {np.std(clean_b):.4f}, planted {np.mean(planted_b):.4f} ± "
+    print(f"behaviour: clean {np.mean(clean_b):.4f} ± {np.std(clean_b):.4f}, planted {np.mean(planted_b):.4f} ± "
         f"{np.std(planted_b):.4f}; planting {'raised' if effect['raised'] else 'did NOT raise'} it "
         f"(effect size {effect['effect_size']:.1f} seed sd)")
     section = {"metric": "paired log-prob gap" if cfg.paired else "probe projection of own answers",
