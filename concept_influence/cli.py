@@ -1,10 +1,13 @@
-"""Command line: ``concept-influence demo``, ``bench planted``, ``bench medical`` and ``bench speed``."""
+"""Command line: ``concept-influence demo``; the run-folder pipeline ``run``, ``probe train``, ``fit-factors``,
+``score``, ``report``; benchmarks ``bench planted``, ``bench medical``, ``bench speed``, ``bench memory``."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+
+from .cli_sae import add_sae_benchmark_options, add_sae_commands, sae_benchmark_overrides
 
 __all__ = ["main"]
 
@@ -30,6 +33,7 @@ def _planted_config(args: argparse.Namespace, paired: bool):
     except ValueError:
         raise BenchmarkError(f"--remove-fractions must be numbers separated by commas, got {args.remove_fractions!r}")
     overrides.update(rate=args.rate, paired=paired, seed=args.seed, lds=args.lds, remove_fractions=fractions)
+    overrides.update(sae_benchmark_overrides(args))
     return PlantedConfig.quick(**overrides) if args.quick else PlantedConfig(**overrides)
 
 
@@ -77,6 +81,7 @@ def _add_planted_options(p: argparse.ArgumentParser, default_rate: float | None)
     p.add_argument("--pretrain-epochs", type=int, help="pre-training epochs (default 2)")
     p.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs (default 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_sae_benchmark_options(p)
 
 
 def _bench_speed(args: argparse.Namespace) -> int:
@@ -84,6 +89,73 @@ def _bench_speed(args: argparse.Namespace) -> int:
 
     run_speed_benchmark(args.out, quick=args.quick, seed=args.seed, kronfluence=not args.no_kronfluence)
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .config import RunConfig
+    from .runs import run_config
+
+    _print_on_rank0(run_config(RunConfig.read(args.config), args.out, progress=not args.no_progress))
+    return 0
+
+
+def _print_on_rank0(path) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(path)
+
+
+def _stage(*stages: str):
+    def command(args: argparse.Namespace) -> int:
+        from .config import RunConfig
+        from .runs import run_stages
+
+        config = RunConfig.read(args.config) if getattr(args, "config", None) else None
+        _print_on_rank0(run_stages(stages, args.run, config, progress=not getattr(args, "no_progress", False),
+                                   top_k=getattr(args, "top_k", None)))
+        return 0
+
+    return command
+
+
+def _add_pipeline_commands(sub) -> None:
+    launch = ("Under torchrun (e.g. `torchrun --nproc-per-node 2 -m concept_influence ...`) the work is shared "
+              "between processes (gloo on CPU, NCCL on GPU).")
+    run = sub.add_parser(
+        "run", help="every stage of a run config: probe, factors, scores, report",
+        description="Run every stage of CONFIG (TOML or JSON; see concept_influence/config.py) in a run folder: "
+                    "train the probe, fit the EK-FAC factors, score the training data shard by shard, write the "
+                    "report. Starting the same command again resumes from the last finished shard; "
+                    "`concept-influence run RUN/config.json` replays a run. " + launch)
+    run.add_argument("config", metavar="CONFIG", help="run config (.toml or .json)")
+    run.add_argument("--out", help="run folder (default: the config's `out`)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(func=_run)
+
+    def stage(parent, name: str, help: str, description: str, stages: tuple[str, ...], progress: bool = True):
+        p = parent.add_parser(name, help=help, description=description + " " + launch)
+        p.add_argument("run", metavar="RUN", help="run folder")
+        p.add_argument("--config", metavar="CONFIG",
+                       help="set up RUN from this config when RUN is new (an existing RUN must hold the same config)")
+        if progress:
+            p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.set_defaults(func=_stage(*stages))
+        return p
+
+    probe = sub.add_parser("probe", help="concept probes").add_subparsers(dest="probe_command", required=True)
+    stage(probe, "train", "train the run's probe (or adopt its saved direction)",
+          "Train the probe of RUN's config on its positive vs negative texts at probe.hook (or check and adopt "
+          "probe.direction); writes RUN/probe/.", ("probe",))
+    stage(sub, "fit-factors", "fit the run's EK-FAC factors (resumable)",
+          "Fit the curvature (EK-FAC or K-FAC) of the maps up to the probe's block on the training data, shard by "
+          "shard with a checkpoint after each; writes RUN/factors/. Needs the probe stage.", ("factors",))
+    stage(sub, "score", "score the run's training data (resumable)",
+          "Score every training example with scoring.estimator, one file per shard under RUN/scores/shards/, then "
+          "merge them in data order into RUN/scores/scores.safetensors. Needs the probe stage (and the factors for "
+          "concept_influence).", ("scores",))
+    report = stage(sub, "report", "write the run's report: top/bottom examples with text, score plot",
+                   "Write RUN/report/report.md (the top and bottom examples with their text) and "
+                   "RUN/report/score_distribution.png from RUN's scores.", ("report",), progress=False)
+    report.add_argument("--top-k", type=int, metavar="K", help="examples shown at each end (default: report.top_k)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed for the corpus, model, training and sampling (default 0)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars (the log lines and the table are still printed)")
     demo.set_defaults(func=_demo)
+    add_sae_commands(sub)  # sae train | latents | explain (concept_influence/cli_sae.py)
+
+    _add_pipeline_commands(sub)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="benchmark", required=True)
     planted = bench.add_parser(
@@ -135,16 +210,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that describe bad input: printed as one line, exit status 2 (anything else is a bug: traceback)."""
+    from probes.directions import DirectionError
+
+    from .benchmarks.planted import BenchmarkError
+    from .concepts import ConceptError
+    from .config import ConfigError
+    from .curvature import CurvatureError
+    from .data import DataError
+    from .models import HookError, ModelLoadError
+    from .runs import RunError
+    from .scoring import ScoringError
+
+    return (DataError, BenchmarkError, ConfigError, RunError, ModelLoadError, HookError, DirectionError, ConceptError,
+            CurvatureError, ScoringError)
+
+
 def main(argv: list[str] | None = None) -> int:
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(var, "1")
-    from .benchmarks.planted import BenchmarkError
-    from .data import DataError
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, BenchmarkError) as e:
+    except _user_errors() as e:
         print(f"concept-influence: error: {e}", file=sys.stderr)
         return 2
 

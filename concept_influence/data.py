@@ -29,6 +29,8 @@ __all__ = [
     "TokenizedExample",
     "Batch",
     "read_chat_jsonl",
+    "Shard",
+    "iter_shards",
     "load_chat_jsonl",
     "write_chat_jsonl",
     "tokenize_example",
@@ -92,12 +94,8 @@ def _parse_messages(obj: object, where: str) -> tuple[dict, ...]:
     return tuple(cleaned[: last_assistant + 1])
 
 
-def read_chat_jsonl(path: str | Path) -> Iterator[ChatExample]:
-    """Stream the examples of a ``.jsonl`` or ``.jsonl.gz`` file; blank lines are skipped.
-
-    Raises :class:`DataError` naming the file and line for a missing file, bad JSON, a line without
-    ``messages`` or without an assistant turn.
-    """
+def _read_examples(path: str | Path) -> Iterator[tuple[ChatExample, str]]:
+    """Stream ``(example, raw line)`` pairs; see :func:`read_chat_jsonl` for the errors."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
@@ -111,9 +109,51 @@ def read_chat_jsonl(path: str | Path) -> Iterator[ChatExample]:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-                yield ChatExample(f"{path.name}:{lineno}", _parse_messages(obj, where))
+                yield ChatExample(f"{path.name}:{lineno}", _parse_messages(obj, where)), line
     except (OSError, EOFError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
+
+
+def read_chat_jsonl(path: str | Path) -> Iterator[ChatExample]:
+    """Stream the examples of a ``.jsonl`` or ``.jsonl.gz`` file; blank lines are skipped.
+
+    Raises :class:`DataError` naming the file and line for a missing file, bad JSON, a line without
+    ``messages`` or without an assistant turn.
+    """
+    for example, _ in _read_examples(path):
+        yield example
+
+
+@dataclass(frozen=True)
+class Shard:
+    """``size`` consecutive examples of a file; ``digest`` is the SHA-256 of their raw lines, so a saved
+    result for the shard can be reused exactly when its input is unchanged."""
+
+    index: int
+    examples: list[ChatExample]
+    digest: str
+
+
+def iter_shards(path: str | Path, shard_size: int, limit: int | None = None) -> Iterator[Shard]:
+    """Stream a chat JSONL file as shards of ``shard_size`` examples (the last may be shorter), reading at
+    most ``limit`` examples. Only one shard is held in memory at a time."""
+    import hashlib
+
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    examples, digest, index, seen = [], hashlib.sha256(), 0, 0
+    for example, line in _read_examples(path):
+        if limit is not None and seen >= limit:
+            break
+        seen += 1
+        examples.append(example)
+        digest.update(line.rstrip("\n").encode())
+        digest.update(b"\n")
+        if len(examples) == shard_size:
+            yield Shard(index, examples, digest.hexdigest())
+            examples, digest, index = [], hashlib.sha256(), index + 1
+    if examples:
+        yield Shard(index, examples, digest.hexdigest())
 
 
 def load_chat_jsonl(path: str | Path, limit: int | None = None) -> list[ChatExample]:

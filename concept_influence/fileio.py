@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["atomic_write", "atomic_write_text", "save_tensors", "load_tensors"]
+__all__ = ["atomic_write", "atomic_write_text", "save_tensors", "load_tensors", "tensor_file_metadata", "file_sha256"]
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
@@ -59,3 +59,26 @@ def load_tensors(path: str | Path, error: type[Exception] = ValueError, device: 
         return load_file(path, device=device)
     except (SafetensorError, OSError, ValueError) as e:
         raise error(f"{path}: not a readable safetensors file ({e}); pickles are refused, never loaded") from None
+
+
+def tensor_file_metadata(path: str | Path, error: type[Exception] = ValueError) -> dict[str, str]:
+    """The string metadata in a safetensors header (empty if none); ``error`` names an unreadable file."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(path, "pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise error(f"{path}: not a readable safetensors file ({e}); pickles are refused, never loaded") from None
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes, read in chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()

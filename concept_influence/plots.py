@@ -8,7 +8,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["plot_pr_curves", "plot_score_histograms", "plot_fast_vs_full", "plot_behaviour_removal"]
+__all__ = ["plot_score_distribution", "plot_pr_curves", "plot_score_histograms", "plot_fast_vs_full", "plot_behaviour_removal",
+           "plot_latent_influence"]
 
 
 def _pyplot():
@@ -28,6 +29,22 @@ def _save(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     _pyplot().close(fig)
     return path
+
+
+def plot_score_distribution(values: np.ndarray, path: str | Path, title: str = "scores") -> Path:
+    """Histogram of one ranking's scores (log-scaled counts), with the top and bottom 1 % marked."""
+    plt = _pyplot()
+    values = np.asarray(values, dtype=float)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.hist(values, bins=min(100, max(10, len(values) // 20)), color="tab:blue", alpha=0.8)
+    ax.set_yscale("log")
+    for q, style in ((0.01, ":"), (0.99, "--")):
+        ax.axvline(np.quantile(values, q), color="k", linestyle=style, linewidth=1, label=f"{q:.0%} quantile")
+    ax.set_xlabel("score")
+    ax.set_ylabel("examples")
+    ax.set_title(f"{title}: {len(values)} examples")
+    ax.legend()
+    return _save(fig, path)
 
 
 def plot_pr_curves(scores: Mapping[str, np.ndarray], labels: Sequence[int], path: str | Path) -> Path:
@@ -98,4 +115,38 @@ def plot_behaviour_removal(points: Mapping[str, Mapping[float, Sequence[float]]]
     ax.set(xlabel="fraction of the training pool removed (top of the ranking)", ylabel=ylabel,
            title="Behaviour after filtering and retraining")
     ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_latent_influence(explanation, path: str | Path, n: int = 12) -> Path:
+    """Two panels for an :class:`~concept_influence.explain.Explanation`: the ``n`` latents with the largest
+    aggregated influence over the top-k (bars; all examples beside them), and a heatmap of the top-k examples
+    (rows, grouped by cluster) against the latents they share most (columns; mean activation scaled per column)."""
+    plt = _pyplot()
+    e = explanation
+    lab = lambda l: f"{l}" + (f" {e.labels[l][:18]}" if e.labels.get(l) else "")  # noqa: E731
+    fig, (bars, heat) = plt.subplots(1, 2, figsize=(12, max(3.5, 0.32 * n + 1.5)),
+                                     gridspec_kw={"width_ratios": [1, 1.3]})
+    latents = e.influential_latents(n)
+    rows = [e.row(l) for l in latents]
+    y = np.arange(len(rows))
+    bars.barh(y - 0.2, [r["influence_top"] for r in rows], height=0.4, label=f"top {e.k}")
+    bars.barh(y + 0.2, [r["influence_all"] for r in rows], height=0.4, label="all examples")
+    bars.set_yticks(y, [lab(l) for l in latents], fontsize=7)
+    bars.invert_yaxis()
+    bars.axvline(0, color="grey", lw=0.8)
+    bars.set(xlabel="aggregated influence (score split by activation share)", title=f"{e.estimator}: influence per latent")
+    bars.legend(fontsize=7)
+    cols = list(dict.fromkeys(e.shared_latents(n) + e.distinctive_latents(n)))[:n]
+    order = np.argsort(e.cluster_of, kind="stable")
+    j = [int(np.flatnonzero(e.latents == l)[0]) for l in cols]
+    m = e.top_activations[order][:, j] if j else np.zeros((len(order), 0))
+    m = m / np.maximum(m.max(0, keepdims=True), 1e-12)
+    heat.imshow(m, aspect="auto", cmap="viridis", interpolation="nearest")
+    heat.set_xticks(range(len(cols)), [lab(l) for l in cols], rotation=60, ha="right", fontsize=7)
+    bounds = np.flatnonzero(np.diff(e.cluster_of[order])) + 0.5
+    for b in bounds:
+        heat.axhline(b, color="white", lw=1)
+    heat.set(ylabel=f"top {e.k} examples, by cluster", title="shared latents of the top-ranked examples")
+    heat.set_yticks([])
     return _save(fig, path)

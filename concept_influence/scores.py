@@ -62,14 +62,12 @@ class Scores:
 
     def format_top(self, k: int = 10, texts: Mapping[str, str] | None = None, which: int | str = 0, width: int = 70) -> str:
         """A plain-text table of the top ``k`` examples, with their text when ``texts`` maps id -> text."""
-        lines = [f"{'rank':>4}  {'score':>11}  {'id':<24} text" if texts else f"{'rank':>4}  {'score':>11}  id"]
-        for r, (i, s) in enumerate(self.top(k, which), start=1):
-            row = f"{r:>4}  {s:>11.4g}  {i:<24}"
-            if texts:
-                t = " ".join(texts.get(i, "").split())
-                row += " " + (t if len(t) <= width else t[: width - 1] + "…")
-            lines.append(row)
-        return "\n".join(lines)
+        return _format_rows(self.top(k, which), texts, width)
+
+    def format_bottom(self, k: int = 10, texts: Mapping[str, str] | None = None, which: int | str = 0,
+                      width: int = 70) -> str:
+        """The same table for the bottom ``k`` examples (lowest first)."""
+        return _format_rows(self.bottom(k, which), texts, width)
 
     def aligned(self, ids: Sequence[str]) -> np.ndarray:
         """Values reordered to follow ``ids``; raises KeyError naming a missing id."""
@@ -105,3 +103,14 @@ class Scores:
         ids = meta["ids"]
         per_token = {ids[int(k[len("token/"):])]: v.numpy() for k, v in tensors.items() if k.startswith("token/")} or None
         return cls(ids, tensors["values"].numpy(), meta["estimator"], meta["columns"], meta["metadata"], per_module, per_token)
+
+
+def _format_rows(rows: Sequence[tuple[str, float]], texts: Mapping[str, str] | None, width: int) -> str:
+    lines = [f"{'rank':>4}  {'score':>11}  {'id':<24} text" if texts else f"{'rank':>4}  {'score':>11}  id"]
+    for r, (i, s) in enumerate(rows, start=1):
+        row = f"{r:>4}  {s:>11.4g}  {i:<24}"
+        if texts:
+            t = " ".join(texts.get(i, "").split())
+            row += " " + (t if len(t) <= width else t[: width - 1] + "…")
+        lines.append(row)
+    return "\n".join(lines)

@@ -12,7 +12,7 @@ tracked weights require grad; both are restored afterwards. Parameter ``.grad`` 
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -24,7 +24,12 @@ from .core import KroneckerEigen, SumStats, covariance_sums, rotated_square_sum
 from .ekfac import DEFAULT_DAMPING_FACTOR, EKFACCurvature, check_damping
 from .identity import IdentityCurvature
 
-__all__ = ["fit_curvature", "collect_covariance_stats", "collect_eigenvalue_stats", "resolve_maps"]
+__all__ = ["fit_curvature", "collect_covariance_stats", "collect_eigenvalue_stats", "resolve_maps", "Accumulate"]
+
+#: ``accumulate(pass_name, collect)`` runs ``collect(examples) -> SumStats`` over the data and returns the
+#: total. The default calls it once on all examples; a run folder calls it per shard (resumable, and summed
+#: over torch.distributed ranks).
+Accumulate = Callable[[str, Callable[[Sequence[TokenizedExample]], SumStats]], SumStats]
 
 STRATEGIES = ("ekfac", "kfac", "identity")
 FISHERS = ("true", "empirical")
@@ -130,6 +135,7 @@ def fit_curvature(
     damping_factor: float = DEFAULT_DAMPING_FACTOR,
     seed: int = 0,
     progress: bool = True,
+    accumulate: Accumulate | None = None,
 ) -> Curvature:
     """Fit a curvature for ``maps`` (None: all; int: blocks ``0..maps``; or a list of LinearMap).
 
@@ -137,6 +143,8 @@ def fit_curvature(
     ``fisher``: ``"true"`` samples labels from the model (seeded per example by ``seed``), ``"empirical"``
     uses the data's labels. ``damping=None`` damps each map by ``damping_factor × mean(Λ)``; a float is one
     absolute damping for all maps. Results do not depend on ``batch_size`` (up to float rounding).
+    ``accumulate`` (see :data:`Accumulate`) decides how each pass covers the data; with it, ``examples``
+    is not read and may be empty.
     """
     _check_option("strategy", strategy, STRATEGIES)
     _check_option("fisher", fisher, FISHERS)
@@ -147,13 +155,15 @@ def fit_curvature(
     fingerprint = adapter.fingerprint()
     if strategy == "identity":
         return IdentityCurvature({m.name: m.shape for m in maps}, fingerprint, len(examples))
+    if accumulate is None:
+        accumulate = lambda name, collect: collect(examples)  # noqa: E731
     common = dict(fisher=fisher, batch_size=batch_size, seed=seed, progress=progress)
-    cov = collect_covariance_stats(adapter, examples, maps, **common)
+    cov = accumulate("covariance", lambda ex: collect_covariance_stats(adapter, ex, maps, **common))
     factors = {m.name: KroneckerEigen.from_covariances(cov.mean(f"{m.name}/a"), cov.mean(f"{m.name}/s")) for m in maps}
     if strategy == "ekfac":
-        eig = collect_eigenvalue_stats(adapter, examples, factors, maps, **common)
+        eig = accumulate("eigenvalues", lambda ex: collect_eigenvalue_stats(adapter, ex, factors, maps, **common))
         factors = {name: f.with_eigenvalues(eig.mean(name)) for name, f in factors.items()}
     return EKFACCurvature(
         factors, strategy, damping=damping, damping_factor=damping_factor,
-        fisher=fisher, fingerprint=fingerprint, n_examples=len(examples),
+        fisher=fisher, fingerprint=fingerprint, n_examples=cov.counts[f"{maps[0].name}/s"],
     )

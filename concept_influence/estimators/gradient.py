@@ -39,6 +39,7 @@ class GradientEstimator(Estimator):
         self.per_token = per_token
         self.seed = seed
         self.curvature_: Curvature | None = curvature if isinstance(curvature, Curvature) else None
+        self._queries: tuple | None = None
 
     # subclasses: which maps, and the gradient of the measurement f at each map ([K, d_out, d_in])
     def tracked_maps(self, adapter: ModelAdapter) -> list[LinearMap]:
@@ -56,13 +57,22 @@ class GradientEstimator(Estimator):
                                             damping=self.damping, seed=self.seed, progress=progress)
         return self.curvature_
 
+    def preconditioned_queries(self, adapter: ModelAdapter, curvature: Curvature, maps: Sequence[LinearMap],
+                               batch_size: int, progress: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """``(G + λI)⁻¹ ∇f`` per map and the column names, computed once per model state and curvature, so
+        scoring a dataset shard by shard does not recompute them."""
+        key = (adapter.fingerprint(), id(curvature), tuple(m.name for m in maps))
+        if self._queries is None or self._queries[0] != key:
+            grads, columns = self.measurement(adapter, maps, batch_size, progress)
+            self._queries = (key, curvature.precondition(grads), columns)
+        return self._queries[1], self._queries[2]
+
     def score(self, adapter: ModelAdapter, examples: Sequence[TokenizedExample], *, batch_size: int = 8,
               progress: bool = True) -> Scores:
         maps = self.tracked_maps(adapter)
         curvature = self.fitted_curvature(adapter, maps, examples, batch_size, progress)
         curvature.check_model(adapter)
-        grads, columns = self.measurement(adapter, maps, batch_size, progress)
-        queries = curvature.precondition(grads)
+        queries, columns = self.preconditioned_queries(adapter, curvature, maps, batch_size, progress)
         meta = {"curvature": curvature.strategy, "maps": [m.name for m in maps], "fisher": curvature.fisher}
         return score_with_queries(adapter, examples, maps, queries, estimator=self.name, columns=columns, sign=-1.0,
                                   batch_size=batch_size, loss_tokens=self.loss_tokens, per_module=self.per_module,

@@ -1,0 +1,244 @@
+"""Run configuration: what a run folder computes, read from TOML or JSON and checked key by key.
+
+A config names the model folder, the training data to score, how the concept is made (a probe trained on
+positive/negative texts at a hook, or a saved direction), the curvature, the estimator and the report::
+
+    [model]
+    path = "models/small"            # a folder written by save_model or Hugging Face save_pretrained
+
+    [data]
+    train = "data/train.jsonl"       # chat JSONL (.jsonl or .jsonl.gz) to score
+    max_length = 256
+
+    [probe]
+    hook = "blocks.1.hook_resid_post"
+    positive = "data/reckless.jsonl"
+    negative = "data/careful.jsonl"
+
+    [scoring]
+    estimator = "concept_influence"
+
+Relative paths are relative to the config file's folder. Unknown keys, wrong types and bad choices are
+errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ConfigError", "RunConfig", "ESTIMATOR_CHOICES"]
+
+ESTIMATOR_CHOICES = ("concept_influence", "concept_grad_dot", "probe_projection")
+
+
+class ConfigError(ValueError):
+    """A run config cannot be used; the message names the file and the key."""
+
+
+def _path(**kwargs):
+    return field(metadata={"path": True}, **kwargs)
+
+
+def _choice(*options, default):
+    return field(default=default, metadata={"choices": options})
+
+
+@dataclass
+class ModelConfig:
+    """``path``: model folder (:func:`concept_influence.models.load_model`); ``device``: auto, cpu or cuda."""
+
+    path: str = _path()
+    device: str = _choice("auto", "cpu", "cuda", default="auto")
+
+
+@dataclass
+class DataConfig:
+    """``train``: the chat JSONL to score. Examples whose response is cut away at ``max_length`` are
+    skipped (``skip_truncated``) or are an error."""
+
+    train: str = _path()
+    max_length: int = 512
+    skip_truncated: bool = True
+
+
+@dataclass
+class ProbeConfig:
+    """The concept direction at ``hook``: a probe of ``kind`` trained on ``positive`` vs ``negative``
+    texts (at most ``max_examples`` each), or the saved ``direction`` file."""
+
+    hook: str
+    positive: str | None = _path(default=None)
+    negative: str | None = _path(default=None)
+    direction: str | None = _path(default=None)
+    kind: str = _choice("logistic", "diff_means", default="logistic")
+    reduction: str = _choice("response_mean", "last_prompt", "all_tokens", default="response_mean")
+    max_examples: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class ConceptConfig:
+    """f(θ) = the projection on the direction, averaged over ``eval`` (default: the probe's positive
+    texts), at most ``max_examples`` of them."""
+
+    eval: str | None = _path(default=None)
+    max_examples: int = 256
+    reduction: str = _choice("response_mean", "last_prompt", "all_tokens", default="response_mean")
+
+
+@dataclass
+class FactorsConfig:
+    """The curvature for ``concept_influence``: fitted on the first ``max_examples`` training examples
+    (all when unset) in shards of ``shard_size``, or read from ``path`` (a saved curvature folder)."""
+
+    strategy: str = _choice("ekfac", "kfac", default="ekfac")
+    fisher: str = _choice("true", "empirical", default="true")
+    damping: float | None = None
+    damping_factor: float = 0.1
+    max_examples: int | None = None
+    shard_size: int = 1024
+    batch_size: int = 8
+    seed: int = 0
+    path: str | None = _path(default=None)
+
+
+@dataclass
+class ScoringConfig:
+    """Which estimator scores the training data, in shards of ``shard_size`` examples."""
+
+    estimator: str = _choice(*ESTIMATOR_CHOICES, default="concept_influence")
+    batch_size: int = 8
+    shard_size: int = 1024
+
+
+@dataclass
+class ReportConfig:
+    """How many top- and bottom-ranked examples the report shows."""
+
+    top_k: int = 20
+
+
+@dataclass
+class RunConfig:
+    """Everything a run computes. ``out`` is the run folder (``--out`` overrides it)."""
+
+    model: ModelConfig
+    data: DataConfig
+    probe: ProbeConfig
+    concept: ConceptConfig = field(default_factory=ConceptConfig)
+    factors: FactorsConfig = field(default_factory=FactorsConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    out: str | None = _path(default=None)
+
+    def __post_init__(self) -> None:
+        p = self.probe
+        if p.direction is None and (p.positive is None or p.negative is None):
+            raise ConfigError("probe: give either `direction` (a saved direction) or both `positive` and `negative`")
+        for section in (self.data, self.factors, self.scoring):
+            for name in ("max_length", "shard_size", "batch_size"):
+                if hasattr(section, name) and getattr(section, name) < 1:
+                    raise ConfigError(f"{_section_name(section)}.{name} must be >= 1, got {getattr(section, name)}")
+        if self.report.top_k < 1:
+            raise ConfigError(f"report.top_k must be >= 1, got {self.report.top_k}")
+
+    @property
+    def concept_eval(self) -> str:
+        """The texts f is averaged over."""
+        source = self.concept.eval or self.probe.positive
+        if source is None:
+            raise ConfigError("concept.eval is needed when the probe is a saved direction (no positive texts)")
+        return source
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config", base: Path | None = None) -> "RunConfig":
+        """Build from a nested dict; relative paths are resolved against ``base``."""
+        return _build(cls, data, source, "", base)
+
+    @classmethod
+    def read(cls, path: str | Path) -> "RunConfig":
+        """Read a ``.toml`` or ``.json`` config file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            if path.suffix == ".toml":
+                import tomllib
+
+                data = tomllib.loads(path.read_text(encoding="utf-8"))
+            elif path.suffix == ".json":
+                data = json.loads(path.read_text(encoding="utf-8"))
+            else:
+                raise ConfigError(f"{path}: a config must be .toml or .json")
+        except (ValueError, UnicodeDecodeError) as e:  # tomllib.TOMLDecodeError and JSONDecodeError are ValueErrors
+            raise ConfigError(f"{path}: cannot parse ({e})") from None
+        return cls.from_dict(data, str(path), path.resolve().parent)
+
+
+def _section_name(section) -> str:
+    return type(section).__name__.removesuffix("Config").lower()
+
+
+def _accepts(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _build(cls, data: Any, source: str, prefix: str, base: Path | None):
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where} must be a table of keys, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else f" (known: {', '.join(fields)})"
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{source}: missing key '{key}'")
+            continue
+        value, hint = data[name], hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, source, f"{key}.", base)
+            continue
+        if not _accepts(value, hint):
+            raise ConfigError(f"{source}: '{key}' must be {_describe(hint)}, got {value!r}")
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{source}: '{key}' must be one of {', '.join(choices)}; got {value!r}")
+        if f.metadata.get("path") and value is not None and base is not None:
+            value = str((base / value).resolve()) if not Path(value).is_absolute() else value
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _describe(hint: Any) -> str:
+    args = typing.get_args(hint) or (hint,)
+    return " or ".join("null" if a is type(None) else {str: "a string", int: "an integer", float: "a number",
+                                                       bool: "true/false"}.get(a, a.__name__) for a in args)

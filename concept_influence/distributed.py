@@ -1,0 +1,87 @@
+"""torch.distributed for run folders: one process per rank, launched by ``torchrun``.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) :func:`process_group` joins the process group
+(NCCL when CUDA is available, gloo on CPU) and each rank uses ``cuda:LOCAL_RANK`` or the CPU. Shards of the
+data are dealt to ranks in turn (shard ``i`` to rank ``i mod world_size``); curvature statistics are summed
+over ranks with ``all_reduce``; files are written by the rank that owns them, shared files by rank 0.
+When one rank fails, ``torchrun`` stops the others; every shard already written stays valid for a resume.
+Without ``torchrun`` everything runs in one process and the same code paths apply with world size 1.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from .curvature import SumStats
+
+__all__ = ["Ranks", "process_group"]
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among ``world_size`` processes, and the device it computes on."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def owns(self, shard_index: int) -> bool:
+        """Whether this rank computes shard ``shard_index``."""
+        return shard_index % self.world_size == self.rank
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def all_reduce(self, stats: SumStats) -> SumStats:
+        """Sum ``stats`` (sums and counts) over all ranks; every rank gets the same total. A rank that saw
+        no data (more ranks than shards) contributes zeros."""
+        if self.world_size == 1:
+            return stats
+        shapes = [None] * self.world_size
+        dist.all_gather_object(shapes, {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in stats.sums.items()})
+        union = {k: spec for rank_shapes in shapes for k, spec in rank_shapes.items()}
+        keys = sorted(union)
+        counts = torch.tensor([stats.counts.get(k, 0) for k in keys], dtype=torch.int64, device=self.device)
+        dist.all_reduce(counts)
+        out = SumStats()
+        for key, count in zip(keys, counts.tolist()):
+            shape, dtype = union[key]
+            local = stats.sums.get(key)
+            total = (local.to(self.device).clone() if local is not None
+                     else torch.zeros(shape, dtype=getattr(torch, dtype), device=self.device))
+            dist.all_reduce(total)
+            out.sums[key], out.counts[key] = total.cpu() if local is None else total.to(local.device), int(count)
+        return out
+
+
+@contextmanager
+def process_group(device: str = "auto") -> Iterator[Ranks]:
+    """Join the ``torchrun`` process group if there is one (and leave it afterwards); yield this process's
+    :class:`Ranks`. ``device``: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if world_size == 1:
+        yield Ranks(device="cuda" if use_cuda else "cpu")
+        return
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    try:
+        yield Ranks(rank, world_size, f"cuda:{local_rank}" if use_cuda else "cpu")
+    finally:
+        if owned:
+            dist.destroy_process_group()

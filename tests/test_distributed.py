@@ -1,0 +1,110 @@
+"""torch.distributed: 2 processes under torchrun (gloo on CPU) give the single-process factors and scores,
+with uneven shards; statistics sum over ranks, including a rank that saw no data."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from concept_influence.config import RunConfig
+from concept_influence.curvature import Curvature, SumStats
+from concept_influence.fileio import load_tensors
+from concept_influence.runs import run_config
+from concept_influence.scores import Scores
+
+from runfolder import N_TRAIN, cli_env, make_project
+
+# factors: 40 examples in shards of 16 -> 16 + 16 + 8 (rank 0: two shards, rank 1: one);
+# scores: 100 examples in shards of 16 -> six of 16 and one of 4 (rank 0: four shards, rank 1: three)
+UNEVEN = ("[factors]\nshard_size = 16\n", "[factors]\nshard_size = 16\nmax_examples = 40\n")
+
+
+def _relative(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    root = make_project(tmp_path_factory.mktemp("dist"))
+    config = root / "uneven.toml"
+    config.write_text((root / "run.toml").read_text().replace(*UNEVEN))
+    torch.set_num_threads(1)
+    run_config(RunConfig.read(config), root / "single", progress=False)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "concept_influence", "run", "uneven.toml", "--out", "two", "--no-progress"],
+                          cwd=root, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return root
+
+
+def test_two_ranks_dealt_uneven_shards(runs):
+    record = (runs / "two" / "run.json").read_text()
+    assert '"world_size": 2' in record
+    assert len(list((runs / "two" / "scores" / "shards").glob("*.safetensors"))) == 7
+    assert Scores.load(runs / "two" / "scores" / "shards" / "shard-000006.safetensors").values.shape == (4, 1)
+
+
+def test_two_ranks_statistics_equal_single_process(runs):
+    for name in ("covariance", "eigenvalues"):
+        one = SumStats.from_state_dict(load_tensors(runs / "single" / "factors" / "statistics" / f"{name}.safetensors"))
+        two = SumStats.from_state_dict(load_tensors(runs / "two" / "factors" / "statistics" / f"{name}.safetensors"))
+        assert one.counts == two.counts
+        per_example = [c for k, c in one.counts.items() if name == "eigenvalues" or k.endswith("/s")]
+        assert set(per_example) == {40}  # factors.max_examples
+        worst = max(_relative(two.sums[k], one.sums[k]) for k in one.sums)
+        assert worst < 1e-5, (name, worst)
+
+
+def test_two_ranks_factors_precondition_like_single_process(runs):
+    one, two = Curvature.load(runs / "single" / "factors"), Curvature.load(runs / "two" / "factors")
+    gen = torch.Generator().manual_seed(0)
+    for name, shape in one.shapes.items():
+        v = torch.randn(2, *shape, generator=gen)
+        assert _relative(two.precondition({name: v})[name], one.precondition({name: v})[name]) < 1e-5, name
+
+
+def test_two_ranks_scores_equal_single_process(runs):
+    one = Scores.load(runs / "single" / "scores" / "scores.safetensors")
+    two = Scores.load(runs / "two" / "scores" / "scores.safetensors")
+    assert two.ids == one.ids and len(one) == N_TRAIN  # merged in data order
+    assert _relative(two.values, one.values) < 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _all_reduce_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from concept_influence.distributed import Ranks
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    stats = SumStats()
+    if rank == 0:  # rank 1 saw no data (more ranks than shards)
+        stats.add("m/a", torch.arange(4.0).reshape(2, 2), 3)
+        stats.add("m/s", torch.ones(3), 1)
+    total = Ranks(rank, 2).all_reduce(stats)
+    torch.save({k: v for k, v in total.state_dict().items()}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_all_reduce_with_a_rank_that_saw_no_data(tmp_path):
+    out = str(tmp_path / "total")
+    mp.spawn(_all_reduce_worker, args=(_free_port(), out), nprocs=2)
+    for rank in (0, 1):
+        total = SumStats.from_state_dict(torch.load(f"{out}.{rank}", weights_only=True))
+        assert total.counts == {"m/a": 3, "m/s": 1}
+        torch.testing.assert_close(total.sums["m/a"], torch.arange(4.0).reshape(2, 2))
+        torch.testing.assert_close(total.sums["m/s"], torch.ones(3))

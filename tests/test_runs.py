@@ -1,0 +1,274 @@
+"""Run folders: layout and record, equality with in-memory scoring, shard invariance, replay, resume after
+SIGKILL, a full disk, and every bad input the pipeline names."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from concept_influence.config import ConfigError, RunConfig
+from concept_influence.curvature import Curvature, fit_curvature
+from concept_influence.data import load_chat_jsonl, tokenize_examples
+from concept_influence.estimators import ConceptInfluence, ProbeProjection
+from concept_influence.concepts import ConceptFunction
+from concept_influence.fileio import file_sha256
+from concept_influence.models import load_model
+from concept_influence.runs import RUN_FORMAT_VERSION, Run, RunError, run_config, run_stages
+from concept_influence.scores import Scores
+from probes import ConceptDirection
+
+from runfolder import N_TRAIN, cli, cli_env, make_project
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return make_project(tmp_path_factory.mktemp("project"))
+
+
+@pytest.fixture(scope="module")
+def finished(project) -> Path:
+    """One uninterrupted run of the project's config (in-process, progress off)."""
+    torch.set_num_threads(1)
+    run_config(RunConfig.read(project / "run.toml"), project / "runs" / "reference", progress=False)
+    return project / "runs" / "reference"
+
+
+def edited_config(project: Path, old: str, new: str, name: str) -> Path:
+    """The project's config with ``old`` replaced by ``new``, written as ``name``."""
+    path = project / name
+    text = (project / "run.toml").read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+    return path
+
+
+# ---- config ------------------------------------------------------------------------------------------
+def test_config_resolves_relative_paths_against_its_folder(project):
+    cfg = RunConfig.read(project / "run.toml")
+    assert cfg.model.path == str(project / "model")
+    assert cfg.data.train == str(project / "train.jsonl")
+    assert cfg.concept_eval == str(project / "pos.jsonl")  # default: the probe's positive texts
+    assert cfg.factors.strategy == "ekfac" and cfg.scoring.estimator == "concept_influence"
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("[scoring]\n", "[scoring]\nbatchsize = 4\n", "unknown key 'scoring.batchsize' (did you mean batch_size?)"),
+    ("[concept]\n", "[reprot]\ntop_k = 3\n[concept]\n", "unknown key 'reprot' (did you mean report?)"),
+])
+def test_config_unknown_key(project, old, new, message):
+    path = edited_config(project, old, new, "typo.toml")
+    with pytest.raises(ConfigError) as e:
+        RunConfig.read(path)
+    assert str(path) in str(e.value) and message in str(e.value)
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ('max_length = 128', 'max_length = "long"', "'data.max_length' must be an integer, got 'long'"),
+    ('kind = "diff_means"', 'kind = "svm"', "'probe.kind' must be one of logistic, diff_means; got 'svm'"),
+    ('[model]\npath = "model"\n', '[model]\n', "missing key 'model.path'"),
+    ('shard_size = 16\n\n[scoring]', 'shard_size = 0\n\n[scoring]', "factors.shard_size must be >= 1, got 0"),
+    ('negative = "neg.jsonl"\n', '', "give either `direction` (a saved direction) or both `positive` and `negative`"),
+])
+def test_config_bad_values(project, old, new, message):
+    with pytest.raises(ConfigError, match="bad.toml") as e:
+        RunConfig.read(edited_config(project, old, new, "bad.toml"))
+    assert message in str(e.value)
+
+
+def test_config_unparsable(project):
+    path = project / "broken.toml"
+    path.write_text("[model\npath = 1")
+    with pytest.raises(ConfigError, match="broken.toml: cannot parse"):
+        RunConfig.read(path)
+
+
+# ---- a finished run ----------------------------------------------------------------------------------
+def test_run_folder_describes_itself(finished, project):
+    record = json.loads((finished / "run.json").read_text())
+    assert record["format_version"] == RUN_FORMAT_VERSION
+    assert set(record["stages"]) == {"probe", "factors", "scores", "report"}
+    assert record["versions"]["torch"] == torch.__version__
+    assert record["fingerprints"]["model"] == load_model(project / "model").fingerprint()
+    assert record["stages"]["scores"]["data_sha256"] == file_sha256(project / "train.jsonl")
+    manifest = json.loads((finished / "manifest.json").read_text())["files"]
+    for rel in ("config.json", "probe/direction.safetensors", "factors/curvature.safetensors",
+                "factors/statistics/covariance.safetensors", "scores/scores.safetensors", "scores/shards/shard-000006.json",
+                "report/report.md", "report/score_distribution.png"):
+        assert rel in manifest, rel
+    assert manifest["scores/scores.safetensors"]["sha256"] == file_sha256(finished / "scores/scores.safetensors")
+    assert not list((finished / "factors" / "partial").glob("*"))  # checkpoints are gone once the fit is done
+    assert not [p for p in finished.rglob(".*.tmp")]  # no temporary file left behind
+
+
+def test_report_shows_top_examples_with_text(finished, project):
+    scores = Scores.load(finished / "scores" / "scores.safetensors")
+    report = (finished / "report" / "report.md").read_text()
+    texts = {e.id: e.response for e in load_chat_jsonl(project / "train.jsonl")}
+    top_id = scores.top(1)[0][0]
+    bottom_id = scores.bottom(1)[0][0]
+    assert top_id in report and bottom_id in report
+    assert " ".join(texts[top_id].split())[:30] in " ".join(report.split())
+
+
+def _in_memory_inputs(project: Path, finished: Path):
+    adapter = load_model(project / "model")
+    cfg = RunConfig.read(project / "run.toml")
+    train = tokenize_examples(load_chat_jsonl(cfg.data.train), adapter.tokenizer, cfg.data.max_length, True)
+    eval_examples = tokenize_examples(load_chat_jsonl(cfg.concept_eval, 24), adapter.tokenizer, cfg.data.max_length, True)
+    direction = ConceptDirection.load(finished / "probe" / "direction.safetensors")
+    return adapter, train, ConceptFunction.from_directions(direction, eval_examples)
+
+
+def test_sharded_run_equals_in_memory_scoring(finished, project):
+    """Shards (16 examples, the last 4), checkpointed passes and the merge give the scores of one
+    in-memory fit and one in-memory scoring pass."""
+    adapter, train, concept = _in_memory_inputs(project, finished)
+    curvature = fit_curvature(adapter, train, maps=adapter.linear_maps(max_block=0), progress=False)
+    expected = ConceptInfluence(concept, curvature).score(adapter, train, progress=False)
+    got = Scores.load(finished / "scores" / "scores.safetensors")
+    assert got.ids == expected.ids and len(got) == N_TRAIN
+    err = np.abs(got.values - expected.values).max() / np.abs(expected.values).max()
+    assert err < 1e-5, err
+
+
+def test_fast_path_run_equals_in_memory(project, finished, tmp_path):
+    path = edited_config(project, "[scoring]\n", '[scoring]\nestimator = "probe_projection"\n', "fast.toml")
+    run_config(RunConfig.read(path), tmp_path / "fast", progress=False)
+    adapter, train, concept = _in_memory_inputs(project, finished)
+    expected = ProbeProjection(concept).score(adapter, train, progress=False)
+    got = Scores.load(tmp_path / "fast" / "scores" / "scores.safetensors")
+    assert got.ids == expected.ids
+    np.testing.assert_allclose(got.values, expected.values, rtol=1e-6, atol=1e-6)
+    assert not (tmp_path / "fast" / "factors" / "curvature.json").exists()  # the fast path fits nothing
+
+
+def test_replay_from_the_run_folder_gives_identical_scores(finished, tmp_path):
+    """`run RUN/config.json --out NEW` reproduces the run bit for bit."""
+    run_config(RunConfig.read(finished / "config.json"), tmp_path / "replay", progress=False)
+    a = Scores.load(finished / "scores" / "scores.safetensors")
+    b = Scores.load(tmp_path / "replay" / "scores" / "scores.safetensors")
+    assert a.ids == b.ids and np.array_equal(a.values, b.values)
+
+
+def test_running_a_finished_run_again_recomputes_nothing(finished):
+    before = {p: p.stat().st_mtime_ns for p in (finished / "scores").rglob("*.safetensors")}
+    before[finished / "factors" / "curvature.safetensors"] = (finished / "factors" / "curvature.safetensors").stat().st_mtime_ns
+    run_config(RunConfig.read(finished / "config.json"), progress=False)
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+
+
+# ---- resume --------------------------------------------------------------------------------------------
+def _start_and_kill(args: list[str], cwd: Path, ready, timeout: float = 120) -> None:
+    """Start the CLI, SIGKILL it as soon as ``ready()`` holds; fail if it finished first."""
+    proc = subprocess.Popen([sys.executable, "-m", "concept_influence", *args], cwd=cwd, env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"the process ended before it could be killed:\n{proc.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the first shard")
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_scoring_killed_with_sigkill_resumes_to_identical_scores(finished, project, tmp_path):
+    big = tmp_path / "big"
+    shutil.copytree(project, big, ignore=shutil.ignore_patterns("runs"))
+    # more data so the kill lands mid-run: the train file four times over
+    lines = (project / "train.jsonl").read_text()
+    (big / "train.jsonl").write_text(lines * 4)
+    cli("run", "run.toml", "--out", "uninterrupted", "--no-progress", cwd=big)
+    cli("probe", "train", "killed", "--config", "run.toml", "--no-progress", cwd=big)
+    cli("fit-factors", "killed", "--no-progress", cwd=big)
+    shards = big / "killed" / "scores" / "shards"
+    _start_and_kill(["score", "killed", "--no-progress"], big, lambda: (shards / "shard-000002.json").exists())
+    done = sorted(shards.glob("shard-*.json"))
+    assert 3 <= len(done) < 25, "killed after the third shard and before the last"
+    mtimes = {p: p.stat().st_mtime_ns for p in done}
+    cli("score", "killed", "--no-progress", cwd=big)
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items()), "finished shards were not recomputed"
+    a = Scores.load(big / "uninterrupted" / "scores" / "scores.safetensors")
+    b = Scores.load(big / "killed" / "scores" / "scores.safetensors")
+    assert a.ids == b.ids and len(a) == 4 * N_TRAIN
+    assert np.array_equal(a.values, b.values)
+
+
+def test_factor_fit_killed_with_sigkill_resumes_to_identical_factors(project, tmp_path):
+    big = tmp_path / "big"
+    shutil.copytree(project, big, ignore=shutil.ignore_patterns("runs"))
+    (big / "train.jsonl").write_text((project / "train.jsonl").read_text() * 4)
+    cli("probe", "train", "uninterrupted", "--config", "run.toml", "--no-progress", cwd=big)
+    cli("fit-factors", "uninterrupted", "--no-progress", cwd=big)
+    cli("probe", "train", "killed", "--config", "run.toml", "--no-progress", cwd=big)
+    partial = big / "killed" / "factors" / "partial"
+
+    def second_pass_started() -> bool:  # killed inside the eigenvalue pass, after its first checkpoint
+        return (partial / "eigenvalues-rank0of1.safetensors").exists()
+
+    _start_and_kill(["fit-factors", "killed", "--no-progress"], big, second_pass_started)
+    assert (big / "killed" / "factors" / "statistics" / "covariance.safetensors").exists()
+    assert not (big / "killed" / "factors" / "curvature.json").exists()
+    cli("fit-factors", "killed", "--no-progress", cwd=big)
+    for name in ("curvature.safetensors", "statistics/covariance.safetensors", "statistics/eigenvalues.safetensors"):
+        assert file_sha256(big / "uninterrupted" / "factors" / name) == file_sha256(big / "killed" / "factors" / name), name
+
+
+def test_disk_full_while_writing_a_shard_keeps_earlier_shards(finished, project, tmp_path, monkeypatch):
+    out = tmp_path / "full"
+    cfg = RunConfig.read(project / "run.toml")
+    run_stages(("probe", "factors"), out, cfg, progress=False)
+    from concept_influence import scores as scores_module
+
+    real_save, calls = scores_module.save_tensors, []
+
+    def failing_save(path, *args, **kwargs):
+        calls.append(path)
+        if "shard-000003" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(scores_module, "save_tensors", failing_save)
+    with pytest.raises(RunError) as e:
+        run_stages(("scores",), out, progress=False)
+    message = str(e.value)
+    assert "shard-000003.safetensors" in message and "the disk is full" in message
+    assert "3 shards this process wrote before it are intact" in message and "run the same command again" in message
+    shards = sorted((out / "scores" / "shards").glob("*.safetensors"))
+    assert [p.name for p in shards] == [f"shard-00000{i}.safetensors" for i in range(3)]
+    assert not list((out / "scores" / "shards").glob(".*.tmp"))
+    reference = Scores.load(finished / "scores" / "shards" / "shard-000001.safetensors")
+    assert np.array_equal(Scores.load(shards[1]).values, reference.values)
+    monkeypatch.setattr(scores_module, "save_tensors", real_save)
+    run_stages(("scores",), out, progress=False)  # space is back: resume
+    a = Scores.load(finished / "scores" / "scores.safetensors")
+    b = Scores.load(out / "scores" / "scores.safetensors")
+    assert a.ids == b.ids and np.array_equal(a.values, b.values)
+
+
+def test_unreadable_shard_is_recomputed(finished, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    (out / "scores" / "scores.safetensors").unlink()
+    out_run = Run.open(out)
+    out_run.update_record(lambda info: info["stages"].pop("scores"))
+    shard = out / "scores" / "shards" / "shard-000002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:40])  # truncated
+    with pytest.warns(UserWarning, match="shard-000002.safetensors: unreadable shard"):
+        run_stages(("scores",), out, progress=False)
+    a = Scores.load(finished / "scores" / "scores.safetensors")
+    b = Scores.load(out / "scores" / "scores.safetensors")
+    assert np.array_equal(a.values, b.values)
