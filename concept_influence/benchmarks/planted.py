@@ -81,6 +81,10 @@ class PlantedConfig:
     remove_fractions: tuple[float, ...] = (0.1,)
     lds: int = 0
     seed: int = 0
+    sae_latents: int = 0  # > 0: the SAE stage (benchmarks/sae.py) with an SAE of this many latents
+    sae_k: int = 16
+    sae_epochs: float = 10.0
+    retrain: bool = True  # False: skip the behaviour measurement and filter-and-retrain
 
     def __post_init__(self):
         if not 0 < self.rate <= 0.5:
@@ -91,6 +95,9 @@ class PlantedConfig:
             raise BenchmarkError(f"--remove-fractions must be in (0, 1), got {list(self.remove_fractions)}")
         if self.lds == 1 or self.lds < 0:
             raise BenchmarkError(f"--lds needs at least 2 subsets (or 0 for none), got {self.lds}")
+        if self.sae_latents < 0 or (self.sae_latents and not 1 <= self.sae_k <= self.sae_latents):
+            raise BenchmarkError(f"--sae-latents must be >= 0 and --sae-k in 1..sae-latents, got {self.sae_latents} "
+                                 f"and {self.sae_k}")
         self.remove_fractions = tuple(self.remove_fractions)
 
     @property
@@ -345,13 +352,20 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
         scores[est.name] = s.column(0)
         results["estimators"][est.name] = {**retrieval_metrics(scores[est.name], labels),
                                            "seconds_per_1k": 1000 * seconds / len(pool_tk)}
+    if cfg.sae_latents:
+        from .sae import SAE_ESTIMATORS, sae_section
+
+        results["sae"] = sae_section(adapter, hook, (tk["pos"], tk["neg"]), pool_tk, labels, own, probe.direction,
+                                     curvature, scores, results["estimators"], cfg, out, progress)
     print("\n" + format_retrieval(results))
     _write(out, results)
 
-    results["behaviour"] = _behaviour_section(tuner, behaviour, pool_tk, labels, scores, cfg)
-    _write(out, results)
-    if cfg.lds:
-        results["lds"] = _concept_lds(tuner, concept, pool_tk, scores, cfg)
+    if cfg.retrain:
+        results["behaviour"] = _behaviour_section(tuner, behaviour, pool_tk, labels, scores, cfg)
+        _write(out, results)
+    if cfg.lds:  # the SAE estimators predict another concept than the one measured here
+        probe_scores = {k: v for k, v in scores.items() if not (cfg.sae_latents and k in SAE_ESTIMATORS)}
+        results["lds"] = _concept_lds(tuner, concept, pool_tk, probe_scores, cfg)
     results["plots"] = _plots(out, scores, labels, results)
     results["total_seconds"] = time.perf_counter() - started
     _write(out, results)
@@ -409,10 +423,11 @@ def _plots(out: Path, scores: dict[str, np.ndarray], labels: list[int], results:
              "fast_vs_full": plot_fast_vs_full(("concept_influence", scores["concept_influence"]),
                                                {k: scores[k] for k in ("probe_projection", "projection_difference")},
                                                labels, out / "fast_vs_full.png")}
-    b = results["behaviour"]
-    points = {name: {float(f): r["behaviour"] for f, r in by_f.items()} for name, by_f in b["removal"].items()}
-    plots["behaviour_removal"] = plot_behaviour_removal(points, b["clean"], b["planted"], out / "behaviour_removal.png",
-                                                        ylabel=b["metric"])
+    b = results.get("behaviour")
+    if b:
+        points = {name: {float(f): r["behaviour"] for f, r in by_f.items()} for name, by_f in b["removal"].items()}
+        plots["behaviour_removal"] = plot_behaviour_removal(points, b["clean"], b["planted"],
+                                                            out / "behaviour_removal.png", ylabel=b["metric"])
     return {k: p.name for k, p in plots.items()}
 
 
@@ -423,10 +438,10 @@ def _write(out: Path, results: dict) -> None:
 
 def format_retrieval(results: dict) -> str:
     """The estimators' retrieval metrics as a fixed-width table."""
-    head = f"{'estimator':<22} {'AUROC':>6} {'AUPRC':>6} {'P@k':>6} {'s/1k ex':>8}"
+    head = f"{'estimator':<30} {'AUROC':>6} {'AUPRC':>6} {'P@k':>6} {'s/1k ex':>8}"
     rows = [head, "-" * len(head)]
     for name, m in results["estimators"].items():
-        rows.append(f"{name:<22} {m['auroc']:>6.3f} {m['auprc']:>6.3f} {m['precision_at_k']:>6.3f} "
+        rows.append(f"{name:<30} {m['auroc']:>6.3f} {m['auprc']:>6.3f} {m['precision_at_k']:>6.3f} "
                     f"{m['seconds_per_1k']:>8.2f}")
     return "\n".join(rows)
 
@@ -461,6 +476,8 @@ def format_report(results: dict) -> str:
                   f"- planted fine-tune: {np.mean(b['planted']):.4f} ± {np.std(b['planted']):.4f}",
                   f"- gain {b['gain']:.4f} = {b['effect_size']:.1f} × the seeds' sd (one-sided Welch p = {b['p_value']:.2g})",
                   "", verdict + ".", ""]
+    elif not cfg.get("retrain", True):
+        lines += ["Behaviour and filter-and-retrain were not run (`--no-retrain`).", ""]
     fractions = [str(f) for f in cfg["remove_fractions"]]
     head = "| estimator | AUROC | AUPRC | P@k | s/1k ex |"
     sep = "|---|---|---|---|---|"
@@ -488,6 +505,10 @@ def format_report(results: dict) -> str:
         lines += [f"| {n}{'' if n in CONCEPT_ESTIMATORS else ' (not a concept estimator)'} | {r:.3f} |"
                   for n, r in results["lds"]["spearman"].items()]
         lines.append("")
+    if "sae" in results:
+        from .sae import format_sae_report
+
+        lines += format_sae_report(results)
     if "plots" in results:
         lines += ["## Plots", ""] + [f"![{k}]({v})" for k, v in results["plots"].items()] + [""]
     return "\n".join(lines)
