@@ -158,6 +158,14 @@ def _add_pipeline_commands(sub) -> None:
     report.add_argument("--top-k", type=int, metavar="K", help="examples shown at each end (default: report.top_k)")
 
 
+def _bench_memory(args: argparse.Namespace) -> int:
+    from .benchmarks.memory import run_memory_benchmark
+
+    sizes = (200, 1000) if args.quick else (1000, 50000)
+    run_memory_benchmark(args.out, sizes=sizes, threads=args.threads, seed=args.seed)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="concept-influence",
                                      description="Which training examples put a concept into a language model.")
@@ -207,6 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--seed", type=int, default=0, help="seed for data, model and sampling (default 0)")
     speed.add_argument("--no-kronfluence", action="store_true", help="skip the kronfluence comparison")
     speed.set_defaults(func=_bench_speed)
+
+    memory = bench.add_parser("memory", help="peak RSS of scoring 1k vs 50k examples (streamed, sharded)",
+                              description="Score 1,000 and 50,000 examples of the embedded corpus with a small saved "
+                                          "model through run folders (concept_influence and probe_projection), each "
+                                          "`score` stage in its own process, and report its peak RSS and time. "
+                                          "Writes DIR/memory.json and DIR/memory.md.")
+    memory.add_argument("--out", required=True, help="output folder for memory.json and memory.md")
+    memory.add_argument("--quick", action="store_true", help="200 vs 1,000 examples (a check that it runs)")
+    memory.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    memory.add_argument("--seed", type=int, default=0, help="seed for the corpus and model (default 0)")
+    memory.set_defaults(func=_bench_memory)
     return parser
 
 

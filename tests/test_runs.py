@@ -272,3 +272,16 @@ def test_unreadable_shard_is_recomputed(finished, tmp_path):
     a = Scores.load(finished / "scores" / "scores.safetensors")
     b = Scores.load(out / "scores" / "scores.safetensors")
     assert np.array_equal(a.values, b.values)
+
+
+def test_memory_benchmark_reports_peak_rss_per_size(tmp_path):
+    from concept_influence.benchmarks.memory import run_memory_benchmark
+
+    result = run_memory_benchmark(tmp_path / "out", sizes=(30, 60), estimators=("probe_projection",),
+                                  work=tmp_path / "work")
+    assert [r["examples"] for r in result["rows"]] == [30, 60]
+    assert all(100 < r["peak_rss_mib"] < 20000 for r in result["rows"])
+    ratio = result["rows"][1]["peak_rss_mib"] / result["rows"][0]["peak_rss_mib"]
+    assert result["peak_ratio"]["probe_projection"] == pytest.approx(ratio)
+    assert "| probe_projection | 60 |" in (tmp_path / "out" / "memory.md").read_text()
+    assert not (tmp_path / "work").exists()
