@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo demo-quick test bench bench-medical clean
+.PHONY: install demo demo-quick test bench bench-memory bench-medical clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ test: install
 
 bench: install
 	$(VENV)/bin/concept-influence bench speed --out benchmarks
+
+# Peak RSS of scoring 1k vs 50k examples through run folders (about 10 min on 2 cores).
+bench-memory: install
+	OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence bench memory --out benchmarks
 
 # The committed medical results: about an hour per rate on 2 cores (one torch thread per run).
 EM_DATA ?= ../shared/data/em
