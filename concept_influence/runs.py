@@ -32,6 +32,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from .config import ConfigError, RunConfig
@@ -395,7 +396,8 @@ class Pipeline:
                 if not self._valid_shard(path, shard):
                     examples = self._tokenize_shard(shard)
                     result = (estimator.score(self.adapter, examples, batch_size=s.batch_size, progress=False)
-                              if examples else Scores([], [], estimator.name, self._columns(estimator)))
+                              if examples else Scores([], np.zeros((0, estimator.concept.k)), estimator.name,
+                                                      estimator.concept.names))
                     result.metadata.update(shard_digest=shard.digest, shard=shard.index, n_lines=len(shard.examples))
                     _write_or_explain(path, lambda: result.save(path),
                                       f"The {written} shards this process wrote before it are intact.")
@@ -406,17 +408,13 @@ class Pipeline:
             merged = self._merge_shards(estimator.name)
             _write_or_explain(self.run.scores_path, lambda: merged.save(self.run.scores_path), "Every shard is intact.")
             self.run.finish_stage("scores", ranks, estimator=estimator.name, n_examples=len(merged), n_shards=n_shards,
+                                  n_skipped=merged.metadata["n_skipped"],
                                   data_sha256=file_sha256(self.cfg.data.train))
         ranks.barrier()
         return Scores.load(self.run.scores_path)
 
-    def _columns(self, estimator) -> list[str]:
-        return list(estimator.concept.names)
-
     def _merge_shards(self, estimator: str) -> Scores:
-        import numpy as np
-
-        ids, values, columns, metadata = [], [], None, {}
+        ids, values, columns, metadata, n_lines = [], [], None, {}, 0
         for shard in self._shards(self.cfg.scoring.shard_size):
             path = self.run.shard_path(shard.index)
             if not self._valid_shard(path, shard):
@@ -425,7 +423,9 @@ class Pipeline:
             ids += part.ids
             values.append(part.values)
             columns = part.columns
+            n_lines += part.metadata["n_lines"]
             metadata = {k: v for k, v in part.metadata.items() if k not in ("shard_digest", "shard", "n_lines")}
+        metadata["n_skipped"] = n_lines - len(ids)  # responses cut away at data.max_length
         return Scores(ids, np.concatenate(values), estimator, columns, metadata)
 
     # ---- report --------------------------------------------------------------------------------
@@ -444,7 +444,9 @@ class Pipeline:
         info = self.run.record
         lines = [f"# Run report: {scores.estimator}", "",
                  f"Run folder `{self.run.path}`; model `{self.cfg.model.path}` (fingerprint "
-                 f"{info['fingerprints'].get('model')}); data `{self.cfg.data.train}` ({len(scores)} examples scored); "
+                 f"{info['fingerprints'].get('model')}); data `{self.cfg.data.train}` ({len(scores)} examples scored, "
+                 f"{scores.metadata.get('n_skipped', 0)} skipped because their response was cut away at "
+                 f"max_length = {self.cfg.data.max_length}); "
                  f"concept: probe at `{self.cfg.probe.hook}`.", "",
                  f"## Top {k}: training on these pushes the concept up", "", *_markdown_rows(scores.top(k), texts), "",
                  f"## Bottom {k}: training on these pushes it down", "", *_markdown_rows(scores.bottom(k), texts), "",

@@ -285,3 +285,19 @@ def test_memory_benchmark_reports_peak_rss_per_size(tmp_path):
     assert result["peak_ratio"]["probe_projection"] == pytest.approx(ratio)
     assert "| probe_projection | 60 |" in (tmp_path / "out" / "memory.md").read_text()
     assert not (tmp_path / "work").exists()
+
+
+def test_examples_cut_away_at_max_length_are_skipped_and_counted(project, tmp_path):
+    adapter = load_model(project / "model")
+    train = load_chat_jsonl(project / "train.jsonl")
+    prompt_lengths = [tokenize_examples([e], adapter.tokenizer, 512)[0].response_start for e in train]
+    limit = int(np.median(prompt_lengths))
+    expected_skipped = sum(n >= limit for n in prompt_lengths)
+    assert 0 < expected_skipped < len(train)
+    config = edited_config(project, "max_length = 128", f"max_length = {limit}", "short.toml")
+    config.write_text(config.read_text().replace("[scoring]\n", '[scoring]\nestimator = "probe_projection"\n'))
+    run_config(RunConfig.read(config), tmp_path / "short", progress=False)
+    scores = Scores.load(tmp_path / "short" / "scores" / "scores.safetensors")
+    assert len(scores) == len(train) - expected_skipped
+    assert scores.metadata["n_skipped"] == expected_skipped
+    assert f"{expected_skipped} skipped because their response was cut away" in (tmp_path / "short" / "report" / "report.md").read_text()
