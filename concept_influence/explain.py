@@ -4,6 +4,9 @@ clusters of those examples by their latents, and influence aggregated per latent
 Each example is described by its SAE latent activations over its response tokens (mean per latent,
 :func:`probes.sae_latents.latent_activations`). Two views:
 
+* **elevation**: how much higher a latent's mean activation is on the top-k than on all examples, in standard
+  deviations over all examples — this sees latents that fire everywhere but more strongly on the top-k, which the
+  presence view below cannot.
 * **characteristic latents**: the ``latents_per_example`` latents with the highest mean activation on an example.
   For each latent, how many of the top-k examples carry it against the share of all examples that do
   (``enrichment`` = share in the top-k / share overall); the top-k examples are clustered by these sets (Jaccard
@@ -81,6 +84,7 @@ class Explanation:
     n_top: np.ndarray
     n_all: np.ndarray
     n_examples: int
+    elevation: np.ndarray
     influence_top: np.ndarray
     influence_all: np.ndarray
     unexplained_top: float
@@ -119,6 +123,10 @@ class Explanation:
         min_count = max(2, round(0.05 * self.k)) if min_count is None else min_count
         return self._pick(self.enrichment, n, self.n_top >= min_count, self.n_top.astype(float))
 
+    def elevated_latents(self, n: int = 10) -> list[int]:
+        """Latents whose mean activation is most raised on the top-k (in standard deviations over all examples)."""
+        return self._pick(self.elevation, n)
+
     def influential_latents(self, n: int = 10, among: str = "top") -> list[int]:
         """Latents with the largest aggregated influence over the top-k (``among="top"``) or all examples."""
         return self._pick(self.influence_top if among == "top" else self.influence_all, n)
@@ -128,17 +136,18 @@ class Explanation:
         j = int(np.flatnonzero(self.latents == latent)[0])
         return {"latent": int(latent), "label": self.labels.get(int(latent), ""), "n_top": int(self.n_top[j]),
                 "share_top": float(self.share_top[j]), "share_all": float(self.share_all[j]),
-                "enrichment": float(self.enrichment[j]), "influence_top": float(self.influence_top[j]),
+                "enrichment": float(self.enrichment[j]), "elevation": float(self.elevation[j]),
+                "influence_top": float(self.influence_top[j]),
                 "influence_all": float(self.influence_all[j])}
 
     def latent_table(self, latents: Sequence[int]) -> str:
         """A markdown table of the given latents."""
-        lines = ["| latent | top tokens | in top-k | in all | enrichment | influence (top-k) | influence (all) |",
-                 "|---|---|---|---|---|---|---|"]
+        lines = ["| latent | top tokens | in top-k | in all | enrichment | elevation (sd) | influence (top-k) | "
+                 "influence (all) |", "|---|---|---|---|---|---|---|---|"]
         for latent in latents:
             r = self.row(latent)
             lines.append(f"| {r['latent']} | {r['label']} | {r['n_top']}/{self.k} | {r['share_all']:.1%} | "
-                         f"{r['enrichment']:.2f} | {r['influence_top']:.4g} | {r['influence_all']:.4g} |")
+                         f"{r['enrichment']:.2f} | {r['elevation']:.2f} | {r['influence_top']:.4g} | {r['influence_all']:.4g} |")
         return "\n".join(lines)
 
     def to_markdown(self, n_latents: int = 10, texts: Mapping[str, str] | None = None, width: int = 90) -> str:
@@ -147,12 +156,15 @@ class Explanation:
         lines = [f"### Top {self.k} of `{self.estimator}` ({self.column}) in SAE latents", "",
                  f"Each example's characteristic latents: its {self.latents_per_example} most active latents on "
                  "its response. Enrichment: share of the top-k carrying a latent over its share among all "
-                 f"{self.n_examples} examples. Influence: each score split over the latents by activation share "
+                 f"{self.n_examples} examples. Elevation: mean activation on the top-k minus over all examples, in standard "
+                 "deviations over all examples. Influence: each score split over the latents by activation share "
                  f"(top-k total {total_top:.4g}, of which {self.unexplained_top:.4g} on examples with no active "
                  "latent).", "",
                  "**Shared by the most top-ranked examples**", "", self.latent_table(self.shared_latents(n_latents)), "",
                  "**Most over-represented in the top-ranked examples**", "",
                  self.latent_table(self.distinctive_latents(n_latents)), "",
+                 "**Most elevated activation in the top-ranked examples**", "",
+                 self.latent_table(self.elevated_latents(n_latents)), "",
                  "**Largest aggregated influence (top-k)**", "", self.latent_table(self.influential_latents(n_latents)),
                  "", "**Clusters of the top-ranked examples by their latents**", "",
                  "| cluster | size | mean score | shared latents (share of members) | examples |", "|---|---|---|---|---|"]
@@ -174,6 +186,7 @@ class Explanation:
                 "unexplained_all": self.unexplained_all,
                 "shared": [self.row(l) for l in self.shared_latents(n_latents)],
                 "distinctive": [self.row(l) for l in self.distinctive_latents(n_latents)],
+                "elevated": [self.row(l) for l in self.elevated_latents(n_latents)],
                 "influential": [self.row(l) for l in self.influential_latents(n_latents)],
                 "clusters": [{"ids": c.ids, "mean_score": float(np.mean(c.scores)), "shared": c.shared}
                              for c in self.clusters]}
@@ -219,6 +232,9 @@ def explain_top(scores: Scores, sae, adapter: ModelAdapter, examples: Sequence[T
     infl_all, unexplained_all = aggregate_by_latent(values, activations.mean)
     infl_top, unexplained_top = aggregate_by_latent(values[top], activations.mean[top])
     n_top, n_all = carried[top].sum(0), carried.sum(0)
+    mean = activations.mean.astype(np.float64)
+    sd = mean.std(0)
+    elevation = np.divide(mean[top].mean(0) - mean.mean(0), sd, out=np.zeros(mean.shape[1]), where=sd > 0)
     n_clusters = max(2, int(round(np.sqrt(k / 2)))) if n_clusters is None else n_clusters
     assignment = _clusters(carried[top], n_clusters)
     clusters = []
@@ -233,6 +249,6 @@ def explain_top(scores: Scores, sae, adapter: ModelAdapter, examples: Sequence[T
     renumber = {old: new for new, old in enumerate(np.unique(assignment)[order])}
     column_name = column if isinstance(column, str) else scores.columns[column]
     return Explanation(scores.estimator, column_name, k, latents_per_example, [ids[i] for i in top], values[top],
-                       activations.latents, n_top, n_all, len(examples), infl_top, infl_all, unexplained_top,
+                       activations.latents, n_top, n_all, len(examples), elevation, infl_top, infl_all, unexplained_top,
                        unexplained_all, clusters, np.array([renumber[a] for a in assignment]),
                        activations.mean[top], dict(labels or {}))

@@ -173,12 +173,12 @@ def test_latent_concept_fast_path_equals_its_definition(trained, model, data):
     latent = int(np.argmax(latent_activations(sae, model, data[:10]).mean.mean(0)))
     act = ProbeProjection(latent_concept(sae, latent, adapter=model)).score(model, data[:6], progress=False)
     for i, e in enumerate(data[:6]):
-        assert act.values[i, 0] == pytest.approx(float(_latent_per_token(sae, model, e, latent).mean()), rel=1e-5)
+        assert act.values[i, 0] == pytest.approx(float(_latent_per_token(sae, model, e, latent).mean().detach()), rel=1e-5)
     dec = ProbeProjection(latent_concept(sae, [latent], kind="decoder")).score(model, data[:6], progress=False)
     unit = sae.W_dec[latent].detach() / sae.W_dec[latent].detach().norm()
     for i, e in enumerate(data[:6]):
         h = model.activations(collate([e], model.pad_token_id), HOOK)[0, e.response_start:]
-        assert dec.values[i, 0] == pytest.approx(float((h @ unit).mean()), rel=1e-4, abs=1e-6)
+        assert dec.values[i, 0] == pytest.approx(float((h @ unit).mean().detach()), rel=1e-4, abs=1e-6)
     assert dec.columns == [f"sae_decoder_{latent}"] and act.columns == [f"sae_latent_{latent}"]
 
 
@@ -253,6 +253,10 @@ def test_explain_top(trained, model, data, tmp_path):
     carried = characteristic_latents(acts.mean, 3)
     np.testing.assert_array_equal(e.n_top, carried[top].sum(0))
     np.testing.assert_array_equal(e.n_all, carried.sum(0))
+    j = e.elevated_latents(1)[0]
+    assert e.row(j)["elevation"] == pytest.approx((acts.mean[top, j].mean() - acts.mean[:, j].mean()) / acts.mean[:, j].std(),
+                                                  rel=1e-4)
+    assert e.row(j)["elevation"] == pytest.approx(e.elevation.max())
     assert sorted(i for c in e.clusters for i in c.ids) == sorted(e.top_ids) and len(e.clusters) == 3
     assert [c.scores.sum() for c in e.clusters] == sorted((c.scores.sum() for c in e.clusters), reverse=True)
     for c in e.clusters:

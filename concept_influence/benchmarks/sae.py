@@ -96,7 +96,8 @@ def sae_section(adapter: ModelAdapter, hook: str, probe_sets: tuple[Sequence[Tok
         if values is None:
             continue
         e = explain_top(Scores(ids, values, name), sae, adapter, pool, k, activations=pool_acts, labels=ranking.labels)
-        views = {"distinctive": e.distinctive_latents(N_BEHAVIOUR), "influential": e.influential_latents(N_BEHAVIOUR)}
+        views = {"distinctive": e.distinctive_latents(N_BEHAVIOUR), "elevated": e.elevated_latents(N_BEHAVIOUR),
+                 "influential": e.influential_latents(N_BEHAVIOUR)}
         section["explain"][name] = {
             "planted_in_top_k": int(sum(labels[ids.index(i)] for i in e.top_ids)),
             **{f"{v}_latents": lat for v, lat in views.items()},
@@ -105,6 +106,8 @@ def sae_section(adapter: ModelAdapter, hook: str, probe_sets: tuple[Sequence[Tok
                for v, lat in views.items()},
         }
         if name in ("concept_influence", "sae_concept_influence", "probe_projection"):
+            shown = e.influential_latents(12) + e.shared_latents(12) + e.distinctive_latents(12)
+            e.labels = {**describe_latents(pool_acts, pool, adapter.tokenizer, sorted(set(shown))), **ranking.labels}
             plots[name] = plot_latent_influence(e, out / f"latent_influence_{name}.png").name
     section["plots"] = plots
     section["seconds"] = time.perf_counter() - t0
@@ -147,15 +150,18 @@ def format_sae_report(results: dict) -> list[str]:
     lines += ["", "Top activating pool examples of the concept latent:", ""]
     lines += [f"- {r['max']:.2f} `{r['id']}`: {r['snippet']}" for r in s["best_latent_examples"]]
     lines += ["", "**Do the top-ranked examples carry the behaviour's latents?** For the top k (= number planted) of each "
-              "ranking: the 10 latents most over-represented among them (characteristic latents: each example's 8 most "
-              "active) and the 10 with the largest aggregated influence, how many are among the behaviour's latents above "
-              f"(chance ≈ {s['chance_overlap']:.2f}), and their mean AUROC on the probe set. `planted (oracle)` is the "
-              "planted examples themselves.", "",
-              "| ranking | planted in top k | over-represented: overlap | mean AUROC | influential: overlap | mean AUROC |",
-              "|---|---|---|---|---|---|"]
+              "ranking, three views of the latents it carries: the 10 most *over-represented* (present among an "
+              "example's 8 most active latents more often than in the whole pool), the 10 most *elevated* (mean "
+              "activation raised most, in pool standard deviations) and the 10 with the largest *aggregated influence*. "
+              "For each: how many are among the behaviour's latents above (chance ≈ "
+              f"{s['chance_overlap']:.2f}) and their mean AUROC on the probe set. `planted (oracle)` explains the "
+              "planted examples themselves: what a perfect ranking would show.", "",
+              "| ranking | planted in top k | over-represented: overlap | AUROC | elevated: overlap | AUROC | "
+              "influential: overlap | AUROC |", "|---|---|---|---|---|---|---|---|"]
     n = len(s["behaviour_latents"])
     for name, r in s["explain"].items():
-        lines.append(f"| {name} | {r['planted_in_top_k']} | {r['distinctive_overlap']}/{n} | "
-                     f"{r['distinctive_mean_auroc']:.3f} | {r['influential_overlap']}/{n} | {r['influential_mean_auroc']:.3f} |")
+        lines.append(f"| {name} | {r['planted_in_top_k']} | " + " | ".join(
+            f"{r[f'{v}_overlap']}/{n} | {r[f'{v}_mean_auroc']:.3f}" for v in ("distinctive", "elevated", "influential"))
+            + " |")
     lines += ["", *[f"![latent influence, {k}]({v})" for k, v in s["plots"].items()], ""]
     return lines
