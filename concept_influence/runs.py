@@ -242,30 +242,38 @@ class Pipeline:
     # ---- probe ---------------------------------------------------------------------------------
     def direction(self):
         """The concept direction: trained here (``probe.positive``/``negative``) or read from ``probe.direction``."""
-        from probes import ConceptDirection, collect_activations, train_probe
+        from probes import ConceptDirection
 
         path = self.run.direction_path
-        if self.ranks.is_main and not path.is_file():
-            p = self.cfg.probe
-            if p.direction is not None:
-                direction, details = ConceptDirection.load(p.direction), {"source": p.direction}
-                if direction.hook_name != p.hook:
-                    raise RunError(f"{p.direction}: the direction is for hook {direction.hook_name!r}, "
-                                   f"the config says probe.hook = {p.hook!r}")
-                direction.check_compatible(self.adapter)
-            else:
-                self.adapter.check_hook(p.hook)
-                acts = [collect_activations(self.adapter, self._tokenize(f, p.max_examples), p.hook, p.reduction,
-                                            progress=self.progress) for f in (p.positive, p.negative)]
-                result = train_probe(p.kind, *acts, p.hook, seed=p.seed)
-                direction, details = result.direction, {"metrics": result.metrics}
-                atomic_write_text(path.parent / "metrics.json", json.dumps(result.metrics, indent=1) + "\n")
-            _write_or_explain(path, lambda: direction.save(path), "Nothing else was written.")
-            self.run.finish_stage("probe", self.ranks, hook=direction.hook_name, **details)
+        if self.ranks.is_main and not self.run.is_done("probe"):
+            details = {}
+            if not path.is_file():  # (a direction saved just before a kill is kept)
+                details = self._make_direction(path)
+            self.run.finish_stage("probe", self.ranks, hook=self.cfg.probe.hook, **details)
         self.ranks.barrier()
         direction = ConceptDirection.load(path)
         direction.check_compatible(self.adapter)
         return direction
+
+    def _make_direction(self, path: Path) -> dict:
+        from probes import ConceptDirection, collect_activations, train_probe
+
+        p = self.cfg.probe
+        if p.direction is not None:
+            direction, details = ConceptDirection.load(p.direction), {"source": p.direction}
+            if direction.hook_name != p.hook:
+                raise RunError(f"{p.direction}: the direction is for hook {direction.hook_name!r}, "
+                               f"the config says probe.hook = {p.hook!r}")
+            direction.check_compatible(self.adapter)
+        else:
+            self.adapter.check_hook(p.hook)
+            acts = [collect_activations(self.adapter, self._tokenize(f, p.max_examples), p.hook, p.reduction,
+                                        progress=self.progress) for f in (p.positive, p.negative)]
+            result = train_probe(p.kind, *acts, p.hook, seed=p.seed)
+            direction, details = result.direction, {"metrics": result.metrics}
+            atomic_write_text(path.parent / "metrics.json", json.dumps(result.metrics, indent=1) + "\n")
+        _write_or_explain(path, lambda: direction.save(path), "Nothing else was written.")
+        return details
 
     def concept(self, with_eval: bool = True):
         """f: the projection on the probe direction, averaged over the concept's evaluation texts
@@ -304,9 +312,11 @@ class Pipeline:
                                   "The finished passes are kept in factors/statistics/.")
                 for p in (final / "partial").glob("*"):
                     p.unlink()
-                self.run.finish_stage("factors", self.ranks, strategy=f.strategy, n_examples=curvature.n_examples,
-                                      maps=curvature.map_names, data_sha256=file_sha256(self.cfg.data.train))
-            self.ranks.barrier()
+        if self.ranks.is_main and not self.run.is_done("factors"):  # (also a curvature saved just before a kill)
+            saved = json.loads((final / "curvature.json").read_text())
+            self.run.finish_stage("factors", self.ranks, strategy=saved["strategy"], n_examples=saved["n_examples"],
+                                  maps=[m["name"] for m in saved["maps"]], data_sha256=file_sha256(self.cfg.data.train))
+        self.ranks.barrier()
         return Curvature.load(final, self.adapter)
 
     def _accumulate(self, name: str, collect: Callable[[Sequence[TokenizedExample]], SumStats]) -> SumStats:
