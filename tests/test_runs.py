@@ -301,3 +301,14 @@ def test_examples_cut_away_at_max_length_are_skipped_and_counted(project, tmp_pa
     assert len(scores) == len(train) - expected_skipped
     assert scores.metadata["n_skipped"] == expected_skipped
     assert f"{expected_skipped} skipped because their response was cut away" in (tmp_path / "short" / "report" / "report.md").read_text()
+
+
+def test_outputs_saved_just_before_a_kill_are_adopted(finished, tmp_path):
+    """A direction or curvature written but not yet recorded in run.json (killed in between) is used as is."""
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    kept = {p: file_sha256(out / p) for p in ("probe/direction.safetensors", "factors/curvature.safetensors")}
+    Run.open(out).update_record(lambda info: [info["stages"].pop(s) for s in ("probe", "factors")])
+    run_stages(("probe", "factors"), out, progress=False)
+    assert Run.open(out).is_done("probe") and Run.open(out).is_done("factors")
+    assert all(file_sha256(out / p) == h for p, h in kept.items())
