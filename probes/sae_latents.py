@@ -99,7 +99,7 @@ def latent_activations(sae, adapter: ModelAdapter, examples: Sequence[TokenizedE
     n_batches = (len(examples) + batch_size - 1) // batch_size
     for batch in tqdm(iter_batches(examples, batch_size, adapter.pad_token_id), total=n_batches,
                       desc="latent activations", disable=not progress, leave=False):
-        z = sae.encode(adapter.activations(batch, hook).float())[..., idx].float().cpu()
+        z = sae.encode(adapter.activations(batch, hook).float().to(sae.W_enc.device))[..., idx].float().cpu()
         mask = token_mask(batch, reduction).cpu()
         means.append(reduce_tokens(z, batch, reduction))
         best = z.masked_fill(~mask[..., None], float("-inf")).max(dim=1)

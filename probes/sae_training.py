@@ -53,14 +53,15 @@ def sae_reconstruction_metrics(sae, acts: torch.Tensor, batch_size: int = 4096) 
     err = total = l0 = 0.0
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     mean = acts.double().mean(0)
+    device = sae.W_enc.device
     for i in range(0, len(acts), batch_size):
-        x = acts[i: i + batch_size].float()
+        x = acts[i: i + batch_size].float().to(device)
         z = sae.encode(x)
         err += float((sae.decode(z).double() - x.double()).square().sum())
-        total += float((x.double() - mean).square().sum())
+        total += float((x.double() - mean.to(device)).square().sum())
         active = z > 0
         l0 += float(active.sum())
-        fired += active.sum(0).double()
+        fired += active.sum(0).double().cpu()
     n = max(len(acts), 1)
     return {"explained_variance": 1 - err / total if total > 0 else float("nan"), "l0": l0 / n,
             "active_share": (fired / n).numpy()}
@@ -109,7 +110,7 @@ def train_sae(adapter: ModelAdapter, examples: Sequence[TokenizedExample], hook_
     ``architecture``: ``"topk"`` (exactly ``k`` latents active per token; SAE-Lens' auxiliary loss revives dead
     latents) or ``"standard"`` (ReLU with an L1 penalty ``l1_coefficient``). Activations are scaled to norm √d_in
     during training (SAE-Lens' ``expected_average_only_in``; the scale is folded into the saved weights, so the SAE
-    reads raw activations). ``epochs`` passes over the training tokens, Adam at ``lr``, ``batch_size`` tokens a
+    reads raw activations). The SAE trains and is returned on the model's device. ``epochs`` passes over the training tokens, Adam at ``lr``, ``batch_size`` tokens a
     step; a share ``held_out`` of the examples (whole examples, never single tokens) is kept out of training to
     measure the reconstruction. Seeded by ``seed``.
 
@@ -162,7 +163,7 @@ def train_sae(adapter: ModelAdapter, examples: Sequence[TokenizedExample], hook_
         lr_scheduler_name="cosineannealing", lr_decay_steps=steps, lr_warm_up_steps=min(100, steps // 10),
         dead_feature_window=max(steps // 10, 1), feature_sampling_window=max(steps // 5, 1),
         n_batches_for_norm_estimate=min(100, max(len(train_acts) // batch_size, 1)),
-        logger=LoggingConfig(log_to_wandb=False), device="cpu")
+        logger=LoggingConfig(log_to_wandb=False), device=str(adapter.device))
     with _quiet_sae_lens(progress):
         trained = SAETrainer(trainer_cfg, training_sae, _batches(train_acts, batch_size, seed)).fit()
     seconds = time.perf_counter() - started
@@ -170,7 +171,7 @@ def train_sae(adapter: ModelAdapter, examples: Sequence[TokenizedExample], hook_
     with contextlib.ExitStack() as stack:
         folder = Path(out_dir) if out_dir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         trained.save_inference_model(folder)
-        sae = load_sae(folder)
+        sae = load_sae(folder, device=str(adapter.device))
         if out_dir is None:
             sae.cfg.metadata.loaded_from = None
     on_test = sae_reconstruction_metrics(sae, test_acts if len(test_acts) else train_acts)

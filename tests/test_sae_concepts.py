@@ -189,7 +189,7 @@ def test_trained_topk_latent_concept_gradient_matches_autograd(trained, model, d
     scores = ConceptGradDot(latent_concept(sae, latent, evals, adapter=model)).score(model, train, progress=False)
     weights = [m.weight for m in model.linear_maps(max_block=1)]
     f = sum(_latent_per_token(sae, model, e, latent).mean() for e in evals) / len(evals)
-    assert float(f) > 0
+    assert float(f.detach()) > 0
     gf = torch.autograd.grad(f, weights)
     for n, e in enumerate(train):
         gz = torch.autograd.grad(model.per_example_loss(collate([e], model.pad_token_id)).sum(), weights)
