@@ -144,13 +144,21 @@ class LatentRanking:
         """The ``n`` best latents."""
         return [int(self.latents[i]) for i in self.order[:n]]
 
-    def row(self, latent: int) -> dict:
-        j = int(np.flatnonzero(self.latents == latent)[0])
+    def _row_at(self, j: int) -> dict:
+        latent = int(self.latents[j])
         return {"latent": latent, **{k: float(v[j]) for k, v in self.columns.items()},
                 **({"label": self.labels[latent]} if latent in self.labels else {})}
 
+    def row(self, latent: int) -> dict:
+        """Every measure of one latent (and its label, when set)."""
+        hits = np.flatnonzero(self.latents == latent)
+        if not len(hits):
+            raise SAEError(f"latent {latent} is not in this ranking")
+        return self._row_at(int(hits[0]))
+
     def rows(self, n: int | None = None) -> list[dict]:
-        return [self.row(i) for i in self.top(len(self.latents) if n is None else n)]
+        """The rows of the ``n`` best latents (all by default), best first."""
+        return [self._row_at(int(j)) for j in self.order[: len(self.order) if n is None else n]]
 
     def to_markdown(self, n: int = 15) -> str:
         """The top ``n`` latents as a markdown table."""
