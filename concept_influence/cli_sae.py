@@ -135,7 +135,8 @@ def _sae_explain(args: argparse.Namespace) -> int:
         raise DataError(f"--column {column!r} is not in {args.scores} (columns: {', '.join(scores.columns)})")
     acts = latent_activations(sae, adapter, examples, progress=not args.no_progress)
     explanation = explain_top(scores, sae, adapter, examples, min(args.top_k, len(examples)), column=column or 0,
-                              latents_per_example=args.latents_per_example, n_clusters=args.clusters, activations=acts)
+                              latents_per_example=args.latents_per_example, n_clusters=args.clusters, activations=acts,
+                              center=args.center)
     shown = explanation.shared_latents(20) + explanation.distinctive_latents(20) + explanation.influential_latents(20)
     explanation.labels = describe_latents(acts, examples, adapter.tokenizer, sorted(set(shown)))
     texts = {e.id: adapter.tokenizer.decode(list(e.input_ids[e.response_start:]), skip_special_tokens=True)
@@ -221,6 +222,8 @@ def add_sae_commands(sub) -> None:
                          help="an example's characteristic latents: its M most active (default 8)")
     explain.add_argument("--clusters", type=int, help="number of clusters (default about sqrt(TOP_K / 2))")
     explain.add_argument("--n-latents", type=int, default=10, help="latents per table (default 10)")
+    explain.add_argument("--center", action="store_true",
+                         help="split each score minus the mean score (for scores with an offset, e.g. projections)")
     explain.add_argument("--out", required=True, help="output folder")
     explain.set_defaults(func=_sae_explain)
 

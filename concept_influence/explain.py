@@ -13,7 +13,10 @@ Each example is described by its SAE latent activations over its response tokens
   distance, scikit-learn agglomerative clustering, average linkage).
 * **influence per latent**: each example's score is split over the latents in proportion to their mean activation,
   ``influence_j = Σ_i s_i · a_ij / Σ_j' a_ij'``; summed over the latents, plus the scores of examples on which no
-  latent fires (``unexplained``), this is exactly the total score (of the top-k, or of all examples).
+  latent fires (``unexplained``), this is exactly the total score (of the top-k, or of all examples). Scores with an
+  arbitrary offset (a projection that is negative on every example, uniform random scores) say more after centring
+  (``center=True``: s_i minus the mean score over all examples, so the split says what the top-k adds over an
+  average example).
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ class Explanation:
     cluster_of: np.ndarray
     top_activations: np.ndarray
     labels: dict[int, str] = field(default_factory=dict)
+    offset: float = 0.0  # subtracted from every score before the split (the mean score with center=True)
 
     @property
     def share_top(self) -> np.ndarray:
@@ -152,14 +156,15 @@ class Explanation:
 
     def to_markdown(self, n_latents: int = 10, texts: Mapping[str, str] | None = None, width: int = 90) -> str:
         """Shared, distinctive and most influential latents, the clusters, and how the totals split."""
-        total_top = float(self.top_scores.sum())
+        total_top = float((self.top_scores - self.offset).sum())
         lines = [f"### Top {self.k} of `{self.estimator}` ({self.column}) in SAE latents", "",
                  f"Each example's characteristic latents: its {self.latents_per_example} most active latents on "
                  "its response. Enrichment: share of the top-k carrying a latent over its share among all "
                  f"{self.n_examples} examples. Elevation: mean activation on the top-k minus over all examples, in standard "
                  "deviations over all examples. Influence: each score split over the latents by activation share "
                  f"(top-k total {total_top:.4g}, of which {self.unexplained_top:.4g} on examples with no active "
-                 "latent).", "",
+                 "latent" + (f"; scores centred by subtracting their mean {self.offset:.4g}" if self.offset else "")
+                 + ").", "",
                  "**Shared by the most top-ranked examples**", "", self.latent_table(self.shared_latents(n_latents)), "",
                  "**Most over-represented in the top-ranked examples**", "",
                  self.latent_table(self.distinctive_latents(n_latents)), "",
@@ -182,7 +187,8 @@ class Explanation:
         """The summary as plain JSON types."""
         return {"estimator": self.estimator, "column": self.column, "k": self.k,
                 "latents_per_example": self.latents_per_example, "top_ids": self.top_ids,
-                "total_top": float(self.top_scores.sum()), "unexplained_top": self.unexplained_top,
+                "offset": self.offset, "total_top": float((self.top_scores - self.offset).sum()),
+                "unexplained_top": self.unexplained_top,
                 "unexplained_all": self.unexplained_all,
                 "shared": [self.row(l) for l in self.shared_latents(n_latents)],
                 "distinctive": [self.row(l) for l in self.distinctive_latents(n_latents)],
@@ -205,8 +211,8 @@ def _clusters(carried: np.ndarray, n_clusters: int) -> np.ndarray:
 
 def explain_top(scores: Scores, sae, adapter: ModelAdapter, examples: Sequence[TokenizedExample], k: int = 50, *,
                 column: int | str = 0, latents_per_example: int = 8, n_clusters: int | None = None,
-                activations=None, labels: Mapping[int, str] | None = None, batch_size: int = 16,
-                progress: bool = False) -> Explanation:
+                activations=None, labels: Mapping[int, str] | None = None, center: bool = False,
+                batch_size: int = 16, progress: bool = False) -> Explanation:
     """Explain the ``k`` highest-scored ``examples`` (one score ``column``) with the SAE's latents: latents they
     share, clusters of them by their characteristic latents (``n_clusters``, default ≈ √(k/2), at least 2), and
     influence aggregated per latent over the top-k and over all examples.
@@ -214,7 +220,9 @@ def explain_top(scores: Scores, sae, adapter: ModelAdapter, examples: Sequence[T
     ``examples`` are the scored training examples (every one needs a score). ``activations``: latent activations
     already collected on exactly these examples (:func:`probes.sae_latents.latent_activations`), to explain several
     rankings with one pass; otherwise they are collected here (the SAE is checked against the model first).
-    ``labels`` names latents in the tables (e.g. :func:`probes.sae_latents.describe_latents`)."""
+    ``labels`` names latents in the tables (e.g. :func:`probes.sae_latents.describe_latents`). ``center``: split
+    each score minus the mean score over all examples (for scores with an arbitrary offset); the top-k are the
+    same either way."""
     from probes.sae_latents import latent_activations
 
     if not 1 <= k <= len(examples):
@@ -229,8 +237,9 @@ def explain_top(scores: Scores, sae, adapter: ModelAdapter, examples: Sequence[T
         raise ValueError("activations were collected on other examples (or in another order) than `examples`")
     top = np.argsort(-values, kind="stable")[:k]
     carried = characteristic_latents(activations.mean, latents_per_example)
-    infl_all, unexplained_all = aggregate_by_latent(values, activations.mean)
-    infl_top, unexplained_top = aggregate_by_latent(values[top], activations.mean[top])
+    offset = float(values.mean()) if center else 0.0
+    infl_all, unexplained_all = aggregate_by_latent(values - offset, activations.mean)
+    infl_top, unexplained_top = aggregate_by_latent(values[top] - offset, activations.mean[top])
     n_top, n_all = carried[top].sum(0), carried.sum(0)
     mean = activations.mean.astype(np.float64)
     sd = mean.std(0)
@@ -251,4 +260,4 @@ def explain_top(scores: Scores, sae, adapter: ModelAdapter, examples: Sequence[T
     return Explanation(scores.estimator, column_name, k, latents_per_example, [ids[i] for i in top], values[top],
                        activations.latents, n_top, n_all, len(examples), elevation, infl_top, infl_all, unexplained_top,
                        unexplained_all, clusters, np.array([renumber[a] for a in assignment]),
-                       activations.mean[top], dict(labels or {}))
+                       activations.mean[top], dict(labels or {}), offset)

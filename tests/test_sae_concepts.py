@@ -271,6 +271,11 @@ def test_explain_top(trained, model, data, tmp_path):
     assert "the top answer" in md and "| cluster | size |" in md
     same = explain_top(scores, trained.sae, model, data, 12, latents_per_example=3, n_clusters=3, activations=acts)
     np.testing.assert_array_equal(same.influence_top, e.influence_top)
+    shifted = Scores(ids, values - 10.0, "toy")  # an offset: centring removes it, the top-k stay the same
+    c = explain_top(shifted, trained.sae, model, data, 12, activations=acts, center=True)
+    assert c.top_ids == e.top_ids and c.offset == pytest.approx(values.mean() - 10.0)
+    assert c.influence_top.sum() + c.unexplained_top == pytest.approx((values[top] - values.mean()).sum())
+    assert c.influence_all.sum() + c.unexplained_all == pytest.approx(0.0, abs=1e-9)
     json.dumps(e.to_json())
     png = plot_latent_influence(e, tmp_path / "latents.png")
     assert png.stat().st_size > 5000

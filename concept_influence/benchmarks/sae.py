@@ -95,7 +95,8 @@ def sae_section(adapter: ModelAdapter, hook: str, probe_sets: tuple[Sequence[Tok
         values = np.asarray(labels, dtype=float) if name.startswith("planted") else scores.get(name)
         if values is None:
             continue
-        e = explain_top(Scores(ids, values, name), sae, adapter, pool, k, activations=pool_acts, labels=ranking.labels)
+        e = explain_top(Scores(ids, values, name), sae, adapter, pool, k, activations=pool_acts, labels=ranking.labels,
+                        center=True)
         views = {"distinctive": e.distinctive_latents(N_BEHAVIOUR), "elevated": e.elevated_latents(N_BEHAVIOUR),
                  "influential": e.influential_latents(N_BEHAVIOUR)}
         section["explain"][name] = {
@@ -152,7 +153,8 @@ def format_sae_report(results: dict) -> list[str]:
     lines += ["", "**Do the top-ranked examples carry the behaviour's latents?** For the top k (= number planted) of each "
               "ranking, three views of the latents it carries: the 10 most *over-represented* (present among an "
               "example's 8 most active latents more often than in the whole pool), the 10 most *elevated* (mean "
-              "activation raised most, in pool standard deviations) and the 10 with the largest *aggregated influence*. "
+              "activation raised most, in pool standard deviations) and the 10 with the largest *aggregated influence* "
+              "(each score minus the pool's mean score, split over the latents by activation share). "
               "For each: how many are among the behaviour's latents above (chance ≈ "
               f"{s['chance_overlap']:.2f}) and their mean AUROC on the probe set. `planted (oracle)` explains the "
               "planted examples themselves: what a perfect ranking would show.", "",
