@@ -410,7 +410,7 @@ class Pipeline:
                                                       estimator.concept.names))
                     result.metadata.update(shard_digest=shard.digest, shard=shard.index, n_lines=len(shard.examples))
                     _write_or_explain(path, lambda: result.save(path),
-                                      f"The {written} shards this process wrote before it are intact.")
+                                      f"The {written} shards this process finished before it are intact.")
                 written += 1
                 bar.update(1)
         ranks.barrier()

@@ -246,7 +246,7 @@ def test_disk_full_while_writing_a_shard_keeps_earlier_shards(finished, project,
         run_stages(("scores",), out, progress=False)
     message = str(e.value)
     assert "shard-000003.safetensors" in message and "the disk is full" in message
-    assert "3 shards this process wrote before it are intact" in message and "run the same command again" in message
+    assert "3 shards this process finished before it are intact" in message and "run the same command again" in message
     shards = sorted((out / "scores" / "shards").glob("*.safetensors"))
     assert [p.name for p in shards] == [f"shard-00000{i}.safetensors" for i in range(3)]
     assert not list((out / "scores" / "shards").glob(".*.tmp"))
