@@ -207,6 +207,7 @@ class Pipeline:
     def __init__(self, run: Run, ranks: Ranks, progress: bool = True):
         self.run, self.ranks, self.progress = run, ranks, progress
         self.cfg = run.config
+        self._digests: dict[tuple[int, int | None], list[str]] = {}
 
     # ---- inputs --------------------------------------------------------------------------------
     @cached_property
@@ -233,11 +234,14 @@ class Pipeline:
     def _shards(self, shard_size: int, limit: int | None = None):
         return iter_shards(self.cfg.data.train, shard_size, limit)
 
-    def _n_shards(self, shard_size: int, limit: int | None = None) -> int:
-        n = sum(1 for _ in self._shards(shard_size, limit))
-        if n == 0:
-            raise RunError(f"{self.cfg.data.train}: no examples to score")
-        return n
+    def _shard_digests(self, shard_size: int, limit: int | None = None) -> list[str]:
+        """The SHA-256 of each shard's lines (read once per process and shard layout)."""
+        key = (shard_size, limit)
+        if key not in self._digests:
+            self._digests[key] = [shard.digest for shard in self._shards(shard_size, limit)]
+            if not self._digests[key]:
+                raise RunError(f"{self.cfg.data.train}: the file has no examples")
+        return self._digests[key]
 
     # ---- probe ---------------------------------------------------------------------------------
     def direction(self):
@@ -324,9 +328,7 @@ class Pipeline:
         f, ranks = self.cfg.factors, self.ranks
         partial = self.run.factors_dir / "partial"
         done_path = self.run.factors_dir / "statistics" / f"{name}.safetensors"
-        digests = [s.digest for s in self._shards(f.shard_size, f.max_examples)]
-        if not digests:
-            raise RunError(f"{self.cfg.data.train}: no examples to fit the curvature on")
+        digests = self._shard_digests(f.shard_size, f.max_examples)
         data_digest = _combine(digests)
         done = _read_checkpoint(done_path)
         if done is not None and done[1].get("data") == data_digest:
@@ -377,7 +379,7 @@ class Pipeline:
             self._require("factors", "fit-factors")
         return ConceptInfluence(concept, self.curvature())
 
-    def _valid_shard(self, path: Path, shard: Shard) -> bool:
+    def _valid_shard(self, path: Path, digest: str) -> bool:
         json_path = path.with_suffix(".json")
         if not (path.is_file() and json_path.is_file()):
             return False
@@ -387,7 +389,7 @@ class Pipeline:
         except (ValueError, RunError, UnicodeDecodeError):
             warnings.warn(f"{path}: unreadable shard; it is computed again")
             return False
-        return meta.get("metadata", {}).get("shard_digest") == shard.digest
+        return meta.get("metadata", {}).get("shard_digest") == digest
 
     def scores(self) -> Scores:
         """Score every training example shard by shard (resuming), then merge the shards in data order."""
@@ -395,7 +397,7 @@ class Pipeline:
             return Scores.load(self.run.scores_path)
         s, ranks = self.cfg.scoring, self.ranks
         estimator = self.estimator()
-        n_shards = self._n_shards(s.shard_size)
+        n_shards = len(self._shard_digests(s.shard_size))
         mine = sum(ranks.owns(i) for i in range(n_shards))
         written = 0
         with tqdm(total=mine, desc=f"score {estimator.name}", unit="shard", disable=not self.progress) as bar:
@@ -403,7 +405,7 @@ class Pipeline:
                 if not ranks.owns(shard.index):
                     continue
                 path = self.run.shard_path(shard.index)
-                if not self._valid_shard(path, shard):
+                if not self._valid_shard(path, shard.digest):
                     examples = self._tokenize_shard(shard)
                     result = (estimator.score(self.adapter, examples, batch_size=s.batch_size, progress=False)
                               if examples else Scores([], np.zeros((0, estimator.concept.k)), estimator.name,
@@ -425,9 +427,9 @@ class Pipeline:
 
     def _merge_shards(self, estimator: str) -> Scores:
         ids, values, columns, metadata, n_lines = [], [], None, {}, 0
-        for shard in self._shards(self.cfg.scoring.shard_size):
-            path = self.run.shard_path(shard.index)
-            if not self._valid_shard(path, shard):
+        for index, digest in enumerate(self._shard_digests(self.cfg.scoring.shard_size)):
+            path = self.run.shard_path(index)
+            if not self._valid_shard(path, digest):
                 raise RunError(f"{path}: missing or stale shard; run the same command again to compute it")
             part = Scores.load(path)
             ids += part.ids
