@@ -3,7 +3,6 @@ with uneven shards; statistics sum over ranks, including a rank that saw no data
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys

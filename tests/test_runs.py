@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from concept_influence.config import ConfigError, RunConfig
-from concept_influence.curvature import Curvature, fit_curvature
+from concept_influence.curvature import fit_curvature
 from concept_influence.data import load_chat_jsonl, tokenize_examples
 from concept_influence.estimators import ConceptInfluence, ProbeProjection
 from concept_influence.concepts import ConceptFunction
