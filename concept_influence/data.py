@@ -35,6 +35,7 @@ __all__ = [
     "write_chat_jsonl",
     "tokenize_example",
     "tokenize_examples",
+    "tokenize_kept",
     "collate",
     "iter_batches",
     "plain_prompt_text",
@@ -242,11 +243,11 @@ def tokenize_example(example: ChatExample, tokenizer, max_length: int) -> Tokeni
     return TokenizedExample(example.id, tuple(ids[:max_length]), start)
 
 
-def tokenize_examples(
+def tokenize_kept(
     examples: Iterable[ChatExample], tokenizer, max_length: int = 512, skip_truncated: bool = False
-) -> list[TokenizedExample]:
-    """Tokenise many examples. With ``skip_truncated`` an example whose response is truncated away is
-    dropped (and counted in a warning) instead of raising. Raises if nothing usable remains."""
+) -> tuple[list[TokenizedExample], list[str]]:
+    """Tokenise many examples: the kept ones and the ids of those skipped because ``skip_truncated`` drops an
+    example whose response is truncated away (otherwise that raises). The result may be empty."""
     out, skipped = [], []
     for ex in examples:
         try:
@@ -255,6 +256,15 @@ def tokenize_examples(
             if not skip_truncated:
                 raise
             skipped.append(ex.id)
+    return out, skipped
+
+
+def tokenize_examples(
+    examples: Iterable[ChatExample], tokenizer, max_length: int = 512, skip_truncated: bool = False
+) -> list[TokenizedExample]:
+    """Tokenise many examples. With ``skip_truncated`` an example whose response is truncated away is
+    dropped (and counted in a warning) instead of raising. Raises if nothing usable remains."""
+    out, skipped = tokenize_kept(examples, tokenizer, max_length, skip_truncated)
     if skipped:
         import warnings
 

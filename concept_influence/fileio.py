@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["atomic_write", "atomic_write_text", "save_tensors", "load_tensors", "tensor_file_metadata", "file_sha256"]
+__all__ = ["atomic_write", "atomic_write_text", "save_tensors", "load_tensors", "load_tensors_and_metadata", "file_sha256"]
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
@@ -49,26 +49,21 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
 def load_tensors(path: str | Path, error: type[Exception] = ValueError, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Read a safetensors file; anything else (a pickle, a truncated file) raises ``error`` naming the file.
     Nothing is ever unpickled."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    return load_tensors_and_metadata(path, error, device)[0]
+
+
+def load_tensors_and_metadata(path: str | Path, error: type[Exception] = ValueError,
+                              device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a safetensors file and the string metadata of its header (empty if none), in one read;
+    errors as :func:`load_tensors`."""
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: no such file")
     try:
-        return load_file(path, device=device)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise error(f"{path}: not a readable safetensors file ({e}); pickles are refused, never loaded") from None
-
-
-def tensor_file_metadata(path: str | Path, error: type[Exception] = ValueError) -> dict[str, str]:
-    """The string metadata in a safetensors header (empty if none); ``error`` names an unreadable file."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    try:
-        with safe_open(path, "pt") as f:
-            return dict(f.metadata() or {})
+        with safe_open(path, "pt", device=device) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:
         raise error(f"{path}: not a readable safetensors file ({e}); pickles are refused, never loaded") from None
 

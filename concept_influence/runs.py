@@ -37,9 +37,9 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, RunConfig
 from .curvature import Curvature, SumStats, fit_curvature
-from .data import DataError, Shard, TokenizedExample, iter_shards, load_chat_jsonl, tokenize_example, tokenize_examples
+from .data import Shard, TokenizedExample, iter_shards, load_chat_jsonl, tokenize_examples, tokenize_kept
 from .distributed import Ranks, process_group
-from .fileio import atomic_write_text, file_sha256, load_tensors, save_tensors, tensor_file_metadata
+from .fileio import atomic_write_text, file_sha256, load_tensors_and_metadata, save_tensors
 from .models import ModelAdapter, block_of_hook, load_model
 from .scores import Scores
 
@@ -155,12 +155,20 @@ class Run:
         self.write_manifest()
 
     def write_manifest(self) -> None:
+        """List every finished file with its size and SHA-256; a file whose size and modification time are those
+        of the previous manifest keeps its hash (shards and factors are not read again at every stage)."""
+        path = self.path / "manifest.json"
+        previous = _read_json(path)["files"] if path.is_file() else {}
         files = {}
         for p in sorted(self.path.rglob("*")):
             rel = p.relative_to(self.path).as_posix()
             if p.is_file() and not p.name.startswith(".") and "partial/" not in rel and rel != "manifest.json":
-                files[rel] = {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-        _write_json(self.path / "manifest.json", {"format_version": RUN_FORMAT_VERSION, "written": _now(), "files": files})
+                stat = p.stat()
+                entry = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+                known = previous.get(rel, {})
+                same = all(known.get(k) == v for k, v in entry.items())
+                files[rel] = {**entry, "sha256": known["sha256"] if same else file_sha256(p)}
+        _write_json(path, {"format_version": RUN_FORMAT_VERSION, "written": _now(), "files": files})
 
     def check_fingerprint(self, what: str, value: str) -> None:
         """Record a fingerprint on first use; refuse a later stage on a different model."""
@@ -222,14 +230,9 @@ class Pipeline:
                                  self.cfg.data.skip_truncated)
 
     def _tokenize_shard(self, shard: Shard) -> list[TokenizedExample]:
-        out = []
-        for example in shard.examples:
-            try:
-                out.append(tokenize_example(example, self.adapter.tokenizer, self.cfg.data.max_length))
-            except DataError:
-                if not self.cfg.data.skip_truncated:
-                    raise
-        return out
+        """The shard's examples, tokenised; those cut away at ``max_length`` are skipped (counted at the merge)."""
+        return tokenize_kept(shard.examples, self.adapter.tokenizer, self.cfg.data.max_length,
+                             self.cfg.data.skip_truncated)[0]
 
     def _shards(self, shard_size: int, limit: int | None = None):
         return iter_shards(self.cfg.data.train, shard_size, limit)
@@ -379,17 +382,17 @@ class Pipeline:
             self._require("factors", "fit-factors")
         return ConceptInfluence(concept, self.curvature())
 
-    def _valid_shard(self, path: Path, digest: str) -> bool:
-        json_path = path.with_suffix(".json")
-        if not (path.is_file() and json_path.is_file()):
-            return False
+    def _finished_shard(self, path: Path, digest: str) -> Scores | None:
+        """The shard saved at ``path`` if it was computed from input lines with this ``digest``; None when it is
+        missing, stale, or unreadable (with a warning: it is computed again)."""
+        if not (path.is_file() and path.with_suffix(".json").is_file()):
+            return None
         try:
-            meta = json.loads(json_path.read_text(encoding="utf-8"))
-            load_tensors(path, RunError)
-        except (ValueError, RunError, UnicodeDecodeError):
+            shard = Scores.load(path)
+        except (ValueError, KeyError, UnicodeDecodeError):
             warnings.warn(f"{path}: unreadable shard; it is computed again")
-            return False
-        return meta.get("metadata", {}).get("shard_digest") == digest
+            return None
+        return shard if shard.metadata.get("shard_digest") == digest else None
 
     def scores(self) -> Scores:
         """Score every training example shard by shard (resuming), then merge the shards in data order."""
@@ -405,7 +408,7 @@ class Pipeline:
                 if not ranks.owns(shard.index):
                     continue
                 path = self.run.shard_path(shard.index)
-                if not self._valid_shard(path, shard.digest):
+                if self._finished_shard(path, shard.digest) is None:
                     examples = self._tokenize_shard(shard)
                     result = (estimator.score(self.adapter, examples, batch_size=s.batch_size, progress=False)
                               if examples else Scores([], np.zeros((0, estimator.concept.k)), estimator.name,
@@ -429,9 +432,9 @@ class Pipeline:
         ids, values, columns, metadata, n_lines = [], [], None, {}, 0
         for index, digest in enumerate(self._shard_digests(self.cfg.scoring.shard_size)):
             path = self.run.shard_path(index)
-            if not self._valid_shard(path, digest):
+            part = self._finished_shard(path, digest)
+            if part is None:
                 raise RunError(f"{path}: missing or stale shard; run the same command again to compute it")
-            part = Scores.load(path)
             ids += part.ids
             values.append(part.values)
             columns = part.columns
@@ -486,7 +489,8 @@ def _read_checkpoint(path: Path) -> tuple[SumStats, dict[str, str]] | None:
     if not path.is_file():
         return None
     try:
-        return SumStats.from_state_dict(load_tensors(path, RunError)), tensor_file_metadata(path, RunError)
+        tensors, metadata = load_tensors_and_metadata(path, RunError)
+        return SumStats.from_state_dict(tensors), metadata
     except (RunError, KeyError) as e:
         warnings.warn(f"{path}: unreadable checkpoint ({e}); its pass starts over")
         return None
