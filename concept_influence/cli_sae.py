@@ -1,8 +1,9 @@
 """``concept-influence sae train|latents|explain``: SAE concepts from the command line.
 
-Kept apart from :mod:`concept_influence.cli`, which calls :func:`add_sae_commands` from ``build_parser`` and
-catches :data:`SAE_CLI_ERRORS`. Models are folders written by :func:`concept_influence.models.save_model` (or
-Hugging Face ``save_pretrained``); SAEs are SAE-Lens folders (``cfg.json`` + ``sae_weights.safetensors``).
+Kept apart from :mod:`concept_influence.cli`, which calls :func:`add_sae_commands` from ``build_parser``; its
+``main`` prints the SAE errors (``SAEError`` is a ``DirectionError``) as one line. Models are folders written by
+:func:`concept_influence.models.save_model` (or Hugging Face ``save_pretrained``); SAEs are SAE-Lens folders
+(``cfg.json`` + ``sae_weights.safetensors``).
 """
 
 from __future__ import annotations
@@ -11,20 +12,11 @@ import argparse
 import json
 from pathlib import Path
 
-__all__ = ["add_sae_commands", "add_sae_benchmark_options", "sae_benchmark_overrides", "sae_cli_errors"]
+__all__ = ["add_sae_commands", "add_sae_benchmark_options", "sae_benchmark_overrides"]
 
 # Spelled out so that building the parser imports no torch (tests check they equal the library's constants).
 ARCHITECTURES = ("topk", "standard")  # probes.sae_training.SAE_ARCHITECTURES
 SORT_KEYS = ("auroc", "diff", "cos_decoder", "cos_encoder")  # probes.sae_latents.SORT_KEYS
-
-
-def sae_cli_errors() -> tuple[type[Exception], ...]:
-    """Bad-input errors of the SAE commands (printed as one line by ``main``)."""
-    from probes.sae import SAEError
-
-    from .models import HookError, ModelLoadError
-
-    return SAEError, ModelLoadError, HookError
 
 
 def _examples(paths, adapter, max_length: int | None):
@@ -77,7 +69,8 @@ def _load(args: argparse.Namespace):
 
 def _sae_latents(args: argparse.Namespace) -> int:
     from probes.directions import ConceptDirection
-    from probes.sae_latents import (LatentActivations, check_latents, describe_latents, format_top_examples,
+    from probes.sae import check_latents
+    from probes.sae_latents import (LatentActivations, describe_latents, format_top_examples,
                                     latent_activations, latent_separation, top_activating_examples)
 
     from .fileio import atomic_write_text

@@ -230,7 +230,8 @@ def explain_top(scores: Scores, sae, adapter: ModelAdapter, examples: Sequence[T
     if latents_per_example < 1:
         raise ValueError(f"latents_per_example must be at least 1, got {latents_per_example}")
     ids = [e.id for e in examples]
-    values = scores.aligned(ids)[:, scores.columns.index(column) if isinstance(column, str) else column]
+    col = scores.column_index(column)
+    values = scores.aligned(ids)[:, col]
     if activations is None:
         activations = latent_activations(sae, adapter, examples, batch_size=batch_size, progress=progress)
     elif activations.ids != ids:
@@ -256,8 +257,7 @@ def explain_top(scores: Scores, sae, adapter: ModelAdapter, examples: Sequence[T
     order = sorted(range(len(clusters)), key=lambda c: -float(np.sum(clusters[c].scores)))
     clusters = [clusters[c] for c in order]
     renumber = {old: new for new, old in enumerate(np.unique(assignment)[order])}
-    column_name = column if isinstance(column, str) else scores.columns[column]
-    return Explanation(scores.estimator, column_name, k, latents_per_example, [ids[i] for i in top], values[top],
+    return Explanation(scores.estimator, scores.columns[col], k, latents_per_example, [ids[i] for i in top], values[top],
                        activations.latents, n_top, n_all, len(examples), elevation, infl_top, infl_all, unexplained_top,
                        unexplained_all, clusters, np.array([renumber[a] for a in assignment]),
                        activations.mean[top], dict(labels or {}), offset)

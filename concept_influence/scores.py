@@ -43,10 +43,13 @@ class Scores:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def column_index(self, which: int | str = 0) -> int:
+        """The position of a column given by index or name."""
+        return self.columns.index(which) if isinstance(which, str) else which
+
     def column(self, which: int | str = 0) -> np.ndarray:
         """One column of scores as a 1-D array (by index or name)."""
-        k = self.columns.index(which) if isinstance(which, str) else which
-        return self.values[:, k]
+        return self.values[:, self.column_index(which)]
 
     def ranked(self, which: int | str = 0) -> list[tuple[str, float]]:
         """``(id, score)`` pairs, highest first (ties keep file order)."""

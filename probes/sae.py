@@ -8,14 +8,16 @@ writes into the residual stream) and the encoder column ``W_enc[:, i]`` (what it
 
 from __future__ import annotations
 
-import operator
 from pathlib import Path
+from typing import Sequence
+
+import numpy as np
 
 from concept_influence.models import ModelAdapter
 
 from .directions import ConceptDirection, DirectionError
 
-__all__ = ["SAEError", "load_sae", "load_pretrained_sae", "sae_direction", "check_sae_compatible"]
+__all__ = ["SAEError", "load_sae", "load_pretrained_sae", "sae_direction", "check_sae_compatible", "check_latents"]
 
 _CFG_FILE = "cfg.json"
 _WEIGHTS_FILE = "sae_weights.safetensors"
@@ -68,16 +70,27 @@ def _hooks(sae) -> tuple[str | None, str | None]:
     return meta.hook_name, meta.hook_name_out or meta.hook_name
 
 
+def check_latents(sae, latents: Sequence[int]) -> list[int]:
+    """The latent indices as ints; :class:`SAEError` names the first one outside ``0..d_sae-1``."""
+    d_sae = sae.cfg.d_sae
+    out = []
+    for i in latents:
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            raise SAEError(f"latent indices must be integers, got {i!r}")
+        if not 0 <= int(i) < d_sae:
+            raise SAEError(f"latent {int(i)} is out of range: the SAE has latents 0..{d_sae - 1}")
+        out.append(int(i))
+    return out
+
+
 def sae_direction(sae, latent: int, which: str = "decoder", hook_name: str | None = None) -> ConceptDirection:
     """Latent ``latent`` of ``sae`` as a direction: its decoder row (``which="decoder"``, kind
     ``"sae_decoder"``) or encoder column (``"encoder"``, kind ``"sae_encoder"``). ``hook_name``
     overrides the hook recorded in the SAE's config."""
     if which not in ("decoder", "encoder"):
         raise ValueError(f"which must be 'decoder' or 'encoder', got {which!r}")
-    latent = operator.index(latent)
-    d_sae = sae.W_dec.shape[0]
-    if not 0 <= latent < d_sae:
-        raise SAEError(f"latent {latent} is out of range: the SAE has latents 0..{d_sae - 1}")
+    (latent,) = check_latents(sae, [latent])
+    d_sae = sae.cfg.d_sae
     read_hook, write_hook = _hooks(sae)
     sae_hook = write_hook if which == "decoder" else read_hook
     hook = hook_name or sae_hook

@@ -21,26 +21,13 @@ from concept_influence.models import ModelAdapter
 
 from .activations import REDUCTIONS, reduce_tokens, token_mask
 from .directions import ConceptDirection
-from .sae import SAEError, check_sae_compatible, sae_direction
+from .sae import SAEError, check_latents, check_sae_compatible, sae_direction
 
 __all__ = ["LatentActivations", "LatentRanking", "latent_activations", "rank_latents", "latent_separation",
-           "top_activating_examples", "describe_latents", "latent_concept", "check_latents", "auroc_columns",
+           "top_activating_examples", "describe_latents", "latent_concept", "auroc_columns",
            "format_top_examples", "LATENT_CONCEPT_KINDS", "SORT_KEYS"]
 
 LATENT_CONCEPT_KINDS = ("activation", "decoder", "encoder")
-
-
-def check_latents(sae, latents: Sequence[int]) -> list[int]:
-    """The latent indices as ints; :class:`SAEError` names the first one outside ``0..d_sae-1``."""
-    d_sae = sae.cfg.d_sae
-    out = []
-    for i in latents:
-        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
-            raise SAEError(f"latent indices must be integers, got {i!r}")
-        if not 0 <= int(i) < d_sae:
-            raise SAEError(f"latent {int(i)} is out of range: the SAE has latents 0..{d_sae - 1}")
-        out.append(int(i))
-    return out
 
 
 @dataclass

@@ -33,7 +33,7 @@ from probes import collect_activations, train_logistic_probe
 
 from ..concepts import ConceptFunction
 from ..curvature import fit_curvature
-from ..data import ChatExample, DataError, TokenizedExample, iter_batches, load_chat_jsonl, tokenize_examples
+from ..data import ChatExample, DataError, TokenizedExample, iter_batches, tokenize_examples
 from ..estimators import (ConceptGradDot, ConceptInfluence, GradDot, InfluenceFunction, LengthBaseline,
                           ProbeProjection, ProjectionDifference, RandomBaseline, TfidfBaseline)
 from ..estimators.baselines import response_texts

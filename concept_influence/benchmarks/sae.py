@@ -91,6 +91,7 @@ def sae_section(adapter: ModelAdapter, hook: str, probe_sets: tuple[Sequence[Tok
     section["alive_latents"] = alive
     auroc = dict(zip(ranking.latents.tolist(), ranking.columns["auroc"].tolist()))
     plots = {}
+    planted_ids = {i for i, y in zip(ids, labels) if y}
     for name in EXPLAINED:
         values = np.asarray(labels, dtype=float) if name.startswith("planted") else scores.get(name)
         if values is None:
@@ -100,7 +101,7 @@ def sae_section(adapter: ModelAdapter, hook: str, probe_sets: tuple[Sequence[Tok
         views = {"distinctive": e.distinctive_latents(N_BEHAVIOUR), "elevated": e.elevated_latents(N_BEHAVIOUR),
                  "influential": e.influential_latents(N_BEHAVIOUR)}
         section["explain"][name] = {
-            "planted_in_top_k": int(sum(labels[ids.index(i)] for i in e.top_ids)),
+            "planted_in_top_k": len(planted_ids.intersection(e.top_ids)),
             **{f"{v}_latents": lat for v, lat in views.items()},
             **{f"{v}_overlap": len(set(lat) & set(behaviour)) for v, lat in views.items()},
             **{f"{v}_mean_auroc": float(np.mean([auroc[l] for l in lat])) if lat else float("nan")
