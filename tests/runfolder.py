@@ -7,10 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from concept_influence.data import write_chat_jsonl
-from concept_influence.demo_corpus import make_demo_corpus
-from concept_influence.models import save_model
-from concept_influence.smallmodel import build_small_model, train_bpe_tokenizer
+from concept_influence.benchmarks.memory import write_small_project
 
 N_TRAIN = 100
 
@@ -41,12 +38,7 @@ shard_size = 16
 
 def make_project(root: Path, n_train: int = N_TRAIN) -> Path:
     """Write ``model/``, ``train.jsonl``, ``pos.jsonl``, ``neg.jsonl`` and ``run.toml`` under ``root``."""
-    corpus = make_demo_corpus(n_train=n_train, n_probe=40)
-    write_chat_jsonl(corpus.train, root / "train.jsonl")
-    write_chat_jsonl(corpus.probe_positive, root / "pos.jsonl")
-    write_chat_jsonl(corpus.probe_negative, root / "neg.jsonl")
-    tokenizer = train_bpe_tokenizer([f"{e.prompt} {e.response}" for e in corpus.train[:200]], root / "tok", vocab_size=400)
-    save_model(build_small_model(tokenizer, n_layers=2, d_model=32, n_heads=4, n_ctx=128), root / "model")
+    write_small_project(root, {"train.jsonl": n_train}, n_probe=40, vocab_size=400, d_model=32)
     (root / "run.toml").write_text(CONFIG)
     return root
 

@@ -31,6 +31,12 @@ def project(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def run(project, tmp_path) -> Path:
+    """A copy of the run folder whose probe and factors are done."""
+    return Path(shutil.copytree(project / "started", tmp_path / "run"))
+
+
 def snapshot(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -58,9 +64,7 @@ def variant(project: Path, name: str, *changes: str) -> Path:
     ('{"text": "hello"}', "train.jsonl:37: expected an object with a 'messages' list"),
     ('{"messages": [{"role": "user", "content": "hi"}]}', "train.jsonl:37: no assistant turn"),
 ])
-def test_bad_training_line_is_named_and_the_probe_and_factors_are_kept(project, tmp_path, capsys, line, message):
-    run = tmp_path / "run"
-    shutil.copytree(project / "started", run)
+def test_bad_training_line_is_named_and_the_probe_and_factors_are_kept(project, run, capsys, line, message):
     before = snapshot(run)
     train = project / "train.jsonl"
     good = train.read_text()
@@ -144,9 +148,7 @@ def test_config_with_an_unknown_key(project, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_run_folder_from_an_incompatible_version(project, tmp_path, capsys):
-    run = tmp_path / "old"
-    shutil.copytree(project / "started", run)
+def test_run_folder_from_an_incompatible_version(run, capsys):
     record = json.loads((run / "run.json").read_text())
     record.update(format_version=99, versions={**record["versions"], "concept-influence": "9.0.0"})
     atomic_write_text(run / "run.json", json.dumps(record))
@@ -156,9 +158,7 @@ def test_run_folder_from_an_incompatible_version(project, tmp_path, capsys):
     assert snapshot(run) == before
 
 
-def test_different_config_for_an_existing_run_folder(project, tmp_path, capsys):
-    run = tmp_path / "run"
-    shutil.copytree(project / "started", run)
+def test_different_config_for_an_existing_run_folder(project, run, capsys):
     before = snapshot(run)
     config = variant(project, "other.toml", "max_length = 128", "max_length = 96")
     error = fails(capsys, "score", str(run), "--config", str(config))
@@ -166,9 +166,7 @@ def test_different_config_for_an_existing_run_folder(project, tmp_path, capsys):
     assert snapshot(run) == before
 
 
-def test_model_changed_since_the_run_started(project, tmp_path, capsys):
-    run = tmp_path / "run"
-    shutil.copytree(project / "started", run)
+def test_model_changed_since_the_run_started(project, run, tmp_path, capsys):
     changed = load_model(project / "model")
     with torch.no_grad():
         changed.model.blocks[1].mlp.W_out.add_(0.01)

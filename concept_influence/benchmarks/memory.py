@@ -23,7 +23,7 @@ from ..models import save_model
 from ..smallmodel import build_small_model, train_bpe_tokenizer
 from .speed import machine_description
 
-__all__ = ["run_memory_benchmark"]
+__all__ = ["run_memory_benchmark", "write_small_project"]
 
 CONFIG = """
 [model]
@@ -69,15 +69,20 @@ def _stage(args: list[str], cwd: Path, threads: int) -> dict:
     return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024}
 
 
-def _prepare(work: Path, sizes: tuple[int, ...], seed: int) -> None:
-    corpus = make_demo_corpus(n_train=max(sizes), n_probe=200, seed=seed)
-    for n in sizes:
-        write_chat_jsonl(corpus.train[:n], work / f"train_{n}.jsonl")
-    write_chat_jsonl(corpus.probe_positive, work / "pos.jsonl")
-    write_chat_jsonl(corpus.probe_negative, work / "neg.jsonl")
-    tokenizer = train_bpe_tokenizer([f"{e.prompt} {e.response}" for e in corpus.train[:2000]], work / "tokenizer",
-                                    vocab_size=1024)
-    save_model(build_small_model(tokenizer, n_layers=2, d_model=64, n_heads=4, n_ctx=128, seed=seed), work / "model")
+def write_small_project(root: Path, train_files: dict[str, int], *, n_probe: int, vocab_size: int, d_model: int,
+                        seed: int = 0) -> None:
+    """Write a small run-folder project under ``root``: each ``train_files`` name holds the first n examples of the
+    embedded corpus, ``pos.jsonl``/``neg.jsonl`` its ``n_probe`` paired probe answers, and ``model/`` a randomly
+    initialised 2-block TransformerLens model with a byte-level BPE tokenizer (n_ctx 128)."""
+    corpus = make_demo_corpus(n_train=max(train_files.values()), n_probe=n_probe, seed=seed)
+    for name, n in train_files.items():
+        write_chat_jsonl(corpus.train[:n], root / name)
+    write_chat_jsonl(corpus.probe_positive, root / "pos.jsonl")
+    write_chat_jsonl(corpus.probe_negative, root / "neg.jsonl")
+    tokenizer = train_bpe_tokenizer([f"{e.prompt} {e.response}" for e in corpus.train[:2000]], root / "tokenizer",
+                                    vocab_size=vocab_size)
+    save_model(build_small_model(tokenizer, n_layers=2, d_model=d_model, n_heads=4, n_ctx=128, seed=seed),
+               root / "model")
 
 
 def run_memory_benchmark(out_dir: str | Path, sizes: tuple[int, ...] = (1000, 50000), threads: int = 1,
@@ -91,7 +96,8 @@ def run_memory_benchmark(out_dir: str | Path, sizes: tuple[int, ...] = (1000, 50
     work = Path(work) if work else Path(tempfile.mkdtemp(prefix="concept-influence-memory-"))
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    _prepare(work, sizes, seed)
+    write_small_project(work, {f"train_{n}.jsonl": n for n in sizes}, n_probe=200, vocab_size=1024, d_model=64,
+                        seed=seed)
     machine = machine_description()
     rows = []
     for estimator in estimators:
