@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Batch
+from ..data import Batch
 
 __all__ = [
     "HookError",
@@ -436,7 +436,7 @@ def save_model(adapter: ModelAdapter, path: str | Path) -> Path:
     ``save_pretrained`` (safetensors), a ``HookedTransformer`` as ``tl_config.json`` + ``model.safetensors``."""
     import json
 
-    from .fileio import atomic_write_text, save_tensors
+    from ..fileio import atomic_write_text, save_tensors
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -457,7 +457,7 @@ def load_model(path: str | Path, device: str = "cpu") -> ModelAdapter:
     tokenizer), offline and from safetensors only (pickled ``.bin`` weights are refused)."""
     import json
 
-    from .fileio import load_tensors
+    from ..fileio import load_tensors
 
     path = Path(path)
     if not path.is_dir():
