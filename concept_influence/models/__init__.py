@@ -1,7 +1,9 @@
 """Model adapters: one small interface over TransformerLens and Hugging Face causal LMs (see :mod:`.base`)."""
 
-from .base import (Capture, HFCausalLMAdapter, HookedTransformerAdapter, HookError, LinearMap, ModelAdapter,
-                   ModelLoadError, as_adapter, block_of_hook, load_model, per_token_mean_loss, save_model)
+from .base import Capture, HookError, LinearMap, ModelAdapter, block_of_hook, per_token_mean_loss
+from .hooked_transformer import HookedTransformerAdapter
+from .hugging_face import HFCausalLMAdapter
+from .loading import ModelLoadError, as_adapter, load_model, save_model
 
 __all__ = [
     "HookError",

@@ -12,6 +12,9 @@ Everything downstream (activations, probes, curvature, scoring) talks to a :clas
 
 Hook names follow TransformerLens (``blocks.{l}.hook_resid_post``) for both kinds of model. Biases are
 not tracked as linear maps (curvature and scores cover weight matrices only).
+
+This module holds the interface and what the adapters share; the adapters are in :mod:`.hooked_transformer` and
+:mod:`.hugging_face`, wrapping, saving and loading models in :mod:`.loading`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import hashlib
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -35,13 +37,8 @@ __all__ = [
     "LinearMap",
     "Capture",
     "ModelAdapter",
-    "HookedTransformerAdapter",
-    "HFCausalLMAdapter",
-    "as_adapter",
-    "ModelLoadError",
-    "save_model",
-    "load_model",
     "block_of_hook",
+    "per_token_mean_loss",
 ]
 
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
@@ -252,248 +249,3 @@ def per_token_mean_loss(
     nll = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     mask = mask.to(nll.dtype)
     return (nll * mask).sum(1) / mask.sum(1).clamp_min(1)
-
-
-class HookedTransformerAdapter(ModelAdapter):
-    """Adapter for a TransformerLens ``HookedTransformer``.
-
-    Linear maps per block (TransformerLens 3.x names): ``attn.W_Q/W_K/W_V`` (input: the ``ln1`` module's
-    output, which includes the LayerNorm affine; output ``attn.hook_q/k/v``), ``attn.W_O`` (input
-    ``attn.hook_z``, output ``hook_attn_out``), ``mlp.W_in`` (input: ``ln2`` output, output
-    ``mlp.hook_pre``), ``mlp.W_out`` (input ``mlp.hook_post``, output ``hook_mlp_out``).
-    Right-padded batches are run without an attention mask: in a causal model padding at the end does not
-    change any real token.
-    """
-
-    def __init__(self, model, tokenizer=None):
-        self.model = model
-        self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-        self.n_blocks = model.cfg.n_layers
-        self.d_model = model.cfg.d_model
-        self.context_length = model.cfg.n_ctx
-        if model.cfg.use_split_qkv_input or model.cfg.use_attn_in:
-            raise ValueError("use_split_qkv_input / use_attn_in are not supported: W_Q/W_K/W_V inputs differ per head")
-
-    def logits(self, batch: Batch) -> torch.Tensor:
-        return self.model(batch.to(self.device).input_ids, return_type="logits")
-
-    def hook_names(self) -> list[str]:
-        return list(self.model.hook_dict)
-
-    def _run_to_hook(self, batch: Batch, hook_name: str, stop_early: bool) -> torch.Tensor:
-        store = {}
-
-        def keep(act, hook):
-            store["act"] = act
-
-        block = block_of_hook(hook_name)
-        stop = block + 1 if (stop_early and block is not None) else None
-        self.model.run_with_hooks(batch.input_ids, fwd_hooks=[(hook_name, keep)], stop_at_layer=stop, return_type=None)
-        return store["act"]
-
-    def extend(self, tokens: torch.Tensor, cache=None) -> tuple[torch.Tensor, object]:
-        try:  # TransformerLens 3.x
-            from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache as KVCache
-        except ImportError:  # TransformerLens 2.x
-            from transformer_lens.past_key_value_caching import HookedTransformerKeyValueCache as KVCache
-
-        if cache is None:
-            cache = KVCache.init_cache(self.model.cfg, self.device, tokens.shape[0])
-        return self.model(tokens.to(self.device), past_kv_cache=cache, return_type="logits")[:, -1], cache
-
-    def linear_maps(self, max_block: int | None = None) -> list[LinearMap]:
-        last = self.n_blocks - 1 if max_block is None else min(max_block, self.n_blocks - 1)
-        maps = []
-        for l in range(last + 1):
-            blk = self.model.blocks[l]
-            attn = blk.attn
-            for w, out in (("W_Q", attn.hook_q), ("W_K", attn.hook_k), ("W_V", attn.hook_v)):
-                maps.append(LinearMap(f"blocks.{l}.attn.{w}", l, getattr(attn, w), "heads_in_dh", blk.ln1, out))
-            maps.append(LinearMap(f"blocks.{l}.attn.W_O", l, attn.W_O, "heads_dh_out", attn.hook_z, blk.hook_attn_out))
-            if getattr(blk, "mlp", None) is not None and hasattr(blk.mlp, "W_in"):
-                mlp = blk.mlp
-                maps.append(LinearMap(f"blocks.{l}.mlp.W_in", l, mlp.W_in, "in_out", blk.ln2, mlp.hook_pre))
-                maps.append(LinearMap(f"blocks.{l}.mlp.W_out", l, mlp.W_out, "in_out", mlp.hook_post, blk.hook_mlp_out))
-        return maps
-
-
-def _find_blocks(model: nn.Module) -> nn.ModuleList:
-    cfg = model.config
-    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
-    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
-        mod = model
-        for part in path.split("."):
-            mod = getattr(mod, part, None)
-            if mod is None:
-                break
-        if isinstance(mod, nn.ModuleList) and len(mod) == n:
-            return mod
-    for mod in model.modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) == n:
-            return mod
-    raise ValueError(f"cannot find the {n} decoder blocks of {type(model).__name__}")
-
-
-def _linear_layout(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear):
-        return "out_in"
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 Conv1D: x @ W + b
-        return "in_out"
-    return None
-
-
-class HFCausalLMAdapter(ModelAdapter):
-    """Adapter for a Hugging Face causal LM (GPT-2, Llama, Qwen2, Mistral, GPT-NeoX, ...).
-
-    Our own forward hooks on the decoder blocks give TransformerLens-style residual hook names
-    (``blocks.{l}.hook_resid_pre`` = block input, ``blocks.{l}.hook_resid_post`` = block output, before
-    any final norm). Linear maps are the ``nn.Linear`` (and GPT-2 ``Conv1D``) modules inside the blocks,
-    named ``blocks.{l}.<module path>``; embeddings and the LM head are not tracked.
-    """
-
-    def __init__(self, model, tokenizer):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.blocks = _find_blocks(model)
-        self.n_blocks = len(self.blocks)
-        self.d_model = model.config.hidden_size
-        cfg = model.config
-        self.context_length = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-
-    def logits(self, batch: Batch) -> torch.Tensor:
-        batch = batch.to(self.device)
-        return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-
-    def hook_names(self) -> list[str]:
-        return [f"blocks.{l}.{h}" for l in range(self.n_blocks) for h in ("hook_resid_pre", "hook_resid_post")]
-
-    def _run_to_hook(self, batch: Batch, hook_name: str, stop_early: bool) -> torch.Tensor:
-        block = self.blocks[block_of_hook(hook_name)]
-        store = {}
-
-        def keep_pre(module, args, kwargs):
-            store["act"] = args[0] if args else kwargs["hidden_states"]
-            if stop_early:  # the block's input is all we need: stop before running it
-                raise _StopForward
-
-        def keep_post(module, args, output):
-            store["act"] = output[0] if isinstance(output, tuple) else output
-            if stop_early:
-                raise _StopForward
-
-        if hook_name.endswith("hook_resid_pre"):
-            handle = block.register_forward_pre_hook(keep_pre, with_kwargs=True)
-        else:
-            handle = block.register_forward_hook(keep_post)
-        try:
-            self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        return store["act"]
-
-    def extend(self, tokens: torch.Tensor, cache=None) -> tuple[torch.Tensor, object]:
-        out = self.model(input_ids=tokens.to(self.device), past_key_values=cache, use_cache=True)
-        return out.logits[:, -1], out.past_key_values
-
-    def linear_maps(self, max_block: int | None = None) -> list[LinearMap]:
-        last = self.n_blocks - 1 if max_block is None else min(max_block, self.n_blocks - 1)
-        maps = []
-        for l in range(last + 1):
-            for name, mod in self.blocks[l].named_modules():
-                layout = _linear_layout(mod)
-                if layout is not None:
-                    maps.append(LinearMap(f"blocks.{l}.{name}", l, mod.weight, layout, mod, mod, input_from="input"))
-        return maps
-
-
-def as_adapter(model, tokenizer=None) -> ModelAdapter:
-    """Wrap a ``HookedTransformer`` or a Hugging Face causal LM (an adapter is returned unchanged)."""
-    if isinstance(model, ModelAdapter):
-        return model
-    from transformer_lens import HookedTransformer
-
-    if isinstance(model, HookedTransformer):
-        return HookedTransformerAdapter(model, tokenizer)
-    if hasattr(model, "config") and hasattr(model, "get_output_embeddings"):
-        if tokenizer is None:
-            raise ValueError("a Hugging Face model needs its tokenizer: as_adapter(model, tokenizer)")
-        return HFCausalLMAdapter(model, tokenizer)
-    raise TypeError(f"unsupported model type {type(model).__name__}: expected a HookedTransformer or a Hugging Face causal LM")
-
-
-class ModelLoadError(ValueError):
-    """A model folder cannot be read; the message names the folder and what is missing or wrong."""
-
-
-TL_CONFIG_FILE = "tl_config.json"
-TL_WEIGHTS_FILE = "model.safetensors"
-
-
-def save_model(adapter: ModelAdapter, path: str | Path) -> Path:
-    """Save a model with its tokenizer in a folder that :func:`load_model` reads: a Hugging Face model with
-    ``save_pretrained`` (safetensors), a ``HookedTransformer`` as ``tl_config.json`` + ``model.safetensors``."""
-    import json
-
-    from ..fileio import atomic_write_text, save_tensors
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    if isinstance(adapter, HookedTransformerAdapter):
-        cfg = dict(adapter.model.cfg.to_dict())  # to_dict returns the live __dict__
-        cfg["dtype"] = str(cfg["dtype"]).removeprefix("torch.")
-        cfg["device"] = None
-        save_tensors(path / TL_WEIGHTS_FILE, adapter.model.state_dict())
-        atomic_write_text(path / TL_CONFIG_FILE, json.dumps(cfg, indent=1, default=str))
-    else:
-        adapter.model.save_pretrained(path, safe_serialization=True)
-    adapter.tokenizer.save_pretrained(path)
-    return path
-
-
-def load_model(path: str | Path, device: str = "cpu") -> ModelAdapter:
-    """Load a model folder written by :func:`save_model` or by Hugging Face ``save_pretrained`` (with its
-    tokenizer), offline and from safetensors only (pickled ``.bin`` weights are refused)."""
-    import json
-
-    from ..fileio import load_tensors
-
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelLoadError(f"{path}: no such model folder")
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{path}: no readable tokenizer in the model folder ({e})") from None
-    if (path / TL_CONFIG_FILE).is_file():
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-        try:
-            cfg = json.loads((path / TL_CONFIG_FILE).read_text())
-            cfg["dtype"] = getattr(torch, cfg.get("dtype") or "float32")
-            cfg["device"] = device
-            cfg = HookedTransformerConfig.from_dict(cfg)
-        except (ValueError, TypeError, AttributeError) as e:
-            raise ModelLoadError(f"{path / TL_CONFIG_FILE}: not a HookedTransformer config ({e})") from None
-        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-        state = load_tensors(path / TL_WEIGHTS_FILE, error=ModelLoadError)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise ModelLoadError(f"{path / TL_WEIGHTS_FILE}: weights do not fit the config ({e})") from None
-        return HookedTransformerAdapter(model.to(device).eval(), tokenizer)
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path}: neither {TL_CONFIG_FILE} (TransformerLens) nor config.json (Hugging Face) found")
-    if not any(path.glob("*.safetensors")):
-        found = sorted(p.name for p in path.glob("*.bin")) or ["no weights"]
-        raise ModelLoadError(f"{path}: no safetensors weights ({', '.join(found)}); pickled weights are refused")
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{path}: cannot load the Hugging Face model ({e})") from None
-    return HFCausalLMAdapter(model.to(device).eval(), tokenizer)
