@@ -42,7 +42,7 @@ from ..fileio import atomic_write_text
 from ..generation import sample_responses
 from ..models import ModelAdapter
 from ..plots import plot_behaviour_removal, plot_fast_vs_full, plot_pr_curves, plot_score_histograms
-from ..smallmodel import build_small_model, seed_everything, train_bpe_tokenizer, train_model
+from .smallmodel import build_small_model, seed_everything, train_bpe_tokenizer, train_model
 from .speed import machine_description
 
 __all__ = ["BenchmarkError", "PlantedConfig", "PlantedSplits", "split_planted", "run_planted", "format_report"]

@@ -50,11 +50,11 @@ from ..concepts import ConceptFunction
 from ..curvature import Curvature, fit_curvature
 from ..gradients import sample_labels
 from ..data import Batch, TokenizedExample, collate, tokenize_examples
-from ..demo_corpus import make_demo_corpus
+from .demo_corpus import make_demo_corpus
 from ..estimators import ConceptInfluence, ProbeProjection
 from ..fileio import atomic_write_text, load_tensors, save_tensors
 from ..models import HFCausalLMAdapter, ModelAdapter, per_token_mean_loss
-from ..smallmodel import build_small_model, load_tokenizer, train_bpe_tokenizer, train_model
+from .smallmodel import build_small_model, load_tokenizer, train_bpe_tokenizer, train_model
 
 __all__ = ["SpeedConfig", "run_speed_benchmark", "kronfluence_concept_scores", "machine_description", "format_markdown"]
 
