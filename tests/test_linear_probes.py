@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from concept_influence.benchmarks.smallmodel import train_model
 from concept_influence.data import ChatExample, tokenize_examples
-from concept_influence.smallmodel import train_model
 from probes import (
     Activations,
     ConceptDirection,

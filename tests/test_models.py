@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from concept_influence.benchmarks.smallmodel import build_small_model
 from concept_influence.data import collate
 from concept_influence.models import (
     HFCausalLMAdapter,
@@ -14,7 +15,6 @@ from concept_influence.models import (
     as_adapter,
     block_of_hook,
 )
-from concept_influence.smallmodel import build_small_model
 
 
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from concept_influence.benchmarks.smallmodel import build_small_model
 from concept_influence.concepts import ConceptError, ConceptFunction
 from concept_influence.data import collate, tokenize_examples, write_chat_jsonl
 from concept_influence.estimators import ConceptGradDot, ProbeProjection
 from concept_influence.explain import aggregate_by_latent, characteristic_latents, explain_top
 from concept_influence.models import HFCausalLMAdapter, HookError, save_model
 from concept_influence.scores import Scores
-from concept_influence.smallmodel import build_small_model
 from conftest import _hf_model, make_chats
 from probes import ConceptDirection, SAEError, load_sae
 from probes.sae_latents import (auroc_columns, describe_latents, latent_activations, latent_concept,

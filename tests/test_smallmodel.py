@@ -5,9 +5,7 @@ import random
 import pytest
 import torch
 
-from concept_influence.data import ChatExample, collate, tokenize_examples
-from concept_influence.models import HookedTransformerAdapter
-from concept_influence.smallmodel import (
+from concept_influence.benchmarks.smallmodel import (
     EOS,
     PAD,
     build_small_model,
@@ -16,6 +14,8 @@ from concept_influence.smallmodel import (
     train_bpe_tokenizer,
     train_model,
 )
+from concept_influence.data import ChatExample, collate, tokenize_examples
+from concept_influence.models import HookedTransformerAdapter
 from conftest import make_chats
 
 

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 from ..data import write_chat_jsonl
-from ..demo_corpus import make_demo_corpus
 from ..fileio import atomic_write_text
 from ..models import save_model
-from ..smallmodel import build_small_model, train_bpe_tokenizer
+from .demo_corpus import make_demo_corpus
+from .smallmodel import build_small_model, train_bpe_tokenizer
 from .speed import machine_description
 
 __all__ = ["run_memory_benchmark", "write_small_project"]

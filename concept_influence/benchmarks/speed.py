@@ -21,6 +21,9 @@ Everything is measured in one run on models trained briefly on the embedded demo
   ``/proc/self/clear_refs``) and read after it (``VmHWM``): the stage's peak RSS and its rise over the RSS
   before it. (``ru_maxrss`` cannot separate stages: it keeps the peak of loading, and a child started by
   ``vfork`` inherits its parent's; tracemalloc does not see tensor memory.)
+
+This module times part A and writes the report; the configuration, data and models are in :mod:`.speed_setup`,
+part B in :mod:`.kronfluence_bridge` and the peak-memory subprocesses in :mod:`.speed_memory`.
 """
 
 from __future__ import annotations
@@ -28,100 +31,37 @@ from __future__ import annotations
 import copy
 import gc
 import json
-import logging
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from probes import ConceptDirection, collect_activations, train_logistic_probe
-
-from ..concepts import ConceptFunction
-from ..curvature import Curvature, fit_curvature
-from ..gradients import sample_labels
-from ..data import Batch, TokenizedExample, collate, tokenize_examples
-from ..demo_corpus import make_demo_corpus
+from ..curvature import fit_curvature
+from ..data import TokenizedExample
 from ..estimators import ConceptInfluence, ProbeProjection
-from ..fileio import atomic_write_text, load_tensors, save_tensors
-from ..models import HFCausalLMAdapter, ModelAdapter, per_token_mean_loss
-from ..smallmodel import build_small_model, load_tokenizer, train_bpe_tokenizer, train_model
+from ..fileio import atomic_write_text, save_tensors
+from ..models import ModelAdapter
+from .kronfluence_bridge import KRONFLUENCE_MODES, KRONFLUENCE_SETTINGS, STAGES_B, _part_b
+from .smallmodel import train_model
+from .speed_memory import _peak_memory
+from .speed_setup import STAGES_A, SpeedConfig, _concept, _Data, _n_tokens, _prepare_data, _tl_adapter, _trained
 
-__all__ = ["SpeedConfig", "run_speed_benchmark", "kronfluence_concept_scores", "machine_description", "format_markdown"]
+__all__ = ["SpeedConfig", "run_speed_benchmark", "machine_description", "format_markdown"]
 
-# kronfluence's heuristic damping (``ScoreArguments(damping_factor=None)``): 0.1 × mean(Λ) per module.
-DAMPING_FACTOR = 0.1
-STAGES_A = ("train_step", "concept_influence", "probe_projection", "ekfac_fit")
-KRONFLUENCE_MODES = ("aggregated", "per_query")
-STAGES_B = ("ours", "kronfluence_aggregated", "kronfluence_per_query")
 LABELS_B = {"kronfluence_aggregated": "kronfluence, ∇f aggregated", "kronfluence_per_query": "kronfluence, per query"}
-KRONFLUENCE_SETTINGS = {
-    "FactorArguments": "strategy='ekfac', use_empirical_fisher=False (labels sampled as ours), amp_dtype=None, "
-                       "covariance, lambda and per-sample-gradient dtype float32, eigendecomposition float64",
-    "ScoreArguments": "damping_factor=None (0.1 × mean Λ per module), query_gradient_low_rank=None, amp_dtype=None, "
-                      "float32; aggregated: aggregate_query_gradients=True; per query: aggregate_query_gradients=False, "
-                      "query_gradient_accumulation_steps = all query batches",
-    "Analyzer": "cpu=True; per_device_batch_size = per_device_query_batch_size = per_device_train_batch_size = "
-                "the batch size above",
-}
 LABELS_A = {
     "train_step": "training step (fwd + bwd + AdamW)",
     "concept_influence": "concept_influence scoring (EK-FAC query)",
     "probe_projection": "probe_projection (forward to the concept's block)",
     "ekfac_fit": "EK-FAC fit (covariances + eigenvalue correction)",
 }
-
-
-@dataclass
-class SpeedConfig:
-    """Sizes of the benchmark. Part A scores ``n_train`` examples, part B the first ``kron_n_train``."""
-
-    n_train: int = 1000
-    n_probe: int = 150
-    n_eval: int = 48
-    vocab_size: int = 1024
-    n_layers: int = 4
-    d_model: int = 128
-    n_heads: int = 4
-    concept_layer: int = 1
-    max_length: int = 128
-    epochs: int = 2
-    lr: float = 2e-3
-    batch_size: int = 16
-    rounds: int = 3
-    kron_n_train: int = 400
-    kron_rounds: int = 2
-    memory_examples: int = 128
-    threads: int = 1
-    seed: int = 0
-
-    @classmethod
-    def quick(cls, seed: int = 0) -> "SpeedConfig":
-        """A reduced size for smoke tests (about a minute on 2 cores without kronfluence)."""
-        return cls(n_train=160, n_probe=60, n_eval=16, vocab_size=512, n_layers=2, d_model=64, concept_layer=0,
-                   epochs=1, rounds=2, kron_n_train=96, kron_rounds=1, memory_examples=32, seed=seed)
-
-    @property
-    def hook_name(self) -> str:
-        return f"blocks.{self.concept_layer}.hook_resid_post"
-
-
-@dataclass
-class _Data:
-    tokenizer: object
-    train: list[TokenizedExample]
-    probe_positive: list[TokenizedExample]
-    probe_negative: list[TokenizedExample]
-    evals: list[TokenizedExample]
 
 
 def _package_version(name: str) -> str | None:
@@ -153,56 +93,6 @@ def machine_description() -> dict:
         "kronfluence": _package_version("kronfluence"),
         "load_average_start": list(os.getloadavg()),
     }
-
-
-# ---- data and models ---------------------------------------------------------------------------------
-
-
-def _prepare_data(cfg: SpeedConfig, work: Path, train_tokenizer: bool) -> _Data:
-    corpus = make_demo_corpus(cfg.n_train, 0.1, cfg.n_probe, cfg.n_eval, cfg.seed)
-    if train_tokenizer:
-        texts = [f"{c.prompt}\n{c.response}" for c in corpus.train + corpus.probe_positive + corpus.probe_negative]
-        tokenizer = train_bpe_tokenizer(texts, work / "tokenizer", cfg.vocab_size)
-    else:
-        tokenizer = load_tokenizer(work / "tokenizer")
-    tok = partial(tokenize_examples, tokenizer=tokenizer, max_length=cfg.max_length)
-    return _Data(tokenizer, tok(corpus.train), tok(corpus.probe_positive), tok(corpus.probe_negative),
-                 tok(corpus.eval_prompts))
-
-
-def _tl_adapter(cfg: SpeedConfig, tokenizer) -> ModelAdapter:
-    return build_small_model(tokenizer, cfg.n_layers, cfg.d_model, cfg.n_heads, n_ctx=cfg.max_length, seed=cfg.seed)
-
-
-def _llama_adapter(cfg: SpeedConfig, tokenizer) -> HFCausalLMAdapter:
-    """A Llama-style causal LM of the same size, with no biases (so both tools track the same weights)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(cfg.seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.d_model, intermediate_size=4 * cfg.d_model,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
-        max_position_embeddings=cfg.max_length, attention_bias=False, mlp_bias=False, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    return HFCausalLMAdapter(LlamaForCausalLM(config).eval(), tokenizer)
-
-
-def _trained(adapter: ModelAdapter, cfg: SpeedConfig, data: _Data) -> ModelAdapter:
-    train_model(adapter, data.train, cfg.epochs, cfg.lr, cfg.batch_size, tokens="all", seed=cfg.seed, progress=False)
-    return adapter
-
-
-def _concept(adapter: ModelAdapter, cfg: SpeedConfig, data: _Data, direction_path: Path) -> tuple[ConceptFunction, dict]:
-    """A logistic probe for the demo trait at the concept hook (saved to ``direction_path``) as a concept."""
-    acts = [collect_activations(adapter, ex, cfg.hook_name, progress=False) for ex in (data.probe_positive, data.probe_negative)]
-    probe = train_logistic_probe(acts[0], acts[1], cfg.hook_name, seed=cfg.seed)
-    probe.direction.save(direction_path)
-    return ConceptFunction.from_directions(probe.direction, eval_examples=data.evals), probe.metrics
-
-
-def _n_tokens(examples: Sequence[TokenizedExample]) -> int:
-    return sum(len(e.input_ids) for e in examples)
 
 
 # ---- timing --------------------------------------------------------------------------------------------
@@ -281,230 +171,6 @@ def _part_a(cfg: SpeedConfig, data: _Data, work: Path) -> dict:
         "end_to_end_over_probe_projection": (s["ekfac_fit"] + s["concept_influence"]) / s["probe_projection"],
     }
     return result
-
-
-# ---- kronfluence -----------------------------------------------------------------------------------------
-
-
-def _kronfluence_batch(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict:
-    # A dict whose first value is a tensor: kronfluence (accelerate) reads the batch size from it.
-    b = collate(examples, pad_token_id)
-    return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "response_mask": b.response_mask,
-            "lengths": b.lengths, "ids": b.ids}
-
-
-def _kronfluence_task(twin: HFCausalLMAdapter, concept: ConceptFunction, module_names: list[str], seed: int):
-    """kronfluence's ``Task`` for our concept measurement and training loss (``twin`` wraps the model
-    kronfluence is given)."""
-    from kronfluence.task import Task
-
-    n_eval = len(concept.eval_examples)
-
-    class ConceptTask(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            # Σ_z mean response-token cross-entropy; for the true Fisher (sample=True) the labels are drawn
-            # exactly as our fit_curvature draws them (seeded per example id).
-            b = Batch(**batch)
-            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
-            targets = sample_labels(logits.detach(), b, seed) if sample else None
-            return per_token_mean_loss(logits, b, targets=targets).sum()
-
-        def compute_measurement(self, batch, model):
-            # f = mean over eval examples of the concept's readout, exactly as ConceptFunction measures it
-            if model is not twin.model:
-                raise RuntimeError("kronfluence measured another model than the one the task wraps")
-            return concept.per_example(twin, Batch(**batch))[:, 0].sum() / n_eval
-
-        def get_influence_tracked_modules(self):
-            return module_names
-
-        def get_attention_mask(self, batch):
-            return batch["attention_mask"]
-
-    return ConceptTask()
-
-
-def kronfluence_concept_scores(adapter: HFCausalLMAdapter, examples: Sequence[TokenizedExample], concept: ConceptFunction,
-                               output_dir: str | Path, batch_size: int = 16, seed: int = 0,
-                               query_modes: Sequence[str] = ("aggregated",)) -> dict:
-    """Concept Influence of ``examples`` computed by kronfluence 1.0.1 on a copy of the adapter's model:
-    EK-FAC with the true Fisher (labels sampled as ours), CPU, float32, heuristic damping 0.1 × mean(Λ)
-    per module, the same linear maps as ours (blocks up to the concept's layer).
-
-    ``query_modes``: ``"aggregated"`` sums the evaluation examples' measurement gradients into ∇f before
-    preconditioning (``aggregate_query_gradients=True``); ``"per_query"`` is kronfluence's pairwise default,
-    one preconditioned gradient per evaluation example and query × train scores (summed over queries
-    here), with every query accumulated before the one pass over the training data.
-
-    Returns ``scores`` and ``score_seconds`` per mode (scores sign-aligned with ours: −kronfluence's
-    pairwise score), ``fit_seconds``, the per-map ``dampings`` (by our map names) and ``tracked_modules``."""
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.utils.constants import HEURISTIC_DAMPING_SCALE, LAMBDA_MATRIX_NAME, NUM_LAMBDA_PROCESSED
-    from kronfluence.utils.dataset import DataLoaderKwargs
-
-    if concept.k != 1:
-        raise ValueError(f"the kronfluence comparison measures one concept, got {concept.k}")
-    bad = [mode for mode in query_modes if mode not in KRONFLUENCE_MODES]
-    if bad:
-        raise ValueError(f"query_modes must be among {KRONFLUENCE_MODES}, got {bad[0]!r}")
-    model = copy.deepcopy(adapter.model)
-    twin = HFCausalLMAdapter(model, adapter.tokenizer)
-    our_name = {id(m.input_module): m.name for m in twin.linear_maps(concept.layer)}
-    kron_to_ours = {name: our_name[id(mod)] for name, mod in model.named_modules() if id(mod) in our_name}
-    task = _kronfluence_task(twin, concept, list(kron_to_ours), seed)
-    model = prepare_model(model, task)
-    examples, queries = list(examples), list(concept.eval_examples)
-    result = {"scores": {}, "score_seconds": {}, "tracked_modules": list(kron_to_ours)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.cuda.amp.GradScaler inside kronfluence
-        analyzer = Analyzer("concept", model, task, cpu=True, log_level=logging.WARNING, disable_tqdm=True,
-                            output_dir=str(output_dir))
-        loader = DataLoaderKwargs(collate_fn=partial(_kronfluence_batch, pad_token_id=adapter.pad_token_id))
-        factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=False, amp_dtype=None,
-                                      activation_covariance_dtype=torch.float32, gradient_covariance_dtype=torch.float32,
-                                      eigendecomposition_dtype=torch.float64, per_sample_gradient_dtype=torch.float32,
-                                      lambda_dtype=torch.float32)
-        start = time.perf_counter()
-        analyzer.fit_all_factors("ekfac", examples, per_device_batch_size=batch_size, dataloader_kwargs=loader,
-                                 factor_args=factor_args, overwrite_output_dir=True)
-        result["fit_seconds"] = time.perf_counter() - start
-        for mode in query_modes:
-            per_query = mode == "per_query"
-            score_args = ScoreArguments(damping_factor=None, amp_dtype=None, aggregate_query_gradients=not per_query,
-                                        query_gradient_accumulation_steps=-(-len(queries) // batch_size) if per_query else 1,
-                                        query_gradient_low_rank=None, per_sample_gradient_dtype=torch.float32,
-                                        precondition_dtype=torch.float32, score_dtype=torch.float32)
-            start = time.perf_counter()
-            analyzer.compute_pairwise_scores(mode, "ekfac", queries, examples, per_device_query_batch_size=batch_size,
-                                             per_device_train_batch_size=batch_size, dataloader_kwargs=loader,
-                                             score_args=score_args, overwrite_output_dir=True)
-            pairwise = analyzer.load_pairwise_scores(mode)["all_modules"]  # [queries (1 when aggregated), N]
-            result["score_seconds"][mode] = time.perf_counter() - start
-            result["scores"][mode] = -pairwise.double().sum(0).numpy()
-        lambdas = analyzer.load_lambda_matrices("ekfac")
-    result["dampings"] = {kron_to_ours[name]: HEURISTIC_DAMPING_SCALE * float((lam / lambdas[NUM_LAMBDA_PROCESSED][name]).mean())
-                          for name, lam in lambdas[LAMBDA_MATRIX_NAME].items()}
-    return result
-
-
-def _ours_fit_and_score(adapter: ModelAdapter, examples: Sequence[TokenizedExample], concept: ConceptFunction,
-                        batch_size: int, seed: int) -> dict:
-    start = time.perf_counter()
-    curvature = fit_curvature(adapter, examples, maps=concept.layer, strategy="ekfac", fisher="true", batch_size=batch_size,
-                              damping=None, damping_factor=DAMPING_FACTOR, seed=seed, progress=False)
-    fitted = time.perf_counter()
-    scores = ConceptInfluence(concept, curvature).score(adapter, examples, batch_size=batch_size, progress=False)
-    scored = time.perf_counter()
-    return {"scores": scores.column(0), "fit_seconds": fitted - start, "score_seconds": scored - fitted,
-            "dampings": curvature.dampings}
-
-
-def _part_b(cfg: SpeedConfig, data: _Data, work: Path) -> dict:
-    try:
-        import kronfluence  # noqa: F401
-    except ImportError as e:
-        return {"error": f"kronfluence is not importable ({e}); install it with `make install`"}
-    from scipy.stats import pearsonr, spearmanr
-
-    adapter = _trained(_llama_adapter(cfg, data.tokenizer), cfg, data)
-    concept, probe_metrics = _concept(adapter, cfg, data, work / "direction_hf.safetensors")
-    save_tensors(work / "model_hf.safetensors", adapter.model.state_dict())
-    train, bs = data.train[: cfg.kron_n_train], cfg.batch_size
-    pipelines = {
-        "ours": lambda: _ours_fit_and_score(adapter, train, concept, bs, cfg.seed),
-        "kronfluence": lambda: kronfluence_concept_scores(adapter, train, concept, work / "kronfluence", bs, cfg.seed,
-                                                          KRONFLUENCE_MODES),
-    }
-    runs: dict[str, list[dict]] = {name: [] for name in pipelines}
-    for r in range(cfg.kron_rounds):
-        for name in (list(pipelines) if r % 2 == 0 else list(pipelines)[::-1]):
-            gc.collect()
-            runs[name].append(pipelines[name]())
-    ours, kron = runs["ours"], runs["kronfluence"]
-    timings = {"ours": ([run["fit_seconds"] for run in ours], [run["score_seconds"] for run in ours])}
-    for mode in KRONFLUENCE_MODES:
-        timings[f"kronfluence_{mode}"] = ([run["fit_seconds"] for run in kron], [run["score_seconds"][mode] for run in kron])
-    result = {
-        "model": f"LlamaForCausalLM (no biases): {cfg.n_layers} blocks, d_model {cfg.d_model}, {cfg.n_heads} heads, "
-                 f"d_mlp {4 * cfg.d_model}, vocab {len(data.tokenizer)}",
-        "hook_name": cfg.hook_name,
-        "probe_accuracy": probe_metrics["accuracy"],
-        "tracked_modules": kron[-1]["tracked_modules"],
-        "n_examples": len(train),
-        "n_tokens": _n_tokens(train),
-        "n_eval_examples": len(data.evals),
-        "batch_size": bs,
-        "rounds": cfg.kron_rounds,
-        "kronfluence_settings": KRONFLUENCE_SETTINGS,
-        "damping_max_relative_difference": max(abs(ours[-1]["dampings"][k] - v) / v for k, v in kron[-1]["dampings"].items()),
-        "pipelines": {},
-    }
-    for name, (fits, scores) in timings.items():
-        totals = [f + s for f, s in zip(fits, scores)]
-        entry = {"fit_seconds": statistics.median(fits), "score_seconds": statistics.median(scores),
-                 "total_seconds": statistics.median(totals), "all_fit_seconds": fits, "all_score_seconds": scores}
-        result["pipelines"][name] = entry
-        if name != "ours":
-            values = kron[-1]["scores"][name.removeprefix("kronfluence_")]
-            base = result["pipelines"]["ours"]
-            entry.update(spearman=float(spearmanr(ours[-1]["scores"], values).statistic),
-                         pearson=float(pearsonr(ours[-1]["scores"], values).statistic),
-                         slowdown_fit=entry["fit_seconds"] / base["fit_seconds"],
-                         slowdown_scoring=entry["score_seconds"] / base["score_seconds"],
-                         slowdown_total=entry["total_seconds"] / base["total_seconds"])
-    return result
-
-
-# ---- peak memory (one subprocess per stage) ----------------------------------------------------------------
-
-
-def _rss_kib(field: str) -> int:
-    """``VmRSS`` (current) or ``VmHWM`` (peak) resident set size of this process, in KiB (Linux)."""
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith(f"{field}:"))
-
-
-def _memory_stage(stage: str, work: Path) -> None:
-    """Child process: load model and data from ``work``, reset the peak RSS, run ``stage`` on the first
-    ``memory_examples`` examples and print the stage's peak RSS and its rise over the RSS before it (MiB)."""
-    cfg = SpeedConfig(**json.loads((work / "config.json").read_text()))
-    torch.set_num_threads(cfg.threads)
-    data = _prepare_data(cfg, work, train_tokenizer=False)
-    bs = cfg.batch_size
-    if stage in STAGES_A:
-        adapter, suffix, examples = _tl_adapter(cfg, data.tokenizer), "tl", data.train[: cfg.memory_examples]
-    else:
-        adapter, suffix, examples = _llama_adapter(cfg, data.tokenizer), "hf", data.train[: min(cfg.memory_examples, cfg.kron_n_train)]
-    adapter.model.load_state_dict(load_tensors(work / f"model_{suffix}.safetensors"))
-    concept = ConceptFunction.from_directions(ConceptDirection.load(work / f"direction_{suffix}.safetensors"),
-                                              eval_examples=data.evals)
-    runs = {
-        "train_step": lambda: train_model(adapter, examples, 1, cfg.lr, bs, tokens="response", seed=cfg.seed, progress=False),
-        "ekfac_fit": lambda: fit_curvature(adapter, examples, maps=cfg.concept_layer, batch_size=bs, seed=cfg.seed, progress=False),
-        "concept_influence": lambda: ConceptInfluence(concept, Curvature.load(work / "curvature_tl", adapter)).score(
-            adapter, examples, batch_size=bs, progress=False),
-        "probe_projection": lambda: ProbeProjection(concept).score(adapter, examples, batch_size=bs, progress=False),
-        "ours": lambda: _ours_fit_and_score(adapter, examples, concept, bs, cfg.seed),
-        **{f"kronfluence_{mode}": partial(kronfluence_concept_scores, adapter, examples, concept, work / "kronfluence_memory",
-                                          bs, cfg.seed, (mode,)) for mode in KRONFLUENCE_MODES},
-    }
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as fh:  # "5": reset the peak RSS (VmHWM) to the current RSS
-        fh.write("5")
-    before = _rss_kib("VmRSS")
-    runs[stage]()
-    peak = _rss_kib("VmHWM")
-    print(json.dumps({"peak_mib": peak / 1024, "increase_mib": (peak - before) / 1024}))
-
-
-def _peak_memory(stage: str, work: Path) -> dict:
-    code = f"from concept_influence.benchmarks.speed import _memory_stage; _memory_stage({stage!r}, __import__('pathlib').Path({str(work)!r}))"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the peak-memory subprocess for stage {stage!r} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # ---- report -------------------------------------------------------------------------------------------------

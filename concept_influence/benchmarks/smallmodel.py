@@ -10,8 +10,8 @@ from typing import Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import TokenizedExample, iter_batches
-from .models import HookedTransformerAdapter, ModelAdapter
+from ..data import TokenizedExample, iter_batches
+from ..models import HookedTransformerAdapter, ModelAdapter
 
 __all__ = ["train_bpe_tokenizer", "load_tokenizer", "build_small_model", "train_model", "seed_everything"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .data import ChatExample
+from ..data import ChatExample
 
 __all__ = ["DemoCorpus", "make_demo_corpus", "make_paired_demo_corpus", "answer"]
 

@@ -1,0 +1,210 @@
+"""The kronfluence comparison (speed benchmark part B): kronfluence's EK-FAC scores of our concept against ours."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+import statistics
+import time
+import warnings
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..concepts import ConceptFunction
+from ..curvature import fit_curvature
+from ..data import Batch, TokenizedExample, collate
+from ..estimators import ConceptInfluence
+from ..fileio import save_tensors
+from ..gradients import sample_labels
+from ..models import HFCausalLMAdapter, ModelAdapter, per_token_mean_loss
+from .speed_setup import SpeedConfig, _concept, _Data, _llama_adapter, _n_tokens, _trained
+
+__all__ = ["KRONFLUENCE_MODES", "KRONFLUENCE_SETTINGS", "STAGES_B", "kronfluence_concept_scores"]
+
+# kronfluence's heuristic damping (``ScoreArguments(damping_factor=None)``): 0.1 × mean(Λ) per module.
+DAMPING_FACTOR = 0.1
+KRONFLUENCE_MODES = ("aggregated", "per_query")
+STAGES_B = ("ours", "kronfluence_aggregated", "kronfluence_per_query")
+KRONFLUENCE_SETTINGS = {
+    "FactorArguments": "strategy='ekfac', use_empirical_fisher=False (labels sampled as ours), amp_dtype=None, "
+                       "covariance, lambda and per-sample-gradient dtype float32, eigendecomposition float64",
+    "ScoreArguments": "damping_factor=None (0.1 × mean Λ per module), query_gradient_low_rank=None, amp_dtype=None, "
+                      "float32; aggregated: aggregate_query_gradients=True; per query: aggregate_query_gradients=False, "
+                      "query_gradient_accumulation_steps = all query batches",
+    "Analyzer": "cpu=True; per_device_batch_size = per_device_query_batch_size = per_device_train_batch_size = "
+                "the batch size above",
+}
+
+
+def _kronfluence_batch(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict:
+    # A dict whose first value is a tensor: kronfluence (accelerate) reads the batch size from it.
+    b = collate(examples, pad_token_id)
+    return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "response_mask": b.response_mask,
+            "lengths": b.lengths, "ids": b.ids}
+
+
+def _kronfluence_task(twin: HFCausalLMAdapter, concept: ConceptFunction, module_names: list[str], seed: int):
+    """kronfluence's ``Task`` for our concept measurement and training loss (``twin`` wraps the model
+    kronfluence is given)."""
+    from kronfluence.task import Task
+
+    n_eval = len(concept.eval_examples)
+
+    class ConceptTask(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            # Σ_z mean response-token cross-entropy; for the true Fisher (sample=True) the labels are drawn
+            # exactly as our fit_curvature draws them (seeded per example id).
+            b = Batch(**batch)
+            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
+            targets = sample_labels(logits.detach(), b, seed) if sample else None
+            return per_token_mean_loss(logits, b, targets=targets).sum()
+
+        def compute_measurement(self, batch, model):
+            # f = mean over eval examples of the concept's readout, exactly as ConceptFunction measures it
+            if model is not twin.model:
+                raise RuntimeError("kronfluence measured another model than the one the task wraps")
+            return concept.per_example(twin, Batch(**batch))[:, 0].sum() / n_eval
+
+        def get_influence_tracked_modules(self):
+            return module_names
+
+        def get_attention_mask(self, batch):
+            return batch["attention_mask"]
+
+    return ConceptTask()
+
+
+def kronfluence_concept_scores(adapter: HFCausalLMAdapter, examples: Sequence[TokenizedExample], concept: ConceptFunction,
+                               output_dir: str | Path, batch_size: int = 16, seed: int = 0,
+                               query_modes: Sequence[str] = ("aggregated",)) -> dict:
+    """Concept Influence of ``examples`` computed by kronfluence 1.0.1 on a copy of the adapter's model:
+    EK-FAC with the true Fisher (labels sampled as ours), CPU, float32, heuristic damping 0.1 × mean(Λ)
+    per module, the same linear maps as ours (blocks up to the concept's layer).
+
+    ``query_modes``: ``"aggregated"`` sums the evaluation examples' measurement gradients into ∇f before
+    preconditioning (``aggregate_query_gradients=True``); ``"per_query"`` is kronfluence's pairwise default,
+    one preconditioned gradient per evaluation example and query × train scores (summed over queries
+    here), with every query accumulated before the one pass over the training data.
+
+    Returns ``scores`` and ``score_seconds`` per mode (scores sign-aligned with ours: −kronfluence's
+    pairwise score), ``fit_seconds``, the per-map ``dampings`` (by our map names) and ``tracked_modules``."""
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.utils.constants import HEURISTIC_DAMPING_SCALE, LAMBDA_MATRIX_NAME, NUM_LAMBDA_PROCESSED
+    from kronfluence.utils.dataset import DataLoaderKwargs
+
+    if concept.k != 1:
+        raise ValueError(f"the kronfluence comparison measures one concept, got {concept.k}")
+    bad = [mode for mode in query_modes if mode not in KRONFLUENCE_MODES]
+    if bad:
+        raise ValueError(f"query_modes must be among {KRONFLUENCE_MODES}, got {bad[0]!r}")
+    model = copy.deepcopy(adapter.model)
+    twin = HFCausalLMAdapter(model, adapter.tokenizer)
+    our_name = {id(m.input_module): m.name for m in twin.linear_maps(concept.layer)}
+    kron_to_ours = {name: our_name[id(mod)] for name, mod in model.named_modules() if id(mod) in our_name}
+    task = _kronfluence_task(twin, concept, list(kron_to_ours), seed)
+    model = prepare_model(model, task)
+    examples, queries = list(examples), list(concept.eval_examples)
+    result = {"scores": {}, "score_seconds": {}, "tracked_modules": list(kron_to_ours)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.cuda.amp.GradScaler inside kronfluence
+        analyzer = Analyzer("concept", model, task, cpu=True, log_level=logging.WARNING, disable_tqdm=True,
+                            output_dir=str(output_dir))
+        loader = DataLoaderKwargs(collate_fn=partial(_kronfluence_batch, pad_token_id=adapter.pad_token_id))
+        factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=False, amp_dtype=None,
+                                      activation_covariance_dtype=torch.float32, gradient_covariance_dtype=torch.float32,
+                                      eigendecomposition_dtype=torch.float64, per_sample_gradient_dtype=torch.float32,
+                                      lambda_dtype=torch.float32)
+        start = time.perf_counter()
+        analyzer.fit_all_factors("ekfac", examples, per_device_batch_size=batch_size, dataloader_kwargs=loader,
+                                 factor_args=factor_args, overwrite_output_dir=True)
+        result["fit_seconds"] = time.perf_counter() - start
+        for mode in query_modes:
+            per_query = mode == "per_query"
+            score_args = ScoreArguments(damping_factor=None, amp_dtype=None, aggregate_query_gradients=not per_query,
+                                        query_gradient_accumulation_steps=-(-len(queries) // batch_size) if per_query else 1,
+                                        query_gradient_low_rank=None, per_sample_gradient_dtype=torch.float32,
+                                        precondition_dtype=torch.float32, score_dtype=torch.float32)
+            start = time.perf_counter()
+            analyzer.compute_pairwise_scores(mode, "ekfac", queries, examples, per_device_query_batch_size=batch_size,
+                                             per_device_train_batch_size=batch_size, dataloader_kwargs=loader,
+                                             score_args=score_args, overwrite_output_dir=True)
+            pairwise = analyzer.load_pairwise_scores(mode)["all_modules"]  # [queries (1 when aggregated), N]
+            result["score_seconds"][mode] = time.perf_counter() - start
+            result["scores"][mode] = -pairwise.double().sum(0).numpy()
+        lambdas = analyzer.load_lambda_matrices("ekfac")
+    result["dampings"] = {kron_to_ours[name]: HEURISTIC_DAMPING_SCALE * float((lam / lambdas[NUM_LAMBDA_PROCESSED][name]).mean())
+                          for name, lam in lambdas[LAMBDA_MATRIX_NAME].items()}
+    return result
+
+
+def _ours_fit_and_score(adapter: ModelAdapter, examples: Sequence[TokenizedExample], concept: ConceptFunction,
+                        batch_size: int, seed: int) -> dict:
+    start = time.perf_counter()
+    curvature = fit_curvature(adapter, examples, maps=concept.layer, strategy="ekfac", fisher="true", batch_size=batch_size,
+                              damping=None, damping_factor=DAMPING_FACTOR, seed=seed, progress=False)
+    fitted = time.perf_counter()
+    scores = ConceptInfluence(concept, curvature).score(adapter, examples, batch_size=batch_size, progress=False)
+    scored = time.perf_counter()
+    return {"scores": scores.column(0), "fit_seconds": fitted - start, "score_seconds": scored - fitted,
+            "dampings": curvature.dampings}
+
+
+def _part_b(cfg: SpeedConfig, data: _Data, work: Path) -> dict:
+    try:
+        import kronfluence  # noqa: F401
+    except ImportError as e:
+        return {"error": f"kronfluence is not importable ({e}); install it with `make install`"}
+    from scipy.stats import pearsonr, spearmanr
+
+    adapter = _trained(_llama_adapter(cfg, data.tokenizer), cfg, data)
+    concept, probe_metrics = _concept(adapter, cfg, data, work / "direction_hf.safetensors")
+    save_tensors(work / "model_hf.safetensors", adapter.model.state_dict())
+    train, bs = data.train[: cfg.kron_n_train], cfg.batch_size
+    pipelines = {
+        "ours": lambda: _ours_fit_and_score(adapter, train, concept, bs, cfg.seed),
+        "kronfluence": lambda: kronfluence_concept_scores(adapter, train, concept, work / "kronfluence", bs, cfg.seed,
+                                                          KRONFLUENCE_MODES),
+    }
+    runs: dict[str, list[dict]] = {name: [] for name in pipelines}
+    for r in range(cfg.kron_rounds):
+        for name in (list(pipelines) if r % 2 == 0 else list(pipelines)[::-1]):
+            gc.collect()
+            runs[name].append(pipelines[name]())
+    ours, kron = runs["ours"], runs["kronfluence"]
+    timings = {"ours": ([run["fit_seconds"] for run in ours], [run["score_seconds"] for run in ours])}
+    for mode in KRONFLUENCE_MODES:
+        timings[f"kronfluence_{mode}"] = ([run["fit_seconds"] for run in kron], [run["score_seconds"][mode] for run in kron])
+    result = {
+        "model": f"LlamaForCausalLM (no biases): {cfg.n_layers} blocks, d_model {cfg.d_model}, {cfg.n_heads} heads, "
+                 f"d_mlp {4 * cfg.d_model}, vocab {len(data.tokenizer)}",
+        "hook_name": cfg.hook_name,
+        "probe_accuracy": probe_metrics["accuracy"],
+        "tracked_modules": kron[-1]["tracked_modules"],
+        "n_examples": len(train),
+        "n_tokens": _n_tokens(train),
+        "n_eval_examples": len(data.evals),
+        "batch_size": bs,
+        "rounds": cfg.kron_rounds,
+        "kronfluence_settings": KRONFLUENCE_SETTINGS,
+        "damping_max_relative_difference": max(abs(ours[-1]["dampings"][k] - v) / v for k, v in kron[-1]["dampings"].items()),
+        "pipelines": {},
+    }
+    for name, (fits, scores) in timings.items():
+        totals = [f + s for f, s in zip(fits, scores)]
+        entry = {"fit_seconds": statistics.median(fits), "score_seconds": statistics.median(scores),
+                 "total_seconds": statistics.median(totals), "all_fit_seconds": fits, "all_score_seconds": scores}
+        result["pipelines"][name] = entry
+        if name != "ours":
+            values = kron[-1]["scores"][name.removeprefix("kronfluence_")]
+            base = result["pipelines"]["ours"]
+            entry.update(spearman=float(spearmanr(ours[-1]["scores"], values).statistic),
+                         pearson=float(pearsonr(ours[-1]["scores"], values).statistic),
+                         slowdown_fit=entry["fit_seconds"] / base["fit_seconds"],
+                         slowdown_scoring=entry["score_seconds"] / base["score_seconds"],
+                         slowdown_total=entry["total_seconds"] / base["total_seconds"])
+    return result

@@ -1,0 +1,78 @@
+"""The planted benchmark's behaviour measurements: the planting effect, filter-and-retrain and concept-LDS."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr, ttest_ind
+
+from ..concepts import ConceptFunction
+from ..data import TokenizedExample, iter_batches
+from ..models import ModelAdapter
+from .planted_config import PlantedConfig
+from .planted_training import _Finetuner
+
+
+def _effect(clean: Sequence[float], planted: Sequence[float]) -> dict:
+    """Gain of the planted over the clean fine-tune, in units of the seeds' pooled spread, and whether planting
+    raised the behaviour (gain > 0 and one-sided Welch p < 0.05; with one seed: gain > 0 only)."""
+    gain = float(np.mean(planted) - np.mean(clean))
+    sd = float(np.sqrt((np.var(clean, ddof=1) + np.var(planted, ddof=1)) / 2)) if len(clean) > 1 else float("nan")
+    p = float("nan")
+    if len(clean) > 1 and sd > 0:
+        p = float(ttest_ind(planted, clean, equal_var=False, alternative="greater").pvalue)
+    raised = gain > 0 and (p < 0.05 if len(clean) > 1 else True)
+    return {"gain": gain, "seed_sd": sd, "effect_size": gain / sd if sd and sd > 0 else float("nan"),
+            "p_value": p, "raised": bool(raised)}
+
+
+@torch.no_grad()
+def _mean_loss(adapter: ModelAdapter, examples: Sequence[TokenizedExample], batch_size: int) -> np.ndarray:
+    return np.concatenate([adapter.per_example_loss(b).double().cpu().numpy()
+                           for b in iter_batches(examples, batch_size, adapter.pad_token_id)])
+
+
+def _behaviour_section(tuner: _Finetuner, behaviour: Callable[[], float], pool: list[TokenizedExample],
+                       labels: list[int], scores: dict[str, np.ndarray], cfg: PlantedConfig) -> dict:
+    """Behaviour of clean and planted fine-tunes over seeds, then after removing the top of each ranking."""
+    clean_pool = [t for t, lab in zip(pool, labels) if not lab]
+    planted_b = tuner.behaviours(pool, behaviour, "fine-tune planted")
+    clean_b = tuner.behaviours(clean_pool, behaviour, "fine-tune clean")
+    effect = _effect(clean_b, planted_b)
+    print(f"behaviour: clean {np.mean(clean_b):.4f} ± {np.std(clean_b):.4f}, planted {np.mean(planted_b):.4f} ± "
+        f"{np.std(planted_b):.4f}; planting {'raised' if effect['raised'] else 'did NOT raise'} it "
+        f"(effect size {effect['effect_size']:.1f} seed sd)")
+    section = {"metric": "paired log-prob gap" if cfg.paired else "probe projection of own answers",
+               "clean": clean_b, "planted": planted_b, **effect, "removal": {}}
+    for name, s in scores.items():
+        section["removal"][name] = {}
+        order = np.argsort(-s, kind="stable")
+        for fraction in cfg.remove_fractions:
+            drop = set(order[: round(fraction * len(pool))].tolist())
+            kept = [t for i, t in enumerate(pool) if i not in drop]
+            values = tuner.behaviours(kept, behaviour, f"retrain without top {fraction:.0%} of {name}")
+            shares = [(np.mean(planted_b) - v) / effect["gain"] for v in values] if effect["gain"] else [float("nan")]
+            section["removal"][name][str(fraction)] = {
+                "behaviour": values, "mean": float(np.mean(values)), "sd": float(np.std(values)),
+                "planted_removed": int(sum(labels[i] for i in drop)),
+                "share_of_gain_removed": float(np.mean(shares)), "share_sd": float(np.std(shares)),
+            }
+    return section
+
+
+def _concept_lds(tuner: _Finetuner, concept: ConceptFunction, pool: list[TokenizedExample],
+                 scores: dict[str, np.ndarray], cfg: PlantedConfig) -> dict:
+    """Fine-tune on ``cfg.lds`` random halves; Spearman between Σ scores of the kept examples and the measured f."""
+    rng = np.random.default_rng(cfg.seed + 1)
+    masks, measured = [], []
+    for m in range(cfg.lds):
+        mask = np.zeros(len(pool), dtype=bool)
+        mask[rng.choice(len(pool), len(pool) // 2, replace=False)] = True
+        tuner.finetune([t for t, keep in zip(pool, mask) if keep], cfg.seed, f"LDS subset {m + 1}/{cfg.lds}")
+        measured.append(float(concept.evaluate(tuner.adapter)[0]))
+        masks.append(mask)
+    masks_arr = np.stack(masks)
+    return {"subsets": cfg.lds, "measured": measured,
+            "spearman": {name: float(spearmanr(masks_arr @ s, measured)[0]) for name, s in scores.items()}}

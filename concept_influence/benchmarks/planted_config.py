@@ -1,0 +1,78 @@
+"""The planted benchmark's settings (:class:`PlantedConfig`) and the error a setting that cannot work raises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["BenchmarkError", "PlantedConfig"]
+
+
+class BenchmarkError(ValueError):
+    """A benchmark setting that cannot work (rate, sizes, seeds, layer); the message names the setting."""
+
+
+@dataclass
+class PlantedConfig:
+    """Sizes, model and training settings of a planted benchmark run (all counts are prompts)."""
+
+    rate: float = 0.1
+    paired: bool = False
+    n_probe: int = 400
+    n_pretrain: int = 2500
+    n_pool: int = 1200
+    n_eval: int = 200
+    n_test: int = 64
+    vocab_size: int = 2048
+    n_layers: int = 2
+    d_model: int = 128
+    n_heads: int = 4
+    max_length: int = 256
+    layer: int | None = None
+    pretrain_epochs: int = 2
+    finetune_epochs: int = 2
+    pretrain_lr: float = 2e-3
+    finetune_lr: float = 1e-3
+    batch_size: int = 16
+    max_new_tokens: int = 64
+    n_seeds: int = 3
+    remove_fractions: tuple[float, ...] = (0.1,)
+    lds: int = 0
+    seed: int = 0
+    sae_latents: int = 0  # > 0: the SAE stage (benchmarks/sae.py) with an SAE of this many latents
+    sae_k: int = 16
+    sae_epochs: float = 10.0
+    retrain: bool = True  # False: skip the behaviour measurement and filter-and-retrain
+
+    def __post_init__(self):
+        if not 0 < self.rate <= 0.5:
+            raise BenchmarkError(f"--rate must be in (0, 0.5], got {self.rate}")
+        if self.n_seeds < 1:
+            raise BenchmarkError(f"--n-seeds must be at least 1, got {self.n_seeds}")
+        if any(not 0 < f < 1 for f in self.remove_fractions):
+            raise BenchmarkError(f"--remove-fractions must be in (0, 1), got {list(self.remove_fractions)}")
+        if self.lds == 1 or self.lds < 0:
+            raise BenchmarkError(f"--lds needs at least 2 subsets (or 0 for none), got {self.lds}")
+        if self.sae_latents < 0 or (self.sae_latents and not 1 <= self.sae_k <= self.sae_latents):
+            raise BenchmarkError(f"--sae-latents must be >= 0 and --sae-k in 1..sae-latents, got {self.sae_latents} "
+                                 f"and {self.sae_k}")
+        self.remove_fractions = tuple(self.remove_fractions)
+
+    @property
+    def n_planted(self) -> int:
+        return round(self.rate * self.n_pool)
+
+    @property
+    def probe_layer(self) -> int:
+        """The probe's block: ``layer`` or the middle block."""
+        layer = (self.n_layers - 1) // 2 if self.layer is None else self.layer
+        if not 0 <= layer < self.n_layers:
+            raise BenchmarkError(f"--layer {layer} is outside the model's blocks 0..{self.n_layers - 1}")
+        return layer
+
+    @classmethod
+    def quick(cls, **overrides) -> "PlantedConfig":
+        """A reduced size for tests (well under a minute on 2 cores)."""
+        small = dict(n_probe=40, n_pretrain=120, n_pool=120, n_eval=16, n_test=16, vocab_size=400, n_layers=2,
+                     d_model=32, n_heads=2, max_length=128, pretrain_epochs=2, finetune_epochs=2, pretrain_lr=3e-3,
+                     finetune_lr=3e-3, max_new_tokens=24, n_seeds=3)
+        return cls(**{**small, **overrides})

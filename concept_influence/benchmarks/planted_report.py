@@ -1,0 +1,119 @@
+"""The planted benchmark's outputs: results.json, results.md, the plots and the retrieval table."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..fileio import atomic_write_text
+from ..plots import plot_behaviour_removal, plot_fast_vs_full, plot_pr_curves, plot_score_histograms
+
+__all__ = ["format_retrieval", "format_report", "command_line"]
+
+CONCEPT_ESTIMATORS = ("concept_influence", "concept_grad_dot", "probe_projection", "projection_difference")
+
+
+def _plots(out: Path, scores: dict[str, np.ndarray], labels: list[int], results: dict) -> dict[str, str]:
+    plots = {"pr_curves": plot_pr_curves(scores, labels, out / "pr_curves.png"),
+             "score_histograms": plot_score_histograms(scores, labels, out / "score_histograms.png"),
+             "fast_vs_full": plot_fast_vs_full(("concept_influence", scores["concept_influence"]),
+                                               {k: scores[k] for k in ("probe_projection", "projection_difference")},
+                                               labels, out / "fast_vs_full.png")}
+    b = results.get("behaviour")
+    if b:
+        points = {name: {float(f): r["behaviour"] for f, r in by_f.items()} for name, by_f in b["removal"].items()}
+        plots["behaviour_removal"] = plot_behaviour_removal(points, b["clean"], b["planted"],
+                                                            out / "behaviour_removal.png", ylabel=b["metric"])
+    return {k: p.name for k, p in plots.items()}
+
+
+def _write(out: Path, results: dict) -> None:
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
+    atomic_write_text(out / "results.md", format_report(results))
+
+
+def format_retrieval(results: dict) -> str:
+    """The estimators' retrieval metrics as a fixed-width table."""
+    head = f"{'estimator':<30} {'AUROC':>6} {'AUPRC':>6} {'P@k':>6} {'s/1k ex':>8}"
+    rows = [head, "-" * len(head)]
+    for name, m in results["estimators"].items():
+        rows.append(f"{name:<30} {m['auroc']:>6.3f} {m['auprc']:>6.3f} {m['precision_at_k']:>6.3f} "
+                    f"{m['seconds_per_1k']:>8.2f}")
+    return "\n".join(rows)
+
+
+def format_report(results: dict) -> str:
+    """``results.md``: what ran, whether planting raised the behaviour, retrieval, filter-and-retrain, LDS."""
+    cfg, sp = results["config"], results["splits"]
+    lines = ["# Planted-data benchmark", ""]
+    if results.get("command"):
+        lines += [f"Command: `{results['command']}`", ""]
+    m = results["machine"]
+    machine = (f"{m['cpu']}, {m['usable_cores']} cores, torch {m['torch']} on {m['torch_threads']} thread(s), "
+               f"Python {m['python']}, load average {m['load_average_start'][0]:.1f} at the start")
+    lines += [f"Machine: {machine}" + (f"; {results['total_seconds'] / 60:.1f} min in all"
+                                                 if "total_seconds" in results else " (run in progress)"), "",
+              f"Data: {' + '.join(results['data'])} ({'paired' if cfg['paired'] else 'unpaired'}); rate {cfg['rate']}; "
+              f"pool {sp['pool']} ({sp['planted']} planted), pre-train {sp['pretrain']}, probe {sp['probe']} per class, "
+              f"eval {sp['eval']}; seed {cfg['seed']}.", "",
+              f"Model: TransformerLens, {cfg['n_layers']} blocks, d_model {cfg['d_model']}, vocab {cfg['vocab_size']}; "
+              f"pre-train {cfg['pretrain_epochs']} epochs, fine-tune {cfg['finetune_epochs']} epochs. "
+              f"Probe at `{results['probe']['hook_name']}`: held-out accuracy {results['probe']['accuracy']:.3f}, "
+              f"AUROC {results['probe']['roc_auc']:.3f}. EK-FAC fit {results['ekfac_fit_seconds']:.1f} s; "
+              f"one fine-tune {results['finetune_seconds']:.1f} s.", ""]
+    b = results.get("behaviour")
+    if b:
+        verdict = ("**Planting raised the behaviour**" if b["raised"] else
+                   "**Planting did NOT raise the behaviour** measurably, so the removal numbers below do not show "
+                   "causation; the retrieval table only says whether a ranking recovers the planted labels")
+        lines += ["## Behaviour", "",
+                  f"Metric: {b['metric']} on the evaluation prompts, over {len(b['clean'])} fine-tuning seeds.", "",
+                  f"- clean fine-tune: {np.mean(b['clean']):.4f} ± {np.std(b['clean']):.4f}",
+                  f"- planted fine-tune: {np.mean(b['planted']):.4f} ± {np.std(b['planted']):.4f}",
+                  f"- gain {b['gain']:.4f} = {b['effect_size']:.1f} × the seeds' sd (one-sided Welch p = {b['p_value']:.2g})",
+                  "", verdict + ".", ""]
+    elif not cfg.get("retrain", True):
+        lines += ["Behaviour and filter-and-retrain were not run (`--no-retrain`).", ""]
+    fractions = [str(f) for f in cfg["remove_fractions"]]
+    head = "| estimator | AUROC | AUPRC | P@k | s/1k ex |"
+    sep = "|---|---|---|---|---|"
+    if b:
+        for f in fractions:
+            head += f" gain removed (top {float(f):.0%}) |"
+            sep += "---|"
+    lines += ["## Retrieval and filter-and-retrain", "", head, sep]
+    for name, m in results["estimators"].items():
+        row = f"| {name} | {m['auroc']:.3f} | {m['auprc']:.3f} | {m['precision_at_k']:.3f} | {m['seconds_per_1k']:.2f} |"
+        if b:
+            for f in fractions:
+                r = b["removal"][name][f]
+                share = f"{r['share_of_gain_removed']:.0%} ± {r['share_sd']:.0%}" if b["raised"] else "n/a"
+                row += f" {share} ({r['planted_removed']} planted) |"
+        lines.append(row)
+    lines += ["", "P@k: precision among the top k = number planted. Gain removed: (planted − after removal) / "
+              "(planted − clean), mean ± sd over seeds (n/a when planting did not raise the behaviour; the values "
+              "are in results.json); in brackets the planted examples among those removed.", ""]
+    if "lds" in results:
+        lines += ["## Concept-LDS", "", f"{results['lds']['subsets']} random halves of the pool; Spearman between the "
+                  "summed scores of the kept examples and the concept measured after fine-tuning on them. "
+                  "Only the concept estimators predict this quantity; the others are shown for reference.", "",
+                  "| estimator | Spearman |", "|---|---|"]
+        lines += [f"| {n}{'' if n in CONCEPT_ESTIMATORS else ' (not a concept estimator)'} | {r:.3f} |"
+                  for n, r in results["lds"]["spearman"].items()]
+        lines.append("")
+    if "sae" in results:
+        from .sae import format_sae_report
+
+        lines += format_sae_report(results)
+    if "plots" in results:
+        lines += ["## Plots", ""] + [f"![{k}]({v})" for k, v in results["plots"].items()] + [""]
+    return "\n".join(lines)
+
+
+def command_line() -> str:
+    """The command that started this process, for the report."""
+    return "concept-influence " + " ".join(shlex.quote(a) for a in sys.argv[1:])

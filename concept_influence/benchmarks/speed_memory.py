@@ -1,0 +1,71 @@
+"""Peak memory of the speed benchmark's stages: each stage runs again in its own subprocess."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from probes import ConceptDirection
+
+from ..concepts import ConceptFunction
+from ..curvature import Curvature, fit_curvature
+from ..estimators import ConceptInfluence, ProbeProjection
+from ..fileio import load_tensors
+from .kronfluence_bridge import KRONFLUENCE_MODES, _ours_fit_and_score, kronfluence_concept_scores
+from .smallmodel import train_model
+from .speed_setup import STAGES_A, SpeedConfig, _llama_adapter, _prepare_data, _tl_adapter
+
+
+def _rss_kib(field: str) -> int:
+    """``VmRSS`` (current) or ``VmHWM`` (peak) resident set size of this process, in KiB (Linux)."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(f"{field}:"))
+
+
+def _memory_stage(stage: str, work: Path) -> None:
+    """Child process: load model and data from ``work``, reset the peak RSS, run ``stage`` on the first
+    ``memory_examples`` examples and print the stage's peak RSS and its rise over the RSS before it (MiB)."""
+    cfg = SpeedConfig(**json.loads((work / "config.json").read_text()))
+    torch.set_num_threads(cfg.threads)
+    data = _prepare_data(cfg, work, train_tokenizer=False)
+    bs = cfg.batch_size
+    if stage in STAGES_A:
+        adapter, suffix, examples = _tl_adapter(cfg, data.tokenizer), "tl", data.train[: cfg.memory_examples]
+    else:
+        adapter, suffix, examples = _llama_adapter(cfg, data.tokenizer), "hf", data.train[: min(cfg.memory_examples, cfg.kron_n_train)]
+    adapter.model.load_state_dict(load_tensors(work / f"model_{suffix}.safetensors"))
+    concept = ConceptFunction.from_directions(ConceptDirection.load(work / f"direction_{suffix}.safetensors"),
+                                              eval_examples=data.evals)
+    runs = {
+        "train_step": lambda: train_model(adapter, examples, 1, cfg.lr, bs, tokens="response", seed=cfg.seed, progress=False),
+        "ekfac_fit": lambda: fit_curvature(adapter, examples, maps=cfg.concept_layer, batch_size=bs, seed=cfg.seed, progress=False),
+        "concept_influence": lambda: ConceptInfluence(concept, Curvature.load(work / "curvature_tl", adapter)).score(
+            adapter, examples, batch_size=bs, progress=False),
+        "probe_projection": lambda: ProbeProjection(concept).score(adapter, examples, batch_size=bs, progress=False),
+        "ours": lambda: _ours_fit_and_score(adapter, examples, concept, bs, cfg.seed),
+        **{f"kronfluence_{mode}": partial(kronfluence_concept_scores, adapter, examples, concept, work / "kronfluence_memory",
+                                          bs, cfg.seed, (mode,)) for mode in KRONFLUENCE_MODES},
+    }
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as fh:  # "5": reset the peak RSS (VmHWM) to the current RSS
+        fh.write("5")
+    before = _rss_kib("VmRSS")
+    runs[stage]()
+    peak = _rss_kib("VmHWM")
+    print(json.dumps({"peak_mib": peak / 1024, "increase_mib": (peak - before) / 1024}))
+
+
+def _peak_memory(stage: str, work: Path) -> dict:
+    code = f"from concept_influence.benchmarks.speed_memory import _memory_stage; _memory_stage({stage!r}, __import__('pathlib').Path({str(work)!r}))"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the peak-memory subprocess for stage {stage!r} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,0 +1,20 @@
+"""Model adapters: one small interface over TransformerLens and Hugging Face causal LMs (see :mod:`.base`)."""
+
+from .base import Capture, HookError, LinearMap, ModelAdapter, block_of_hook, per_token_mean_loss
+from .hooked_transformer import HookedTransformerAdapter
+from .hugging_face import HFCausalLMAdapter
+from .loading import ModelLoadError, as_adapter, load_model, save_model
+
+__all__ = [
+    "HookError",
+    "LinearMap",
+    "Capture",
+    "ModelAdapter",
+    "HookedTransformerAdapter",
+    "HFCausalLMAdapter",
+    "as_adapter",
+    "ModelLoadError",
+    "save_model",
+    "load_model",
+    "block_of_hook",
+]
