@@ -142,6 +142,10 @@ class ModelAdapter:
     def linear_maps(self, max_block: int | None = None) -> list[LinearMap]:
         raise NotImplementedError
 
+    def _edit_hook(self, hook_name: str, edit: Callable[[torch.Tensor], torch.Tensor]):
+        """A context manager that applies ``edit`` at ``hook_name`` (see :meth:`edit_activation`)."""
+        raise NotImplementedError
+
     def extend(self, tokens: torch.Tensor, cache=None) -> tuple[torch.Tensor, object]:
         """Feed ``tokens`` ``[B, t]`` (no padding) after what ``cache`` holds; returns the next-token
         logits ``[B, V]`` at the last position and the updated key-value cache (for generation)."""
@@ -180,6 +184,14 @@ class ModelAdapter:
         ``stop_early``. The result stays in the autograd graph unless called under ``torch.no_grad``."""
         self.check_hook(hook_name)
         return self._run_to_hook(batch.to(self.device), hook_name, stop_early)
+
+    @contextmanager
+    def edit_activation(self, hook_name: str, edit: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+        """While active, every forward replaces the activation ``[B, T, d]`` at ``hook_name`` with ``edit(act)``
+        (e.g. steering: ``lambda act: act + alpha * v``); later blocks see the edited value."""
+        self.check_hook(hook_name)
+        with self._edit_hook(hook_name, edit):
+            yield
 
     @contextmanager
     def capture(self, maps: Sequence[LinearMap]) -> Iterator[Capture]:

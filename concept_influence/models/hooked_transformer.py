@@ -47,6 +47,9 @@ class HookedTransformerAdapter(ModelAdapter):
         self.model.run_with_hooks(batch.input_ids, fwd_hooks=[(hook_name, keep)], stop_at_layer=stop, return_type=None)
         return store["act"]
 
+    def _edit_hook(self, hook_name, edit):
+        return self.model.hooks(fwd_hooks=[(hook_name, lambda act, hook: edit(act))])
+
     def extend(self, tokens: torch.Tensor, cache=None) -> tuple[torch.Tensor, object]:
         try:  # TransformerLens 3.x
             from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache as KVCache

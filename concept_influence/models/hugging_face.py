@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -86,6 +88,29 @@ class HFCausalLMAdapter(ModelAdapter):
         finally:
             handle.remove()
         return store["act"]
+
+    @contextmanager
+    def _edit_hook(self, hook_name, edit):
+        block = self.blocks[block_of_hook(hook_name)]
+
+        def edit_pre(module, args, kwargs):
+            if args:
+                return (edit(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": edit(kwargs["hidden_states"])}
+
+        def edit_post(module, args, output):
+            if isinstance(output, tuple):
+                return (edit(output[0]), *output[1:])
+            return edit(output)
+
+        if hook_name.endswith("hook_resid_pre"):
+            handle = block.register_forward_pre_hook(edit_pre, with_kwargs=True)
+        else:
+            handle = block.register_forward_hook(edit_post)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def extend(self, tokens: torch.Tensor, cache=None) -> tuple[torch.Tensor, object]:
         out = self.model(input_ids=tokens.to(self.device), past_key_values=cache, use_cache=True)
