@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from concept_influence.activations import collect_activations
 from concept_influence.concepts import ConceptError, ConceptFunction
 from concept_influence.curvature import fit_curvature
 from concept_influence.data import collate, tokenize_examples
@@ -16,7 +17,7 @@ from concept_influence.estimators.baselines import response_texts
 from concept_influence.evaluation import retrieval_metrics
 from concept_influence.generation import GenerationError, sample_responses
 from concept_influence.smallmodel import build_small_model, train_bpe_tokenizer, train_model
-from probes import ConceptDirection, collect_activations, train_logistic_probe
+from probes import ConceptDirection, train_logistic_probe
 
 HOOK = "blocks.1.hook_resid_post"
 

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr, ttest_ind
 
-from probes import collect_activations, train_logistic_probe
+from probes import train_logistic_probe
 
+from ..activations import collect_activations
 from ..concepts import ConceptFunction
 from ..curvature import fit_curvature
 from ..data import ChatExample, DataError, TokenizedExample, iter_batches, tokenize_examples

@@ -44,8 +44,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from probes import ConceptDirection, collect_activations, train_logistic_probe
+from probes import ConceptDirection, train_logistic_probe
 
+from ..activations import collect_activations
 from ..concepts import ConceptFunction
 from ..curvature import Curvature, fit_curvature
 from ..gradients import sample_labels
