@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from probes.hooks import block_of_hook
 
 from .data import Batch
 
@@ -44,20 +45,11 @@ __all__ = [
     "block_of_hook",
 ]
 
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
-
-
 class HookError(KeyError):
     """Unknown hook name or layer; the message lists close matches."""
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
-
-
-def block_of_hook(hook_name: str) -> int | None:
-    """The block index in ``blocks.{l}.…``, or None for hooks outside the blocks."""
-    m = _BLOCK_RE.match(hook_name)
-    return int(m.group(1)) if m else None
 
 
 # Weight layouts, as stored in the parameter, mapped to the matrix convention (d_out, d_in).

@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from concept_influence.fileio import atomic_write_text, load_tensors, save_tensors
-from concept_influence.models import block_of_hook
+from .fileio import atomic_write_text, load_tensors, save_tensors
+from .hooks import block_of_hook
 
 __all__ = ["DirectionError", "ConceptDirection", "DIRECTION_KINDS", "load_persona_vector"]
 
 DIRECTION_KINDS = ("logistic", "diff_means", "persona_vector", "sae_decoder", "sae_encoder", "custom")
-_FORMAT = "concept_influence.ConceptDirection"
+_FORMAT = "concept_influence.ConceptDirection"  # the sidecar's format tag, a name not an import: files keep it
 _FORMAT_VERSION = 1
 
 

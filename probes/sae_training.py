@@ -22,9 +22,8 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
-from concept_influence.fileio import atomic_write_text
-
 from .activations import Activations
+from .fileio import atomic_write_text
 from .sae import SAEError, load_sae
 
 __all__ = ["SAE_ARCHITECTURES", "SAETrainingResult", "check_sae_settings", "train_sae_on_activations",
