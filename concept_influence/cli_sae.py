@@ -39,9 +39,8 @@ def _latent_list(text: str | None) -> list[int] | None:
 
 
 def _sae_train(args: argparse.Namespace) -> int:
-    from probes.sae_training import train_sae
-
     from .models import load_model
+    from .sae_training import train_sae
 
     adapter = load_model(args.model)
     examples = _examples(args.data, adapter, args.max_length)
@@ -57,9 +56,10 @@ def _sae_train(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
-    from probes.sae import check_sae_compatible, load_sae
+    from probes.sae import load_sae
 
     from .models import load_model
+    from .sae_concepts import check_sae_compatible
 
     adapter = load_model(args.model)
     sae = load_sae(args.sae)
@@ -70,10 +70,10 @@ def _load(args: argparse.Namespace):
 def _sae_latents(args: argparse.Namespace) -> int:
     from probes.directions import ConceptDirection
     from probes.sae import check_latents
-    from probes.sae_latents import (LatentActivations, describe_latents, format_top_examples,
-                                    latent_activations, latent_separation, top_activating_examples)
+    from probes.sae_latents import LatentActivations, latent_separation
 
     from .fileio import atomic_write_text
+    from .sae_concepts import describe_latents, format_top_examples, latent_activations, top_activating_examples
 
     adapter, sae = _load(args)
     show = _latent_list(args.latents)
@@ -104,12 +104,11 @@ def _sae_latents(args: argparse.Namespace) -> int:
 
 
 def _sae_explain(args: argparse.Namespace) -> int:
-    from probes.sae_latents import describe_latents, latent_activations
-
     from .data import DataError
     from .explain import explain_top
     from .fileio import atomic_write_text
     from .plots import plot_latent_influence
+    from .sae_concepts import describe_latents, latent_activations
     from .scores import Scores
 
     adapter, sae = _load(args)

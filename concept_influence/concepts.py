@@ -13,15 +13,29 @@ import torch
 from tqdm.auto import tqdm
 
 from probes.activations import REDUCTIONS, reduce_tokens
+from probes.directions import ConceptDirection, DirectionError
 
 from .data import Batch, TokenizedExample, iter_batches
 from .models import LinearMap, ModelAdapter, block_of_hook
 
-__all__ = ["ConceptFunction", "ConceptError", "measurement_gradient"]
+__all__ = ["ConceptFunction", "ConceptError", "measurement_gradient", "check_direction_compatible"]
 
 
 class ConceptError(ValueError):
     """A concept cannot be measured as asked (no gradient reaches it, mismatched hooks, ...)."""
+
+
+def check_direction_compatible(direction: ConceptDirection, adapter: ModelAdapter) -> None:
+    """Raise :class:`~.models.HookError` for a hook the model lacks and
+    :class:`~probes.directions.DirectionError` for a vector of the wrong size or a layer beyond the model's blocks."""
+    adapter.check_hook(direction.hook_name)
+    if direction.vector.numel() != adapter.d_model:
+        raise DirectionError(
+            f"direction at hook {direction.hook_name!r} has size {direction.vector.numel()}, "
+            f"but the model's d_model is {adapter.d_model}"
+        )
+    if direction.layer >= adapter.n_blocks:
+        raise DirectionError(f"layer {direction.layer} is out of range: the model has blocks 0..{adapter.n_blocks - 1}")
 
 
 class ConceptFunction:

@@ -2,7 +2,7 @@
 clusters of those examples by their latents, and influence aggregated per latent.
 
 Each example is described by its SAE latent activations over its response tokens (mean per latent,
-:func:`probes.sae_latents.latent_activations`). Two views:
+:func:`concept_influence.sae_concepts.latent_activations`). Two views:
 
 * **elevation**: how much higher a latent's mean activation is on the top-k than on all examples, in standard
   deviations over all examples — this sees latents that fire everywhere but more strongly on the top-k, which the
@@ -218,12 +218,12 @@ def explain_top(scores: Scores, sae, adapter: ModelAdapter, examples: Sequence[T
     influence aggregated per latent over the top-k and over all examples.
 
     ``examples`` are the scored training examples (every one needs a score). ``activations``: latent activations
-    already collected on exactly these examples (:func:`probes.sae_latents.latent_activations`), to explain several
+    already collected on exactly these examples (:func:`.sae_concepts.latent_activations`), to explain several
     rankings with one pass; otherwise they are collected here (the SAE is checked against the model first).
-    ``labels`` names latents in the tables (e.g. :func:`probes.sae_latents.describe_latents`). ``center``: split
+    ``labels`` names latents in the tables (e.g. :func:`.sae_concepts.describe_latents`). ``center``: split
     each score minus the mean score over all examples (for scores with an arbitrary offset); the top-k are the
     same either way."""
-    from probes.sae_latents import latent_activations
+    from .sae_concepts import latent_activations
 
     if not 1 <= k <= len(examples):
         raise ValueError(f"k must be in 1..{len(examples)} (the number of examples), got {k}")

@@ -251,6 +251,8 @@ class Pipeline:
         """The concept direction: trained here (``probe.positive``/``negative``) or read from ``probe.direction``."""
         from probes import ConceptDirection
 
+        from .concepts import check_direction_compatible
+
         path = self.run.direction_path
         if self.ranks.is_main and not self.run.is_done("probe"):
             details = {}
@@ -259,11 +261,14 @@ class Pipeline:
             self.run.finish_stage("probe", self.ranks, hook=self.cfg.probe.hook, **details)
         self.ranks.barrier()
         direction = ConceptDirection.load(path)
-        direction.check_compatible(self.adapter)
+        check_direction_compatible(direction, self.adapter)
         return direction
 
     def _make_direction(self, path: Path) -> dict:
-        from probes import ConceptDirection, collect_activations, train_probe
+        from probes import ConceptDirection, train_probe
+
+        from .activations import collect_activations
+        from .concepts import check_direction_compatible
 
         p = self.cfg.probe
         if p.direction is not None:
@@ -271,7 +276,7 @@ class Pipeline:
             if direction.hook_name != p.hook:
                 raise RunError(f"{p.direction}: the direction is for hook {direction.hook_name!r}, "
                                f"the config says probe.hook = {p.hook!r}")
-            direction.check_compatible(self.adapter)
+            check_direction_compatible(direction, self.adapter)
         else:
             self.adapter.check_hook(p.hook)
             acts = [collect_activations(self.adapter, self._tokenize(f, p.max_examples), p.hook, p.reduction,

@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from concept_influence.fileio import atomic_write_text, load_tensors, save_tensors
-from concept_influence.models import ModelAdapter, block_of_hook
+from .fileio import atomic_write_text, load_tensors, save_tensors
+from .hooks import block_of_hook
 
 __all__ = ["DirectionError", "ConceptDirection", "DIRECTION_KINDS", "load_persona_vector"]
 
 DIRECTION_KINDS = ("logistic", "diff_means", "persona_vector", "sae_decoder", "sae_encoder", "custom")
-_FORMAT = "concept_influence.ConceptDirection"
+_FORMAT = "concept_influence.ConceptDirection"  # the sidecar's format tag, a name not an import: files keep it
 _FORMAT_VERSION = 1
 
 
@@ -83,18 +83,6 @@ class ConceptDirection:
     def unit(self) -> torch.Tensor:
         """The unit vector ``v / ‖v‖``."""
         return self.vector / self.vector.norm()
-
-    def check_compatible(self, adapter: ModelAdapter) -> None:
-        """Raise :class:`~concept_influence.models.HookError` for a hook the model lacks and
-        :class:`DirectionError` for a vector of the wrong size or a layer beyond the model's blocks."""
-        adapter.check_hook(self.hook_name)
-        if self.vector.numel() != adapter.d_model:
-            raise DirectionError(
-                f"direction at hook {self.hook_name!r} has size {self.vector.numel()}, "
-                f"but the model's d_model is {adapter.d_model}"
-            )
-        if self.layer >= adapter.n_blocks:
-            raise DirectionError(f"layer {self.layer} is out of range: the model has blocks 0..{adapter.n_blocks - 1}")
 
     def save(self, path: str | Path) -> Path:
         """Write ``path`` (safetensors, tensor ``"vector"``) and the JSON sidecar ``path`` with suffix

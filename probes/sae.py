@@ -13,11 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
-from concept_influence.models import ModelAdapter
-
 from .directions import ConceptDirection, DirectionError
 
-__all__ = ["SAEError", "load_sae", "load_pretrained_sae", "sae_direction", "check_sae_compatible", "check_latents"]
+__all__ = ["SAEError", "load_sae", "load_pretrained_sae", "sae_direction", "sae_hooks", "check_latents"]
 
 _CFG_FILE = "cfg.json"
 _WEIGHTS_FILE = "sae_weights.safetensors"
@@ -64,7 +62,7 @@ def load_pretrained_sae(release: str, sae_id: str, device: str = "cpu"):
     return sae
 
 
-def _hooks(sae) -> tuple[str | None, str | None]:
+def sae_hooks(sae) -> tuple[str | None, str | None]:
     """The hooks the SAE reads from and writes to (the same one unless it is a transcoder)."""
     meta = sae.cfg.metadata
     return meta.hook_name, meta.hook_name_out or meta.hook_name
@@ -91,7 +89,7 @@ def sae_direction(sae, latent: int, which: str = "decoder", hook_name: str | Non
         raise ValueError(f"which must be 'decoder' or 'encoder', got {which!r}")
     (latent,) = check_latents(sae, [latent])
     d_sae = sae.cfg.d_sae
-    read_hook, write_hook = _hooks(sae)
+    read_hook, write_hook = sae_hooks(sae)
     sae_hook = write_hook if which == "decoder" else read_hook
     hook = hook_name or sae_hook
     if hook is None:
@@ -109,21 +107,3 @@ def sae_direction(sae, latent: int, which: str = "decoder", hook_name: str | Non
         "source": meta.loaded_from,
     }
     return ConceptDirection(vector, hook, kind=f"sae_{which}", metadata=metadata)
-
-
-def check_sae_compatible(sae, adapter: ModelAdapter, hook_name: str | None = None) -> None:
-    """Raise when the SAE does not fit the model: its width (``d_in``, and the decoder's output width)
-    must equal ``adapter.d_model`` and its hooks must exist (``adapter.check_hook`` raises
-    :class:`~concept_influence.models.HookError` with close matches)."""
-    read_hook, write_hook = _hooks(sae)
-    hooks = {hook_name} if hook_name else {read_hook, write_hook}
-    if None in hooks:
-        raise SAEError("the SAE's config records no hook name (cfg.metadata.hook_name); pass hook_name=")
-    for hook in sorted(hooks):
-        adapter.check_hook(hook)
-    for what, width in (("d_in", sae.W_enc.shape[0]), ("decoder output width", sae.W_dec.shape[1])):
-        if width != adapter.d_model:
-            raise SAEError(
-                f"SAE {what} is {width} but the model's d_model is {adapter.d_model} (hook {sorted(hooks)[0]!r}); "
-                "the SAE was trained on a different model or hook"
-            )

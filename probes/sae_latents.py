@@ -1,33 +1,20 @@
-"""Which SAE latents carry a behaviour: per-example latent activations, latents ranked by how well they separate
-concept-positive from concept-negative texts (and by cosine with a probe), their top activating examples, and a
-latent as a concept function.
-
-Activations are read on the same tokens as concepts (``response_mean``: the response tokens; ``last_prompt``;
-``all_tokens``): for each example the mean and the maximum of every latent over those tokens, and the token where
-the maximum is reached.
-"""
+"""Which SAE latents carry a behaviour, from latent activations already collected: per-example activations
+(:class:`LatentActivations`, the mean and maximum of every latent over each example's tokens and where the maximum
+is), and latents ranked by how well they separate concept-positive from concept-negative examples (and by cosine
+with a probe)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from concept_influence.data import TokenizedExample, iter_batches
-from concept_influence.models import ModelAdapter
-
-from .activations import REDUCTIONS, reduce_tokens, token_mask
 from .directions import ConceptDirection
-from .sae import SAEError, check_latents, check_sae_compatible, sae_direction
+from .sae import SAEError
 
-__all__ = ["LatentActivations", "LatentRanking", "latent_activations", "rank_latents", "latent_separation",
-           "top_activating_examples", "describe_latents", "latent_concept", "auroc_columns",
-           "format_top_examples", "LATENT_CONCEPT_KINDS", "SORT_KEYS"]
-
-LATENT_CONCEPT_KINDS = ("activation", "decoder", "encoder")
+__all__ = ["LatentActivations", "LatentRanking", "latent_separation", "auroc_columns", "SORT_KEYS"]
 
 
 @dataclass
@@ -68,35 +55,6 @@ class LatentActivations:
         rows = list(rows)
         return LatentActivations([self.ids[i] for i in rows], self.mean[rows], self.max[rows], self.argmax[rows],
                                  self.latents, self.hook_name, self.reduction)
-
-
-@torch.no_grad()
-def latent_activations(sae, adapter: ModelAdapter, examples: Sequence[TokenizedExample], *,
-                       reduction: str = "response_mean", latents: Sequence[int] | None = None,
-                       hook_name: str | None = None, batch_size: int = 16, progress: bool = False) -> LatentActivations:
-    """Mean and maximum activation of each latent (all, or ``latents``) over each example's ``reduction`` tokens.
-    The SAE is checked against the model first (hook and width); the forward stops after the hook's block."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
-    check_sae_compatible(sae, adapter, hook_name)
-    hook = hook_name or sae.cfg.metadata.hook_name
-    cols = np.arange(sae.cfg.d_sae) if latents is None else np.asarray(check_latents(sae, latents), dtype=int)
-    idx = torch.from_numpy(cols)
-    means, maxes, argmaxes, ids = [], [], [], []
-    n_batches = (len(examples) + batch_size - 1) // batch_size
-    for batch in tqdm(iter_batches(examples, batch_size, adapter.pad_token_id), total=n_batches,
-                      desc="latent activations", disable=not progress, leave=False):
-        z = sae.encode(adapter.activations(batch, hook).float().to(sae.W_enc.device))[..., idx].float().cpu()
-        mask = token_mask(batch, reduction).cpu()
-        means.append(reduce_tokens(z, batch, reduction))
-        best = z.masked_fill(~mask[..., None], float("-inf")).max(dim=1)
-        maxes.append(torch.where(mask.any(1, keepdim=True), best.values, torch.zeros_like(best.values)))
-        argmaxes.append(best.indices)
-        ids.extend(batch.ids)
-    d = len(cols)
-    cat = lambda xs, dt: torch.cat(xs).numpy().astype(dt) if xs else np.zeros((0, d), dt)  # noqa: E731
-    return LatentActivations(ids, cat(means, np.float32), cat(maxes, np.float32), cat(argmaxes, np.int64), cols,
-                             hook, reduction)
 
 
 def auroc_columns(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
@@ -163,7 +121,10 @@ SORT_KEYS = ("auroc", "diff", "cos_decoder", "cos_encoder")
 
 def latent_separation(positive: LatentActivations, negative: LatentActivations, sae=None,
                       probe_direction: ConceptDirection | None = None, sort_by: str = "auroc") -> LatentRanking:
-    """Rank latents from activations already collected (see :func:`rank_latents`)."""
+    """Rank every latent by how well its activation (the per-example means of ``positive`` and ``negative``,
+    collected on the same latents) separates concept-positive from concept-negative examples: AUROC (default), mean
+    difference, or — given the SAE and a probe — the cosine of its decoder row or encoder column with the probe
+    direction (``sort_by``)."""
     if not np.array_equal(positive.latents, negative.latents):
         raise SAEError("positive and negative activations were collected for different latents")
     if sort_by not in SORT_KEYS:
@@ -190,93 +151,3 @@ def latent_separation(positive: LatentActivations, negative: LatentActivations, 
     cols = {k: np.asarray(v, dtype=np.float64) for k, v in cols.items()}
     order = np.lexsort((-cols["diff"], -cols[sort_by]))  # ties (e.g. dead latents at AUROC 0.5) by difference
     return LatentRanking(positive.latents, cols, sort_by, order)
-
-
-def rank_latents(sae, adapter: ModelAdapter, positive: Sequence[TokenizedExample],
-                 negative: Sequence[TokenizedExample], probe_direction: ConceptDirection | None = None, *,
-                 reduction: str = "response_mean", sort_by: str = "auroc", batch_size: int = 16,
-                 progress: bool = False) -> LatentRanking:
-    """Rank every SAE latent by how well its activation (mean over each example's ``reduction`` tokens) separates
-    concept-positive from concept-negative examples: AUROC (default), mean difference, or — given a probe — the
-    cosine of its decoder row or encoder column with the probe direction (``sort_by``)."""
-    pos, neg = (latent_activations(sae, adapter, x, reduction=reduction, batch_size=batch_size, progress=progress)
-                for x in (positive, negative))
-    return latent_separation(pos, neg, sae, probe_direction, sort_by)
-
-
-def _snippet(tokenizer, ids: Sequence[int], pos: int, before: int, after: int) -> str:
-    left = tokenizer.decode(list(ids[max(pos - before, 0): pos]))
-    tok = tokenizer.decode([ids[pos]])
-    right = tokenizer.decode(list(ids[pos + 1: pos + 1 + after]))
-    return " ".join(f"{left}⟦{tok}⟧{right}".split())
-
-
-def top_activating_examples(acts: LatentActivations, examples: Sequence[TokenizedExample], tokenizer, latent: int,
-                            k: int = 5, context: int = 8) -> list[dict]:
-    """The ``k`` examples where ``latent`` reaches its highest activation (over the reduction's tokens): id,
-    maximum and mean activation, the token at the maximum and a snippet of ``context`` tokens around it
-    (the token in ⟦ ⟧). ``examples`` must be those ``acts`` was collected on, in order."""
-    if [e.id for e in examples] != acts.ids:
-        raise ValueError("examples do not match the ids the activations were collected on")
-    j = acts.column(latent)
-    order = np.argsort(-acts.max[:, j], kind="stable")[:k]
-    out = []
-    for i in order:
-        if acts.max[i, j] <= 0:
-            break
-        e, pos = examples[i], int(acts.argmax[i, j])
-        out.append({"id": e.id, "max": float(acts.max[i, j]), "mean": float(acts.mean[i, j]),
-                    "token": tokenizer.decode([e.input_ids[pos]]),
-                    "snippet": _snippet(tokenizer, e.input_ids, pos, context, context // 2)})
-    return out
-
-
-def describe_latents(acts: LatentActivations, examples: Sequence[TokenizedExample], tokenizer,
-                     latents: Sequence[int], n_tokens: int = 3, k: int = 20) -> dict[int, str]:
-    """A short label per latent: the most frequent distinct tokens at its maximum over its ``k`` top examples
-    (``"—"`` for a latent that never fires on these examples)."""
-    labels = {}
-    for latent in latents:
-        counts: dict[str, int] = {}
-        for ex in top_activating_examples(acts, examples, tokenizer, latent, k, context=0):
-            t = repr(ex["token"].strip() or ex["token"])
-            counts[t] = counts.get(t, 0) + 1
-        labels[int(latent)] = ", ".join(sorted(counts, key=lambda t: -counts[t])[:n_tokens]) or "—"
-    return labels
-
-
-def latent_concept(sae, latents: int | Sequence[int], eval_examples: Sequence[TokenizedExample] | None = None, *,
-                   kind: str = "activation", adapter: ModelAdapter | None = None, hook_name: str | None = None,
-                   reduction: str = "response_mean"):
-    """A concept function built on SAE latents, for every estimator (Concept Influence, gradient dot, the fast
-    probe projection): ``kind="activation"`` reads the latents' activations (nonlinear), ``"decoder"``/``"encoder"``
-    project on their decoder rows / encoder columns. With ``adapter`` the SAE is checked against the model first
-    (hook and ``d_in``); latent indices are checked against ``d_sae``."""
-    from concept_influence.concepts import ConceptFunction
-
-    if kind not in LATENT_CONCEPT_KINDS:
-        raise ValueError(f"kind must be one of {LATENT_CONCEPT_KINDS}, got {kind!r}")
-    latents = check_latents(sae, [latents] if isinstance(latents, (int, np.integer)) else list(latents))
-    if not latents:
-        raise SAEError("latent_concept needs at least one latent")
-    if adapter is not None:
-        check_sae_compatible(sae, adapter, hook_name)
-    if kind == "activation":
-        return ConceptFunction.from_sae_latents(sae, latents, eval_examples, hook_name, reduction)
-    directions = []
-    for i in latents:
-        d = sae_direction(sae, i, kind, hook_name)
-        d.metadata["name"] = f"sae_{kind}_{i}"
-        directions.append(d)
-    return ConceptFunction.from_directions(directions, eval_examples, reduction)
-
-
-def format_top_examples(examples_by_latent: Mapping[int, list[dict]], labels: Mapping[int, str] | None = None) -> str:
-    """Markdown: for each latent, its top activating examples (activation and snippet)."""
-    lines = []
-    for latent, rows in examples_by_latent.items():
-        label = f" ({labels[latent]})" if labels and latent in labels else ""
-        lines += [f"**latent {latent}**{label}", ""]
-        lines += [f"- {r['max']:.2f} `{r['id']}`: {r['snippet']}" for r in rows] or ["- (never active)"]
-        lines.append("")
-    return "\n".join(lines)

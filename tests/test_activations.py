@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+from concept_influence.activations import collect_activations
 from concept_influence.data import TokenizedExample, collate
 from concept_influence.models import HookedTransformerAdapter, HookError, block_of_hook
-from probes.activations import REDUCTIONS, Activations, collect_activations, reduce_tokens, token_mask
+from probes.activations import REDUCTIONS, Activations, reduce_tokens, token_mask
 
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"]

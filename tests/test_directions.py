@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from concept_influence.concepts import check_direction_compatible
 from concept_influence.models import HookError
 from probes import ConceptDirection, DirectionError, load_persona_vector
 
@@ -50,16 +51,16 @@ def test_layer_and_kind_validation():
         ConceptDirection(torch.ones(3), "blocks.1.hook_resid_post", kind="pca")
 
 
-def test_check_compatible(tl_adapter):
-    _direction().check_compatible(tl_adapter)
+def test_check_direction_compatible(tl_adapter):
+    check_direction_compatible(_direction(), tl_adapter)
     with pytest.raises(DirectionError, match=r"blocks\.1\.hook_resid_post.*size 16.*d_model is 32"):
-        _direction(d=16).check_compatible(tl_adapter)
+        check_direction_compatible(_direction(d=16), tl_adapter)
     with pytest.raises(HookError, match="close matches: blocks.1.hook_resid_post"):
-        _direction(hook="blocks.1.hook_resid_pots").check_compatible(tl_adapter)
+        check_direction_compatible(_direction(hook="blocks.1.hook_resid_pots"), tl_adapter)
     with pytest.raises(HookError, match=r"layer 5 .* out of range.*0\.\.1"):
-        _direction(hook="blocks.5.hook_resid_post").check_compatible(tl_adapter)
+        check_direction_compatible(_direction(hook="blocks.5.hook_resid_post"), tl_adapter)
     with pytest.raises(DirectionError, match=r"layer 7 is out of range"):
-        ConceptDirection(torch.ones(32), "ln_final.hook_normalized", layer=7).check_compatible(tl_adapter)
+        check_direction_compatible(ConceptDirection(torch.ones(32), "ln_final.hook_normalized", layer=7), tl_adapter)
 
 
 def test_save_load_round_trip(tmp_path):
@@ -133,7 +134,7 @@ def test_persona_vector_row_to_hook(persona_file, tl_adapter):
         assert (d.hook_name, d.layer) == (f"blocks.{row - 1}.hook_resid_post", row - 1)
         assert torch.equal(d.vector, t[row].float())
         assert d.metadata["hidden_states_index"] == row and d.metadata["source"] == str(path)
-        d.check_compatible(tl_adapter)
+        check_direction_compatible(d, tl_adapter)
     hf = load_persona_vector(path, 2, hook_template="blocks.{block}.hook_resid_pre")
     assert hf.hook_name == "blocks.1.hook_resid_pre"
 

@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 import torch
 
+from concept_influence.activations import collect_activations
+from concept_influence.concepts import check_direction_compatible
 from concept_influence.benchmarks.smallmodel import train_model
 from concept_influence.data import ChatExample, tokenize_examples
 from probes import (
     Activations,
     ConceptDirection,
     DirectionError,
-    collect_activations,
     train_diff_means_probe,
     train_logistic_probe,
     train_probe,
@@ -165,4 +166,4 @@ def test_probe_finds_concept_in_tiny_model(tl_adapter, tokenizer):
         assert res.direction.hook_name == HOOK and res.direction.vector.shape == (32,)
         assert res.metrics["roc_auc"] >= 0.9, (kind, res.metrics)
         assert res.metrics["reduction"] == "response_mean"
-        res.direction.check_compatible(tl_adapter)
+        check_direction_compatible(res.direction, tl_adapter)

@@ -4,12 +4,13 @@ compatibility checks."""
 import pytest
 import torch
 
+from concept_influence.concepts import check_direction_compatible
 from concept_influence.models import HookError
+from concept_influence.sae_concepts import check_sae_compatible
 from probes import (
     ConceptDirection,
     DirectionError,
     SAEError,
-    check_sae_compatible,
     load_pretrained_sae,
     load_sae,
     sae_direction,
@@ -107,7 +108,7 @@ def test_check_sae_compatible(tl_adapter):
     check_sae_compatible(_make_sae(hook=None), tl_adapter, hook_name="blocks.0.hook_resid_post")
     # a direction from a mismatched SAE is caught by the direction's own check as well
     with pytest.raises(DirectionError, match="size 48"):
-        sae_direction(_make_sae(d_in=48), 0).check_compatible(tl_adapter)
+        check_direction_compatible(sae_direction(_make_sae(d_in=48), 0), tl_adapter)
 
 
 def test_load_pretrained_sae_errors(monkeypatch, tmp_path):

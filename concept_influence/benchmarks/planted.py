@@ -27,8 +27,9 @@ from typing import Sequence
 
 import numpy as np
 
-from probes import collect_activations, train_logistic_probe
+from probes import train_logistic_probe
 
+from ..activations import collect_activations
 from ..concepts import ConceptFunction
 from ..curvature import fit_curvature
 from ..data import ChatExample, DataError, TokenizedExample, tokenize_examples

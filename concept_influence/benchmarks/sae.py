@@ -20,8 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from probes.directions import ConceptDirection
-from probes.sae_latents import describe_latents, latent_activations, latent_concept, latent_separation, top_activating_examples
-from probes.sae_training import train_sae
+from probes.sae_latents import latent_separation
 
 from ..curvature import Curvature
 from ..data import TokenizedExample
@@ -30,6 +29,8 @@ from ..evaluation import retrieval_metrics
 from ..explain import explain_top
 from ..models import ModelAdapter
 from ..plots import plot_latent_influence
+from ..sae_concepts import describe_latents, latent_activations, latent_concept, top_activating_examples
+from ..sae_training import train_sae
 from ..scores import Scores
 
 __all__ = ["SAE_ESTIMATORS", "sae_section", "format_sae_report"]

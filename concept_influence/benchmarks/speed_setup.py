@@ -9,7 +9,9 @@ from typing import Sequence
 
 import torch
 
-from probes import collect_activations, train_logistic_probe
+from probes import train_logistic_probe
+
+from ..activations import collect_activations
 
 from ..concepts import ConceptFunction
 from ..data import TokenizedExample, tokenize_examples

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -29,6 +28,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from probes.hooks import block_of_hook
 
 from ..data import Batch
 
@@ -41,7 +42,6 @@ __all__ = [
     "per_token_mean_loss",
 ]
 
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
 class HookError(KeyError):
@@ -49,12 +49,6 @@ class HookError(KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
-
-
-def block_of_hook(hook_name: str) -> int | None:
-    """The block index in ``blocks.{l}.…``, or None for hooks outside the blocks."""
-    m = _BLOCK_RE.match(hook_name)
-    return int(m.group(1)) if m else None
 
 
 # Weight layouts, as stored in the parameter, mapped to the matrix convention (d_out, d_in).
