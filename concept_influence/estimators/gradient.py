@@ -84,6 +84,7 @@ class ConceptInfluence(GradientEstimator):
     Only maps in blocks up to the concept's layer are tracked (no gradient reaches later ones)."""
 
     name = "concept_influence"
+    run_inputs = ("concept", "curvature")
 
     def __init__(self, concept: ConceptFunction, curvature: str | Curvature = "ekfac", **kwargs):
         super().__init__(curvature, **kwargs)
@@ -108,6 +109,7 @@ class ConceptGradDot(ConceptInfluence):
     step on z, divided by the learning rate)."""
 
     name = "concept_grad_dot"
+    run_inputs = ("concept",)
 
     def __init__(self, concept: ConceptFunction, **kwargs):
         super().__init__(concept, "identity", **kwargs)
