@@ -30,7 +30,6 @@ import gc
 import json
 import logging
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -54,6 +53,7 @@ from ..demo_corpus import make_demo_corpus
 from ..estimators import ConceptInfluence, ProbeProjection
 from ..fileio import atomic_write_text, load_tensors, save_tensors
 from ..models import HFCausalLMAdapter, ModelAdapter, per_token_mean_loss
+from ..provenance import machine_description
 from ..smallmodel import build_small_model, load_tokenizer, train_bpe_tokenizer, train_model
 
 __all__ = ["SpeedConfig", "run_speed_benchmark", "kronfluence_concept_scores", "machine_description", "format_markdown"]
@@ -122,37 +122,6 @@ class _Data:
     probe_positive: list[TokenizedExample]
     probe_negative: list[TokenizedExample]
     evals: list[TokenizedExample]
-
-
-def _package_version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
-
-def machine_description() -> dict:
-    """CPU model (``/proc/cpuinfo``), core counts, torch version and threads, library versions, load."""
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "transformers": _package_version("transformers"),
-        "transformer_lens": _package_version("transformer-lens"),
-        "kronfluence": _package_version("kronfluence"),
-        "load_average_start": list(os.getloadavg()),
-    }
 
 
 # ---- data and models ---------------------------------------------------------------------------------
