@@ -196,6 +196,24 @@ def test_a_changed_setting_is_refused_by_name_when_a_stage_resumes(finished, tmp
     assert "damping_factor" not in str(e.value)  # the scoring stage names only its own settings
 
 
+def test_scoring_settings_reach_the_estimator_and_the_merge(finished, project, tmp_path):
+    """[scoring] per_module/per_token (ScoringSettings) are kept per shard and merged in data order."""
+    direction, factors = finished / "probe" / "direction.safetensors", finished / "factors"
+    path = edited_config(project, 'positive = "pos.jsonl"\nnegative = "neg.jsonl"\nkind = "diff_means"\n',
+                         f'direction = "{direction}"\n', "per_module.toml")
+    path.write_text(path.read_text().replace("[factors]\n", f'[factors]\npath = "{factors}"\n')
+                    .replace("[scoring]\n", "[scoring]\nper_module = true\nper_token = true\n")
+                    .replace("[concept]\n", '[concept]\neval = "pos.jsonl"\n'))
+    run_config(RunConfig.read(path), tmp_path / "per_module", progress=False)
+    got = Scores.load(tmp_path / "per_module" / "scores" / "scores.safetensors")
+    reference = Scores.load(finished / "scores" / "scores.safetensors")
+    assert got.ids == reference.ids
+    np.testing.assert_allclose(got.values, reference.values, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(sum(got.per_module.values()), got.values, rtol=1e-6, atol=1e-9)
+    assert set(got.per_token) == set(got.ids)
+    np.testing.assert_allclose(got.per_token[got.ids[-1]].sum(0), got.values[-1], rtol=1e-6, atol=1e-9)
+
+
 # ---- resume --------------------------------------------------------------------------------------------
 def _start_and_kill(args: list[str], cwd: Path, ready, timeout: float = 120) -> None:
     """Start the CLI, SIGKILL it as soon as ``ready()`` holds; fail if it finished first."""
