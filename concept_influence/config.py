@@ -159,6 +159,7 @@ class RunConfig:
         return source
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as a nested JSON-ready dict (what ``config.json`` holds)."""
         return dataclasses.asdict(self)
 
     @classmethod
