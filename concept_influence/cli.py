@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 
 from .cli_sae import add_sae_benchmark_options, add_sae_commands, sae_benchmark_overrides
 
@@ -117,15 +118,25 @@ def _stage(*stages: str):
     return command
 
 
+def _settings_epilog() -> str:
+    """The keys of the config's [factors] and [scoring] sections, from the settings dataclasses' help texts."""
+    from .config import settings_help
+
+    lines = [textwrap.fill(line, 100, subsequent_indent="      ", break_on_hyphens=False) for line in settings_help()]
+    return "config keys of [factors] and [scoring] (key = default: help):\n  " + "\n  ".join(lines)
+
+
 def _add_pipeline_commands(sub) -> None:
     launch = ("Under torchrun (e.g. `torchrun --nproc-per-node 2 -m concept_influence ...`) the work is shared "
               "between processes (gloo on CPU, NCCL on GPU).")
     run = sub.add_parser(
         "run", help="every stage of a run config: probe, factors, scores, report",
-        description="Run every stage of CONFIG (TOML or JSON; see concept_influence/config.py) in a run folder: "
-                    "train the probe, fit the EK-FAC factors, score the training data shard by shard, write the "
-                    "report. Starting the same command again resumes from the last finished shard; "
-                    "`concept-influence run RUN/config.json` replays a run. " + launch)
+        description=textwrap.fill(
+            "Run every stage of CONFIG (TOML or JSON; see concept_influence/config.py) in a run folder: train the "
+            "probe, fit the EK-FAC factors, score the training data shard by shard, write the report. Starting the "
+            "same command again resumes from the last finished shard; `concept-influence run RUN/config.json` "
+            "replays a run. " + launch, 100),
+        epilog=_settings_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("config", metavar="CONFIG", help="run config (.toml or .json)")
     run.add_argument("--out", help="run folder (default: the config's `out`)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -19,7 +19,9 @@ positive/negative texts at a hook, or a saved direction), the curvature, the est
     estimator = "concept_influence"
 
 Relative paths are relative to the config file's folder. Unknown keys, wrong types and bad choices are
-errors that name the key.
+errors that name the key. The ``[factors]`` and ``[scoring]`` sections are the fields of
+:class:`~concept_influence.curvature.CurvatureSettings` and :class:`~concept_influence.scoring.ScoringSettings`
+plus the keys only a run folder needs; ``concept-influence run --help`` lists them with their help text.
 """
 
 from __future__ import annotations
@@ -33,29 +35,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "RunConfig", "ESTIMATOR_CHOICES"]
+from probes import PROBE_KINDS, REDUCTIONS
 
-ESTIMATOR_CHOICES = ("concept_influence", "concept_grad_dot", "probe_projection")
+from .curvature import CurvatureSettings
+from .estimators import RUN_ESTIMATORS
+from .scoring import ScoringSettings
+from .settings import check_value, narrowed, option
+
+__all__ = ["ConfigError", "RunConfig", "FactorsConfig", "ScoringConfig", "settings_help"]
 
 
 class ConfigError(ValueError):
     """A run config cannot be used; the message names the file and the key."""
 
 
-def _path(**kwargs):
-    return field(metadata={"path": True}, **kwargs)
-
-
-def _choice(*options, default):
-    return field(default=default, metadata={"choices": options})
-
-
 @dataclass
 class ModelConfig:
     """``path``: model folder (:func:`concept_influence.models.load_model`); ``device``: auto, cpu or cuda."""
 
-    path: str = _path()
-    device: str = _choice("auto", "cpu", "cuda", default="auto")
+    path: str = option(path=True)
+    device: str = option("auto", choices=("auto", "cpu", "cuda"))
 
 
 @dataclass
@@ -63,8 +62,8 @@ class DataConfig:
     """``train``: the chat JSONL to score. Examples whose response is cut away at ``max_length`` are
     skipped (``skip_truncated``) or are an error."""
 
-    train: str = _path()
-    max_length: int = 512
+    train: str = option(path=True)
+    max_length: int = option(512, minimum=1)
     skip_truncated: bool = True
 
 
@@ -74,11 +73,11 @@ class ProbeConfig:
     texts (at most ``max_examples`` each), or the saved ``direction`` file."""
 
     hook: str
-    positive: str | None = _path(default=None)
-    negative: str | None = _path(default=None)
-    direction: str | None = _path(default=None)
-    kind: str = _choice("logistic", "diff_means", default="logistic")
-    reduction: str = _choice("response_mean", "last_prompt", "all_tokens", default="response_mean")
+    positive: str | None = option(None, path=True)
+    negative: str | None = option(None, path=True)
+    direction: str | None = option(None, path=True)
+    kind: str = option("logistic", choices=PROBE_KINDS)
+    reduction: str = option("response_mean", choices=REDUCTIONS)
     max_examples: int | None = None
     seed: int = 0
 
@@ -88,41 +87,49 @@ class ConceptConfig:
     """f(θ) = the projection on the direction, averaged over ``eval`` (default: the probe's positive
     texts), at most ``max_examples`` of them."""
 
-    eval: str | None = _path(default=None)
+    eval: str | None = option(None, path=True)
     max_examples: int = 256
-    reduction: str = _choice("response_mean", "last_prompt", "all_tokens", default="response_mean")
+    reduction: str = option("response_mean", choices=REDUCTIONS)
 
 
 @dataclass
-class FactorsConfig:
-    """The curvature for ``concept_influence``: fitted on the first ``max_examples`` training examples
-    (all when unset) in shards of ``shard_size``, or read from ``path`` (a saved curvature folder)."""
+class FactorsConfig(CurvatureSettings):
+    """``[factors]``: the curvature for ``concept_influence``, fitted as :class:`CurvatureSettings` say (K-FAC or
+    EK-FAC only) on the training data streamed in shards, or read from ``path``."""
 
-    strategy: str = _choice("ekfac", "kfac", default="ekfac")
-    fisher: str = _choice("true", "empirical", default="true")
-    damping: float | None = None
-    damping_factor: float = 0.1
-    max_examples: int | None = None
-    shard_size: int = 1024
-    batch_size: int = 8
-    seed: int = 0
-    path: str | None = _path(default=None)
+    strategy: str = narrowed(CurvatureSettings, "strategy", ("ekfac", "kfac"))
+    max_examples: int | None = option(None, "fit on the first max_examples training examples; unset: all")
+    shard_size: int = option(1024, "examples per shard; a checkpoint is written after each", minimum=1)
+    path: str | None = option(None, "a saved curvature folder to use instead of fitting one", path=True)
+
+    def settings(self) -> CurvatureSettings:
+        """The settings :func:`~concept_influence.curvature.fit_curvature` takes."""
+        return self.project(CurvatureSettings)
 
 
 @dataclass
-class ScoringConfig:
-    """Which estimator scores the training data, in shards of ``shard_size`` examples."""
+class ScoringConfig(ScoringSettings):
+    """``[scoring]``: which estimator scores the training data, in shards, as :class:`ScoringSettings` say."""
 
-    estimator: str = _choice(*ESTIMATOR_CHOICES, default="concept_influence")
-    batch_size: int = 8
-    shard_size: int = 1024
+    estimator: str = option("concept_influence", "the estimator that scores the training data", choices=RUN_ESTIMATORS)
+    shard_size: int = option(1024, "examples per score shard (one file each; a resumed run restarts at the first "
+                                   "missing shard)", minimum=1)
+
+    def settings(self) -> ScoringSettings:
+        """The settings the gradient estimators score with."""
+        return self.project(ScoringSettings)
+
+
+def settings_help() -> list[str]:
+    """One line per key of the ``[factors]`` and ``[scoring]`` sections, with its default and help text."""
+    return FactorsConfig.help_lines("factors.") + ScoringConfig.help_lines("scoring.")
 
 
 @dataclass
 class ReportConfig:
     """How many top- and bottom-ranked examples the report shows."""
 
-    top_k: int = 20
+    top_k: int = option(20, minimum=1)
 
 
 @dataclass
@@ -136,18 +143,12 @@ class RunConfig:
     factors: FactorsConfig = field(default_factory=FactorsConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
-    out: str | None = _path(default=None)
+    out: str | None = option(None, path=True)
 
     def __post_init__(self) -> None:
         p = self.probe
         if p.direction is None and (p.positive is None or p.negative is None):
             raise ConfigError("probe: give either `direction` (a saved direction) or both `positive` and `negative`")
-        for section in (self.data, self.factors, self.scoring):
-            for name in ("max_length", "shard_size", "batch_size"):
-                if hasattr(section, name) and getattr(section, name) < 1:
-                    raise ConfigError(f"{_section_name(section)}.{name} must be >= 1, got {getattr(section, name)}")
-        if self.report.top_k < 1:
-            raise ConfigError(f"report.top_k must be >= 1, got {self.report.top_k}")
 
     @property
     def concept_eval(self) -> str:
@@ -158,6 +159,7 @@ class RunConfig:
         return source
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as a nested JSON-ready dict (what ``config.json`` holds)."""
         return dataclasses.asdict(self)
 
     @classmethod
@@ -183,10 +185,6 @@ class RunConfig:
         except (ValueError, UnicodeDecodeError) as e:  # tomllib.TOMLDecodeError and JSONDecodeError are ValueErrors
             raise ConfigError(f"{path}: cannot parse ({e})") from None
         return cls.from_dict(data, str(path), path.resolve().parent)
-
-
-def _section_name(section) -> str:
-    return type(section).__name__.removesuffix("Config").lower()
 
 
 def _accepts(value: Any, hint: Any) -> bool:
@@ -226,9 +224,9 @@ def _build(cls, data: Any, source: str, prefix: str, base: Path | None):
             continue
         if not _accepts(value, hint):
             raise ConfigError(f"{source}: '{key}' must be {_describe(hint)}, got {value!r}")
-        choices = f.metadata.get("choices")
-        if choices and value not in choices:
-            raise ConfigError(f"{source}: '{key}' must be one of {', '.join(choices)}; got {value!r}")
+        problem = check_value(key, value, f)
+        if problem:
+            raise ConfigError(f"{source}: {problem}")
         if f.metadata.get("path") and value is not None and base is not None:
             value = str((base / value).resolve()) if not Path(value).is_absolute() else value
         kwargs[name] = value
@@ -236,6 +234,8 @@ def _build(cls, data: Any, source: str, prefix: str, base: Path | None):
         return cls(**kwargs)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+    except ValueError as e:  # a check of a settings class across fields, e.g. the damping
+        raise ConfigError(f"{source}: {prefix}{e}") from None
 
 
 def _describe(hint: Any) -> str:

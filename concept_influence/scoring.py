@@ -8,7 +8,8 @@ one matrix product per map for all K queries at once; per-example gradients are 
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -17,8 +18,21 @@ from .data import TokenizedExample
 from .gradients import captured_batches, check_finite
 from .models import LinearMap, ModelAdapter
 from .scores import Scores
+from .settings import Settings, option
 
-__all__ = ["ScoringError", "score_with_queries", "token_query_scores"]
+__all__ = ["ScoringError", "ScoringSettings", "score_with_queries", "token_query_scores"]
+
+
+@dataclass
+class ScoringSettings(Settings):
+    """How the gradient estimators score (:func:`score_with_queries`); also the run config's ``[scoring]``
+    keys and the settings saved in a run folder's ``scores/settings.json``."""
+
+    batch_size: int = option(8, "examples per forward/backward", minimum=1)
+    loss_tokens: str = option("response", "the tokens whose loss L(z) is differentiated: the response, or all "
+                                          "tokens (gradient estimators)", choices=("response", "all"))
+    per_module: bool = option(False, "also keep each linear map's share of the score (gradient estimators)")
+    per_token: bool = option(False, "also keep each example's per-token shares (gradient estimators)")
 
 
 class ScoringError(RuntimeError):
@@ -42,20 +56,21 @@ def score_with_queries(
     examples: Sequence[TokenizedExample],
     maps: Sequence[LinearMap],
     queries: dict[str, torch.Tensor],
+    settings: ScoringSettings | None = None,
     *,
     estimator: str,
     columns: Sequence[str],
     sign: float = 1.0,
-    batch_size: int = 8,
-    loss_tokens: str = "response",
-    per_module: bool = False,
-    per_token: bool = False,
     metadata: dict | None = None,
     progress: bool = True,
+    **changes: Any,
 ) -> Scores:
     """Score every example: ``sign × Σ_maps ⟨Q_map, ∇_map L(z)⟩`` for each of the K queries
-    (``queries[name]`` is ``[K, d_out, d_in]``). ``per_module`` keeps each map's share;
-    ``per_token`` keeps each example's ``[n_tokens, K]`` token shares."""
+    (``queries[name]`` is ``[K, d_out, d_in]``) as ``settings`` say (see :class:`ScoringSettings`), with
+    ``changes`` to single settings given as keywords (``batch_size=4, per_module=True``). ``per_module``
+    keeps each map's share; ``per_token`` keeps each example's ``[n_tokens, K]`` token shares."""
+    s = (settings or ScoringSettings()).replace(**changes)
+    per_module, per_token = s.per_module, s.per_token
     if not examples:
         raise ScoringError("no examples to score")
     maps = [m for m in maps if m.name in queries]
@@ -68,7 +83,7 @@ def score_with_queries(
     rows: list[np.ndarray] = []
     module_rows: list[np.ndarray] = []
     token_rows: dict[str, np.ndarray] = {}
-    for batch, captured in captured_batches(adapter, examples, maps, batch_size=batch_size, loss_tokens=loss_tokens,
+    for batch, captured in captured_batches(adapter, examples, maps, batch_size=s.batch_size, loss_tokens=s.loss_tokens,
                                             error=ScoringError, desc=f"score {estimator}", progress=progress):
         per_map = torch.zeros(len(batch), K, len(maps), device=device)
         per_tok = torch.zeros(len(batch), batch.input_ids.shape[1], K, device=device) if per_token else None

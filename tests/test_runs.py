@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from concept_influence.config import ConfigError, RunConfig
-from concept_influence.curvature import fit_curvature
+from concept_influence.curvature import CurvatureSettings, fit_curvature
 from concept_influence.data import load_chat_jsonl, tokenize_examples
 from concept_influence.estimators import ConceptInfluence, ProbeProjection
 from concept_influence.concepts import ConceptFunction
@@ -25,6 +25,7 @@ from concept_influence.fileio import file_sha256
 from concept_influence.models import load_model
 from concept_influence.runs import RUN_FORMAT_VERSION, Run, RunError, run_config, run_stages
 from concept_influence.scores import Scores
+from concept_influence.scoring import ScoringSettings
 from probes import ConceptDirection
 
 from runfolder import N_TRAIN, cli, cli_env, make_project
@@ -101,8 +102,8 @@ def test_run_folder_describes_itself(finished, project):
     assert record["fingerprints"]["model"] == load_model(project / "model").fingerprint()
     assert record["stages"]["scores"]["data_sha256"] == file_sha256(project / "train.jsonl")
     manifest = json.loads((finished / "manifest.json").read_text())["files"]
-    for rel in ("config.json", "probe/direction.safetensors", "factors/curvature.safetensors",
-                "factors/statistics/covariance.safetensors", "scores/scores.safetensors", "scores/shards/shard-000006.json",
+    for rel in ("config.json", "probe/direction.safetensors", "factors/settings.json", "factors/curvature.safetensors",
+                "factors/statistics/covariance.safetensors", "scores/settings.json", "scores/scores.safetensors", "scores/shards/shard-000006.json",
                 "report/report.md", "report/score_distribution.png"):
         assert rel in manifest, rel
     assert manifest["scores/scores.safetensors"]["sha256"] == file_sha256(finished / "scores/scores.safetensors")
@@ -165,6 +166,52 @@ def test_running_a_finished_run_again_recomputes_nothing(finished):
     before[finished / "factors" / "curvature.safetensors"] = (finished / "factors" / "curvature.safetensors").stat().st_mtime_ns
     run_config(RunConfig.read(finished / "config.json"), progress=False)
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+
+
+def test_each_stage_saves_its_settings(finished):
+    """factors/settings.json and scores/settings.json hold the config's [factors] and [scoring] sections, and
+    read back as the settings the API takes."""
+    cfg = RunConfig.read(finished / "config.json")
+    for folder, section, settings_class in (("factors", cfg.factors, CurvatureSettings),
+                                            ("scores", cfg.scoring, ScoringSettings)):
+        saved = json.loads((finished / folder / "settings.json").read_text())
+        assert saved == section.to_dict()
+        assert type(section)(**saved).settings() == section.project(settings_class) == section.settings()
+    assert cfg.factors.settings() == CurvatureSettings()  # the project's config keeps the defaults
+
+
+def test_a_changed_setting_is_refused_by_name_when_a_stage_resumes(finished, tmp_path):
+    edited = tmp_path / "edited"
+    shutil.copytree(finished, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["factors"]["damping_factor"] = 0.2
+    config["scoring"]["batch_size"] = 3
+    (edited / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RunError) as e:
+        run_stages(("factors",), edited, progress=False)
+    assert "factors/settings.json" in str(e.value) and "damping_factor: 0.1 -> 0.2" in str(e.value)
+    with pytest.raises(RunError) as e:
+        run_stages(("scores",), edited, progress=False)
+    assert "scores/settings.json" in str(e.value) and "batch_size: 8 -> 3" in str(e.value)
+    assert "damping_factor" not in str(e.value)  # the scoring stage names only its own settings
+
+
+def test_scoring_settings_reach_the_estimator_and_the_merge(finished, project, tmp_path):
+    """[scoring] per_module/per_token (ScoringSettings) are kept per shard and merged in data order."""
+    direction, factors = finished / "probe" / "direction.safetensors", finished / "factors"
+    path = edited_config(project, 'positive = "pos.jsonl"\nnegative = "neg.jsonl"\nkind = "diff_means"\n',
+                         f'direction = "{direction}"\n', "per_module.toml")
+    path.write_text(path.read_text().replace("[factors]\n", f'[factors]\npath = "{factors}"\n')
+                    .replace("[scoring]\n", "[scoring]\nper_module = true\nper_token = true\n")
+                    .replace("[concept]\n", '[concept]\neval = "pos.jsonl"\n'))
+    run_config(RunConfig.read(path), tmp_path / "per_module", progress=False)
+    got = Scores.load(tmp_path / "per_module" / "scores" / "scores.safetensors")
+    reference = Scores.load(finished / "scores" / "scores.safetensors")
+    assert got.ids == reference.ids
+    np.testing.assert_allclose(got.values, reference.values, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(sum(got.per_module.values()), got.values, rtol=1e-6, atol=1e-9)
+    assert set(got.per_token) == set(got.ids)
+    np.testing.assert_allclose(got.per_token[got.ids[-1]].sum(0), got.values[-1], rtol=1e-6, atol=1e-9)
 
 
 # ---- resume --------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Benchmarks: speed (cost per example, factor fitting, peak memory, kronfluence comparison)."""
 
 from .kronfluence_bridge import kronfluence_concept_scores
-from .speed import SpeedConfig, machine_description, run_speed_benchmark
+from ..provenance import machine_description
+from .speed import SpeedConfig, run_speed_benchmark
 
 __all__ = ["SpeedConfig", "run_speed_benchmark", "kronfluence_concept_scores", "machine_description"]

@@ -21,7 +21,7 @@ from ..fileio import atomic_write_text
 from ..models import save_model
 from .demo_corpus import make_demo_corpus
 from .smallmodel import build_small_model, train_bpe_tokenizer
-from .speed import machine_description
+from ..provenance import machine_description
 
 __all__ = ["run_memory_benchmark", "write_small_project"]
 

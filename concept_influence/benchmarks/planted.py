@@ -44,7 +44,7 @@ from .planted_report import _plots, _write, command_line, format_report, format_
 from .planted_splits import PlantedSplits, split_planted
 from .planted_training import _Finetuner
 from .smallmodel import build_small_model, seed_everything, train_bpe_tokenizer, train_model
-from .speed import machine_description
+from ..provenance import machine_description
 
 __all__ = ["BenchmarkError", "PlantedConfig", "PlantedSplits", "split_planted", "run_planted", "format_report",
            "command_line"]

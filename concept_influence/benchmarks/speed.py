@@ -32,7 +32,6 @@ import copy
 import gc
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -52,8 +51,9 @@ from .kronfluence_bridge import KRONFLUENCE_MODES, KRONFLUENCE_SETTINGS, STAGES_
 from .smallmodel import train_model
 from .speed_memory import _peak_memory
 from .speed_setup import STAGES_A, SpeedConfig, _concept, _Data, _n_tokens, _prepare_data, _tl_adapter, _trained
+from ..provenance import machine_description
 
-__all__ = ["SpeedConfig", "run_speed_benchmark", "machine_description", "format_markdown"]
+__all__ = ["SpeedConfig", "run_speed_benchmark", "format_markdown"]
 
 LABELS_B = {"kronfluence_aggregated": "kronfluence, ∇f aggregated", "kronfluence_per_query": "kronfluence, per query"}
 LABELS_A = {
@@ -62,37 +62,6 @@ LABELS_A = {
     "probe_projection": "probe_projection (forward to the concept's block)",
     "ekfac_fit": "EK-FAC fit (covariances + eigenvalue correction)",
 }
-
-
-def _package_version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
-
-def machine_description() -> dict:
-    """CPU model (``/proc/cpuinfo``), core counts, torch version and threads, library versions, load."""
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "transformers": _package_version("transformers"),
-        "transformer_lens": _package_version("transformer-lens"),
-        "kronfluence": _package_version("kronfluence"),
-        "load_average_start": list(os.getloadavg()),
-    }
 
 
 # ---- timing --------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Curvature approximations for influence: EK-FAC, K-FAC and identity.
 
-``fit_curvature(adapter, examples, maps, strategy=...)`` returns a :class:`Curvature` whose
+``fit_curvature(adapter, examples, maps, CurvatureSettings(strategy=...))`` returns a :class:`Curvature` whose
 ``precondition({map name: gradient [..., d_out, d_in]})`` applies ``(G + λI)⁻¹``; ``save``/``load`` use
 safetensors + JSON and check the model fingerprint. The pure-tensor mathematics is in :mod:`.core`.
 """
@@ -8,12 +8,13 @@ safetensors + JSON and check the model fingerprint. The pure-tensor mathematics 
 from .base import Curvature, CurvatureError
 from .core import KroneckerEigen, SumStats, covariance_sums, rotated_square_sum
 from .ekfac import EKFACCurvature
-from .fit import collect_covariance_stats, collect_eigenvalue_stats, fit_curvature, resolve_maps
+from .fit import CurvatureSettings, collect_covariance_stats, collect_eigenvalue_stats, fit_curvature, resolve_maps
 from .identity import IdentityCurvature
 
 __all__ = [
     "Curvature",
     "CurvatureError",
+    "CurvatureSettings",
     "EKFACCurvature",
     "IdentityCurvature",
     "KroneckerEigen",

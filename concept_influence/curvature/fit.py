@@ -12,19 +12,22 @@ tracked weights require grad; both are restored afterwards. Parameter ``.grad`` 
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from ..data import TokenizedExample
 from ..gradients import captured_batches, check_finite
 from ..models import LinearMap, ModelAdapter
+from ..settings import Settings, option
 from .base import Curvature, CurvatureError
 from .core import KroneckerEigen, SumStats, covariance_sums, rotated_square_sum
 from .ekfac import DEFAULT_DAMPING_FACTOR, EKFACCurvature, check_damping
 from .identity import IdentityCurvature
 
-__all__ = ["fit_curvature", "collect_covariance_stats", "collect_eigenvalue_stats", "resolve_maps", "Accumulate"]
+__all__ = ["CurvatureSettings", "fit_curvature", "collect_covariance_stats", "collect_eigenvalue_stats", "resolve_maps",
+           "Accumulate"]
 
 #: ``accumulate(pass_name, collect)`` runs ``collect(examples) -> SumStats`` over the data and returns the
 #: total. The default calls it once on all examples; a run folder calls it per shard (resumable, and summed
@@ -35,9 +38,25 @@ STRATEGIES = ("ekfac", "kfac", "identity")
 FISHERS = ("true", "empirical")
 
 
-def _check_option(arg: str, value: str, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise ValueError(f"{arg} must be one of {options}, got {value!r}")
+@dataclass
+class CurvatureSettings(Settings):
+    """How :func:`fit_curvature` fits a curvature; also the run config's ``[factors]`` keys and the settings
+    saved in a run folder's ``factors/settings.json``."""
+
+    strategy: str = option("ekfac", "ekfac: two passes (Kronecker factors, then eigenvalue correction); kfac: one "
+                                    "pass; identity: no pass and no damping", choices=STRATEGIES)
+    fisher: str = option("true", "true: labels sampled from the model (seeded per example by `seed`); empirical: "
+                                 "the data's labels", choices=FISHERS)
+    damping: float | None = option(None, "one absolute damping for every map; unset: `damping_factor` x mean "
+                                         "eigenvalue of each map")
+    damping_factor: float = option(DEFAULT_DAMPING_FACTOR, "relative damping, used when `damping` is unset")
+    batch_size: int = option(8, "examples per forward/backward (results do not depend on it, up to rounding)",
+                             minimum=1)
+    seed: int = option(0, "seed of the labels sampled for the true Fisher")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_damping(self.damping, self.damping_factor)
 
 
 def resolve_maps(adapter: ModelAdapter, maps: None | int | Sequence[LinearMap]) -> list[LinearMap]:
@@ -67,7 +86,8 @@ def _captured_batches(
     progress: bool,
 ) -> Iterator[tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
     """Yield ``(token_mask [B, T], {map: (a, g)})`` per batch (``g`` zero for a map without gradient)."""
-    _check_option("fisher", fisher, FISHERS)
+    if fisher not in FISHERS:
+        raise ValueError(f"fisher must be one of {', '.join(FISHERS)}; got {fisher!r}")
     if not examples:
         raise ValueError("fitting a curvature needs at least one example")
     for batch, captured in captured_batches(adapter, examples, maps, batch_size=batch_size,
@@ -128,42 +148,33 @@ def fit_curvature(
     adapter: ModelAdapter,
     examples: Sequence[TokenizedExample],
     maps: None | int | Sequence[LinearMap] = None,
-    strategy: str = "ekfac",
-    fisher: str = "true",
-    batch_size: int = 8,
-    damping: float | None = None,
-    damping_factor: float = DEFAULT_DAMPING_FACTOR,
-    seed: int = 0,
+    settings: CurvatureSettings | None = None,
+    *,
     progress: bool = True,
     accumulate: Accumulate | None = None,
+    **changes: Any,
 ) -> Curvature:
-    """Fit a curvature for ``maps`` (None: all; int: blocks ``0..maps``; or a list of LinearMap).
+    """Fit a curvature for ``maps`` (None: all; int: blocks ``0..maps``; or a list of LinearMap) as
+    ``settings`` say (see :class:`CurvatureSettings`), with ``changes`` to single settings given as keywords
+    (``fit_curvature(adapter, examples, strategy="kfac", damping=0.1)``).
 
-    ``strategy``: ``"ekfac"`` (two passes), ``"kfac"`` (one pass) or ``"identity"`` (no pass; no damping).
-    ``fisher``: ``"true"`` samples labels from the model (seeded per example by ``seed``), ``"empirical"``
-    uses the data's labels. ``damping=None`` damps each map by ``damping_factor × mean(Λ)``; a float is one
-    absolute damping for all maps. Results do not depend on ``batch_size`` (up to float rounding).
-    ``accumulate`` (see :data:`Accumulate`) decides how each pass covers the data; with it, ``examples``
-    is not read and may be empty.
+    Results do not depend on ``batch_size`` (up to float rounding). ``accumulate`` (see :data:`Accumulate`)
+    decides how each pass covers the data; with it, ``examples`` is not read and may be empty.
     """
-    _check_option("strategy", strategy, STRATEGIES)
-    _check_option("fisher", fisher, FISHERS)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    check_damping(damping, damping_factor)
+    s = (settings or CurvatureSettings()).replace(**changes)
     maps = resolve_maps(adapter, maps)
     fingerprint = adapter.fingerprint()
-    if strategy == "identity":
+    if s.strategy == "identity":
         return IdentityCurvature({m.name: m.shape for m in maps}, fingerprint, len(examples))
     if accumulate is None:
         accumulate = lambda name, collect: collect(examples)  # noqa: E731
-    common = dict(fisher=fisher, batch_size=batch_size, seed=seed, progress=progress)
+    common = dict(fisher=s.fisher, batch_size=s.batch_size, seed=s.seed, progress=progress)
     cov = accumulate("covariance", lambda ex: collect_covariance_stats(adapter, ex, maps, **common))
     factors = {m.name: KroneckerEigen.from_covariances(cov.mean(f"{m.name}/a"), cov.mean(f"{m.name}/s")) for m in maps}
-    if strategy == "ekfac":
+    if s.strategy == "ekfac":
         eig = accumulate("eigenvalues", lambda ex: collect_eigenvalue_stats(adapter, ex, factors, maps, **common))
         factors = {name: f.with_eigenvalues(eig.mean(name)) for name, f in factors.items()}
     return EKFACCurvature(
-        factors, strategy, damping=damping, damping_factor=damping_factor,
-        fisher=fisher, fingerprint=fingerprint, n_examples=cov.counts[f"{maps[0].name}/s"],
+        factors, s.strategy, damping=s.damping, damping_factor=s.damping_factor,
+        fisher=s.fisher, fingerprint=fingerprint, n_examples=cov.counts[f"{maps[0].name}/s"],
     )

@@ -1,4 +1,4 @@
-"""Estimators: one interface, ``Estimator.score(adapter, examples) -> Scores``."""
+"""Estimators: one interface, ``Estimator.score(adapter, examples) -> Scores``, and one registry of their names."""
 
 from .base import Estimator
 from .baselines import LengthBaseline, RandomBaseline, TfidfBaseline
@@ -10,6 +10,8 @@ ESTIMATORS = {
     for cls in (ConceptInfluence, ConceptGradDot, InfluenceFunction, GradDot, ProbeProjection, ProjectionDifference,
                 TfidfBaseline, LengthBaseline, RandomBaseline)
 }
+#: The estimators a run config can name (``scoring.estimator``): those that say what a run passes them.
+RUN_ESTIMATORS = tuple(name for name, cls in ESTIMATORS.items() if cls.run_inputs is not None)
 
-__all__ = ["ESTIMATORS", "Estimator", "GradientEstimator", "ConceptInfluence", "ConceptGradDot", "InfluenceFunction",
+__all__ = ["ESTIMATORS", "RUN_ESTIMATORS", "Estimator", "GradientEstimator", "ConceptInfluence", "ConceptGradDot", "InfluenceFunction",
            "GradDot", "ProbeProjection", "ProjectionDifference", "TfidfBaseline", "LengthBaseline", "RandomBaseline"]

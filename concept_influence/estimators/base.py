@@ -15,9 +15,14 @@ class Estimator:
     """Scores training examples; positive means training on the example pushes the measurement up."""
 
     name: str = "estimator"
+    #: What a run folder passes to the constructor, in this order, to make the estimator from its config:
+    #: ``"readout"`` (the concept measured on each example itself), ``"concept"`` (the concept averaged over its
+    #: evaluation texts), ``"curvature"`` (the run's factors). None: a run config cannot name this estimator.
+    run_inputs: tuple[str, ...] | None = None
 
     def score(self, adapter: ModelAdapter, examples: Sequence[TokenizedExample], *, batch_size: int = 8,
               progress: bool = True) -> Scores:
+        """Score every example of ``examples`` (one row each, in order)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

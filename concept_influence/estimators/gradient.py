@@ -7,16 +7,16 @@ test loss, and the streaming engine :func:`concept_influence.scoring.score_with_
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from ..concepts import ConceptError, ConceptFunction, measurement_gradient
-from ..curvature import Curvature, fit_curvature
+from ..curvature import Curvature, CurvatureSettings, fit_curvature
 from ..data import TokenizedExample
 from ..models import LinearMap, ModelAdapter
 from ..scores import Scores
-from ..scoring import score_with_queries
+from ..scoring import ScoringSettings, score_with_queries
 from .base import Estimator
 
 __all__ = ["GradientEstimator", "ConceptInfluence", "ConceptGradDot", "InfluenceFunction", "GradDot"]
@@ -25,19 +25,19 @@ __all__ = ["GradientEstimator", "ConceptInfluence", "ConceptGradDot", "Influence
 class GradientEstimator(Estimator):
     """``−∇fᵀ P ∇L(z)`` with P the damped inverse curvature (``"ekfac"``, ``"kfac"``), none
     (``"identity"``), or a fitted :class:`Curvature`. When a strategy name is given, the curvature is
-    fitted on ``fit_examples`` (default: the scored examples) and kept in ``self.curvature_``."""
+    fitted on ``fit_examples`` (default: the scored examples) with ``fisher``, ``damping`` and ``seed`` and
+    kept in ``self.curvature_``. ``scoring`` (:class:`ScoringSettings`; single changes as keywords:
+    ``loss_tokens``, ``per_module``, ``per_token``) says how to score; ``score``'s ``batch_size`` wins."""
 
     def __init__(self, curvature: str | Curvature = "ekfac", *, fit_examples: Sequence[TokenizedExample] | None = None,
-                 fisher: str = "true", damping: float | None = None, loss_tokens: str = "response",
-                 per_module: bool = False, per_token: bool = False, seed: int = 0):
+                 fisher: str = "true", damping: float | None = None, seed: int = 0,
+                 scoring: ScoringSettings | None = None, **scoring_changes: Any):
         self.curvature = curvature
         self.fit_examples = fit_examples
         self.fisher = fisher
         self.damping = damping
-        self.loss_tokens = loss_tokens
-        self.per_module = per_module
-        self.per_token = per_token
         self.seed = seed
+        self.scoring = (scoring or ScoringSettings()).replace(**scoring_changes)
         self.curvature_: Curvature | None = curvature if isinstance(curvature, Curvature) else None
         self._queries: tuple | None = None
 
@@ -52,9 +52,10 @@ class GradientEstimator(Estimator):
     def fitted_curvature(self, adapter: ModelAdapter, maps: Sequence[LinearMap],
                          examples: Sequence[TokenizedExample], batch_size: int, progress: bool) -> Curvature:
         if self.curvature_ is None:
-            self.curvature_ = fit_curvature(adapter, self.fit_examples or examples, maps=list(maps),
-                                            strategy=self.curvature, fisher=self.fisher, batch_size=batch_size,
-                                            damping=self.damping, seed=self.seed, progress=progress)
+            settings = CurvatureSettings(strategy=self.curvature, fisher=self.fisher, batch_size=batch_size,
+                                         damping=self.damping, seed=self.seed)
+            self.curvature_ = fit_curvature(adapter, self.fit_examples or examples, list(maps), settings,
+                                            progress=progress)
         return self.curvature_
 
     def preconditioned_queries(self, adapter: ModelAdapter, curvature: Curvature, maps: Sequence[LinearMap],
@@ -74,9 +75,8 @@ class GradientEstimator(Estimator):
         curvature.check_model(adapter)
         queries, columns = self.preconditioned_queries(adapter, curvature, maps, batch_size, progress)
         meta = {"curvature": curvature.strategy, "maps": [m.name for m in maps], "fisher": curvature.fisher}
-        return score_with_queries(adapter, examples, maps, queries, estimator=self.name, columns=columns, sign=-1.0,
-                                  batch_size=batch_size, loss_tokens=self.loss_tokens, per_module=self.per_module,
-                                  per_token=self.per_token, metadata=meta, progress=progress)
+        return score_with_queries(adapter, examples, maps, queries, self.scoring.replace(batch_size=batch_size),
+                                  estimator=self.name, columns=columns, sign=-1.0, metadata=meta, progress=progress)
 
 
 class ConceptInfluence(GradientEstimator):
@@ -84,6 +84,7 @@ class ConceptInfluence(GradientEstimator):
     Only maps in blocks up to the concept's layer are tracked (no gradient reaches later ones)."""
 
     name = "concept_influence"
+    run_inputs = ("concept", "curvature")
 
     def __init__(self, concept: ConceptFunction, curvature: str | Curvature = "ekfac", **kwargs):
         super().__init__(curvature, **kwargs)
@@ -108,6 +109,7 @@ class ConceptGradDot(ConceptInfluence):
     step on z, divided by the learning rate)."""
 
     name = "concept_grad_dot"
+    run_inputs = ("concept",)
 
     def __init__(self, concept: ConceptFunction, **kwargs):
         super().__init__(concept, "identity", **kwargs)
@@ -130,7 +132,7 @@ class InfluenceFunction(GradientEstimator):
 
     def measurement(self, adapter, maps, batch_size, progress):
         grads = measurement_gradient(
-            adapter, self.test_examples, maps, lambda b: -adapter.per_example_loss(b, self.loss_tokens)[:, None],
+            adapter, self.test_examples, maps, lambda b: -adapter.per_example_loss(b, self.scoring.loss_tokens)[:, None],
             1, "the test loss", batch_size, progress)
         return grads, ["test_loss"]
 

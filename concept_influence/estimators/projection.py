@@ -36,6 +36,7 @@ class ProbeProjection(Estimator):
     The concept's evaluation examples are not used: the training example is its own measurement."""
 
     name = "probe_projection"
+    run_inputs = ("readout",)
 
     def __init__(self, concept: ConceptFunction):
         self.concept = concept

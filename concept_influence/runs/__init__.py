@@ -1,0 +1,87 @@
+"""Run folders that describe themselves, and the pipeline that fills them: probe → factors → scores → report.
+
+A run folder holds::
+
+    config.json          the resolved config; `concept-influence run RUN/config.json` replays the run
+    run.json             format version, package versions, model and data fingerprints, a log of stages
+    manifest.json        every finished file with its size and SHA-256
+    probe/               direction.safetensors + .json (and metrics.json when trained here)
+    factors/             settings.json (the [factors] settings of the fit); curvature.safetensors + curvature.json;
+                         statistics/ the summed covariance and eigenvalue statistics of each pass; partial/ per-rank
+                         checkpoints while fitting
+    scores/              settings.json (the [scoring] settings); shards/shard-000000.safetensors + .json, one per
+                         `scoring.shard_size` examples; scores.* all shards merged in data order
+    report/              report.md (top and bottom examples with their text) and score_distribution.png
+
+Every file is written atomically (temporary file + rename). Work is done shard by shard and each finished
+shard is on disk, so a run killed at any point (even SIGKILL) and started again continues from the last
+finished shard and ends with the same result, bit for bit. A shard is reused only when the SHA-256 of its
+input lines is unchanged, and a stage resumes only with the settings it started with. Under ``torchrun``
+shards are dealt to ranks and curvature statistics are summed over ranks (:mod:`concept_influence.distributed`).
+
+Modules: :mod:`.folder` (the folder, its record, manifest and checks), :mod:`.stages` (the :class:`Pipeline`),
+:mod:`.report` (``report.md``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from ..config import ConfigError, RunConfig
+from ..distributed import Ranks, process_group
+from .folder import RUN_FORMAT, RUN_FORMAT_VERSION, Run, RunError
+from .stages import Pipeline
+
+__all__ = ["RunError", "Run", "Pipeline", "run_config", "run_stages", "RUN_FORMAT", "RUN_FORMAT_VERSION", "STAGES"]
+
+STAGES = ("probe", "factors", "scores", "report")
+
+
+def _open(path: str | Path | None, config: RunConfig | None, ranks: Ranks) -> Run:
+    """Open (rank 0 creates) the run folder, then every rank reads it."""
+    if path is None:
+        raise ConfigError("no run folder: set `out` in the config or pass --out")
+    run = Run.open(path, config) if ranks.is_main else None
+    ranks.barrier()
+    return run or Run.open(path, config, create=False)
+
+
+def _device(path: str | Path | None, config: RunConfig | None) -> str:
+    if config is None and path is not None and (Path(path) / "config.json").is_file():
+        config = Run.open(path).config
+    return config.model.device if config is not None else "auto"
+
+
+def run_config(config: RunConfig, out: str | Path | None = None, progress: bool = True) -> Path:
+    """Every stage of ``config`` in the run folder ``out`` (default ``config.out``); resumes a started run.
+    Returns the report's path."""
+    return run_stages(STAGES, out or config.out, config, progress)
+
+
+def run_stages(stages: Sequence[str], path: str | Path | None, config: RunConfig | None = None, progress: bool = True,
+               top_k: int | None = None) -> Path:
+    """Run ``stages`` (of ``probe``, ``factors``, ``scores``, ``report``, in that order) on the run folder
+    ``path``, set up from ``config`` when it is new. Returns the path of the last stage's main output."""
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stages {sorted(unknown)}; expected some of {STAGES}")
+    with process_group(_device(path, config)) as ranks:
+        pipeline = Pipeline(_open(path, config, ranks), ranks, progress)
+        run = pipeline.run
+        out = run.path
+        if "probe" in stages:
+            pipeline.direction()
+            out = run.direction_path
+        if "factors" in stages:
+            if pipeline.needs_factors:
+                pipeline.curvature()
+                out = run.factors_dir
+            elif ranks.is_main:
+                print(f"scoring.estimator = {pipeline.cfg.scoring.estimator} needs no curvature; nothing to fit")
+        if "scores" in stages:
+            pipeline.scores()
+            out = run.scores_path
+        if "report" in stages and ranks.is_main:
+            out = pipeline.report(top_k)
+        return out

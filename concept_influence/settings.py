@@ -1,0 +1,90 @@
+"""Settings dataclasses: each field carries its help text and its checks, so an option is declared once.
+
+A stage's settings (:class:`~concept_influence.curvature.CurvatureSettings`,
+:class:`~concept_influence.scoring.ScoringSettings`) are taken by the Python API, make up the run config's
+``[factors]`` and ``[scoring]`` sections (subclasses that add the keys only a run folder needs), give the CLI
+its help on those sections, and are saved next to a stage's output in a run folder and compared when the
+stage resumes (:meth:`concept_influence.runs.Run.check_settings`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+__all__ = ["option", "narrowed", "check_value", "Settings", "settings_diff"]
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
+           minimum: int | None = None, path: bool = False) -> Any:
+    """A dataclass field with its ``help`` text, allowed ``choices``, an integer ``minimum``, and whether it
+    is a file path (resolved against a config file's folder)."""
+    metadata = {"help": help, "choices": choices, "minimum": minimum, "path": path}
+    return dataclasses.field(default=default, metadata={k: v for k, v in metadata.items() if v})
+
+
+def narrowed(cls: type, name: str, choices: tuple) -> Any:
+    """Field ``name`` of ``cls`` again (default and help text), allowing only ``choices``: for a subclass
+    that accepts fewer values than the API."""
+    base = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return dataclasses.field(default=base.default, metadata={**base.metadata, "choices": choices})
+
+
+def check_value(name: str, value: Any, f: dataclasses.Field) -> str | None:
+    """Why ``value`` is not allowed for field ``f`` (None when it is)."""
+    choices, minimum = f.metadata.get("choices"), f.metadata.get("minimum")
+    if choices and value not in choices:
+        return f"'{name}' must be one of {', '.join(map(str, choices))}; got {value!r}"
+    if minimum is not None and value < minimum:
+        return f"{name} must be >= {minimum}, got {value}"
+    return None
+
+
+def settings_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every key whose value differs (nested dicts as ``a.b``), sorted by key."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += settings_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+class Settings:
+    """Base of the settings dataclasses: checks each field on creation (``ValueError`` naming the field),
+    and converts to and from plain dicts."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            problem = check_value(f.name, getattr(self, f.name), f)
+            if problem:
+                raise ValueError(problem)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any):
+        """A copy with ``changes``; an unknown name is a ``TypeError`` that names it."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no setting {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes) if changes else self
+
+    def project(self, cls: type):
+        """The fields of settings class ``cls`` (a base of this class) as a ``cls`` instance."""
+        return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def help_lines(cls, prefix: str = "") -> list[str]:
+        """One line per field: ``prefix.name = default  help (choices)``, for help texts."""
+        lines = []
+        for f in dataclasses.fields(cls):
+            choices = f.metadata.get("choices")
+            default = "unset" if f.default is None else json.dumps(f.default)
+            extra = f" ({' | '.join(map(str, choices))})" if choices else ""
+            lines.append(f"{prefix}{f.name} = {default}: {f.metadata.get('help', '')}{extra}")
+        return lines
