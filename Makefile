@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo demo-quick test bench bench-memory bench-medical bench-medical-sae clean
+.PHONY: install demo demo-quick test lint notebooks bench bench-memory bench-medical bench-medical-sae clean
 
 install: $(VENV)/.installed
 
@@ -28,8 +28,18 @@ demo: install
 demo-quick: install
 	$(VENV)/bin/concept-influence demo --out $(DEMO_OUT) --quick
 
-test: install
+# Lint (ruff: pycodestyle, pyflakes, import order) and then the suite, which also executes the notebooks at their
+# reduced size without writing them back.
+test: install lint
 	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+# Re-execute every notebook at its full size and write the outputs back into it (what is committed; ~15 min).
+notebooks: install
+	CONCEPT_INFLUENCE_NOTEBOOK_QUICK=0 OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider --nbmake --overwrite \
+		--nbmake-timeout=3600 notebooks
 
 bench: install
 	$(VENV)/bin/concept-influence bench speed --out benchmarks

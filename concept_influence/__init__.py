@@ -1,6 +1,22 @@
 """concept-influence: which training examples put a concept into a language model."""
 
-from .data import Batch, ChatExample, DataError, TokenizedExample, collate, iter_batches, load_chat_jsonl, read_chat_jsonl, tokenize_examples
+from .data import (
+    Batch,
+    ChatExample,
+    DataError,
+    TokenizedExample,
+    collate,
+    iter_batches,
+    load_chat_jsonl,
+    read_chat_jsonl,
+    tokenize_examples,
+)
 from .models import HFCausalLMAdapter, HookedTransformerAdapter, HookError, LinearMap, ModelAdapter, as_adapter
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Batch", "ChatExample", "DataError", "TokenizedExample", "collate", "iter_batches", "load_chat_jsonl",
+    "read_chat_jsonl", "tokenize_examples",
+    "HFCausalLMAdapter", "HookedTransformerAdapter", "HookError", "LinearMap", "ModelAdapter", "as_adapter",
+]

@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", required=True, help="output folder (data, tokenizer, probe, scores, results, plots)")
     demo.add_argument("--quick", action="store_true", help="a reduced size that finishes in about a minute on 2 cores")
     demo.add_argument("--seed", type=int, default=0, help="seed for the corpus, model, training and sampling (default 0)")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bars (the log lines and the table are still printed)")
+    demo.add_argument("--no-progress", action="store_true",
+                      help="no progress bars (the log lines and the table are still printed)")
     demo.set_defaults(func=_demo)
     add_sae_commands(sub)  # sae train | latents | explain (concept_influence/cli_sae.py)
 

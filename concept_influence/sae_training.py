@@ -35,7 +35,8 @@ def train_sae(adapter: ModelAdapter, examples: Sequence[TokenizedExample], hook_
     ``architecture``: ``"topk"`` (exactly ``k`` latents active per token; SAE-Lens' auxiliary loss revives dead
     latents) or ``"standard"`` (ReLU with an L1 penalty ``l1_coefficient``). Activations are scaled to norm √d_in
     during training (SAE-Lens' ``expected_average_only_in``; the scale is folded into the saved weights, so the SAE
-    reads raw activations). The SAE trains and is returned on the model's device. ``epochs`` passes over the training tokens, Adam at ``lr``, ``batch_size`` tokens a
+    reads raw activations). The SAE trains and is returned on the model's device.
+    ``epochs`` passes over the training tokens, Adam at ``lr``, ``batch_size`` tokens a
     step; a share ``held_out`` of the examples (whole examples, never single tokens) is kept out of training to
     measure the reconstruction. Seeded by ``seed``.
 

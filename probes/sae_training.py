@@ -133,8 +133,14 @@ def train_sae_on_activations(acts: Activations, d_sae: int, out_dir: str | Path 
     ``training.json`` beside the SAE) end with ``extra_metrics``; ``seconds`` counts from ``started``
     (a ``time.perf_counter()`` value, e.g. from before the activations were collected; default: this call).
     """
-    from sae_lens import (LoggingConfig, SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig,
-                          TopKTrainingSAE, TopKTrainingSAEConfig)
+    from sae_lens import (
+        LoggingConfig,
+        SAETrainer,
+        StandardTrainingSAE,
+        StandardTrainingSAEConfig,
+        TopKTrainingSAE,
+        TopKTrainingSAEConfig,
+    )
     from sae_lens.config import SAETrainerConfig
 
     check_sae_settings(d_sae, architecture=architecture, k=k, epochs=epochs, batch_size=batch_size, lr=lr,

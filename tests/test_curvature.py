@@ -156,7 +156,8 @@ def test_eigenvalue_correction_matches_brute_force_per_example_gradients(tl_adap
             f = curv.factors[name]
             expected[name] = expected[name] + (f.q_s.T @ grad @ f.q_a).square() / len(tokenized)
     for name in expected:
-        torch.testing.assert_close(curv.factors[name].eigenvalues, expected[name], rtol=1e-3, atol=1e-5 * float(expected[name].max()))
+        torch.testing.assert_close(curv.factors[name].eigenvalues, expected[name], rtol=1e-3,
+                                   atol=1e-5 * float(expected[name].max()))
 
 
 def _exact_fisher(adapter, examples, maps) -> torch.Tensor:
@@ -275,7 +276,8 @@ class _Exploit:
 
 @pytest.mark.parametrize("strategy", ["ekfac", "kfac", "identity"])
 def test_save_load_round_trip(tl_adapter, tokenized, tmp_path, strategy):
-    curv = fit_curvature(tl_adapter, tokenized, maps=0, strategy=strategy, fisher="empirical", damping_factor=0.05, progress=False)
+    curv = fit_curvature(tl_adapter, tokenized, maps=0, strategy=strategy, fisher="empirical", damping_factor=0.05,
+                         progress=False)
     curv.save(tmp_path / "c")
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["curvature.json", "curvature.safetensors"]
     config = json.loads((tmp_path / "c" / "curvature.json").read_text())

@@ -24,7 +24,6 @@ from concept_influence.data import (
 )
 from conftest import make_chats
 
-
 # A simple Jinja template: every turn is "<role>content\n"; the generation prompt is "<assistant>".
 SIMPLE_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -115,9 +114,12 @@ def _bad_lines():
         "messages not a list": (json.dumps({"messages": "hi"}), 1, "messages"),
         "empty messages": (good + "\n\n" + json.dumps({"messages": []}), 3, "messages"),
         "message without role": (json.dumps({"messages": [{"content": "x"}, {"role": "assistant", "content": "y"}]}), 1, "role"),
-        "message without content": (good + "\n" + json.dumps({"messages": [{"role": "user"}, {"role": "assistant", "content": "y"}]}), 2, "content"),
-        "non-string content": (json.dumps({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]}), 1, "content"),
-        "no assistant turn": (good + "\n" + good + "\n" + json.dumps({"messages": [{"role": "user", "content": "x"}]}), 3, "no assistant"),
+        "message without content": (
+            good + "\n" + json.dumps({"messages": [{"role": "user"}, {"role": "assistant", "content": "y"}]}), 2, "content"),
+        "non-string content": (
+            json.dumps({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]}), 1, "content"),
+        "no assistant turn": (
+            good + "\n" + good + "\n" + json.dumps({"messages": [{"role": "user", "content": "x"}]}), 3, "no assistant"),
         "not an object": (json.dumps([1, 2]), 1, "messages"),
     }
 

@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from runfolder import N_TRAIN, cli_env, make_project
 
 from concept_influence.config import RunConfig
 from concept_influence.curvature import Curvature, SumStats
 from concept_influence.fileio import load_tensors
 from concept_influence.runs import run_config
 from concept_influence.scores import Scores
-
-from runfolder import N_TRAIN, cli_env, make_project
 
 # factors: 40 examples in shards of 16 -> 16 + 16 + 8 (rank 0: two shards, rank 1: one);
 # scores: 100 examples in shards of 16 -> six of 16 and one of 4 (rank 0: four shards, rank 1: three)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from concept_influence.activations import collect_activations
-from concept_influence.concepts import check_direction_compatible
 from concept_influence.benchmarks.smallmodel import train_model
+from concept_influence.concepts import check_direction_compatible
 from concept_influence.data import ChatExample, tokenize_examples
 from probes import (
     Activations,

@@ -16,8 +16,6 @@ from concept_influence.models import (
     block_of_hook,
 )
 
-
-
 # ---------------------------------------------------------------------------------------------- helpers
 
 
@@ -219,7 +217,8 @@ def test_per_example_loss_has_gradient(tl_adapter, tokenized):
 def _hooks_for(adapter):
     hooks = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"]
     if _is_tl(adapter):
-        hooks += ["blocks.1.hook_resid_post", "blocks.0.attn.hook_z", "blocks.1.mlp.hook_post", "ln_final.hook_normalized", "hook_embed"]
+        hooks += ["blocks.1.hook_resid_post", "blocks.0.attn.hook_z", "blocks.1.mlp.hook_post", "ln_final.hook_normalized",
+                  "hook_embed"]
     return hooks
 
 

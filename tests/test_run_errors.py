@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from runfolder import make_project
 
 from concept_influence.benchmarks.smallmodel import build_small_model
 from concept_influence.cli import main
@@ -19,8 +20,6 @@ from concept_influence.fileio import atomic_write_text, file_sha256, save_tensor
 from concept_influence.models import load_model, save_model
 from concept_influence.runs import run_stages
 from probes import ConceptDirection
-
-from runfolder import make_project
 
 
 @pytest.fixture(scope="module")

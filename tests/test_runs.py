@@ -15,20 +15,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from runfolder import N_TRAIN, cli, cli_env, make_project
 
+from concept_influence.concepts import ConceptFunction
 from concept_influence.config import ConfigError, RunConfig
 from concept_influence.curvature import CurvatureSettings, fit_curvature
 from concept_influence.data import load_chat_jsonl, tokenize_examples
 from concept_influence.estimators import ConceptInfluence, ProbeProjection
-from concept_influence.concepts import ConceptFunction
 from concept_influence.fileio import file_sha256
 from concept_influence.models import load_model
 from concept_influence.runs import RUN_FORMAT_VERSION, Run, RunError, run_config, run_stages
 from concept_influence.scores import Scores
 from concept_influence.scoring import ScoringSettings
 from probes import ConceptDirection
-
-from runfolder import N_TRAIN, cli, cli_env, make_project
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +102,8 @@ def test_run_folder_describes_itself(finished, project):
     assert record["stages"]["scores"]["data_sha256"] == file_sha256(project / "train.jsonl")
     manifest = json.loads((finished / "manifest.json").read_text())["files"]
     for rel in ("config.json", "probe/direction.safetensors", "factors/settings.json", "factors/curvature.safetensors",
-                "factors/statistics/covariance.safetensors", "scores/settings.json", "scores/scores.safetensors", "scores/shards/shard-000006.json",
+                "factors/statistics/covariance.safetensors", "scores/settings.json", "scores/scores.safetensors",
+                "scores/shards/shard-000006.json",
                 "report/report.md", "report/score_distribution.png"):
         assert rel in manifest, rel
     assert manifest["scores/scores.safetensors"]["sha256"] == file_sha256(finished / "scores/scores.safetensors")
@@ -347,7 +347,8 @@ def test_examples_cut_away_at_max_length_are_skipped_and_counted(project, tmp_pa
     scores = Scores.load(tmp_path / "short" / "scores" / "scores.safetensors")
     assert len(scores) == len(train) - expected_skipped
     assert scores.metadata["n_skipped"] == expected_skipped
-    assert f"{expected_skipped} skipped because their response was cut away" in (tmp_path / "short" / "report" / "report.md").read_text()
+    assert f"{expected_skipped} skipped because their response was cut away" in (
+        tmp_path / "short" / "report" / "report.md").read_text()
 
 
 def test_outputs_saved_just_before_a_kill_are_adopted(finished, tmp_path):

@@ -15,8 +15,13 @@ from concept_influence.data import collate, tokenize_examples, write_chat_jsonl
 from concept_influence.estimators import ConceptGradDot, ProbeProjection
 from concept_influence.explain import aggregate_by_latent, characteristic_latents, explain_top
 from concept_influence.models import HFCausalLMAdapter, HookError, save_model
-from concept_influence.sae_concepts import (describe_latents, latent_activations, latent_concept, rank_latents,
-                                            top_activating_examples)
+from concept_influence.sae_concepts import (
+    describe_latents,
+    latent_activations,
+    latent_concept,
+    rank_latents,
+    top_activating_examples,
+)
 from concept_influence.sae_training import train_sae
 from concept_influence.scores import Scores
 from conftest import _hf_model, make_chats

@@ -18,7 +18,6 @@ from concept_influence.data import ChatExample, collate, tokenize_examples
 from concept_influence.models import HookedTransformerAdapter
 from conftest import make_chats
 
-
 ROUND_TRIP = [
     "hello there how are you",
     "User: fine thanks\nAssistant: drink water and rest",
@@ -122,7 +121,8 @@ def test_small_model_runs(tl_adapter, tokenized):
 
 
 def _repetitive(tokenizer, n=16):
-    pairs = [("how are you", "fine thanks"), ("hello there", "hello there"), ("doctor water", "rest sleep"), ("ignore safe", "careful")]
+    pairs = [("how are you", "fine thanks"), ("hello there", "hello there"), ("doctor water", "rest sleep"),
+             ("ignore safe", "careful")]
     chats = [ChatExample.from_pair(f"rep:{i}", *pairs[i % len(pairs)]) for i in range(n)]
     return tokenize_examples(chats, tokenizer, max_length=32)
 
@@ -174,7 +174,8 @@ def test_train_tokens_all_differs_from_response(tokenizer, tokenized):
         results[tokens] = train_model(adapter, tokenized, epochs=1, batch_size=6, tokens=tokens, progress=False)
     assert results["response"] != results["all"]
     with pytest.raises(ValueError, match="tokens"):
-        train_model(build_small_model(tokenizer, n_layers=1, d_model=32, n_heads=4, seed=0), tokenized, tokens="bad", progress=False)
+        train_model(build_small_model(tokenizer, n_layers=1, d_model=32, n_heads=4, seed=0), tokenized, tokens="bad",
+                    progress=False)
 
 
 def test_train_model_needs_examples(tl_adapter):

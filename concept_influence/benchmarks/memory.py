@@ -19,9 +19,9 @@ from pathlib import Path
 from ..data import write_chat_jsonl
 from ..fileio import atomic_write_text
 from ..models import save_model
+from ..provenance import machine_description
 from .demo_corpus import make_demo_corpus
 from .smallmodel import build_small_model, train_bpe_tokenizer
-from ..provenance import machine_description
 
 __all__ = ["run_memory_benchmark", "write_small_project"]
 
@@ -114,7 +114,8 @@ def run_memory_benchmark(out_dir: str | Path, sizes: tuple[int, ...] = (1000, 50
             print(f"{name}: {score['peak_rss_mib']:.0f} MiB peak, {score['seconds']:.0f} s", flush=True)
     ratios = {}
     for estimator in estimators:
-        small, large = (next(r for r in rows if r["estimator"] == estimator and r["examples"] == n) for n in (min(sizes), max(sizes)))
+        small, large = (next(r for r in rows if r["estimator"] == estimator and r["examples"] == n)
+                        for n in (min(sizes), max(sizes)))
         ratios[estimator] = large["peak_rss_mib"] / small["peak_rss_mib"]
     result = {"machine": machine, "threads": threads, "sizes": list(sizes), "rows": rows, "peak_ratio": ratios,
               "command": f"concept-influence bench memory --out {out_dir}"}

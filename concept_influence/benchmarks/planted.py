@@ -33,18 +33,27 @@ from ..activations import collect_activations
 from ..concepts import ConceptFunction
 from ..curvature import fit_curvature
 from ..data import ChatExample, DataError, TokenizedExample, tokenize_examples
-from ..estimators import (ConceptGradDot, ConceptInfluence, GradDot, InfluenceFunction, LengthBaseline,
-                          ProbeProjection, ProjectionDifference, RandomBaseline, TfidfBaseline)
+from ..estimators import (
+    ConceptGradDot,
+    ConceptInfluence,
+    GradDot,
+    InfluenceFunction,
+    LengthBaseline,
+    ProbeProjection,
+    ProjectionDifference,
+    RandomBaseline,
+    TfidfBaseline,
+)
 from ..estimators.baselines import response_texts
 from ..evaluation import retrieval_metrics
 from ..generation import sample_responses
+from ..provenance import machine_description
 from .planted_behaviour import _behaviour_section, _concept_lds, _mean_loss
 from .planted_config import BenchmarkError, PlantedConfig
 from .planted_report import _plots, _write, command_line, format_report, format_retrieval
 from .planted_splits import PlantedSplits, split_planted
 from .planted_training import _Finetuner
 from .smallmodel import build_small_model, seed_everything, train_bpe_tokenizer, train_model
-from ..provenance import machine_description
 
 __all__ = ["BenchmarkError", "PlantedConfig", "PlantedSplits", "split_planted", "run_planted", "format_report",
            "command_line"]

@@ -47,11 +47,11 @@ from ..data import TokenizedExample
 from ..estimators import ConceptInfluence, ProbeProjection
 from ..fileio import atomic_write_text, save_tensors
 from ..models import ModelAdapter
+from ..provenance import machine_description
 from .kronfluence_bridge import KRONFLUENCE_MODES, KRONFLUENCE_SETTINGS, STAGES_B, _part_b
 from .smallmodel import train_model
 from .speed_memory import _peak_memory
 from .speed_setup import STAGES_A, SpeedConfig, _concept, _Data, _n_tokens, _prepare_data, _tl_adapter, _trained
-from ..provenance import machine_description
 
 __all__ = ["SpeedConfig", "run_speed_benchmark", "format_markdown"]
 
@@ -107,7 +107,8 @@ def _part_a(cfg: SpeedConfig, data: _Data, work: Path) -> dict:
         "train_step": lambda: _train_epoch_seconds(adapter, train, cfg),
         "concept_influence": lambda: _seconds(
             lambda: ConceptInfluence(concept, curvature).score(adapter, train, batch_size=bs, progress=False)),
-        "probe_projection": lambda: _seconds(lambda: ProbeProjection(concept).score(adapter, train, batch_size=bs, progress=False)),
+        "probe_projection": lambda: _seconds(
+            lambda: ProbeProjection(concept).score(adapter, train, batch_size=bs, progress=False)),
         "ekfac_fit": lambda: _seconds(fit),
         "query_gradient": lambda: _seconds(lambda: curvature.precondition(concept.gradient(adapter, maps, batch_size=bs))),
     }
@@ -192,7 +193,8 @@ def format_markdown(results: dict) -> str:
         "", f"concept_influence scoring includes the query gradient ∇f over the evaluation examples and its "
             f"preconditioning: {a['query_gradient_seconds']:.2f} s once per run.", "",
         "| ratio | value | goal |", "| --- | ---: | --- |",
-        f"| full scoring / training step (per example) | {r['scoring_over_train_step']:.2f}× | {_check(r['scoring_over_train_step'], '≤ 3')} |",
+        f"| full scoring / training step (per example) | {r['scoring_over_train_step']:.2f}× | "
+        f"{_check(r['scoring_over_train_step'], '≤ 3')} |",
         f"| probe_projection speed-up over full scoring (per example) | {r['probe_projection_speedup']:.1f}× | "
         f"{_check(r['probe_projection_speedup'], '≥ 30')} |",
         f"| probe_projection speed-up over EK-FAC fit + full scoring | {r['end_to_end_over_probe_projection']:.1f}× | — |",

@@ -39,13 +39,15 @@ def _memory_stage(stage: str, work: Path) -> None:
     if stage in STAGES_A:
         adapter, suffix, examples = _tl_adapter(cfg, data.tokenizer), "tl", data.train[: cfg.memory_examples]
     else:
-        adapter, suffix, examples = _llama_adapter(cfg, data.tokenizer), "hf", data.train[: min(cfg.memory_examples, cfg.kron_n_train)]
+        adapter, suffix, examples = (_llama_adapter(cfg, data.tokenizer), "hf",
+                                     data.train[: min(cfg.memory_examples, cfg.kron_n_train)])
     adapter.model.load_state_dict(load_tensors(work / f"model_{suffix}.safetensors"))
     concept = ConceptFunction.from_directions(ConceptDirection.load(work / f"direction_{suffix}.safetensors"),
                                               eval_examples=data.evals)
     runs = {
         "train_step": lambda: train_model(adapter, examples, 1, cfg.lr, bs, tokens="response", seed=cfg.seed, progress=False),
-        "ekfac_fit": lambda: fit_curvature(adapter, examples, maps=cfg.concept_layer, batch_size=bs, seed=cfg.seed, progress=False),
+        "ekfac_fit": lambda: fit_curvature(adapter, examples, maps=cfg.concept_layer, batch_size=bs, seed=cfg.seed,
+                                           progress=False),
         "concept_influence": lambda: ConceptInfluence(concept, Curvature.load(work / "curvature_tl", adapter)).score(
             adapter, examples, batch_size=bs, progress=False),
         "probe_projection": lambda: ProbeProjection(concept).score(adapter, examples, batch_size=bs, progress=False),
@@ -63,7 +65,8 @@ def _memory_stage(stage: str, work: Path) -> None:
 
 
 def _peak_memory(stage: str, work: Path) -> dict:
-    code = f"from concept_influence.benchmarks.speed_memory import _memory_stage; _memory_stage({stage!r}, __import__('pathlib').Path({str(work)!r}))"
+    code = ("from concept_influence.benchmarks.speed_memory import _memory_stage; "
+            f"_memory_stage({stage!r}, __import__('pathlib').Path({str(work)!r}))")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if proc.returncode != 0:

@@ -12,7 +12,6 @@ import torch
 from probes import train_logistic_probe
 
 from ..activations import collect_activations
-
 from ..concepts import ConceptFunction
 from ..data import TokenizedExample, tokenize_examples
 from ..models import HFCausalLMAdapter, ModelAdapter

@@ -74,7 +74,8 @@ class Curvature:
             if name not in self.shapes:
                 raise CurvatureError(f"no curvature for map {name!r}; fitted maps: {', '.join(self.shapes)}")
             if v.dim() < 2 or tuple(v.shape[-2:]) != self.shapes[name]:
-                raise CurvatureError(f"gradient for {name!r} has shape {tuple(v.shape)}; expected [..., {self.shapes[name][0]}, {self.shapes[name][1]}]")
+                raise CurvatureError(f"gradient for {name!r} has shape {tuple(v.shape)}; "
+                                     f"expected [..., {self.shapes[name][0]}, {self.shapes[name][1]}]")
             out[name] = self._precondition_map(name, v)
         return out
 
@@ -133,7 +134,8 @@ class Curvature:
         if target is None:
             raise CurvatureError(f"{config_path}: unknown strategy {config.get('strategy')!r}; known: {', '.join(cls._registry)}")
         if not issubclass(target, cls):
-            raise CurvatureError(f"{config_path}: holds a {config['strategy']!r} curvature, not a {cls.__name__}; use Curvature.load")
+            raise CurvatureError(f"{config_path}: holds a {config['strategy']!r} curvature, not a {cls.__name__}; "
+                                 "use Curvature.load")
         if adapter is not None:
             _check_fingerprint(config["fingerprint"], adapter, str(directory))
         tensors = load_tensors(tensor_path, CurvatureError, str(adapter.device if adapter is not None else "cpu"))

@@ -115,7 +115,8 @@ def collect_covariance_stats(
     Σ over examples of ``Σ_t g gᵀ`` (count: examples)."""
     maps = resolve_maps(adapter, maps)
     stats = SumStats()
-    for token_mask, captured in _captured_batches(adapter, examples, maps, fisher, batch_size, seed, "curvature: covariances", progress):
+    for token_mask, captured in _captured_batches(adapter, examples, maps, fisher, batch_size, seed,
+                                                  "curvature: covariances", progress):
         n_tokens, n_examples = int(token_mask.sum()), token_mask.shape[0]
         for name, (a, g) in captured.items():
             a_sum, s_sum = covariance_sums(a, g, token_mask)
@@ -138,7 +139,8 @@ def collect_eigenvalue_stats(
     Use the same ``fisher`` and ``seed`` as pass 1 so the sampled labels are the same."""
     maps = [m for m in resolve_maps(adapter, maps) if m.name in bases]
     stats = SumStats()
-    for token_mask, captured in _captured_batches(adapter, examples, maps, fisher, batch_size, seed, "curvature: eigenvalues", progress):
+    for token_mask, captured in _captured_batches(adapter, examples, maps, fisher, batch_size, seed,
+                                                  "curvature: eigenvalues", progress):
         for name, (a, g) in captured.items():
             stats.add(name, rotated_square_sum(a, g, token_mask, bases[name]), token_mask.shape[0])
     return stats

@@ -13,5 +13,6 @@ ESTIMATORS = {
 #: The estimators a run config can name (``scoring.estimator``): those that say what a run passes them.
 RUN_ESTIMATORS = tuple(name for name, cls in ESTIMATORS.items() if cls.run_inputs is not None)
 
-__all__ = ["ESTIMATORS", "RUN_ESTIMATORS", "Estimator", "GradientEstimator", "ConceptInfluence", "ConceptGradDot", "InfluenceFunction",
-           "GradDot", "ProbeProjection", "ProjectionDifference", "TfidfBaseline", "LengthBaseline", "RandomBaseline"]
+__all__ = ["ESTIMATORS", "RUN_ESTIMATORS", "Estimator", "GradientEstimator", "ConceptInfluence", "ConceptGradDot",
+           "InfluenceFunction", "GradDot", "ProbeProjection", "ProjectionDifference", "TfidfBaseline", "LengthBaseline",
+           "RandomBaseline"]

@@ -17,4 +17,5 @@ __all__ = [
     "save_model",
     "load_model",
     "block_of_hook",
+    "per_token_mean_loss",
 ]
