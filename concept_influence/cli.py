@@ -1,5 +1,6 @@
 """Command line: ``concept-influence demo``; the run-folder pipeline ``run``, ``probe train``, ``fit-factors``,
-``score``, ``report``; benchmarks ``bench planted``, ``bench medical``, ``bench speed``, ``bench memory``."""
+``score``, ``report``; ``concept check`` and ``filter``; benchmarks ``bench planted``, ``bench medical``,
+``bench speed``, ``bench memory``, ``bench query-table``; ``sae ...`` (cli_sae.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import sys
 import textwrap
 
+from .cli_concept import add_concept_commands, add_query_options, query_overrides, user_errors
 from .cli_sae import add_sae_benchmark_options, add_sae_commands, sae_benchmark_overrides
 
 __all__ = ["main"]
@@ -18,10 +20,13 @@ PLANTED_SIZES = ("n_probe", "n_pretrain", "n_pool", "n_eval", "n_seeds", "n_laye
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from .benchmarks.planted import command_line
     from .demo import demo_config, run_demo
 
-    run_demo(args.out, demo_config(args.quick, args.seed), progress=not args.no_progress, command=command_line())
+    cfg = replace(demo_config(args.quick, args.seed), **query_overrides(args))
+    run_demo(args.out, cfg, progress=not args.no_progress, command=command_line())
     return 0
 
 
@@ -35,6 +40,7 @@ def _planted_config(args: argparse.Namespace, paired: bool):
         raise BenchmarkError(f"--remove-fractions must be numbers separated by commas, got {args.remove_fractions!r}")
     overrides.update(rate=args.rate, paired=paired, seed=args.seed, lds=args.lds, remove_fractions=fractions)
     overrides.update(sae_benchmark_overrides(args))
+    overrides.update(query_overrides(args))
     return PlantedConfig.quick(**overrides) if args.quick else PlantedConfig(**overrides)
 
 
@@ -82,6 +88,7 @@ def _add_planted_options(p: argparse.ArgumentParser, default_rate: float | None)
     p.add_argument("--pretrain-epochs", type=int, help="pre-training epochs (default 2)")
     p.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs (default 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_query_options(p)
     add_sae_benchmark_options(p)
 
 
@@ -191,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed for the corpus, model, training and sampling (default 0)")
     demo.add_argument("--no-progress", action="store_true",
                       help="no progress bars (the log lines and the table are still printed)")
+    add_query_options(demo)
     demo.set_defaults(func=_demo)
     add_sae_commands(sub)  # sae train | latents | explain (concept_influence/cli_sae.py)
 
@@ -238,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     memory.add_argument("--seed", type=int, default=0, help="seed for the corpus and model (default 0)")
     memory.set_defaults(func=_bench_memory)
+    add_concept_commands(sub, bench)  # concept check, filter, bench query-table (concept_influence/cli_concept.py)
     return parser
 
 
@@ -255,7 +264,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .scoring import ScoringError
 
     return (DataError, BenchmarkError, ConfigError, RunError, ModelLoadError, HookError, DirectionError, ConceptError,
-            CurvatureError, ScoringError)
+            CurvatureError, ScoringError, *user_errors())
 
 
 def main(argv: list[str] | None = None) -> int:

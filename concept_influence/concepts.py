@@ -3,6 +3,12 @@
 f_k(θ) = mean over evaluation examples of (token reduction of readout_k(h_ℓ,t)), where the readout is
 a projection on unit directions ``⟨v̂_k, h⟩`` (probe, difference of means, SAE decoder/encoder row) or a
 nonlinear function such as an SAE latent's activation. K concepts at one hook are measured together.
+
+The token reduction is the *query*: where the concept is read on the evaluation prompts. The default,
+:data:`DEFAULT_QUERY` = ``last_prompt``, reads the activation at the last prompt token, before the model answers,
+which carries what the model is about to do; the response tokens of a fixed text mostly re-encode that text
+(benchmarks/query_study.md measures the choice). The fast path reads a *training example* elsewhere, on its own
+response tokens (``ProbeProjection(reduction="response_mean")``): that is what training on it teaches.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from probes.directions import ConceptDirection, DirectionError
 from .data import Batch, TokenizedExample, iter_batches
 from .models import LinearMap, ModelAdapter, block_of_hook
 
-__all__ = ["ConceptFunction", "ConceptError", "measurement_gradient", "check_direction_compatible"]
+__all__ = ["ConceptFunction", "ConceptError", "measurement_gradient", "check_direction_compatible", "DEFAULT_QUERY"]
+
+DEFAULT_QUERY = "last_prompt"
 
 
 class ConceptError(ValueError):
@@ -39,15 +47,16 @@ def check_direction_compatible(direction: ConceptDirection, adapter: ModelAdapte
 
 
 class ConceptFunction:
-    """K concept readouts at one hook, reduced over tokens (``response_mean`` by default,
-    ``last_prompt`` or ``all_tokens``), averaged over ``eval_examples`` (what the behaviour looks like).
+    """K concept readouts at one hook, reduced over tokens (the query: ``last_prompt`` by default,
+    ``response_mean``, ``prompt_mean`` or ``all_tokens``), averaged over ``eval_examples`` (what the behaviour
+    looks like).
 
     ``readout`` maps activations ``[..., d_model]`` to ``[..., K]``; build one with
     :meth:`from_directions` or :meth:`from_sae_latents`.
     """
 
     def __init__(self, hook_name: str, readout: Callable[[torch.Tensor], torch.Tensor], names: Sequence[str],
-                 reduction: str = "response_mean", d_model: int | None = None,
+                 reduction: str = DEFAULT_QUERY, d_model: int | None = None,
                  eval_examples: Sequence[TokenizedExample] | None = None):
         if reduction not in REDUCTIONS:
             raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
@@ -61,7 +70,7 @@ class ConceptFunction:
 
     @classmethod
     def from_directions(cls, directions, eval_examples: Sequence[TokenizedExample] | None = None,
-                        reduction: str = "response_mean") -> "ConceptFunction":
+                        reduction: str = DEFAULT_QUERY) -> "ConceptFunction":
         """Projections on the unit vectors of one or more ``ConceptDirection`` at the same hook."""
         directions = [directions] if not isinstance(directions, (list, tuple)) else list(directions)
         hooks = {d.hook_name for d in directions}
@@ -74,7 +83,7 @@ class ConceptFunction:
 
     @classmethod
     def from_sae_latents(cls, sae, latents: Sequence[int], eval_examples: Sequence[TokenizedExample] | None = None,
-                         hook_name: str | None = None, reduction: str = "response_mean") -> "ConceptFunction":
+                         hook_name: str | None = None, reduction: str = DEFAULT_QUERY) -> "ConceptFunction":
         """The activations of SAE latents (a nonlinear concept), read with ``sae.encode``."""
         latents = list(latents)
         d_sae = sae.cfg.d_sae
@@ -96,10 +105,11 @@ class ConceptFunction:
         if self.d_model is not None and self.d_model != adapter.d_model:
             raise ConceptError(f"the concept at {self.hook_name} expects d_model={self.d_model}, the model has {adapter.d_model}")
 
-    def per_example(self, adapter: ModelAdapter, batch: Batch) -> torch.Tensor:
-        """Each example's reduced readout ``[B, K]`` (in the autograd graph unless under no_grad)."""
+    def per_example(self, adapter: ModelAdapter, batch: Batch, reduction: str | None = None) -> torch.Tensor:
+        """Each example's reduced readout ``[B, K]`` (in the autograd graph unless under no_grad), over the query's
+        tokens or those of ``reduction``."""
         acts = adapter.activations(batch, self.hook_name)
-        return reduce_tokens(self.readout(acts), batch.to(acts.device), self.reduction)
+        return reduce_tokens(self.readout(acts), batch.to(acts.device), reduction or self.reduction)
 
     def _examples(self, examples: Sequence[TokenizedExample] | None) -> Sequence[TokenizedExample]:
         examples = self.eval_examples if examples is None else examples

@@ -37,6 +37,7 @@ from typing import Any
 
 from probes import PROBE_KINDS, REDUCTIONS
 
+from .concepts import DEFAULT_QUERY
 from .curvature import CurvatureSettings
 from .estimators import RUN_ESTIMATORS
 from .scoring import ScoringSettings
@@ -84,12 +85,12 @@ class ProbeConfig:
 
 @dataclass
 class ConceptConfig:
-    """f(θ) = the projection on the direction, averaged over ``eval`` (default: the probe's positive
-    texts), at most ``max_examples`` of them."""
+    """f(θ) = the projection on the direction, read at the query's tokens (``reduction``: the last prompt token by
+    default) and averaged over ``eval`` (default: the probe's positive texts), at most ``max_examples`` of them."""
 
     eval: str | None = option(None, path=True)
     max_examples: int = 256
-    reduction: str = option("response_mean", choices=REDUCTIONS)
+    reduction: str = option(DEFAULT_QUERY, choices=REDUCTIONS)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from .models import LinearMap, ModelAdapter
 from .scores import Scores
 from .settings import Settings, option
 
-__all__ = ["ScoringError", "ScoringSettings", "score_with_queries", "token_query_scores"]
+__all__ = ["ScoringError", "ScoringSettings", "score_with_queries", "token_query_scores", "gradient_norms"]
 
 
 @dataclass
@@ -33,6 +33,8 @@ class ScoringSettings(Settings):
                                           "tokens (gradient estimators)", choices=("response", "all"))
     per_module: bool = option(False, "also keep each linear map's share of the score (gradient estimators)")
     per_token: bool = option(False, "also keep each example's per-token shares (gradient estimators)")
+    normalize: str = option("none", "divide each example's score by the norm of its loss gradient over the tracked "
+                                    "maps (unit, as TrackStar and Bergson) or not (none)", choices=("none", "unit"))
 
 
 class ScoringError(RuntimeError):
@@ -49,6 +51,32 @@ def token_query_scores(a: torch.Tensor, g: torch.Tensor, query: torch.Tensor) ->
         return torch.einsum("btko,bto->btk", x, g)
     y = (g.reshape(B * T, d_out) @ query.transpose(1, 2).reshape(K * d_in, d_out).T).view(B, T, K, d_in)
     return torch.einsum("btki,bti->btk", y, a)
+
+
+def _sq_norms(captured: dict, maps: Sequence[LinearMap]) -> torch.Tensor:
+    """``‖∇_W L(z)‖²`` summed over ``maps`` per example, ``[B]``: ‖Σ_t g_t a_tᵀ‖² = Σ_{t,s} (g_t·g_s)(a_t·a_s), without
+    forming the per-example gradient."""
+    total = None
+    for m in maps:
+        a, g = captured[m.name]
+        if g is None:
+            continue
+        sq = ((g @ g.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum((1, 2))
+        total = sq if total is None else total + sq
+    if total is None:
+        raise ScoringError("no tracked linear map receives gradient from the loss")
+    return total
+
+
+def gradient_norms(adapter: ModelAdapter, examples: Sequence[TokenizedExample], maps: Sequence[LinearMap],
+                   settings: ScoringSettings | None = None, *, progress: bool = True, **changes: Any) -> np.ndarray:
+    """Each example's loss-gradient norm over ``maps``, ``[N]`` (one forward+backward per batch)."""
+    s = (settings or ScoringSettings()).replace(**changes)
+    out = []
+    for batch, captured in captured_batches(adapter, examples, maps, batch_size=s.batch_size, loss_tokens=s.loss_tokens,
+                                            error=ScoringError, desc="gradient norms", progress=progress):
+        out.append(_sq_norms(captured, maps).sqrt().cpu().double().numpy())
+    return np.concatenate(out)
 
 
 def score_with_queries(
@@ -68,7 +96,8 @@ def score_with_queries(
     """Score every example: ``sign × Σ_maps ⟨Q_map, ∇_map L(z)⟩`` for each of the K queries
     (``queries[name]`` is ``[K, d_out, d_in]``) as ``settings`` say (see :class:`ScoringSettings`), with
     ``changes`` to single settings given as keywords (``batch_size=4, per_module=True``). ``per_module``
-    keeps each map's share; ``per_token`` keeps each example's ``[n_tokens, K]`` token shares."""
+    keeps each map's share; ``per_token`` keeps each example's ``[n_tokens, K]`` token shares; ``normalize="unit"``
+    divides each example's scores by its loss-gradient norm over ``maps`` (see :func:`gradient_norms`)."""
     s = (settings or ScoringSettings()).replace(**changes)
     per_module, per_token = s.per_module, s.per_token
     if not examples:
@@ -94,6 +123,11 @@ def score_with_queries(
                 per_map[..., j] = tok.sum(1)
                 if per_token:
                     per_tok += tok
+        if s.normalize == "unit":
+            scale = 1.0 / _sq_norms(captured, maps).sqrt().clamp_min(1e-30)  # [B]
+            per_map *= scale[:, None, None]
+            if per_token:
+                per_tok *= scale[:, None, None]
         values = per_map.sum(-1)
         check_finite(values, batch, "gradient score", ScoringError)
         ids.extend(batch.ids)

@@ -9,7 +9,7 @@ import torch
 
 __all__ = ["REDUCTIONS", "Activations", "TokenBatch", "reduce_tokens", "token_mask"]
 
-REDUCTIONS = ("response_mean", "last_prompt", "all_tokens")
+REDUCTIONS = ("response_mean", "last_prompt", "prompt_mean", "all_tokens")
 
 
 class TokenBatch(Protocol):
@@ -27,13 +27,16 @@ class TokenBatch(Protocol):
 
 def token_mask(batch: TokenBatch, reduction: str) -> torch.Tensor:
     """Boolean ``[B, T]`` mask of the tokens a reduction reads: response tokens (``response_mean``),
-    the last prompt token (``last_prompt``) or every real token (``all_tokens``)."""
+    the last prompt token (``last_prompt``), every prompt token (``prompt_mean``) or every real token
+    (``all_tokens``)."""
     if reduction == "response_mean":
         return batch.response_mask
     if reduction == "last_prompt":
         mask = torch.zeros_like(batch.response_mask)
         mask[torch.arange(len(batch), device=mask.device), batch.last_prompt_index] = True
         return mask
+    if reduction == "prompt_mean":
+        return batch.attention_mask.bool() & ~batch.response_mask.bool()
     if reduction == "all_tokens":
         return batch.attention_mask.bool()
     raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")

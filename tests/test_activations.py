@@ -8,7 +8,6 @@ from concept_influence.data import TokenizedExample, collate
 from concept_influence.models import HookedTransformerAdapter, HookError, block_of_hook
 from probes.activations import REDUCTIONS, Activations, reduce_tokens, token_mask
 
-
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"]
 
 
@@ -32,6 +31,8 @@ def _expected(adapter, examples, hook_name, reduction):
             rows.append(acts[e.response_start :].mean(0, keepdim=True))
         elif reduction == "last_prompt":
             rows.append(acts[e.response_start - 1 : e.response_start])
+        elif reduction == "prompt_mean":
+            rows.append(acts[: e.response_start].mean(0, keepdim=True))
         else:
             rows.append(acts)
     return torch.cat(rows)
@@ -79,7 +80,8 @@ def test_batch_size_invariance(any_adapter, tokenized, reduction):
 
 
 def test_reductions_differ(tl_adapter, tokenized):
-    vals = {r: collect_activations(tl_adapter, tokenized, "blocks.0.hook_resid_post", r, progress=False).values for r in REDUCTIONS}
+    vals = {r: collect_activations(tl_adapter, tokenized, "blocks.0.hook_resid_post", r, progress=False).values
+            for r in REDUCTIONS}
     assert not torch.allclose(vals["response_mean"], vals["last_prompt"])
     assert vals["all_tokens"].shape[0] > vals["response_mean"].shape[0]
 

@@ -7,16 +7,25 @@ import pytest
 import torch
 
 from concept_influence.activations import collect_activations
+from concept_influence.benchmarks.demo_corpus import make_demo_corpus
+from concept_influence.benchmarks.smallmodel import build_small_model, train_bpe_tokenizer, train_model
 from concept_influence.concepts import ConceptError, ConceptFunction
 from concept_influence.curvature import fit_curvature
 from concept_influence.data import collate, tokenize_examples
-from concept_influence.estimators import (ConceptGradDot, ConceptInfluence, GradDot, InfluenceFunction, LengthBaseline,
-                                          ProbeProjection, ProjectionDifference, RandomBaseline, TfidfBaseline)
+from concept_influence.estimators import (
+    ConceptGradDot,
+    ConceptInfluence,
+    GradDot,
+    InfluenceFunction,
+    LengthBaseline,
+    ProbeProjection,
+    ProjectionDifference,
+    RandomBaseline,
+    TfidfBaseline,
+)
 from concept_influence.estimators.baselines import response_texts
 from concept_influence.evaluation import retrieval_metrics
 from concept_influence.generation import GenerationError, sample_responses
-from concept_influence.benchmarks.demo_corpus import make_demo_corpus
-from concept_influence.benchmarks.smallmodel import build_small_model, train_bpe_tokenizer, train_model
 from probes import ConceptDirection, train_logistic_probe
 
 HOOK = "blocks.1.hook_resid_post"
@@ -119,9 +128,11 @@ def test_sign_upweighting_top_raises_concept_and_bottom_lowers_it(trained):
 
 
 def test_fast_path_and_concept_influence_find_the_planted_trait(trained):
-    """The fast path retrieves the planted trait at the last block. Concept Influence ranks it above chance
-    at the early block only: at the last block, which feeds the unembedding, concept gradients follow the
-    next-token loss more than the trait (measured AUROC about 0.45 there; see the demo's note)."""
+    """The fast path retrieves the planted trait at the last block. Concept Influence with the response query
+    ranks it above chance at the early block only: at the last block, which feeds the unembedding, concept gradients
+    follow the next-token loss more than the trait (measured AUROC about 0.45 there). This model is trained from
+    scratch on the mixed data, with no pre-training and fine-tune, and the last-prompt query does not find the
+    trait here (measured AUROC 0.44): the query study in benchmarks/ compares the queries on the benchmarks."""
     adapter, concept, train, labels = trained["adapter"], trained["concept"], trained["train"], trained["labels"]
     assert trained["probe"].metrics["roc_auc"] >= 0.95
     fast = retrieval_metrics(ProbeProjection(concept).score(adapter, train, progress=False).column(0), labels)
@@ -129,7 +140,7 @@ def test_fast_path_and_concept_influence_find_the_planted_trait(trained):
     early = "blocks.0.hook_resid_post"
     acts = [collect_activations(adapter, trained[k], early, progress=False) for k in ("pos", "neg")]
     early_concept = ConceptFunction.from_directions(train_logistic_probe(*acts, early).direction,
-                                                    eval_examples=concept.eval_examples)
+                                                    eval_examples=concept.eval_examples, reduction="response_mean")
     full = retrieval_metrics(ConceptInfluence(early_concept, "ekfac").score(adapter, train, progress=False).column(0), labels)
     assert full["auroc"] >= 0.7, full
 
@@ -211,7 +222,8 @@ def test_sae_latent_concept_through_the_engine(tl_adapter, tokenized):
     sae = SAE.from_dict(StandardSAEConfig(d_in=32, d_sae=16).to_dict())
     with torch.no_grad():
         sae.b_enc.fill_(0.5)  # keep the chosen latents active so the gradient is not zero
-    concept = ConceptFunction.from_sae_latents(sae, [3, 7], eval_examples=tokenized[:3], hook_name=HOOK)
+    concept = ConceptFunction.from_sae_latents(sae, [3, 7], eval_examples=tokenized[:3], hook_name=HOOK,
+                                               reduction="response_mean")
     scores = ConceptGradDot(concept).score(tl_adapter, tokenized[:5], progress=False)
     maps = tl_adapter.linear_maps(max_block=1)
     weights = [m.weight for m in maps]
@@ -236,3 +248,20 @@ def test_curvature_fitted_on_another_model_is_refused(tl_adapter, tokenizer, tok
     concept = ConceptFunction.from_directions(ConceptDirection(torch.ones(32), HOOK), eval_examples=tokenized[:2])
     with pytest.raises(CurvatureError, match=f"fitted on model {other.fingerprint()}.*{tl_adapter.fingerprint()}"):
         ConceptInfluence(concept, curvature).score(tl_adapter, tokenized, progress=False)
+
+
+def test_fast_path_reads_the_example_not_the_query(trained):
+    """The query (where f is read on the evaluation prompts) and the fast path's reading of a training example are
+    separate choices: a last-prompt query does not make probe_projection read z's prompt."""
+    adapter, probe, train, evals = trained["adapter"], trained["probe"], trained["train"][:8], trained["concept"].eval_examples
+    by_query = {q: ConceptFunction.from_directions(probe.direction, evals, q) for q in ("last_prompt", "response_mean")}
+    assert by_query["last_prompt"].reduction == "last_prompt" == ConceptFunction.from_directions(probe.direction, evals).reduction
+    fast = {q: ProbeProjection(c).score(adapter, train, progress=False) for q, c in by_query.items()}
+    np.testing.assert_array_equal(fast["last_prompt"].values, fast["response_mean"].values)
+    assert fast["last_prompt"].metadata["reduction"] == "response_mean"
+    at_prompt = ProbeProjection(by_query["response_mean"], reduction="last_prompt").score(adapter, train, progress=False)
+    acts = collect_activations(adapter, train, HOOK, "last_prompt", progress=False)
+    np.testing.assert_allclose(at_prompt.column(0), (acts.values @ probe.direction.unit).numpy(), rtol=1e-4, atol=1e-5)
+    # the queries differ, so Concept Influence differs
+    ci = {q: ConceptGradDot(c).score(adapter, train, progress=False).column(0) for q, c in by_query.items()}
+    assert not np.allclose(ci["last_prompt"], ci["response_mean"])

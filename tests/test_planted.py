@@ -14,8 +14,8 @@ from concept_influence.cli import main
 from concept_influence.data import ChatExample, DataError, load_chat_jsonl, write_chat_jsonl
 from concept_influence.demo import run_demo
 
-ESTIMATORS = {"concept_influence", "concept_grad_dot", "influence_function", "grad_dot", "probe_projection",
-              "projection_difference", "tfidf", "length", "random"}
+ESTIMATORS = {"concept_influence", "concept_influence[response_mean]", "concept_grad_dot", "influence_function",
+              "grad_dot", "probe_projection", "projection_difference", "tfidf", "length", "random"}
 EM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "em"
 
 
@@ -120,7 +120,7 @@ def test_effect_size_verdict():
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     cfg = PlantedConfig.quick(paired=True, n_probe=40, n_pretrain=80, n_pool=100, n_eval=12,
-                                                  n_seeds=2, lds=3, vocab_size=400, d_model=32)
+                                                  n_seeds=2, lds=3, vocab_size=400, d_model=32, query_study=True)
     return out, run_demo(out, cfg, progress=False)
 
 
@@ -147,7 +147,21 @@ def test_demo_runs_the_benchmark_end_to_end(demo_run):
     assert b["removal"]["tfidf"]["0.1"]["share_of_gain_removed"] > 0.7
     assert b["removal"]["random"]["0.1"]["share_of_gain_removed"] < 0.5
     assert saved["lds"]["subsets"] == 3 and len(saved["lds"]["measured"]) == 3
+    assert saved["lds"]["seeds"] == 2 and all(len(m) == 2 for m in saved["lds"]["measured"])
+    assert -1 <= saved["lds"]["ceiling"] <= 1
     assert set(saved["lds"]["spearman"]) == ESTIMATORS
+    # the concept: read at the last prompt token, checked by steering, and how far planting moves it
+    assert saved["query"] == "last_prompt" and saved["config"]["compare_query"] == "response_mean"
+    check = saved["concept_check"]
+    assert check["held_out"] and check["n_positive"] == check["n_negative"] == saved["splits"]["eval"]
+    assert check["verdict"] in ("causal", "weak", "reversed") and set(check["verdicts"]) == {"all", "prompt"}
+    assert (out / "concept_check.png").stat().st_size > 1000
+    shift = b["concept_shift"]
+    assert len(shift["clean"]) == len(shift["planted"]) == 2 and np.isfinite(shift["gain"])
+    # the query study: every variant of the grid scored once, with and without unit normalisation
+    study = json.loads((out / "query_study.json").read_text())
+    assert len(study["variants"]) == 4 * 2 * 2 * 5 * 2  # queries x probes x blocks x curvatures x normalisations
+    assert all(0 <= v["auroc"] <= 1 for v in study["variants"])
     for plot in saved["plots"].values():
         assert (out / plot).stat().st_size > 1000
     assert (out / "data" / "careful.jsonl").is_file() and (out / "probe.safetensors").is_file()
@@ -158,6 +172,10 @@ def test_report_reads_well_and_says_plainly_when_planting_did_nothing(demo_run):
     report = (out / "results.md").read_text()
     assert "**Planting raised the behaviour**" in report
     assert "| concept_influence |" in report and "## Concept-LDS" in report and "![pr_curves](pr_curves.png)" in report
+    assert "## Is the concept causal?" in report and "**Ceiling:" in report and "## Query study (this model)" in report
+    weak = json.loads(json.dumps(results))
+    weak["concept_check"]["verdict"] = weak["concept_check"]["verdicts"]["all"] = "weak"
+    assert "**The concept is not causal for the behaviour here" in format_report(weak)
     flat = json.loads(json.dumps(results))
     flat["behaviour"]["raised"] = False
     flat_report = format_report(flat)

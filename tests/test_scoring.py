@@ -6,7 +6,7 @@ import torch
 
 from concept_influence.data import collate
 from concept_influence.scores import Scores
-from concept_influence.scoring import ScoringError, score_with_queries, token_query_scores
+from concept_influence.scoring import ScoringError, gradient_norms, score_with_queries, token_query_scores
 
 
 def explicit_scores(adapter, examples, maps, queries):
@@ -35,6 +35,29 @@ def test_engine_equals_per_example_autograd(any_adapter, tokenized):
                                 batch_size=5, progress=False)
     ref = explicit_scores(any_adapter, tokenized, maps, queries)
     assert np.abs(scores.values - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def explicit_norms(adapter, examples, maps):
+    rows = []
+    for ex in examples:
+        loss = adapter.per_example_loss(collate([ex], adapter.pad_token_id)).sum()
+        grads = torch.autograd.grad(loss, [m.weight for m in maps], allow_unused=True)
+        rows.append(sum(float(g.double().pow(2).sum()) for g in grads if g is not None) ** 0.5)
+    return np.array(rows)
+
+
+def test_unit_normalisation_equals_autograd_gradient_norms(any_adapter, tokenized):
+    maps = any_adapter.linear_maps(max_block=0)
+    queries = random_queries(maps, k=2)
+    norms = explicit_norms(any_adapter, tokenized, maps)
+    got = gradient_norms(any_adapter, tokenized, maps, batch_size=4, progress=False)
+    np.testing.assert_allclose(got, norms, rtol=1e-4)
+    kw = dict(estimator="t", columns=["a", "b"], batch_size=5, progress=False, per_module=True, per_token=True)
+    unit = score_with_queries(any_adapter, tokenized, maps, queries, normalize="unit", **kw)
+    ref = explicit_scores(any_adapter, tokenized, maps, queries) / norms[:, None]
+    assert np.abs(unit.values - ref).max() <= 1e-4 * np.abs(ref).max()
+    np.testing.assert_allclose(sum(unit.per_module.values()), unit.values, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(unit.per_token[unit.ids[0]].sum(0), unit.values[0], rtol=1e-5, atol=1e-7)
 
 
 def test_engine_is_batch_size_invariant_and_breakdowns_sum(tl_adapter, tokenized):

@@ -20,6 +20,7 @@ the outputs in :mod:`.planted_report`; the optional SAE stage is :mod:`.sae`.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -46,13 +47,16 @@ from ..estimators import (
 )
 from ..estimators.baselines import response_texts
 from ..evaluation import retrieval_metrics
+from ..fileio import atomic_write_text
 from ..generation import sample_responses
 from ..provenance import machine_description
 from .planted_behaviour import _behaviour_section, _concept_lds, _mean_loss
+from .planted_concept import _compared_queries, _concept_check
 from .planted_config import BenchmarkError, PlantedConfig
 from .planted_report import _plots, _write, command_line, format_report, format_retrieval
 from .planted_splits import PlantedSplits, split_planted
 from .planted_training import _Finetuner
+from .query_study import run_query_study
 from .smallmodel import build_small_model, seed_everything, train_bpe_tokenizer, train_model
 
 __all__ = ["BenchmarkError", "PlantedConfig", "PlantedSplits", "split_planted", "run_planted", "format_report",
@@ -121,7 +125,8 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
     print(f"probe at {hook}: held-out accuracy {probe.metrics['accuracy']:.3f}, AUROC {probe.metrics['roc_auc']:.3f}")
     own = sample_responses(adapter, tk["eval"], cfg.max_new_tokens, seed=cfg.seed, progress=False,
                                min_new_tokens=1)
-    concept = ConceptFunction.from_directions(probe.direction, eval_examples=own)
+    concept = ConceptFunction.from_directions(probe.direction, eval_examples=own, reduction=cfg.query)
+    check = _concept_check(adapter, probe.direction, tk, splits.eval_planted is not None, cfg, out)
 
     def behaviour() -> float:
         """Paired: mean per-token log p(planted) − log p(clean) answer; unpaired: concept on the model's own answers."""
@@ -138,7 +143,8 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
     fit_seconds = time.perf_counter() - t0
     test = (tk["eval_planted"] if splits.eval_planted is not None else tk["pos"])[: cfg.n_test]
     estimators = [
-        ConceptInfluence(concept, curvature), ConceptGradDot(concept), InfluenceFunction(test, curvature),
+        ConceptInfluence(concept, curvature), *_compared_queries(probe.direction, own, curvature, cfg),
+        ConceptGradDot(concept), InfluenceFunction(test, curvature),
         GradDot(test), ProbeProjection(concept),
         ProjectionDifference(concept, cfg.max_new_tokens, seed=cfg.seed, min_new_tokens=1),
         TfidfBaseline(response_texts(adapter, tk["pos"])), LengthBaseline(), RandomBaseline(cfg.seed),
@@ -148,7 +154,8 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
         "splits": {"probe": len(tk["pos"]), "pretrain": len(tk["pretrain"]), "pool": len(pool_tk),
                    "planted": int(sum(labels)), "eval": len(tk["eval"]), "dropped_duplicates": splits.dropped_duplicates,
                    "dropped_too_long_from_pool": len(splits.pool) - len(pool_tk)},
-        "probe": {"hook_name": hook, **probe.metrics}, "concept_value": float(concept.evaluate(adapter)[0]),
+        "probe": {"hook_name": hook, **probe.metrics}, "query": cfg.query, "concept_check": check,
+        "concept_value": float(concept.evaluate(adapter)[0]),
         "ekfac_fit_seconds": fit_seconds, "finetune_seconds": finetune_seconds, "estimators": {},
     }
     scores: dict[str, np.ndarray] = {}
@@ -166,10 +173,14 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
         results["sae"] = sae_section(adapter, hook, (tk["pos"], tk["neg"]), pool_tk, labels, own, probe.direction,
                                      curvature, scores, results["estimators"], cfg, out, progress)
     print("\n" + format_retrieval(results))
+    if cfg.query_study:
+        results["query_study"] = run_query_study(adapter, curvature, pool_tk, labels, tk["pos"], tk["neg"], own,
+                                                 seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
+        atomic_write_text(out / "query_study.json", json.dumps(results["query_study"], indent=1))
     _write(out, results)
 
     if cfg.retrain:
-        results["behaviour"] = _behaviour_section(tuner, behaviour, pool_tk, labels, scores, cfg)
+        results["behaviour"] = _behaviour_section(tuner, behaviour, pool_tk, labels, scores, cfg, concept)
         _write(out, results)
     if cfg.lds:  # the SAE estimators predict another concept than the one measured here
         probe_scores = {k: v for k, v in scores.items() if not (cfg.sae_latents and k in SAE_ESTIMATORS)}

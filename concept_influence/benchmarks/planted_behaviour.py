@@ -10,6 +10,7 @@ from scipy.stats import spearmanr, ttest_ind
 
 from ..concepts import ConceptFunction
 from ..data import TokenizedExample, iter_batches
+from ..filtering import removal_indices
 from ..models import ModelAdapter
 from .planted_config import PlantedConfig
 from .planted_training import _Finetuner
@@ -35,22 +36,30 @@ def _mean_loss(adapter: ModelAdapter, examples: Sequence[TokenizedExample], batc
 
 
 def _behaviour_section(tuner: _Finetuner, behaviour: Callable[[], float], pool: list[TokenizedExample],
-                       labels: list[int], scores: dict[str, np.ndarray], cfg: PlantedConfig) -> dict:
-    """Behaviour of clean and planted fine-tunes over seeds, then after removing the top of each ranking."""
+                       labels: list[int], scores: dict[str, np.ndarray], cfg: PlantedConfig,
+                       concept: ConceptFunction | None = None) -> dict:
+    """Behaviour of clean and planted fine-tunes over seeds, then after removing the top of each ranking (the rule
+    of :func:`~concept_influence.filtering.removal_indices`). With ``concept``, also how far planting moves f itself
+    (``concept_shift``, in seed standard deviations): a concept that planting does not move cannot find the data."""
     clean_pool = [t for t, lab in zip(pool, labels) if not lab]
-    planted_b = tuner.behaviours(pool, behaviour, "fine-tune planted")
-    clean_b = tuner.behaviours(clean_pool, behaviour, "fine-tune clean")
+
+    def both() -> tuple[float, float]:
+        return behaviour(), float(concept.evaluate(tuner.adapter)[0]) if concept is not None else float("nan")
+
+    planted_b, planted_f = map(list, zip(*tuner.behaviours(pool, both, "fine-tune planted")))
+    clean_b, clean_f = map(list, zip(*tuner.behaviours(clean_pool, both, "fine-tune clean")))
     effect = _effect(clean_b, planted_b)
     print(f"behaviour: clean {np.mean(clean_b):.4f} ± {np.std(clean_b):.4f}, planted {np.mean(planted_b):.4f} ± "
         f"{np.std(planted_b):.4f}; planting {'raised' if effect['raised'] else 'did NOT raise'} it "
         f"(effect size {effect['effect_size']:.1f} seed sd)")
     section = {"metric": "paired log-prob gap" if cfg.paired else "probe projection of own answers",
                "clean": clean_b, "planted": planted_b, **effect, "removal": {}}
+    if concept is not None:
+        section["concept_shift"] = {"clean": clean_f, "planted": planted_f, **_effect(clean_f, planted_f)}
     for name, s in scores.items():
         section["removal"][name] = {}
-        order = np.argsort(-s, kind="stable")
         for fraction in cfg.remove_fractions:
-            drop = set(order[: round(fraction * len(pool))].tolist())
+            drop = set(removal_indices(s, remove_top=fraction).tolist())
             kept = [t for i, t in enumerate(pool) if i not in drop]
             values = tuner.behaviours(kept, behaviour, f"retrain without top {fraction:.0%} of {name}")
             shares = [(np.mean(planted_b) - v) / effect["gain"] for v in values] if effect["gain"] else [float("nan")]
@@ -64,15 +73,23 @@ def _behaviour_section(tuner: _Finetuner, behaviour: Callable[[], float], pool: 
 
 def _concept_lds(tuner: _Finetuner, concept: ConceptFunction, pool: list[TokenizedExample],
                  scores: dict[str, np.ndarray], cfg: PlantedConfig) -> dict:
-    """Fine-tune on ``cfg.lds`` random halves; Spearman between Σ scores of the kept examples and the measured f."""
+    """Fine-tune on ``cfg.lds`` random halves with ``cfg.lds_seeds`` seeds each; Spearman between Σ scores of the
+    kept examples and the measured f (mean over the seeds), and the ceiling: the Spearman between two seeds'
+    measurements on the same subsets, which is what a perfect estimator could reach against one seed."""
     rng = np.random.default_rng(cfg.seed + 1)
     masks, measured = [], []
     for m in range(cfg.lds):
         mask = np.zeros(len(pool), dtype=bool)
         mask[rng.choice(len(pool), len(pool) // 2, replace=False)] = True
-        tuner.finetune([t for t, keep in zip(pool, mask) if keep], cfg.seed, f"LDS subset {m + 1}/{cfg.lds}")
-        measured.append(float(concept.evaluate(tuner.adapter)[0]))
+        kept = [t for t, keep in zip(pool, mask) if keep]
+        per_seed = []
+        for s in range(cfg.lds_seeds):
+            tuner.finetune(kept, cfg.seed + s, f"LDS subset {m + 1}/{cfg.lds} (seed {s})")
+            per_seed.append(float(concept.evaluate(tuner.adapter)[0]))
+        measured.append(per_seed)
         masks.append(mask)
-    masks_arr = np.stack(masks)
-    return {"subsets": cfg.lds, "measured": measured,
-            "spearman": {name: float(spearmanr(masks_arr @ s, measured)[0]) for name, s in scores.items()}}
+    masks_arr, by_seed = np.stack(masks), np.array(measured)
+    mean = by_seed.mean(1)
+    ceiling = float(spearmanr(by_seed[:, 0], by_seed[:, 1])[0]) if cfg.lds_seeds > 1 else float("nan")
+    return {"subsets": cfg.lds, "seeds": cfg.lds_seeds, "measured": measured, "ceiling": ceiling,
+            "spearman": {name: float(spearmanr(masks_arr @ s, mean)[0]) for name, s in scores.items()}}

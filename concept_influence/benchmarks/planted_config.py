@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from probes import REDUCTIONS
+
+from ..concepts import DEFAULT_QUERY
+
 __all__ = ["BenchmarkError", "PlantedConfig"]
 
 
@@ -42,6 +46,11 @@ class PlantedConfig:
     sae_k: int = 16
     sae_epochs: float = 10.0
     retrain: bool = True  # False: skip the behaviour measurement and filter-and-retrain
+    query: str = DEFAULT_QUERY  # where Concept Influence reads the concept on the evaluation prompts
+    compare_query: str | None = "response_mean"  # a second concept_influence with this query, for comparison
+    query_study: bool = False  # also score every query variant (benchmarks/query_study.py) on the trained model
+    concept_check: bool = True  # steer along the probe direction: is the concept causal for the behaviour?
+    lds_seeds: int = 2  # fine-tuning seeds per concept-LDS subset (two give the ceiling: seed vs seed)
 
     def __post_init__(self):
         if not 0 < self.rate <= 0.5:
@@ -55,6 +64,11 @@ class PlantedConfig:
         if self.sae_latents < 0 or (self.sae_latents and not 1 <= self.sae_k <= self.sae_latents):
             raise BenchmarkError(f"--sae-latents must be >= 0 and --sae-k in 1..sae-latents, got {self.sae_latents} "
                                  f"and {self.sae_k}")
+        for option, value in (("--query", self.query), ("--compare-query", self.compare_query)):
+            if value is not None and value not in REDUCTIONS:
+                raise BenchmarkError(f"{option} must be one of {', '.join(REDUCTIONS)}, got {value!r}")
+        if self.lds_seeds < 1:
+            raise BenchmarkError(f"--lds-seeds must be at least 1, got {self.lds_seeds}")
         self.remove_fractions = tuple(self.remove_fractions)
 
     @property

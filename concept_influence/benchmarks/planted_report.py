@@ -78,6 +78,7 @@ def format_report(results: dict) -> str:
                   "", verdict + ".", ""]
     elif not cfg.get("retrain", True):
         lines += ["Behaviour and filter-and-retrain were not run (`--no-retrain`).", ""]
+    lines += _concept_lines(results)
     fractions = [str(f) for f in cfg["remove_fractions"]]
     head = "| estimator | AUROC | AUPRC | P@k | s/1k ex |"
     sep = "|---|---|---|---|---|"
@@ -98,12 +99,28 @@ def format_report(results: dict) -> str:
               "(planted − clean), mean ± sd over seeds (n/a when planting did not raise the behaviour; the values "
               "are in results.json); in brackets the planted examples among those removed.", ""]
     if "lds" in results:
-        lines += ["## Concept-LDS", "", f"{results['lds']['subsets']} random halves of the pool; Spearman between the "
-                  "summed scores of the kept examples and the concept measured after fine-tuning on them. "
-                  "Only the concept estimators predict this quantity; the others are shown for reference.", "",
+        lds = results["lds"]
+        ceiling = lds.get("ceiling", float("nan"))
+        lines += ["## Concept-LDS", "", f"{lds['subsets']} random halves of the pool, each fine-tuned with "
+                  f"{lds.get('seeds', 1)} seed(s); Spearman between the summed scores of the kept examples and the "
+                  "concept measured after fine-tuning on them (mean over the seeds). Only the concept estimators predict "
+                  "this quantity; the others are shown for reference.", "",
+                  f"**Ceiling: {ceiling:.3f}**, the Spearman between two fine-tuning seeds on the same subsets: what a "
+                  "perfect estimator could reach against one seed's measurement."
+                  + (" Below 0.5, the subsets' measured concept is mostly seed noise at this M, and no estimator's "
+                     "value can be read." if not ceiling >= 0.5 else ""), "",
                   "| estimator | Spearman |", "|---|---|"]
-        lines += [f"| {n}{'' if n in CONCEPT_ESTIMATORS else ' (not a concept estimator)'} | {r:.3f} |"
-                  for n, r in results["lds"]["spearman"].items()]
+        lines += [f"| {n}{'' if n.startswith(CONCEPT_ESTIMATORS) else ' (not a concept estimator)'} | {r:.3f} |"
+                  for n, r in lds["spearman"].items()]
+        lines.append("")
+    if "query_study" in results:
+        from .query_study import summarise_study
+
+        lines += ["## Query study (this model)", "", "Mean and minimum AUROC and mean AUPRC of Concept Influence over "
+                  "every variant (query_study.json has each); see benchmarks/query_study.md for all benchmarks and seeds.", "",
+                  "| query | mean AUROC | min AUROC | mean AUPRC |", "|---|---|---|---|"]
+        lines += [f"| {k} | {a:.3f} | {lo:.3f} | {p:.3f} |" for k, a, lo, p in
+                  summarise_study({"run": results["query_study"]}, "query")]
         lines.append("")
     if "sae" in results:
         from .sae import format_sae_report
@@ -112,6 +129,33 @@ def format_report(results: dict) -> str:
     if "plots" in results:
         lines += ["## Plots", ""] + [f"![{k}]({v})" for k, v in results["plots"].items()] + [""]
     return "\n".join(lines)
+
+
+def _concept_lines(results: dict) -> list[str]:
+    """Is the concept causal (the steering check) and does planting move it? Said plainly when it is not."""
+    check, shift = results.get("concept_check"), (results.get("behaviour") or {}).get("concept_shift")
+    if not check and not shift:
+        return []
+    lines = ["## Is the concept causal?", "", f"Concept Influence reads the concept at `{results.get('query')}` on the "
+             "evaluation prompts.", ""]
+    if check:
+        where = "held-out evaluation prompts" if check["held_out"] else "the probe's examples (not held out)"
+        lines += [f"Steering along the probe direction on {where} ({check['n_positive']} planted, {check['n_negative']} "
+                  f"clean answers; separation AUROC {check['separation_auroc']:.3f}):", "",
+                  "| steered positions | first-order effect (nats per sd) | verdict |", "|---|---|---|"]
+        lines += [f"| {p} | {check['first_order'][p]:+.4f} ± {check['first_order_se'][p]:.4f} | {v} |"
+                  for p, v in check["verdicts"].items()]
+        lines += ["", f"**{check['explanation']}**", ""]
+    if shift:
+        lines += [f"Planting moves the concept f by {shift['gain']:+.4f} = {shift['effect_size']:.1f} × the seeds' sd "
+                  f"(clean {np.mean(shift['clean']):.4f}, planted {np.mean(shift['planted']):.4f}; one-sided Welch "
+                  f"p = {shift['p_value']:.2g})."
+                  + ("" if shift["raised"] else " **Planting does not measurably move the concept, so no concept "
+                     "estimator can find the planted data through it.**"), ""]
+    if check and check["verdict"] != "causal":
+        lines += ["**The concept is not causal for the behaviour here: the concept rows of the table below "
+                  "(concept_influence, concept_grad_dot) cannot be read as evidence of which data causes it.**", ""]
+    return lines
 
 
 def command_line() -> str:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 from ..data import TokenizedExample
 from ..models import ModelAdapter
 from .planted_config import PlantedConfig
 from .smallmodel import train_model
+
+T = TypeVar("T")
 
 
 class _Finetuner:
@@ -22,7 +24,7 @@ class _Finetuner:
         train_model(self.adapter, examples, self.cfg.finetune_epochs, self.cfg.finetune_lr, self.cfg.batch_size,
                     tokens="response", seed=seed, progress=self.progress, desc=desc)
 
-    def behaviours(self, examples: Sequence[TokenizedExample], measure: Callable[[], float], desc: str) -> list[float]:
+    def behaviours(self, examples: Sequence[TokenizedExample], measure: Callable[[], T], desc: str) -> list[T]:
         """``measure()`` after fine-tuning on ``examples`` with each of the run's seeds."""
         out = []
         for s in range(self.cfg.n_seeds):

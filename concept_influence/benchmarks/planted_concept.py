@@ -1,0 +1,43 @@
+"""The planted benchmark's concept: the causal check of the probe direction and the queries compared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from probes import ConceptDirection
+
+from ..concept_check import check_concept
+from ..concepts import ConceptFunction
+from ..curvature import Curvature
+from ..data import TokenizedExample
+from ..estimators import ConceptInfluence
+from ..models import ModelAdapter
+from .planted_config import PlantedConfig
+
+
+def _concept_check(adapter: ModelAdapter, direction: ConceptDirection, tk: dict[str, list[TokenizedExample]],
+                   paired: bool, cfg: PlantedConfig, out: Path) -> dict | None:
+    """Steer along the probe direction (:func:`~concept_influence.concept_check.check_concept`): on paired data the
+    held-out evaluation prompts with their planted (positive) and clean (negative) answers; on unpaired data the
+    probe's own examples (not held out: the separation there is the probe's training fit)."""
+    if not cfg.concept_check:
+        return None
+    if paired:
+        positive, negative, held_out = tk["eval_planted"], tk["eval"], True
+    else:
+        positive, negative, held_out = tk["pos"][: cfg.n_eval], tk["neg"][: cfg.n_eval], False
+    check = check_concept(adapter, direction, positive, negative, batch_size=cfg.batch_size)
+    check.plot(out / "concept_check.png")
+    print(check.format())
+    return {**check.to_dict(), "explanation": check.explanation(), "held_out": held_out}
+
+
+def _compared_queries(direction: ConceptDirection, own: list[TokenizedExample], curvature: Curvature,
+                      cfg: PlantedConfig) -> list[ConceptInfluence]:
+    """``concept_influence[<query>]`` for ``cfg.compare_query`` (today's default before the query study), scored and
+    retrained beside the chosen query."""
+    if cfg.compare_query is None or cfg.compare_query == cfg.query:
+        return []
+    estimator = ConceptInfluence(ConceptFunction.from_directions(direction, own, cfg.compare_query), curvature)
+    estimator.name = f"concept_influence[{cfg.compare_query}]"
+    return [estimator]

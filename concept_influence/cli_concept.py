@@ -1,0 +1,191 @@
+"""Command line for judging and acting on a concept: ``concept check`` (is it causal?), ``filter`` (remove the top
+of a ranking from a training file), the planted benchmarks' query options and ``bench query-table``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+__all__ = ["add_concept_commands", "add_query_options", "query_overrides", "user_errors"]
+
+# Spelled out so that building the parser imports no torch (tests check they equal the library's constants).
+REDUCTIONS = ("response_mean", "last_prompt", "prompt_mean", "all_tokens")  # probes.REDUCTIONS
+STEERING_POSITIONS = ("all", "prompt")  # concept_check.STEERING_POSITIONS
+
+
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    from .concept_check import ConceptCheckError
+
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ConceptCheckError(f"{option} must be numbers separated by commas, got {text!r}") from None
+
+
+def _read(path: str, name: str, adapter, args: argparse.Namespace) -> list:
+    """The first ``--max-examples`` tokenised chats of ``path``; an error names the file when none can be used."""
+    from .cli_sae import _examples
+    from .concept_check import ConceptCheckError
+    from .data import DataError
+
+    try:
+        examples = _examples([path], adapter, args.max_length)[: args.max_examples]
+    except DataError as e:
+        raise ConceptCheckError(f"{path}: no {name} example can be used ({e})") from None
+    if not examples:
+        raise ConceptCheckError(f"{path}: no {name} example to read (--max-examples {args.max_examples})")
+    return examples
+
+
+def _concept_check(args: argparse.Namespace) -> int:
+    from probes.directions import ConceptDirection
+    from probes.sae import load_sae, sae_direction
+
+    from .concept_check import ConceptCheckError, check_concept
+    from .concepts import check_direction_compatible
+    from .fileio import atomic_write_text
+    from .models import load_model
+
+    if (args.direction is None) == (args.sae is None):
+        raise ConceptCheckError("give the concept as --direction FILE or as --sae DIR --latent I, not both")
+    adapter = load_model(args.model)
+    if args.direction is not None:
+        direction = ConceptDirection.load(args.direction)
+    else:
+        if args.latent is None:
+            raise ConceptCheckError("--sae needs --latent I (the latent whose decoder row is steered along)")
+        direction = sae_direction(load_sae(args.sae), args.latent, "decoder", hook_name=args.hook)
+    check_direction_compatible(direction, adapter)
+    positive, negative = (_read(path, name, adapter, args) for path, name in ((args.positive, "positive"),
+                                                                              (args.negative, "negative")))
+    positions = tuple(p for p in args.positions.split(",") if p)
+    check = check_concept(adapter, direction, positive, negative, alphas=_floats(args.alphas, "--alphas"),
+                          positions=positions, threshold=args.threshold, batch_size=args.batch_size)
+    print(check.format())
+    if args.out:
+        out = Path(args.out)
+        record = {**check.to_dict(), "explanation": check.explanation(), "model": str(args.model),
+                  "direction": str(args.direction or f"{args.sae}#latent{args.latent}"),
+                  "positive": str(args.positive), "negative": str(args.negative)}
+        atomic_write_text(out / "concept_check.json", json.dumps(record, indent=1))
+        check.plot(out / "concept_check.png")
+        print(f"written: {out / 'concept_check.json'}, {out / 'concept_check.png'}")
+    return 0
+
+
+def _filter(args: argparse.Namespace) -> int:
+    from .filtering import filter_training_file, sidecar_path
+
+    column: int | str = int(args.column) if args.column.isdigit() else args.column
+    record = filter_training_file(args.scores, args.data, args.out, remove_top=args.remove_top,
+                                  keep_bottom=args.keep_bottom, column=column, overwrite=args.force)
+    print(f"removed {record['removed']} of {record['examples']} examples ({record['scores']['estimator']}, column "
+          f"{record['scores']['column']}); kept {record['kept']} in {args.out}"
+          + (f" ({record['unscored_kept']} had no score and were kept)" if record["unscored_kept"] else "")
+          + f"\nrecord: {sidecar_path(args.out)}")
+    return 0
+
+
+def _amount(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) or a count, got {text!r}") from None
+    return int(value) if value >= 1 and value == int(value) else value
+
+
+def _query_table(args: argparse.Namespace) -> int:
+    from .benchmarks.query_study import format_query_table
+    from .data import DataError
+    from .fileio import atomic_write_text
+
+    studies = {}
+    for item in args.studies:
+        name, _, path = item.rpartition("=")
+        try:
+            studies[name or Path(path).parent.name] = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: cannot read a query study ({e})") from None
+    text = (f"# Query study\n\nCommand: `concept-influence bench query-table {' '.join(args.studies)} --out {args.out}`"
+            f"\n\n{format_query_table(studies)}\n")
+    atomic_write_text(args.out, text)
+    print(text)
+    return 0
+
+
+def add_concept_commands(sub, bench) -> None:
+    """``concept check``, ``filter`` and ``bench query-table``."""
+    concept = sub.add_parser("concept", help="judge a concept before attributing").add_subparsers(
+        dest="concept_command", required=True)
+    check = concept.add_parser(
+        "check", help="is the concept causal for the behaviour? (separation + steering)",
+        description="Separation of held-out positive vs negative examples by the direction, and the effect of "
+                    "steering along it (adding alpha * sd * v at its hook) on log p(positive) - log p(negative) "
+                    "answers; the verdict (causal, weak, reversed) judges the first-order effect at the smallest step.")
+    check.add_argument("--model", required=True, help="model folder (concept-influence or Hugging Face format)")
+    check.add_argument("--direction", help="concept direction file (.safetensors + .json sidecar)")
+    check.add_argument("--sae", help="SAE folder (SAE-Lens format): steer along a latent's decoder row")
+    check.add_argument("--latent", type=int, help="the SAE latent (with --sae)")
+    check.add_argument("--hook", help="override the SAE's hook name (with --sae)")
+    check.add_argument("--positive", required=True, help="chat JSONL of answers that show the behaviour")
+    check.add_argument("--negative", required=True, help="chat JSONL of answers that do not (same prompts if paired)")
+    check.add_argument("--max-examples", type=int, default=200, help="examples read from each file (default 200)")
+    check.add_argument("--max-length", type=int, help="tokens per example (default: the model's context length)")
+    check.add_argument("--alphas", default="-4,-2,-1,-0.5,0.5,1,2,4",
+                       help="steps in standard deviations of the projection (default -4,-2,-1,-0.5,0.5,1,2,4)")
+    check.add_argument("--positions", default="all,prompt",
+                       help=f"where to steer, of {', '.join(STEERING_POSITIONS)} (default all,prompt)")
+    check.add_argument("--threshold", type=float, default=0.01,
+                       help="first-order effect (nats per sd) needed for 'causal' (default 0.01; see the README)")
+    check.add_argument("--batch-size", type=int, default=16, help="examples per forward (default 16)")
+    check.add_argument("--out", help="folder for concept_check.json and concept_check.png")
+    check.set_defaults(func=_concept_check)
+
+    flt = sub.add_parser(
+        "filter", help="remove the top of a ranking from a training file",
+        description="Write OUT: the lines of DATA (chat JSONL) minus the highest-scored examples of SCORES, unchanged; "
+                    "and OUT.filter.json, the record of what was removed (ids, scores, ranks), why and from which "
+                    "inputs. Scores must come from DATA (ids are <file name>:<line>).")
+    flt.add_argument("scores", metavar="SCORES", help="scores file (e.g. RUN/scores/scores.safetensors)")
+    flt.add_argument("data", metavar="DATA", help="the training file that was scored")
+    flt.add_argument("out", metavar="OUT", help="the filtered training file to write (.jsonl or .jsonl.gz)")
+    rule = flt.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--remove-top", type=_amount, metavar="X", help="remove this fraction (0-1) or count from the top")
+    rule.add_argument("--keep-bottom", type=_amount, metavar="X", help="keep only this fraction or count from the bottom")
+    flt.add_argument("--column", default="0", help="score column, by index or name (default 0)")
+    flt.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    flt.set_defaults(func=_filter)
+
+    table = bench.add_parser("query-table", help="one table of query studies (bench ... --query-study)",
+                             description="Merge the query_study.json files of several benchmark runs into one "
+                                         "markdown table (AUROC / AUPRC of every variant per run, summaries by factor).")
+    table.add_argument("studies", nargs="+", metavar="[NAME=]PATH", help="query_study.json files, optionally named")
+    table.add_argument("--out", required=True, help="markdown file to write (e.g. benchmarks/query_study.md)")
+    table.set_defaults(func=_query_table)
+
+
+def add_query_options(p: argparse.ArgumentParser) -> None:
+    """The planted benchmarks' options for the concept query, the query study, the check and the LDS seeds."""
+    p.add_argument("--query", choices=REDUCTIONS, default="last_prompt",
+                   help="where Concept Influence reads the concept on the evaluation prompts (default last_prompt)")
+    p.add_argument("--compare-query", choices=(*REDUCTIONS, "none"), default="response_mean",
+                   help="also score and retrain concept_influence with this query (default response_mean; none: skip)")
+    p.add_argument("--query-study", action="store_true",
+                   help="also score every query variant on the trained model (query_study.json)")
+    p.add_argument("--no-concept-check", action="store_true", help="skip steering along the probe direction")
+    p.add_argument("--lds-seeds", type=int, default=2, help="fine-tuning seeds per concept-LDS subset (default 2)")
+
+
+def query_overrides(args: argparse.Namespace) -> dict:
+    """PlantedConfig fields from :func:`add_query_options`."""
+    return {"query": args.query, "compare_query": None if args.compare_query == "none" else args.compare_query,
+            "query_study": args.query_study, "concept_check": not args.no_concept_check, "lds_seeds": args.lds_seeds}
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors of these commands that describe bad input."""
+    from .concept_check import ConceptCheckError
+    from .filtering import FilterError
+
+    return ConceptCheckError, FilterError

@@ -1,0 +1,118 @@
+"""`concept check`, `filter` and `bench query-table` at the command line: results, and bad input as one clear line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from concept_influence import cli_concept
+from concept_influence.cli import main
+from concept_influence.concept_check import STEERING_POSITIONS
+from concept_influence.data import ChatExample, write_chat_jsonl
+from concept_influence.models import save_model
+from concept_influence.scores import Scores
+from probes import REDUCTIONS, ConceptDirection
+
+
+def test_parser_constants_match_the_library():
+    assert cli_concept.REDUCTIONS == REDUCTIONS
+    assert cli_concept.STEERING_POSITIONS == STEERING_POSITIONS
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.fixture
+def project(tmp_path, tl_adapter, chats):
+    """A saved model, a direction for it, paired positive/negative answer files and a training file."""
+    save_model(tl_adapter, tmp_path / "model")
+    ConceptDirection(torch.randn(tl_adapter.d_model, generator=torch.Generator().manual_seed(0)),
+                     "blocks.0.hook_resid_post").save(tmp_path / "dir.safetensors")
+    write_chat_jsonl(chats[:6], tmp_path / "pos.jsonl")
+    write_chat_jsonl([ChatExample.from_pair("n", c.prompt, "fine thanks") for c in chats[:6]], tmp_path / "neg.jsonl")
+    write_chat_jsonl(chats, tmp_path / "train.jsonl")
+    return tmp_path
+
+
+def test_concept_check_command(project, capsys):
+    out = project / "check"
+    rc = main(["concept", "check", "--model", str(project / "model"), "--direction", str(project / "dir.safetensors"),
+               "--positive", str(project / "pos.jsonl"), "--negative", str(project / "neg.jsonl"),
+               "--alphas=-1,-0.5,0.5,1", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "first-order effect (all positions)" in text and "first-order effect (prompt positions)" in text
+    record = json.loads((out / "concept_check.json").read_text())
+    assert record["verdict"] in ("causal", "weak", "reversed") and record["n_positive"] == 6
+    assert (out / "concept_check.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--direction": None}, "give the concept as --direction FILE or as --sae DIR --latent I"),
+    ({"--positions": "all,response"}, "unknown steering positions 'response'"),
+    ({"--alphas": "1,2"}, "at least one positive and one negative step"),
+    ({"--alphas": "a,b"}, "--alphas must be numbers separated by commas"),
+    ({"--max-length": "2"}, "pos.jsonl: no positive example can be used (the dataset has no usable examples"),
+    ({"wrong_width": True}, "has size 5, but the model's d_model is 32"),
+    ({"unknown_hook": True}, "layer 7 in hook 'blocks.7.hook_resid_post' is out of range"),
+    ({"empty": True}, "empty.jsonl: no negative example can be used"),
+])
+def test_concept_check_bad_input(project, capsys, change, message):
+    args = {"--model": str(project / "model"), "--direction": str(project / "dir.safetensors"),
+            "--positive": str(project / "pos.jsonl"), "--negative": str(project / "neg.jsonl")}
+    if change.pop("wrong_width", False):
+        ConceptDirection(torch.ones(5), "blocks.0.hook_resid_post").save(project / "bad.safetensors")
+        args["--direction"] = str(project / "bad.safetensors")
+    if change.pop("unknown_hook", False):
+        ConceptDirection(torch.ones(32), "blocks.7.hook_resid_post").save(project / "bad.safetensors")
+        args["--direction"] = str(project / "bad.safetensors")
+    if change.pop("empty", False):
+        (project / "empty.jsonl").write_text("")
+        args["--negative"] = str(project / "empty.jsonl")
+    args.update(change)
+    argv = ["concept", "check"] + [x for k, v in args.items() if v is not None for x in (f"{k}={v}",)]
+    assert main(argv) == 2
+    assert message in _error_line(capsys)
+
+
+def test_filter_command_and_its_errors(project, capsys):
+    ids = [f"train.jsonl:{i}" for i in range(1, 13)]
+    scores = Scores(ids, np.arange(12.0), "concept_influence", ["planted_probe"]).save(project / "s.safetensors")
+    out = project / "filtered.jsonl"
+    assert main(["filter", str(scores), str(project / "train.jsonl"), str(out), "--remove-top", "0.25"]) == 0
+    assert "removed 3 of 12 examples (concept_influence, column planted_probe)" in capsys.readouterr().out
+    assert len(out.read_text().splitlines()) == 9
+    record = json.loads((project / "filtered.jsonl.filter.json").read_text())
+    assert [r["id"] for r in record["removed_examples"]] == ["train.jsonl:12", "train.jsonl:11", "train.jsonl:10"]
+    before = out.read_bytes()
+    assert main(["filter", str(scores), str(project / "train.jsonl"), str(out), "--remove-top", "2"]) == 2
+    assert "exists; choose another output or allow overwriting (--force)" in _error_line(capsys)
+    assert out.read_bytes() == before
+    other = Scores(["pos.jsonl:1"], np.zeros(1), "x").save(project / "other.safetensors")
+    assert main(["filter", str(other), str(project / "train.jsonl"), str(project / "o.jsonl"), "--keep-bottom", "1"]) == 2
+    assert "the scores do not match" in _error_line(capsys)
+    assert not (project / "o.jsonl").exists()
+    assert main(["filter", str(project / "missing.safetensors"), str(project / "train.jsonl"), str(project / "o.jsonl"),
+                 "--remove-top", "1"]) == 2
+    assert "missing.safetensors: cannot read scores" in _error_line(capsys)
+
+
+def test_query_table_command(tmp_path, capsys):
+    rows = [{"query": q, "probe": "logistic", "layer": 0, "curvature": "identity", "normalization": "none",
+             "auroc": a, "auprc": a / 2, "precision_at_k": 0.0} for q, a in (("last_prompt", 0.9), ("response_mean", 0.6))]
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "query_study.json").write_text(json.dumps({"variants": rows}))
+    out = tmp_path / "query_study.md"
+    assert main(["bench", "query-table", f"demo0={tmp_path / 'a' / 'query_study.json'}",
+                 str(tmp_path / "b" / "query_study.json"), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| demo0 AUROC / AUPRC | b AUROC / AUPRC |" in text
+    assert "| last_prompt | logistic | 0 | identity | none | 0.900 / 0.450 | 0.900 / 0.450 |" in text
+    assert "| last_prompt | 0.900 | 0.900 | 0.450 |" in text
+    assert main(["bench", "query-table", str(tmp_path / "nope.json"), "--out", str(out)]) == 2
+    assert "nope.json: cannot read a query study" in _error_line(capsys)
