@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo demo-quick test lint notebooks bench bench-memory bench-medical bench-medical-sae clean
+.PHONY: install demo demo-quick test lint notebooks bench bench-queries bench-memory bench-medical bench-medical-sae clean
 
 install: $(VENV)/.installed
 
@@ -48,18 +48,40 @@ bench: install
 bench-memory: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence bench memory --out benchmarks
 
-# The committed medical results: about an hour per rate on 2 cores (one torch thread per run).
+# The committed medical results: about an hour per rate on 2 cores (one torch thread per run). They predate the query
+# study, so the settings they were made with are pinned here (OLD_CONCEPT); the query study covers today's defaults.
 EM_DATA ?= ../shared/data/em
+OLD_CONCEPT := --probe-kind logistic --layer 0 --query response_mean --compare-query none --lds-seeds 1
 bench-medical: install
-	OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence bench medical --data $(EM_DATA) --rate 0.1 --lds 10 --out runs/medical-0.1
-	OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence bench medical --data $(EM_DATA) --rate 0.05 --out runs/medical-0.05
+	OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence bench medical --data $(EM_DATA) --rate 0.1 --lds 10 $(OLD_CONCEPT) --out runs/medical-0.1
+	OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence bench medical --data $(EM_DATA) --rate 0.05 $(OLD_CONCEPT) --out runs/medical-0.05
 	for r in 0.1 0.05; do mkdir -p benchmarks/medical-rate$$r && cp runs/medical-$$r/results.md runs/medical-$$r/results.json runs/medical-$$r/*.png benchmarks/medical-rate$$r/; done
 
 # SAE-latent concepts on the medical benchmark (rate 0.1): about an hour on 2 cores with filter-and-retrain
 # (add --no-retrain for retrieval only, about 15 minutes).
 bench-medical-sae: install
-	OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence bench medical --data $(EM_DATA) --rate 0.1 --sae-latents 512 --sae-k 16 --out runs/medical-sae-0.1
+	OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence bench medical --data $(EM_DATA) --rate 0.1 --sae-latents 512 --sae-k 16 $(OLD_CONCEPT) --out runs/medical-sae-0.1
 	mkdir -p benchmarks/medical-sae && cp runs/medical-sae-0.1/results.md runs/medical-sae-0.1/results.json runs/medical-sae-0.1/*.png benchmarks/medical-sae/
 
 clean:
 	rm -rf $(VENV) runs
+
+# The query study (issue 12): every concept-query variant scored on one trained model per benchmark and seed (the
+# demo with filter-and-retrain; medical and insecure code retrieval only), merged into benchmarks/query_study.md.
+# About 75 minutes on 2 cores, one torch thread per run, one run at a time.
+INSECURE := --clean $(EM_DATA)/secure.500.jsonl --planted $(EM_DATA)/insecure.jsonl --rate 0.1 --n-probe 100 \
+	--n-pretrain 150 --n-pool 200 --n-eval 40 --max-length 512 --d-model 64 --pretrain-epochs 4
+bench-queries: install
+	for s in 0 1; do OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence demo --out runs/demo-s$$s --seed $$s --query-study --no-progress; done
+	for s in 0 1; do OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence bench medical --data $(EM_DATA) --rate 0.1 --seed $$s \
+		--no-retrain --query-study --out runs/medical-0.1-s$$s --no-progress; done
+	OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence bench medical --data $(EM_DATA) --rate 0.05 --seed 0 --no-retrain \
+		--query-study --out runs/medical-0.05-s0 --no-progress
+	OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence bench planted $(INSECURE) --seed 0 --no-retrain --query-study \
+		--out runs/insecure-0.1-s0 --no-progress
+	$(VENV)/bin/concept-influence bench query-table demo-s0=runs/demo-s0/query_study.json \
+		demo-s1=runs/demo-s1/query_study.json medical-0.1-s0=runs/medical-0.1-s0/query_study.json \
+		medical-0.1-s1=runs/medical-0.1-s1/query_study.json medical-0.05-s0=runs/medical-0.05-s0/query_study.json \
+		insecure-0.1-s0=runs/insecure-0.1-s0/query_study.json --out benchmarks/query_study.md
+	for r in demo-s0 demo-s1 medical-0.1-s0 medical-0.1-s1 medical-0.05-s0 insecure-0.1-s0; do mkdir -p benchmarks/queries/$$r && \
+		cp runs/$$r/results.md runs/$$r/results.json runs/$$r/query_study.json runs/$$r/*.png benchmarks/queries/$$r/; done

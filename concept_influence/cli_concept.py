@@ -12,6 +12,7 @@ __all__ = ["add_concept_commands", "add_query_options", "query_overrides", "user
 # Spelled out so that building the parser imports no torch (tests check they equal the library's constants).
 REDUCTIONS = ("response_mean", "last_prompt", "prompt_mean", "all_tokens")  # probes.REDUCTIONS
 STEERING_POSITIONS = ("all", "prompt")  # concept_check.STEERING_POSITIONS
+PROBE_KINDS = ("logistic", "diff_means")  # probes.PROBE_KINDS
 
 
 def _floats(text: str, option: str) -> tuple[float, ...]:
@@ -167,6 +168,8 @@ def add_concept_commands(sub, bench) -> None:
 
 def add_query_options(p: argparse.ArgumentParser) -> None:
     """The planted benchmarks' options for the concept query, the query study, the check and the LDS seeds."""
+    p.add_argument("--probe-kind", choices=PROBE_KINDS, default="diff_means",
+                   help="the concept's probe: difference of means (default) or logistic regression")
     p.add_argument("--query", choices=REDUCTIONS, default="last_prompt",
                    help="where Concept Influence reads the concept on the evaluation prompts (default last_prompt)")
     p.add_argument("--compare-query", choices=(*REDUCTIONS, "none"), default="response_mean",
@@ -179,7 +182,8 @@ def add_query_options(p: argparse.ArgumentParser) -> None:
 
 def query_overrides(args: argparse.Namespace) -> dict:
     """PlantedConfig fields from :func:`add_query_options`."""
-    return {"query": args.query, "compare_query": None if args.compare_query == "none" else args.compare_query,
+    return {"probe_kind": args.probe_kind, "query": args.query,
+            "compare_query": None if args.compare_query == "none" else args.compare_query,
             "query_study": args.query_study, "concept_check": not args.no_concept_check, "lds_seeds": args.lds_seeds}
 
 

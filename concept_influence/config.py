@@ -77,7 +77,7 @@ class ProbeConfig:
     positive: str | None = option(None, path=True)
     negative: str | None = option(None, path=True)
     direction: str | None = option(None, path=True)
-    kind: str = option("logistic", choices=PROBE_KINDS)
+    kind: str = option("diff_means", choices=PROBE_KINDS)
     reduction: str = option("response_mean", choices=REDUCTIONS)
     max_examples: int | None = None
     seed: int = 0

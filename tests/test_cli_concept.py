@@ -12,12 +12,13 @@ from concept_influence.concept_check import STEERING_POSITIONS
 from concept_influence.data import ChatExample, write_chat_jsonl
 from concept_influence.models import save_model
 from concept_influence.scores import Scores
-from probes import REDUCTIONS, ConceptDirection
+from probes import PROBE_KINDS, REDUCTIONS, ConceptDirection
 
 
 def test_parser_constants_match_the_library():
     assert cli_concept.REDUCTIONS == REDUCTIONS
     assert cli_concept.STEERING_POSITIONS == STEERING_POSITIONS
+    assert cli_concept.PROBE_KINDS == PROBE_KINDS
 
 
 def _error_line(capsys) -> str:

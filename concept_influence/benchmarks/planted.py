@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from probes import train_logistic_probe
+from probes import train_probe
 
 from ..activations import collect_activations
 from ..concepts import ConceptFunction
@@ -119,7 +119,7 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
 
     hook = f"blocks.{cfg.probe_layer}.hook_resid_post"
     acts = [collect_activations(adapter, tk[k], hook, progress=False) for k in ("pos", "neg")]
-    probe = train_logistic_probe(acts[0], acts[1], hook, seed=cfg.seed)
+    probe = train_probe(cfg.probe_kind, acts[0], acts[1], hook, seed=cfg.seed)
     probe.direction.metadata["name"] = "planted_probe"
     probe.direction.save(out / "probe.safetensors")
     print(f"probe at {hook}: held-out accuracy {probe.metrics['accuracy']:.3f}, AUROC {probe.metrics['roc_auc']:.3f}")

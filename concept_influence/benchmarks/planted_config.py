@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from probes import REDUCTIONS
+from probes import PROBE_KINDS, REDUCTIONS
 
 from ..concepts import DEFAULT_QUERY
 
@@ -46,6 +46,7 @@ class PlantedConfig:
     sae_k: int = 16
     sae_epochs: float = 10.0
     retrain: bool = True  # False: skip the behaviour measurement and filter-and-retrain
+    probe_kind: str = "diff_means"  # the concept's probe: diff_means (difference of means, a persona vector) or logistic
     query: str = DEFAULT_QUERY  # where Concept Influence reads the concept on the evaluation prompts
     compare_query: str | None = "response_mean"  # a second concept_influence with this query, for comparison
     query_study: bool = False  # also score every query variant (benchmarks/query_study.py) on the trained model
@@ -67,6 +68,8 @@ class PlantedConfig:
         for option, value in (("--query", self.query), ("--compare-query", self.compare_query)):
             if value is not None and value not in REDUCTIONS:
                 raise BenchmarkError(f"{option} must be one of {', '.join(REDUCTIONS)}, got {value!r}")
+        if self.probe_kind not in PROBE_KINDS:
+            raise BenchmarkError(f"--probe-kind must be one of {', '.join(PROBE_KINDS)}, got {self.probe_kind!r}")
         if self.lds_seeds < 1:
             raise BenchmarkError(f"--lds-seeds must be at least 1, got {self.lds_seeds}")
         self.remove_fractions = tuple(self.remove_fractions)
@@ -77,8 +80,9 @@ class PlantedConfig:
 
     @property
     def probe_layer(self) -> int:
-        """The probe's block: ``layer`` or the middle block."""
-        layer = (self.n_layers - 1) // 2 if self.layer is None else self.layer
+        """The probe's block: ``layer`` or the last block (where the last-prompt query worked best in the query
+        study on these small models)."""
+        layer = self.n_layers - 1 if self.layer is None else self.layer
         if not 0 <= layer < self.n_layers:
             raise BenchmarkError(f"--layer {layer} is outside the model's blocks 0..{self.n_layers - 1}")
         return layer

@@ -38,10 +38,11 @@ def _write(out: Path, results: dict) -> None:
 
 def format_retrieval(results: dict) -> str:
     """The estimators' retrieval metrics as a fixed-width table."""
-    head = f"{'estimator':<30} {'AUROC':>6} {'AUPRC':>6} {'P@k':>6} {'s/1k ex':>8}"
+    width = max(30, *(len(name) for name in results["estimators"]))
+    head = f"{'estimator':<{width}} {'AUROC':>6} {'AUPRC':>6} {'P@k':>6} {'s/1k ex':>8}"
     rows = [head, "-" * len(head)]
     for name, m in results["estimators"].items():
-        rows.append(f"{name:<30} {m['auroc']:>6.3f} {m['auprc']:>6.3f} {m['precision_at_k']:>6.3f} "
+        rows.append(f"{name:<{width}} {m['auroc']:>6.3f} {m['auprc']:>6.3f} {m['precision_at_k']:>6.3f} "
                     f"{m['seconds_per_1k']:>8.2f}")
     return "\n".join(rows)
 
@@ -62,7 +63,8 @@ def format_report(results: dict) -> str:
               f"eval {sp['eval']}; seed {cfg['seed']}.", "",
               f"Model: TransformerLens, {cfg['n_layers']} blocks, d_model {cfg['d_model']}, vocab {cfg['vocab_size']}; "
               f"pre-train {cfg['pretrain_epochs']} epochs, fine-tune {cfg['finetune_epochs']} epochs. "
-              f"Probe at `{results['probe']['hook_name']}`: held-out accuracy {results['probe']['accuracy']:.3f}, "
+              f"{cfg.get('probe_kind', 'logistic')} probe at `{results['probe']['hook_name']}`: held-out accuracy "
+              f"{results['probe']['accuracy']:.3f}, "
               f"AUROC {results['probe']['roc_auc']:.3f}. EK-FAC fit {results['ekfac_fit_seconds']:.1f} s; "
               f"one fine-tune {results['finetune_seconds']:.1f} s.", ""]
     b = results.get("behaviour")
