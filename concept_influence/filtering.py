@@ -58,15 +58,6 @@ def removal_indices(values, *, remove_top: float | None = None, keep_bottom: flo
     return order[: n - _count(keep_bottom, n, "keep_bottom")]
 
 
-def _write_lines(lines: list[str], path: Path) -> None:
-    def write(tmp: str) -> None:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(tmp, "wt", encoding="utf-8") as fh:
-            fh.writelines(line if line.endswith("\n") else line + "\n" for line in lines)
-
-    atomic_write(path, write)
-
-
 def filter_training_file(scores: Scores | str | Path, data: str | Path, out: str | Path, *,
                          remove_top: float | None = None, keep_bottom: float | None = None,
                          column: int | str = 0, overwrite: bool = False) -> dict:
@@ -98,16 +89,25 @@ def filter_training_file(scores: Scores | str | Path, data: str | Path, out: str
     removed_ids = [scores.ids[i] for i in drop]
     removed = set(removed_ids)
 
-    lines, seen = [], set()
-    for example, line in _read_examples(data):
-        seen.add(example.id)
-        if example.id not in removed:
-            lines.append(line)
-    unknown = [i for i in scores.ids if i not in seen]
-    if unknown:
-        raise FilterError(f"the scores do not match {data}: {len(unknown)} of {len(scores.ids)} scored ids are not "
-                          f"examples of it (first: {unknown[0]!r}); score this file, or filter the file that was scored")
-    _write_lines(lines, out)
+    seen: set[str] = set()
+    kept = 0
+
+    def write(tmp: str) -> None:  # streamed: one line in memory at a time
+        nonlocal kept
+        opener = gzip.open if out.suffix == ".gz" else open
+        with opener(tmp, "wt", encoding="utf-8") as fh:
+            for example, line in _read_examples(data):
+                seen.add(example.id)
+                if example.id not in removed:
+                    fh.write(line if line.endswith("\n") else line + "\n")
+                    kept += 1
+        unknown = [i for i in scores.ids if i not in seen]
+        if unknown:  # raised inside the atomic write: the temporary file is removed, `out` is never created
+            raise FilterError(f"the scores do not match {data}: {len(unknown)} of {len(scores.ids)} scored ids are "
+                              f"not examples of it (first: {unknown[0]!r}); score this file, or filter the file that "
+                              "was scored")
+
+    atomic_write(out, write)
     rank = {i: r for r, i in enumerate(np.argsort(-values, kind="stable").tolist(), start=1)}
     record = {
         "filtered_file": str(out), "source": {"path": str(data), "sha256": file_sha256(data)},
@@ -116,7 +116,7 @@ def filter_training_file(scores: Scores | str | Path, data: str | Path, out: str
                    "estimator": scores.estimator, "column": scores.columns[col], "metadata": scores.metadata},
         "rule": {"remove_top": remove_top} if remove_top is not None else {"keep_bottom": keep_bottom},
         "examples": len(seen), "scored": len(scores.ids), "unscored_kept": len(seen) - len(scores.ids),
-        "removed": len(drop), "kept": len(lines),
+        "removed": len(drop), "kept": kept,
         "removed_examples": [{"id": scores.ids[i], "score": float(values[i]), "rank": rank[i]} for i in drop],
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
