@@ -101,15 +101,24 @@ def _query_table(args: argparse.Namespace) -> int:
     from .data import DataError
     from .fileio import atomic_write_text
 
-    studies = {}
+    studies, verdicts = {}, {}
     for item in args.studies:
         name, _, path = item.rpartition("=")
+        name = name or Path(path).parent.name
         try:
-            studies[name or Path(path).parent.name] = json.loads(Path(path).read_text())
+            studies[name] = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise DataError(f"{path}: cannot read a query study ({e})") from None
+        results = Path(path).parent / "results.json"  # the benchmark run's report: the steering check's verdict
+        if results.is_file():
+            check = json.loads(results.read_text()).get("concept_check")
+            if check:
+                verdicts[name] = check["verdict"]
     text = (f"# Query study\n\nCommand: `concept-influence bench query-table {' '.join(args.studies)} --out {args.out}`"
-            f"\n\n{format_query_table(studies)}\n")
+            "\n\nAUROC / AUPRC of Concept Influence against the planted labels for every variant, scored on one trained "
+            "model per benchmark and seed (in brackets: the verdict of the steering check of the benchmark's probe, "
+            "from the run's results.json).\n\n"
+            f"{format_query_table(studies, verdicts)}\n")
     atomic_write_text(args.out, text)
     print(text)
     return 0

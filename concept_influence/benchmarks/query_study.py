@@ -120,20 +120,33 @@ def summarise_study(studies: dict[str, dict], by: str = "query") -> list[tuple[s
             for k, v in values.items()]
 
 
-def format_query_table(studies: dict[str, dict]) -> str:
-    """Markdown: one row per variant, AUROC / AUPRC per study (benchmark and seed), then summaries by factor."""
+def format_query_table(studies: dict[str, dict], verdicts: dict[str, str] | None = None) -> str:
+    """Markdown: one row per variant, AUROC / AUPRC per study (benchmark and seed), then summaries by factor, apart
+    for the studies whose concept the steering check found causal (``verdicts``: study -> verdict) and the others,
+    since a concept that does not drive the behaviour cannot rank the data behind it whatever the query."""
+    verdicts = verdicts or {}
     names = list(studies)
     rows = {}
     for name in names:
         for row in studies[name]["variants"]:
             rows.setdefault(_key(row), {})[name] = row
-    head = "| query | probe | block | curvature | ∇L norm | " + " | ".join(f"{n} AUROC / AUPRC" for n in names) + " |"
+    label = {n: f"{n} ({verdicts[n]})" if n in verdicts else n for n in names}
+    head = ("| query | probe | block | curvature | ∇L norm | "
+            + " | ".join(f"{label[n]} AUROC / AUPRC" for n in names) + " |")
     lines = [head, "|" + "---|" * (5 + len(names))]
     for key, by_study in rows.items():
         cells = [f"{by_study[n]['auroc']:.3f} / {by_study[n]['auprc']:.3f}" if n in by_study else "—" for n in names]
         lines.append("| " + " | ".join(str(k) for k in key) + " | " + " | ".join(cells) + " |")
-    for factor in ("query", "probe", "layer", "curvature", "normalization"):
-        lines += ["", f"By {factor} (over every other choice and study):", "",
-                  f"| {factor} | mean AUROC | min AUROC | mean AUPRC |", "|---|---|---|---|"]
-        lines += [f"| {k} | {a:.3f} | {lo:.3f} | {p:.3f} |" for k, a, lo, p in summarise_study(studies, factor)]
+    groups = {"all studies": studies}
+    if verdicts:
+        causal = {n: s for n, s in studies.items() if verdicts.get(n) == "causal"}
+        groups = {"studies whose concept is causal": causal,
+                  "studies whose concept is not causal (or unchecked)": {n: s for n, s in studies.items() if n not in causal}}
+    for group, members in groups.items():
+        if not members:
+            continue
+        for factor in ("query", "probe", "layer", "curvature", "normalization"):
+            lines += ["", f"By {factor}, {group} ({', '.join(members)}), over every other choice:", "",
+                      f"| {factor} | mean AUROC | min AUROC | mean AUPRC |", "|---|---|---|---|"]
+            lines += [f"| {k} | {a:.3f} | {lo:.3f} | {p:.3f} |" for k, a, lo, p in summarise_study(members, factor)]
     return "\n".join(lines)
