@@ -23,7 +23,10 @@ from .hooks import block_of_hook
 __all__ = ["DirectionError", "ConceptDirection", "DIRECTION_KINDS", "load_persona_vector"]
 
 DIRECTION_KINDS = ("logistic", "diff_means", "persona_vector", "sae_decoder", "sae_encoder", "custom")
-_FORMAT = "concept_influence.ConceptDirection"  # the sidecar's format tag, a name not an import: files keep it
+_FORMAT = "probes.ConceptDirection"  # the sidecar's format tag
+# Files written before probes became the lower package carry the project's package name in front of the same
+# class name; any "<package>.ConceptDirection" tag is read.
+_FORMAT_SUFFIX = ".ConceptDirection"
 _FORMAT_VERSION = 1
 
 
@@ -124,7 +127,7 @@ class ConceptDirection:
             header = json.loads(sidecar.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DirectionError(f"{sidecar}: invalid JSON ({e})") from None
-        if not isinstance(header, dict) or header.get("format") != _FORMAT:
+        if not isinstance(header, dict) or not str(header.get("format", "")).endswith(_FORMAT_SUFFIX):
             raise DirectionError(f"{sidecar}: not a concept-direction sidecar")
         if header.get("format_version") != _FORMAT_VERSION:
             raise DirectionError(

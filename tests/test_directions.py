@@ -170,3 +170,18 @@ def test_persona_vector_errors(persona_file, tmp_path):
         load_persona_vector(zero, 1)
     with pytest.raises(DirectionError, match="no such persona-vector file"):
         load_persona_vector(tmp_path / "nope.pt", 0)
+
+
+def test_sidecars_written_before_the_layer_split_are_read(tmp_path):
+    """Directions saved when the format tag carried the upper package's name still load."""
+    path = ConceptDirection(torch.ones(4), "blocks.0.hook_resid_post").save(tmp_path / "d.safetensors")
+    sidecar = path.with_suffix(".json")
+    header = json.loads(sidecar.read_text())
+    assert header["format"] == "probes.ConceptDirection"
+    header["format"] = "concept_influence.ConceptDirection"  # the tag files of the earlier layout carry
+    sidecar.write_text(json.dumps(header))
+    assert torch.equal(ConceptDirection.load(path).vector, torch.ones(4))
+    header["format"] = "something.else"
+    sidecar.write_text(json.dumps(header))
+    with pytest.raises(DirectionError, match="not a concept-direction sidecar"):
+        ConceptDirection.load(path)
