@@ -97,9 +97,10 @@ def format_report(results: dict) -> str:
                 share = f"{r['share_of_gain_removed']:.0%} ± {r['share_sd']:.0%}" if b["raised"] else "n/a"
                 row += f" {share} ({r['planted_removed']} planted) |"
         lines.append(row)
-    lines += ["", "P@k: precision among the top k = number planted. Gain removed: (planted − after removal) / "
-              "(planted − clean), mean ± sd over seeds (n/a when planting did not raise the behaviour; the values "
-              "are in results.json); in brackets the planted examples among those removed.", ""]
+    lines += ["", "P@k: precision among the top k = number planted."
+              + (" Gain removed: (planted − after removal) / (planted − clean), mean ± sd over seeds (n/a when planting "
+                 "did not raise the behaviour; the values are in results.json); in brackets the planted examples among "
+                 "those removed." if b else ""), ""]
     if "lds" in results:
         lds = results["lds"]
         ceiling = lds.get("ceiling", float("nan"))
