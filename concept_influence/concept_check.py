@@ -19,6 +19,7 @@ concept causal?").
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -27,13 +28,17 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from .data import Batch, TokenizedExample, iter_batches
-from .models import ModelAdapter, per_token_mean_loss
+from probes import token_mask
+
+from .activations import collect_activations
+from .data import TokenizedExample, iter_batches
+from .models import ModelAdapter
 
 __all__ = ["ConceptCheck", "ConceptCheckError", "check_concept", "STEERING_POSITIONS", "DEFAULT_ALPHAS",
            "CAUSAL_THRESHOLD"]
 
 STEERING_POSITIONS = ("all", "prompt")
+POSITION_TOKENS = {"all": "all_tokens", "prompt": "prompt_mean"}  # the token reduction whose tokens are steered
 DEFAULT_ALPHAS = (-4.0, -2.0, -1.0, -0.5, 0.5, 1.0, 2.0, 4.0)
 CAUSAL_THRESHOLD = 0.01  # nats per σ of first-order steering effect; see the README for its calibration
 
@@ -145,37 +150,20 @@ def _check_inputs(adapter: ModelAdapter, direction, positive, negative, alphas, 
 
 
 @torch.no_grad()
-def _projections(adapter: ModelAdapter, examples, hook: str, unit: torch.Tensor, batch_size: int) -> np.ndarray:
-    out = []
-    for batch in iter_batches(examples, batch_size, adapter.pad_token_id):
-        batch = batch.to(adapter.device)
-        proj = adapter.activations(batch, hook).float() @ unit.to(adapter.device)
-        mask = batch.response_mask.float()
-        out.append(((proj * mask).sum(1) / mask.sum(1).clamp_min(1)).cpu().numpy())
-    return np.concatenate(out)
-
-
-@torch.no_grad()
 def _log_probs(adapter: ModelAdapter, examples, hook: str, shift: torch.Tensor | None, positions: str,
                batch_size: int) -> np.ndarray:
-    """Mean per-token log p of each example's response, with ``shift`` added at ``hook`` (None: no steering)."""
+    """Mean per-token log p of each example's response, with ``shift`` added at ``hook`` over the tokens of
+    ``positions`` (None: no steering)."""
     out = []
     for batch in iter_batches(examples, batch_size, adapter.pad_token_id):
         batch = batch.to(adapter.device)
-        if shift is None:
-            logits = adapter.logits(batch)
-        else:
-            where = _position_mask(batch, positions).unsqueeze(-1)
-            with adapter.edit_activation(hook, lambda act: act + where.to(act.dtype) * shift.to(act)):
-                logits = adapter.logits(batch)
-        out.append(-per_token_mean_loss(logits, batch, "response").double().cpu().numpy())
+        steer = nullcontext()
+        if shift is not None:
+            where = token_mask(batch, POSITION_TOKENS[positions]).unsqueeze(-1)
+            steer = adapter.edit_activation(hook, lambda act: act + where.to(act.dtype) * shift.to(act))
+        with steer:
+            out.append(-adapter.per_example_loss(batch).double().cpu().numpy())
     return np.concatenate(out)
-
-
-def _position_mask(batch: Batch, positions: str) -> torch.Tensor:
-    if positions == "all":
-        return batch.attention_mask.bool()
-    return batch.attention_mask.bool() & ~batch.response_mask.bool()
 
 
 def _verdict(effect: float, se: float, threshold: float) -> str:
@@ -199,8 +187,8 @@ def check_concept(adapter: ModelAdapter, direction, positive: Sequence[Tokenized
     _check_inputs(adapter, direction, positive, negative, alphas, positions)
     hook = direction.hook_name
     unit = direction.unit.float()
-    pos_proj = _projections(adapter, positive, hook, unit, batch_size)
-    neg_proj = _projections(adapter, negative, hook, unit, batch_size)
+    pos_proj, neg_proj = ((collect_activations(adapter, x, hook, batch_size=batch_size, progress=False).values @ unit)
+                          .numpy() for x in (positive, negative))
     labels = np.r_[np.ones(len(pos_proj)), np.zeros(len(neg_proj))]
     all_proj = np.r_[pos_proj, neg_proj]
     separation = float(roc_auc_score(labels, all_proj))
