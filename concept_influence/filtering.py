@@ -108,7 +108,6 @@ def filter_training_file(scores: Scores | str | Path, data: str | Path, out: str
                               "was scored")
 
     atomic_write(out, write)
-    rank = {i: r for r, i in enumerate(np.argsort(-values, kind="stable").tolist(), start=1)}
     record = {
         "filtered_file": str(out), "source": {"path": str(data), "sha256": file_sha256(data)},
         "scores": {"path": str(scores_path) if scores_path else None,
@@ -117,7 +116,9 @@ def filter_training_file(scores: Scores | str | Path, data: str | Path, out: str
         "rule": {"remove_top": remove_top} if remove_top is not None else {"keep_bottom": keep_bottom},
         "examples": len(seen), "scored": len(scores.ids), "unscored_kept": len(seen) - len(scores.ids),
         "removed": len(drop), "kept": kept,
-        "removed_examples": [{"id": scores.ids[i], "score": float(values[i]), "rank": rank[i]} for i in drop],
+        # removal_indices returns the top of the ranking in order, so an example's rank is its position there
+        "removed_examples": [{"id": scores.ids[i], "score": float(values[i]), "rank": r}
+                             for r, i in enumerate(drop.tolist(), start=1)],
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     atomic_write_text(sidecar_path(out), json.dumps(record, indent=1) + "\n")
