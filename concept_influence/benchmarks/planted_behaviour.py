@@ -37,14 +37,14 @@ def _mean_loss(adapter: ModelAdapter, examples: Sequence[TokenizedExample], batc
 
 def _behaviour_section(tuner: _Finetuner, behaviour: Callable[[], float], pool: list[TokenizedExample],
                        labels: list[int], scores: dict[str, np.ndarray], cfg: PlantedConfig,
-                       concept: ConceptFunction | None = None) -> dict:
+                       concept: ConceptFunction) -> dict:
     """Behaviour of clean and planted fine-tunes over seeds, then after removing the top of each ranking (the rule
-    of :func:`~concept_influence.filtering.removal_indices`). With ``concept``, also how far planting moves f itself
+    of :func:`~concept_influence.filtering.removal_indices`), and how far planting moves the concept f itself
     (``concept_shift``, in seed standard deviations): a concept that planting does not move cannot find the data."""
     clean_pool = [t for t, lab in zip(pool, labels) if not lab]
 
     def both() -> tuple[float, float]:
-        return behaviour(), float(concept.evaluate(tuner.adapter)[0]) if concept is not None else float("nan")
+        return behaviour(), float(concept.evaluate(tuner.adapter)[0])
 
     planted_b, planted_f = map(list, zip(*tuner.behaviours(pool, both, "fine-tune planted")))
     clean_b, clean_f = map(list, zip(*tuner.behaviours(clean_pool, both, "fine-tune clean")))
@@ -53,9 +53,8 @@ def _behaviour_section(tuner: _Finetuner, behaviour: Callable[[], float], pool: 
         f"{np.std(planted_b):.4f}; planting {'raised' if effect['raised'] else 'did NOT raise'} it "
         f"(effect size {effect['effect_size']:.1f} seed sd)")
     section = {"metric": "paired log-prob gap" if cfg.paired else "probe projection of own answers",
-               "clean": clean_b, "planted": planted_b, **effect, "removal": {}}
-    if concept is not None:
-        section["concept_shift"] = {"clean": clean_f, "planted": planted_f, **_effect(clean_f, planted_f)}
+               "clean": clean_b, "planted": planted_b, **effect, "removal": {},
+               "concept_shift": {"clean": clean_f, "planted": planted_f, **_effect(clean_f, planted_f)}}
     for name, s in scores.items():
         section["removal"][name] = {}
         for fraction in cfg.remove_fractions:
