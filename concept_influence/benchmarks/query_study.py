@@ -81,11 +81,11 @@ def run_query_study(adapter: ModelAdapter, curvature: Curvature, pool: Sequence[
     for layer in layers:
         hook = f"blocks.{layer}.hook_resid_post"
         acts = [collect_activations(adapter, ex, hook, progress=False) for ex in (positive, negative)]
+        layer_maps = [m for m in maps if m.block <= layer]
         for kind in grid.probe_kinds:
             probe = train_probe(kind, acts[0], acts[1], hook, seed=seed)
             probes[f"{kind}@{layer}"] = probe.metrics
             for query, concept in query_concepts(adapter, probe.direction, own, grid.queries, grid.top_k_share).items():
-                layer_maps = [m for m in maps if m.block <= layer]
                 grads = concept.gradient(adapter, layer_maps, batch_size=batch_size)
                 for name, cur in [*curvatures.items(), ("identity", None)]:
                     pre = cur.precondition(grads) if cur is not None else grads
