@@ -127,19 +127,19 @@ class Run:
             raise RunError(f"{self.path}: the {what} changed since this run started (fingerprint {known}, now {value}); "
                            "use a new run folder")
 
-    def check_settings(self, stage: str, folder: Path, settings: dict) -> None:
-        """Refuse ``settings`` for ``stage`` when they differ from those saved in ``folder/settings.json`` when
+    def check_settings(self, stage: str, settings: dict) -> None:
+        """Refuse ``settings`` for ``stage`` when they differ from those saved in ``<stage>/settings.json`` when
         the stage started (see :meth:`save_settings`), naming each changed setting."""
-        path = folder / "settings.json"
+        path = self.path / stage / "settings.json"
         if path.is_file():
             changed = settings_diff(read_json(path), settings)
             if changed:
                 raise RunError(f"{path}: the {stage} settings changed since the stage started "
                                f"({'; '.join(changed)}); use a new run folder for new settings, or put them back")
 
-    def save_settings(self, folder: Path, settings: dict) -> None:
-        """Save the settings a stage computes with as ``folder/settings.json``, before its first output."""
-        path = folder / "settings.json"
+    def save_settings(self, stage: str, settings: dict) -> None:
+        """Save the settings ``stage`` computes with as ``<stage>/settings.json``, before its first output."""
+        path = self.path / stage / "settings.json"
         if not path.is_file():
             _write_json(path, settings)
 

@@ -132,11 +132,13 @@ class Pipeline:
         if f.path is not None:
             return Curvature.load(f.path, self.adapter)
         final = self.run.factors_dir
-        self.run.check_settings("factors", final, f.to_dict())
+        self.run.check_settings("factors", f.to_dict())
         if not (final / "curvature.json").is_file():
             self._require("probe", "probe train")
             hook = self.direction().hook_name
             maps = self.adapter.linear_maps(max_block=block_of_hook(hook))
+            if self.ranks.is_main:
+                self.run.save_settings("factors", f.to_dict())
             curvature = fit_curvature(self.adapter, [], maps, f.settings(), progress=False, accumulate=self._accumulate)
             if self.ranks.is_main:
                 write_or_explain(final, lambda: curvature.save(final),
@@ -155,8 +157,6 @@ class Pipeline:
         f, ranks = self.cfg.factors, self.ranks
         done_path = self.run.factors_dir / "statistics" / f"{name}.safetensors"
         digests = self._shard_digests(f.shard_size, f.max_examples)
-        if ranks.is_main:
-            self.run.save_settings(self.run.factors_dir, f.to_dict())
         data_digest = combine_digests(digests)
         done = _read_checkpoint(done_path)
         if done is not None and done[1].get("data") == data_digest:
@@ -202,13 +202,13 @@ class Pipeline:
     def scores(self) -> Scores:
         """Score every training example shard by shard (resuming), then merge the shards in data order."""
         s, ranks = self.cfg.scoring, self.ranks
-        self.run.check_settings("scores", self.run.scores_dir, s.to_dict())
+        self.run.check_settings("scores", s.to_dict())
         if self.run.scores_path.is_file() and self.run.is_done("scores"):
             return Scores.load(self.run.scores_path)
         estimator = self.estimator()
         n_shards = len(self._shard_digests(s.shard_size))
         if ranks.is_main:
-            self.run.save_settings(self.run.scores_dir, s.to_dict())
+            self.run.save_settings("scores", s.to_dict())
         mine = sum(ranks.owns(i) for i in range(n_shards))
         written = 0
         with tqdm(total=mine, desc=f"score {estimator.name}", unit="shard", disable=not self.progress) as bar:
