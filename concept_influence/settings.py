@@ -20,8 +20,8 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple
            minimum: int | None = None, path: bool = False) -> Any:
     """A dataclass field with its ``help`` text, allowed ``choices``, an integer ``minimum``, and whether it
     is a file path (resolved against a config file's folder)."""
-    metadata = {"help": help, "choices": choices, "minimum": minimum, "path": path}
-    return dataclasses.field(default=default, metadata={k: v for k, v in metadata.items() if v})
+    return dataclasses.field(default=default,
+                             metadata={"help": help, "choices": choices, "minimum": minimum, "path": path})
 
 
 def narrowed(cls: type, name: str, choices: tuple) -> Any:
