@@ -25,18 +25,16 @@ __all__ = ["GradientEstimator", "ConceptInfluence", "ConceptGradDot", "Influence
 class GradientEstimator(Estimator):
     """``−∇fᵀ P ∇L(z)`` with P the damped inverse curvature (``"ekfac"``, ``"kfac"``), none
     (``"identity"``), or a fitted :class:`Curvature`. When a strategy name is given, the curvature is
-    fitted on ``fit_examples`` (default: the scored examples) with ``fisher``, ``damping`` and ``seed`` and
-    kept in ``self.curvature_``. ``scoring`` (:class:`ScoringSettings`; single changes as keywords:
+    fitted on ``fit_examples`` (default: the scored examples) as ``fit`` says (:class:`CurvatureSettings`; its
+    strategy is ``curvature``) and kept in ``self.curvature_``. ``scoring`` (:class:`ScoringSettings`; single changes as keywords:
     ``loss_tokens``, ``per_module``, ``per_token``) says how to score; ``score``'s ``batch_size`` wins."""
 
     def __init__(self, curvature: str | Curvature = "ekfac", *, fit_examples: Sequence[TokenizedExample] | None = None,
-                 fisher: str = "true", damping: float | None = None, seed: int = 0,
-                 scoring: ScoringSettings | None = None, **scoring_changes: Any):
+                 fit: CurvatureSettings | None = None, scoring: ScoringSettings | None = None,
+                 **scoring_changes: Any):
         self.curvature = curvature
         self.fit_examples = fit_examples
-        self.fisher = fisher
-        self.damping = damping
-        self.seed = seed
+        self.fit = fit or CurvatureSettings()
         self.scoring = (scoring or ScoringSettings()).replace(**scoring_changes)
         self.curvature_: Curvature | None = curvature if isinstance(curvature, Curvature) else None
         self._queries: tuple | None = None
@@ -52,10 +50,8 @@ class GradientEstimator(Estimator):
     def fitted_curvature(self, adapter: ModelAdapter, maps: Sequence[LinearMap],
                          examples: Sequence[TokenizedExample], batch_size: int, progress: bool) -> Curvature:
         if self.curvature_ is None:
-            settings = CurvatureSettings(strategy=self.curvature, fisher=self.fisher, batch_size=batch_size,
-                                         damping=self.damping, seed=self.seed)
-            self.curvature_ = fit_curvature(adapter, self.fit_examples or examples, list(maps), settings,
-                                            progress=progress)
+            self.curvature_ = fit_curvature(adapter, self.fit_examples or examples, list(maps), self.fit,
+                                            strategy=self.curvature, batch_size=batch_size, progress=progress)
         return self.curvature_
 
     def preconditioned_queries(self, adapter: ModelAdapter, curvature: Curvature, maps: Sequence[LinearMap],
