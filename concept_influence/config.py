@@ -41,7 +41,7 @@ from .concepts import DEFAULT_QUERY
 from .curvature import CurvatureSettings
 from .estimators import RUN_ESTIMATORS
 from .scoring import ScoringSettings
-from .settings import check_value, narrowed, option
+from .settings import Settings, check_value, narrowed, option
 
 __all__ = ["ConfigError", "RunConfig", "FactorsConfig", "ScoringConfig", "settings_help"]
 
@@ -51,7 +51,7 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Settings):
     """``path``: model folder (:func:`concept_influence.models.load_model`); ``device``: auto, cpu or cuda."""
 
     path: str = option(path=True)
@@ -59,7 +59,7 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Settings):
     """``train``: the chat JSONL to score. Examples whose response is cut away at ``max_length`` are
     skipped (``skip_truncated``) or are an error."""
 
@@ -69,7 +69,7 @@ class DataConfig:
 
 
 @dataclass
-class ProbeConfig:
+class ProbeConfig(Settings):
     """The concept direction at ``hook``: a probe of ``kind`` trained on ``positive`` vs ``negative``
     texts (at most ``max_examples`` each), or the saved ``direction`` file."""
 
@@ -84,7 +84,7 @@ class ProbeConfig:
 
 
 @dataclass
-class ConceptConfig:
+class ConceptConfig(Settings):
     """f(θ) = the projection on the direction, read at the query's tokens (``reduction``: the last prompt token by
     default) and averaged over ``eval`` (default: the probe's positive texts), at most ``max_examples`` of them."""
 
@@ -127,7 +127,7 @@ def settings_help() -> list[str]:
 
 
 @dataclass
-class ReportConfig:
+class ReportConfig(Settings):
     """How many top- and bottom-ranked examples the report shows."""
 
     top_k: int = option(20, minimum=1)
