@@ -9,7 +9,7 @@ import pytest
 
 from concept_influence.benchmarks.demo_corpus import make_paired_demo_corpus
 from concept_influence.benchmarks.planted import BenchmarkError, PlantedConfig, format_report, split_planted
-from concept_influence.benchmarks.planted_behaviour import _effect
+from concept_influence.benchmarks.planted_behaviour import planting_effect
 from concept_influence.cli import main
 from concept_influence.data import ChatExample, DataError, load_chat_jsonl, write_chat_jsonl
 from concept_influence.demo import run_demo
@@ -109,11 +109,11 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
 
 
 def test_effect_size_verdict():
-    up = _effect([0.0, 0.1, -0.1], [1.0, 1.1, 0.9])
+    up = planting_effect([0.0, 0.1, -0.1], [1.0, 1.1, 0.9])
     assert up["raised"] and up["gain"] == pytest.approx(1.0) and up["effect_size"] == pytest.approx(10.0)
-    flat = _effect([0.0, 0.3, -0.3], [0.1, 0.4, -0.2])
+    flat = planting_effect([0.0, 0.3, -0.3], [0.1, 0.4, -0.2])
     assert not flat["raised"] and flat["p_value"] > 0.05
-    assert not _effect([0.5, 0.6, 0.4], [0.0, 0.1, -0.1])["raised"]
+    assert not planting_effect([0.5, 0.6, 0.4], [0.0, 0.1, -0.1])["raised"]
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,10 @@ from ..estimators import ConceptInfluence
 from ..fileio import save_tensors
 from ..gradients import sample_labels
 from ..models import HFCausalLMAdapter, ModelAdapter, per_token_mean_loss
-from .speed_setup import SpeedConfig, _concept, _Data, _llama_adapter, _n_tokens, _trained
+from .speed_setup import SpeedConfig, SpeedData, count_tokens, llama_speed_adapter, speed_concept, trained_speed_model
 
-__all__ = ["KRONFLUENCE_MODES", "KRONFLUENCE_SETTINGS", "STAGES_B", "kronfluence_concept_scores"]
+__all__ = ["KRONFLUENCE_MODES", "KRONFLUENCE_SETTINGS", "STAGES_B", "kronfluence_concept_scores", "run_part_b",
+           "ours_fit_and_score"]
 
 # kronfluence's heuristic damping (``ScoreArguments(damping_factor=None)``): 0.1 × mean(Λ) per module.
 DAMPING_FACTOR = 0.1
@@ -142,7 +143,7 @@ def kronfluence_concept_scores(adapter: HFCausalLMAdapter, examples: Sequence[To
     return result
 
 
-def _ours_fit_and_score(adapter: ModelAdapter, examples: Sequence[TokenizedExample], concept: ConceptFunction,
+def ours_fit_and_score(adapter: ModelAdapter, examples: Sequence[TokenizedExample], concept: ConceptFunction,
                         batch_size: int, seed: int) -> dict:
     start = time.perf_counter()
     curvature = fit_curvature(adapter, examples, maps=concept.layer, strategy="ekfac", fisher="true", batch_size=batch_size,
@@ -154,19 +155,19 @@ def _ours_fit_and_score(adapter: ModelAdapter, examples: Sequence[TokenizedExamp
             "dampings": curvature.dampings}
 
 
-def _part_b(cfg: SpeedConfig, data: _Data, work: Path) -> dict:
+def run_part_b(cfg: SpeedConfig, data: SpeedData, work: Path) -> dict:
     try:
         import kronfluence  # noqa: F401
     except ImportError as e:
         return {"error": f"kronfluence is not importable ({e}); install it with `make install`"}
     from scipy.stats import pearsonr, spearmanr
 
-    adapter = _trained(_llama_adapter(cfg, data.tokenizer), cfg, data)
-    concept, probe_metrics = _concept(adapter, cfg, data, work / "direction_hf.safetensors")
+    adapter = trained_speed_model(llama_speed_adapter(cfg, data.tokenizer), cfg, data)
+    concept, probe_metrics = speed_concept(adapter, cfg, data, work / "direction_hf.safetensors")
     save_tensors(work / "model_hf.safetensors", adapter.model.state_dict())
     train, bs = data.train[: cfg.kron_n_train], cfg.batch_size
     pipelines = {
-        "ours": lambda: _ours_fit_and_score(adapter, train, concept, bs, cfg.seed),
+        "ours": lambda: ours_fit_and_score(adapter, train, concept, bs, cfg.seed),
         "kronfluence": lambda: kronfluence_concept_scores(adapter, train, concept, work / "kronfluence", bs, cfg.seed,
                                                           KRONFLUENCE_MODES),
     }
@@ -186,7 +187,7 @@ def _part_b(cfg: SpeedConfig, data: _Data, work: Path) -> dict:
         "probe_accuracy": probe_metrics["accuracy"],
         "tracked_modules": kron[-1]["tracked_modules"],
         "n_examples": len(train),
-        "n_tokens": _n_tokens(train),
+        "n_tokens": count_tokens(train),
         "n_eval_examples": len(data.evals),
         "batch_size": bs,
         "rounds": cfg.kron_rounds,

@@ -50,12 +50,12 @@ from ..evaluation import retrieval_metrics
 from ..fileio import atomic_write_text
 from ..generation import sample_responses
 from ..provenance import machine_description
-from .planted_behaviour import _behaviour_section, _concept_lds, _mean_loss
-from .planted_concept import _compared_queries, _concept_check
+from .planted_behaviour import behaviour_section, concept_lds, mean_answer_loss
+from .planted_concept import compared_queries, concept_check_section
 from .planted_config import BenchmarkError, PlantedConfig
-from .planted_report import _plots, _write, command_line, format_report, format_retrieval
+from .planted_report import command_line, format_report, format_retrieval, report_plots, write_results
 from .planted_splits import PlantedSplits, split_planted
-from .planted_training import _Finetuner
+from .planted_training import Finetuner
 from .query_study import run_query_study
 from .smallmodel import build_small_model, seed_everything, train_bpe_tokenizer, train_model
 
@@ -111,7 +111,7 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
     print(f"pre-trained {cfg.n_layers} blocks d{cfg.d_model} on {len(tk['pretrain'])} clean chats: loss "
         f"{pre_losses[-1]:.3f} ({time.perf_counter() - t0:.0f} s)")
 
-    tuner = _Finetuner(adapter, cfg, progress)
+    tuner = Finetuner(adapter, cfg, progress)
     t0 = time.perf_counter()
     tuner.finetune(pool_tk, cfg.seed, "fine-tune (planted pool)")
     finetune_seconds = time.perf_counter() - t0
@@ -126,13 +126,13 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
     own = sample_responses(adapter, tk["eval"], cfg.max_new_tokens, seed=cfg.seed, progress=False,
                                min_new_tokens=1)
     concept = ConceptFunction.from_directions(probe.direction, eval_examples=own, reduction=cfg.query)
-    check = _concept_check(adapter, probe.direction, tk, splits.eval_planted is not None, cfg, out)
+    check = concept_check_section(adapter, probe.direction, tk, splits.eval_planted is not None, cfg, out)
 
     def behaviour() -> float:
         """Paired: mean per-token log p(planted) − log p(clean) answer; unpaired: concept on the model's own answers."""
         if splits.eval_planted is not None:
-            return float(np.mean(_mean_loss(adapter, tk["eval"], cfg.batch_size)
-                                 - _mean_loss(adapter, tk["eval_planted"], cfg.batch_size)))
+            return float(np.mean(mean_answer_loss(adapter, tk["eval"], cfg.batch_size)
+                                 - mean_answer_loss(adapter, tk["eval_planted"], cfg.batch_size)))
         answers = sample_responses(adapter, tk["eval"], cfg.max_new_tokens, seed=cfg.seed, progress=False,
                                    min_new_tokens=1)
         return float(concept.evaluate(adapter, answers)[0])
@@ -143,7 +143,7 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
     fit_seconds = time.perf_counter() - t0
     test = (tk["eval_planted"] if splits.eval_planted is not None else tk["pos"])[: cfg.n_test]
     estimators = [
-        ConceptInfluence(concept, curvature), *_compared_queries(probe.direction, own, curvature, cfg),
+        ConceptInfluence(concept, curvature), *compared_queries(probe.direction, own, curvature, cfg),
         ConceptGradDot(concept), InfluenceFunction(test, curvature),
         GradDot(test), ProbeProjection(concept),
         ProjectionDifference(concept, cfg.max_new_tokens, seed=cfg.seed, min_new_tokens=1),
@@ -177,16 +177,16 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
         results["query_study"] = run_query_study(adapter, curvature, pool_tk, labels, tk["pos"], tk["neg"], own,
                                                  seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
         atomic_write_text(out / "query_study.json", json.dumps(results["query_study"], indent=1))
-    _write(out, results)
+    write_results(out, results)
 
     if cfg.retrain:
-        results["behaviour"] = _behaviour_section(tuner, behaviour, pool_tk, labels, scores, cfg, concept)
-        _write(out, results)
+        results["behaviour"] = behaviour_section(tuner, behaviour, pool_tk, labels, scores, cfg, concept)
+        write_results(out, results)
     if cfg.lds:  # the SAE estimators predict another concept than the one measured here
         probe_scores = {k: v for k, v in scores.items() if not (cfg.sae_latents and k in SAE_ESTIMATORS)}
-        results["lds"] = _concept_lds(tuner, concept, pool_tk, probe_scores, cfg)
-    results["plots"] = _plots(out, scores, labels, results)
+        results["lds"] = concept_lds(tuner, concept, pool_tk, probe_scores, cfg)
+    results["plots"] = report_plots(out, scores, labels, results)
     results["total_seconds"] = time.perf_counter() - started
-    _write(out, results)
+    write_results(out, results)
     print(f"\nresults: {out / 'results.md'} ({results['total_seconds']:.0f} s in all)")
     return results

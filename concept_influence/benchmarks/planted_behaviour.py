@@ -13,10 +13,12 @@ from ..data import TokenizedExample, iter_batches
 from ..filtering import removal_indices
 from ..models import ModelAdapter
 from .planted_config import PlantedConfig
-from .planted_training import _Finetuner
+from .planted_training import Finetuner
+
+__all__ = ["planting_effect", "mean_answer_loss", "behaviour_section", "concept_lds"]
 
 
-def _effect(clean: Sequence[float], planted: Sequence[float]) -> dict:
+def planting_effect(clean: Sequence[float], planted: Sequence[float]) -> dict:
     """Gain of the planted over the clean fine-tune, in units of the seeds' pooled spread, and whether planting
     raised the behaviour (gain > 0 and one-sided Welch p < 0.05; with one seed: gain > 0 only)."""
     gain = float(np.mean(planted) - np.mean(clean))
@@ -30,12 +32,12 @@ def _effect(clean: Sequence[float], planted: Sequence[float]) -> dict:
 
 
 @torch.no_grad()
-def _mean_loss(adapter: ModelAdapter, examples: Sequence[TokenizedExample], batch_size: int) -> np.ndarray:
+def mean_answer_loss(adapter: ModelAdapter, examples: Sequence[TokenizedExample], batch_size: int) -> np.ndarray:
     return np.concatenate([adapter.per_example_loss(b).double().cpu().numpy()
                            for b in iter_batches(examples, batch_size, adapter.pad_token_id)])
 
 
-def _behaviour_section(tuner: _Finetuner, behaviour: Callable[[], float], pool: list[TokenizedExample],
+def behaviour_section(tuner: Finetuner, behaviour: Callable[[], float], pool: list[TokenizedExample],
                        labels: list[int], scores: dict[str, np.ndarray], cfg: PlantedConfig,
                        concept: ConceptFunction) -> dict:
     """Behaviour of clean and planted fine-tunes over seeds, then after removing the top of each ranking (the rule
@@ -48,13 +50,13 @@ def _behaviour_section(tuner: _Finetuner, behaviour: Callable[[], float], pool: 
 
     planted_b, planted_f = map(list, zip(*tuner.behaviours(pool, both, "fine-tune planted")))
     clean_b, clean_f = map(list, zip(*tuner.behaviours(clean_pool, both, "fine-tune clean")))
-    effect = _effect(clean_b, planted_b)
+    effect = planting_effect(clean_b, planted_b)
     print(f"behaviour: clean {np.mean(clean_b):.4f} ± {np.std(clean_b):.4f}, planted {np.mean(planted_b):.4f} ± "
         f"{np.std(planted_b):.4f}; planting {'raised' if effect['raised'] else 'did NOT raise'} it "
         f"(effect size {effect['effect_size']:.1f} seed sd)")
     section = {"metric": "paired log-prob gap" if cfg.paired else "probe projection of own answers",
                "clean": clean_b, "planted": planted_b, **effect, "removal": {},
-               "concept_shift": {"clean": clean_f, "planted": planted_f, **_effect(clean_f, planted_f)}}
+               "concept_shift": {"clean": clean_f, "planted": planted_f, **planting_effect(clean_f, planted_f)}}
     for name, s in scores.items():
         section["removal"][name] = {}
         for fraction in cfg.remove_fractions:
@@ -70,7 +72,7 @@ def _behaviour_section(tuner: _Finetuner, behaviour: Callable[[], float], pool: 
     return section
 
 
-def _concept_lds(tuner: _Finetuner, concept: ConceptFunction, pool: list[TokenizedExample],
+def concept_lds(tuner: Finetuner, concept: ConceptFunction, pool: list[TokenizedExample],
                  scores: dict[str, np.ndarray], cfg: PlantedConfig) -> dict:
     """Fine-tune on ``cfg.lds`` random halves with ``cfg.lds_seeds`` seeds each; Spearman between Σ scores of the
     kept examples and the measured f (mean over the seeds), and the ceiling: the Spearman between two seeds'

@@ -14,8 +14,10 @@ from ..estimators import ConceptInfluence
 from ..models import ModelAdapter
 from .planted_config import PlantedConfig
 
+__all__ = ["concept_check_section", "compared_queries"]
 
-def _concept_check(adapter: ModelAdapter, direction: ConceptDirection, tk: dict[str, list[TokenizedExample]],
+
+def concept_check_section(adapter: ModelAdapter, direction: ConceptDirection, tk: dict[str, list[TokenizedExample]],
                    paired: bool, cfg: PlantedConfig, out: Path) -> dict | None:
     """Steer along the probe direction (:func:`~concept_influence.concept_check.check_concept`): on paired data the
     held-out evaluation prompts with their planted (positive) and clean (negative) answers; on unpaired data the
@@ -32,7 +34,7 @@ def _concept_check(adapter: ModelAdapter, direction: ConceptDirection, tk: dict[
     return {**check.to_dict(), "explanation": check.explanation(), "held_out": held_out}
 
 
-def _compared_queries(direction: ConceptDirection, own: list[TokenizedExample], curvature: Curvature,
+def compared_queries(direction: ConceptDirection, own: list[TokenizedExample], curvature: Curvature,
                       cfg: PlantedConfig) -> list[ConceptInfluence]:
     """``concept_influence[<query>]`` for ``cfg.compare_query`` (today's default before the query study), scored and
     retrained beside the chosen query."""

@@ -12,12 +12,12 @@ import numpy as np
 from ..fileio import atomic_write_text
 from ..plots import plot_behaviour_removal, plot_fast_vs_full, plot_pr_curves, plot_score_histograms
 
-__all__ = ["format_retrieval", "format_report", "command_line"]
+__all__ = ["format_retrieval", "format_report", "command_line", "report_plots", "write_results"]
 
 CONCEPT_ESTIMATORS = ("concept_influence", "concept_grad_dot", "probe_projection", "projection_difference")
 
 
-def _plots(out: Path, scores: dict[str, np.ndarray], labels: list[int], results: dict) -> dict[str, str]:
+def report_plots(out: Path, scores: dict[str, np.ndarray], labels: list[int], results: dict) -> dict[str, str]:
     plots = {"pr_curves": plot_pr_curves(scores, labels, out / "pr_curves.png"),
              "score_histograms": plot_score_histograms(scores, labels, out / "score_histograms.png"),
              "fast_vs_full": plot_fast_vs_full(("concept_influence", scores["concept_influence"]),
@@ -31,7 +31,7 @@ def _plots(out: Path, scores: dict[str, np.ndarray], labels: list[int], results:
     return {k: p.name for k, p in plots.items()}
 
 
-def _write(out: Path, results: dict) -> None:
+def write_results(out: Path, results: dict) -> None:
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
     atomic_write_text(out / "results.md", format_report(results))
 

@@ -9,10 +9,12 @@ from ..models import ModelAdapter
 from .planted_config import PlantedConfig
 from .smallmodel import train_model
 
+__all__ = ["Finetuner"]
+
 T = TypeVar("T")
 
 
-class _Finetuner:
+class Finetuner:
     """Fine-tunes copies of the pre-trained model (restoring its weights each time)."""
 
     def __init__(self, adapter: ModelAdapter, cfg: PlantedConfig, progress: bool):

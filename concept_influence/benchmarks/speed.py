@@ -48,10 +48,19 @@ from ..estimators import ConceptInfluence, ProbeProjection
 from ..fileio import atomic_write_text, save_tensors
 from ..models import ModelAdapter
 from ..provenance import machine_description
-from .kronfluence_bridge import KRONFLUENCE_MODES, KRONFLUENCE_SETTINGS, STAGES_B, _part_b
+from .kronfluence_bridge import KRONFLUENCE_MODES, KRONFLUENCE_SETTINGS, STAGES_B, run_part_b
 from .smallmodel import train_model
-from .speed_memory import _peak_memory
-from .speed_setup import STAGES_A, SpeedConfig, _concept, _Data, _n_tokens, _prepare_data, _tl_adapter, _trained
+from .speed_memory import peak_memory
+from .speed_setup import (
+    STAGES_A,
+    SpeedConfig,
+    SpeedData,
+    count_tokens,
+    prepare_speed_data,
+    speed_concept,
+    tl_speed_adapter,
+    trained_speed_model,
+)
 
 __all__ = ["SpeedConfig", "run_speed_benchmark", "format_markdown"]
 
@@ -93,9 +102,9 @@ def _interleaved(stages: dict[str, Callable[[], float]], rounds: int) -> dict[st
     return times
 
 
-def _part_a(cfg: SpeedConfig, data: _Data, work: Path) -> dict:
-    adapter = _trained(_tl_adapter(cfg, data.tokenizer), cfg, data)
-    concept, probe_metrics = _concept(adapter, cfg, data, work / "direction_tl.safetensors")
+def _part_a(cfg: SpeedConfig, data: SpeedData, work: Path) -> dict:
+    adapter = trained_speed_model(tl_speed_adapter(cfg, data.tokenizer), cfg, data)
+    concept, probe_metrics = speed_concept(adapter, cfg, data, work / "direction_tl.safetensors")
     maps = adapter.linear_maps(cfg.concept_layer)
     bs, train = cfg.batch_size, data.train
     fit = partial(fit_curvature, adapter, train, maps=maps, strategy="ekfac", batch_size=bs, seed=cfg.seed, progress=False)
@@ -113,7 +122,7 @@ def _part_a(cfg: SpeedConfig, data: _Data, work: Path) -> dict:
         "query_gradient": lambda: _seconds(lambda: curvature.precondition(concept.gradient(adapter, maps, batch_size=bs))),
     }
     times = _interleaved(stages, cfg.rounds)
-    n, n_tokens = len(train), _n_tokens(train)
+    n, n_tokens = len(train), count_tokens(train)
     result = {
         "model": f"HookedTransformer: {cfg.n_layers} blocks, d_model {cfg.d_model}, {cfg.n_heads} heads, "
                  f"vocab {len(data.tokenizer)}",
@@ -255,13 +264,13 @@ def run_speed_benchmark(out_dir: str | Path, quick: bool = False, seed: int = 0,
                    "machine": machine_description()}
         with tempfile.TemporaryDirectory(prefix="ci-speed-") as tmp:
             work = Path(tmp)
-            data = _prepare_data(cfg, work, train_tokenizer=True)
+            data = prepare_speed_data(cfg, work, train_tokenizer=True)
             results["part_a"] = _part_a(cfg, data, work)
-            results["part_b"] = _part_b(cfg, data, work) if kronfluence else {"error": "skipped (kronfluence=False)"}
+            results["part_b"] = run_part_b(cfg, data, work) if kronfluence else {"error": "skipped (kronfluence=False)"}
             atomic_write_text(work / "config.json", json.dumps(asdict(cfg)))
             stages = STAGES_A + (STAGES_B if "error" not in results["part_b"] else ())
             linux = Path("/proc/self/clear_refs").exists()
-            results["memory"] = {stage: _peak_memory(stage, work) if linux else None for stage in stages}
+            results["memory"] = {stage: peak_memory(stage, work) if linux else None for stage in stages}
     finally:
         torch.set_num_threads(threads)
     results["load_average_end"] = list(os.getloadavg())

@@ -18,9 +18,11 @@ from ..concepts import ConceptFunction
 from ..curvature import Curvature, fit_curvature
 from ..estimators import ConceptInfluence, ProbeProjection
 from ..fileio import load_tensors
-from .kronfluence_bridge import KRONFLUENCE_MODES, _ours_fit_and_score, kronfluence_concept_scores
+from .kronfluence_bridge import KRONFLUENCE_MODES, kronfluence_concept_scores, ours_fit_and_score
 from .smallmodel import train_model
-from .speed_setup import STAGES_A, SpeedConfig, _llama_adapter, _prepare_data, _tl_adapter
+from .speed_setup import STAGES_A, SpeedConfig, llama_speed_adapter, prepare_speed_data, tl_speed_adapter
+
+__all__ = ["peak_memory", "memory_stage"]
 
 
 def _rss_kib(field: str) -> int:
@@ -29,17 +31,17 @@ def _rss_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in fh if line.startswith(f"{field}:"))
 
 
-def _memory_stage(stage: str, work: Path) -> None:
+def memory_stage(stage: str, work: Path) -> None:
     """Child process: load model and data from ``work``, reset the peak RSS, run ``stage`` on the first
     ``memory_examples`` examples and print the stage's peak RSS and its rise over the RSS before it (MiB)."""
     cfg = SpeedConfig(**json.loads((work / "config.json").read_text()))
     torch.set_num_threads(cfg.threads)
-    data = _prepare_data(cfg, work, train_tokenizer=False)
+    data = prepare_speed_data(cfg, work, train_tokenizer=False)
     bs = cfg.batch_size
     if stage in STAGES_A:
-        adapter, suffix, examples = _tl_adapter(cfg, data.tokenizer), "tl", data.train[: cfg.memory_examples]
+        adapter, suffix, examples = tl_speed_adapter(cfg, data.tokenizer), "tl", data.train[: cfg.memory_examples]
     else:
-        adapter, suffix, examples = (_llama_adapter(cfg, data.tokenizer), "hf",
+        adapter, suffix, examples = (llama_speed_adapter(cfg, data.tokenizer), "hf",
                                      data.train[: min(cfg.memory_examples, cfg.kron_n_train)])
     adapter.model.load_state_dict(load_tensors(work / f"model_{suffix}.safetensors"))
     concept = ConceptFunction.from_directions(ConceptDirection.load(work / f"direction_{suffix}.safetensors"),
@@ -51,7 +53,7 @@ def _memory_stage(stage: str, work: Path) -> None:
         "concept_influence": lambda: ConceptInfluence(concept, Curvature.load(work / "curvature_tl", adapter)).score(
             adapter, examples, batch_size=bs, progress=False),
         "probe_projection": lambda: ProbeProjection(concept).score(adapter, examples, batch_size=bs, progress=False),
-        "ours": lambda: _ours_fit_and_score(adapter, examples, concept, bs, cfg.seed),
+        "ours": lambda: ours_fit_and_score(adapter, examples, concept, bs, cfg.seed),
         **{f"kronfluence_{mode}": partial(kronfluence_concept_scores, adapter, examples, concept, work / "kronfluence_memory",
                                           bs, cfg.seed, (mode,)) for mode in KRONFLUENCE_MODES},
     }
@@ -64,9 +66,9 @@ def _memory_stage(stage: str, work: Path) -> None:
     print(json.dumps({"peak_mib": peak / 1024, "increase_mib": (peak - before) / 1024}))
 
 
-def _peak_memory(stage: str, work: Path) -> dict:
-    code = ("from concept_influence.benchmarks.speed_memory import _memory_stage; "
-            f"_memory_stage({stage!r}, __import__('pathlib').Path({str(work)!r}))")
+def peak_memory(stage: str, work: Path) -> dict:
+    code = ("from concept_influence.benchmarks.speed_memory import memory_stage; "
+            f"memory_stage({stage!r}, __import__('pathlib').Path({str(work)!r}))")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if proc.returncode != 0:

@@ -18,7 +18,8 @@ from ..models import HFCausalLMAdapter, ModelAdapter
 from .demo_corpus import make_demo_corpus
 from .smallmodel import build_small_model, load_tokenizer, train_bpe_tokenizer, train_model
 
-__all__ = ["SpeedConfig", "STAGES_A"]
+__all__ = ["SpeedConfig", "STAGES_A", "SpeedData", "speed_concept", "count_tokens", "prepare_speed_data",
+           "tl_speed_adapter", "llama_speed_adapter", "trained_speed_model"]
 
 STAGES_A = ("train_step", "concept_influence", "probe_projection", "ekfac_fit")
 
@@ -58,7 +59,7 @@ class SpeedConfig:
 
 
 @dataclass
-class _Data:
+class SpeedData:
     tokenizer: object
     train: list[TokenizedExample]
     probe_positive: list[TokenizedExample]
@@ -69,7 +70,7 @@ class _Data:
 # ---- data and models ---------------------------------------------------------------------------------
 
 
-def _prepare_data(cfg: SpeedConfig, work: Path, train_tokenizer: bool) -> _Data:
+def prepare_speed_data(cfg: SpeedConfig, work: Path, train_tokenizer: bool) -> SpeedData:
     corpus = make_demo_corpus(cfg.n_train, 0.1, cfg.n_probe, cfg.n_eval, cfg.seed)
     if train_tokenizer:
         texts = [f"{c.prompt}\n{c.response}" for c in corpus.train + corpus.probe_positive + corpus.probe_negative]
@@ -77,15 +78,15 @@ def _prepare_data(cfg: SpeedConfig, work: Path, train_tokenizer: bool) -> _Data:
     else:
         tokenizer = load_tokenizer(work / "tokenizer")
     tok = partial(tokenize_examples, tokenizer=tokenizer, max_length=cfg.max_length)
-    return _Data(tokenizer, tok(corpus.train), tok(corpus.probe_positive), tok(corpus.probe_negative),
+    return SpeedData(tokenizer, tok(corpus.train), tok(corpus.probe_positive), tok(corpus.probe_negative),
                  tok(corpus.eval_prompts))
 
 
-def _tl_adapter(cfg: SpeedConfig, tokenizer) -> ModelAdapter:
+def tl_speed_adapter(cfg: SpeedConfig, tokenizer) -> ModelAdapter:
     return build_small_model(tokenizer, cfg.n_layers, cfg.d_model, cfg.n_heads, n_ctx=cfg.max_length, seed=cfg.seed)
 
 
-def _llama_adapter(cfg: SpeedConfig, tokenizer) -> HFCausalLMAdapter:
+def llama_speed_adapter(cfg: SpeedConfig, tokenizer) -> HFCausalLMAdapter:
     """A Llama-style causal LM of the same size, with no biases (so both tools track the same weights)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -99,12 +100,12 @@ def _llama_adapter(cfg: SpeedConfig, tokenizer) -> HFCausalLMAdapter:
     return HFCausalLMAdapter(LlamaForCausalLM(config).eval(), tokenizer)
 
 
-def _trained(adapter: ModelAdapter, cfg: SpeedConfig, data: _Data) -> ModelAdapter:
+def trained_speed_model(adapter: ModelAdapter, cfg: SpeedConfig, data: SpeedData) -> ModelAdapter:
     train_model(adapter, data.train, cfg.epochs, cfg.lr, cfg.batch_size, tokens="all", seed=cfg.seed, progress=False)
     return adapter
 
 
-def _concept(adapter: ModelAdapter, cfg: SpeedConfig, data: _Data, direction_path: Path) -> tuple[ConceptFunction, dict]:
+def speed_concept(adapter: ModelAdapter, cfg: SpeedConfig, data: SpeedData, direction_path: Path) -> tuple[ConceptFunction, dict]:
     """A logistic probe for the demo trait at the concept hook (saved to ``direction_path``) as a concept."""
     acts = [collect_activations(adapter, ex, cfg.hook_name, progress=False) for ex in (data.probe_positive, data.probe_negative)]
     probe = train_logistic_probe(acts[0], acts[1], cfg.hook_name, seed=cfg.seed)
@@ -112,5 +113,5 @@ def _concept(adapter: ModelAdapter, cfg: SpeedConfig, data: _Data, direction_pat
     return ConceptFunction.from_directions(probe.direction, eval_examples=data.evals), probe.metrics
 
 
-def _n_tokens(examples: Sequence[TokenizedExample]) -> int:
+def count_tokens(examples: Sequence[TokenizedExample]) -> int:
     return sum(len(e.input_ids) for e in examples)
