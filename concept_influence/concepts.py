@@ -151,19 +151,21 @@ def measurement_gradient(adapter: ModelAdapter, examples: Sequence[TokenizedExam
     grads = {m.name: torch.zeros((k, *m.shape)) for m in maps}
     reached = False
     n_batches = (len(examples) + batch_size - 1) // batch_size
-    for batch in tqdm(iter_batches(examples, batch_size, adapter.pad_token_id), total=n_batches,
-                      desc="measurement gradient", disable=not progress, leave=False):
-        per = per_example(batch)
-        bad = [i for i, ok in zip(batch.ids, torch.isfinite(per).all(1).tolist()) if not ok]
-        if bad:
-            raise ConceptError(f"{what} is not finite on example(s) {', '.join(bad)}")
-        values = per.sum(0) / len(examples)
-        for j in range(k):
-            g = torch.autograd.grad(values[j], weights, retain_graph=j < k - 1, allow_unused=True)
-            for m, gj in zip(maps, g):
-                if gj is not None:
-                    reached = True
-                    grads[m.name][j] += m.to_matrix(gj).detach().cpu().float()
+    batches = tqdm(iter_batches(examples, batch_size, adapter.pad_token_id), total=n_batches,
+                   desc="measurement gradient", disable=not progress, leave=False)
+    with adapter.tracking(maps):
+        for batch in batches:
+            per = per_example(batch)
+            bad = [i for i, ok in zip(batch.ids, torch.isfinite(per).all(1).tolist()) if not ok]
+            if bad:
+                raise ConceptError(f"{what} is not finite on example(s) {', '.join(bad)}")
+            values = per.sum(0) / len(examples)
+            for j in range(k):
+                g = torch.autograd.grad(values[j], weights, retain_graph=j < k - 1, allow_unused=True)
+                for m, gj in zip(maps, g):
+                    if gj is not None:
+                        reached = True
+                        grads[m.name][j] += m.to_matrix(gj).detach().cpu().float()
     if not reached:
         raise ConceptError(f"no tracked linear map receives gradient from {what}: "
                            f"track maps of blocks before it (tracked: {', '.join(m.name for m in maps) or 'none'})")

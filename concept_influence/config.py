@@ -40,6 +40,7 @@ from probes import PROBE_KINDS, REDUCTIONS
 from .concepts import DEFAULT_QUERY
 from .curvature import CurvatureSettings
 from .estimators import RUN_ESTIMATORS
+from .models.hugging_face import TRACK_CHOICES
 from .scoring import ScoringSettings
 from .settings import Settings, check_value, narrowed, option
 
@@ -52,10 +53,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig(Settings):
-    """``path``: model folder (:func:`concept_influence.models.load_model`); ``device``: auto, cpu or cuda."""
+    """``path``: model folder (:func:`concept_influence.models.load_model`), or a PEFT adapter folder on top of
+    ``base``; ``device``: auto, cpu or cuda; ``track``: the weight matrices of a LoRA fine-tune that are tracked."""
 
     path: str = option(path=True)
     device: str = option("auto", choices=("auto", "cpu", "cuda"))
+    base: str | None = option(None, "base model folder of a PEFT adapter (default: the one the adapter names)", path=True)
+    track: str = option("auto", "LoRA factors (lora), full weight matrices (full), or lora when the model has LoRA "
+                        "adapters (auto)", choices=TRACK_CHOICES)
 
 
 @dataclass

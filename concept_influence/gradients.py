@@ -9,11 +9,9 @@ curvature fitter (:mod:`.curvature.fit`).
 from __future__ import annotations
 
 import hashlib
-from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from .data import Batch, TokenizedExample, iter_batches
@@ -53,23 +51,6 @@ def check_finite(values: torch.Tensor, batch: Batch, what: str, error: type[Exce
         raise error(f"non-finite {what} for example(s) {', '.join(ids)}")
 
 
-@contextmanager
-def _gradient_mode(model: nn.Module, maps: Sequence[LinearMap]) -> Iterator[None]:
-    """Eval mode (no dropout) with gradients enabled and the tracked weights requiring grad; restored after."""
-    was_training = model.training
-    frozen = [m.weight for m in maps if not m.weight.requires_grad]
-    model.eval()
-    for w in frozen:
-        w.requires_grad_(True)
-    try:
-        with torch.enable_grad():
-            yield
-    finally:
-        for w in frozen:
-            w.requires_grad_(False)
-        model.train(was_training)
-
-
 def captured_batches(
     adapter: ModelAdapter,
     examples: Sequence[TokenizedExample],
@@ -90,7 +71,7 @@ def captured_batches(
     if not examples:
         raise ValueError("no examples")
     n_batches = -(-len(examples) // batch_size)
-    with _gradient_mode(adapter.model, maps):
+    with adapter.tracking(maps):
         for batch in tqdm(iter_batches(examples, batch_size, adapter.pad_token_id), total=n_batches, desc=desc,
                           disable=not progress, leave=False):
             batch = batch.to(adapter.device)

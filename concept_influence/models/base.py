@@ -188,6 +188,24 @@ class ModelAdapter:
             yield
 
     @contextmanager
+    def tracking(self, maps: Sequence[LinearMap]) -> Iterator[None]:
+        """Eval mode (no dropout) with gradients enabled and the maps' weights requiring grad (frozen ones, such as
+        the base weights of a LoRA fine-tune, only while the context is open); the model's state is restored after."""
+        model = self.model
+        was_training = model.training
+        frozen = [m.weight for m in maps if not m.weight.requires_grad]
+        model.eval()
+        for w in frozen:
+            w.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                yield
+        finally:
+            for w in frozen:
+                w.requires_grad_(False)
+            model.train(was_training)
+
+    @contextmanager
     def capture(self, maps: Sequence[LinearMap]) -> Iterator[Capture]:
         """Record each map's input ``a`` ``[B, T, d_in]`` and output tensor on the forward, and the gradient
         of its output ``g`` ``[B, T, d_out]`` on the backward. Maps that receive no gradient have no

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -10,7 +11,7 @@ from torch import nn
 from ..data import Batch
 from .base import LinearMap, ModelAdapter, _StopForward, block_of_hook
 
-__all__ = ["HFCausalLMAdapter"]
+__all__ = ["HFCausalLMAdapter", "TRACK_CHOICES"]
 
 
 def _find_blocks(model: nn.Module) -> nn.ModuleList:
@@ -38,19 +39,56 @@ def _linear_layout(module: nn.Module) -> str | None:
     return None
 
 
+TRACK_CHOICES = ("auto", "lora", "full")
+
+
+def _lora_layers(block: nn.Module) -> dict[str, nn.Module]:
+    """The PEFT LoRA layers of a block by module path (empty for a model without adapters)."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # peft is a dependency, but a model without adapters needs none of it
+        return {}
+    return {name: mod for name, mod in block.named_modules() if isinstance(mod, LoraLayer)}
+
+
+def _check_lora_layer(name: str, layer: nn.Module) -> None:
+    """Refuse LoRA variants whose factors do not act as two plain linear maps on the layer's input."""
+    if getattr(layer, "merged", False):
+        raise ValueError(f"{name}: the LoRA adapter is merged into the base weights; unmerge it (model.unmerge_adapter()) "
+                         "to track its factors, or track='full'")
+    for adapter_name in layer.active_adapters:
+        if getattr(layer, "use_dora", {}).get(adapter_name, False):
+            raise ValueError(f"{name}: DoRA adapters are not supported (their factors are not plain linear maps); "
+                             "use track='full'")
+        if adapter_name in layer.lora_A and not isinstance(layer.lora_A[adapter_name], nn.Linear):
+            raise ValueError(f"{name}: only LoRA on linear layers is supported, not {type(layer.lora_A[adapter_name]).__name__}")
+
+
 class HFCausalLMAdapter(ModelAdapter):
-    """Adapter for a Hugging Face causal LM (GPT-2, Llama, Qwen2, Mistral, GPT-NeoX, ...).
+    """Adapter for a Hugging Face causal LM (GPT-2, Llama, Qwen2, Mistral, GPT-NeoX, ...), also with PEFT LoRA adapters.
 
     Our own forward hooks on the decoder blocks give TransformerLens-style residual hook names
     (``blocks.{l}.hook_resid_pre`` = block input, ``blocks.{l}.hook_resid_post`` = block output, before
     any final norm). Linear maps are the ``nn.Linear`` (and GPT-2 ``Conv1D``) modules inside the blocks,
     named ``blocks.{l}.<module path>``; embeddings and the LM head are not tracked.
+
+    ``track`` chooses the maps of a model with LoRA adapters (a PEFT ``PeftModel``): ``"lora"`` tracks the factors
+    ``lora_A`` (r × d_in) and ``lora_B`` (d_out × r) of every active adapter — what the fine-tune changed;
+    ``"full"`` tracks the full weight matrices (the frozen base weights; their gradient is the gradient with respect
+    to the adapted weight W + s·BA). ``"auto"`` (the default) is ``"lora"`` when the model has LoRA layers and
+    ``"full"`` otherwise.
     """
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, track: str = "auto"):
+        if track not in TRACK_CHOICES:
+            raise ValueError(f"track must be one of {', '.join(TRACK_CHOICES)}, got {track!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.blocks = _find_blocks(model)
+        has_lora = any(_lora_layers(block) for block in self.blocks)
+        if track == "lora" and not has_lora:
+            raise ValueError("track='lora' but the model has no LoRA adapters (a PEFT PeftModel is expected)")
+        self.track = ("lora" if has_lora else "full") if track == "auto" else track
         self.n_blocks = len(self.blocks)
         self.d_model = model.config.hidden_size
         cfg = model.config
@@ -120,8 +158,24 @@ class HFCausalLMAdapter(ModelAdapter):
         last = self.n_blocks - 1 if max_block is None else min(max_block, self.n_blocks - 1)
         maps = []
         for l in range(last + 1):
-            for name, mod in self.blocks[l].named_modules():
-                layout = _linear_layout(mod)
-                if layout is not None:
-                    maps.append(LinearMap(f"blocks.{l}.{name}", l, mod.weight, layout, mod, mod, input_from="input"))
+            lora = _lora_layers(self.blocks[l])
+            for name, mod in self._tracked_modules(self.blocks[l], lora):
+                maps.append(LinearMap(f"blocks.{l}.{name}", l, mod.weight, _linear_layout(mod), mod, mod, input_from="input"))
         return maps
+
+    def _tracked_modules(self, block: nn.Module, lora: dict[str, nn.Module]) -> Iterator[tuple[str, nn.Module]]:
+        if self.track == "lora":
+            for name, layer in lora.items():
+                _check_lora_layer(name, layer)
+                for adapter_name in layer.active_adapters:
+                    if adapter_name in layer.lora_A:
+                        yield f"{name}.lora_A.{adapter_name}", layer.lora_A[adapter_name]
+                        yield f"{name}.lora_B.{adapter_name}", layer.lora_B[adapter_name]
+            return
+        inside_lora = tuple(f"{name}." for name in lora)
+        for name, mod in block.named_modules():
+            if _linear_layout(mod) is None:
+                continue
+            if name.startswith(inside_lora) and not name.endswith(".base_layer"):  # the factors themselves
+                continue
+            yield name, mod

@@ -13,8 +13,9 @@ from .hugging_face import HFCausalLMAdapter
 __all__ = ["as_adapter", "ModelLoadError", "save_model", "load_model"]
 
 
-def as_adapter(model, tokenizer=None) -> ModelAdapter:
-    """Wrap a ``HookedTransformer`` or a Hugging Face causal LM (an adapter is returned unchanged)."""
+def as_adapter(model, tokenizer=None, track: str = "auto") -> ModelAdapter:
+    """Wrap a ``HookedTransformer`` or a Hugging Face causal LM, also a PEFT ``PeftModel`` (an adapter is returned
+    unchanged). ``track`` chooses the weight matrices of a LoRA fine-tune (see :class:`HFCausalLMAdapter`)."""
     if isinstance(model, ModelAdapter):
         return model
     from transformer_lens import HookedTransformer
@@ -24,7 +25,7 @@ def as_adapter(model, tokenizer=None) -> ModelAdapter:
     if hasattr(model, "config") and hasattr(model, "get_output_embeddings"):
         if tokenizer is None:
             raise ValueError("a Hugging Face model needs its tokenizer: as_adapter(model, tokenizer)")
-        return HFCausalLMAdapter(model, tokenizer)
+        return HFCausalLMAdapter(model, tokenizer, track=track)
     raise TypeError(f"unsupported model type {type(model).__name__}: expected a HookedTransformer or a Hugging Face causal LM")
 
 
@@ -34,6 +35,8 @@ class ModelLoadError(ValueError):
 
 TL_CONFIG_FILE = "tl_config.json"
 TL_WEIGHTS_FILE = "model.safetensors"
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 def save_model(adapter: ModelAdapter, path: str | Path) -> Path:
@@ -51,54 +54,111 @@ def save_model(adapter: ModelAdapter, path: str | Path) -> Path:
         cfg["device"] = None
         save_tensors(path / TL_WEIGHTS_FILE, adapter.model.state_dict())
         atomic_write_text(path / TL_CONFIG_FILE, json.dumps(cfg, indent=1, default=str))
-    else:
+    else:  # a PeftModel saves its adapter only (adapter_config.json + adapter_model.safetensors)
         adapter.model.save_pretrained(path, safe_serialization=True)
     adapter.tokenizer.save_pretrained(path)
     return path
 
 
-def load_model(path: str | Path, device: str = "cpu") -> ModelAdapter:
+def load_model(path: str | Path, device: str = "cpu", *, base: str | Path | None = None, track: str = "auto") -> ModelAdapter:
     """Load a model folder written by :func:`save_model` or by Hugging Face ``save_pretrained`` (with its
-    tokenizer), offline and from safetensors only (pickled ``.bin`` weights are refused)."""
-    import json
+    tokenizer), offline and from safetensors only (pickled ``.bin`` weights are refused).
 
-    from ..fileio import load_tensors
-
+    A PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) is loaded on top of its base
+    model folder: ``base``, or else the ``base_model_name_or_path`` the adapter records (a relative path is read
+    from the current folder, then from the adapter's). ``track`` chooses the tracked weight matrices
+    (see :class:`HFCausalLMAdapter`)."""
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"{path}: no such model folder")
+    if (path / PEFT_CONFIG_FILE).is_file():
+        return _load_peft(path, device, base, track)
+    tokenizer = _load_tokenizer(path)
+    if (path / TL_CONFIG_FILE).is_file():
+        return HookedTransformerAdapter(_load_hooked_transformer(path, tokenizer, device), tokenizer)
+    return HFCausalLMAdapter(_load_hf_model(path).to(device).eval(), tokenizer, track=track)
+
+
+def _load_tokenizer(path: Path):
     try:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: no readable tokenizer in the model folder ({e})") from None
-    if (path / TL_CONFIG_FILE).is_file():
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-        try:
-            cfg = json.loads((path / TL_CONFIG_FILE).read_text())
-            cfg["dtype"] = getattr(torch, cfg.get("dtype") or "float32")
-            cfg["device"] = device
-            cfg = HookedTransformerConfig.from_dict(cfg)
-        except (ValueError, TypeError, AttributeError) as e:
-            raise ModelLoadError(f"{path / TL_CONFIG_FILE}: not a HookedTransformer config ({e})") from None
-        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-        state = load_tensors(path / TL_WEIGHTS_FILE, error=ModelLoadError)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise ModelLoadError(f"{path / TL_WEIGHTS_FILE}: weights do not fit the config ({e})") from None
-        return HookedTransformerAdapter(model.to(device).eval(), tokenizer)
+
+def _load_hooked_transformer(path: Path, tokenizer, device: str):
+    import json
+
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from ..fileio import load_tensors
+
+    try:
+        cfg = json.loads((path / TL_CONFIG_FILE).read_text())
+        cfg["dtype"] = getattr(torch, cfg.get("dtype") or "float32")
+        cfg["device"] = device
+        cfg = HookedTransformerConfig.from_dict(cfg)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ModelLoadError(f"{path / TL_CONFIG_FILE}: not a HookedTransformer config ({e})") from None
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    state = load_tensors(path / TL_WEIGHTS_FILE, error=ModelLoadError)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ModelLoadError(f"{path / TL_WEIGHTS_FILE}: weights do not fit the config ({e})") from None
+    return model.to(device).eval()
+
+
+def _load_hf_model(path: Path):
     if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path}: neither {TL_CONFIG_FILE} (TransformerLens) nor config.json (Hugging Face) found")
+        raise ModelLoadError(f"{path}: neither {TL_CONFIG_FILE} (TransformerLens), config.json (Hugging Face) nor "
+                             f"{PEFT_CONFIG_FILE} (PEFT adapter) found")
     if not any(path.glob("*.safetensors")):
         found = sorted(p.name for p in path.glob("*.bin")) or ["no weights"]
         raise ModelLoadError(f"{path}: no safetensors weights ({', '.join(found)}); pickled weights are refused")
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
+        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: cannot load the Hugging Face model ({e})") from None
-    return HFCausalLMAdapter(model.to(device).eval(), tokenizer)
+
+
+def _peft_base_folder(path: Path, base: str | Path | None) -> Path:
+    import json
+
+    if base is None:
+        try:
+            base = json.loads((path / PEFT_CONFIG_FILE).read_text()).get("base_model_name_or_path") or None
+        except ValueError as e:
+            raise ModelLoadError(f"{path / PEFT_CONFIG_FILE}: not a PEFT adapter config ({e})") from None
+        if base is None:
+            raise ModelLoadError(f"{path}: the PEFT adapter does not name its base model; give the base model folder "
+                                 "(load_model(..., base=...), or base = ... in the run config's [model])")
+        candidates = [Path(base), path / base]
+    else:
+        candidates = [Path(base)]
+    for folder in candidates:
+        if folder.is_dir():
+            return folder
+    raise ModelLoadError(f"{path}: the base model {str(base)!r} of this PEFT adapter is not a local folder; give the "
+                         "base model folder (load_model(..., base=...), or base = ... in the run config's [model])")
+
+
+def _load_peft(path: Path, device: str, base: str | Path | None, track: str) -> ModelAdapter:
+    from peft import PeftModel
+
+    if not (path / PEFT_WEIGHTS_FILE).is_file():
+        found = sorted(p.name for p in path.glob("adapter_model.*")) or ["no weights"]
+        raise ModelLoadError(f"{path}: no {PEFT_WEIGHTS_FILE} ({', '.join(found)}); pickled weights are refused")
+    base_folder = _peft_base_folder(path, base)
+    tokenizer = _load_tokenizer(path if any(path.glob("tokenizer*")) else base_folder)
+    model = _load_hf_model(base_folder)
+    try:
+        model = PeftModel.from_pretrained(model, str(path), is_trainable=False, local_files_only=True)
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"{path}: the PEFT adapter does not fit the base model {base_folder} ({first})") from None
+    return HFCausalLMAdapter(model.to(device).eval(), tokenizer, track=track)

@@ -39,7 +39,8 @@ class Pipeline:
     @cached_property
     def adapter(self) -> ModelAdapter:
         """The run's model, checked against the fingerprint the run started with."""
-        adapter = load_model(self.cfg.model.path, device=self.ranks.device)
+        model = self.cfg.model
+        adapter = load_model(model.path, device=self.ranks.device, base=model.base, track=model.track)
         if self.ranks.is_main:
             self.run.check_fingerprint("model", adapter.fingerprint())
         return adapter
