@@ -41,5 +41,5 @@ def collect_activations(
         else:
             rows.append(reduce_tokens(acts, batch, reduction))
         ids.extend(batch.ids)
-    values = torch.cat(rows) if rows else torch.empty(0, adapter.d_model)
+    values = torch.cat(rows) if rows else torch.empty(0, adapter.hook_width(hook_name))
     return Activations(values, ids, hook_name, reduction, torch.cat(index) if index else None)

@@ -137,10 +137,10 @@ def _check_inputs(adapter: ModelAdapter, direction, positive, negative, alphas, 
     if not positive or not negative:
         raise ConceptCheckError(f"the check needs positive and negative examples, got {len(positive)} positive and "
                                 f"{len(negative)} negative")
-    adapter.check_hook(direction.hook_name)
-    if direction.vector.numel() != adapter.d_model:
+    width = adapter.hook_width(direction.hook_name)
+    if direction.vector.numel() != width:
         raise ConceptCheckError(f"the direction has {direction.vector.numel()} dimensions, but {direction.hook_name} "
-                                f"has width d_model={adapter.d_model}")
+                                f"has width {width}")
     bad = [p for p in positions if p not in STEERING_POSITIONS]
     if bad:
         raise ConceptCheckError(f"unknown steering positions {bad[0]!r}; expected one of {STEERING_POSITIONS}")

@@ -36,11 +36,11 @@ class ConceptError(ValueError):
 def check_direction_compatible(direction: ConceptDirection, adapter: ModelAdapter) -> None:
     """Raise :class:`~.models.HookError` for a hook the model lacks and
     :class:`~probes.directions.DirectionError` for a vector of the wrong size or a layer beyond the model's blocks."""
-    adapter.check_hook(direction.hook_name)
-    if direction.vector.numel() != adapter.d_model:
+    width = adapter.hook_width(direction.hook_name)
+    if direction.vector.numel() != width:
         raise DirectionError(
             f"direction at hook {direction.hook_name!r} has size {direction.vector.numel()}, "
-            f"but the model's d_model is {adapter.d_model}"
+            f"but the model's activations there have width {width}"
         )
     if direction.layer >= adapter.n_blocks:
         raise DirectionError(f"layer {direction.layer} is out of range: the model has blocks 0..{adapter.n_blocks - 1}")
@@ -56,7 +56,7 @@ class ConceptFunction:
     """
 
     def __init__(self, hook_name: str, readout: Callable[[torch.Tensor], torch.Tensor], names: Sequence[str],
-                 reduction: str = DEFAULT_QUERY, d_model: int | None = None,
+                 reduction: str = DEFAULT_QUERY, width: int | None = None,
                  eval_examples: Sequence[TokenizedExample] | None = None):
         if reduction not in REDUCTIONS:
             raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
@@ -65,7 +65,7 @@ class ConceptFunction:
         self.readout = readout
         self.names = list(names)
         self.reduction = reduction
-        self.d_model = d_model
+        self.width = width
         self.eval_examples = list(eval_examples) if eval_examples is not None else None
 
     @classmethod
@@ -100,10 +100,11 @@ class ConceptFunction:
         return len(self.names)
 
     def check(self, adapter: ModelAdapter) -> None:
-        """The hook exists in the model and the readout's width matches ``d_model``."""
-        adapter.check_hook(self.hook_name)
-        if self.d_model is not None and self.d_model != adapter.d_model:
-            raise ConceptError(f"the concept at {self.hook_name} expects d_model={self.d_model}, the model has {adapter.d_model}")
+        """The hook exists in the model and the readout's width matches the activations there."""
+        width = adapter.hook_width(self.hook_name)
+        if self.width is not None and self.width != width:
+            raise ConceptError(f"the concept at {self.hook_name} reads width {self.width}, the model's activations there "
+                               f"have width {width}")
 
     def per_example(self, adapter: ModelAdapter, batch: Batch, reduction: str | None = None) -> torch.Tensor:
         """Each example's reduced readout ``[B, K]`` (in the autograd graph unless under no_grad), over the query's

@@ -32,18 +32,18 @@ LATENT_CONCEPT_KINDS = ("activation", "decoder", "encoder")
 
 def check_sae_compatible(sae, adapter: ModelAdapter, hook_name: str | None = None) -> None:
     """Raise when the SAE does not fit the model: its width (``d_in``, and the decoder's output width)
-    must equal ``adapter.d_model`` and its hooks must exist (``adapter.check_hook`` raises
+    must equal the width of the model's activations at its hooks, which must exist (``adapter.check_hook`` raises
     :class:`~.models.HookError` with close matches)."""
     read_hook, write_hook = sae_hooks(sae)
     hooks = {hook_name} if hook_name else {read_hook, write_hook}
     if None in hooks:
         raise SAEError("the SAE's config records no hook name (cfg.metadata.hook_name); pass hook_name=")
-    for hook in sorted(hooks):
-        adapter.check_hook(hook)
-    for what, width in (("d_in", sae.W_enc.shape[0]), ("decoder output width", sae.W_dec.shape[1])):
-        if width != adapter.d_model:
+    widths = {hook: adapter.hook_width(hook) for hook in sorted(hooks)}
+    for (what, width), hook in zip((("d_in", sae.W_enc.shape[0]), ("decoder output width", sae.W_dec.shape[1])),
+                                   (hook_name or read_hook, hook_name or write_hook)):
+        if width != widths[hook]:
             raise SAEError(
-                f"SAE {what} is {width} but the model's d_model is {adapter.d_model} (hook {sorted(hooks)[0]!r}); "
+                f"SAE {what} is {width} but the model's activations at {hook!r} have width {widths[hook]}; "
                 "the SAE was trained on a different model or hook"
             )
 

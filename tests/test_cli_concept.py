@@ -58,7 +58,7 @@ def test_concept_check_command(project, capsys):
     ({"--alphas": "1,2"}, "at least one positive and one negative step"),
     ({"--alphas": "a,b"}, "--alphas must be numbers separated by commas"),
     ({"--max-length": "2"}, "pos.jsonl: no positive example can be used (the dataset has no usable examples"),
-    ({"wrong_width": True}, "has size 5, but the model's d_model is 32"),
+    ({"wrong_width": True}, "has size 5, but the model's activations there have width 32"),
     ({"unknown_hook": True}, "layer 7 in hook 'blocks.7.hook_resid_post' is out of range"),
     ({"empty": True}, "empty.jsonl: no negative example can be used"),
 ])

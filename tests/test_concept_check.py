@@ -81,7 +81,7 @@ def test_report_and_plot(toy, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     (dict(positive=[]), "needs positive and negative examples, got 0 positive"),
-    (dict(direction=_direction(torch.ones(7))), "has 7 dimensions, but blocks.0.hook_resid_post has width d_model=24"),
+    (dict(direction=_direction(torch.ones(7))), "has 7 dimensions, but blocks.0.hook_resid_post has width 24"),
     (dict(direction=_direction(torch.ones(24), "blocks.3.hook_resid_post")), "out of range"),
     (dict(alphas=(0.5, 1.0)), "at least one positive and one negative step"),
     (dict(positions=("response",)), "unknown steering positions 'response'"),

@@ -53,7 +53,7 @@ def test_layer_and_kind_validation():
 
 def test_check_direction_compatible(tl_adapter):
     check_direction_compatible(_direction(), tl_adapter)
-    with pytest.raises(DirectionError, match=r"blocks\.1\.hook_resid_post.*size 16.*d_model is 32"):
+    with pytest.raises(DirectionError, match=r"blocks\.1\.hook_resid_post.*size 16.*activations there have width 32"):
         check_direction_compatible(_direction(d=16), tl_adapter)
     with pytest.raises(HookError, match="close matches: blocks.1.hook_resid_post"):
         check_direction_compatible(_direction(hook="blocks.1.hook_resid_pots"), tl_adapter)

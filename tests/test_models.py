@@ -340,8 +340,30 @@ def test_block_of_hook():
 
 
 def test_hf_hook_names(hf_adapter):
-    names = hf_adapter.hook_names()
-    assert names == ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"]
+    points = ["hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "mlp.hook_post"]
+    assert hf_adapter.hook_names() == [f"blocks.{l}.{p}" for l in range(2) for p in points]
+
+
+def test_hf_attention_and_mlp_outputs_add_up_to_the_block(hf_adapter, tokenized):
+    """resid_post = resid_pre + attn_out + mlp_out, and the MLP's down projection of mlp.hook_post is mlp_out."""
+    batch = collate(tokenized[:4], hf_adapter.pad_token_id)
+    with torch.no_grad():
+        acts = {p: hf_adapter.activations(batch, f"blocks.1.{p}")
+                for p in ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "mlp.hook_post")}
+        down, _ = hf_adapter._hook_point("blocks.1.mlp.hook_post")
+        torch.testing.assert_close(acts["hook_resid_post"], acts["hook_resid_pre"] + acts["hook_attn_out"] + acts["hook_mlp_out"])
+        torch.testing.assert_close(down(acts["mlp.hook_post"]), acts["hook_mlp_out"])
+    d_mlp = 128 if hf_adapter.model.config.model_type == "gpt2" else 64  # GPT-2: 4 × d_model
+    assert hf_adapter.hook_width("blocks.1.hook_mlp_out") == 32 and hf_adapter.hook_width("blocks.0.mlp.hook_post") == d_mlp
+
+
+def test_hf_edit_at_the_mlp_output_reaches_the_residual_stream(hf_adapter, tokenized):
+    batch = collate(tokenized[:2], hf_adapter.pad_token_id)
+    with torch.no_grad():
+        before = hf_adapter.activations(batch, "blocks.0.hook_resid_post")
+        with hf_adapter.edit_activation("blocks.0.hook_mlp_out", lambda a: a + 1.0):
+            after = hf_adapter.activations(batch, "blocks.0.hook_resid_post")
+    torch.testing.assert_close(after, before + 1.0)
 
 
 # ---------------------------------------------------------------------------------------------- linear maps

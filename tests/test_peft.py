@@ -17,7 +17,7 @@ from test_curvature import weight_grads
 from test_estimators import explicit_concept_influence
 from torch.func import functional_call, jacfwd
 
-from concept_influence.concepts import ConceptFunction
+from concept_influence.concepts import ConceptFunction, check_direction_compatible
 from concept_influence.config import RunConfig
 from concept_influence.curvature import fit_curvature
 from concept_influence.data import collate, load_chat_jsonl, tokenize_examples
@@ -27,6 +27,7 @@ from concept_influence.models import HFCausalLMAdapter, ModelLoadError, as_adapt
 from concept_influence.scores import Scores
 from conftest import _hf_model, make_chats
 from probes import ConceptDirection
+from probes.directions import DirectionError
 
 peft = pytest.importorskip("peft")
 
@@ -107,6 +108,22 @@ def _check_against_autograd(adapter, tokenized, strategy):
         ref = explicit_concept_influence(adapter, concept, tokenized, curvature, maps)
     assert np.abs(scores.column(0) - ref).max() <= 1e-4 * np.abs(ref).max()
     assert all(not m.weight.requires_grad for m in maps) or adapter.track == "lora"  # state restored
+
+
+def test_concept_on_the_mlp_hidden_activation_of_a_lora_model(tokenizer, tokenized):
+    """A direction of width d_mlp at ``mlp.hook_post`` (the input of the LoRA-wrapped down projection) is accepted and
+    scored exactly; one of width d_model is refused by name."""
+    adapter = as_adapter(lora_model(_hf_model("llama", len(tokenizer))), tokenizer)
+    hook = "blocks.1.mlp.hook_post"
+    assert adapter.hook_width(hook) == 64
+    with pytest.raises(DirectionError, match="size 32, but the model's activations there have width 64"):
+        check_direction_compatible(ConceptDirection(torch.randn(32), hook, kind="custom"), adapter)
+    concept = ConceptFunction.from_directions(ConceptDirection(torch.randn(64), hook, kind="custom"), tokenized[:3])
+    curvature = fit_curvature(adapter, tokenized, maps=adapter.linear_maps(), batch_size=4, progress=False)
+    scores = ConceptInfluence(concept, curvature).score(adapter, tokenized, batch_size=5, progress=False)
+    before_hook = [m for m in adapter.linear_maps() if "1.mlp.down_proj" not in m.name]  # the rest get no gradient
+    ref = explicit_concept_influence(adapter, concept, tokenized, curvature, before_hook)
+    assert np.abs(scores.column(0) - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
 def test_eigenvalue_correction_on_lora_factors_matches_per_example_gradients(tokenizer, tokenized):

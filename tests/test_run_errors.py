@@ -95,7 +95,7 @@ def test_direction_of_the_wrong_size(project, tmp_path, capsys):
     ConceptDirection(torch.ones(16), "blocks.0.hook_resid_post").save(project / "small.safetensors")
     config = _direction_config(project, "small")
     error = fails(capsys, "run", str(config), "--out", str(tmp_path / "r"), "--no-progress")
-    assert "has size 16, but the model's d_model is 32" in error
+    assert "has size 16, but the model's activations there have width 32" in error
 
 
 def test_non_finite_direction(project, tmp_path, capsys):

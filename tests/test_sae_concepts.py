@@ -206,7 +206,7 @@ def test_trained_topk_latent_concept_gradient_matches_autograd(trained, model, d
 
 def test_mismatched_sae_is_refused_everywhere(model, data, trained):
     foreign = _foreign_sae(d_in=48)
-    msg = "SAE d_in is 48 but the model's d_model is 32"
+    msg = "SAE d_in is 48 but the model's activations at 'blocks.1.hook_resid_post' have width 32"
     with pytest.raises(SAEError, match=msg):
         latent_concept(foreign, 0, data[:2], adapter=model)
     with pytest.raises(SAEError, match=msg):
@@ -216,7 +216,8 @@ def test_mismatched_sae_is_refused_everywhere(model, data, trained):
     scores = Scores([e.id for e in data], np.arange(len(data), dtype=float), "x")
     with pytest.raises(SAEError, match=msg):
         explain_top(scores, foreign, model, data, 5)
-    with pytest.raises(ConceptError, match="expects d_model=48, the model has 32"):  # built without the adapter
+    # built without the adapter
+    with pytest.raises(ConceptError, match="reads width 48, the model's activations there have width 32"):
         ProbeProjection(ConceptFunction.from_sae_latents(foreign, [0])).score(model, data[:2], progress=False)
     wrong_hook = _foreign_sae(d_in=32, hook="blocks.5.hook_resid_post")
     with pytest.raises(HookError, match="layer 5 .* out of range"):
@@ -347,7 +348,7 @@ def test_cli_sae_bad_input(cli_setup, capsys, tmp_path):
     (tmp_path / "no_weights" / "cfg.json").write_text("{}")
     cases["missing sae_weights.safetensors"] = tmp_path / "no_weights"
     _foreign_sae(d_in=48).save_model(tmp_path / "wide")
-    cases["SAE d_in is 48 but the model's d_model is 32"] = tmp_path / "wide"
+    cases["SAE d_in is 48 but the model's activations at 'blocks.1.hook_resid_post' have width 32"] = tmp_path / "wide"
     _foreign_sae(d_in=32, hook="blocks.1.hook_resid_pst").save_model(tmp_path / "hook")
     cases["unknown hook name 'blocks.1.hook_resid_pst'"] = tmp_path / "hook"
     for message, sae in cases.items():

@@ -97,7 +97,7 @@ def test_load_sae_missing_files(tmp_path, saved_sae):
 
 def test_check_sae_compatible(tl_adapter):
     check_sae_compatible(_make_sae(), tl_adapter)
-    with pytest.raises(SAEError, match="SAE d_in is 48 but the model's d_model is 32"):
+    with pytest.raises(SAEError, match="SAE d_in is 48 but the model's activations at 'blocks.1.hook_resid_post' have width 32"):
         check_sae_compatible(_make_sae(d_in=48), tl_adapter)
     with pytest.raises(HookError, match="close matches: blocks.1.hook_resid_post"):
         check_sae_compatible(_make_sae(hook="blocks.1.hook_resid_pst"), tl_adapter)

@@ -31,7 +31,7 @@ from torch import nn
 
 from probes.hooks import block_of_hook
 
-from ..data import Batch
+from ..data import Batch, TokenizedExample, collate
 
 __all__ = [
     "HookError",
@@ -178,6 +178,21 @@ class ModelAdapter:
         ``stop_early``. The result stays in the autograd graph unless called under ``torch.no_grad``."""
         self.check_hook(hook_name)
         return self._run_to_hook(batch.to(self.device), hook_name, stop_early)
+
+    def hook_width(self, hook_name: str) -> int:
+        """The width ``d`` of the activations ``[B, T, d]`` at ``hook_name`` (``d_model`` for the residual stream,
+        ``d_mlp`` for ``mlp.hook_post``), read once from a two-token forward."""
+        self.check_hook(hook_name)
+        widths = self.__dict__.setdefault("_hook_widths", {})
+        if hook_name not in widths:
+            probe = collate([TokenizedExample("width", (self.pad_token_id,) * 2, 1)], self.pad_token_id)
+            with torch.no_grad():
+                act = self._run_to_hook(probe.to(self.device), hook_name, stop_early=True)
+            if act.dim() != 3:
+                raise HookError(f"hook {hook_name!r} gives activations of shape {tuple(act.shape)}; concepts read hooks "
+                                "of shape [batch, tokens, width]")
+            widths[hook_name] = int(act.shape[-1])
+        return widths[hook_name]
 
     @contextmanager
     def edit_activation(self, hook_name: str, edit: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:

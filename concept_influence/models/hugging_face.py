@@ -31,6 +31,31 @@ def _find_blocks(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"cannot find the {n} decoder blocks of {type(model).__name__}")
 
 
+_ATTENTION = ("self_attn", "attn", "attention")
+_MLP = ("mlp",)
+_MLP_DOWN = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "fc_out")
+
+
+def _child(module: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    return next((getattr(module, n) for n in names if isinstance(getattr(module, n, None), nn.Module)), None)
+
+
+def _hook_points(block: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """A block's hook points, in TransformerLens names, as (module, "input" | "output"): the residual stream before
+    and after the block, the attention and MLP outputs (width d_model), and ``mlp.hook_post``, the MLP's hidden
+    activation that its down projection reads (width d_mlp). Points a block lacks are left out."""
+    points = {"hook_resid_pre": (block, "input"), "hook_resid_post": (block, "output")}
+    attn, mlp = _child(block, _ATTENTION), _child(block, _MLP)
+    if attn is not None:
+        points["hook_attn_out"] = (attn, "output")
+    if mlp is not None:
+        points["hook_mlp_out"] = (mlp, "output")
+        down = _child(mlp, _MLP_DOWN)
+        if down is not None:
+            points["mlp.hook_post"] = (down, "input")
+    return points
+
+
 def _linear_layout(module: nn.Module) -> str | None:
     if isinstance(module, nn.Linear):
         return "out_in"
@@ -67,10 +92,12 @@ def _check_lora_layer(name: str, layer: nn.Module) -> None:
 class HFCausalLMAdapter(ModelAdapter):
     """Adapter for a Hugging Face causal LM (GPT-2, Llama, Qwen2, Mistral, GPT-NeoX, ...), also with PEFT LoRA adapters.
 
-    Our own forward hooks on the decoder blocks give TransformerLens-style residual hook names
-    (``blocks.{l}.hook_resid_pre`` = block input, ``blocks.{l}.hook_resid_post`` = block output, before
-    any final norm). Linear maps are the ``nn.Linear`` (and GPT-2 ``Conv1D``) modules inside the blocks,
-    named ``blocks.{l}.<module path>``; embeddings and the LM head are not tracked.
+    Our own forward hooks give TransformerLens-style hook names: ``blocks.{l}.hook_resid_pre`` (block input),
+    ``blocks.{l}.hook_resid_post`` (block output, before any final norm), ``blocks.{l}.hook_attn_out`` and
+    ``blocks.{l}.hook_mlp_out`` (what attention and the MLP add to the residual stream), and
+    ``blocks.{l}.mlp.hook_post`` (the MLP's hidden activation, width d_mlp). Linear maps are the ``nn.Linear``
+    (and GPT-2 ``Conv1D``) modules inside the blocks, named ``blocks.{l}.<module path>``; embeddings and the LM head
+    are not tracked.
 
     ``track`` chooses the maps of a model with LoRA adapters (a PEFT ``PeftModel``): ``"lora"`` tracks the factors
     ``lora_A`` (r × d_in) and ``lora_B`` (d_out × r) of every active adapter — what the fine-tune changed;
@@ -99,52 +126,46 @@ class HFCausalLMAdapter(ModelAdapter):
         return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
 
     def hook_names(self) -> list[str]:
-        return [f"blocks.{l}.{h}" for l in range(self.n_blocks) for h in ("hook_resid_pre", "hook_resid_post")]
+        return [f"blocks.{l}.{point}" for l in range(self.n_blocks) for point in _hook_points(self.blocks[l])]
+
+    def _hook_point(self, hook_name: str) -> tuple[nn.Module, str]:
+        block = self.blocks[block_of_hook(hook_name)]
+        return _hook_points(block)[hook_name.split(".", 2)[2]]
 
     def _run_to_hook(self, batch: Batch, hook_name: str, stop_early: bool) -> torch.Tensor:
-        block = self.blocks[block_of_hook(hook_name)]
         store = {}
 
-        def keep_pre(module, args, kwargs):
-            store["act"] = args[0] if args else kwargs["hidden_states"]
-            if stop_early:  # the block's input is all we need: stop before running it
+        def keep(act):
+            store["act"] = act
+            if stop_early:  # all we need: stop before the rest of the model runs
                 raise _StopForward
+            return act
 
-        def keep_post(module, args, output):
-            store["act"] = output[0] if isinstance(output, tuple) else output
-            if stop_early:
-                raise _StopForward
-
-        if hook_name.endswith("hook_resid_pre"):
-            handle = block.register_forward_pre_hook(keep_pre, with_kwargs=True)
-        else:
-            handle = block.register_forward_hook(keep_post)
         try:
-            self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            with self._edit_hook(hook_name, keep):
+                self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         except _StopForward:
             pass
-        finally:
-            handle.remove()
         return store["act"]
 
     @contextmanager
     def _edit_hook(self, hook_name, edit):
-        block = self.blocks[block_of_hook(hook_name)]
+        module, where = self._hook_point(hook_name)
 
-        def edit_pre(module, args, kwargs):
+        def edit_input(module, args, kwargs):
             if args:
                 return (edit(args[0]), *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": edit(kwargs["hidden_states"])}
 
-        def edit_post(module, args, output):
+        def edit_output(module, args, output):
             if isinstance(output, tuple):
                 return (edit(output[0]), *output[1:])
             return edit(output)
 
-        if hook_name.endswith("hook_resid_pre"):
-            handle = block.register_forward_pre_hook(edit_pre, with_kwargs=True)
+        if where == "input":
+            handle = module.register_forward_pre_hook(edit_input, with_kwargs=True)
         else:
-            handle = block.register_forward_hook(edit_post)
+            handle = module.register_forward_hook(edit_output)
         try:
             yield
         finally:
