@@ -3,13 +3,19 @@
 For fixed (preconditioned) queries Q_W, the score of an example z at a linear map W is
 ⟨Q_W, ∇_W L(z)⟩ = Σ_t g_tᵀ Q_W a_t, where a_t and g_t come from one ordinary forward+backward of the
 batch (examples in a right-padded batch do not interact). So a batch costs one forward+backward plus
-one matrix product per map for all K queries at once; per-example gradients are never formed.
+one matrix product per map for all K queries at once.
+
+Per map, the contraction that costs fewer multiply-adds for the batch's shapes is used (:func:`example_query_scores`):
+per token (``x = Q a_t``, then ``g_t·x``; with a rank-r query ``(g_tᵀU_rS_r)(V_rᵀa_t)``), or through each example's
+gradient ``Σ_t g_t a_tᵀ`` dotted with the K queries, which wins when K is large. Per-token shares always take
+the per-token path. ``query_rank`` replaces each query by its best rank-r approximation (:func:`low_rank_queries`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from functools import cached_property
+from typing import Any, Sequence, Union
 
 import numpy as np
 import torch
@@ -20,7 +26,8 @@ from .models import LinearMap, ModelAdapter
 from .scores import Scores
 from .settings import Settings, option
 
-__all__ = ["ScoringError", "ScoringSettings", "score_with_queries", "token_query_scores", "gradient_norms"]
+__all__ = ["ScoringError", "ScoringSettings", "LowRankQuery", "Query", "low_rank_queries", "score_with_queries",
+           "token_query_scores", "example_query_scores", "gradient_norms"]
 
 
 @dataclass
@@ -35,17 +42,101 @@ class ScoringSettings(Settings):
     per_token: bool = option(False, "also keep each example's per-token shares (gradient estimators)")
     normalize: str = option("none", "divide each example's score by the norm of its loss gradient over the tracked "
                                     "maps (unit, as TrackStar and Bergson) or not (none)", choices=("none", "unit"))
+    query_rank: int | None = option(None, "replace each tracked map's preconditioned query by its best rank-r "
+                                          "approximation (SVD, as kronfluence's query_gradient_low_rank): a token costs "
+                                          "r*(d_out+d_in) per query and map instead of d_out*d_in; unset, or r >= "
+                                          "min(d_out, d_in): full rank (gradient estimators)", minimum=1)
 
 
 class ScoringError(RuntimeError):
     """Scoring cannot go on (non-finite loss or score); the message names the example ids."""
 
 
-def token_query_scores(a: torch.Tensor, g: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+@dataclass(eq=False)
+class LowRankQuery:
+    """The K queries of one map as rank-r factors, ``Q_k ≈ left[k] @ right[k]``: ``left`` ``[K, d_out, r]`` is
+    ``U_r S_r`` and ``right`` ``[K, r, d_in]`` is ``V_rᵀ`` of the SVD of ``Q_k`` (kronfluence's left/right matrices)."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.left.shape[-1]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(K, d_out, d_in)``, as the dense query's."""
+        return self.left.shape[0], self.left.shape[1], self.right.shape[2]
+
+    @cached_property
+    def dense(self) -> torch.Tensor:
+        """The rank-r queries as matrices ``[K, d_out, d_in]`` (formed once, when first asked for)."""
+        return self.left @ self.right
+
+    def to(self, **kwargs: Any) -> "LowRankQuery":
+        """The factors moved as ``torch.Tensor.to`` says; ``self`` (and its formed :attr:`dense`) when nothing moves."""
+        left, right = self.left.to(**kwargs), self.right.to(**kwargs)
+        return self if left is self.left and right is self.right else LowRankQuery(left, right)
+
+
+#: One map's K queries: dense ``[K, d_out, d_in]`` or rank-r factors.
+Query = Union[torch.Tensor, LowRankQuery]
+
+
+def low_rank_queries(queries: dict[str, Query], rank: int | None) -> dict[str, Query]:
+    """Each map's queries replaced by their best rank-``rank`` approximations (one fp32 SVD per query matrix,
+    ``torch.linalg.svd``); a map with ``min(d_out, d_in) <= rank`` keeps its dense, full-rank queries, and so
+    does every map when ``rank`` is None. Factors already of rank <= ``rank`` are kept."""
+    if rank is None:
+        return dict(queries)
+    out: dict[str, Query] = {}
+    for name, q in queries.items():
+        if isinstance(q, LowRankQuery):
+            if q.rank > rank:
+                raise ValueError(f"the query of map {name!r} has rank {q.rank} > query_rank {rank}; "
+                                 "pass the dense query to reduce its rank")
+            out[name] = q
+        elif min(q.shape[-2:]) <= rank:
+            out[name] = q
+        else:
+            U, S, Vh = torch.linalg.svd(q.float(), full_matrices=False)
+            out[name] = LowRankQuery(U[..., :rank] * S[..., None, :rank], Vh[..., :rank, :].contiguous())
+    return out
+
+
+def _flops(a: torch.Tensor, g: torch.Tensor, query: Query) -> tuple[int, int]:
+    """Multiply-adds of the per-token path and of the per-example-gradient path for one map and batch."""
+    B, T, d_in = a.shape
+    K, d_out = query.shape[0], g.shape[-1]
+    per_token_query = query.rank * (d_out + d_in) if isinstance(query, LowRankQuery) else d_out * d_in
+    return B * T * K * per_token_query, B * d_out * d_in * (T + K)
+
+
+def example_query_scores(a: torch.Tensor, g: torch.Tensor, query: Query) -> torch.Tensor:
+    """Per-example scores ``Σ_t g_tᵀ Q_k a_t`` as ``[B, K]``, by the cheaper contraction for these shapes:
+    per token (:func:`token_query_scores` summed over tokens), or through each example's gradient
+    ``Σ_t g_t a_tᵀ`` ``[B, d_out, d_in]`` dotted with the (dense) queries — cheaper when K·(rank or d) is large,
+    at the memory of one map's per-example gradients."""
+    per_token, per_example = _flops(a, g, query)
+    if per_token <= per_example:
+        return token_query_scores(a, g, query).sum(1)
+    dense = query.dense if isinstance(query, LowRankQuery) else query
+    grads = g.transpose(1, 2) @ a
+    return grads.flatten(1) @ dense.flatten(1).T
+
+
+def token_query_scores(a: torch.Tensor, g: torch.Tensor, query: Query) -> torch.Tensor:
     """Per-token scores ``g_tᵀ Q_k a_t`` as ``[B, T, K]`` for ``a`` ``[B,T,d_in]``, ``g`` ``[B,T,d_out]`` and
-    ``query`` ``[K, d_out, d_in]`` — one matrix product on the smaller side."""
+    ``query`` ``[K, d_out, d_in]`` — one matrix product on the smaller side; for rank-r factors, ``g`` projected
+    on ``U_r S_r`` times ``a`` projected on ``V_r``, ``O(T·K·r·(d_out+d_in))``."""
     B, T, d_in = a.shape
     K, d_out, _ = query.shape
+    if isinstance(query, LowRankQuery):
+        r = query.rank
+        left = g.reshape(B * T, d_out) @ query.left.permute(1, 0, 2).reshape(d_out, K * r)
+        right = a.reshape(B * T, d_in) @ query.right.permute(2, 0, 1).reshape(d_in, K * r)
+        return (left * right).view(B, T, K, r).sum(-1)
     if d_out <= d_in:
         x = (a.reshape(B * T, d_in) @ query.reshape(K * d_out, d_in).T).view(B, T, K, d_out)
         return torch.einsum("btko,bto->btk", x, g)
@@ -94,10 +185,12 @@ def score_with_queries(
     **changes: Any,
 ) -> Scores:
     """Score every example: ``sign × Σ_maps ⟨Q_map, ∇_map L(z)⟩`` for each of the K queries
-    (``queries[name]`` is ``[K, d_out, d_in]``) as ``settings`` say (see :class:`ScoringSettings`), with
-    ``changes`` to single settings given as keywords (``batch_size=4, per_module=True``). ``per_module``
-    keeps each map's share; ``per_token`` keeps each example's ``[n_tokens, K]`` token shares; ``normalize="unit"``
-    divides each example's scores by its loss-gradient norm over ``maps`` (see :func:`gradient_norms`)."""
+    (``queries[name]`` is ``[K, d_out, d_in]``, or its :class:`LowRankQuery`) as ``settings`` say (see
+    :class:`ScoringSettings`), with ``changes`` to single settings given as keywords (``batch_size=4,
+    per_module=True``). ``per_module`` keeps each map's share; ``per_token`` keeps each example's ``[n_tokens, K]``
+    token shares; ``normalize="unit"`` divides each example's scores by its loss-gradient norm over ``maps`` (see
+    :func:`gradient_norms`); ``query_rank`` scores with rank-r queries (:func:`low_rank_queries`; pass queries
+    factored beforehand to factor them once for many calls)."""
     s = (settings or ScoringSettings()).replace(**changes)
     per_module, per_token = s.per_module, s.per_token
     if not examples:
@@ -106,7 +199,9 @@ def score_with_queries(
     if not maps:
         raise ScoringError("none of the tracked linear maps has a query")
     device = adapter.device
-    q = {m.name: queries[m.name].to(device=device, dtype=torch.float32) for m in maps}
+    q = low_rank_queries({m.name: queries[m.name].to(device=device, dtype=torch.float32) for m in maps}, s.query_rank)
+    if s.query_rank is not None:
+        metadata = {**(metadata or {}), "query_rank": s.query_rank}
     K = len(columns)
     ids: list[str] = []
     rows: list[np.ndarray] = []
@@ -118,11 +213,14 @@ def score_with_queries(
         per_tok = torch.zeros(len(batch), batch.input_ids.shape[1], K, device=device) if per_token else None
         for j, m in enumerate(maps):
             a, g = captured[m.name]
-            if g is not None:
+            if g is None:
+                continue
+            if per_token:
                 tok = sign * token_query_scores(a, g, q[m.name])  # [B, T, K]
                 per_map[..., j] = tok.sum(1)
-                if per_token:
-                    per_tok += tok
+                per_tok += tok
+            else:
+                per_map[..., j] = sign * example_query_scores(a, g, q[m.name])
         if s.normalize == "unit":
             scale = 1.0 / _sq_norms(captured, maps).sqrt().clamp_min(1e-30)  # [B]
             per_map *= scale[:, None, None]

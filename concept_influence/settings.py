@@ -18,8 +18,8 @@ __all__ = ["option", "narrowed", "check_value", "Settings", "settings_diff"]
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
            minimum: int | None = None, path: bool = False) -> Any:
-    """A dataclass field with its ``help`` text, allowed ``choices``, an integer ``minimum``, and whether it
-    is a file path (resolved against a config file's folder)."""
+    """A dataclass field with its ``help`` text, allowed ``choices``, an integer ``minimum`` (an optional field's
+    None is always allowed), and whether it is a file path (resolved against a config file's folder)."""
     return dataclasses.field(default=default,
                              metadata={"help": help, "choices": choices, "minimum": minimum, "path": path})
 
@@ -36,7 +36,7 @@ def check_value(name: str, value: Any, f: dataclasses.Field) -> str | None:
     choices, minimum = f.metadata.get("choices"), f.metadata.get("minimum")
     if choices and value not in choices:
         return f"'{name}' must be one of {', '.join(map(str, choices))}; got {value!r}"
-    if minimum is not None and value < minimum:
+    if minimum is not None and value is not None and value < minimum:
         return f"{name} must be >= {minimum}, got {value}"
     return None
 

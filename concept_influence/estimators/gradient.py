@@ -16,7 +16,7 @@ from ..curvature import Curvature, CurvatureSettings, fit_curvature
 from ..data import TokenizedExample
 from ..models import LinearMap, ModelAdapter
 from ..scores import Scores
-from ..scoring import ScoringSettings, score_with_queries
+from ..scoring import Query, ScoringSettings, low_rank_queries, score_with_queries
 from .base import Estimator
 
 __all__ = ["GradientEstimator", "ConceptInfluence", "ConceptGradDot", "InfluenceFunction", "GradDot"]
@@ -27,7 +27,7 @@ class GradientEstimator(Estimator):
     (``"identity"``), or a fitted :class:`Curvature`. When a strategy name is given, the curvature is
     fitted on ``fit_examples`` (default: the scored examples) as ``fit`` says (:class:`CurvatureSettings`; its
     strategy is ``curvature``) and kept in ``self.curvature_``. ``scoring`` (:class:`ScoringSettings`; single changes as keywords:
-    ``loss_tokens``, ``per_module``, ``per_token``) says how to score; ``score``'s ``batch_size`` wins."""
+    ``loss_tokens``, ``per_module``, ``per_token``, ``query_rank``) says how to score; ``score``'s ``batch_size`` wins."""
 
     def __init__(self, curvature: str | Curvature = "ekfac", *, fit_examples: Sequence[TokenizedExample] | None = None,
                  fit: CurvatureSettings | None = None, scoring: ScoringSettings | None = None,
@@ -55,13 +55,14 @@ class GradientEstimator(Estimator):
         return self.curvature_
 
     def preconditioned_queries(self, adapter: ModelAdapter, curvature: Curvature, maps: Sequence[LinearMap],
-                               batch_size: int, progress: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
-        """``(G + λI)⁻¹ ∇f`` per map and the column names, computed once per model state and curvature, so
-        scoring a dataset shard by shard does not recompute them."""
-        key = (adapter.fingerprint(), id(curvature), tuple(m.name for m in maps))
+                               batch_size: int, progress: bool) -> tuple[dict[str, Query], list[str]]:
+        """``(G + λI)⁻¹ ∇f`` per map (of rank ``scoring.query_rank``) and the column names, computed once per
+        model state, curvature and rank, so scoring a dataset shard by shard does not recompute them."""
+        rank = self.scoring.query_rank
+        key = (adapter.fingerprint(), id(curvature), tuple(m.name for m in maps), rank)
         if self._queries is None or self._queries[0] != key:
             grads, columns = self.measurement(adapter, maps, batch_size, progress)
-            self._queries = (key, curvature.precondition(grads), columns)
+            self._queries = (key, low_rank_queries(curvature.precondition(grads), rank), columns)
         return self._queries[1], self._queries[2]
 
     def score(self, adapter: ModelAdapter, examples: Sequence[TokenizedExample], *, batch_size: int = 8,
