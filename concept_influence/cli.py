@@ -93,6 +93,11 @@ def _add_planted_options(p: argparse.ArgumentParser, default_rate: float | None)
 
 
 def _bench_speed(args: argparse.Namespace) -> int:
+    if args.size:
+        from .benchmarks.speed_sizes import SizeConfig, run_size_benchmark
+
+        run_size_benchmark(args.out, SizeConfig(size=args.size, seed=args.seed, kronfluence=not args.no_kronfluence))
+        return 0
     from .benchmarks.speed import run_speed_benchmark
 
     run_speed_benchmark(args.out, quick=args.quick, seed=args.seed, kronfluence=not args.no_kronfluence)
@@ -234,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--quick", action="store_true", help="a reduced size (about a minute)")
     speed.add_argument("--seed", type=int, default=0, help="seed for data, model and sampling (default 0)")
     speed.add_argument("--no-kronfluence", action="store_true", help="skip the kronfluence comparison")
+    speed.add_argument("--size", choices=("gpt2-small", "qwen-0.5b", "tiny"),
+                       help="instead: every stage on a randomly initialised model of this shape, against the floor "
+                            "(writes DIR/speed-SIZE.json and .md)")
     speed.set_defaults(func=_bench_speed)
 
     memory = bench.add_parser("memory", help="peak RSS of scoring 1k vs 50k examples (streamed, sharded)",
