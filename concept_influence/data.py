@@ -93,7 +93,7 @@ def _open_text(path: Path) -> io.TextIOBase:
 
 
 #: What a record (a JSONL line or a table row) may hold, as error messages name it.
-ACCEPTED_COLUMNS = ("'messages' (a list of {role, content}), or 'prompt' with 'completion' or 'response' "
+ACCEPTED_COLUMNS = ("a 'messages' list of {role, content}, or 'prompt' with 'completion' or 'response' "
                     "(each a string or a list of {role, content})")
 _ROWS_PER_CHUNK = 1024  # table rows turned into Python objects at a time
 
@@ -319,10 +319,6 @@ def load_chats(source: DataSource, limit: int | None = None) -> list[ChatExample
 load_chat_jsonl = load_chats
 
 
-def _chat_line(example: ChatExample) -> str:
-    return json.dumps({"messages": list(example.messages)}, ensure_ascii=False) + "\n"
-
-
 def write_chat_jsonl(examples: Iterable[ChatExample], path: str | Path) -> Path:
     """Write examples as chat JSONL (gzip when the name ends in ``.gz``)."""
     path = Path(path)
@@ -330,7 +326,7 @@ def write_chat_jsonl(examples: Iterable[ChatExample], path: str | Path) -> Path:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "wt", encoding="utf-8") as fh:
         for ex in examples:
-            fh.write(_chat_line(ex))
+            fh.write(json.dumps({"messages": list(ex.messages)}, ensure_ascii=False) + "\n")
     return path
 
 

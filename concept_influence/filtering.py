@@ -72,6 +72,9 @@ def filter_training_file(scores: Scores | str | Path, data: str | Path, out: str
     Every scored id must be an example of ``data`` (ids are ``<file name>:<line>`` or ``<name>:<row>``); examples without a score
     (e.g. skipped at scoring because their response did not fit) are kept and counted. An existing ``out`` is
     never replaced unless ``overwrite``. Returns the record."""
+    if not isinstance(data, (str, Path)):
+        raise FilterError(f"data must be the path of the scored training file, got a {type(data).__name__} (filter a "
+                          "datasets.Dataset with its select method on the rows whose id is kept)")
     data, out = Path(data), Path(out)
     scores_path = None
     if not isinstance(scores, Scores):
