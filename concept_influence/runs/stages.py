@@ -278,7 +278,7 @@ def _concatenate(parts: Sequence[Scores], estimator: str) -> Scores:
 
 
 def _finished_shard(path: Path, digest: str) -> Scores | None:
-    """The shard saved at ``path`` if it was computed from input lines with this ``digest``; None when it is
+    """The shard saved at ``path`` if it was computed from input records with this ``digest``; None when it is
     missing, stale, or unreadable (with a warning: it is computed again)."""
     if not (path.is_file() and path.with_suffix(".json").is_file()):
         return None
