@@ -8,7 +8,9 @@ from .data import (
     collate,
     iter_batches,
     load_chat_jsonl,
+    load_chats,
     read_chat_jsonl,
+    read_chats,
     tokenize_examples,
 )
 from .models import HFCausalLMAdapter, HookedTransformerAdapter, HookError, LinearMap, ModelAdapter, as_adapter
@@ -17,6 +19,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Batch", "ChatExample", "DataError", "TokenizedExample", "collate", "iter_batches", "load_chat_jsonl",
-    "read_chat_jsonl", "tokenize_examples",
+    "load_chats", "read_chat_jsonl", "read_chats", "tokenize_examples",
     "HFCausalLMAdapter", "HookedTransformerAdapter", "HookError", "LinearMap", "ModelAdapter", "as_adapter",
 ]

@@ -46,10 +46,10 @@ def _planted_config(args: argparse.Namespace, paired: bool):
 
 def _run_planted(args: argparse.Namespace, clean, planted, paired: bool, names: tuple[str, str]) -> int:
     from .benchmarks.planted import command_line, run_planted
-    from .data import load_chat_jsonl
+    from .data import load_chats
 
     cfg = _planted_config(args, paired)
-    run_planted(load_chat_jsonl(clean), load_chat_jsonl(planted), args.out, cfg, progress=not args.no_progress,
+    run_planted(load_chats(clean), load_chats(planted), args.out, cfg, progress=not args.no_progress,
                 command=command_line(), data_names=names)
     return 0
 

@@ -154,12 +154,14 @@ def add_concept_commands(sub, bench) -> None:
 
     flt = sub.add_parser(
         "filter", help="remove the top of a ranking from a training file",
-        description="Write OUT: the lines of DATA (chat JSONL) minus the highest-scored examples of SCORES, unchanged; "
-                    "and OUT.filter.json, the record of what was removed (ids, scores, ranks), why and from which "
-                    "inputs. Scores must come from DATA (ids are <file name>:<line>).")
+        description="Write OUT: the records of DATA minus the highest-scored examples of SCORES, unchanged; and "
+                    "OUT.filter.json, the record of what was removed (ids, scores, ranks), why and from which inputs. "
+                    "Scores must come from DATA (ids are <file name>:<line>, or <name>:<row> for tables). OUT's name "
+                    "picks its format: a JSONL DATA keeps its lines (gzipped for .gz); a Parquet, Arrow or saved "
+                    "dataset DATA keeps every column as .parquet or .arrow, or its chat columns as JSONL.")
     flt.add_argument("scores", metavar="SCORES", help="scores file (e.g. RUN/scores/scores.safetensors)")
     flt.add_argument("data", metavar="DATA", help="the training file that was scored")
-    flt.add_argument("out", metavar="OUT", help="the filtered training file to write (.jsonl or .jsonl.gz)")
+    flt.add_argument("out", metavar="OUT", help="the filtered training file to write (.jsonl, .jsonl.gz, .parquet or .arrow)")
     rule = flt.add_mutually_exclusive_group(required=True)
     rule.add_argument("--remove-top", type=_amount, metavar="X", help="remove this fraction (0-1) or count from the top")
     rule.add_argument("--keep-bottom", type=_amount, metavar="X", help="keep only this fraction or count from the bottom")

@@ -21,9 +21,9 @@ SORT_KEYS = ("auroc", "diff", "cos_decoder", "cos_encoder")  # probes.sae_latent
 
 def _examples(paths, adapter, max_length: int | None):
     """Tokenised chats of ``paths``; ``max_length`` defaults to the model's context length."""
-    from .data import load_chat_jsonl, tokenize_examples
+    from .data import load_chats, tokenize_examples
 
-    chats = [c for p in paths for c in load_chat_jsonl(p)]
+    chats = [c for p in paths for c in load_chats(p)]
     return tokenize_examples(chats, adapter.tokenizer, max_length or adapter.context_length or 512, skip_truncated=True)
 
 
@@ -165,7 +165,8 @@ def add_sae_commands(sub) -> None:
                     "(SAE.load_from_disk reads it) with OUT/training.json (settings, held-out explained variance, "
                     "L0, dead latents).")
     _common(train, sae=False)
-    train.add_argument("--data", required=True, nargs="+", help="chat JSONL file(s) (.jsonl or .jsonl.gz) to read "
+    train.add_argument("--data", required=True, nargs="+", help="chat data (.jsonl, .jsonl.gz, .parquet, .arrow or a "
+                                                                 "saved dataset folder) to read "
                                                                  "activations on")
     train.add_argument("--hook", required=True, help="hook name, e.g. blocks.0.hook_resid_post")
     train.add_argument("--d-sae", type=int, required=True, help="number of latents")

@@ -7,7 +7,7 @@ positive/negative texts at a hook, or a saved direction), the curvature, the est
     path = "models/small"            # a folder written by save_model or Hugging Face save_pretrained
 
     [data]
-    train = "data/train.jsonl"       # chat JSONL (.jsonl or .jsonl.gz) to score
+    train = "data/train.jsonl"       # chats to score: .jsonl(.gz), .parquet, .arrow or a save_to_disk folder
     max_length = 256
 
     [probe]
@@ -65,8 +65,9 @@ class ModelConfig(Settings):
 
 @dataclass
 class DataConfig(Settings):
-    """``train``: the chat JSONL to score. Examples whose response is cut away at ``max_length`` are
-    skipped (``skip_truncated``) or are an error."""
+    """``train``: the chats to score (any source :func:`~concept_influence.data.read_chats` reads by path: chat
+    JSONL, Parquet, Arrow or a folder written by ``Dataset.save_to_disk``). Examples whose response is cut away at
+    ``max_length`` are skipped (``skip_truncated``) or are an error."""
 
     train: str = option(path=True)
     max_length: int = option(512, minimum=1)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from probes.fileio import atomic_write, atomic_write_text, load_tensors, load_tensors_and_metadata, save_tensors
 
-__all__ = ["atomic_write", "atomic_write_text", "save_tensors", "load_tensors", "load_tensors_and_metadata", "file_sha256"]
+__all__ = ["atomic_write", "atomic_write_text", "save_tensors", "load_tensors", "load_tensors_and_metadata", "file_sha256",
+           "path_sha256"]
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -18,4 +19,18 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
+    return h.hexdigest()
+
+
+def path_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, or of a folder's files (each relative name and SHA-256, in name order), e.g. a
+    dataset written by ``Dataset.save_to_disk``."""
+    import hashlib
+
+    path = Path(path)
+    if not path.is_dir():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(f"{p.relative_to(path).as_posix()}\0{file_sha256(p)}\n".encode())
     return h.hexdigest()

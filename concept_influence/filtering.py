@@ -1,21 +1,21 @@
 """Closing the loop: remove the top of a ranking from a training file.
 
 :func:`removal_indices` is the one rule (used by the benchmarks' filter-and-retrain as well);
-:func:`filter_training_file` applies it to a chat JSONL file and a scores file, writes the kept lines unchanged
-and a sidecar (``<out>.filter.json``) that records what was removed and why.
+:func:`filter_training_file` applies it to a training file (any that :func:`~concept_influence.data.read_chats`
+reads) and a scores file, writes the kept records unchanged and a sidecar (``<out>.filter.json``) that records
+what was removed and why.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .data import _read_examples
-from .fileio import atomic_write, atomic_write_text, file_sha256
+from .data import write_kept
+from .fileio import atomic_write, atomic_write_text, file_sha256, path_sha256
 from .scores import Scores
 
 __all__ = ["FilterError", "removal_indices", "filter_training_file", "sidecar_path"]
@@ -61,13 +61,20 @@ def removal_indices(values, *, remove_top: float | None = None, keep_bottom: flo
 def filter_training_file(scores: Scores | str | Path, data: str | Path, out: str | Path, *,
                          remove_top: float | None = None, keep_bottom: float | None = None,
                          column: int | str = 0, overwrite: bool = False) -> dict:
-    """Write ``out``: the lines of the chat JSONL file ``data`` minus the top of the ranking in ``scores``
-    (a :class:`Scores` or the path of a saved scores file), byte for byte; and ``<out>.filter.json``, the record
-    of what was removed (ids, scores, ranks), why (estimator, column, rule) and from which inputs (SHA-256).
+    """Write ``out``: the records of the training file ``data`` minus the top of the ranking in ``scores``
+    (a :class:`Scores` or the path of a saved scores file); and ``<out>.filter.json``, the record of what was
+    removed (ids, scores, ranks), why (estimator, column, rule) and from which inputs (SHA-256).
 
-    Every scored id must be an example of ``data`` (ids are ``<file name>:<line>``); examples without a score
+    ``out``'s name picks its format (:func:`~concept_influence.data.write_kept`): a JSONL ``data`` gives its lines
+    byte for byte (gzipped when ``out`` ends in ``.gz``); a Parquet, Arrow or saved-dataset ``data`` gives every
+    column of the kept rows as ``.parquet`` or ``.arrow``, or their chat columns as JSONL for any other name.
+
+    Every scored id must be an example of ``data`` (ids are ``<file name>:<line>`` or ``<name>:<row>``); examples without a score
     (e.g. skipped at scoring because their response did not fit) are kept and counted. An existing ``out`` is
     never replaced unless ``overwrite``. Returns the record."""
+    if not isinstance(data, (str, Path)):
+        raise FilterError(f"data must be the path of the scored training file, got a {type(data).__name__} (filter a "
+                          "datasets.Dataset with its select method on the rows whose id is kept)")
     data, out = Path(data), Path(out)
     scores_path = None
     if not isinstance(scores, Scores):
@@ -92,15 +99,10 @@ def filter_training_file(scores: Scores | str | Path, data: str | Path, out: str
     seen: set[str] = set()
     kept = 0
 
-    def write(tmp: str) -> None:  # streamed: one line in memory at a time
-        nonlocal kept
-        opener = gzip.open if out.suffix == ".gz" else open
-        with opener(tmp, "wt", encoding="utf-8") as fh:
-            for example, line in _read_examples(data):
-                seen.add(example.id)
-                if example.id not in removed:
-                    fh.write(line if line.endswith("\n") else line + "\n")
-                    kept += 1
+    def write(tmp: str) -> None:  # streamed: one line or one chunk of rows in memory at a time
+        nonlocal seen, kept
+        ids, kept = write_kept(data, tmp, lambda i: i not in removed, name=out.name)
+        seen = set(ids)
         unknown = [i for i in scores.ids if i not in seen]
         if unknown:  # raised inside the atomic write: the temporary file is removed, `out` is never created
             raise FilterError(f"the scores do not match {data}: {len(unknown)} of {len(scores.ids)} scored ids are "
@@ -109,7 +111,7 @@ def filter_training_file(scores: Scores | str | Path, data: str | Path, out: str
 
     atomic_write(out, write)
     record = {
-        "filtered_file": str(out), "source": {"path": str(data), "sha256": file_sha256(data)},
+        "filtered_file": str(out), "source": {"path": str(data), "sha256": path_sha256(data)},
         "scores": {"path": str(scores_path) if scores_path else None,
                    "sha256": file_sha256(scores_path) if scores_path else None,
                    "estimator": scores.estimator, "column": scores.columns[col], "metadata": scores.metadata},

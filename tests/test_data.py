@@ -174,18 +174,31 @@ def test_multi_turn_response_is_last_assistant_turn(tmp_path):
         {"role": "assistant", "content": "first answer"},
         {"role": "user", "content": "second question"},
         {"role": "assistant", "content": "second answer"},
-        {"role": "user", "content": "trailing user turn with no answer"},
     ]
     path = _write_lines(tmp_path / "multi.jsonl", [json.dumps({"messages": messages})])
     (ex,) = load_chat_jsonl(path)
     assert ex.response == "second answer"
-    # turns after the last assistant turn are dropped; the prompt holds every earlier turn
-    assert ex.messages == tuple(messages[:5])
+    assert ex.messages == tuple(messages)
     assert ex.prompt_messages == tuple(messages[:4])
     assert ex.prompt == "second question"
     text = plain_prompt_text(ex.prompt_messages)
     assert "sys" in text and "first question" in text and "first answer" in text and "second question" in text
     assert "second answer" not in text
+
+
+@pytest.mark.parametrize("messages, line, needle", [
+    # a trailing turn after the last answer was silently cut away before; now the file and line are named
+    ([("user", "q"), ("assistant", "a"), ("user", "trailing question with no answer")], 2,
+     "ends with a 'user' turn after its last assistant turn"),
+    ([("assistant", "an answer to nothing")], 3, "no prompt before the assistant's response"),
+])
+def test_chat_must_end_with_an_answer_after_a_prompt(tmp_path, messages, line, needle):
+    bad = json.dumps({"messages": [{"role": r, "content": c} for r, c in messages]})
+    lines = [_chat_line("p", "r")] * (line - 1) + [bad]
+    path = _write_lines(tmp_path / "chats.jsonl", lines)
+    with pytest.raises(DataError) as info:
+        load_chat_jsonl(path)
+    assert str(info.value).startswith(f"{path}:{line}: ") and needle in str(info.value)
 
 
 def test_from_pair_and_prompt_without_user():

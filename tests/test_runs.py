@@ -13,16 +13,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from runfolder import N_TRAIN, cli, cli_env, make_project
 
+from concept_influence.cli import main
 from concept_influence.concepts import ConceptFunction
 from concept_influence.config import ConfigError, RunConfig
 from concept_influence.curvature import CurvatureSettings, fit_curvature
-from concept_influence.data import load_chat_jsonl, tokenize_examples
+from concept_influence.data import load_chat_jsonl, load_chats, tokenize_examples
 from concept_influence.estimators import ConceptInfluence, ProbeProjection
 from concept_influence.fileio import file_sha256
+from concept_influence.filtering import sidecar_path
 from concept_influence.models import load_model
 from concept_influence.runs import RUN_FORMAT_VERSION, Run, RunError, run_config, run_stages
 from concept_influence.scores import Scores
@@ -360,3 +364,56 @@ def test_outputs_saved_just_before_a_kill_are_adopted(finished, tmp_path):
     run_stages(("probe", "factors"), out, progress=False)
     assert Run.open(out).is_done("probe") and Run.open(out).is_done("factors")
     assert all(file_sha256(out / p) == h for p, h in kept.items())
+
+
+# ---- training data kept as Parquet -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def parquet_run(finished, project) -> Path:
+    """The project's training chats and probe texts as Parquet (row groups of 7), scored in shards of 16 with the
+    finished run's direction and curvature."""
+    for name in ("train", "pos"):
+        records = [{"messages": list(e.messages)} for e in load_chats(project / f"{name}.jsonl")]
+        pq.write_table(pa.Table.from_pylist(records), project / f"{name}.parquet", row_group_size=7)
+    path = edited_config(project, 'positive = "pos.jsonl"\nnegative = "neg.jsonl"\nkind = "diff_means"\n',
+                         f'direction = "{finished / "probe" / "direction.safetensors"}"\n', "parquet.toml")
+    path.write_text(path.read_text().replace('train = "train.jsonl"', 'train = "train.parquet"')
+                    .replace("[factors]\n", f'[factors]\npath = "{finished / "factors"}"\n')
+                    .replace("[concept]\n", '[concept]\neval = "pos.parquet"\n'))
+    run_config(RunConfig.read(path), project / "runs" / "parquet", progress=False)
+    return project / "runs" / "parquet"
+
+
+def test_a_run_on_parquet_scores_like_the_run_on_jsonl(parquet_run, finished, project):
+    got = Scores.load(parquet_run / "scores" / "scores.safetensors")
+    reference = Scores.load(finished / "scores" / "scores.safetensors")
+    assert got.ids == [i.replace("train.jsonl:", "train.parquet:") for i in reference.ids] and len(got) == N_TRAIN
+    np.testing.assert_allclose(got.values, reference.values, rtol=1e-6, atol=1e-9)
+    assert Run.open(parquet_run).record["stages"]["scores"]["data_sha256"] == file_sha256(project / "train.parquet")
+    assert f"`{got.top(1)[0][0]}`" in (parquet_run / "report" / "report.md").read_text()
+
+
+def test_a_run_on_parquet_resumes_from_its_shards(parquet_run, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(parquet_run, out)
+    (out / "scores" / "scores.safetensors").unlink()
+    Run.open(out).update_record(lambda info: info["stages"].pop("scores"))
+    shards = sorted((out / "scores" / "shards").glob("*.safetensors"))
+    shards[2].unlink()
+    kept = {p: p.stat().st_mtime_ns for p in shards if p.exists()}
+    run_stages(("scores",), out, progress=False)
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items()), "shards of unchanged rows were recomputed"
+    a = Scores.load(parquet_run / "scores" / "scores.safetensors")
+    assert np.array_equal(Scores.load(out / "scores" / "scores.safetensors").values, a.values)
+
+
+def test_cli_filter_writes_the_parquet_back_without_the_top(parquet_run, project, tmp_path, capsys):
+    scores = parquet_run / "scores" / "scores.safetensors"
+    out = tmp_path / "filtered.parquet"
+    assert main(["filter", str(scores), str(project / "train.parquet"), str(out), "--remove-top", "5"]) == 0
+    assert f"removed 5 of {N_TRAIN} examples" in capsys.readouterr().out
+    removed = {r["id"] for r in json.loads(sidecar_path(out).read_text())["removed_examples"]}
+    assert removed == {i for i, _ in Scores.load(scores).top(5)}
+    kept = [e.messages for e in load_chats(project / "train.parquet") if e.id not in removed]
+    assert [e.messages for e in load_chats(out)] == kept and len(kept) == N_TRAIN - 5
+    assert main(["filter", str(scores), str(project / "train.jsonl"), str(tmp_path / "x.jsonl"), "--remove-top", "1"]) == 2
+    assert "the scores do not match" in capsys.readouterr().err

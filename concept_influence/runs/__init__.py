@@ -16,7 +16,7 @@ A run folder holds::
 Every file is written atomically (temporary file + rename). Work is done shard by shard and each finished
 shard is on disk, so a run killed at any point (even SIGKILL) and started again continues from the last
 finished shard and ends with the same result, bit for bit. A shard is reused only when the SHA-256 of its
-input lines is unchanged, and a stage resumes only with the settings it started with. Under ``torchrun``
+input records is unchanged, and a stage resumes only with the settings it started with. Under ``torchrun``
 shards are dealt to ranks and curvature statistics are summed over ranks (:mod:`concept_influence.distributed`).
 
 Modules: :mod:`.folder` (the folder, its record, manifest and checks), :mod:`.stages` (the :class:`Pipeline`),

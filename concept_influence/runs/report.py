@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from ..data import read_chat_jsonl
+from ..data import read_chats
 from ..fileio import atomic_write_text
 from ..scores import Scores
 from .folder import Run
@@ -22,7 +22,7 @@ def write_report(run: Run, k: int) -> Path:
     cfg = run.config
     scores = Scores.load(run.scores_path)
     wanted = {i for i, _ in scores.top(k)} | {i for i, _ in scores.bottom(k)}
-    texts = {ex.id: (ex.prompt, ex.response) for ex in read_chat_jsonl(cfg.data.train) if ex.id in wanted}
+    texts = {ex.id: (ex.prompt, ex.response) for ex in read_chats(cfg.data.train) if ex.id in wanted}
     out = run.path / "report"
     plot_score_distribution(scores.column(0), out / "score_distribution.png", scores.estimator)
     info = run.record

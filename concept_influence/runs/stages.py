@@ -14,10 +14,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..curvature import Curvature, SumStats, fit_curvature
-from ..data import Shard, TokenizedExample, iter_shards, load_chat_jsonl, tokenize_examples, tokenize_kept
+from ..data import Shard, TokenizedExample, iter_shards, load_chats, tokenize_examples, tokenize_kept
 from ..distributed import Ranks
 from ..estimators import ESTIMATORS, GradientEstimator
-from ..fileio import atomic_write_text, file_sha256, load_tensors_and_metadata, save_tensors
+from ..fileio import atomic_write_text, load_tensors_and_metadata, path_sha256, save_tensors
 from ..models import ModelAdapter, block_of_hook, load_model
 from ..provenance import combine_digests
 from ..scores import Scores
@@ -46,7 +46,7 @@ class Pipeline:
         return adapter
 
     def _tokenize(self, path: str, limit: int | None) -> list[TokenizedExample]:
-        return tokenize_examples(load_chat_jsonl(path, limit), self.adapter.tokenizer, self.cfg.data.max_length,
+        return tokenize_examples(load_chats(path, limit), self.adapter.tokenizer, self.cfg.data.max_length,
                                  self.cfg.data.skip_truncated)
 
     def _tokenize_shard(self, shard: Shard) -> list[TokenizedExample]:
@@ -58,7 +58,7 @@ class Pipeline:
         return iter_shards(self.cfg.data.train, shard_size, limit)
 
     def _shard_digests(self, shard_size: int, limit: int | None = None) -> list[str]:
-        """The SHA-256 of each shard's lines (read once per process and shard layout)."""
+        """The SHA-256 of each shard's records (read once per process and shard layout)."""
         key = (shard_size, limit)
         if key not in self._digests:
             self._digests[key] = [shard.digest for shard in self._shards(shard_size, limit)]
@@ -149,7 +149,7 @@ class Pipeline:
         if self.ranks.is_main and not self.run.is_done("factors"):  # (also a curvature saved just before a kill)
             saved = json.loads((final / "curvature.json").read_text())
             self.run.finish_stage("factors", self.ranks, strategy=saved["strategy"], n_examples=saved["n_examples"],
-                                  maps=[m["name"] for m in saved["maps"]], data_sha256=file_sha256(self.cfg.data.train))
+                                  maps=[m["name"] for m in saved["maps"]], data_sha256=path_sha256(self.cfg.data.train))
         self.ranks.barrier()
         return Curvature.load(final, self.adapter)
 
@@ -229,7 +229,7 @@ class Pipeline:
             write_or_explain(self.run.scores_path, lambda: merged.save(self.run.scores_path), "Every shard is intact.")
             self.run.finish_stage("scores", ranks, estimator=estimator.name, n_examples=len(merged), n_shards=n_shards,
                                   n_skipped=merged.metadata["n_skipped"],
-                                  data_sha256=file_sha256(self.cfg.data.train))
+                                  data_sha256=path_sha256(self.cfg.data.train))
         ranks.barrier()
         return Scores.load(self.run.scores_path)
 
@@ -279,7 +279,7 @@ def _concatenate(parts: Sequence[Scores], estimator: str) -> Scores:
 
 
 def _finished_shard(path: Path, digest: str) -> Scores | None:
-    """The shard saved at ``path`` if it was computed from input lines with this ``digest``; None when it is
+    """The shard saved at ``path`` if it was computed from input records with this ``digest``; None when it is
     missing, stale, or unreadable (with a warning: it is computed again)."""
     if not (path.is_file() and path.with_suffix(".json").is_file()):
         return None
