@@ -5,6 +5,7 @@ positive/negative texts at a hook, or a saved direction), the curvature, the est
 
     [model]
     path = "models/small"            # a folder written by save_model or Hugging Face save_pretrained
+    dtype = "bfloat16"               # optional: float32, bfloat16 or float16 (default auto: as saved)
 
     [data]
     train = "data/train.jsonl"       # chat JSONL (.jsonl or .jsonl.gz) to score
@@ -40,6 +41,7 @@ from probes import PROBE_KINDS, REDUCTIONS
 from .concepts import DEFAULT_QUERY
 from .curvature import CurvatureSettings
 from .estimators import RUN_ESTIMATORS
+from .models import MODEL_DTYPES
 from .scoring import ScoringSettings
 from .settings import Settings, check_value, narrowed, option
 
@@ -52,10 +54,13 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig(Settings):
-    """``path``: model folder (:func:`concept_influence.models.load_model`); ``device``: auto, cpu or cuda."""
+    """``path``: model folder (:func:`concept_influence.models.load_model`); ``device``: auto, cpu or cuda;
+    ``dtype``: what the model computes in (auto: the dtype its weights were saved in)."""
 
     path: str = option(path=True)
     device: str = option("auto", choices=("auto", "cpu", "cuda"))
+    dtype: str = option("auto", "convert the weights on loading; covariances, eigenvalues and scores are accumulated "
+                                "in float32 whatever the model's dtype", choices=("auto", *MODEL_DTYPES))
 
 
 @dataclass

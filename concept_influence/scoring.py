@@ -3,7 +3,8 @@
 For fixed (preconditioned) queries Q_W, the score of an example z at a linear map W is
 ⟨Q_W, ∇_W L(z)⟩ = Σ_t g_tᵀ Q_W a_t, where a_t and g_t come from one ordinary forward+backward of the
 batch (examples in a right-padded batch do not interact). So a batch costs one forward+backward plus
-one matrix product per map for all K queries at once; per-example gradients are never formed.
+one matrix product per map for all K queries at once; per-example gradients are never formed. ``a`` and ``g`` come
+in the model's dtype and are cast to float32, one map at a time, for the products with the (float32) queries.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class ScoringError(RuntimeError):
 
 def token_query_scores(a: torch.Tensor, g: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     """Per-token scores ``g_tᵀ Q_k a_t`` as ``[B, T, K]`` for ``a`` ``[B,T,d_in]``, ``g`` ``[B,T,d_out]`` and
-    ``query`` ``[K, d_out, d_in]`` — one matrix product on the smaller side."""
+    ``query`` ``[K, d_out, d_in]`` — one matrix product on the smaller side, in the query's dtype."""
+    a, g = a.to(query.dtype), g.to(query.dtype)
     B, T, d_in = a.shape
     K, d_out, _ = query.shape
     if d_out <= d_in:
@@ -55,12 +57,13 @@ def token_query_scores(a: torch.Tensor, g: torch.Tensor, query: torch.Tensor) ->
 
 def _sq_norms(captured: dict, maps: Sequence[LinearMap]) -> torch.Tensor:
     """``‖∇_W L(z)‖²`` summed over ``maps`` per example, ``[B]``: ‖Σ_t g_t a_tᵀ‖² = Σ_{t,s} (g_t·g_s)(a_t·a_s), without
-    forming the per-example gradient."""
+    forming the per-example gradient; in float32."""
     total = None
     for m in maps:
         a, g = captured[m.name]
         if g is None:
             continue
+        a, g = a.float(), g.float()
         sq = ((g @ g.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum((1, 2))
         total = sq if total is None else total + sq
     if total is None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .base import ModelAdapter
+from .base import ModelAdapter, resolve_dtype
 from .hooked_transformer import HookedTransformerAdapter
 from .hugging_face import HFCausalLMAdapter
 
@@ -57,13 +57,18 @@ def save_model(adapter: ModelAdapter, path: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path, device: str = "cpu") -> ModelAdapter:
+def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None) -> ModelAdapter:
     """Load a model folder written by :func:`save_model` or by Hugging Face ``save_pretrained`` (with its
-    tokenizer), offline and from safetensors only (pickled ``.bin`` weights are refused)."""
+    tokenizer), offline and from safetensors only (pickled ``.bin`` weights are refused).
+
+    ``dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"`` or the torch dtype) converts the weights on loading;
+    ``None`` or ``"auto"`` keeps the dtype they were saved in. Weights in any other dtype (float64, int8, ...)
+    are a :class:`ModelLoadError`."""
     import json
 
     from ..fileio import load_tensors
 
+    target = resolve_dtype(dtype)
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"{path}: no such model folder")
@@ -78,7 +83,7 @@ def load_model(path: str | Path, device: str = "cpu") -> ModelAdapter:
 
         try:
             cfg = json.loads((path / TL_CONFIG_FILE).read_text())
-            cfg["dtype"] = getattr(torch, cfg.get("dtype") or "float32")
+            cfg["dtype"] = target or getattr(torch, cfg.get("dtype") or "float32")
             cfg["device"] = device
             cfg = HookedTransformerConfig.from_dict(cfg)
         except (ValueError, TypeError, AttributeError) as e:
@@ -89,7 +94,7 @@ def load_model(path: str | Path, device: str = "cpu") -> ModelAdapter:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise ModelLoadError(f"{path / TL_WEIGHTS_FILE}: weights do not fit the config ({e})") from None
-        return HookedTransformerAdapter(model.to(device).eval(), tokenizer)
+        return _adapter(path, HookedTransformerAdapter, model.to(device).eval(), tokenizer)
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path}: neither {TL_CONFIG_FILE} (TransformerLens) nor config.json (Hugging Face) found")
     if not any(path.glob("*.safetensors")):
@@ -98,7 +103,16 @@ def load_model(path: str | Path, device: str = "cpu") -> ModelAdapter:
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
+                                                     dtype=target or "auto")
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: cannot load the Hugging Face model ({e})") from None
-    return HFCausalLMAdapter(model.to(device).eval(), tokenizer)
+    return _adapter(path, HFCausalLMAdapter, model.to(device).eval(), tokenizer)
+
+
+def _adapter(path: Path, cls: type[ModelAdapter], model, tokenizer) -> ModelAdapter:
+    """``cls(model, tokenizer)``; a model it refuses (e.g. weights in an unsupported dtype) is a ModelLoadError."""
+    try:
+        return cls(model, tokenizer)
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: {e}") from None

@@ -39,7 +39,7 @@ class Pipeline:
     @cached_property
     def adapter(self) -> ModelAdapter:
         """The run's model, checked against the fingerprint the run started with."""
-        adapter = load_model(self.cfg.model.path, device=self.ranks.device)
+        adapter = load_model(self.cfg.model.path, device=self.ranks.device, dtype=self.cfg.model.dtype)
         if self.ranks.is_main:
             self.run.check_fingerprint("model", adapter.fingerprint())
         return adapter
