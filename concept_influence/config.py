@@ -5,6 +5,7 @@ positive/negative texts at a hook, or a saved direction), the curvature, the est
 
     [model]
     path = "models/small"            # a folder written by save_model or Hugging Face save_pretrained
+    dtype = "bfloat16"               # optional: float32, bfloat16 or float16 (default auto: as saved)
 
     [data]
     train = "data/train.jsonl"       # chats to score: .jsonl(.gz), .parquet, .arrow or a save_to_disk folder
@@ -40,6 +41,7 @@ from probes import PROBE_KINDS, REDUCTIONS
 from .concepts import DEFAULT_QUERY
 from .curvature import CurvatureSettings
 from .estimators import RUN_ESTIMATORS
+from .models import MODEL_DTYPES
 from .models.hugging_face import TRACK_CHOICES
 from .scoring import ScoringSettings
 from .settings import Settings, check_value, narrowed, option
@@ -54,10 +56,13 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig(Settings):
     """``path``: model folder (:func:`concept_influence.models.load_model`), or a PEFT adapter folder on top of
-    ``base``; ``device``: auto, cpu or cuda; ``track``: the weight matrices of a LoRA fine-tune that are tracked."""
+    ``base``; ``device``: auto, cpu or cuda; ``dtype``: what the model computes in (auto: the dtype its weights were
+    saved in); ``track``: the weight matrices of a LoRA fine-tune that are tracked."""
 
     path: str = option(path=True)
     device: str = option("auto", choices=("auto", "cpu", "cuda"))
+    dtype: str = option("auto", "convert the weights on loading; covariances, eigenvalues and scores are accumulated "
+                                "in float32 whatever the model's dtype", choices=("auto", *MODEL_DTYPES))
     base: str | None = option(None, "base model folder of a PEFT adapter (default: the one the adapter names)", path=True)
     track: str = option("auto", "LoRA factors (lora), full weight matrices (full), or lora when the model has LoRA "
                         "adapters (auto)", choices=TRACK_CHOICES)

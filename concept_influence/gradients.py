@@ -63,7 +63,9 @@ def captured_batches(
     desc: str = "gradients",
     progress: bool = True,
 ) -> Iterator[tuple[Batch, dict[str, tuple[torch.Tensor, torch.Tensor | None]]]]:
-    """Yield ``(batch, {map name: (a [B,T,d_in], g [B,T,d_out] or None)})`` per batch, in float32.
+    """Yield ``(batch, {map name: (a [B,T,d_in], g [B,T,d_out] or None)})`` per batch, in the model's dtype:
+    consumers cast one map at a time to float32 where they accumulate (a bfloat16 model's ``a`` and ``g`` are not
+    all copied to float32 at once). The loss is computed in float32 from the logits.
 
     Labels are the data's (``label_seed=None``) or sampled from the model with that seed. ``g`` is None for a
     map that receives no gradient. Non-finite losses raise ``error`` naming the examples. Parameter
@@ -84,5 +86,4 @@ def captured_batches(
                 # gradient hooks record each g
                 torch.autograd.grad(losses.sum(), list(cap.outputs.values()), allow_unused=True)
             grads = cap.output_grads
-            yield batch, {m.name: (cap.inputs[m.name].float(), grads[m.name].float() if m.name in grads else None)
-                          for m in maps}
+            yield batch, {m.name: (cap.inputs[m.name], grads.get(m.name)) for m in maps}

@@ -3,7 +3,8 @@
 For fixed (preconditioned) queries Q_W, the score of an example z at a linear map W is
 ⟨Q_W, ∇_W L(z)⟩ = Σ_t g_tᵀ Q_W a_t, where a_t and g_t come from one ordinary forward+backward of the
 batch (examples in a right-padded batch do not interact). So a batch costs one forward+backward plus
-one matrix product per map for all K queries at once.
+one matrix product per map for all K queries at once. ``a`` and ``g`` come in the model's dtype and are cast to
+float32, one map at a time, for the products with the (float32) queries.
 
 Per map, the contraction that costs fewer multiply-adds for the batch's shapes is used (:func:`example_query_scores`):
 per token (``x = Q a_t``, then ``g_t·x``; with a rank-r query ``(g_tᵀU_rS_r)(V_rᵀa_t)``), or through each example's
@@ -65,6 +66,10 @@ class LowRankQuery:
         return self.left.shape[-1]
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.left.dtype
+
+    @property
     def shape(self) -> tuple[int, int, int]:
         """``(K, d_out, d_in)``, as the dense query's."""
         return self.left.shape[0], self.left.shape[1], self.right.shape[2]
@@ -122,14 +127,15 @@ def example_query_scores(a: torch.Tensor, g: torch.Tensor, query: Query) -> torc
     if per_token <= per_example:
         return token_query_scores(a, g, query).sum(1)
     dense = query.dense if isinstance(query, LowRankQuery) else query
-    grads = g.transpose(1, 2) @ a
+    grads = g.to(dense.dtype).transpose(1, 2) @ a.to(dense.dtype)
     return grads.flatten(1) @ dense.flatten(1).T
 
 
 def token_query_scores(a: torch.Tensor, g: torch.Tensor, query: Query) -> torch.Tensor:
     """Per-token scores ``g_tᵀ Q_k a_t`` as ``[B, T, K]`` for ``a`` ``[B,T,d_in]``, ``g`` ``[B,T,d_out]`` and
     ``query`` ``[K, d_out, d_in]`` — one matrix product on the smaller side; for rank-r factors, ``g`` projected
-    on ``U_r S_r`` times ``a`` projected on ``V_r``, ``O(T·K·r·(d_out+d_in))``."""
+    on ``U_r S_r`` times ``a`` projected on ``V_r``, ``O(T·K·r·(d_out+d_in))``. In the query's dtype."""
+    a, g = a.to(query.dtype), g.to(query.dtype)
     B, T, d_in = a.shape
     K, d_out, _ = query.shape
     if isinstance(query, LowRankQuery):
@@ -146,12 +152,13 @@ def token_query_scores(a: torch.Tensor, g: torch.Tensor, query: Query) -> torch.
 
 def _sq_norms(captured: dict, maps: Sequence[LinearMap]) -> torch.Tensor:
     """``‖∇_W L(z)‖²`` summed over ``maps`` per example, ``[B]``: ‖Σ_t g_t a_tᵀ‖² = Σ_{t,s} (g_t·g_s)(a_t·a_s), without
-    forming the per-example gradient."""
+    forming the per-example gradient; in float32."""
     total = None
     for m in maps:
         a, g = captured[m.name]
         if g is None:
             continue
+        a, g = a.float(), g.float()
         sq = ((g @ g.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum((1, 2))
         total = sq if total is None else total + sq
     if total is None:

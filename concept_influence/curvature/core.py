@@ -10,7 +10,9 @@ outputs, and a token mask ``[B, T]`` (True at real tokens). The per-example grad
 * the EK-FAC eigenvalue correction ``Λ = mean_z (Q_Sᵀ G_z Q_A)²`` (:func:`rotated_square_sum`),
 * the damped inverse ``Q_S [(Q_Sᵀ V Q_A) ⊘ (Λ + λ)] Q_Aᵀ`` (:meth:`KroneckerEigen.precondition`).
 
-Statistics are kept as sums with counts (:class:`SumStats`) so that shards of data merge by addition.
+Statistics are kept as sums with counts (:class:`SumStats`) so that shards of data merge by addition. ``a`` and
+``g`` may come in a model's bfloat16 or float16: every product and sum here is taken in float32 (or in their dtype
+when it is wider).
 """
 
 from __future__ import annotations
@@ -78,9 +80,14 @@ def covariance_sums(a: torch.Tensor, g: torch.Tensor, token_mask: torch.Tensor) 
     """``Σ a aᵀ`` ``[d_in, d_in]`` and ``Σ g gᵀ`` ``[d_out, d_out]`` over the real tokens of a batch.
 
     ``a`` ``[B, T, d_in]``, ``g`` ``[B, T, d_out]``, ``token_mask`` ``[B, T]`` bool. Tokens outside the mask
-    (padding) are dropped; their ``g`` is zero anyway, their ``a`` is not."""
-    a_real, g_real = a[token_mask], g[token_mask]
+    (padding) are dropped; their ``g`` is zero anyway, their ``a`` is not. The sums are at least float32."""
+    a_real, g_real = _upcast(a[token_mask]), _upcast(g[token_mask])
     return a_real.T @ a_real, g_real.T @ g_real
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when its dtype is narrower (a bfloat16 or float16 model's activations and gradients)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 @dataclass(frozen=True)
@@ -136,12 +143,13 @@ def rotated_square_sum(
     """``Σ_z (Q_Sᵀ G_z Q_A)²`` ``[d_out, d_in]`` over the examples of a batch, ``G_z = Σ_t g_t a_tᵀ``.
 
     Tokens are rotated first, ``Q_Sᵀ G_z Q_A = Σ_t (Q_Sᵀ g_t)(Q_Aᵀ a_t)ᵀ``, and the per-example matrices
-    are formed ``chunk_elements // (d_out·d_in)`` examples at a time to bound memory."""
-    a_rot = a.masked_fill(~token_mask.unsqueeze(-1), 0) @ basis.q_a  # padding: g is zero, a need not be finite
-    g_rot = g @ basis.q_s
+    are formed ``chunk_elements // (d_out·d_in)`` examples at a time to bound memory; in the basis's dtype."""
+    dtype = basis.q_a.dtype
+    a_rot = a.masked_fill(~token_mask.unsqueeze(-1), 0).to(dtype) @ basis.q_a  # padding: g is zero, a need not be finite
+    g_rot = g.to(dtype) @ basis.q_s
     d_out, d_in = g.shape[-1], a.shape[-1]
     step = max(1, chunk_elements // (d_out * d_in))
-    total = a.new_zeros(d_out, d_in)
+    total = a_rot.new_zeros(d_out, d_in)
     for s in range(0, a.shape[0], step):
         total += torch.einsum("bto,bti->boi", g_rot[s : s + step], a_rot[s : s + step]).square().sum(0)
     return total

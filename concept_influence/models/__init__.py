@@ -1,11 +1,22 @@
 """Model adapters: one small interface over TransformerLens and Hugging Face causal LMs (see :mod:`.base`)."""
 
-from .base import Capture, HookError, LinearMap, ModelAdapter, block_of_hook, per_token_mean_loss
+from .base import (
+    MODEL_DTYPES,
+    Capture,
+    HookError,
+    LinearMap,
+    ModelAdapter,
+    block_of_hook,
+    per_token_mean_loss,
+    resolve_dtype,
+)
 from .hooked_transformer import HookedTransformerAdapter
 from .hugging_face import HFCausalLMAdapter
 from .loading import ModelLoadError, as_adapter, load_model, save_model
 
 __all__ = [
+    "MODEL_DTYPES",
+    "resolve_dtype",
     "HookError",
     "LinearMap",
     "Capture",

@@ -8,7 +8,11 @@ Everything downstream (activations, probes, curvature, scoring) talks to a :clas
 * ``linear_maps(max_block)`` — every weight matrix as a :class:`LinearMap` ``(d_out, d_in)`` with the
   modules whose output is its input activation and its output; ``capture(maps)`` records both
   (inputs on the forward, output gradients on the backward) so that ``Σ_t g_t a_tᵀ`` is the gradient;
-* ``n_blocks``, ``d_model``, ``hook_names()``, ``fingerprint()``.
+* ``n_blocks``, ``d_model``, ``dtype``, ``hook_names()``, ``fingerprint()``.
+
+Models compute in their own dtype (:data:`MODEL_DTYPES`: float32, bfloat16 or float16): activations and output
+gradients stay in it through the forward and backward; everything that is summed or multiplied into a result
+(losses, covariances, eigenvalue corrections, queries, scores) is computed in float32 by its consumer.
 
 Hook names follow TransformerLens (``blocks.{l}.hook_resid_post``) for both kinds of model. Biases are
 not tracked as linear maps (curvature and scores cover weight matrices only).
@@ -34,6 +38,8 @@ from probes.hooks import block_of_hook
 from ..data import Batch, TokenizedExample, collate
 
 __all__ = [
+    "MODEL_DTYPES",
+    "resolve_dtype",
     "HookError",
     "LinearMap",
     "Capture",
@@ -41,6 +47,25 @@ __all__ = [
     "block_of_hook",
     "per_token_mean_loss",
 ]
+
+#: The dtypes a model may compute in, by torch's names (no aliases such as "bf16": one spelling per dtype, so
+#: configs and saved settings compare equal).
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: What ``dtype=None`` / ``"auto"`` means where a model is loaded: keep the dtype it was saved in.
+AUTO_DTYPE = "auto"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """The torch dtype a model should be converted to: ``None`` or ``"auto"`` keep the model's own, else one of
+    :data:`MODEL_DTYPES` by name or as a ``torch.dtype``. Anything else is a ``ValueError`` naming the accepted values."""
+    if dtype is None or dtype == AUTO_DTYPE:
+        return None
+    if isinstance(dtype, torch.dtype) and dtype in MODEL_DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in MODEL_DTYPES:
+        return MODEL_DTYPES[dtype]
+    shown = str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else repr(dtype)
+    raise ValueError(f"unsupported model dtype {shown}; expected one of {AUTO_DTYPE}, {', '.join(MODEL_DTYPES)}")
 
 
 
@@ -149,6 +174,19 @@ class ModelAdapter:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the tracked weight matrices: the forward and backward compute in it."""
+        return self.linear_maps(0)[0].weight.dtype
+
+    def check_dtype(self) -> None:
+        """Raise ``ValueError`` naming the first tracked weight whose dtype is not one of :data:`MODEL_DTYPES`
+        (float64, or int8 / 4-bit quantised weights, through which no gradient can be captured)."""
+        for m in self.linear_maps():
+            if m.weight.dtype not in MODEL_DTYPES.values():
+                raise ValueError(f"weight {m.name} is {str(m.weight.dtype).removeprefix('torch.')}; supported model "
+                                 f"dtypes: {', '.join(MODEL_DTYPES)} (load_model(..., dtype=...) converts a float model)")
 
     @property
     def pad_token_id(self) -> int:

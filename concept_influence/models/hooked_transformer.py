@@ -29,6 +29,7 @@ class HookedTransformerAdapter(ModelAdapter):
         self.context_length = model.cfg.n_ctx
         if model.cfg.use_split_qkv_input or model.cfg.use_attn_in:
             raise ValueError("use_split_qkv_input / use_attn_in are not supported: W_Q/W_K/W_V inputs differ per head")
+        self.check_dtype()
 
     def logits(self, batch: Batch) -> torch.Tensor:
         return self.model(batch.to(self.device).input_ids, return_type="logits")

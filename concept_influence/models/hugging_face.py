@@ -120,6 +120,7 @@ class HFCausalLMAdapter(ModelAdapter):
         self.d_model = model.config.hidden_size
         cfg = model.config
         self.context_length = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        self.check_dtype()
 
     def logits(self, batch: Batch) -> torch.Tensor:
         batch = batch.to(self.device)

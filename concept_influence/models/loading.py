@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from .base import ModelAdapter
+from .base import ModelAdapter, resolve_dtype
 from .hooked_transformer import HookedTransformerAdapter
 from .hugging_face import HFCausalLMAdapter
 
@@ -60,23 +62,30 @@ def save_model(adapter: ModelAdapter, path: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path, device: str = "cpu", *, base: str | Path | None = None, track: str = "auto") -> ModelAdapter:
+def load_model(path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None, *,
+               base: str | Path | None = None, track: str = "auto") -> ModelAdapter:
     """Load a model folder written by :func:`save_model` or by Hugging Face ``save_pretrained`` (with its
     tokenizer), offline and from safetensors only (pickled ``.bin`` weights are refused).
+
+    ``dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"`` or the torch dtype) converts the weights on loading;
+    ``None`` or ``"auto"`` keeps the dtype they were saved in. Weights in any other dtype (float64, int8, ...)
+    are a :class:`ModelLoadError`.
 
     A PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) is loaded on top of its base
     model folder: ``base``, or else the ``base_model_name_or_path`` the adapter records (a relative path is read
     from the current folder, then from the adapter's). ``track`` chooses the tracked weight matrices
     (see :class:`HFCausalLMAdapter`)."""
+    target = resolve_dtype(dtype)
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"{path}: no such model folder")
     if (path / PEFT_CONFIG_FILE).is_file():
-        return _load_peft(path, device, base, track)
+        return _load_peft(path, device, target, base, track)
     tokenizer = _load_tokenizer(path)
     if (path / TL_CONFIG_FILE).is_file():
-        return HookedTransformerAdapter(_load_hooked_transformer(path, tokenizer, device), tokenizer)
-    return HFCausalLMAdapter(_load_hf_model(path).to(device).eval(), tokenizer, track=track)
+        model = _load_hooked_transformer(path, tokenizer, device, target)
+        return _adapter(path, HookedTransformerAdapter, model, tokenizer)
+    return _adapter(path, partial(HFCausalLMAdapter, track=track), _load_hf_model(path, target).to(device).eval(), tokenizer)
 
 
 def _load_tokenizer(path: Path):
@@ -88,7 +97,7 @@ def _load_tokenizer(path: Path):
         raise ModelLoadError(f"{path}: no readable tokenizer in the model folder ({e})") from None
 
 
-def _load_hooked_transformer(path: Path, tokenizer, device: str):
+def _load_hooked_transformer(path: Path, tokenizer, device: str, target: torch.dtype | None):
     import json
 
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -97,7 +106,7 @@ def _load_hooked_transformer(path: Path, tokenizer, device: str):
 
     try:
         cfg = json.loads((path / TL_CONFIG_FILE).read_text())
-        cfg["dtype"] = getattr(torch, cfg.get("dtype") or "float32")
+        cfg["dtype"] = target or getattr(torch, cfg.get("dtype") or "float32")
         cfg["device"] = device
         cfg = HookedTransformerConfig.from_dict(cfg)
     except (ValueError, TypeError, AttributeError) as e:
@@ -111,7 +120,7 @@ def _load_hooked_transformer(path: Path, tokenizer, device: str):
     return model.to(device).eval()
 
 
-def _load_hf_model(path: Path):
+def _load_hf_model(path: Path, target: torch.dtype | None):
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path}: neither {TL_CONFIG_FILE} (TransformerLens), config.json (Hugging Face) nor "
                              f"{PEFT_CONFIG_FILE} (PEFT adapter) found")
@@ -121,9 +130,18 @@ def _load_hf_model(path: Path):
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
+        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
+                                                    dtype=target or "auto")
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: cannot load the Hugging Face model ({e})") from None
+
+
+def _adapter(path: Path, cls: Callable[..., ModelAdapter], model, tokenizer) -> ModelAdapter:
+    """``cls(model, tokenizer)``; a model it refuses (e.g. weights in an unsupported dtype) is a ModelLoadError."""
+    try:
+        return cls(model, tokenizer)
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
 
 
 def _peft_base_folder(path: Path, base: str | Path | None) -> Path:
@@ -147,7 +165,7 @@ def _peft_base_folder(path: Path, base: str | Path | None) -> Path:
                          "base model folder (load_model(..., base=...), or base = ... in the run config's [model])")
 
 
-def _load_peft(path: Path, device: str, base: str | Path | None, track: str) -> ModelAdapter:
+def _load_peft(path: Path, device: str, target: torch.dtype | None, base: str | Path | None, track: str) -> ModelAdapter:
     from peft import PeftModel
 
     if not (path / PEFT_WEIGHTS_FILE).is_file():
@@ -155,10 +173,10 @@ def _load_peft(path: Path, device: str, base: str | Path | None, track: str) -> 
         raise ModelLoadError(f"{path}: no {PEFT_WEIGHTS_FILE} ({', '.join(found)}); pickled weights are refused")
     base_folder = _peft_base_folder(path, base)
     tokenizer = _load_tokenizer(path if any(path.glob("tokenizer*")) else base_folder)
-    model = _load_hf_model(base_folder)
+    model = _load_hf_model(base_folder, target)
     try:
         model = PeftModel.from_pretrained(model, str(path), is_trainable=False, local_files_only=True)
     except (RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"{path}: the PEFT adapter does not fit the base model {base_folder} ({first})") from None
-    return HFCausalLMAdapter(model.to(device).eval(), tokenizer, track=track)
+    return _adapter(path, partial(HFCausalLMAdapter, track=track), model.to(device).eval(), tokenizer)

@@ -40,7 +40,7 @@ class Pipeline:
     def adapter(self) -> ModelAdapter:
         """The run's model, checked against the fingerprint the run started with."""
         model = self.cfg.model
-        adapter = load_model(model.path, device=self.ranks.device, base=model.base, track=model.track)
+        adapter = load_model(model.path, device=self.ranks.device, dtype=model.dtype, base=model.base, track=model.track)
         if self.ranks.is_main:
             self.run.check_fingerprint("model", adapter.fingerprint())
         return adapter
@@ -159,11 +159,11 @@ class Pipeline:
         done_path = self.run.factors_dir / "statistics" / f"{name}.safetensors"
         digests = self._shard_digests(f.shard_size, f.max_examples)
         data_digest = combine_digests(digests)
-        done = _read_checkpoint(done_path)
+        done = _read_checkpoint(done_path, ranks.device)
         if done is not None and done[1].get("data") == data_digest:
             return done[0]
         ckpt = self.run.factors_dir / "partial" / f"{name}-rank{ranks.rank}of{ranks.world_size}.safetensors"
-        total, start = _resume_pass(ckpt, name, digests)
+        total, start = _resume_pass(ckpt, name, digests, ranks.device)
         mine = [i for i in range(len(digests)) if ranks.owns(i)]
         with tqdm(total=len(mine), initial=sum(i < start for i in mine), desc=f"factors: {name}", unit="shard",
                   disable=not self.progress) as bar:
@@ -291,22 +291,23 @@ def _finished_shard(path: Path, digest: str) -> Scores | None:
     return shard if shard.metadata.get("shard_digest") == digest else None
 
 
-def _read_checkpoint(path: Path) -> tuple[SumStats, dict[str, str]] | None:
-    """A curvature checkpoint and its metadata; None (with a warning) when absent or unreadable."""
+def _read_checkpoint(path: Path, device: str) -> tuple[SumStats, dict[str, str]] | None:
+    """A curvature checkpoint and its metadata, on ``device`` (where the pass goes on adding to it); None (with a
+    warning) when absent or unreadable."""
     if not path.is_file():
         return None
     try:
-        tensors, metadata = load_tensors_and_metadata(path, RunError)
+        tensors, metadata = load_tensors_and_metadata(path, RunError, device)
         return SumStats.from_state_dict(tensors), metadata
     except (RunError, KeyError) as e:
         warnings.warn(f"{path}: unreadable checkpoint ({e}); its pass starts over")
         return None
 
 
-def _resume_pass(ckpt: Path, name: str, digests: Sequence[str]) -> tuple[SumStats, int]:
-    """The sums of pass ``name`` so far from this rank's checkpoint and the first shard still to do; an empty
-    start when there is no checkpoint, or when the data changed since it was written (with a warning)."""
-    resumed = _read_checkpoint(ckpt)
+def _resume_pass(ckpt: Path, name: str, digests: Sequence[str], device: str) -> tuple[SumStats, int]:
+    """The sums of pass ``name`` so far from this rank's checkpoint (on ``device``) and the first shard still to do;
+    an empty start when there is no checkpoint, or when the data changed since it was written (with a warning)."""
+    resumed = _read_checkpoint(ckpt, device)
     if resumed is None:
         return SumStats(), 0
     start = int(resumed[1].get("next_shard", 0))
