@@ -45,3 +45,26 @@ def test_kronfluence_agrees(tmp_path, tokenizer, tokenized):
     for mode, scores in kron["scores"].items():  # the same numbers up to float rounding, sign included
         assert spearmanr(ours, scores).statistic >= 0.9, mode
         np.testing.assert_allclose(scores, ours, rtol=0, atol=1e-3 * np.abs(ours).max(), err_msg=mode)
+
+
+def test_size_benchmark_counts_flops_against_the_floor(tmp_path):
+    """The size benchmark on the tiny shape: every stage reported, FLOP ratios that follow from the arithmetic (a
+    training step is forward + full backward = 1.5 × forward + activation-only backward; the fast path stops early),
+    low-rank scoring cheaper than full rank, and kronfluence agreeing with ours."""
+    from concept_influence.benchmarks.speed_sizes import SizeConfig, run_size_benchmark
+
+    cfg = SizeConfig(size="tiny", n_examples=8, seq_len=16, batch_size=4, concept_layer=1, n_eval=2, many_concepts=3,
+                     query_rank=2, threads=1)
+    report = run_size_benchmark(tmp_path, cfg)
+    stages = report["stages"]
+    assert list(stages) == ["floor", "train_step", "ekfac_fit", "concept_influence_k1", "concept_influence_k3",
+                            "concept_influence_k1_lowrank", "concept_influence_k3_lowrank", "probe_projection",
+                            "kronfluence_k1"]
+    flop = {name: entry["flops_per_example"] / stages["floor"]["flops_per_example"] for name, entry in stages.items()}
+    assert 1.4 < flop["train_step"] < 1.6
+    assert flop["probe_projection"] < 1 < flop["concept_influence_k1_lowrank"] < flop["concept_influence_k1"]
+    assert stages["concept_influence_k1_lowrank"]["spearman_vs_full_rank"] > 0.5
+    assert stages["kronfluence_k1"]["spearman_vs_ours"] > 0.99
+    assert all(entry["seconds"] > 0 for entry in stages.values())
+    text = (tmp_path / "speed-tiny.md").read_text()
+    assert "**floor**" in text and "vs ours" in text and json.loads((tmp_path / "speed-tiny.json").read_text())["stages"]
