@@ -62,7 +62,7 @@ def test_size_benchmark_counts_flops_against_the_floor(tmp_path):
                             "kronfluence_k1"]
     flop = {name: entry["flops_per_example"] / stages["floor"]["flops_per_example"] for name, entry in stages.items()}
     assert 1.4 < flop["train_step"] < 1.6
-    assert flop["probe_projection"] < 1 < flop["concept_influence_k1_lowrank"] < flop["concept_influence_k1"]
+    assert flop["probe_projection"] < 0.9 < flop["concept_influence_k1_lowrank"] < flop["concept_influence_k1"]
     assert stages["concept_influence_k1_lowrank"]["spearman_vs_full_rank"] > 0.5
     assert stages["kronfluence_k1"]["spearman_vs_ours"] > 0.99
     assert all(entry["seconds"] > 0 for entry in stages.values())
