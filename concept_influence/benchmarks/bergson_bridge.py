@@ -24,13 +24,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ..concepts import ConceptFunction
+from ..curvature.ekfac import DEFAULT_DAMPING_FACTOR
 from ..data import TokenizedExample, iter_batches
 from ..gradients import sample_labels
 from ..models import HFCausalLMAdapter
-from .kronfluence_bridge import DAMPING_FACTOR
 
-__all__ = ["BERGSON_SETTINGS", "BERGSON_DIFFERENCES", "bergson_concept_scores"]
+__all__ = ["BERGSON_VERSION", "BERGSON_SETTINGS", "BERGSON_DIFFERENCES", "bergson_concept_scores", "bergson_unavailable",
+           "import_bergson"]
 
+BERGSON_VERSION = "2.5.1"
 IGNORE = -100  # Bergson's (and torch's) label of a position without loss
 BERGSON_SETTINGS = {
     "HessianConfig": "method='kfac', ev_correction=True (EK-FAC), hessian_dtype='fp32' (eigendecomposition in "
@@ -38,31 +40,53 @@ BERGSON_SETTINGS = {
     "IndexConfig": "loss_reduction='mean' (per-example mean response-token loss), projection_dim=0 (no random "
                    "projection), precision fp32, token_batch_size = batch size × longest example, "
                    "max_batch_size = batch size",
-    "InversionConfig": "inversion='damped_inverse', damping_factor=0.1 (0.1 × mean Λ per module)",
+    "InversionConfig": "inversion='damped_inverse', damping_factor=0.1 (0.1 × mean Λ per module, as ours)",
     "ScoreConfig": "precision='fp32', one query (∇f), score='individual'",
 }
 BERGSON_DIFFERENCES = (
-    "Bergson's Fisher weights example z by 1/T_z (T_z: its loss tokens; the Hessian of the mean loss) where ours "
-    "and kronfluence's weight by 1/T_z² (E[∇ℓ_z ∇ℓ_zᵀ] of the per-example mean loss), a constant factor only "
-    "when all examples have as many response tokens; its activation covariance leaves out each sequence's last "
-    "position, which ours counts (no gradient flows there); it packs examples into batches by length; ∇f is "
-    "computed by our code, since Bergson only takes loss gradients of query documents"
+    "Bergson's Fisher weights example z by 1/T_z (T_z: its loss tokens; the Gauss-Newton Hessian of the mean "
+    "loss), ours and kronfluence's by 1/T_z² (E[∇L_z ∇L_zᵀ] of the per-example mean loss L_z): the same up to a "
+    "constant factor only when all examples have as many response tokens; Bergson packs examples into batches by "
+    "length (less padding); ∇f comes from our code, as Bergson's queries are loss gradients of query documents. "
+    "Matched by the bridge: our sampled labels are Bergson's dataset labels, and as its covariances leave out "
+    "each document's last position (ours do not), its fit documents get one padding token more, without loss"
 )
+
+
+def import_bergson():
+    """``import bergson`` and the modules the bridge uses, keeping the root logger as it was (Bergson's logger
+    module calls ``logging.basicConfig(force=True)``)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        import bergson
+        import bergson.collector.collector
+        import bergson.hessians.eigenvectors
+        import bergson.hessians.hessian_approximations
+        import bergson.hessians.preconditioner
+        import bergson.score.score_writer  # noqa: F401  (every module the bridge uses)
+    finally:
+        root.handlers[:], root.level = handlers, level
+    return bergson
+
+
+def bergson_unavailable() -> str | None:
+    """Why the Bergson comparison cannot run here (one line), or None when it can."""
+    try:
+        bergson = import_bergson()
+    except ImportError as e:
+        return f"bergson is not importable ({e}); install it with `make install`"
+    if bergson.__version__ != BERGSON_VERSION:
+        return f"bergson {bergson.__version__} is installed; the bridge drives the internals of {BERGSON_VERSION}"
+    return None
 
 
 @contextmanager
 def _quiet_bergson() -> Iterator[None]:
-    """Import Bergson without letting it reconfigure the root logger (its logger module calls
-    ``logging.basicConfig(force=True)``), and run it without progress bars."""
+    """Bergson imported (see :func:`import_bergson`) and running without progress bars."""
     import datasets
 
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        import bergson.collector.collector
-        import bergson.hessians.eigenvectors
-    finally:
-        root.handlers[:], root.level = handlers, level
+    bergson = import_bergson()
     quiet = partial(tqdm, disable=True)
     bars_were_off = datasets.utils.are_progress_bars_disabled()
     datasets.disable_progress_bars()  # saving the scored dataset
@@ -112,10 +136,11 @@ def _sampled_labels(adapter: HFCausalLMAdapter, examples: Sequence[TokenizedExam
 
 
 def bergson_concept_scores(adapter: HFCausalLMAdapter, examples: Sequence[TokenizedExample], concept: ConceptFunction,
-                           output_dir: str | Path, batch_size: int = 16, seed: int = 0) -> dict:
+                           output_dir: str | Path, batch_size: int = 16, seed: int = 0,
+                           damping_factor: float = DEFAULT_DAMPING_FACTOR) -> dict:
     """Concept Influence of ``examples`` computed by Bergson on a copy of the adapter's model: EK-FAC with the
-    true Fisher (our sampled labels), CPU, float32 (eigendecomposition float64), damping 0.1 × mean(Λ) per
-    module, no random projection, the same linear maps as ours (blocks up to the concept's layer), query ∇f.
+    true Fisher (our sampled labels), CPU, float32 (eigendecomposition float64), damping ``damping_factor`` ×
+    mean(Λ) per module, no random projection, the same linear maps as ours (blocks up to the concept's layer), query ∇f.
     What still differs from ours is :data:`BERGSON_DIFFERENCES`.
 
     Returns ``scores`` (sign-aligned with ours: −Bergson's ``(H⁻¹∇f)·∇L(z)``), ``fit_seconds`` (the EK-FAC
@@ -167,7 +192,7 @@ def bergson_concept_scores(adapter: HFCausalLMAdapter, examples: Sequence[Tokeni
 
         start = time.perf_counter()
         grads = concept.gradient(adapter, adapter.linear_maps(concept.layer), batch_size=batch_size)  # [1, d_out, d_in]
-        inversion = InversionConfig(inversion="damped_inverse", damping_factor=DAMPING_FACTOR)
+        inversion = InversionConfig(inversion="damped_inverse", damping_factor=damping_factor)
         preconditioner = FactoredPreconditioner.from_path(hessian_path, inversion_cfg=inversion, ev_correction=True)
         query = preconditioner.apply({name: grads[ours].reshape(1, -1) for name, ours in to_ours.items()})
         writer = InMemorySequenceScoreWriter(len(score_data), 1)
@@ -176,5 +201,5 @@ def bergson_concept_scores(adapter: HFCausalLMAdapter, examples: Sequence[Tokeni
                           target_modules=set(to_ours), scorer=scorer)
         result["score_seconds"] = time.perf_counter() - start
         result["scores"] = -writer.scores[:, 0].double().numpy()
-        result["dampings"] = {to_ours[name]: DAMPING_FACTOR * float(lam.mean()) for name, lam in preconditioner.lambdas.items()}
+        result["dampings"] = {to_ours[name]: damping_factor * float(lam.mean()) for name, lam in preconditioner.lambdas.items()}
     return result
