@@ -11,8 +11,8 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from concept_influence.benchmarks import kronfluence_concept_scores, run_speed_benchmark
-from concept_influence.benchmarks.bergson_bridge import bergson_concept_scores, bergson_unavailable
+from concept_influence.benchmarks import bergson_concept_scores, kronfluence_concept_scores, run_speed_benchmark
+from concept_influence.benchmarks.bergson_bridge import bergson_unavailable
 from concept_influence.benchmarks.kronfluence_bridge import run_part_b
 from concept_influence.benchmarks.speed import SpeedConfig, format_markdown
 from concept_influence.benchmarks.speed_setup import prepare_speed_data

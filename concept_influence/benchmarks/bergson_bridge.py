@@ -140,13 +140,15 @@ def bergson_concept_scores(adapter: HFCausalLMAdapter, examples: Sequence[Tokeni
                            damping_factor: float = DEFAULT_DAMPING_FACTOR) -> dict:
     """Concept Influence of ``examples`` computed by Bergson on a copy of the adapter's model: EK-FAC with the
     true Fisher (our sampled labels), CPU, float32 (eigendecomposition float64), damping ``damping_factor`` ×
-    mean(Λ) per module, no random projection, the same linear maps as ours (blocks up to the concept's layer), query ∇f.
-    What still differs from ours is :data:`BERGSON_DIFFERENCES`.
+    mean(Λ) per module, no random projection, the same linear maps as ours (blocks up to the concept's layer)
+    and our ∇f as the query. What still differs from ours is :data:`BERGSON_DIFFERENCES`.
 
     Returns ``scores`` (sign-aligned with ours: −Bergson's ``(H⁻¹∇f)·∇L(z)``), ``fit_seconds`` (the EK-FAC
     fit), ``score_seconds`` (∇f, its preconditioning and the scoring pass), ``label_seconds`` (sampling our
     labels, a forward pass Bergson does not need when it samples its own; not in the other two), the per-map
     ``dampings`` (by our map names) and ``tracked_modules`` (Bergson's names)."""
+    if concept.k != 1:
+        raise ValueError(f"the Bergson comparison measures one concept, got {concept.k}")
     with _quiet_bergson():
         from bergson import collect_gradients
         from bergson.config.config import HessianConfig, IndexConfig, InversionConfig
@@ -157,9 +159,7 @@ def bergson_concept_scores(adapter: HFCausalLMAdapter, examples: Sequence[Tokeni
         from bergson.score.score_writer import InMemorySequenceScoreWriter
         from bergson.score.scorer import Scorer
 
-        if concept.k != 1:
-            raise ValueError(f"the Bergson comparison measures one concept, got {concept.k}")
-        model = copy.deepcopy(adapter.model)
+        model = copy.deepcopy(adapter.model).eval()  # eval, as from_pretrained leaves the models Bergson loads
         our_name = {id(m.input_module): m.name for m in HFCausalLMAdapter(model, adapter.tokenizer).linear_maps(concept.layer)}
         to_ours = {name: our_name[id(mod)] for name, mod in model.base_model.named_modules() if id(mod) in our_name}
         examples = list(examples)
