@@ -20,6 +20,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[dev]"
 	# kronfluence (compared against in tests and the speed benchmark): --no-deps, or its requirements pull CUDA torch
 	$(PY) -m pip install -q --no-deps kronfluence==1.0.1 einconv opt_einsum
+	# Bergson (compared against in the speed benchmark): --no-deps, or torchvision, torchaudio and bitsandbytes pull
+	# CUDA torch; of what the stack above lacks, its EK-FAC path imports only ml_dtypes and petname
+	$(PY) -m pip install -q --no-deps bergson==2.5.1 ml_dtypes==0.6.0 petname==2.9
 	touch $@
 
 demo: install

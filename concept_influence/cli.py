@@ -230,15 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_planted_options(medical, 0.1)
     medical.set_defaults(func=_bench_medical)
 
-    speed = bench.add_parser("speed", help="cost per example of each estimator, factor fitting, memory, kronfluence",
+    speed = bench.add_parser("speed", help="cost per example of each estimator, factor fitting, memory, kronfluence, "
+                                           "Bergson",
                              description="Measure in one run: tokens/s of a training step, of concept_influence "
                                          "scoring and of probe_projection; EK-FAC fitting time; peak memory; and "
-                                         "scores and time against kronfluence (installed by `make install`). "
-                                         "Writes DIR/speed.json and DIR/speed.md.")
+                                         "scores and time against kronfluence and Bergson (both installed by `make "
+                                         "install`). Writes DIR/speed.json and DIR/speed.md.")
     speed.add_argument("--out", required=True, help="output folder for speed.json and speed.md")
     speed.add_argument("--quick", action="store_true", help="a reduced size (about a minute)")
     speed.add_argument("--seed", type=int, default=0, help="seed for data, model and sampling (default 0)")
-    speed.add_argument("--no-kronfluence", action="store_true", help="skip the kronfluence comparison")
+    speed.add_argument("--no-kronfluence", action="store_true", help="skip the kronfluence and Bergson comparison")
     speed.add_argument("--size", choices=("gpt2-small", "qwen-0.5b", "tiny"),
                        help="instead: every stage on a randomly initialised model of this shape, against the floor "
                             "(writes DIR/speed-SIZE.json and .md)")

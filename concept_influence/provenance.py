@@ -55,6 +55,7 @@ def machine_description() -> dict:
         "transformers": package_version("transformers"),
         "transformer_lens": package_version("transformer-lens"),
         "kronfluence": package_version("kronfluence"),
+        "bergson": package_version("bergson"),
         "load_average_start": list(os.getloadavg()),
     }
 

@@ -1,6 +1,8 @@
-"""The speed benchmark runs and reports finite positive figures (no timing assertions), and kronfluence
-agrees with our Concept Influence on a tiny model when it is installed."""
+"""The speed benchmark runs and reports finite positive figures (no timing assertions), and kronfluence and
+Bergson agree with our Concept Influence on a tiny model when they are installed."""
 
+import copy
+import dataclasses
 import json
 import math
 
@@ -9,7 +11,11 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from concept_influence.benchmarks import kronfluence_concept_scores, run_speed_benchmark
+from concept_influence.benchmarks import bergson_concept_scores, kronfluence_concept_scores, run_speed_benchmark
+from concept_influence.benchmarks.bergson_bridge import bergson_unavailable
+from concept_influence.benchmarks.kronfluence_bridge import run_part_b
+from concept_influence.benchmarks.speed import SpeedConfig, format_markdown
+from concept_influence.benchmarks.speed_setup import prepare_speed_data
 from concept_influence.concepts import ConceptFunction
 from concept_influence.estimators import ConceptInfluence
 from concept_influence.models import HFCausalLMAdapter
@@ -17,10 +23,17 @@ from conftest import _hf_model
 from probes import ConceptDirection
 
 
-def test_speed_benchmark_quick(tmp_path):
-    results = run_speed_benchmark(tmp_path, quick=True, kronfluence=False)
-    saved = json.loads((tmp_path / "speed.json").read_text())
-    report = (tmp_path / "speed.md").read_text()
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """The quick speed benchmark without part B: its results and output folder."""
+    out = tmp_path_factory.mktemp("speed")
+    return run_speed_benchmark(out, quick=True, kronfluence=False), out
+
+
+def test_speed_benchmark_quick(quick_run):
+    results, out = quick_run
+    saved = json.loads((out / "speed.json").read_text())
+    report = (out / "speed.md").read_text()
     assert saved["command"] == results["command"] and results["command"] in report
     assert "| probe_projection speed-up over full scoring" in report
     part_a = saved["part_a"]
@@ -68,3 +81,55 @@ def test_size_benchmark_counts_flops_against_the_floor(tmp_path):
     assert all(entry["seconds"] > 0 for entry in stages.values())
     text = (tmp_path / "speed-tiny.md").read_text()
     assert "**floor**" in text and "vs ours" in text and json.loads((tmp_path / "speed-tiny.json").read_text())["stages"]
+
+
+def _bergson_or_skip() -> None:
+    reason = bergson_unavailable()
+    if reason:
+        pytest.skip(reason)
+
+
+def test_bergson_agrees(tmp_path, tokenizer, tokenized):
+    """With as many response tokens in every example, Bergson's Fisher (weights 1/T per example) is ours
+    (1/T²) times T, so with relative damping its scores are ours / T, here to float rounding (measured: largest
+    relative difference 3e-5, Spearman 1.0; with the fixture's unequal lengths Spearman is 0.89, see
+    BERGSON_DIFFERENCES)."""
+    _bergson_or_skip()
+    n_response = 4
+    examples = [dataclasses.replace(e, input_ids=e.input_ids[:e.response_start + n_response]) for e in tokenized]
+    assert all(e.n_response_tokens == n_response for e in examples)
+    adapter = HFCausalLMAdapter(_hf_model("llama", len(tokenizer)), tokenizer)
+    direction = ConceptDirection(torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(0)),
+                                 "blocks.0.hook_resid_post")
+    concept = ConceptFunction.from_directions(direction, eval_examples=tokenized[:4])
+    ours = ConceptInfluence(concept, "ekfac").score(adapter, examples, batch_size=4, progress=False).column(0)
+    bergson = bergson_concept_scores(adapter, examples, concept, tmp_path / "bergson", batch_size=4)
+    assert bergson["tracked_modules"] == [f"layers.0.{m}" for m in ("self_attn.q_proj", "self_attn.k_proj",
+                                                                     "self_attn.v_proj", "self_attn.o_proj",
+                                                                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    assert spearmanr(ours, bergson["scores"]).statistic == pytest.approx(1.0)
+    np.testing.assert_allclose(bergson["scores"] * n_response, ours, rtol=1e-3, atol=1e-4 * np.abs(ours).max())
+    assert all(s > 0 for s in (bergson["fit_seconds"], bergson["score_seconds"], bergson["label_seconds"]))
+
+
+def test_part_b_table_has_bergson(tmp_path, request):
+    """Part B on a tiny configuration: Bergson gets a column of figures beside kronfluence, or, when it cannot
+    run, a row that says why."""
+    pytest.importorskip("kronfluence")
+    _bergson_or_skip()
+    cfg = SpeedConfig(n_train=24, n_probe=40, n_eval=6, vocab_size=300, n_layers=1, d_model=32, concept_layer=0,
+                      epochs=1, kron_n_train=16, kron_rounds=1)
+    part_b = run_part_b(cfg, prepare_speed_data(cfg, tmp_path, train_tokenizer=True), tmp_path)
+    entry = part_b["pipelines"]["bergson"]
+    assert entry["spearman"] > 0.8 and all(entry[k] > 0 for k in ("fit_seconds", "score_seconds"))
+    results = copy.deepcopy(request.getfixturevalue("quick_run")[0])  # only once nothing is skipped
+    results["part_b"] = part_b
+    results["memory"].update(dict.fromkeys(part_b["pipelines"]))  # part B's stages not measured here
+    table = [line for line in format_markdown(results).splitlines() if line.startswith("| ")]
+    assert table[-9].endswith("| Bergson |") and table[-1].startswith("| Pearson with ours |")
+    assert len(table[-1].split("|")) == len(table[-9].split("|"))  # one cell per pipeline, Bergson's included
+
+    del part_b["pipelines"]["bergson"]
+    part_b["bergson"] = {"error": "bergson is not importable (test)"}
+    report = format_markdown(results)
+    assert "| Bergson | not run: bergson is not importable (test) | | |" in report

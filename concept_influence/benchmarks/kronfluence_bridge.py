@@ -1,4 +1,5 @@
-"""The kronfluence comparison (speed benchmark part B): kronfluence's EK-FAC scores of our concept against ours."""
+"""The kronfluence comparison (speed benchmark part B): kronfluence's EK-FAC scores of our concept against ours,
+and Bergson's (:mod:`.bergson_bridge`) when it is installed."""
 
 from __future__ import annotations
 
@@ -21,15 +22,21 @@ from ..estimators import ConceptInfluence
 from ..fileio import save_tensors
 from ..gradients import sample_labels
 from ..models import HFCausalLMAdapter, ModelAdapter, per_token_mean_loss
+from .bergson_bridge import (
+    BERGSON_DIFFERENCES,
+    BERGSON_SETTINGS,
+    BERGSON_VERSION,
+    bergson_concept_scores,
+    bergson_unavailable,
+)
 from .speed_setup import SpeedConfig, SpeedData, count_tokens, llama_speed_adapter, speed_concept, trained_speed_model
 
-__all__ = ["KRONFLUENCE_MODES", "KRONFLUENCE_SETTINGS", "STAGES_B", "kronfluence_concept_scores", "run_part_b",
+__all__ = ["KRONFLUENCE_MODES", "KRONFLUENCE_SETTINGS", "kronfluence_concept_scores", "run_part_b",
            "ours_fit_and_score"]
 
 # kronfluence's heuristic damping (``ScoreArguments(damping_factor=None)``): 0.1 × mean(Λ) per module.
 DAMPING_FACTOR = 0.1
 KRONFLUENCE_MODES = ("aggregated", "per_query")
-STAGES_B = ("ours", "kronfluence_aggregated", "kronfluence_per_query")
 KRONFLUENCE_SETTINGS = {
     "FactorArguments": "strategy='ekfac', use_empirical_fisher=False (labels sampled as ours), amp_dtype=None, "
                        "covariance, lambda and per-sample-gradient dtype float32, eigendecomposition float64",
@@ -171,6 +178,10 @@ def run_part_b(cfg: SpeedConfig, data: SpeedData, work: Path) -> dict:
         "kronfluence": lambda: kronfluence_concept_scores(adapter, train, concept, work / "kronfluence", bs, cfg.seed,
                                                           KRONFLUENCE_MODES),
     }
+    bergson_error = bergson_unavailable()
+    if bergson_error is None:
+        pipelines["bergson"] = lambda: bergson_concept_scores(adapter, train, concept, work / "bergson", bs, cfg.seed,
+                                                              DAMPING_FACTOR)
     runs: dict[str, list[dict]] = {name: [] for name in pipelines}
     for r in range(cfg.kron_rounds):
         for name in (list(pipelines) if r % 2 == 0 else list(pipelines)[::-1]):
@@ -178,8 +189,20 @@ def run_part_b(cfg: SpeedConfig, data: SpeedData, work: Path) -> dict:
             runs[name].append(pipelines[name]())
     ours, kron = runs["ours"], runs["kronfluence"]
     timings = {"ours": ([run["fit_seconds"] for run in ours], [run["score_seconds"] for run in ours])}
+    final_scores = {}
     for mode in KRONFLUENCE_MODES:
         timings[f"kronfluence_{mode}"] = ([run["fit_seconds"] for run in kron], [run["score_seconds"][mode] for run in kron])
+        final_scores[f"kronfluence_{mode}"] = kron[-1]["scores"][mode]
+    if bergson_error is None:
+        berg = runs["bergson"]
+        timings["bergson"] = ([run["fit_seconds"] for run in berg], [run["score_seconds"] for run in berg])
+        final_scores["bergson"] = berg[-1]["scores"]
+        bergson = {"version": BERGSON_VERSION, "settings": BERGSON_SETTINGS, "differences": BERGSON_DIFFERENCES,
+                   "label_seconds": statistics.median(run["label_seconds"] for run in berg),
+                   "damping_ratio_median": statistics.median(berg[-1]["dampings"][k] / v
+                                                             for k, v in ours[-1]["dampings"].items())}
+    else:
+        bergson = {"error": bergson_error}
     result = {
         "model": f"LlamaForCausalLM (no biases): {cfg.n_layers} blocks, d_model {cfg.d_model}, {cfg.n_heads} heads, "
                  f"d_mlp {4 * cfg.d_model}, vocab {len(data.tokenizer)}",
@@ -192,6 +215,7 @@ def run_part_b(cfg: SpeedConfig, data: SpeedData, work: Path) -> dict:
         "batch_size": bs,
         "rounds": cfg.kron_rounds,
         "kronfluence_settings": KRONFLUENCE_SETTINGS,
+        "bergson": bergson,
         "damping_max_relative_difference": max(abs(ours[-1]["dampings"][k] - v) / v for k, v in kron[-1]["dampings"].items()),
         "pipelines": {},
     }
@@ -201,7 +225,7 @@ def run_part_b(cfg: SpeedConfig, data: SpeedData, work: Path) -> dict:
                  "total_seconds": statistics.median(totals), "all_fit_seconds": fits, "all_score_seconds": scores}
         result["pipelines"][name] = entry
         if name != "ours":
-            values = kron[-1]["scores"][name.removeprefix("kronfluence_")]
+            values = final_scores[name]
             base = result["pipelines"]["ours"]
             entry.update(spearman=float(spearmanr(ours[-1]["scores"], values).statistic),
                          pearson=float(pearsonr(ours[-1]["scores"], values).statistic),

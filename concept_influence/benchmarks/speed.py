@@ -1,4 +1,4 @@
-"""Speed benchmark: cost per example of each path, factor fitting, peak memory, and kronfluence.
+"""Speed benchmark: cost per example of each path, factor fitting, peak memory, kronfluence and Bergson.
 
 Everything is measured in one run on models trained briefly on the embedded demo corpus.
 
@@ -15,7 +15,9 @@ Everything is measured in one run on models trained briefly on the embedded demo
   tracked modules and damping (0.1 × mean eigenvalue per map in both); kronfluence scores with the query
   gradients aggregated into ∇f and in its default pairwise mode (one query per evaluation example).
   Spearman correlation of the score vectors (kronfluence's sign flipped: its pairwise score is
-  ``+∇fᵀ(G+λI)⁻¹∇L``) and time ratios, interleaved over rounds too.
+  ``+∇fᵀ(G+λI)⁻¹∇L``) and time ratios, interleaved over rounds too. When Bergson 2.5.1 is installed, its
+  EK-FAC pipeline runs beside them on our ∇f (:mod:`.bergson_bridge`, which lists what still differs);
+  otherwise the table says why in a row.
 * Peak memory: each stage runs again in its own subprocess on the first ``memory_examples`` examples,
   after loading model and data; the peak resident set size is reset just before the stage (Linux
   ``/proc/self/clear_refs``) and read after it (``VmHWM``): the stage's peak RSS and its rise over the RSS
@@ -48,7 +50,7 @@ from ..estimators import ConceptInfluence, ProbeProjection
 from ..fileio import atomic_write_text, save_tensors
 from ..models import ModelAdapter
 from ..provenance import machine_description
-from .kronfluence_bridge import KRONFLUENCE_MODES, KRONFLUENCE_SETTINGS, STAGES_B, run_part_b
+from .kronfluence_bridge import KRONFLUENCE_SETTINGS, run_part_b
 from .smallmodel import train_model
 from .speed_memory import peak_memory
 from .speed_setup import (
@@ -64,7 +66,8 @@ from .speed_setup import (
 
 __all__ = ["SpeedConfig", "run_speed_benchmark", "format_markdown"]
 
-LABELS_B = {"kronfluence_aggregated": "kronfluence, ∇f aggregated", "kronfluence_per_query": "kronfluence, per query"}
+LABELS_B = {"kronfluence_aggregated": "kronfluence, ∇f aggregated", "kronfluence_per_query": "kronfluence, per query",
+            "bergson": "Bergson"}
 LABELS_A = {
     "train_step": "training step (fwd + bwd + AdamW)",
     "concept_influence": "concept_influence scoring (EK-FAC query)",
@@ -181,7 +184,8 @@ def format_markdown(results: dict) -> str:
         f"Reproduce: `{results['command']}` ({results['total_seconds']:.0f} s in all on this machine).", "",
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), torch {m['torch']} with "
         f"{m['torch_threads']} threads, Python {m['python']}, transformers {m['transformers']}, "
-        f"transformer-lens {m['transformer_lens']}, kronfluence {m['kronfluence'] or 'not installed'}; "
+        f"transformer-lens {m['transformer_lens']}, kronfluence {m['kronfluence'] or 'not installed'}, "
+        f"bergson {m['bergson'] or 'not installed'}; "
         f"load average {m['load_average_start'][0]:.2f} at the start, {results['load_average_end'][0]:.2f} at the end.", "",
         f"## A. Cost per example ({a['model']})", "",
         f"{a['n_examples']} training examples ({a['n_tokens']} tokens) of the demo corpus, batch size {a['batch_size']}; "
@@ -208,13 +212,13 @@ def format_markdown(results: dict) -> str:
         f"{_check(r['probe_projection_speedup'], '≥ 30')} |",
         f"| probe_projection speed-up over EK-FAC fit + full scoring | {r['end_to_end_over_probe_projection']:.1f}× | — |",
         f"| EK-FAC fit / one training epoch | {r['ekfac_fit_over_train_epoch']:.2f}× | — |", "",
-        "## B. Against kronfluence", "",
+        "## B. Against kronfluence and Bergson", "",
     ]
     if "error" in b:
         lines.append(f"Not run: {b['error']}")
     else:
-        p = b["pipelines"]
-        names = ("ours",) + tuple(f"kronfluence_{mode}" for mode in KRONFLUENCE_MODES)
+        p, berg = b["pipelines"], b["bergson"]
+        names = tuple(p)  # ours, kronfluence's two query modes, Bergson when it ran
 
         def row(label: str, cell: Callable[[str], str]) -> str:
             return f"| {label} | " + " | ".join(cell(name) for name in names) + " |"
@@ -222,6 +226,12 @@ def format_markdown(results: dict) -> str:
         def seconds(key: str, ratio: str) -> Callable[[str], str]:
             return lambda n: f"{p[n][key]:.2f}" + ("" if n == "ours" else f" ({p[n][ratio]:.2f}×)")
 
+        bergson_note = (
+            f"Bergson {berg['version']} runs its EK-FAC pipeline (fit, preconditioner, scoring pass) on the same "
+            "model, modules and damping, with our ∇f as its query and our sampled labels as its dataset labels "
+            f"(sampling them, a forward pass not counted in its times, took {berg['label_seconds']:.2f} s); its "
+            f"per-map dampings are a median {berg['damping_ratio_median']:.1f}× ours (see below). "
+        ) if "error" not in berg else ""
         lines += [
             f"{b['model']}, trained briefly on the demo corpus; {b['n_examples']} examples ({b['n_tokens']} tokens), "
             f"batch size {b['batch_size']}; concept: logistic probe at `{b['hook_name']}` (held-out accuracy "
@@ -230,9 +240,9 @@ def format_markdown(results: dict) -> str:
             f"{results['config']['concept_layer']}), damping 0.1 × mean(Λ) per map (largest relative difference of the "
             f"per-map dampings: {b['damping_max_relative_difference']:.1e}). kronfluence is timed in two query modes "
             f"on one factor fit: ∇f aggregated before preconditioning, and its default pairwise mode, one query per "
-            f"evaluation example (query × train scores, summed). Median of {b['rounds']} interleaved rounds; in "
-            "brackets, kronfluence's time over ours.", "",
-            "| | ours | " + " | ".join(LABELS_B[n] for n in names[1:]) + " |", "| --- | ---: | ---: | ---: |",
+            f"evaluation example (query × train scores, summed). {bergson_note}Median of {b['rounds']} interleaved "
+            "rounds; in brackets, the other tool's time over ours.", "",
+            "| | " + " | ".join(LABELS_B.get(n, n) for n in names) + " |", "| --- |" + " ---: |" * len(names),
             row("EK-FAC fit (s)", seconds("fit_seconds", "slowdown_fit")),
             row("scoring incl. query gradient (s)", seconds("score_seconds", "slowdown_scoring")),
             row("total (s)", seconds("total_seconds", "slowdown_total")),
@@ -240,13 +250,20 @@ def format_markdown(results: dict) -> str:
             row("rise over the RSS before (MiB)", lambda n: _mib(mem[n], "increase_mib")),
             row("Spearman with ours (goal ≥ 0.99)", lambda n: "—" if n == "ours" else f"{p[n]['spearman']:.4f}"),
             row("Pearson with ours", lambda n: "—" if n == "ours" else f"{p[n]['pearson']:.4f}"),
+        ]
+        if "error" in berg:
+            lines.append(f"| Bergson | not run: {berg['error']} |" + " |" * (len(names) - 1))
+        lines += [
             "",
-            "Sign: kronfluence's pairwise score is +∇fᵀ(G+λI)⁻¹∇L(z), ours −∇fᵀ(G+λI)⁻¹∇L(z); the table compares ours "
-            "with −kronfluence. Goal, ours ≥ 5× faster (total / scoring): " + "; ".join(
+            "Sign: kronfluence's pairwise score and Bergson's are +∇fᵀ(G+λI)⁻¹∇L(z), ours −∇fᵀ(G+λI)⁻¹∇L(z); the table "
+            "compares ours with their negation. Goal, ours ≥ 5× faster (total / scoring): " + "; ".join(
                 f"{LABELS_B[n]}: {_check(p[n]['slowdown_total'], '≥ 5')} / {_check(p[n]['slowdown_scoring'], '≥ 5')}"
                 for n in names[1:]) + ".", "",
             "kronfluence settings: " + "; ".join(f"`{key}`: {val}" for key, val in KRONFLUENCE_SETTINGS.items()) + ".",
         ]
+        if "error" not in berg:
+            lines += ["", "Bergson settings: " + "; ".join(f"`{key}`: {val}" for key, val in berg["settings"].items())
+                      + f". What still differs from ours: {berg['differences']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -268,7 +285,7 @@ def run_speed_benchmark(out_dir: str | Path, quick: bool = False, seed: int = 0,
             results["part_a"] = _part_a(cfg, data, work)
             results["part_b"] = run_part_b(cfg, data, work) if kronfluence else {"error": "skipped (kronfluence=False)"}
             atomic_write_text(work / "config.json", json.dumps(asdict(cfg)))
-            stages = STAGES_A + (STAGES_B if "error" not in results["part_b"] else ())
+            stages = STAGES_A + tuple(results["part_b"].get("pipelines", ()))
             linux = Path("/proc/self/clear_refs").exists()
             results["memory"] = {stage: peak_memory(stage, work) if linux else None for stage in stages}
     finally:

@@ -18,7 +18,8 @@ from ..concepts import ConceptFunction
 from ..curvature import Curvature, fit_curvature
 from ..estimators import ConceptInfluence, ProbeProjection
 from ..fileio import load_tensors
-from .kronfluence_bridge import KRONFLUENCE_MODES, kronfluence_concept_scores, ours_fit_and_score
+from .bergson_bridge import bergson_concept_scores, import_bergson
+from .kronfluence_bridge import DAMPING_FACTOR, KRONFLUENCE_MODES, kronfluence_concept_scores, ours_fit_and_score
 from .smallmodel import train_model
 from .speed_setup import STAGES_A, SpeedConfig, llama_speed_adapter, prepare_speed_data, tl_speed_adapter
 
@@ -56,7 +57,11 @@ def memory_stage(stage: str, work: Path) -> None:
         "ours": lambda: ours_fit_and_score(adapter, examples, concept, bs, cfg.seed),
         **{f"kronfluence_{mode}": partial(kronfluence_concept_scores, adapter, examples, concept, work / "kronfluence_memory",
                                           bs, cfg.seed, (mode,)) for mode in KRONFLUENCE_MODES},
+        "bergson": partial(bergson_concept_scores, adapter, examples, concept, work / "bergson_memory", bs, cfg.seed,
+                           DAMPING_FACTOR),
     }
+    if stage == "bergson":
+        import_bergson()  # its imports hold ~140 MiB, which is not the stage's (kronfluence's hold ~1 MiB)
     gc.collect()
     with open("/proc/self/clear_refs", "w") as fh:  # "5": reset the peak RSS (VmHWM) to the current RSS
         fh.write("5")
