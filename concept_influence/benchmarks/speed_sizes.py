@@ -45,6 +45,7 @@ from ..fileio import atomic_write_text
 from ..models import HFCausalLMAdapter, ModelAdapter, per_token_mean_loss
 from ..provenance import machine_description
 from ..scoring import ScoringSettings
+from .bergson_bridge import bergson_concept_scores, bergson_unavailable
 from .kronfluence_bridge import DAMPING_FACTOR, kronfluence_concept_scores
 from .smallmodel import train_model
 
@@ -88,7 +89,7 @@ def size_model(cfg: SizeConfig) -> HFCausalLMAdapter:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(cfg.seed)
-    config = LlamaConfig(**SIZES[cfg.size], max_position_embeddings=max(cfg.seq_len, 128), attention_bias=False,
+    config = LlamaConfig(**SIZES[cfg.size], max_position_embeddings=2 * cfg.seq_len, attention_bias=False,
                          mlp_bias=False, tie_word_embeddings=False)
     return HFCausalLMAdapter(LlamaForCausalLM(config).eval(), SimpleNamespace(pad_token_id=0))
 
@@ -187,7 +188,11 @@ def _stages(cfg: SizeConfig, adapter: HFCausalLMAdapter, evals: list, work: Path
         train_model(state["clone"], examples, 1, 1e-4, bs, tokens="response", seed=cfg.seed, progress=False)
 
     def kronfluence(examples):
-        return kronfluence_concept_scores(adapter, examples, one, work / "kronfluence", bs, cfg.seed, ("aggregated",))
+        result = kronfluence_concept_scores(adapter, examples, one, work / "kronfluence", bs, cfg.seed, ("aggregated",))
+        return {**result, "score_seconds": result["score_seconds"]["aggregated"], "scores": result["scores"]["aggregated"]}
+
+    def bergson(examples):
+        return bergson_concept_scores(adapter, examples, one, work / "bergson", bs, cfg.seed, DAMPING_FACTOR)
 
     stages = {
         "floor": lambda examples: floor_pass(adapter, examples, bs),
@@ -201,6 +206,8 @@ def _stages(cfg: SizeConfig, adapter: HFCausalLMAdapter, evals: list, work: Path
     }
     if cfg.kronfluence:
         stages["kronfluence_k1"] = kronfluence
+        if bergson_unavailable() is None:
+            stages["bergson_k1"] = bergson
     return {name: run for name, run in stages.items() if not cfg.stages or name in cfg.stages or name == "ekfac_fit"}
 
 
@@ -238,14 +245,16 @@ def run_size_benchmark(out_dir: str | Path, cfg: SizeConfig | None = None) -> di
         if name.endswith("_lowrank") and full is not None:  # the lowest over the K concepts
             entry["spearman_vs_full_rank"] = min(float(spearmanr(full.column(k), values[name].column(k)).statistic)
                                                  for k in range(len(full.columns)))
-    if "kronfluence_k1" in values:
-        kron = values["kronfluence_k1"]
-        results["kronfluence_k1"].update(fit_seconds=kron["fit_seconds"], score_seconds=kron["score_seconds"]["aggregated"],
-                                         spearman_vs_ours=float(spearmanr(values["concept_influence_k1"].column(0),
-                                                                          kron["scores"]["aggregated"]).statistic))
+    for name in ("kronfluence_k1", "bergson_k1"):
+        if name in values:
+            other = values[name]
+            results[name].update(fit_seconds=other["fit_seconds"], score_seconds=other["score_seconds"],
+                                 spearman_vs_ours=float(spearmanr(values["concept_influence_k1"].column(0),
+                                                                  other["scores"]).statistic))
     report = {"config": asdict(cfg), "machine": machine, "shape": SIZES[cfg.size],
               "parameters": sum(p.numel() for p in adapter.model.parameters()),
               "tracked_maps": len(adapter.linear_maps(cfg.concept_layer)), "stages": results,
+              "bergson": bergson_unavailable() if cfg.kronfluence else "not asked for",
               "total_seconds": time.perf_counter() - started}
     atomic_write_text(out_dir / f"speed-{cfg.size}.json", json.dumps(report, indent=1))
     atomic_write_text(out_dir / f"speed-{cfg.size}.md", format_size_markdown(report))
@@ -258,6 +267,7 @@ _LABELS = {
     "ekfac_fit": "EK-FAC fit (2 passes + eigendecompositions)",
     "probe_projection": "probe_projection (forward to the concept's block)",
     "kronfluence_k1": "kronfluence 1.0.1, K = 1 (fit + score)",
+    "bergson_k1": "Bergson 2.5.1, K = 1 (label sampling + fit + score)",
 }
 
 
@@ -302,10 +312,14 @@ def format_size_markdown(report: dict) -> str:
                      f"{entry['seconds_per_example'] / floor['seconds_per_example']:.2f} | "
                      f"{entry['flops_per_example'] / 1e9:.1f} | {entry['flops_per_example'] / floor['flops_per_example']:.2f} | "
                      f"{memory} | {rho} | {queries} |")
-    if "kronfluence_k1" in st:
-        kron, ours = st["kronfluence_k1"], st["ekfac_fit"]["seconds"] + st["concept_influence_k1"]["seconds"]
-        lines += ["", f"kronfluence: fit {kron['fit_seconds']:.1f} s and score {kron['score_seconds']:.1f} s against ours "
-                  f"{st['ekfac_fit']['seconds']:.1f} s and {st['concept_influence_k1']['seconds']:.1f} s "
-                  f"(kronfluence / ours: fit + score {kron['seconds'] / ours:.2f}×, scoring alone "
-                  f"{kron['score_seconds'] / st['concept_influence_k1']['seconds']:.2f}×)."]
+    ours_fit, ours_score = st["ekfac_fit"]["seconds"], st["concept_influence_k1"]["seconds"]
+    for name, label in (("kronfluence_k1", "kronfluence"), ("bergson_k1", "Bergson")):
+        if name in st:
+            other = st[name]
+            lines += ["", f"{label}: fit {other['fit_seconds']:.1f} s and score {other['score_seconds']:.1f} s against ours "
+                      f"{ours_fit:.1f} s and {ours_score:.1f} s + {st['concept_influence_k1']['query_seconds']:.1f} s for "
+                      f"the query ({label} / ours: fit + score {other['seconds'] / (ours_fit + ours_score):.2f}×, "
+                      f"scoring alone {other['score_seconds'] / ours_score:.2f}×; its scoring includes its query)."]
+    if report.get("bergson") and "bergson_k1" not in st:
+        lines += ["", f"Bergson: not run: {report['bergson']}."]
     return "\n".join(lines) + "\n"
