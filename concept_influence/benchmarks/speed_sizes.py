@@ -288,14 +288,16 @@ def format_size_markdown(report: dict) -> str:
         f"# Speed at {cfg['size']} size", "",
         f"Reproduce: `{command}` ({report['total_seconds']:.0f} s in all).", "",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {cfg['threads']} threads, "
-        f"kronfluence {m.get('kronfluence') or 'not installed'}; float32 on CPU.", "",
+        f"kronfluence {m.get('kronfluence') or 'not installed'}, Bergson {m.get('bergson') or 'not installed'}; float32 on "
+        "CPU.", "",
         f"Model: a randomly initialised bias-free Llama of {cfg['size']} shape ({report['parameters'] / 1e6:.0f} M parameters: "
         + ", ".join(f"{k} {v}" for k, v in report["shape"].items()) + f"). {cfg['n_examples']} random sequences of "
         f"{cfg['seq_len']} tokens (response: the second half), batch size {cfg['batch_size']}; concepts: random directions "
         f"at `blocks.{cfg['concept_layer']}.hook_resid_post`, {report['tracked_maps']} tracked weight matrices (blocks "
         f"0..{cfg['concept_layer']}), {cfg['n_eval']} evaluation examples. Each stage once, in this order; FLOPs counted by "
         "torch's FlopCounterMode on one batch (matrix products and attention, not eigendecompositions); peak RSS with "
-        "VmHWM reset before the stage, and its rise over the RSS before it.", "",
+        "VmHWM reset before the stage, and its rise over the RSS before it. The peak is the whole process's, with what "
+        "earlier stages left behind (model copies, factors); compare stages by the rise.", "",
         "Concept Influence rows are per-example scoring with the preconditioned queries already computed; computing them "
         "(K backward passes over the evaluation examples, the preconditioning and the SVD of the low-rank query) is a "
         "fixed cost per concept set, in its own column.", "",
