@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo demo-quick test lint notebooks bench bench-queries bench-memory bench-medical bench-medical-sae clean
+.PHONY: install demo demo-quick test lint notebooks bench bench-gpt2 bench-queries bench-memory bench-medical bench-medical-sae clean
 
 install: $(VENV)/.installed
 
@@ -46,6 +46,11 @@ notebooks: install
 
 bench: install
 	$(VENV)/bin/concept-influence bench speed --out benchmarks
+
+# Every stage per example on a random model of GPT-2-small shape against the floor, with kronfluence and Bergson
+# (about 20 min on 2 cores; benchmarks/speed-gpt2-small.md)
+bench-gpt2: install
+	$(VENV)/bin/concept-influence bench speed --size gpt2-small --out benchmarks
 
 # Peak RSS of scoring 1k vs 50k examples through run folders (about 10 min on 2 cores).
 bench-memory: install
