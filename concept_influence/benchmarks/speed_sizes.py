@@ -77,7 +77,7 @@ class SizeConfig:
     threads: int = 2
     seed: int = 0
     kronfluence: bool = True
-    stages: tuple[str, ...] = field(default=())  # empty: all
+    stages: tuple[str, ...] = field(default=())  # empty: all; the floor and the fit are always run
 
     def __post_init__(self):
         if self.size not in SIZES:
@@ -208,7 +208,8 @@ def _stages(cfg: SizeConfig, adapter: HFCausalLMAdapter, evals: list, work: Path
         stages["kronfluence_k1"] = kronfluence
         if bergson_unavailable() is None:
             stages["bergson_k1"] = bergson
-    return {name: run for name, run in stages.items() if not cfg.stages or name in cfg.stages or name == "ekfac_fit"}
+    needed = ("floor", "ekfac_fit")  # every ratio is to the floor; scoring needs the fit
+    return {name: run for name, run in stages.items() if not cfg.stages or name in cfg.stages or name in needed}
 
 
 def run_size_benchmark(out_dir: str | Path, cfg: SizeConfig | None = None) -> dict:
@@ -314,9 +315,9 @@ def format_size_markdown(report: dict) -> str:
                      f"{entry['seconds_per_example'] / floor['seconds_per_example']:.2f} | "
                      f"{entry['flops_per_example'] / 1e9:.1f} | {entry['flops_per_example'] / floor['flops_per_example']:.2f} | "
                      f"{memory} | {rho} | {queries} |")
-    ours_fit, ours_score = st["ekfac_fit"]["seconds"], st["concept_influence_k1"]["seconds"]
     for name, label in (("kronfluence_k1", "kronfluence"), ("bergson_k1", "Bergson")):
-        if name in st:
+        if name in st and "concept_influence_k1" in st:
+            ours_fit, ours_score = st["ekfac_fit"]["seconds"], st["concept_influence_k1"]["seconds"]
             other = st[name]
             lines += ["", f"{label}: fit {other['fit_seconds']:.1f} s and score {other['score_seconds']:.1f} s against ours "
                       f"{ours_fit:.1f} s and {ours_score:.1f} s + {st['concept_influence_k1']['query_seconds']:.1f} s for "

@@ -173,10 +173,12 @@ def fit_curvature(
     common = dict(fisher=s.fisher, batch_size=s.batch_size, seed=s.seed, progress=progress)
     cov = accumulate("covariance", lambda ex: collect_covariance_stats(adapter, ex, maps, **common))
     factors = {m.name: KroneckerEigen.from_covariances(cov.mean(f"{m.name}/a"), cov.mean(f"{m.name}/s")) for m in maps}
+    n_examples = cov.counts[f"{maps[0].name}/s"]
+    del cov  # the covariance sums are as large as the eigenbases: not held through the eigenvalue pass
     if s.strategy == "ekfac":
         eig = accumulate("eigenvalues", lambda ex: collect_eigenvalue_stats(adapter, ex, factors, maps, **common))
         factors = {name: f.with_eigenvalues(eig.mean(name)) for name, f in factors.items()}
     return EKFACCurvature(
         factors, s.strategy, damping=s.damping, damping_factor=s.damping_factor,
-        fisher=s.fisher, fingerprint=fingerprint, n_examples=cov.counts[f"{maps[0].name}/s"],
+        fisher=s.fisher, fingerprint=fingerprint, n_examples=n_examples,
     )
