@@ -80,8 +80,13 @@ def test_size_benchmark_counts_flops_against_the_floor(tmp_path):
     assert stages["kronfluence_k1"]["spearman_vs_ours"] > 0.99
     assert stages.get("bergson_k1", {"spearman_vs_ours": 1})["spearman_vs_ours"] > 0.9  # random lengths: see BERGSON_DIFFERENCES
     assert all(entry["seconds"] > 0 for entry in stages.values())
+    own = report["own_process_memory"]
+    compared = {"ekfac_fit", "concept_influence_k1", "kronfluence_k1", "bergson_k1"}
+    assert set(own) == compared & set(stages)
+    assert all(m["rise_mib"] >= 0 and m["peak_mib"] > 0 for m in own.values())
     text = (tmp_path / "speed-tiny.md").read_text()
-    assert "**floor**" in text and "vs ours" in text and json.loads((tmp_path / "speed-tiny.json").read_text())["stages"]
+    assert "alone in a fresh process" in text and "**floor**" in text and "vs ours" in text
+    assert json.loads((tmp_path / "speed-tiny.json").read_text())["stages"]
 
 
 def _bergson_or_skip() -> None:

@@ -25,6 +25,9 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -78,6 +81,7 @@ class SizeConfig:
     seed: int = 0
     kronfluence: bool = True
     stages: tuple[str, ...] = field(default=())  # empty: all; the floor and the fit are always run
+    memory_examples: int = 16  # each compared stage again alone in a fresh process, on this many examples
 
     def __post_init__(self):
         if self.size not in SIZES:
@@ -212,6 +216,45 @@ def _stages(cfg: SizeConfig, adapter: HFCausalLMAdapter, evals: list, work: Path
     return {name: run for name, run in stages.items() if not cfg.stages or name in cfg.stages or name in needed}
 
 
+MEMORY_STAGES = ("ekfac_fit", "concept_influence_k1", "kronfluence_k1", "bergson_k1")
+
+
+def memory_child(config: str, stage: str) -> None:
+    """Child process: build the model and data of ``config`` (a SizeConfig as JSON), prepare what ``stage`` needs
+    (the fit before scoring, the libraries' imports), reset the peak RSS, run the stage on the first
+    ``memory_examples`` examples and print its peak RSS and the rise over the RSS before it (MiB, one JSON line)."""
+    cfg = SizeConfig(**{**json.loads(config), "stages": ()})
+    torch.set_num_threads(cfg.threads)
+    adapter = size_model(cfg)
+    train = random_examples(cfg.n_examples, cfg, "train", cfg.seed)[: cfg.memory_examples]
+    evals = random_examples(cfg.n_eval, cfg, "eval", cfg.seed + 1)
+    if stage == "kronfluence_k1":
+        import kronfluence.analyzer  # noqa: F401  (its imports are not the stage's memory)
+    with tempfile.TemporaryDirectory(prefix="concept-influence-size-memory-") as work:
+        stages = _stages(cfg, adapter, evals, Path(work), {})
+        if stage.startswith("concept_influence"):
+            stages["ekfac_fit"](train)
+        measured = _measure(lambda: stages[stage](train))
+    print(json.dumps({"peak_mib": measured.get("peak_mib"), "rise_mib": measured.get("rise_mib")}))
+
+
+def own_process_memory(cfg: SizeConfig, stages: Sequence[str]) -> dict[str, dict]:
+    """Peak RSS and rise of each of ``stages``, each run alone in a fresh Python process (:func:`memory_child`): in one
+    process, memory freed by an earlier stage and kept by the allocator hides part of a later stage's rise."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    out = {}
+    for stage in stages:
+        print(f"[{cfg.size}] memory of {stage} in its own process ...", flush=True)
+        code = (f"from concept_influence.benchmarks.speed_sizes import memory_child; "
+                f"memory_child({json.dumps(asdict(cfg))!r}, {stage!r})")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the memory subprocess for {stage!r} failed:\n{proc.stderr[-3000:]}")
+        out[stage] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
 def run_size_benchmark(out_dir: str | Path, cfg: SizeConfig | None = None) -> dict:
     """Measure every stage at the configured size; write ``speed-{size}.json`` and ``speed-{size}.md`` to ``out_dir``."""
     from scipy.stats import spearmanr
@@ -252,7 +295,8 @@ def run_size_benchmark(out_dir: str | Path, cfg: SizeConfig | None = None) -> di
             results[name].update(fit_seconds=other["fit_seconds"], score_seconds=other["score_seconds"],
                                  spearman_vs_ours=float(spearmanr(values["concept_influence_k1"].column(0),
                                                                   other["scores"]).statistic))
-    report = {"config": asdict(cfg), "machine": machine, "shape": SIZES[cfg.size],
+    own = own_process_memory(cfg, [name for name in MEMORY_STAGES if name in results]) if cfg.memory_examples else {}
+    report = {"config": asdict(cfg), "machine": machine, "own_process_memory": own, "shape": SIZES[cfg.size],
               "parameters": sum(p.numel() for p in adapter.model.parameters()),
               "tracked_maps": len(adapter.linear_maps(cfg.concept_layer)), "stages": results,
               "bergson": bergson_unavailable() if cfg.kronfluence else "not asked for",
@@ -315,6 +359,13 @@ def format_size_markdown(report: dict) -> str:
                      f"{entry['seconds_per_example'] / floor['seconds_per_example']:.2f} | "
                      f"{entry['flops_per_example'] / 1e9:.1f} | {entry['flops_per_example'] / floor['flops_per_example']:.2f} | "
                      f"{memory} | {rho} | {queries} |")
+    own = report.get("own_process_memory") or {}
+    if own:
+        lines += ["", f"Peak memory of each compared stage alone in a fresh process (model and data loaded, the libraries "
+                  f"imported, and for scoring the factors fitted, before the peak is reset), on {cfg['memory_examples']} "
+                  "examples:", "", "| stage | peak RSS (MiB) | rise (MiB) |", "| --- | ---: | ---: |"]
+        lines += [f"| {_label(name, cfg)} | {m['peak_mib']:.0f} | {m['rise_mib']:.0f} |" for name, m in own.items()
+                  if m.get("peak_mib") is not None]
     for name, label in (("kronfluence_k1", "kronfluence"), ("bergson_k1", "Bergson")):
         if name in st and "concept_influence_k1" in st:
             ours_fit, ours_score = st["ekfac_fit"]["seconds"], st["concept_influence_k1"]["seconds"]
