@@ -369,11 +369,13 @@ def format_size_markdown(report: dict) -> str:
     for name, label in (("kronfluence_k1", "kronfluence"), ("bergson_k1", "Bergson")):
         if name in st and "concept_influence_k1" in st:
             ours_fit, ours_score = st["ekfac_fit"]["seconds"], st["concept_influence_k1"]["seconds"]
+            ours_query = st["concept_influence_k1"]["query_seconds"]
             other = st[name]
-            lines += ["", f"{label}: fit {other['fit_seconds']:.1f} s and score {other['score_seconds']:.1f} s against ours "
-                      f"{ours_fit:.1f} s and {ours_score:.1f} s + {st['concept_influence_k1']['query_seconds']:.1f} s for "
-                      f"the query ({label} / ours: fit + score {other['seconds'] / (ours_fit + ours_score):.2f}×, "
-                      f"scoring alone {other['score_seconds'] / ours_score:.2f}×; its scoring includes its query)."]
+            lines += ["", f"{label}: fit {other['fit_seconds']:.1f} s and score {other['score_seconds']:.1f} s (its query "
+                      f"included), {other['seconds']:.1f} s in all, against ours {ours_fit:.1f} s, {ours_score:.1f} s and "
+                      f"{ours_query:.1f} s for the query, {ours_fit + ours_score + ours_query:.1f} s in all ({label} / ours: "
+                      f"{other['seconds'] / (ours_fit + ours_score + ours_query):.2f}× in all, scoring with its query "
+                      f"{other['score_seconds'] / (ours_score + ours_query):.2f}×)."]
     if report.get("bergson") and "bergson_k1" not in st:
         lines += ["", f"Bergson: not run: {report['bergson']}."]
     return "\n".join(lines) + "\n"
