@@ -9,6 +9,7 @@ import subprocess
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 
@@ -23,13 +24,39 @@ from .kronfluence_bridge import DAMPING_FACTOR, KRONFLUENCE_MODES, kronfluence_c
 from .smallmodel import train_model
 from .speed_setup import STAGES_A, SpeedConfig, llama_speed_adapter, prepare_speed_data, tl_speed_adapter
 
-__all__ = ["peak_memory", "memory_stage"]
+__all__ = ["peak_memory", "memory_stage", "measure_peak", "run_child"]
+
+T = TypeVar("T")
 
 
 def _rss_kib(field: str) -> int:
     """``VmRSS`` (current) or ``VmHWM`` (peak) resident set size of this process, in KiB (Linux)."""
     with open("/proc/self/status") as fh:
         return next(int(line.split()[1]) for line in fh if line.startswith(f"{field}:"))
+
+
+def measure_peak(run: Callable[[], T]) -> tuple[T, dict]:
+    """``run()`` with this process's peak RSS reset just before it: its value and ``{"peak_mib", "rise_mib"}`` (the
+    peak during the call and its rise over the RSS before it), or ``{}`` without Linux ``/proc``."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:  # "5": reset the peak RSS (VmHWM) to the current RSS
+            fh.write("5")
+        before = _rss_kib("VmRSS")
+    except OSError:
+        return run(), {}
+    value = run()
+    peak = _rss_kib("VmHWM")
+    return value, {"peak_mib": peak / 1024, "rise_mib": (peak - before) / 1024}
+
+
+def run_child(code: str, what: str) -> dict:
+    """Run the Python ``code`` in a fresh offline process; the JSON object its last printed line holds."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {what} subprocess failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def memory_stage(stage: str, work: Path) -> None:
@@ -62,20 +89,11 @@ def memory_stage(stage: str, work: Path) -> None:
     }
     if stage == "bergson":
         import_bergson()  # its imports hold ~140 MiB, which is not the stage's (kronfluence's hold ~1 MiB)
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as fh:  # "5": reset the peak RSS (VmHWM) to the current RSS
-        fh.write("5")
-    before = _rss_kib("VmRSS")
-    runs[stage]()
-    peak = _rss_kib("VmHWM")
-    print(json.dumps({"peak_mib": peak / 1024, "increase_mib": (peak - before) / 1024}))
+    _, memory = measure_peak(runs[stage])
+    print(json.dumps({"peak_mib": memory["peak_mib"], "increase_mib": memory["rise_mib"]}))
 
 
 def peak_memory(stage: str, work: Path) -> dict:
     code = ("from concept_influence.benchmarks.speed_memory import memory_stage; "
             f"memory_stage({stage!r}, __import__('pathlib').Path({str(work)!r}))")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the peak-memory subprocess for stage {stage!r} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(code, f"peak-memory for stage {stage!r}")

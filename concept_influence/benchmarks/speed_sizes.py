@@ -23,11 +23,7 @@ before the stage) with its rise over the memory before it.
 from __future__ import annotations
 
 import copy
-import gc
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -51,6 +47,7 @@ from ..scoring import ScoringSettings
 from .bergson_bridge import bergson_concept_scores, bergson_unavailable
 from .kronfluence_bridge import DAMPING_FACTOR, kronfluence_concept_scores
 from .smallmodel import train_model
+from .speed_memory import measure_peak, run_child
 
 __all__ = ["SIZES", "SizeConfig", "run_size_benchmark", "format_size_markdown"]
 
@@ -130,29 +127,18 @@ def floor_pass(adapter: HFCausalLMAdapter, examples: Sequence[TokenizedExample],
             p.requires_grad_(True)
 
 
-def _rss_kib(name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            return next(int(line.split()[1]) for line in fh if line.startswith(f"{name}:"))
-    except OSError:
-        return None
-
-
 def _measure(run: Callable[[], object]) -> dict:
-    """Seconds, peak RSS and its rise over the RSS before (MiB; None without Linux /proc) of one call."""
-    gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:  # "5": reset the peak RSS (VmHWM) to the current RSS
-            fh.write("5")
-    except OSError:
-        pass
-    before = _rss_kib("VmRSS")
-    start = time.perf_counter()
-    value = run()
-    seconds = time.perf_counter() - start
-    peak = _rss_kib("VmHWM")
-    memory = {} if peak is None else {"peak_mib": peak / 1024, "rise_mib": (peak - before) / 1024}
-    return {"seconds": seconds, **memory, "value": value}
+    """Seconds, peak RSS and its rise over the RSS before (MiB; absent without Linux /proc) of one call."""
+    timed = {}
+
+    def timed_run():
+        start = time.perf_counter()
+        value = run()
+        timed["seconds"] = time.perf_counter() - start
+        return value
+
+    value, memory = measure_peak(timed_run)
+    return {"seconds": timed["seconds"], **memory, "value": value}
 
 
 def _flops(run: Callable[[], object]) -> int:
@@ -234,24 +220,19 @@ def memory_child(config: str, stage: str) -> None:
         stages = _stages(cfg, adapter, evals, Path(work), {})
         if stage.startswith("concept_influence"):
             stages["ekfac_fit"](train)
-        measured = _measure(lambda: stages[stage](train))
-    print(json.dumps({"peak_mib": measured.get("peak_mib"), "rise_mib": measured.get("rise_mib")}))
+        _, memory = measure_peak(lambda: stages[stage](train))
+    print(json.dumps({"peak_mib": memory.get("peak_mib"), "rise_mib": memory.get("rise_mib")}))
 
 
 def own_process_memory(cfg: SizeConfig, stages: Sequence[str]) -> dict[str, dict]:
     """Peak RSS and rise of each of ``stages``, each run alone in a fresh Python process (:func:`memory_child`): in one
     process, memory freed by an earlier stage and kept by the allocator hides part of a later stage's rise."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
     out = {}
     for stage in stages:
         print(f"[{cfg.size}] memory of {stage} in its own process ...", flush=True)
         code = (f"from concept_influence.benchmarks.speed_sizes import memory_child; "
                 f"memory_child({json.dumps(asdict(cfg))!r}, {stage!r})")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"the memory subprocess for {stage!r} failed:\n{proc.stderr[-3000:]}")
-        out[stage] = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[stage] = run_child(code, f"memory of {stage!r}")
     return out
 
 
