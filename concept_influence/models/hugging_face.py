@@ -112,10 +112,15 @@ class HFCausalLMAdapter(ModelAdapter):
         self.model = model
         self.tokenizer = tokenizer
         self.blocks = _find_blocks(model)
-        has_lora = any(_lora_layers(block) for block in self.blocks)
+        self._lora = [_lora_layers(block) for block in self.blocks]  # per block, found once
+        has_lora = any(self._lora)
         if track == "lora" and not has_lora:
             raise ValueError("track='lora' but the model has no LoRA adapters (a PEFT PeftModel is expected)")
         self.track = ("lora" if has_lora else "full") if track == "auto" else track
+        if self.track == "lora":
+            for layers in self._lora:
+                for name, layer in layers.items():
+                    _check_lora_layer(name, layer)
         self.n_blocks = len(self.blocks)
         self.d_model = model.config.hidden_size
         cfg = model.config
@@ -180,15 +185,13 @@ class HFCausalLMAdapter(ModelAdapter):
         last = self.n_blocks - 1 if max_block is None else min(max_block, self.n_blocks - 1)
         maps = []
         for l in range(last + 1):
-            lora = _lora_layers(self.blocks[l])
-            for name, mod in self._tracked_modules(self.blocks[l], lora):
+            for name, mod in self._tracked_modules(self.blocks[l], self._lora[l]):
                 maps.append(LinearMap(f"blocks.{l}.{name}", l, mod.weight, _linear_layout(mod), mod, mod, input_from="input"))
         return maps
 
     def _tracked_modules(self, block: nn.Module, lora: dict[str, nn.Module]) -> Iterator[tuple[str, nn.Module]]:
         if self.track == "lora":
             for name, layer in lora.items():
-                _check_lora_layer(name, layer)
                 for adapter_name in layer.active_adapters:
                     if adapter_name in layer.lora_A:
                         yield f"{name}.lora_A.{adapter_name}", layer.lora_A[adapter_name]
