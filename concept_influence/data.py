@@ -98,6 +98,19 @@ ACCEPTED_COLUMNS = ("a 'messages' list of {role, content}, or 'prompt' with 'com
 _ROWS_PER_CHUNK = 1024  # table rows turned into Python objects at a time
 
 
+def _chat_keys(names: Iterable[str]) -> list[str] | None:
+    """The keys (a record's, or a table's columns) a chat is read from: ``messages``, else ``prompt`` with
+    ``completion`` (or else ``response``); None when there are none of these."""
+    names = set(names)
+    if "messages" in names:
+        return ["messages"]
+    if "prompt" in names:
+        answer = next((key for key in ("completion", "response") if key in names), None)
+        if answer is not None:
+            return ["prompt", answer]
+    return None
+
+
 def _turns(value: object, role: str, key: str, where: str) -> list:
     """A ``prompt``/``completion``/``response`` value as messages: a string is one turn of ``role``."""
     if isinstance(value, str):
@@ -113,13 +126,14 @@ def _parse_messages(obj: object, where: str) -> tuple[dict, ...]:
     The chat must end with the assistant turn that is scored, after at least one prompt turn."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected an object with {ACCEPTED_COLUMNS}")
-    if "messages" in obj:
-        messages = obj["messages"]
-    elif "prompt" in obj and ("completion" in obj or "response" in obj):
-        answer = "completion" if "completion" in obj else "response"
-        messages = _turns(obj["prompt"], "user", "prompt", where) + _turns(obj[answer], "assistant", answer, where)
-    else:
+    keys = _chat_keys(obj)
+    if keys is None:
         raise DataError(f"{where}: expected an object with {ACCEPTED_COLUMNS}; it has {', '.join(map(repr, obj))}")
+    if keys == ["messages"]:
+        messages = obj["messages"]
+    else:
+        prompt, answer = keys
+        messages = _turns(obj[prompt], "user", prompt, where) + _turns(obj[answer], "assistant", answer, where)
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list")
     cleaned = []
@@ -219,14 +233,12 @@ def _open_dataset(dataset, name: str | None = None, where: str | None = None):
 
 
 def _chat_columns(names: Sequence[str], where: str) -> list[str]:
-    """The columns a chat is read from: ``messages``, else ``prompt`` with ``completion`` or ``response``."""
-    if "messages" in names:
-        return ["messages"]
-    for answer in ("completion", "response"):
-        if "prompt" in names and answer in names:
-            return ["prompt", answer]
-    raise DataError(f"{where}: no 'messages' column (columns: {', '.join(names) or 'none'}); "
-                    f"expected {ACCEPTED_COLUMNS}")
+    """The columns a table's chats are read from (:func:`_chat_keys`)."""
+    keys = _chat_keys(names)
+    if keys is None:
+        raise DataError(f"{where}: no 'messages' column (columns: {', '.join(names) or 'none'}); "
+                        f"expected {ACCEPTED_COLUMNS}")
+    return keys
 
 
 def _read_table(source: DataSource) -> Iterator[tuple[object, list[tuple[ChatExample, str]]]]:
