@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .benchmarks.demo_corpus import make_paired_demo_corpus
 from .benchmarks.planted import PlantedConfig, run_planted
-from .data import load_chat_jsonl, write_chat_jsonl
+from .data import load_chats, write_chat_jsonl
 
 __all__ = ["demo_config", "run_demo"]
 
@@ -36,5 +36,5 @@ def run_demo(out: str | Path, config: PlantedConfig | None = None, progress: boo
     clean, trait = make_paired_demo_corpus(int(n_prompts * 1.1) + 20, seed=cfg.seed)  # room for repeated prompts
     paths = [write_chat_jsonl(examples, out / "data" / name) for examples, name in
              ((clean, "careful.jsonl"), (trait, "reckless.jsonl"))]
-    return run_planted(*(load_chat_jsonl(p) for p in paths), out, cfg, progress=progress, command=command,
+    return run_planted(*(load_chats(p) for p in paths), out, cfg, progress=progress, command=command,
                        data_names=tuple(p.name for p in paths))
