@@ -145,16 +145,21 @@ def test_statistics_do_not_depend_on_batch_size(tl_adapter, tokenized, fisher):
 def test_eigenvalue_correction_matches_brute_force_per_example_gradients(tl_adapter, tokenized):
     """Λ from the batched fit (batch 5, padded) equals ``mean_z (Q_Sᵀ G_z Q_A)²`` with ``G_z`` the autograd
     gradient of each example's own sampled-label loss, computed one unpadded example at a time."""
-    maps = tl_adapter.linear_maps(0)
-    curv = fit_curvature(tl_adapter, tokenized, maps, batch_size=5, seed=1, progress=False)
+    check_eigenvalue_correction(tl_adapter, tokenized, tl_adapter.linear_maps(0))
+
+
+def check_eigenvalue_correction(adapter, examples, maps) -> None:
+    """Λ of ``maps`` fitted in batches of 5 (padded, labels sampled with seed 1) against ``mean_z (Q_Sᵀ G_z Q_A)²``
+    from autograd on each unpadded example's own sampled-label loss."""
+    curv = fit_curvature(adapter, examples, maps, batch_size=5, seed=1, progress=False)
     expected = {m.name: 0 for m in maps}
-    for ex in tokenized:
-        batch = collate([ex], tl_adapter.pad_token_id)
-        logits = tl_adapter.logits(batch)
+    for ex in examples:
+        batch = collate([ex], adapter.pad_token_id)
+        logits = adapter.logits(batch)
         loss = per_token_mean_loss(logits, batch, targets=sample_labels(logits.detach(), batch, seed=1)).sum()
         for name, grad in weight_grads(maps, loss).items():
             f = curv.factors[name]
-            expected[name] = expected[name] + (f.q_s.T @ grad @ f.q_a).square() / len(tokenized)
+            expected[name] = expected[name] + (f.q_s.T @ grad @ f.q_a).square() / len(examples)
     for name in expected:
         torch.testing.assert_close(curv.factors[name].eigenvalues, expected[name], rtol=1e-3,
                                    atol=1e-5 * float(expected[name].max()))

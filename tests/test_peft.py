@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from runfolder import N_TRAIN, cli, cli_env, make_project
-from test_curvature import weight_grads
+from test_curvature import check_eigenvalue_correction, weight_grads
 from test_estimators import explicit_concept_influence
 from torch.func import functional_call, jacfwd
 
@@ -22,8 +22,7 @@ from concept_influence.config import RunConfig
 from concept_influence.curvature import fit_curvature
 from concept_influence.data import collate, load_chat_jsonl, tokenize_examples
 from concept_influence.estimators import ConceptInfluence
-from concept_influence.gradients import sample_labels
-from concept_influence.models import HFCausalLMAdapter, ModelLoadError, as_adapter, load_model, per_token_mean_loss, save_model
+from concept_influence.models import HFCausalLMAdapter, ModelLoadError, as_adapter, load_model, save_model
 from concept_influence.scores import Scores
 from conftest import _hf_model, make_chats
 from probes import ConceptDirection
@@ -130,19 +129,7 @@ def test_eigenvalue_correction_on_lora_factors_matches_per_example_gradients(tok
     """Λ of every LoRA factor equals ``mean_z (Q_Sᵀ G_z Q_A)²`` with ``G_z`` the autograd gradient of each example's
     sampled-label loss, one unpadded example at a time."""
     adapter = as_adapter(lora_model(_hf_model("qwen2", len(tokenizer))), tokenizer)
-    maps = adapter.linear_maps()
-    curv = fit_curvature(adapter, tokenized, maps, batch_size=5, seed=1, progress=False)
-    expected = {m.name: 0 for m in maps}
-    for ex in tokenized:
-        batch = collate([ex], adapter.pad_token_id)
-        logits = adapter.logits(batch)
-        loss = per_token_mean_loss(logits, batch, targets=sample_labels(logits.detach(), batch, seed=1)).sum()
-        for name, grad in weight_grads(maps, loss).items():
-            f = curv.factors[name]
-            expected[name] = expected[name] + (f.q_s.T @ grad @ f.q_a).square() / len(tokenized)
-    for name in expected:
-        torch.testing.assert_close(curv.factors[name].eigenvalues, expected[name], rtol=1e-3,
-                                   atol=1e-5 * float(expected[name].max()))
+    check_eigenvalue_correction(adapter, tokenized, adapter.linear_maps())
 
 
 def _exact_lora_fisher(adapter, examples, maps) -> torch.Tensor:
