@@ -38,9 +38,9 @@ def check_sae_compatible(sae, adapter: ModelAdapter, hook_name: str | None = Non
     hooks = {hook_name} if hook_name else {read_hook, write_hook}
     if None in hooks:
         raise SAEError("the SAE's config records no hook name (cfg.metadata.hook_name); pass hook_name=")
-    widths = {hook: adapter.hook_width(hook) for hook in sorted(hooks)}
-    for (what, width), hook in zip((("d_in", sae.W_enc.shape[0]), ("decoder output width", sae.W_dec.shape[1])),
-                                   (hook_name or read_hook, hook_name or write_hook)):
+    widths = {hook: adapter.hook_width(hook) for hook in sorted(hooks)}  # unknown hooks raise in name order
+    for what, width, hook in (("d_in", sae.W_enc.shape[0], hook_name or read_hook),
+                              ("decoder output width", sae.W_dec.shape[1], hook_name or write_hook)):
         if width != widths[hook]:
             raise SAEError(
                 f"SAE {what} is {width} but the model's activations at {hook!r} have width {widths[hook]}; "

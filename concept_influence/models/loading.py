@@ -144,6 +144,9 @@ def _adapter(path: Path, cls: Callable[..., ModelAdapter], model, tokenizer) -> 
         raise ModelLoadError(f"{path}: {e}") from None
 
 
+_GIVE_BASE = "give the base model folder (load_model(..., base=...), or base = ... in the run config's [model])"
+
+
 def _peft_base_folder(path: Path, base: str | Path | None) -> Path:
     import json
 
@@ -153,16 +156,14 @@ def _peft_base_folder(path: Path, base: str | Path | None) -> Path:
         except ValueError as e:
             raise ModelLoadError(f"{path / PEFT_CONFIG_FILE}: not a PEFT adapter config ({e})") from None
         if base is None:
-            raise ModelLoadError(f"{path}: the PEFT adapter does not name its base model; give the base model folder "
-                                 "(load_model(..., base=...), or base = ... in the run config's [model])")
+            raise ModelLoadError(f"{path}: the PEFT adapter does not name its base model; {_GIVE_BASE}")
         candidates = [Path(base), path / base]
     else:
         candidates = [Path(base)]
     for folder in candidates:
         if folder.is_dir():
             return folder
-    raise ModelLoadError(f"{path}: the base model {str(base)!r} of this PEFT adapter is not a local folder; give the "
-                         "base model folder (load_model(..., base=...), or base = ... in the run config's [model])")
+    raise ModelLoadError(f"{path}: the base model {str(base)!r} of this PEFT adapter is not a local folder; {_GIVE_BASE}")
 
 
 def _load_peft(path: Path, device: str, target: torch.dtype | None, base: str | Path | None, track: str) -> ModelAdapter:
