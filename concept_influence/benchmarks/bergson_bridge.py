@@ -28,6 +28,7 @@ from ..curvature.ekfac import DEFAULT_DAMPING_FACTOR
 from ..data import TokenizedExample, iter_batches
 from ..gradients import sample_labels
 from ..models import HFCausalLMAdapter
+from .speed_setup import map_names_by_module
 
 __all__ = ["BERGSON_VERSION", "BERGSON_SETTINGS", "BERGSON_DIFFERENCES", "bergson_concept_scores", "bergson_unavailable",
            "import_bergson"]
@@ -160,8 +161,7 @@ def bergson_concept_scores(adapter: HFCausalLMAdapter, examples: Sequence[Tokeni
         from bergson.score.scorer import Scorer
 
         model = copy.deepcopy(adapter.model).eval()  # eval, as from_pretrained leaves the models Bergson loads
-        our_name = {id(m.input_module): m.name for m in HFCausalLMAdapter(model, adapter.tokenizer).linear_maps(concept.layer)}
-        to_ours = {name: our_name[id(mod)] for name, mod in model.base_model.named_modules() if id(mod) in our_name}
+        to_ours = map_names_by_module(HFCausalLMAdapter(model, adapter.tokenizer), concept.layer, model.base_model)
         examples = list(examples)
         out = Path(output_dir)
         result: dict = {"tracked_modules": list(to_ours)}

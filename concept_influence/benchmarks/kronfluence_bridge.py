@@ -29,7 +29,15 @@ from .bergson_bridge import (
     bergson_concept_scores,
     bergson_unavailable,
 )
-from .speed_setup import SpeedConfig, SpeedData, count_tokens, llama_speed_adapter, speed_concept, trained_speed_model
+from .speed_setup import (
+    SpeedConfig,
+    SpeedData,
+    count_tokens,
+    llama_speed_adapter,
+    map_names_by_module,
+    speed_concept,
+    trained_speed_model,
+)
 
 __all__ = ["KRONFLUENCE_MODES", "KRONFLUENCE_SETTINGS", "kronfluence_concept_scores", "run_part_b",
            "ours_fit_and_score"]
@@ -112,8 +120,7 @@ def kronfluence_concept_scores(adapter: HFCausalLMAdapter, examples: Sequence[To
         raise ValueError(f"query_modes must be among {KRONFLUENCE_MODES}, got {bad[0]!r}")
     model = copy.deepcopy(adapter.model)
     twin = HFCausalLMAdapter(model, adapter.tokenizer)
-    our_name = {id(m.input_module): m.name for m in twin.linear_maps(concept.layer)}
-    kron_to_ours = {name: our_name[id(mod)] for name, mod in model.named_modules() if id(mod) in our_name}
+    kron_to_ours = map_names_by_module(twin, concept.layer, model)
     task = _kronfluence_task(twin, concept, list(kron_to_ours), seed)
     model = prepare_model(model, task)
     examples, queries = list(examples), list(concept.eval_examples)

@@ -19,7 +19,7 @@ from .demo_corpus import make_demo_corpus
 from .smallmodel import build_small_model, load_tokenizer, train_bpe_tokenizer, train_model
 
 __all__ = ["SpeedConfig", "STAGES_A", "SpeedData", "speed_concept", "count_tokens", "prepare_speed_data",
-           "tl_speed_adapter", "llama_speed_adapter", "trained_speed_model"]
+           "tl_speed_adapter", "llama_speed_adapter", "trained_speed_model", "map_names_by_module"]
 
 STAGES_A = ("train_step", "concept_influence", "probe_projection", "ekfac_fit")
 
@@ -111,6 +111,13 @@ def speed_concept(adapter: ModelAdapter, cfg: SpeedConfig, data: SpeedData, dire
     probe = train_logistic_probe(acts[0], acts[1], cfg.hook_name, seed=cfg.seed)
     probe.direction.save(direction_path)
     return ConceptFunction.from_directions(probe.direction, eval_examples=data.evals), probe.metrics
+
+
+def map_names_by_module(adapter: HFCausalLMAdapter, max_block: int, root) -> dict[str, str]:
+    """Our name of each linear map of blocks ``0..max_block``, keyed by its module's path under ``root`` (the name
+    another library, given ``root``, tracks it by)."""
+    ours = {id(m.input_module): m.name for m in adapter.linear_maps(max_block)}
+    return {name: ours[id(mod)] for name, mod in root.named_modules() if id(mod) in ours}
 
 
 def count_tokens(examples: Sequence[TokenizedExample]) -> int:
