@@ -112,7 +112,8 @@ class HFCausalLMAdapter(ModelAdapter):
         self.model = model
         self.tokenizer = tokenizer
         self.blocks = _find_blocks(model)
-        self._lora = [_lora_layers(block) for block in self.blocks]  # per block, found once
+        self._points = [_hook_points(block) for block in self.blocks]  # per block, found once
+        self._lora = [_lora_layers(block) for block in self.blocks]
         has_lora = any(self._lora)
         if track == "lora" and not has_lora:
             raise ValueError("track='lora' but the model has no LoRA adapters (a PEFT PeftModel is expected)")
@@ -132,11 +133,10 @@ class HFCausalLMAdapter(ModelAdapter):
         return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
 
     def hook_names(self) -> list[str]:
-        return [f"blocks.{l}.{point}" for l in range(self.n_blocks) for point in _hook_points(self.blocks[l])]
+        return [f"blocks.{l}.{point}" for l, points in enumerate(self._points) for point in points]
 
     def _hook_point(self, hook_name: str) -> tuple[nn.Module, str]:
-        block = self.blocks[block_of_hook(hook_name)]
-        return _hook_points(block)[hook_name.split(".", 2)[2]]
+        return self._points[block_of_hook(hook_name)][hook_name.split(".", 2)[2]]
 
     def _run_to_hook(self, batch: Batch, hook_name: str, stop_early: bool) -> torch.Tensor:
         store = {}
