@@ -88,6 +88,30 @@ def _filter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sum_scores(args: argparse.Namespace) -> int:
+    from .data import DataError
+    from .scores import Scores
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise DataError(f"{out} exists; give --force to replace it")
+    parts = []
+    for path in args.scores:
+        try:
+            parts.append(Scores.load(path))
+        except (OSError, ValueError, KeyError) as e:
+            raise DataError(f"{path}: cannot read scores ({e})") from None
+    try:
+        total = Scores.weighted_sum(parts, args.weights, estimator=args.estimator or f"{parts[0].estimator}[checkpoints]",
+                                    metadata={**parts[0].metadata, "summed": list(args.scores),
+                                              "weights": args.weights or [1.0] * len(parts)})
+    except ValueError as e:
+        raise DataError(f"cannot sum {', '.join(args.scores)}: {e}") from None
+    total.save(out)
+    print(f"{out}: the sum of {len(parts)} score files ({len(total)} examples, {total.estimator})")
+    return 0
+
+
 def _amount(text: str) -> float:
     try:
         value = float(text)
@@ -125,7 +149,7 @@ def _query_table(args: argparse.Namespace) -> int:
 
 
 def add_concept_commands(sub, bench) -> None:
-    """``concept check``, ``filter`` and ``bench query-table``."""
+    """``concept check``, ``filter``, ``sum-scores`` and ``bench query-table``."""
     concept = sub.add_parser("concept", help="judge a concept before attributing").add_subparsers(
         dest="concept_command", required=True)
     check = concept.add_parser(
@@ -169,6 +193,18 @@ def add_concept_commands(sub, bench) -> None:
     flt.add_argument("--force", action="store_true", help="replace OUT if it exists")
     flt.set_defaults(func=_filter)
 
+    total = sub.add_parser(
+        "sum-scores", help="add score files, e.g. one estimator's scores at several checkpoints",
+        description="Write OUT (scores file + .json sidecar): the weighted sum of SCORES files over the same examples "
+                    "and columns, e.g. a run scored at the base model and at the fine-tuned model with the same concept "
+                    "direction (Concept Influence summed over checkpoints; see the README).")
+    total.add_argument("out", metavar="OUT", help="scores file to write (.safetensors)")
+    total.add_argument("scores", nargs="+", metavar="SCORES", help="scores files (e.g. RUN/scores/scores.safetensors)")
+    total.add_argument("--weights", type=float, nargs="+", help="one multiplier per file (default 1 each)")
+    total.add_argument("--estimator", help="the summed scores' estimator name (default: the first's + [checkpoints])")
+    total.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    total.set_defaults(func=_sum_scores)
+
     table = bench.add_parser("query-table", help="one table of query studies (bench ... --query-study)",
                              description="Merge the query_study.json files of several benchmark runs into one "
                                          "markdown table (AUROC / AUPRC of every variant per run, summaries by factor).")
@@ -189,13 +225,20 @@ def add_query_options(p: argparse.ArgumentParser) -> None:
                    help="also score every query variant on the trained model (query_study.json)")
     p.add_argument("--no-concept-check", action="store_true", help="skip steering along the probe direction")
     p.add_argument("--lds-seeds", type=int, default=2, help="fine-tuning seeds per concept-LDS subset (default 2)")
+    p.add_argument("--lds-fraction", type=float,
+                   help="share of the pool in each concept-LDS subset (default 0.5; the demo's 0.25)")
+    p.add_argument("--no-checkpoints", action="store_true",
+                   help="skip concept_influence[checkpoints] and concept_grad_dot[checkpoints] (summed over the "
+                        "pre-trained and the fine-tuned model)")
 
 
 def query_overrides(args: argparse.Namespace) -> dict:
     """PlantedConfig fields from :func:`add_query_options`."""
     return {"probe_kind": args.probe_kind, "query": args.query,
             "compare_query": None if args.compare_query == "none" else args.compare_query,
-            "query_study": args.query_study, "concept_check": not args.no_concept_check, "lds_seeds": args.lds_seeds}
+            "query_study": args.query_study, "concept_check": not args.no_concept_check, "lds_seeds": args.lds_seeds,
+            "over_checkpoints": not args.no_checkpoints,
+            **({} if args.lds_fraction is None else {"lds_fraction": args.lds_fraction})}
 
 
 def user_errors() -> tuple[type[Exception], ...]:

@@ -80,6 +80,36 @@ class Scores:
             raise KeyError(f"{len(missing)} ids have no score (first: {missing[0]})")
         return self.values[[pos[i] for i in ids]]
 
+    @classmethod
+    def weighted_sum(cls, parts: Sequence["Scores"], weights: Sequence[float] | None = None,
+                     estimator: str | None = None, metadata: dict | None = None) -> "Scores":
+        """Σ wᵢ·partsᵢ (weights default to 1) of score sets over the same ids and columns, e.g. one estimator's
+        scores at several checkpoints; per-module and per-token values are summed when every part has them. Ids
+        or columns that differ are a ValueError naming the first difference."""
+        if not parts:
+            raise ValueError("weighted_sum needs at least one set of scores")
+        weights = [1.0] * len(parts) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(parts):
+            raise ValueError(f"{len(weights)} weights for {len(parts)} sets of scores")
+        first = parts[0]
+        for n, part in enumerate(parts[1:], start=2):
+            if part.columns != first.columns:
+                raise ValueError(f"scores {n} have columns {part.columns}, scores 1 have {first.columns}")
+            if part.ids != first.ids:
+                diff = next((i for i, (a, b) in enumerate(zip(part.ids, first.ids)) if a != b), min(len(part), len(first)))
+                raise ValueError(f"scores {n} and scores 1 differ in their ids (from row {diff}; {len(part)} vs "
+                                 f"{len(first)} rows)")
+
+        def total(get) -> dict | None:
+            found = [get(p) for p in parts]
+            if any(f is None for f in found):
+                return None
+            return {k: sum(w * np.asarray(f[k]) for w, f in zip(weights, found)) for k in found[0]}
+
+        return cls(list(first.ids), sum(w * p.values for w, p in zip(weights, parts)), estimator or first.estimator,
+                   list(first.columns), metadata if metadata is not None else dict(first.metadata),
+                   total(lambda p: p.per_module), total(lambda p: p.per_token))
+
     def save(self, path: str | Path) -> Path:
         """Save as ``<path>`` (safetensors: values, per-module and per-token values) plus a JSON sidecar (ids, metadata)."""
         path = Path(path)

@@ -2,6 +2,7 @@
 
 from .base import Estimator
 from .baselines import LengthBaseline, RandomBaseline, TfidfBaseline
+from .checkpoints import OverCheckpoints
 from .gradient import ConceptGradDot, ConceptInfluence, GradDot, GradientEstimator, InfluenceFunction
 from .projection import ProbeProjection, ProjectionDifference
 
@@ -15,4 +16,4 @@ RUN_ESTIMATORS = tuple(name for name, cls in ESTIMATORS.items() if cls.run_input
 
 __all__ = ["ESTIMATORS", "RUN_ESTIMATORS", "Estimator", "GradientEstimator", "ConceptInfluence", "ConceptGradDot",
            "InfluenceFunction", "GradDot", "ProbeProjection", "ProjectionDifference", "TfidfBaseline", "LengthBaseline",
-           "RandomBaseline"]
+           "RandomBaseline", "OverCheckpoints"]

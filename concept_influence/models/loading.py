@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -12,7 +12,7 @@ from .base import ModelAdapter, resolve_dtype
 from .hooked_transformer import HookedTransformerAdapter
 from .hugging_face import HFCausalLMAdapter
 
-__all__ = ["as_adapter", "ModelLoadError", "save_model", "load_model"]
+__all__ = ["as_adapter", "ModelLoadError", "save_model", "load_model", "load_checkpoint"]
 
 
 def as_adapter(model, tokenizer=None, track: str = "auto") -> ModelAdapter:
@@ -181,3 +181,56 @@ def _load_peft(path: Path, device: str, target: torch.dtype | None, base: str | 
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"{path}: the PEFT adapter does not fit the base model {base_folder} ({first})") from None
     return _adapter(path, partial(HFCausalLMAdapter, track=track), model.to(device).eval(), tokenizer)
+
+
+
+def load_checkpoint(adapter: ModelAdapter, checkpoint) -> None:
+    """Load the weights of one training checkpoint into ``adapter``'s model, in place: a mapping of tensors keyed as
+    its ``state_dict``, a safetensors file of them, or a folder written by :func:`save_model` / ``save_pretrained``
+    (a model folder, or a PEFT adapter folder, whose ``adapter_model.safetensors`` holds the adapter's weights
+    only). Weights the checkpoint lacks keep their values (a LoRA checkpoint leaves the frozen base alone). A weight
+    the model does not have or a shape that differs is a :class:`ModelLoadError` naming the checkpoint, raised
+    before anything is loaded."""
+    from ..fileio import load_tensors
+
+    where = "checkpoint mapping" if isinstance(checkpoint, Mapping) else str(checkpoint)
+    path = None if isinstance(checkpoint, Mapping) else Path(checkpoint)
+    if path is None:
+        state = dict(checkpoint)
+    elif path.is_file():
+        state = load_tensors(path, error=ModelLoadError)
+    elif (path / PEFT_WEIGHTS_FILE).is_file():
+        return _load_peft_checkpoint(adapter, path)
+    elif path.is_dir() and any(path.glob("*.safetensors")):
+        state = {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_tensors(f, error=ModelLoadError).items()}
+    else:
+        raise ModelLoadError(f"{path}: not a checkpoint (neither a safetensors file nor a folder with safetensors weights)")
+    own = adapter.model.state_dict()
+    unknown = [k for k in state if k not in own]
+    if unknown:
+        raise ModelLoadError(f"{where}: {len(unknown)} weights the model does not have, e.g. {unknown[0]!r}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ModelLoadError(f"{where}: weight {k!r} has shape {tuple(v.shape)}, the model's is {tuple(own[k].shape)}")
+    adapter.model.load_state_dict(state, strict=False)
+
+
+def _load_peft_checkpoint(adapter: ModelAdapter, path: Path) -> None:
+    from peft import PeftModel, set_peft_model_state_dict
+
+    from ..fileio import load_tensors
+
+    if not isinstance(adapter.model, PeftModel):
+        raise ModelLoadError(f"{path}: a PEFT adapter checkpoint, but the model is not a PEFT model")
+    state = load_tensors(path / PEFT_WEIGHTS_FILE, error=ModelLoadError)
+    saved = {k: v.clone() for k, v in adapter.model.state_dict().items() if "lora_" in k}  # restored on error
+    try:
+        result = set_peft_model_state_dict(adapter.model, state)
+    except RuntimeError as e:
+        adapter.model.load_state_dict(saved, strict=False)
+        first = str(e).strip().splitlines()[0]
+        raise ModelLoadError(f"{path}: the adapter checkpoint does not fit the model ({first})") from None
+    if result.unexpected_keys:
+        adapter.model.load_state_dict(saved, strict=False)
+        raise ModelLoadError(f"{path}: {len(result.unexpected_keys)} weights the model does not have, e.g. "
+                             f"{result.unexpected_keys[0]!r}")
