@@ -73,7 +73,7 @@ def _add_planted_options(p: argparse.ArgumentParser, default_rate: float | None)
     p.add_argument("--seed", type=int, default=0, help="seed for the splits, model, training and sampling (default 0)")
     p.add_argument("--quick", action="store_true", help="a reduced size for tests (under a minute)")
     p.add_argument("--lds", type=int, default=0, metavar="M",
-                   help="concept-LDS: fine-tune on M random halves of the pool (default 0: skip)")
+                   help="concept-LDS: fine-tune on M random subsets of the pool (--lds-fraction; default 0: skip)")
     p.add_argument("--remove-fractions", default="0.1", metavar="F[,F...]",
                    help="fractions of the pool removed from the top of each ranking before retraining (default 0.1)")
     p.add_argument("--n-seeds", type=int, help="fine-tuning seeds per behaviour measurement (default 3)")

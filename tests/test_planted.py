@@ -14,7 +14,8 @@ from concept_influence.cli import main
 from concept_influence.data import ChatExample, DataError, load_chat_jsonl, write_chat_jsonl
 from concept_influence.demo import run_demo
 
-ESTIMATORS = {"concept_influence", "concept_influence[response_mean]", "concept_grad_dot", "influence_function",
+ESTIMATORS = {"concept_influence", "concept_influence[response_mean]", "concept_grad_dot", "concept_influence[checkpoints]",
+              "concept_grad_dot[checkpoints]", "influence_function",
               "grad_dot", "probe_projection", "projection_difference", "tfidf", "length", "random"}
 EM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "em"
 
@@ -73,6 +74,9 @@ def test_bad_settings_and_too_few_examples():
             PlantedConfig(rate=rate)
     with pytest.raises(BenchmarkError, match="--lds needs at least 2"):
         PlantedConfig(lds=1)
+    for fraction in (0, 1, 1.5):
+        with pytest.raises(BenchmarkError, match=r"--lds-fraction must be in \(0, 1\)"):
+            PlantedConfig(lds_fraction=fraction)
     with pytest.raises(BenchmarkError, match="--layer 5 is outside"):
         PlantedConfig(n_layers=2, layer=5).probe_layer
     clean, trait = make_paired_demo_corpus(100)

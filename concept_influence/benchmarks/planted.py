@@ -51,7 +51,7 @@ from ..fileio import atomic_write_text
 from ..generation import sample_responses
 from ..provenance import machine_description
 from .planted_behaviour import behaviour_section, concept_lds, mean_answer_loss
-from .planted_concept import compared_queries, concept_check_section
+from .planted_concept import checkpoint_estimators, compared_queries, concept_check_section
 from .planted_config import BenchmarkError, PlantedConfig
 from .planted_report import command_line, format_report, format_retrieval, report_plots, write_results
 from .planted_splits import PlantedSplits, split_planted
@@ -144,7 +144,8 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
     test = (tk["eval_planted"] if splits.eval_planted is not None else tk["pos"])[: cfg.n_test]
     estimators = [
         ConceptInfluence(concept, curvature), *compared_queries(probe.direction, own, curvature, cfg),
-        ConceptGradDot(concept), InfluenceFunction(test, curvature),
+        ConceptGradDot(concept), *checkpoint_estimators(concept, tuner.pretrained, pool_tk, cfg),
+        InfluenceFunction(test, curvature),
         GradDot(test), ProbeProjection(concept),
         ProjectionDifference(concept, cfg.max_new_tokens, seed=cfg.seed, min_new_tokens=1),
         TfidfBaseline(response_texts(adapter, tk["pos"])), LengthBaseline(), RandomBaseline(cfg.seed),

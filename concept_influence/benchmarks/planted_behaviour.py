@@ -74,14 +74,15 @@ def behaviour_section(tuner: Finetuner, behaviour: Callable[[], float], pool: li
 
 def concept_lds(tuner: Finetuner, concept: ConceptFunction, pool: list[TokenizedExample],
                  scores: dict[str, np.ndarray], cfg: PlantedConfig) -> dict:
-    """Fine-tune on ``cfg.lds`` random halves with ``cfg.lds_seeds`` seeds each; Spearman between Σ scores of the
-    kept examples and the measured f (mean over the seeds), and the ceiling: the Spearman between two seeds'
-    measurements on the same subsets, which is what a perfect estimator could reach against one seed."""
+    """Fine-tune on ``cfg.lds`` random subsets (``cfg.lds_fraction`` of the pool) with ``cfg.lds_seeds`` seeds
+    each; Spearman between Σ scores of the kept examples and the measured f (mean over the seeds), and the ceiling:
+    the Spearman between two seeds' measurements on the same subsets, which is what a perfect estimator could reach
+    against one seed."""
     rng = np.random.default_rng(cfg.seed + 1)
     masks, measured = [], []
     for m in range(cfg.lds):
         mask = np.zeros(len(pool), dtype=bool)
-        mask[rng.choice(len(pool), len(pool) // 2, replace=False)] = True
+        mask[rng.choice(len(pool), max(1, round(cfg.lds_fraction * len(pool))), replace=False)] = True
         kept = [t for t, keep in zip(pool, mask) if keep]
         per_seed = []
         for s in range(cfg.lds_seeds):
@@ -92,5 +93,5 @@ def concept_lds(tuner: Finetuner, concept: ConceptFunction, pool: list[Tokenized
     masks_arr, by_seed = np.stack(masks), np.array(measured)
     mean = by_seed.mean(1)
     ceiling = float(spearmanr(by_seed[:, 0], by_seed[:, 1])[0]) if cfg.lds_seeds > 1 else float("nan")
-    return {"subsets": cfg.lds, "seeds": cfg.lds_seeds, "measured": measured, "ceiling": ceiling,
+    return {"subsets": cfg.lds, "fraction": cfg.lds_fraction, "seeds": cfg.lds_seeds, "measured": measured, "ceiling": ceiling,
             "spearman": {name: float(spearmanr(masks_arr @ s, mean)[0]) for name, s in scores.items()}}

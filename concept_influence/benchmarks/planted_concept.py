@@ -8,13 +8,13 @@ from probes import ConceptDirection
 
 from ..concept_check import check_concept
 from ..concepts import ConceptFunction
-from ..curvature import Curvature
+from ..curvature import Curvature, CurvatureSettings
 from ..data import TokenizedExample
-from ..estimators import ConceptInfluence
+from ..estimators import ConceptGradDot, ConceptInfluence, OverCheckpoints
 from ..models import ModelAdapter
 from .planted_config import PlantedConfig
 
-__all__ = ["concept_check_section", "compared_queries"]
+__all__ = ["concept_check_section", "compared_queries", "checkpoint_estimators"]
 
 
 def concept_check_section(adapter: ModelAdapter, direction: ConceptDirection, tk: dict[str, list[TokenizedExample]],
@@ -43,3 +43,15 @@ def compared_queries(direction: ConceptDirection, own: list[TokenizedExample], c
     estimator = ConceptInfluence(ConceptFunction.from_directions(direction, own, cfg.compare_query), curvature)
     estimator.name = f"concept_influence[{cfg.compare_query}]"
     return [estimator]
+
+
+def checkpoint_estimators(concept: ConceptFunction, pretrained: dict, pool: list[TokenizedExample],
+                          cfg: PlantedConfig) -> list[OverCheckpoints]:
+    """``concept_influence[checkpoints]`` and ``concept_grad_dot[checkpoints]``: the same concept scored at the
+    pre-trained (base) and at the fine-tuned model and summed (:class:`OverCheckpoints`), EK-FAC fitted on the pool
+    at each."""
+    if not cfg.over_checkpoints:
+        return []
+    fit = CurvatureSettings(batch_size=cfg.batch_size, seed=cfg.seed)
+    return [OverCheckpoints(lambda: ConceptInfluence(concept, "ekfac", fit_examples=pool, fit=fit), [pretrained, None]),
+            OverCheckpoints(lambda: ConceptGradDot(concept), [pretrained, None])]

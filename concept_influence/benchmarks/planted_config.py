@@ -51,7 +51,9 @@ class PlantedConfig:
     compare_query: str | None = "response_mean"  # a second concept_influence with this query, for comparison
     query_study: bool = False  # also score every query variant (benchmarks/query_study.py) on the trained model
     concept_check: bool = True  # steer along the probe direction: is the concept causal for the behaviour?
+    over_checkpoints: bool = True  # also concept_influence/concept_grad_dot summed over pre-trained and fine-tuned model
     lds_seeds: int = 2  # fine-tuning seeds per concept-LDS subset (two give the ceiling: seed vs seed)
+    lds_fraction: float = 0.5  # share of the pool in each concept-LDS subset
 
     def __post_init__(self):
         if not 0 < self.rate <= 0.5:
@@ -70,6 +72,8 @@ class PlantedConfig:
                 raise BenchmarkError(f"{option} must be one of {', '.join(REDUCTIONS)}, got {value!r}")
         if self.probe_kind not in PROBE_KINDS:
             raise BenchmarkError(f"--probe-kind must be one of {', '.join(PROBE_KINDS)}, got {self.probe_kind!r}")
+        if not 0 < self.lds_fraction < 1:
+            raise BenchmarkError(f"--lds-fraction must be in (0, 1), got {self.lds_fraction}")
         if self.lds_seeds < 1:
             raise BenchmarkError(f"--lds-seeds must be at least 1, got {self.lds_seeds}")
         self.remove_fractions = tuple(self.remove_fractions)

@@ -98,20 +98,25 @@ def format_report(results: dict) -> str:
                 row += f" {share} ({r['planted_removed']} planted) |"
         lines.append(row)
     lines += ["", "P@k: precision among the top k = number planted."
+              + (" `[checkpoints]`: the estimator summed over the pre-trained and the fine-tuned model (OverCheckpoints); "
+                 "its time includes an EK-FAC fit at each." if any(n.endswith("[checkpoints]") for n in results["estimators"])
+                 else "")
               + (" Gain removed: (planted − after removal) / (planted − clean), mean ± sd over seeds (n/a when planting "
                  "did not raise the behaviour; the values are in results.json); in brackets the planted examples among "
                  "those removed." if b else ""), ""]
     if "lds" in results:
         lds = results["lds"]
         ceiling = lds.get("ceiling", float("nan"))
-        lines += ["## Concept-LDS", "", f"{lds['subsets']} random halves of the pool, each fine-tuned with "
+        share = lds.get("fraction", 0.5)
+        subsets = "halves" if share == 0.5 else f"subsets of {share:.0%}"
+        lines += ["## Concept-LDS", "", f"{lds['subsets']} random {subsets} of the pool, each fine-tuned with "
                   f"{lds.get('seeds', 1)} seed(s); Spearman between the summed scores of the kept examples and the "
                   "concept measured after fine-tuning on them (mean over the seeds). Only the concept estimators predict "
                   "this quantity; the others are shown for reference.", "",
                   f"**Ceiling: {ceiling:.3f}**, the Spearman between two fine-tuning seeds on the same subsets: what a "
                   "perfect estimator could reach against one seed's measurement."
-                  + (" Below 0.5, the subsets' measured concept is mostly seed noise at this M, and no estimator's "
-                     "value can be read." if not ceiling >= 0.5 else ""), "",
+                  + (" Below 0.5, the subsets' measured concept is mostly seed noise at this M and subset size, and no "
+                     "estimator's value can be read." if not ceiling >= 0.5 else ""), "",
                   "| estimator | Spearman |", "|---|---|"]
         lines += [f"| {n}{'' if n.startswith(CONCEPT_ESTIMATORS) else ' (not a concept estimator)'} | {r:.3f} |"
                   for n, r in lds["spearman"].items()]
