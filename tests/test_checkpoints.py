@@ -177,3 +177,20 @@ def test_sum_scores_command(tmp_path, capsys):
     assert main(["sum-scores", str(tmp_path / "o.safetensors"), str(tmp_path / "bad.safetensors")]) == 2
     assert "bad.safetensors: cannot read scores" in capsys.readouterr().err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_lora_adapter_at_its_initialisation_scores_through_lora_b(tokenizer, tokenized):
+    """At a fresh LoRA adapter (B = 0) lora_A has no gradient and zero curvature: its share is 0 instead of an error
+    about its relative damping, and lora_B carries the score (what summing from the base model needs)."""
+    peft = pytest.importorskip("peft")
+    from conftest import _hf_model
+
+    from concept_influence.models import as_adapter
+
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    adapter = as_adapter(peft.get_peft_model(_hf_model("llama", len(tokenizer)), config).eval(), tokenizer)
+    scores = ConceptInfluence(_concept(adapter, tokenized), "ekfac", fit_examples=tokenized, per_module=True).score(
+        adapter, tokenized, batch_size=4, progress=False)
+    shares = {name: np.abs(v).max() for name, v in scores.per_module.items()}
+    assert all(v == 0 for name, v in shares.items() if "lora_A" in name)
+    assert all(v > 0 for name, v in shares.items() if "lora_B" in name) and np.isfinite(scores.values).all()
