@@ -224,7 +224,8 @@ def add_query_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--query-study", action="store_true",
                    help="also score every query variant on the trained model (query_study.json)")
     p.add_argument("--no-concept-check", action="store_true", help="skip steering along the probe direction")
-    p.add_argument("--lds-seeds", type=int, default=2, help="fine-tuning seeds per concept-LDS subset (default 2)")
+    p.add_argument("--lds-seeds", type=int,
+                   help="fine-tuning seeds per concept-LDS subset (default 2; the demo's 4)")
     p.add_argument("--lds-fraction", type=float,
                    help="share of the pool in each concept-LDS subset (default 0.5; the demo's 0.25)")
     p.add_argument("--no-checkpoints", action="store_true",
@@ -236,9 +237,9 @@ def query_overrides(args: argparse.Namespace) -> dict:
     """PlantedConfig fields from :func:`add_query_options`."""
     return {"probe_kind": args.probe_kind, "query": args.query,
             "compare_query": None if args.compare_query == "none" else args.compare_query,
-            "query_study": args.query_study, "concept_check": not args.no_concept_check, "lds_seeds": args.lds_seeds,
+            "query_study": args.query_study, "concept_check": not args.no_concept_check,
             "over_checkpoints": not args.no_checkpoints,
-            **({} if args.lds_fraction is None else {"lds_fraction": args.lds_fraction})}
+            **{k: v for k in ("lds_seeds", "lds_fraction") if (v := getattr(args, k)) is not None}}
 
 
 def user_errors() -> tuple[type[Exception], ...]:

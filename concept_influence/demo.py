@@ -25,7 +25,7 @@ def demo_config(quick: bool = False, seed: int = 0) -> PlantedConfig:
     return PlantedConfig(paired=True, seed=seed, n_probe=150, n_pretrain=600, n_pool=600, n_eval=48, n_test=48,
                          vocab_size=1024, n_layers=2, d_model=64, n_heads=4, max_length=128, pretrain_epochs=2,
                          finetune_epochs=2, pretrain_lr=2e-3, finetune_lr=2e-3, max_new_tokens=40, lds=24,
-                         lds_fraction=0.25)
+                         lds_fraction=0.25, lds_seeds=4)
 
 
 def run_demo(out: str | Path, config: PlantedConfig | None = None, progress: bool = True,

@@ -204,3 +204,32 @@ def test_insecure_code_splits_unpaired():
     s = split_planted(secure, insecure, PlantedConfig(n_probe=100, n_pretrain=150, n_pool=220, n_eval=40),
                       "secure", "insecure")
     assert sum(s.planted) == 22 and len(s.pool) == 220
+
+
+def test_concept_lds_ceiling_splits_the_seeds_in_halves():
+    """With 4 seeds the ceiling is the Spearman between the means of seeds {0, 1} and {2, 3}; subsets have the
+    configured size; an estimator that knows each example's true effect is scored against the 4-seed mean."""
+    from types import SimpleNamespace
+
+    from scipy.stats import spearmanr
+
+    from concept_influence.benchmarks.planted_behaviour import concept_lds
+
+    effect = np.random.default_rng(0).normal(size=40)
+    sizes, measured = [], []
+
+    class Tuner:  # "fine-tuning" on a subset: the sum of its examples' effects plus seed noise
+        adapter = None
+
+        def finetune(self, kept, seed, desc):
+            sizes.append(len(kept))
+            measured.append(effect[list(kept)].sum() + np.random.default_rng(len(sizes)).normal(scale=2.0))
+
+    concept = SimpleNamespace(evaluate=lambda adapter: [measured[-1]])
+    cfg = PlantedConfig(lds=12, lds_seeds=4, lds_fraction=0.25)
+    out = concept_lds(Tuner(), concept, list(range(40)), {"true": effect, "random": -effect}, cfg)
+    by_seed = np.array(out["measured"])
+    assert by_seed.shape == (12, 4) and out["fraction"] == 0.25
+    assert sizes == [10] * 48  # a quarter of the 40 examples, 12 subsets x 4 seeds
+    assert out["ceiling"] == pytest.approx(spearmanr(by_seed[:, :2].mean(1), by_seed[:, 2:].mean(1))[0])
+    assert out["spearman"]["true"] == -out["spearman"]["random"] > 0.5

@@ -113,8 +113,11 @@ def format_report(results: dict) -> str:
                   f"{lds.get('seeds', 1)} seed(s); Spearman between the summed scores of the kept examples and the "
                   "concept measured after fine-tuning on them (mean over the seeds). Only the concept estimators predict "
                   "this quantity; the others are shown for reference.", "",
-                  f"**Ceiling: {ceiling:.3f}**, the Spearman between two fine-tuning seeds on the same subsets: what a "
-                  "perfect estimator could reach against one seed's measurement."
+                  f"**Ceiling: {ceiling:.3f}**, the Spearman between "
+                  + ("two fine-tuning seeds on the same subsets: what a perfect estimator could reach against one "
+                     "seed's measurement." if lds.get("seeds", 2) < 4 else
+                     f"the means of two disjoint halves of the {lds['seeds']} seeds on the same subsets: what a perfect "
+                     "estimator could reach against a measurement averaged over half the seeds.")
                   + (" Below 0.5, the subsets' measured concept is mostly seed noise at this M and subset size, and no "
                      "estimator's value can be read." if not ceiling >= 0.5 else ""), "",
                   "| estimator | Spearman |", "|---|---|"]
