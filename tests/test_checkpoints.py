@@ -13,8 +13,9 @@ from concept_influence.concepts import ConceptFunction
 from concept_influence.curvature import CurvatureSettings, fit_curvature
 from concept_influence.estimators import ConceptGradDot, ConceptInfluence, OverCheckpoints
 from concept_influence.fileio import save_tensors
-from concept_influence.models import ModelLoadError, load_checkpoint, save_model
+from concept_influence.models import ModelLoadError, as_adapter, load_checkpoint, save_model
 from concept_influence.scores import Scores
+from conftest import _hf_model
 from probes import ConceptDirection
 
 HOOK = "blocks.1.hook_resid_post"
@@ -73,10 +74,7 @@ def test_checkpoints_from_files_and_folders_equal_in_memory(tl_adapter, tokenize
 
 def test_peft_adapter_checkpoint_folder(tokenizer, tokenized, tmp_path):
     peft = pytest.importorskip("peft")
-    from test_peft import lora_model
-
-    from concept_influence.models import as_adapter
-    from conftest import _hf_model
+    from test_peft import lora_model  # (imports peft)
 
     adapter = as_adapter(lora_model(_hf_model("llama", len(tokenizer)), seed=0), tokenizer)
     other = lora_model(_hf_model("llama", len(tokenizer)), seed=1)
@@ -101,9 +99,6 @@ def test_peft_adapter_checkpoint_folder(tokenizer, tokenized, tmp_path):
 
 
 def test_checkpoint_errors(tl_adapter, tokenizer, tmp_path):
-    from concept_influence.models import as_adapter
-    from conftest import _hf_model
-
     before = tl_adapter.fingerprint()
     with pytest.raises(ModelLoadError, match=r"weights the model does not have, e.g. 'nope'"):
         load_checkpoint(tl_adapter, {"nope": torch.zeros(1)})
@@ -183,10 +178,6 @@ def test_lora_adapter_at_its_initialisation_scores_through_lora_b(tokenizer, tok
     """At a fresh LoRA adapter (B = 0) lora_A has no gradient and zero curvature: its share is 0 instead of an error
     about its relative damping, and lora_B carries the score (what summing from the base model needs)."""
     peft = pytest.importorskip("peft")
-    from conftest import _hf_model
-
-    from concept_influence.models import as_adapter
-
     config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"])
     adapter = as_adapter(peft.get_peft_model(_hf_model("llama", len(tokenizer)), config).eval(), tokenizer)
     scores = ConceptInfluence(_concept(adapter, tokenized), "ekfac", fit_examples=tokenized, per_module=True).score(
