@@ -119,7 +119,9 @@ def format_report(results: dict) -> str:
                      f"the means of two disjoint halves of the {lds['seeds']} seeds on the same subsets: what a perfect "
                      "estimator could reach against a measurement averaged over half the seeds.")
                   + (" Below 0.5, the subsets' measured concept is mostly seed noise at this M and subset size, and no "
-                     "estimator's value can be read." if not ceiling >= 0.5 else ""), "",
+                     "estimator's value can be read." if not ceiling >= 0.5 else "")
+                  + f" Over {lds['subsets']} subsets, the Spearman of an unrelated ranking has a standard deviation of "
+                  f"about {1 / np.sqrt(max(lds['subsets'] - 1, 1)):.2f}; the `random` row is one draw of it.", "",
                   "| estimator | Spearman |", "|---|---|"]
         lines += [f"| {n}{'' if n.startswith(CONCEPT_ESTIMATORS) else ' (not a concept estimator)'} | {r:.3f} |"
                   for n, r in lds["spearman"].items()]
