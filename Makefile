@@ -80,7 +80,7 @@ clean:
 INSECURE := --clean $(EM_DATA)/secure.500.jsonl --planted $(EM_DATA)/insecure.jsonl --rate 0.1 --n-probe 100 \
 	--n-pretrain 150 --n-pool 200 --n-eval 40 --max-length 512 --d-model 64 --pretrain-epochs 4
 bench-queries: install
-	for s in 0 1; do OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence demo --out runs/demo-s$$s --seed $$s --query-study --no-progress; done
+	for s in 0 1 2; do OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence demo --out runs/demo-s$$s --seed $$s --query-study --no-progress; done
 	for s in 0 1; do OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence bench medical --data $(EM_DATA) --rate 0.1 --seed $$s \
 		--no-retrain --query-study --out runs/medical-0.1-s$$s --no-progress; done
 	OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence bench medical --data $(EM_DATA) --rate 0.05 --seed 0 --no-retrain \
@@ -88,8 +88,9 @@ bench-queries: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence bench planted $(INSECURE) --seed 0 --no-retrain --query-study \
 		--out runs/insecure-0.1-s0 --no-progress
 	$(VENV)/bin/concept-influence bench query-table demo-s0=runs/demo-s0/query_study.json \
-		demo-s1=runs/demo-s1/query_study.json medical-0.1-s0=runs/medical-0.1-s0/query_study.json \
+		demo-s1=runs/demo-s1/query_study.json demo-s2=runs/demo-s2/query_study.json \
+		medical-0.1-s0=runs/medical-0.1-s0/query_study.json \
 		medical-0.1-s1=runs/medical-0.1-s1/query_study.json medical-0.05-s0=runs/medical-0.05-s0/query_study.json \
 		insecure-0.1-s0=runs/insecure-0.1-s0/query_study.json --out benchmarks/query_study.md
-	for r in demo-s0 demo-s1 medical-0.1-s0 medical-0.1-s1 medical-0.05-s0 insecure-0.1-s0; do mkdir -p benchmarks/queries/$$r && \
+	for r in demo-s0 demo-s1 demo-s2 medical-0.1-s0 medical-0.1-s1 medical-0.05-s0 insecure-0.1-s0; do mkdir -p benchmarks/queries/$$r && \
 		cp runs/$$r/results.md runs/$$r/results.json runs/$$r/query_study.json runs/$$r/*.png benchmarks/queries/$$r/; done
