@@ -148,8 +148,33 @@ def _query_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_table(args: argparse.Namespace) -> int:
+    from .benchmarks.planted_report import format_check_table
+    from .data import DataError
+    from .fileio import atomic_write_text
+
+    runs = {}
+    for item in args.runs:
+        name, _, path = item.rpartition("=")
+        try:
+            results = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: cannot read a benchmark's results ({e})") from None
+        if not results.get("concept_check"):
+            raise DataError(f"{path}: the run has no concept check (it was run with --no-concept-check)")
+        runs[name or Path(path).parent.name] = results
+    text = (f"# {args.title}\n\nCommand: `concept-influence bench check-table {' '.join(args.runs)} --out {args.out}`"
+            "\n\nThe steering check of each run's probe (first-order effect on log p(planted) − log p(clean answer) "
+            "per σ of the projection, ± its standard error; causal at ≥ 0.01 and two standard errors) beside the "
+            "retrieval AUROC of Concept Influence and of the fast path. Each run's command is at the top of its "
+            f"results.md.\n\n{format_check_table(runs)}\n")
+    atomic_write_text(args.out, text)
+    print(text)
+    return 0
+
+
 def add_concept_commands(sub, bench) -> None:
-    """``concept check``, ``filter``, ``sum-scores`` and ``bench query-table``."""
+    """``concept check``, ``filter``, ``sum-scores``, ``bench check-table`` and ``bench query-table``."""
     concept = sub.add_parser("concept", help="judge a concept before attributing").add_subparsers(
         dest="concept_command", required=True)
     check = concept.add_parser(
@@ -204,6 +229,14 @@ def add_concept_commands(sub, bench) -> None:
     total.add_argument("--estimator", help="the summed scores' estimator name (default: the first's + [checkpoints])")
     total.add_argument("--force", action="store_true", help="replace OUT if it exists")
     total.set_defaults(func=_sum_scores)
+
+    checks = bench.add_parser("check-table", help="one table of benchmark runs' concept checks",
+                              description="The steering check and the retrieval AUROC of several benchmark runs "
+                                          "(their results.json), one row each: where is the concept causal?")
+    checks.add_argument("runs", nargs="+", metavar="[NAME=]PATH", help="results.json files, optionally named")
+    checks.add_argument("--out", required=True, help="markdown file to write")
+    checks.add_argument("--title", default="Concept checks", help="the table's heading")
+    checks.set_defaults(func=_check_table)
 
     table = bench.add_parser("query-table", help="one table of query studies (bench ... --query-study)",
                              description="Merge the query_study.json files of several benchmark runs into one "

@@ -1,4 +1,4 @@
-"""`concept check`, `filter` and `bench query-table` at the command line: results, and bad input as one clear line."""
+"""`concept check`, `filter`, `bench query-table` and `bench check-table` at the command line: results, bad input as one line."""
 
 import json
 
@@ -117,3 +117,22 @@ def test_query_table_command(tmp_path, capsys):
     assert "| last_prompt | 0.900 | 0.900 | 0.450 |" in text
     assert main(["bench", "query-table", str(tmp_path / "nope.json"), "--out", str(out)]) == 2
     assert "nope.json: cannot read a query study" in _error_line(capsys)
+
+
+def test_check_table_command(tmp_path, capsys):
+    check = {"hook_name": "blocks.1.hook_resid_post", "separation_auroc": 0.78, "first_order": {"all": 0.0107, "prompt": 0.0},
+             "first_order_se": {"all": 0.0015, "prompt": 0.0001}, "verdict": "causal"}
+    results = {"config": {"n_layers": 2, "d_model": 128, "pretrain_epochs": 2, "rate": 0.5, "finetune_epochs": 6,
+                          "probe_kind": "diff_means"}, "splits": {"pretrain": 2500, "pool": 1200}, "concept_check": check,
+               "estimators": {"concept_influence": {"auroc": 0.488}, "probe_projection": {"auroc": 0.804}}}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text(json.dumps(results))
+    out = tmp_path / "checks.md"
+    assert main(["bench", "check-table", str(tmp_path / "run" / "results.json"), "--out", str(out)]) == 0
+    assert ("| run | 2 × 128 | 2500 × 2 | 1200, 0.5 | 6 | diff_means at blocks.1.hook_resid_post | 0.78 | +0.0107 ± 0.0015 | "
+            "+0.0000 ± 0.0001 | causal | 0.488 | — | 0.804 |") in out.read_text()
+    (tmp_path / "run" / "results.json").write_text(json.dumps({**results, "concept_check": None}))
+    assert main(["bench", "check-table", str(tmp_path / "run" / "results.json"), "--out", str(out)]) == 2
+    assert "the run has no concept check" in _error_line(capsys)
+    assert main(["bench", "check-table", str(tmp_path / "nope.json"), "--out", str(out)]) == 2
+    assert "nope.json: cannot read a benchmark's results" in _error_line(capsys)

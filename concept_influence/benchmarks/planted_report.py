@@ -174,3 +174,22 @@ def _concept_lines(results: dict) -> list[str]:
 def command_line() -> str:
     """The command that started this process, for the report."""
     return "concept-influence " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def format_check_table(runs: dict[str, dict]) -> str:
+    """One row per benchmark run (its results.json): model and planting settings beside the steering check of its
+    probe and the retrieval AUROC of the concept estimators and the fast path, to show where a concept is causal."""
+    rows = ["| run | blocks × d_model | pre-train chats × epochs | pool, rate | fine-tune epochs | probe | separation "
+            "AUROC | first-order effect, all positions (nats/σ) | prompt positions | verdict | CI AUROC | "
+            "CI[checkpoints] AUROC | probe_projection AUROC |", "|---" * 13 + "|"]
+    for name, r in runs.items():
+        c, check, est = r["config"], r["concept_check"], r["estimators"]
+        effect, se = check["first_order"], check["first_order_se"]
+        summed = est.get("concept_influence[checkpoints]", {}).get("auroc")
+        rows.append(f"| {name} | {c['n_layers']} × {c['d_model']} | {r['splits']['pretrain']} × {c['pretrain_epochs']} | "
+                    f"{r['splits']['pool']}, {c['rate']} | {c['finetune_epochs']} | {c['probe_kind']} at "
+                    f"{check['hook_name']} | {check['separation_auroc']:.2f} | {effect['all']:+.4f} ± {se['all']:.4f} | "
+                    f"{effect['prompt']:+.4f} ± {se['prompt']:.4f} | {check['verdict']} | "
+                    f"{est['concept_influence']['auroc']:.3f} | {'—' if summed is None else f'{summed:.3f}'} | "
+                    f"{est['probe_projection']['auroc']:.3f} |")
+    return "\n".join(rows)
