@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo demo-quick test lint notebooks bench bench-gpt2 bench-queries bench-memory bench-medical bench-medical-sae clean
+.PHONY: install demo demo-quick test lint notebooks bench bench-gpt2 bench-queries bench-causal bench-memory bench-medical bench-medical-sae clean
 
 install: $(VENV)/.installed
 
@@ -53,6 +53,19 @@ bench-gpt2: install
 	$(VENV)/bin/concept-influence bench speed --size gpt2-small --out benchmarks
 
 # Peak RSS of scoring 1k vs 50k examples through run folders (about 10 min on 2 cores).
+bench-causal: install
+	for e in 2 6; do OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence bench medical --data $(EM_DATA) --rate 0.5 \
+		--finetune-epochs $$e --seed 0 --no-retrain --no-checkpoints --compare-query none \
+		--out runs/causal/rate0.5-ep$$e --no-progress; \
+		mkdir -p benchmarks/medical-causal/rate0.5-ep$$e && cp runs/causal/rate0.5-ep$$e/results.* \
+		runs/causal/rate0.5-ep$$e/*.png benchmarks/medical-causal/rate0.5-ep$$e/; done
+	$(VENV)/bin/concept-influence bench check-table \
+		$(foreach r,demo-s0 demo-s1 demo-s2 medical-0.1-s0 medical-0.1-s1 medical-0.05-s0,$(r)=benchmarks/queries/$(r)/results.json) \
+		medical-0.5-ep2=benchmarks/medical-causal/rate0.5-ep2/results.json \
+		medical-0.5-ep6=benchmarks/medical-causal/rate0.5-ep6/results.json \
+		insecure-0.1-s0=benchmarks/queries/insecure-0.1-s0/results.json \
+		--title "Where is the concept causal? The demo and the medical search" --out benchmarks/medical-causal/README.md
+
 bench-memory: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence bench memory --out benchmarks
 
