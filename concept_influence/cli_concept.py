@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-__all__ = ["add_concept_commands", "add_query_options", "query_overrides", "user_errors"]
+__all__ = ["add_concept_commands", "add_dtype_option", "add_query_options", "query_overrides", "user_errors"]
 
 # Spelled out so that building the parser imports no torch (tests check they equal the library's constants).
 REDUCTIONS = ("response_mean", "last_prompt", "prompt_mean", "all_tokens")  # probes.REDUCTIONS
@@ -50,7 +50,7 @@ def _concept_check(args: argparse.Namespace) -> int:
 
     if (args.direction is None) == (args.sae is None):
         raise ConceptCheckError("give the concept as --direction FILE or as --sae DIR --latent I, not both")
-    adapter = load_model(args.model)
+    adapter = load_model(args.model, dtype=args.dtype)
     if args.direction is not None:
         direction = ConceptDirection.load(args.direction)
     else:
@@ -199,6 +199,7 @@ def add_concept_commands(sub, bench) -> None:
                        help="first-order effect (nats per sd) needed for 'causal' (default 0.01; see the README)")
     check.add_argument("--batch-size", type=int, default=16, help="examples per forward (default 16)")
     check.add_argument("--out", help="folder for concept_check.json and concept_check.png")
+    add_dtype_option(check)
     check.set_defaults(func=_concept_check)
 
     flt = sub.add_parser(
@@ -244,6 +245,14 @@ def add_concept_commands(sub, bench) -> None:
     table.add_argument("studies", nargs="+", metavar="[NAME=]PATH", help="query_study.json files, optionally named")
     table.add_argument("--out", required=True, help="markdown file to write (e.g. benchmarks/query_study.md)")
     table.set_defaults(func=_query_table)
+
+
+def add_dtype_option(p: argparse.ArgumentParser) -> None:
+    """``--dtype``: what the model computes in (as the run config's ``[model] dtype``)."""
+    from .models import MODEL_DTYPES
+
+    p.add_argument("--dtype", choices=("auto", *MODEL_DTYPES), default="auto",
+                   help="convert the model's weights on loading (default auto: as saved)")
 
 
 def add_query_options(p: argparse.ArgumentParser) -> None:

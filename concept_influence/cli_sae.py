@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .cli_concept import add_dtype_option
+
 __all__ = ["add_sae_commands", "add_sae_benchmark_options", "sae_benchmark_overrides"]
 
 # Spelled out so that building the parser imports no torch (tests check they equal the library's constants).
@@ -42,7 +44,7 @@ def _sae_train(args: argparse.Namespace) -> int:
     from .models import load_model
     from .sae_training import train_sae
 
-    adapter = load_model(args.model)
+    adapter = load_model(args.model, dtype=args.dtype)
     examples = _examples(args.data, adapter, args.max_length)
     result = train_sae(adapter, examples, args.hook, args.d_sae, args.out, architecture=args.architecture, k=args.k,
                        l1_coefficient=args.l1, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -61,7 +63,7 @@ def _load(args: argparse.Namespace):
     from .models import load_model
     from .sae_concepts import check_sae_compatible
 
-    adapter = load_model(args.model)
+    adapter = load_model(args.model, dtype=args.dtype)
     sae = load_sae(args.sae)
     check_sae_compatible(sae, adapter)
     return adapter, sae
@@ -146,6 +148,7 @@ def _sae_explain(args: argparse.Namespace) -> int:
 def _common(p: argparse.ArgumentParser, sae: bool = True) -> None:
     p.add_argument("--model", required=True, help="model folder (concept_influence.models.save_model or Hugging Face "
                                                   "save_pretrained, with its tokenizer)")
+    add_dtype_option(p)
     if sae:
         p.add_argument("--sae", required=True, help="SAE-Lens folder with cfg.json and sae_weights.safetensors")
     p.add_argument("--max-length", type=int, help="tokens per example; examples whose response is cut away are "

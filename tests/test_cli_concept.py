@@ -136,3 +136,16 @@ def test_check_table_command(tmp_path, capsys):
     assert "the run has no concept check" in _error_line(capsys)
     assert main(["bench", "check-table", str(tmp_path / "nope.json"), "--out", str(out)]) == 2
     assert "nope.json: cannot read a benchmark's results" in _error_line(capsys)
+
+
+def test_concept_check_in_bfloat16(project, capsys):
+    """``--dtype`` converts the model on loading (as ``[model] dtype`` does); the check agrees with float32."""
+    records = {}
+    for dtype in ("float32", "bfloat16"):
+        out = project / f"check-{dtype}"
+        assert main(["concept", "check", "--model", str(project / "model"), "--direction", str(project / "dir.safetensors"),
+                     "--positive", str(project / "pos.jsonl"), "--negative", str(project / "neg.jsonl"),
+                     "--alphas=-1,-0.5,0.5,1", "--dtype", dtype, "--out", str(out)]) == 0
+        records[dtype] = json.loads((out / "concept_check.json").read_text())
+    assert records["bfloat16"]["baseline"] == pytest.approx(records["float32"]["baseline"], rel=0.05)
+    assert records["bfloat16"]["separation_auroc"] == pytest.approx(records["float32"]["separation_auroc"], abs=0.1)
