@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Callable, Mapping, Sequence
 
-import torch
-
 from ..data import TokenizedExample
-from ..models import ModelAdapter, load_checkpoint
+from ..models import ModelAdapter, checkpointed_weights, load_checkpoint
 from ..scores import Scores
 from .base import Estimator
 
@@ -40,15 +38,11 @@ class OverCheckpoints(Estimator):
 
     def score(self, adapter: ModelAdapter, examples: Sequence[TokenizedExample], *, batch_size: int = 8,
               progress: bool = True) -> Scores:
-        own = _own_weights(adapter)
-        frozen = set(adapter.model.state_dict()) - set(own)  # a PEFT model's base weights
+        own = checkpointed_weights(adapter)
         parts = []
         try:
             for checkpoint in self.checkpoints:
                 adapter.model.load_state_dict(own, strict=False)
-                if isinstance(checkpoint, Mapping) and frozen.intersection(checkpoint):
-                    raise ValueError("a checkpoint of a PEFT model may hold its adapter weights only (lora_*), got "
-                                     f"{min(frozen.intersection(checkpoint))!r}")
                 if checkpoint is not None:
                     load_checkpoint(adapter, checkpoint)
                 parts.append(self.make_estimator().score(adapter, examples, batch_size=batch_size, progress=progress))
@@ -57,14 +51,6 @@ class OverCheckpoints(Estimator):
         metadata = {**parts[0].metadata, "checkpoints": [_describe(c) for c in self.checkpoints],
                     "checkpoint_weights": list(self.weights or [1.0] * len(parts))}
         return Scores.weighted_sum(parts, self.weights, estimator=self.name, metadata=metadata)
-
-
-def _own_weights(adapter: ModelAdapter) -> dict[str, torch.Tensor]:
-    """A copy of the weights a checkpoint can change: a PEFT model's adapter weights, else every weight."""
-    state = adapter.model.state_dict()
-    if any("lora_" in k for k in state):
-        state = {k: v for k, v in state.items() if "lora_" in k}
-    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def _describe(checkpoint) -> str:

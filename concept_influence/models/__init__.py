@@ -12,7 +12,7 @@ from .base import (
 )
 from .hooked_transformer import HookedTransformerAdapter
 from .hugging_face import HFCausalLMAdapter
-from .loading import ModelLoadError, as_adapter, load_checkpoint, load_model, save_model
+from .loading import ModelLoadError, as_adapter, checkpointed_weights, load_checkpoint, load_model, save_model
 
 __all__ = [
     "MODEL_DTYPES",
@@ -28,6 +28,7 @@ __all__ = [
     "save_model",
     "load_model",
     "load_checkpoint",
+    "checkpointed_weights",
     "block_of_hook",
     "per_token_mean_loss",
 ]

@@ -12,7 +12,7 @@ from .base import ModelAdapter, resolve_dtype
 from .hooked_transformer import HookedTransformerAdapter
 from .hugging_face import HFCausalLMAdapter
 
-__all__ = ["as_adapter", "ModelLoadError", "save_model", "load_model", "load_checkpoint"]
+__all__ = ["as_adapter", "ModelLoadError", "save_model", "load_model", "load_checkpoint", "checkpointed_weights"]
 
 
 def as_adapter(model, tokenizer=None, track: str = "auto") -> ModelAdapter:
@@ -183,32 +183,49 @@ def _load_peft(path: Path, device: str, target: torch.dtype | None, base: str | 
     return _adapter(path, partial(HFCausalLMAdapter, track=track), model.to(device).eval(), tokenizer)
 
 
+def checkpointed_weights(adapter: ModelAdapter) -> dict[str, torch.Tensor]:
+    """A copy of the weights a training checkpoint can change: a PEFT model's adapter weights (``lora_*``), else
+    every weight."""
+    state = adapter.model.state_dict()
+    if any(_is_adapter_weight(k) for k in state):
+        state = {k: v for k, v in state.items() if _is_adapter_weight(k)}
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _is_adapter_weight(name: str) -> bool:
+    return "lora_" in name
+
 
 def load_checkpoint(adapter: ModelAdapter, checkpoint) -> None:
     """Load the weights of one training checkpoint into ``adapter``'s model, in place: a mapping of tensors keyed as
     its ``state_dict``, a safetensors file of them, or a folder written by :func:`save_model` / ``save_pretrained``
     (a model folder, or a PEFT adapter folder, whose ``adapter_model.safetensors`` holds the adapter's weights
-    only). Weights the checkpoint lacks keep their values (a LoRA checkpoint leaves the frozen base alone). A weight
-    the model does not have or a shape that differs is a :class:`ModelLoadError` naming the checkpoint, raised
-    before anything is loaded."""
+    only). Weights the checkpoint lacks keep their values (a LoRA checkpoint leaves the frozen base alone); a PEFT
+    model's checkpoint may hold its adapter weights only. A weight the model does not have, a shape that differs or
+    a base weight of a PEFT model is a :class:`ModelLoadError` naming the checkpoint, raised before anything is
+    loaded."""
     from ..fileio import load_tensors
 
-    where = "checkpoint mapping" if isinstance(checkpoint, Mapping) else str(checkpoint)
-    path = None if isinstance(checkpoint, Mapping) else Path(checkpoint)
-    if path is None:
-        state = dict(checkpoint)
-    elif path.is_file():
-        state = load_tensors(path, error=ModelLoadError)
-    elif (path / PEFT_WEIGHTS_FILE).is_file():
-        return _load_peft_checkpoint(adapter, path)
-    elif path.is_dir() and any(path.glob("*.safetensors")):
-        state = {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_tensors(f, error=ModelLoadError).items()}
+    if isinstance(checkpoint, Mapping):
+        where, state = "checkpoint mapping", dict(checkpoint)
     else:
-        raise ModelLoadError(f"{path}: not a checkpoint (neither a safetensors file nor a folder with safetensors weights)")
+        path = Path(checkpoint)
+        if (path / PEFT_WEIGHTS_FILE).is_file():
+            return _load_peft_checkpoint(adapter, path)
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path] if path.is_file() else []
+        if not files:
+            raise ModelLoadError(f"{path}: not a checkpoint (neither a safetensors file nor a folder with safetensors "
+                                 "weights)")
+        where, state = str(path), {k: v for f in files for k, v in load_tensors(f, error=ModelLoadError).items()}
     own = adapter.model.state_dict()
     unknown = [k for k in state if k not in own]
     if unknown:
         raise ModelLoadError(f"{where}: {len(unknown)} weights the model does not have, e.g. {unknown[0]!r}")
+    if any(_is_adapter_weight(k) for k in own):
+        frozen = sorted(k for k in state if not _is_adapter_weight(k))
+        if frozen:
+            raise ModelLoadError(f"{where}: a checkpoint of a PEFT model may hold its adapter weights only (lora_*), got "
+                                 f"{frozen[0]!r}")
     for k, v in state.items():
         if tuple(v.shape) != tuple(own[k].shape):
             raise ModelLoadError(f"{where}: weight {k!r} has shape {tuple(v.shape)}, the model's is {tuple(own[k].shape)}")
@@ -223,14 +240,12 @@ def _load_peft_checkpoint(adapter: ModelAdapter, path: Path) -> None:
     if not isinstance(adapter.model, PeftModel):
         raise ModelLoadError(f"{path}: a PEFT adapter checkpoint, but the model is not a PEFT model")
     state = load_tensors(path / PEFT_WEIGHTS_FILE, error=ModelLoadError)
-    saved = {k: v.clone() for k, v in adapter.model.state_dict().items() if "lora_" in k}  # restored on error
+    saved = checkpointed_weights(adapter)  # restored on error
     try:
-        result = set_peft_model_state_dict(adapter.model, state)
+        unexpected = set_peft_model_state_dict(adapter.model, state).unexpected_keys
+        problem = f"{len(unexpected)} weights the model does not have, e.g. {unexpected[0]!r}" if unexpected else None
     except RuntimeError as e:
+        problem = f"the adapter checkpoint does not fit the model ({str(e).strip().splitlines()[0]})"
+    if problem:
         adapter.model.load_state_dict(saved, strict=False)
-        first = str(e).strip().splitlines()[0]
-        raise ModelLoadError(f"{path}: the adapter checkpoint does not fit the model ({first})") from None
-    if result.unexpected_keys:
-        adapter.model.load_state_dict(saved, strict=False)
-        raise ModelLoadError(f"{path}: {len(result.unexpected_keys)} weights the model does not have, e.g. "
-                             f"{result.unexpected_keys[0]!r}")
+        raise ModelLoadError(f"{path}: {problem}")
