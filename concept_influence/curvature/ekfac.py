@@ -64,9 +64,9 @@ class EKFACCurvature(Curvature):
 
     def _precondition_map(self, name: str, v: torch.Tensor) -> torch.Tensor:
         damping = self.dampings[name]
-        if not damping > 0 and not v.any():  # (G + λI)⁻¹ 0 = 0 for every λ, e.g. lora_A while lora_B is still 0
-            return torch.zeros_like(v)
         if not damping > 0:
+            if not v.any():  # (G + λI)⁻¹ 0 = 0 for every λ, e.g. lora_A while lora_B is still 0
+                return torch.zeros_like(v)
             raise CurvatureError(f"map {name!r} has zero curvature, so its relative damping is zero; pass an absolute damping")
         f = self.factors[name]
         return f.precondition(v.to(f.q_a), damping).to(v)
