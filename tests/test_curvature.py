@@ -101,11 +101,11 @@ def test_padding_is_ignored_even_when_not_finite():
     padded[~mask] = float("nan")
     basis = KroneckerEigen.from_covariances(*covariance_sums(a, g, mask))
     for x in (a, padded):
-        sums = covariance_sums(x, g, mask) + (rotated_square_sum(x, g, mask, basis, chunk_elements=1),)
+        sums = covariance_sums(x, g, mask) + (rotated_square_sum(x, g, mask, basis),)
         assert all(torch.isfinite(t).all() for t in sums)
     per_example = [(g[b, mask[b]].T @ a[b, mask[b]]) for b in range(3)]
     expected = sum((basis.q_s.T @ G @ basis.q_a).square() for G in per_example)
-    torch.testing.assert_close(rotated_square_sum(padded, g, mask, basis, chunk_elements=1), expected)
+    torch.testing.assert_close(rotated_square_sum(padded, g, mask, basis), expected)
     torch.testing.assert_close(covariance_sums(padded, g, mask)[0], a[mask].T @ a[mask])
 
 
