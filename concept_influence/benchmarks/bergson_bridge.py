@@ -42,7 +42,7 @@ BERGSON_SETTINGS = {
                    "projection), precision fp32, token_batch_size = batch size × longest example, "
                    "max_batch_size = batch size",
     "InversionConfig": "inversion='damped_inverse', damping_factor=0.1 (0.1 × mean Λ per module, as ours)",
-    "ScoreConfig": "precision='fp32', one query (∇f), score='individual'",
+    "ScoreConfig": "precision='fp32', one query per concept (∇f_k), scored in one pass, score='individual'",
 }
 BERGSON_DIFFERENCES = (
     "Bergson's Fisher weights example z by 1/T_z (T_z: its loss tokens; the Gauss-Newton Hessian of the mean "
@@ -142,14 +142,13 @@ def bergson_concept_scores(adapter: HFCausalLMAdapter, examples: Sequence[Tokeni
     """Concept Influence of ``examples`` computed by Bergson on a copy of the adapter's model: EK-FAC with the
     true Fisher (our sampled labels), CPU, float32 (eigendecomposition float64), damping ``damping_factor`` ×
     mean(Λ) per module, no random projection, the same linear maps as ours (blocks up to the concept's layer)
-    and our ∇f as the query. What still differs from ours is :data:`BERGSON_DIFFERENCES`.
+    and our ∇f as the query: the concept's K gradients are K queries, scored in one pass (Bergson's ``Scorer``
+    takes several). What still differs from ours is :data:`BERGSON_DIFFERENCES`.
 
-    Returns ``scores`` (sign-aligned with ours: −Bergson's ``(H⁻¹∇f)·∇L(z)``), ``fit_seconds`` (the EK-FAC
-    fit), ``score_seconds`` (∇f, its preconditioning and the scoring pass), ``label_seconds`` (sampling our
-    labels, a forward pass Bergson does not need when it samples its own; not in the other two), the per-map
+    Returns ``scores`` ``[N, K]`` (sign-aligned with ours: −Bergson's ``(H⁻¹∇f)·∇L(z)``), ``fit_seconds`` (the
+    EK-FAC fit), ``score_seconds`` (∇f, its preconditioning and the scoring pass), ``label_seconds`` (sampling
+    our labels, a forward pass Bergson does not need when it samples its own; not in the other two), the per-map
     ``dampings`` (by our map names) and ``tracked_modules`` (Bergson's names)."""
-    if concept.k != 1:
-        raise ValueError(f"the Bergson comparison measures one concept, got {concept.k}")
     with _quiet_bergson():
         from bergson import collect_gradients
         from bergson.config.config import HessianConfig, IndexConfig, InversionConfig
@@ -191,15 +190,15 @@ def bergson_concept_scores(adapter: HFCausalLMAdapter, examples: Sequence[Tokeni
         result["fit_seconds"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        grads = concept.gradient(adapter, adapter.linear_maps(concept.layer), batch_size=batch_size)  # [1, d_out, d_in]
+        grads = concept.gradient(adapter, adapter.linear_maps(concept.layer), batch_size=batch_size)  # [K, d_out, d_in]
         inversion = InversionConfig(inversion="damped_inverse", damping_factor=damping_factor)
         preconditioner = FactoredPreconditioner.from_path(hessian_path, inversion_cfg=inversion, ev_correction=True)
-        query = preconditioner.apply({name: grads[ours].reshape(1, -1) for name, ours in to_ours.items()})
-        writer = InMemorySequenceScoreWriter(len(score_data), 1)
+        query = preconditioner.apply({name: grads[ours].reshape(concept.k, -1) for name, ours in to_ours.items()})
+        writer = InMemorySequenceScoreWriter(len(score_data), concept.k)
         scorer = Scorer(query, list(to_ours), writer, torch.device("cpu"), torch.float32)
         collect_gradients(model, score_data, GradientProcessor(include_bias=False), index_cfg, batches=batches["score"],
                           target_modules=set(to_ours), scorer=scorer)
         result["score_seconds"] = time.perf_counter() - start
-        result["scores"] = -writer.scores[:, 0].double().numpy()
+        result["scores"] = -writer.scores.double().numpy()
         result["dampings"] = {to_ours[name]: damping_factor * float(lam.mean()) for name, lam in preconditioner.lambdas.items()}
     return result

@@ -65,12 +65,14 @@ def _kronfluence_batch(examples: Sequence[TokenizedExample], pad_token_id: int) 
 
 def _kronfluence_task(twin: HFCausalLMAdapter, concept: ConceptFunction, module_names: list[str], seed: int):
     """kronfluence's ``Task`` for our concept measurement and training loss (``twin`` wraps the model
-    kronfluence is given)."""
+    kronfluence is given); its ``column`` attribute picks which of the concept's K readouts is measured."""
     from kronfluence.task import Task
 
     n_eval = len(concept.eval_examples)
 
     class ConceptTask(Task):
+        column = 0
+
         def compute_train_loss(self, batch, model, sample=False):
             # Σ_z mean response-token cross-entropy; for the true Fisher (sample=True) the labels are drawn
             # exactly as our fit_curvature draws them (seeded per example id).
@@ -83,7 +85,7 @@ def _kronfluence_task(twin: HFCausalLMAdapter, concept: ConceptFunction, module_
             # f = mean over eval examples of the concept's readout, exactly as ConceptFunction measures it
             if model is not twin.model:
                 raise RuntimeError("kronfluence measured another model than the one the task wraps")
-            return concept.per_example(twin, Batch(**batch))[:, 0].sum() / n_eval
+            return concept.per_example(twin, Batch(**batch))[:, self.column].sum() / n_eval
 
         def get_influence_tracked_modules(self):
             return module_names
@@ -104,17 +106,18 @@ def kronfluence_concept_scores(adapter: HFCausalLMAdapter, examples: Sequence[To
     ``query_modes``: ``"aggregated"`` sums the evaluation examples' measurement gradients into ∇f before
     preconditioning (``aggregate_query_gradients=True``); ``"per_query"`` is kronfluence's pairwise default,
     one preconditioned gradient per evaluation example and query × train scores (summed over queries
-    here), with every query accumulated before the one pass over the training data.
+    here), with every query accumulated before the one pass over the training data. A measurement is one
+    scalar, so a concept with K readouts takes K scoring runs (one pass over the training data each) after
+    the one fit.
 
-    Returns ``scores`` and ``score_seconds`` per mode (scores sign-aligned with ours: −kronfluence's
-    pairwise score), ``fit_seconds``, the per-map ``dampings`` (by our map names) and ``tracked_modules``."""
+    Returns ``scores`` ``[N, K]`` and ``score_seconds`` (all K runs) per mode (scores sign-aligned with ours:
+    −kronfluence's pairwise score), ``fit_seconds``, the per-map ``dampings`` (by our map names) and
+    ``tracked_modules``."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.utils.constants import HEURISTIC_DAMPING_SCALE, LAMBDA_MATRIX_NAME, NUM_LAMBDA_PROCESSED
     from kronfluence.utils.dataset import DataLoaderKwargs
 
-    if concept.k != 1:
-        raise ValueError(f"the kronfluence comparison measures one concept, got {concept.k}")
     bad = [mode for mode in query_modes if mode not in KRONFLUENCE_MODES]
     if bad:
         raise ValueError(f"query_modes must be among {KRONFLUENCE_MODES}, got {bad[0]!r}")
@@ -144,13 +147,16 @@ def kronfluence_concept_scores(adapter: HFCausalLMAdapter, examples: Sequence[To
                                         query_gradient_accumulation_steps=-(-len(queries) // batch_size) if per_query else 1,
                                         query_gradient_low_rank=None, per_sample_gradient_dtype=torch.float32,
                                         precondition_dtype=torch.float32, score_dtype=torch.float32)
-            start = time.perf_counter()
-            analyzer.compute_pairwise_scores(mode, "ekfac", queries, examples, per_device_query_batch_size=batch_size,
-                                             per_device_train_batch_size=batch_size, dataloader_kwargs=loader,
-                                             score_args=score_args, overwrite_output_dir=True)
-            pairwise = analyzer.load_pairwise_scores(mode)["all_modules"]  # [queries (1 when aggregated), N]
+            columns, start = [], time.perf_counter()
+            for column in range(concept.k):
+                task.column = column
+                analyzer.compute_pairwise_scores(mode, "ekfac", queries, examples, per_device_query_batch_size=batch_size,
+                                                 per_device_train_batch_size=batch_size, dataloader_kwargs=loader,
+                                                 score_args=score_args, overwrite_output_dir=True)
+                pairwise = analyzer.load_pairwise_scores(mode)["all_modules"]  # [queries (1 when aggregated), N]
+                columns.append(-pairwise.double().sum(0))
             result["score_seconds"][mode] = time.perf_counter() - start
-            result["scores"][mode] = -pairwise.double().sum(0).numpy()
+            result["scores"][mode] = torch.stack(columns, dim=1).numpy()
         lambdas = analyzer.load_lambda_matrices("ekfac")
     result["dampings"] = {kron_to_ours[name]: HEURISTIC_DAMPING_SCALE * float((lam / lambdas[NUM_LAMBDA_PROCESSED][name]).mean())
                           for name, lam in lambdas[LAMBDA_MATRIX_NAME].items()}
@@ -199,11 +205,11 @@ def run_part_b(cfg: SpeedConfig, data: SpeedData, work: Path) -> dict:
     final_scores = {}
     for mode in KRONFLUENCE_MODES:
         timings[f"kronfluence_{mode}"] = ([run["fit_seconds"] for run in kron], [run["score_seconds"][mode] for run in kron])
-        final_scores[f"kronfluence_{mode}"] = kron[-1]["scores"][mode]
+        final_scores[f"kronfluence_{mode}"] = kron[-1]["scores"][mode][:, 0]
     if bergson_error is None:
         berg = runs["bergson"]
         timings["bergson"] = ([run["fit_seconds"] for run in berg], [run["score_seconds"] for run in berg])
-        final_scores["bergson"] = berg[-1]["scores"]
+        final_scores["bergson"] = berg[-1]["scores"][:, 0]
         bergson = {"version": BERGSON_VERSION, "settings": BERGSON_SETTINGS, "differences": BERGSON_DIFFERENCES,
                    "label_seconds": statistics.median(run["label_seconds"] for run in berg),
                    "damping_ratio_median": statistics.median(berg[-1]["dampings"][k] / v

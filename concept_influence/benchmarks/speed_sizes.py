@@ -23,7 +23,9 @@ before the stage) with its rise over the memory before it.
 from __future__ import annotations
 
 import copy
+import gc
 import json
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -78,6 +80,7 @@ class SizeConfig:
     seed: int = 0
     kronfluence: bool = True
     stages: tuple[str, ...] = field(default=())  # empty: all; the floor and the fit are always run
+    rounds: int = 3  # runs of each compared K = 1 pipeline (ours, kronfluence, Bergson), in alternating order
     memory_examples: int = 16  # each compared stage again alone in a fresh process, on this many examples
 
     def __post_init__(self):
@@ -177,12 +180,17 @@ def _stages(cfg: SizeConfig, adapter: HFCausalLMAdapter, evals: list, work: Path
             state["clone"].model = copy.deepcopy(adapter.model)
         train_model(state["clone"], examples, 1, 1e-4, bs, tokens="response", seed=cfg.seed, progress=False)
 
-    def kronfluence(examples):
-        result = kronfluence_concept_scores(adapter, examples, one, work / "kronfluence", bs, cfg.seed, ("aggregated",))
-        return {**result, "score_seconds": result["score_seconds"]["aggregated"], "scores": result["scores"]["aggregated"]}
+    def kronfluence(concept):
+        def run(examples):
+            result = kronfluence_concept_scores(adapter, examples, concept, work / "kronfluence", bs, cfg.seed,
+                                                ("aggregated",))
+            return {**result, "score_seconds": result["score_seconds"]["aggregated"],
+                    "scores": result["scores"]["aggregated"]}
+        return run
 
-    def bergson(examples):
-        return bergson_concept_scores(adapter, examples, one, work / "bergson", bs, cfg.seed, DAMPING_FACTOR)
+    def bergson(concept):
+        return lambda examples: bergson_concept_scores(adapter, examples, concept, work / "bergson", bs, cfg.seed,
+                                                       DAMPING_FACTOR)
 
     stages = {
         "floor": lambda examples: floor_pass(adapter, examples, bs),
@@ -195,9 +203,10 @@ def _stages(cfg: SizeConfig, adapter: HFCausalLMAdapter, evals: list, work: Path
         "probe_projection": lambda examples: ProbeProjection(one).score(adapter, examples, batch_size=bs, progress=False),
     }
     if cfg.kronfluence:
-        stages["kronfluence_k1"] = kronfluence
-        if bergson_unavailable() is None:
-            stages["bergson_k1"] = bergson
+        for concept in (one, many):
+            stages[f"kronfluence_k{concept.k}"] = kronfluence(concept)
+            if bergson_unavailable() is None:
+                stages[f"bergson_k{concept.k}"] = bergson(concept)
     needed = ("floor", "ekfac_fit")  # every ratio is to the floor; scoring needs the fit
     return {name: run for name, run in stages.items() if not cfg.stages or name in cfg.stages or name in needed}
 
@@ -236,6 +245,37 @@ def own_process_memory(cfg: SizeConfig, stages: Sequence[str]) -> dict[str, dict
     return out
 
 
+# Each compared K = 1 pipeline: our fit and scoring, kronfluence's, Bergson's.
+COMPARED = (("ekfac_fit", "concept_influence_k1"), ("kronfluence_k1",), ("bergson_k1",))
+
+
+def _repeat_compared(stages: dict[str, Callable], results: dict[str, dict], train: list, rounds: int) -> None:
+    """Run the compared pipelines ``rounds - 1`` more times, in reversed order every other round (the first run is
+    the one already in ``results``), and make each one's ``seconds`` (and a library's ``fit_seconds`` and
+    ``score_seconds``) the median over the runs, keeping every run's figures beside it."""
+    groups = [group for group in COMPARED if all(name in results for name in group)]
+    runs = {name: [_timing(results[name])] for group in groups for name in group}
+    for r in range(1, rounds):
+        for group in groups[::-1] if r % 2 else groups:
+            for name in group:
+                print(f"run {r + 1} of {name} ...", flush=True)
+                gc.collect()
+                start = time.perf_counter()
+                value = stages[name](train)
+                runs[name].append(_timing({"seconds": time.perf_counter() - start, "value": value}))
+    for name, timings in runs.items():
+        for key in timings[0]:
+            figures = [t[key] for t in timings]
+            results[name].update({key: statistics.median(figures), f"all_{key}": figures})
+
+
+def _timing(measured: dict) -> dict:
+    """A stage run's seconds, with a library's fit and scoring seconds when it reports them."""
+    value = measured.get("value")
+    extra = {key: value[key] for key in ("fit_seconds", "score_seconds")} if isinstance(value, dict) else {}
+    return {"seconds": measured["seconds"], **extra}
+
+
 def run_size_benchmark(out_dir: str | Path, cfg: SizeConfig | None = None) -> dict:
     """Measure every stage at the configured size; write ``speed-{size}.json`` and ``speed-{size}.md`` to ``out_dir``."""
     from scipy.stats import spearmanr
@@ -252,14 +292,19 @@ def run_size_benchmark(out_dir: str | Path, cfg: SizeConfig | None = None) -> di
     results: dict[str, dict] = {}
     state: dict = {}
     with tempfile.TemporaryDirectory(prefix="concept-influence-size-") as work:
-        for name, run in _stages(cfg, adapter, evals, Path(work), state).items():
+        stages = _stages(cfg, adapter, evals, Path(work), state)
+        for name, run in stages.items():
             print(f"[{cfg.size}] {name} ...", flush=True)
             if name.startswith("concept_influence"):
                 run(train[:1])  # computes the preconditioned queries (a fixed cost per concept, reported apart)
             # FLOPs on one batch first: the timed run on every example then leaves the fitted curvature behind
             flops = _flops(lambda run=run: run(train[: cfg.batch_size])) / cfg.batch_size
             measured = _measure(lambda run=run: run(train))
-            results[name] = {**measured, "flops_per_example": flops, "seconds_per_example": measured["seconds"] / len(train)}
+            results[name] = {**measured, **_timing(measured), "flops_per_example": flops}
+            state.pop("clone", None)  # the training step's model copy and optimiser state
+        _repeat_compared(stages, results, train, cfg.rounds)
+    for entry in results.values():
+        entry["seconds_per_example"] = entry["seconds"] / len(train)
     for name, entry in results.items():
         if name.startswith("concept_influence"):
             k = int(name.removeprefix("concept_influence_k").removesuffix("_lowrank"))
@@ -270,12 +315,11 @@ def run_size_benchmark(out_dir: str | Path, cfg: SizeConfig | None = None) -> di
         if name.endswith("_lowrank") and full is not None:  # the lowest over the K concepts
             entry["spearman_vs_full_rank"] = min(float(spearmanr(full.column(k), values[name].column(k)).statistic)
                                                  for k in range(len(full.columns)))
-    for name in ("kronfluence_k1", "bergson_k1"):
-        if name in values:
-            other = values[name]
-            results[name].update(fit_seconds=other["fit_seconds"], score_seconds=other["score_seconds"],
-                                 spearman_vs_ours=float(spearmanr(values["concept_influence_k1"].column(0),
-                                                                  other["scores"]).statistic))
+        library, _, k = name.rpartition("_k")
+        if library in ("kronfluence", "bergson"):  # the lowest over the K concepts
+            ours = values[f"concept_influence_k{k}"]
+            entry["spearman_vs_ours"] = min(float(spearmanr(ours.column(j), values[name]["scores"][:, j]).statistic)
+                                            for j in range(int(k)))
     own = own_process_memory(cfg, [name for name in MEMORY_STAGES if name in results]) if cfg.memory_examples else {}
     report = {"config": asdict(cfg), "machine": machine, "own_process_memory": own, "shape": SIZES[cfg.size],
               "parameters": sum(p.numel() for p in adapter.model.parameters()),
@@ -292,14 +336,17 @@ _LABELS = {
     "train_step": "training step (forward, backward, AdamW)",
     "ekfac_fit": "EK-FAC fit (2 passes + eigendecompositions)",
     "probe_projection": "probe_projection (forward to the concept's block)",
-    "kronfluence_k1": "kronfluence 1.0.1, K = 1 (fit + score)",
-    "bergson_k1": "Bergson 2.5.1, K = 1 (label sampling + fit + score)",
 }
+_LIBRARIES = {"kronfluence": "kronfluence 1.0.1, K = {k} (fit + {runs})",
+              "bergson": "Bergson 2.5.1, K = {k} (label sampling + fit + score)"}
 
 
 def _label(name: str, cfg: dict) -> str:
     if name in _LABELS:
         return _LABELS[name]
+    library, _, k = name.rpartition("_k")
+    if library in _LIBRARIES:
+        return _LIBRARIES[library].format(k=k, runs="score" if k == "1" else f"{k} scoring runs")
     k = name.removeprefix("concept_influence_k").removesuffix("_lowrank")
     rank = f"query rank {cfg['query_rank']}" if name.endswith("_lowrank") else "full-rank query"
     return f"Concept Influence scoring, K = {k}, {rank}"
@@ -320,7 +367,9 @@ def format_size_markdown(report: dict) -> str:
         + ", ".join(f"{k} {v}" for k, v in report["shape"].items()) + f"). {cfg['n_examples']} random sequences of "
         f"{cfg['seq_len']} tokens (response: the second half), batch size {cfg['batch_size']}; concepts: random directions "
         f"at `blocks.{cfg['concept_layer']}.hook_resid_post`, {report['tracked_maps']} tracked weight matrices (blocks "
-        f"0..{cfg['concept_layer']}), {cfg['n_eval']} evaluation examples. Each stage once, in this order; FLOPs counted by "
+        f"0..{cfg['concept_layer']}), {cfg['n_eval']} evaluation examples. Each stage once, in this order, then the "
+        f"compared K = 1 pipelines (our fit and scoring, kronfluence's, Bergson's; marked †) {cfg['rounds'] - 1} more "
+        "times in alternating order, their median reported; FLOPs counted by "
         "torch's FlopCounterMode on one batch (matrix products and attention, not eigendecompositions); peak RSS with "
         "VmHWM reset before the stage, and its rise over the RSS before it. The peak is the whole process's, with what "
         "earlier stages left behind (model copies, factors); compare stages by the rise.", "",
@@ -336,7 +385,8 @@ def format_size_markdown(report: dict) -> str:
         rho = "" if rho is None else (f"{rho:.4f} vs ours" if "spearman_vs_ours" in entry else f"{rho:.4f} vs full rank")
         memory = (f"{entry['peak_mib']:.0f} | {entry['rise_mib']:.0f}" if "peak_mib" in entry else "n/a | n/a")
         queries = f"{entry['query_seconds']:.1f}" if "query_seconds" in entry else ""
-        lines.append(f"| {_label(name, cfg)} | {entry['seconds_per_example']:.3f} | "
+        mark = " †" if len(entry.get("all_seconds", ())) > 1 else ""
+        lines.append(f"| {_label(name, cfg)}{mark} | {entry['seconds_per_example']:.3f} | "
                      f"{entry['seconds_per_example'] / floor['seconds_per_example']:.2f} | "
                      f"{entry['flops_per_example'] / 1e9:.1f} | {entry['flops_per_example'] / floor['flops_per_example']:.2f} | "
                      f"{memory} | {rho} | {queries} |")
@@ -347,16 +397,37 @@ def format_size_markdown(report: dict) -> str:
                   "examples:", "", "| stage | peak RSS (MiB) | rise (MiB) |", "| --- | ---: | ---: |"]
         lines += [f"| {_label(name, cfg)} | {m['peak_mib']:.0f} | {m['rise_mib']:.0f} |" for name, m in own.items()
                   if m.get("peak_mib") is not None]
-    for name, label in (("kronfluence_k1", "kronfluence"), ("bergson_k1", "Bergson")):
-        if name in st and "concept_influence_k1" in st:
-            ours_fit, ours_score = st["ekfac_fit"]["seconds"], st["concept_influence_k1"]["seconds"]
-            ours_query = st["concept_influence_k1"]["query_seconds"]
-            other = st[name]
-            lines += ["", f"{label}: fit {other['fit_seconds']:.1f} s and score {other['score_seconds']:.1f} s (its query "
-                      f"included), {other['seconds']:.1f} s in all, against ours {ours_fit:.1f} s, {ours_score:.1f} s and "
-                      f"{ours_query:.1f} s for the query, {ours_fit + ours_score + ours_query:.1f} s in all ({label} / ours: "
-                      f"{other['seconds'] / (ours_fit + ours_score + ours_query):.2f}× in all, scoring with its query "
-                      f"{other['score_seconds'] / (ours_score + ours_query):.2f}×)."]
+    lines += _comparison_lines(st, cfg["many_concepts"])
     if report.get("bergson") and "bergson_k1" not in st:
         lines += ["", f"Bergson: not run: {report['bergson']}."]
     return "\n".join(lines) + "\n"
+
+
+def _comparison_lines(st: dict, many: int) -> list[str]:
+    """Each library against ours in seconds: at K = 1 the medians (with every run), fit and scoring with its query;
+    at K = ``many`` the scoring with its queries (the fit does not depend on K)."""
+    lines = []
+    ours_fit, ours_score, ours_query = (st["ekfac_fit"]["seconds"], st["concept_influence_k1"]["seconds"],
+                                        st["concept_influence_k1"]["query_seconds"])
+    ours_total = ours_fit + ours_score + ours_query
+    for library, label in (("kronfluence", "kronfluence"), ("bergson", "Bergson")):
+        other = st.get(f"{library}_k1")
+        if other is None:
+            continue
+        runs = ", ".join(f"{x:.1f}" for x in other.get("all_seconds", [other["seconds"]]))
+        ours_runs = ", ".join(f"{f + s + ours_query:.1f}" for f, s in
+                              zip(st["ekfac_fit"].get("all_seconds", [ours_fit]),
+                                  st["concept_influence_k1"].get("all_seconds", [ours_score])))
+        lines += ["", f"{label}, K = 1: fit {other['fit_seconds']:.1f} s and score {other['score_seconds']:.1f} s (its "
+                  f"query included), {other['seconds']:.1f} s in all (runs: {runs}), against ours {ours_fit:.1f} s, "
+                  f"{ours_score:.1f} s and {ours_query:.1f} s for the query, {ours_total:.1f} s in all (runs: "
+                  f"{ours_runs}). {label} / ours: fit {other['fit_seconds'] / ours_fit:.2f}×, scoring with its query "
+                  f"{other['score_seconds'] / (ours_score + ours_query):.2f}×, in all {other['seconds'] / ours_total:.2f}×."]
+        other_many, ours_many = st.get(f"{library}_k{many}"), st.get(f"concept_influence_k{many}")
+        if other_many is not None and ours_many is not None:
+            ours_scoring = ours_many["seconds"] + ours_many["query_seconds"]
+            lines += ["", f"{label}, K = {many}: fit {other_many['fit_seconds']:.1f} s and score "
+                      f"{other_many['score_seconds']:.1f} s (its queries included), against ours {ours_many['seconds']:.1f} s "
+                      f"and {ours_many['query_seconds']:.1f} s for the queries ({label} / ours, scoring with its queries: "
+                      f"{other_many['score_seconds'] / ours_scoring:.2f}×)."]
+    return lines
