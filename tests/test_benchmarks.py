@@ -99,7 +99,18 @@ def test_size_benchmark_counts_flops_against_the_floor(tmp_path):
     text = (tmp_path / "speed-tiny.md").read_text()
     assert "alone in a fresh process" in text and "**floor**" in text and "vs ours" in text
     assert "kronfluence 1.0.1, K = 3 (fit + 3 scoring runs)" in text and "kronfluence, K = 3:" in text
+    assert "`concept-influence bench speed --size tiny --out benchmarks --examples 8 --rounds 2`" in text
     assert json.loads((tmp_path / "speed-tiny.json").read_text())["stages"]
+
+
+@pytest.mark.parametrize("flag", ["--examples", "--rounds"])
+def test_size_benchmark_refuses_fewer_than_one(tmp_path, capsys, flag):
+    from concept_influence.cli import main
+
+    assert main(["bench", "speed", "--size", "tiny", "--out", str(tmp_path), flag, "0"]) == 2
+    name = {"--examples": "n_examples", "--rounds": "rounds"}[flag]
+    assert capsys.readouterr().err.strip() == f"concept-influence: error: {name} must be at least 1, got 0"
+    assert not list(tmp_path.iterdir())
 
 
 def _bergson_or_skip() -> None:

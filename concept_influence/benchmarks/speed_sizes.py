@@ -48,6 +48,7 @@ from ..provenance import machine_description
 from ..scoring import ScoringSettings
 from .bergson_bridge import bergson_concept_scores, bergson_unavailable
 from .kronfluence_bridge import DAMPING_FACTOR, kronfluence_concept_scores
+from .planted_config import BenchmarkError
 from .smallmodel import train_model
 from .speed_memory import measure_peak, run_child
 
@@ -85,7 +86,10 @@ class SizeConfig:
 
     def __post_init__(self):
         if self.size not in SIZES:
-            raise ValueError(f"unknown size {self.size!r}; expected one of {', '.join(SIZES)}")
+            raise BenchmarkError(f"unknown size {self.size!r}; expected one of {', '.join(SIZES)}")
+        for name in ("n_examples", "rounds"):
+            if getattr(self, name) < 1:
+                raise BenchmarkError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 def size_model(cfg: SizeConfig) -> HFCausalLMAdapter:
@@ -357,6 +361,9 @@ def format_size_markdown(report: dict) -> str:
     cfg, st, m = report["config"], report["stages"], report["machine"]
     floor = st["floor"]
     command = f"concept-influence bench speed --size {cfg['size']} --out benchmarks"
+    defaults = SizeConfig()
+    command += "".join(f" --{flag} {cfg[key]}" for flag, key in (("examples", "n_examples"), ("rounds", "rounds"))
+                       if cfg[key] != getattr(defaults, key)) + ("" if cfg["kronfluence"] else " --no-kronfluence")
     lines = [
         f"# Speed at {cfg['size']} size", "",
         f"Reproduce: `{command}` ({report['total_seconds']:.0f} s in all).", "",
