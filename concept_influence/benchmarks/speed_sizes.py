@@ -211,11 +211,22 @@ def _stages(cfg: SizeConfig, adapter: HFCausalLMAdapter, evals: list, work: Path
             stages[f"kronfluence_k{concept.k}"] = kronfluence(concept)
             if bergson_unavailable() is None:
                 stages[f"bergson_k{concept.k}"] = bergson(concept)
-    needed = ("floor", "ekfac_fit")  # every ratio is to the floor; scoring needs the fit
-    return {name: run for name, run in stages.items() if not cfg.stages or name in cfg.stages or name in needed}
+    return {name: stages[name] for name in _selected(cfg, stages)}
+
+
+def _selected(cfg: SizeConfig, names: Sequence[str]) -> list[str]:
+    """Those of ``names`` that ``cfg.stages`` asks for (all when empty), and always the floor and the fit: every ratio
+    is to the floor, and scoring needs the fit."""
+    return [name for name in names if not cfg.stages or name in cfg.stages or name in ("floor", "ekfac_fit")]
 
 
 MEMORY_STAGES = ("ekfac_fit", "concept_influence_k1", "kronfluence_k1", "bergson_k1")
+
+
+def _memory_stages(cfg: SizeConfig) -> list[str]:
+    """The compared stages this configuration runs (the libraries only when asked for and installed)."""
+    libraries = {"kronfluence_k1": cfg.kronfluence, "bergson_k1": cfg.kronfluence and bergson_unavailable() is None}
+    return _selected(cfg, [name for name in MEMORY_STAGES if libraries.get(name, True)])
 
 
 def memory_child(config: str, stage: str) -> None:
@@ -289,10 +300,13 @@ def run_size_benchmark(out_dir: str | Path, cfg: SizeConfig | None = None) -> di
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     machine = machine_description()
+    started = time.perf_counter()
+    # first, while this process holds no model: at qwen-0.5b size this process's model, factors and queries (about
+    # 15 GB) beside a child ran a 24 GB machine out of memory
+    own = own_process_memory(cfg, _memory_stages(cfg)) if cfg.memory_examples else {}
     adapter = size_model(cfg)
     train = random_examples(cfg.n_examples, cfg, "train", cfg.seed)
     evals = random_examples(cfg.n_eval, cfg, "eval", cfg.seed + 1)
-    started = time.perf_counter()
     results: dict[str, dict] = {}
     state: dict = {}
     with tempfile.TemporaryDirectory(prefix="concept-influence-size-") as work:
@@ -324,12 +338,11 @@ def run_size_benchmark(out_dir: str | Path, cfg: SizeConfig | None = None) -> di
             ours = values[f"concept_influence_k{k}"]
             entry["spearman_vs_ours"] = min(float(spearmanr(ours.column(j), values[name]["scores"][:, j]).statistic)
                                             for j in range(int(k)))
-    own = own_process_memory(cfg, [name for name in MEMORY_STAGES if name in results]) if cfg.memory_examples else {}
     report = {"config": asdict(cfg), "machine": machine, "own_process_memory": own, "shape": SIZES[cfg.size],
               "parameters": sum(p.numel() for p in adapter.model.parameters()),
               "tracked_maps": len(adapter.linear_maps(cfg.concept_layer)), "stages": results,
-              "bergson": bergson_unavailable() if cfg.kronfluence else "not asked for",
-              "total_seconds": time.perf_counter() - started}
+              "bergson": bergson_unavailable() if cfg.kronfluence else "not asked for"}
+    report["total_seconds"] = time.perf_counter() - started
     atomic_write_text(out_dir / f"speed-{cfg.size}.json", json.dumps(report, indent=1))
     atomic_write_text(out_dir / f"speed-{cfg.size}.md", format_size_markdown(report))
     return report
