@@ -103,6 +103,20 @@ def test_size_benchmark_counts_flops_against_the_floor(tmp_path):
     assert json.loads((tmp_path / "speed-tiny.json").read_text())["stages"]
 
 
+def test_size_benchmark_runs_the_stages_asked_for(tmp_path):
+    """``stages`` picks stages (the floor and the fit always run); one round and no library: no comparison lines."""
+    from concept_influence.benchmarks.speed_sizes import SizeConfig, run_size_benchmark
+
+    cfg = SizeConfig(size="tiny", n_examples=4, seq_len=16, batch_size=4, concept_layer=1, n_eval=2, many_concepts=2,
+                     threads=1, kronfluence=False, stages=("probe_projection",), rounds=1, memory_examples=4)
+    report = run_size_benchmark(tmp_path, cfg)
+    assert list(report["stages"]) == ["floor", "ekfac_fit", "probe_projection"]
+    assert list(report["own_process_memory"]) == ["ekfac_fit"]
+    text = (tmp_path / "speed-tiny.md").read_text()
+    assert "Each stage once, in this order; FLOPs" in text and "†" not in text and "/ ours" not in text
+    assert "--rounds 1 --no-kronfluence`" in text
+
+
 @pytest.mark.parametrize("flag", ["--examples", "--rounds"])
 def test_size_benchmark_refuses_fewer_than_one(tmp_path, capsys, flag):
     from concept_influence.cli import main

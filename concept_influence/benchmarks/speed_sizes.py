@@ -387,9 +387,10 @@ def format_size_markdown(report: dict) -> str:
         + ", ".join(f"{k} {v}" for k, v in report["shape"].items()) + f"). {cfg['n_examples']} random sequences of "
         f"{cfg['seq_len']} tokens (response: the second half), batch size {cfg['batch_size']}; concepts: random directions "
         f"at `blocks.{cfg['concept_layer']}.hook_resid_post`, {report['tracked_maps']} tracked weight matrices (blocks "
-        f"0..{cfg['concept_layer']}), {cfg['n_eval']} evaluation examples. Each stage once, in this order, then the "
-        f"compared K = 1 pipelines (our fit and scoring, kronfluence's, Bergson's; marked †) {cfg['rounds'] - 1} more "
-        "times in alternating order, their median reported; FLOPs counted by "
+        f"0..{cfg['concept_layer']}), {cfg['n_eval']} evaluation examples. Each stage once, in this order"
+        + (f", then the compared K = 1 pipelines (our fit and scoring, kronfluence's, Bergson's; marked †) "
+           f"{cfg['rounds'] - 1} more times in alternating order, their median reported" if cfg["rounds"] > 1 else "")
+        + "; FLOPs counted by "
         "torch's FlopCounterMode on one batch (matrix products and attention, not eigendecompositions); peak RSS with "
         "VmHWM reset before the stage, and its rise over the RSS before it. The peak is the whole process's, with what "
         "earlier stages left behind (model copies, factors); compare stages by the rise.", "",
@@ -426,6 +427,8 @@ def format_size_markdown(report: dict) -> str:
 def _comparison_lines(st: dict, many: int) -> list[str]:
     """Each library against ours in seconds: at K = 1 the medians (with every run), fit and scoring with its query;
     at K = ``many`` the scoring with its queries (the fit does not depend on K)."""
+    if "concept_influence_k1" not in st:
+        return []
     lines = []
     ours_fit, ours_score, ours_query = (st["ekfac_fit"]["seconds"], st["concept_influence_k1"]["seconds"],
                                         st["concept_influence_k1"]["query_seconds"])
