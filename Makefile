@@ -48,11 +48,11 @@ bench: install
 	$(VENV)/bin/concept-influence bench speed --out benchmarks
 
 # Every stage per example on a random model of GPT-2-small shape against the floor, with kronfluence and Bergson
-# (about 20 min on 2 cores; benchmarks/speed-gpt2-small.md)
+# (about 1 h on 2 cores: three runs of each compared pipeline, and K = 16; benchmarks/speed-gpt2-small.md)
 bench-gpt2: install
 	$(VENV)/bin/concept-influence bench speed --size gpt2-small --out benchmarks
 
-# Peak RSS of scoring 1k vs 50k examples through run folders (about 10 min on 2 cores).
+# The steering check at the strongest medical plantings, and the table of where the concept is causal.
 bench-causal: install
 	for e in 2 6; do OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence bench medical --data $(EM_DATA) --rate 0.5 \
 		--finetune-epochs $$e --seed 0 --no-retrain --no-checkpoints --compare-query none \
@@ -66,6 +66,7 @@ bench-causal: install
 		insecure-0.1-s0=benchmarks/queries/insecure-0.1-s0/results.json \
 		--title "Where is the concept causal? The demo and the medical search" --out benchmarks/medical-causal/README.md
 
+# Peak RSS of scoring 1k vs 50k examples through run folders (about 10 min on 2 cores).
 bench-memory: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence bench memory --out benchmarks
 

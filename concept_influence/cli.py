@@ -96,8 +96,9 @@ def _bench_speed(args: argparse.Namespace) -> int:
     if args.size:
         from .benchmarks.speed_sizes import SizeConfig, run_size_benchmark
 
+        given = {key: value for key, value in (("n_examples", args.examples), ("rounds", args.rounds)) if value is not None}
         run_size_benchmark(args.out, SizeConfig(size=args.size, seed=args.seed, kronfluence=not args.no_kronfluence,
-                                                n_examples=args.examples, rounds=args.rounds))
+                                                **given))
         return 0
     from .benchmarks.speed import run_speed_benchmark
 
@@ -244,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--size", choices=("gpt2-small", "qwen-0.5b", "tiny"),
                        help="instead: every stage on a randomly initialised model of this shape, against the floor "
                             "(writes DIR/speed-SIZE.json and .md)")
-    speed.add_argument("--examples", type=int, default=32, help="with --size: random training sequences (default 32)")
-    speed.add_argument("--rounds", type=int, default=3,
+    speed.add_argument("--examples", type=int, help="with --size: random training sequences (default 32)")
+    speed.add_argument("--rounds", type=int,
                        help="with --size: runs of each compared K = 1 pipeline, median reported (default 3)")
     speed.set_defaults(func=_bench_speed)
 

@@ -206,27 +206,29 @@ def _stages(cfg: SizeConfig, adapter: HFCausalLMAdapter, evals: list, work: Path
         f"concept_influence_k{cfg.many_concepts}_lowrank": score(many, cfg.query_rank),
         "probe_projection": lambda examples: ProbeProjection(one).score(adapter, examples, batch_size=bs, progress=False),
     }
-    if cfg.kronfluence:
-        for concept in (one, many):
-            stages[f"kronfluence_k{concept.k}"] = kronfluence(concept)
-            if bergson_unavailable() is None:
-                stages[f"bergson_k{concept.k}"] = bergson(concept)
+    runners = {"kronfluence": kronfluence, "bergson": bergson}
+    for concept in (one, many):
+        for library in _libraries(cfg):
+            stages[f"{library}_k{concept.k}"] = runners[library](concept)
     return {name: stages[name] for name in _selected(cfg, stages)}
+
+
+def _libraries(cfg: SizeConfig) -> list[str]:
+    """The libraries compared with ours: none unless asked for, Bergson only when it is installed."""
+    if not cfg.kronfluence:
+        return []
+    return ["kronfluence"] + (["bergson"] if bergson_unavailable() is None else [])
+
+
+def _compared(cfg: SizeConfig) -> list[tuple[str, ...]]:
+    """Each compared K = 1 pipeline, as its stages: our fit and scoring, then each library's."""
+    return [("ekfac_fit", "concept_influence_k1")] + [(f"{library}_k1",) for library in _libraries(cfg)]
 
 
 def _selected(cfg: SizeConfig, names: Sequence[str]) -> list[str]:
     """Those of ``names`` that ``cfg.stages`` asks for (all when empty), and always the floor and the fit: every ratio
     is to the floor, and scoring needs the fit."""
     return [name for name in names if not cfg.stages or name in cfg.stages or name in ("floor", "ekfac_fit")]
-
-
-MEMORY_STAGES = ("ekfac_fit", "concept_influence_k1", "kronfluence_k1", "bergson_k1")
-
-
-def _memory_stages(cfg: SizeConfig) -> list[str]:
-    """The compared stages this configuration runs (the libraries only when asked for and installed)."""
-    libraries = {"kronfluence_k1": cfg.kronfluence, "bergson_k1": cfg.kronfluence and bergson_unavailable() is None}
-    return _selected(cfg, [name for name in MEMORY_STAGES if libraries.get(name, True)])
 
 
 def memory_child(config: str, stage: str) -> None:
@@ -260,17 +262,13 @@ def own_process_memory(cfg: SizeConfig, stages: Sequence[str]) -> dict[str, dict
     return out
 
 
-# Each compared K = 1 pipeline: our fit and scoring, kronfluence's, Bergson's.
-COMPARED = (("ekfac_fit", "concept_influence_k1"), ("kronfluence_k1",), ("bergson_k1",))
-
-
-def _repeat_compared(stages: dict[str, Callable], results: dict[str, dict], train: list, rounds: int) -> None:
-    """Run the compared pipelines ``rounds - 1`` more times, in reversed order every other round (the first run is
-    the one already in ``results``), and make each one's ``seconds`` (and a library's ``fit_seconds`` and
-    ``score_seconds``) the median over the runs, keeping every run's figures beside it."""
-    groups = [group for group in COMPARED if all(name in results for name in group)]
+def _repeat_compared(cfg: SizeConfig, stages: dict[str, Callable], results: dict[str, dict], train: list) -> None:
+    """Run the compared pipelines (:func:`_compared`) ``cfg.rounds - 1`` more times, in reversed order every other
+    round (the first run is the one already in ``results``), and make each one's ``seconds`` (and a library's
+    ``fit_seconds`` and ``score_seconds``) the median over the runs, keeping every run's figures beside it."""
+    groups = [group for group in _compared(cfg) if all(name in results for name in group)]
     runs = {name: [_timing(results[name])] for group in groups for name in group}
-    for r in range(1, rounds):
+    for r in range(1, cfg.rounds):
         for group in groups[::-1] if r % 2 else groups:
             for name in group:
                 print(f"run {r + 1} of {name} ...", flush=True)
@@ -303,7 +301,8 @@ def run_size_benchmark(out_dir: str | Path, cfg: SizeConfig | None = None) -> di
     started = time.perf_counter()
     # first, while this process holds no model: at qwen-0.5b size this process's model, factors and queries (about
     # 15 GB) beside a child ran a 24 GB machine out of memory
-    own = own_process_memory(cfg, _memory_stages(cfg)) if cfg.memory_examples else {}
+    alone = _selected(cfg, [name for group in _compared(cfg) for name in group])
+    own = own_process_memory(cfg, alone) if cfg.memory_examples else {}
     adapter = size_model(cfg)
     train = random_examples(cfg.n_examples, cfg, "train", cfg.seed)
     evals = random_examples(cfg.n_eval, cfg, "eval", cfg.seed + 1)
@@ -320,7 +319,7 @@ def run_size_benchmark(out_dir: str | Path, cfg: SizeConfig | None = None) -> di
             measured = _measure(lambda run=run: run(train))
             results[name] = {**measured, **_timing(measured), "flops_per_example": flops}
             state.pop("clone", None)  # the training step's model copy and optimiser state
-        _repeat_compared(stages, results, train, cfg.rounds)
+        _repeat_compared(cfg, stages, results, train)
     for entry in results.values():
         entry["seconds_per_example"] = entry["seconds"] / len(train)
     for name, entry in results.items():
@@ -334,15 +333,15 @@ def run_size_benchmark(out_dir: str | Path, cfg: SizeConfig | None = None) -> di
             entry["spearman_vs_full_rank"] = min(float(spearmanr(full.column(k), values[name].column(k)).statistic)
                                                  for k in range(len(full.columns)))
         library, _, k = name.rpartition("_k")
-        if library in ("kronfluence", "bergson"):  # the lowest over the K concepts
+        if library in _LIBRARIES:  # the lowest over the K concepts
             ours = values[f"concept_influence_k{k}"]
             entry["spearman_vs_ours"] = min(float(spearmanr(ours.column(j), values[name]["scores"][:, j]).statistic)
                                             for j in range(int(k)))
     report = {"config": asdict(cfg), "machine": machine, "own_process_memory": own, "shape": SIZES[cfg.size],
               "parameters": sum(p.numel() for p in adapter.model.parameters()),
               "tracked_maps": len(adapter.linear_maps(cfg.concept_layer)), "stages": results,
-              "bergson": bergson_unavailable() if cfg.kronfluence else "not asked for"}
-    report["total_seconds"] = time.perf_counter() - started
+              "bergson": bergson_unavailable() if cfg.kronfluence else "not asked for",
+              "total_seconds": time.perf_counter() - started}
     atomic_write_text(out_dir / f"speed-{cfg.size}.json", json.dumps(report, indent=1))
     atomic_write_text(out_dir / f"speed-{cfg.size}.md", format_size_markdown(report))
     return report
