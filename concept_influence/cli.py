@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 from .cli_concept import add_concept_commands, add_query_options, query_overrides, user_errors
+from .cli_emergent import add_emergent_commands
 from .cli_sae import add_sae_benchmark_options, add_sae_commands, sae_benchmark_overrides
 
 __all__ = ["main"]
@@ -261,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--seed", type=int, default=0, help="seed for the corpus and model (default 0)")
     memory.set_defaults(func=_bench_memory)
     add_concept_commands(sub, bench)  # concept check, filter, bench query-table (concept_influence/cli_concept.py)
+    add_emergent_commands(bench)  # bench emergent, seeds-table, curvature-table (concept_influence/cli_emergent.py)
     return parser
 
 
