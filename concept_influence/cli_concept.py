@@ -274,6 +274,8 @@ def add_query_options(p: argparse.ArgumentParser) -> None:
                    help="also score and retrain concept_influence with this query (default response_mean; none: skip)")
     p.add_argument("--query-study", action="store_true",
                    help="also score every query variant on the trained model (query_study.json)")
+    p.add_argument("--curvature-study", action="store_true",
+                   help="also score every preconditioning variant of Concept Influence (factor data, damping, checkpoint)")
     p.add_argument("--no-concept-check", action="store_true", help="skip steering along the probe direction")
     p.add_argument("--lds-seeds", type=int,
                    help="fine-tuning seeds per concept-LDS subset (default 2; the demo's 4)")
@@ -288,7 +290,7 @@ def query_overrides(args: argparse.Namespace) -> dict:
     """PlantedConfig fields from :func:`add_query_options`."""
     return {"probe_kind": args.probe_kind, "query": args.query,
             "compare_query": None if args.compare_query == "none" else args.compare_query,
-            "query_study": args.query_study, "concept_check": not args.no_concept_check,
+            "query_study": args.query_study, "curvature_study": args.curvature_study, "concept_check": not args.no_concept_check,
             "over_checkpoints": not args.no_checkpoints,
             **{k: v for k in ("lds_seeds", "lds_fraction") if (v := getattr(args, k)) is not None}}
 

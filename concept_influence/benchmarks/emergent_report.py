@@ -12,7 +12,7 @@ from scipy.stats import spearmanr
 from ..estimators import TfidfBaseline
 from ..fileio import atomic_write_text
 from ..plots import plot_behaviour_removal, plot_lexical_overlap, plot_pr_curves, plot_score_histograms
-from .planted_report import concept_lines, machine_line
+from .planted_report import concept_lines, curvature_lines, machine_line
 
 __all__ = ["lexical_overlap", "report_plots", "write_results", "format_report"]
 
@@ -98,11 +98,7 @@ def format_report(results: dict) -> str:
               "by similarity to the persona's own bad answers. `[checkpoints]`: summed over the pre-trained and the "
               "fine-tuned model. Classic `influence_function` and `grad_dot` take bad target-domain answers to unmarked "
               "prompts as their test examples.", ""]
-    if "curvature_study" in results:
-        from .curvature_study import format_curvature_table
-
-        lines += ["## Curvature study (this model)", "", "Concept Influence AUROC for every preconditioning variant, "
-                  "one scoring pass per checkpoint.", "", format_curvature_table({"AUROC": results["curvature_study"]}), ""]
+    lines += curvature_lines(results)
     if "plots" in results:
         lines += ["## Plots", ""] + [f"![{k}]({v})" for k, v in results["plots"].items()] + [""]
     return "\n".join(lines)

@@ -50,6 +50,7 @@ from ..evaluation import retrieval_metrics
 from ..fileio import atomic_write_text
 from ..generation import sample_responses
 from ..provenance import machine_description
+from .curvature_study import run_curvature_study
 from .planted_behaviour import behaviour_section, concept_lds, mean_answer_loss
 from .planted_concept import checkpoint_estimators, compared_queries, concept_check_section
 from .planted_config import BenchmarkError, PlantedConfig
@@ -178,6 +179,11 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
         results["query_study"] = run_query_study(adapter, curvature, pool_tk, labels, tk["pos"], tk["neg"], own,
                                                  seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
         atomic_write_text(out / "query_study.json", json.dumps(results["query_study"], indent=1))
+    if cfg.curvature_study:
+        fit_sets = {"pool": pool_tk, "pretrain+pool": tk["pretrain"][: len(pool_tk)] + pool_tk}
+        results["curvature_study"], _ = run_curvature_study(
+            adapter, probe.direction, own, pool_tk, labels, fit_sets, tuner.pretrained,
+            queries=tuple(dict.fromkeys((cfg.query, "prompt_mean"))), batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
     write_results(out, results)
 
     if cfg.retrain:

@@ -50,6 +50,7 @@ class PlantedConfig:
     query: str = DEFAULT_QUERY  # where Concept Influence reads the concept on the evaluation prompts
     compare_query: str | None = "response_mean"  # a second concept_influence with this query, for comparison
     query_study: bool = False  # also score every query variant (benchmarks/query_study.py) on the trained model
+    curvature_study: bool = False  # also score every preconditioning variant (benchmarks/curvature_study.py)
     concept_check: bool = True  # steer along the probe direction: is the concept causal for the behaviour?
     over_checkpoints: bool = True  # also concept_influence/concept_grad_dot summed over pre-trained and fine-tuned model
     lds_seeds: int = 2  # fine-tuning seeds per concept-LDS subset (two give the ceiling: seed vs seed)

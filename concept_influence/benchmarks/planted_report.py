@@ -140,6 +140,7 @@ def format_report(results: dict) -> str:
         lines += [f"| {k} | {a:.3f} | {lo:.3f} | {p:.3f} |" for k, a, lo, p in
                   summarise_study({"run": results["query_study"]}, "query")]
         lines.append("")
+    lines += curvature_lines(results)
     if "sae" in results:
         from .sae import format_sae_report
 
@@ -184,6 +185,17 @@ def concept_lines(results: dict, where: str | None = None) -> list[str]:
         lines += ["**The concept is not causal for the behaviour here: the concept rows of the table below "
                   "(concept_influence, concept_grad_dot) cannot be read as evidence of which data causes it.**", ""]
     return lines
+
+
+def curvature_lines(results: dict) -> list[str]:
+    """The run's curvature study, when it has one."""
+    if "curvature_study" not in results:
+        return []
+    from .curvature_study import format_curvature_table
+
+    return ["## Curvature study (this model)", "", "Concept Influence AUROC for every preconditioning variant, one scoring "
+            "pass per checkpoint (`bench curvature-table` merges runs).", "",
+            format_curvature_table({"AUROC": results["curvature_study"]}), ""]
 
 
 def command_line() -> str:
