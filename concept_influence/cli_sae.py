@@ -12,21 +12,13 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli_concept import add_dtype_option
+from .cli_common import add_dtype_option, read_examples, read_scores
 
 __all__ = ["add_sae_commands", "add_sae_benchmark_options", "sae_benchmark_overrides"]
 
 # Spelled out so that building the parser imports no torch (tests check they equal the library's constants).
 ARCHITECTURES = ("topk", "standard")  # probes.sae_training.SAE_ARCHITECTURES
 SORT_KEYS = ("auroc", "diff", "cos_decoder", "cos_encoder")  # probes.sae_latents.SORT_KEYS
-
-
-def _examples(paths, adapter, max_length: int | None):
-    """Tokenised chats of ``paths``; ``max_length`` defaults to the model's context length."""
-    from .data import load_chats, tokenize_examples
-
-    chats = [c for p in paths for c in load_chats(p)]
-    return tokenize_examples(chats, adapter.tokenizer, max_length or adapter.context_length or 512, skip_truncated=True)
 
 
 def _latent_list(text: str | None) -> list[int] | None:
@@ -45,7 +37,7 @@ def _sae_train(args: argparse.Namespace) -> int:
     from .sae_training import train_sae
 
     adapter = load_model(args.model, dtype=args.dtype)
-    examples = _examples(args.data, adapter, args.max_length)
+    examples = read_examples(args.data, adapter, args.max_length)
     result = train_sae(adapter, examples, args.hook, args.d_sae, args.out, architecture=args.architecture, k=args.k,
                        l1_coefficient=args.l1, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        held_out=args.held_out, seed=args.seed, model_name=str(args.model),
@@ -82,7 +74,7 @@ def _sae_latents(args: argparse.Namespace) -> int:
     if show:
         check_latents(sae, show)
     probe = ConceptDirection.load(args.probe) if args.probe else None
-    pos, neg = (_examples([p], adapter, args.max_length) for p in (args.positive, args.negative))
+    pos, neg = (read_examples([p], adapter, args.max_length) for p in (args.positive, args.negative))
     acts = [latent_activations(sae, adapter, x, progress=not args.no_progress) for x in (pos, neg)]
     ranking = latent_separation(*acts, sae=sae, probe_direction=probe, sort_by=args.sort_by)
     show = show or ranking.top(args.top)
@@ -111,14 +103,10 @@ def _sae_explain(args: argparse.Namespace) -> int:
     from .fileio import atomic_write_text
     from .plots import plot_latent_influence
     from .sae_concepts import describe_latents, latent_activations
-    from .scores import Scores
 
     adapter, sae = _load(args)
-    try:
-        scores = Scores.load(args.scores)
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"{args.scores}: cannot read scores ({e})") from None
-    examples = _examples(args.data, adapter, args.max_length)
+    scores = read_scores(args.scores)
+    examples = read_examples(args.data, adapter, args.max_length)
     known = set(scores.ids)
     missing = [e.id for e in examples if e.id not in known]
     if missing:

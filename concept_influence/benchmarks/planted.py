@@ -63,11 +63,9 @@ __all__ = ["BenchmarkError", "PlantedConfig", "PlantedSplits", "split_planted", 
            "command_line"]
 
 
-def _tokenize(examples, tokenizer, cfg, what: str) -> list[TokenizedExample]:
-    out = tokenize_examples(examples, tokenizer, cfg.max_length, skip_truncated=True)
-    if not out:
-        raise DataError(f"no {what} example fits in {cfg.max_length} tokens")
-    return out
+def _tokenize(examples, tokenizer, cfg) -> list[TokenizedExample]:
+    """The examples that fit in ``cfg.max_length``; none is an error naming their file."""
+    return tokenize_examples(examples, tokenizer, cfg.max_length, skip_truncated=True)
 
 
 def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], out: str | Path,
@@ -91,13 +89,13 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
     if sum(labels) == 0 or sum(labels) == len(labels):
         raise DataError(f"after dropping responses longer than max_length {cfg.max_length}, the pool has "
                         f"{sum(labels)} planted of {len(labels)}; raise --max-length")
-    tk = {"pretrain": _tokenize(splits.pretrain, tokenizer, cfg, "pre-training"),
-          "pos": _tokenize(splits.probe_positive, tokenizer, cfg, "probe-positive"),
-          "neg": _tokenize(splits.probe_negative, tokenizer, cfg, "probe-negative"),
-          "eval": _tokenize(splits.eval_clean, tokenizer, cfg, "evaluation")}
+    tk = {"pretrain": _tokenize(splits.pretrain, tokenizer, cfg),
+          "pos": _tokenize(splits.probe_positive, tokenizer, cfg),
+          "neg": _tokenize(splits.probe_negative, tokenizer, cfg),
+          "eval": _tokenize(splits.eval_clean, tokenizer, cfg)}
     if splits.eval_planted is not None:  # keep only evaluation prompts whose two answers both fit
         clean_tk = {t.id: t for t in tk["eval"]}
-        planted_tk = {t.id: t for t in _tokenize(splits.eval_planted, tokenizer, cfg, "evaluation")}
+        planted_tk = {t.id: t for t in _tokenize(splits.eval_planted, tokenizer, cfg)}
         pairs = [(clean_tk[c.id], planted_tk[p.id]) for c, p in zip(splits.eval_clean, splits.eval_planted)
                  if c.id in clean_tk and p.id in planted_tk]
         if not pairs:

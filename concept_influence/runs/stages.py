@@ -47,7 +47,7 @@ class Pipeline:
 
     def _tokenize(self, path: str, limit: int | None) -> list[TokenizedExample]:
         return tokenize_examples(load_chats(path, limit), self.adapter.tokenizer, self.cfg.data.max_length,
-                                 self.cfg.data.skip_truncated)
+                                 self.cfg.data.skip_truncated, source=path)
 
     def _tokenize_shard(self, shard: Shard) -> list[TokenizedExample]:
         """The shard's examples, tokenised; those cut away at ``max_length`` are skipped (counted at the merge)."""
