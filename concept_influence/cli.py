@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 import textwrap
+from pathlib import Path
 
 from .cli_concept import add_concept_commands, add_query_options, query_overrides, user_errors
 from .cli_sae import add_sae_benchmark_options, add_sae_commands, sae_benchmark_overrides
@@ -15,6 +16,8 @@ from .cli_sae import add_sae_benchmark_options, add_sae_commands, sae_benchmark_
 __all__ = ["main"]
 
 
+WEAK_PROBE_HELP = ("go on with a probe whose held-out AUROC is below 0.6 (probe.allow_weak; refused by default: it "
+                   "cannot tell the positive from the negative texts)")
 PLANTED_SIZES = ("n_probe", "n_pretrain", "n_pool", "n_eval", "n_seeds", "n_layers", "d_model", "max_length", "layer",
                  "finetune_epochs", "pretrain_epochs")
 
@@ -59,8 +62,6 @@ def _bench_planted(args: argparse.Namespace) -> int:
 
 
 def _bench_medical(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     files = [Path(args.data) / f"{kind}_medical_advice.jsonl.gz" for kind in ("good", "bad")]
     return _run_planted(args, *files, paired=True, names=tuple(f.name for f in files))
 
@@ -110,8 +111,16 @@ def _run(args: argparse.Namespace) -> int:
     from .config import RunConfig
     from .runs import run_config
 
-    _print_on_rank0(run_config(RunConfig.read(args.config), args.out, progress=not args.no_progress))
+    _print_on_rank0(run_config(_allowing_weak_probe(RunConfig.read(args.config), args), args.out,
+                               progress=not args.no_progress))
     return 0
+
+
+def _allowing_weak_probe(config, args: argparse.Namespace):
+    """``config`` with ``probe.allow_weak`` set when ``--allow-weak-probe`` is given (a run folder takes it)."""
+    if config is not None and getattr(args, "allow_weak_probe", False):
+        config.probe.allow_weak = True
+    return config
 
 
 def _print_on_rank0(path) -> None:
@@ -125,6 +134,9 @@ def _stage(*stages: str):
         from .runs import run_stages
 
         config = RunConfig.read(args.config) if getattr(args, "config", None) else None
+        if config is None and getattr(args, "allow_weak_probe", False):
+            config = RunConfig.read(Path(args.run) / "config.json")
+        config = _allowing_weak_probe(config, args)
         _print_on_rank0(run_stages(stages, args.run, config, progress=not getattr(args, "no_progress", False),
                                    top_k=getattr(args, "top_k", None)))
         return 0
@@ -144,16 +156,20 @@ def _add_pipeline_commands(sub) -> None:
     launch = ("Under torchrun (e.g. `torchrun --nproc-per-node 2 -m concept_influence ...`) the work is shared "
               "between processes (gloo on CPU, NCCL on GPU).")
     run = sub.add_parser(
-        "run", help="every stage of a run config: probe, factors, scores, report",
+        "run", help="every stage of a run config: probe, check, factors, scores, report, explain, filter",
         description=textwrap.fill(
             "Run every stage of CONFIG (TOML or JSON; see concept_influence/config.py) in a run folder: train the "
-            "probe, fit the EK-FAC factors, score the training data shard by shard, write the report. Starting the "
-            "same command again resumes from the last finished shard; `concept-influence run RUN/config.json` "
-            "replays a run. " + launch, 100),
+            "probe, check that the concept is causal (concept.require = \"causal\" stops here otherwise), fit the "
+            "EK-FAC factors and score the training data shard by shard (at each of model.checkpoints, then their "
+            "weighted sum), write the report, and, when the config asks, explain the top with SAE latents "
+            "([explain] sae) and write the filtered training file ([filter] remove_top). Starting the same command "
+            "again resumes from the last finished shard; `concept-influence run RUN/config.json` replays a run. "
+            + launch, 100),
         epilog=_settings_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("config", metavar="CONFIG", help="run config (.toml or .json)")
     run.add_argument("--out", help="run folder (default: the config's `out`)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--allow-weak-probe", action="store_true", help=WEAK_PROBE_HELP)
     run.set_defaults(func=_run)
 
     def stage(parent, name: str, help: str, description: str, stages: tuple[str, ...], progress: bool = True):
@@ -167,9 +183,10 @@ def _add_pipeline_commands(sub) -> None:
         return p
 
     probe = sub.add_parser("probe", help="concept probes").add_subparsers(dest="probe_command", required=True)
-    stage(probe, "train", "train the run's probe (or adopt its saved direction)",
-          "Train the probe of RUN's config on its positive vs negative texts at probe.hook (or check and adopt "
-          "probe.direction); writes RUN/probe/.", ("probe",))
+    train = stage(probe, "train", "train the run's probe (or adopt its saved direction)",
+                  "Train the probe of RUN's config on its positive vs negative texts at probe.hook (or check and adopt "
+                  "probe.direction); writes RUN/probe/.", ("probe",))
+    train.add_argument("--allow-weak-probe", action="store_true", help=WEAK_PROBE_HELP)
     stage(sub, "fit-factors", "fit the run's EK-FAC factors (resumable)",
           "Fit the curvature (EK-FAC or K-FAC) of the maps up to the probe's block on the training data, shard by "
           "shard with a checkpoint after each; writes RUN/factors/. Needs the probe stage.", ("factors",))

@@ -46,7 +46,7 @@ def _concept_check(args: argparse.Namespace) -> int:
 
     from .concept_check import ConceptCheckError, check_concept
     from .concepts import check_direction_compatible
-    from .fileio import atomic_write_text
+    from .fileio import atomic_write_text, path_sha256
     from .models import load_model
 
     if (args.direction is None) == (args.sae is None):
@@ -59,6 +59,11 @@ def _concept_check(args: argparse.Namespace) -> int:
             raise ConceptCheckError("--sae needs --latent I (the latent whose decoder row is steered along)")
         direction = sae_direction(load_sae(args.sae), args.latent, "decoder", hook_name=args.hook)
     check_direction_compatible(direction, adapter)
+    if all(Path(p).is_file() for p in (args.positive, args.negative)) and \
+            path_sha256(args.positive) == path_sha256(args.negative):
+        raise ConceptCheckError(f"--positive and --negative are the same data ({args.positive} and {args.negative} have "
+                                "equal SHA-256); the check compares answers that show the behaviour with answers that "
+                                "do not")
     positive, negative = (_read(path, name, adapter, args) for path, name in ((args.positive, "positive"),
                                                                               (args.negative, "negative")))
     positions = tuple(p for p in args.positions.split(",") if p)

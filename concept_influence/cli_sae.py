@@ -99,10 +99,7 @@ def _sae_latents(args: argparse.Namespace) -> int:
 
 def _sae_explain(args: argparse.Namespace) -> int:
     from .data import DataError
-    from .explain import explain_top
-    from .fileio import atomic_write_text
-    from .plots import plot_latent_influence
-    from .sae_concepts import describe_latents, latent_activations
+    from .explain import explain_to_folder
 
     adapter, sae = _load(args)
     scores = read_scores(args.scores)
@@ -115,21 +112,11 @@ def _sae_explain(args: argparse.Namespace) -> int:
     column = args.column if args.column is None or not args.column.isdigit() else int(args.column)
     if isinstance(column, str) and column not in scores.columns:
         raise DataError(f"--column {column!r} is not in {args.scores} (columns: {', '.join(scores.columns)})")
-    acts = latent_activations(sae, adapter, examples, progress=not args.no_progress)
-    explanation = explain_top(scores, sae, adapter, examples, min(args.top_k, len(examples)), column=column or 0,
-                              latents_per_example=args.latents_per_example, n_clusters=args.clusters, activations=acts,
-                              center=args.center)
-    shown = explanation.shared_latents(20) + explanation.distinctive_latents(20) + explanation.influential_latents(20)
-    explanation.labels = describe_latents(acts, examples, adapter.tokenizer, sorted(set(shown)))
-    texts = {e.id: adapter.tokenizer.decode(list(e.input_ids[e.response_start:]), skip_special_tokens=True)
-             for e in examples}
-    text = explanation.to_markdown(args.n_latents, texts)
-    print(text)
     out = Path(args.out)
-    atomic_write_text(out / "explain.md", text)
-    atomic_write_text(out / "explain.json", json.dumps(explanation.to_json(), indent=1))
-    plot = plot_latent_influence(explanation, out / "latent_influence.png")
-    print(f"written: {out / 'explain.md'}, {out / 'explain.json'}, {plot}")
+    print(explain_to_folder(scores, sae, adapter, examples, out, args.top_k, n_latents=args.n_latents,
+                            progress=not args.no_progress, column=column or 0,
+                            latents_per_example=args.latents_per_example, n_clusters=args.clusters, center=args.center))
+    print(f"written: {out / 'explain.md'}, {out / 'explain.json'}, {out / 'latent_influence.png'}")
     return 0
 
 
