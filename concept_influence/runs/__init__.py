@@ -82,6 +82,7 @@ def run_stages(stages: Sequence[str], path: str | Path | None, config: RunConfig
         pipeline = Pipeline(_open(path, config, ranks), ranks, progress)
         run, cfg = pipeline.run, pipeline.cfg
         out, report = run.path, run.path / "report" / "report.md"
+        _preflight(pipeline, stages)
         if "probe" in stages:
             pipeline.direction()
             out = run.direction_path
@@ -106,6 +107,18 @@ def run_stages(stages: Sequence[str], path: str | Path | None, config: RunConfig
         if "report" in stages:
             _warn_unless_causal(run, ranks)
         return report if report_path and ranks.is_main else out
+
+
+def _preflight(pipeline: Pipeline, stages: Sequence[str]) -> None:
+    """Inputs that late stages read, checked before the early ones compute: the checkpoints (found and weighed), and
+    the files of the scores and explain stages; a missing one is a :class:`RunError` naming its key."""
+    run, cfg = pipeline.run, pipeline.cfg
+    if not pipeline.points:
+        raise RunError(f"{run.path}: nothing to score")
+    late = [("scores", "concept.eval", lambda: cfg.concept_eval), ("explain", "explain.sae", lambda: cfg.explain.sae)]
+    for stage, key, path in late:
+        if stage in stages and not run.is_done(stage) and path() is not None and not Path(path()).exists():
+            raise RunError(f"{path()}: no such file or folder ({key})")
 
 
 def _warn_unless_causal(run: Run, ranks: Ranks) -> None:
