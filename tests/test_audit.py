@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from runfolder import CONFIG as RUN_CONFIG
 from runfolder import cli, make_project, start_and_kill, torchrun
 from test_peft import _tiny_llama, lora_model
 
@@ -28,31 +29,8 @@ peft = pytest.importorskip("peft")
 N_AUDIT = 60
 STEPS = (2, 4)
 LEARNING_RATES = {1: 1e-4, 2: 7.5e-5, 3: 5e-5, 4: 2.5e-5}  # logged at each step; the base (step 0) takes step 1's
-CONFIG = """
-[model]
-path = "trl"
-checkpoints = "auto"
-weights = "lr"
-
-[data]
-train = "train.jsonl"
-max_length = 128
-
-[probe]
-hook = "blocks.0.hook_resid_post"
-positive = "pos.jsonl"
-negative = "neg.jsonl"
-
-[concept]
-max_examples = 24
-check_max_examples = 20
-
-[factors]
-shard_size = 16
-
-[scoring]
-shard_size = 16
-
+CONFIG = RUN_CONFIG.replace('path = "model"\n', 'path = "trl"\ncheckpoints = "auto"\nweights = "lr"\n').replace(
+    "max_examples = 24\n", "max_examples = 24\ncheck_max_examples = 20\n") + """
 [report]
 top_k = 5
 

@@ -21,7 +21,7 @@ import torch
 
 from ..config import ModelConfig
 from ..models import ModelAdapter, load_checkpoint
-from .folder import RunError, read_json
+from .folder import Layout, RunError, read_json
 
 __all__ = ["Point", "run_points", "load_point", "describe_points", "model_folder", "BASE"]
 
@@ -30,7 +30,7 @@ _STEP = re.compile(r"checkpoint-(\d+)$")
 
 
 @dataclass(frozen=True)
-class Point:
+class Point(Layout):
     """A place where the run fits factors and scores: the run's model itself (``name`` None, files at the run's root)
     or one checkpoint (``source``: its path or ``"base"``; ``weight``: its multiplier in the sum)."""
 
@@ -39,22 +39,6 @@ class Point:
     source: str | None = None
     step: int | None = None
     weight: float = 1.0
-
-    @property
-    def factors_dir(self) -> Path:
-        return self.root / "factors"
-
-    @property
-    def scores_dir(self) -> Path:
-        return self.root / "scores"
-
-    @property
-    def scores_path(self) -> Path:
-        return self.scores_dir / "scores.safetensors"
-
-    def shard_path(self, index: int) -> Path:
-        """The score shard ``index``."""
-        return self.scores_dir / "shards" / f"shard-{index:06d}.safetensors"
 
     def stage(self, stage: str) -> str:
         """The name under which ``run.json`` records ``stage`` at this point."""

@@ -15,7 +15,7 @@ from ..fileio import atomic_write_text, file_sha256
 from ..provenance import invocation, package_versions
 from ..settings import settings_diff
 
-__all__ = ["RunError", "Run", "RUN_FORMAT", "RUN_FORMAT_VERSION", "write_or_explain"]
+__all__ = ["RunError", "Run", "Layout", "RUN_FORMAT", "RUN_FORMAT_VERSION", "write_or_explain"]
 
 RUN_FORMAT = "concept-influence-run"
 #: 2: each fitting or scoring stage saves its settings as ``factors/settings.json`` / ``scores/settings.json``.
@@ -52,11 +52,36 @@ def write_or_explain(path: Path, write: Callable[[], object], kept: str) -> None
                        "command again to resume.") from e
 
 
-class Run:
+class Layout:
+    """Where the fitting and scoring stages write, under ``root``: a run folder, or one checkpoint's folder in it."""
+
+    root: Path
+
+    @property
+    def factors_dir(self) -> Path:
+        """``factors/``: the curvature, its settings, the statistics of each pass and per-rank checkpoints."""
+        return self.root / "factors"
+
+    @property
+    def scores_dir(self) -> Path:
+        """``scores/``: the merged scores, their settings and ``shards/``."""
+        return self.root / "scores"
+
+    @property
+    def scores_path(self) -> Path:
+        """``scores/scores.safetensors``: every shard merged in data order."""
+        return self.scores_dir / "scores.safetensors"
+
+    def shard_path(self, index: int) -> Path:
+        """The score shard ``index``."""
+        return self.scores_dir / "shards" / f"shard-{index:06d}.safetensors"
+
+
+class Run(Layout):
     """A run folder: its config, its record (``run.json``) and where each stage's files go."""
 
     def __init__(self, path: Path, config: RunConfig):
-        self.path = path
+        self.path = self.root = path
         self.config = config
 
     # ---- opening -------------------------------------------------------------------------------
@@ -149,25 +174,6 @@ class Run:
     def direction_path(self) -> Path:
         """``probe/direction.safetensors``."""
         return self.path / "probe" / "direction.safetensors"
-
-    @property
-    def factors_dir(self) -> Path:
-        """``factors/``: the curvature, its settings, the statistics of each pass and per-rank checkpoints."""
-        return self.path / "factors"
-
-    @property
-    def scores_dir(self) -> Path:
-        """``scores/``: the merged scores, their settings and ``shards/``."""
-        return self.path / "scores"
-
-    @property
-    def scores_path(self) -> Path:
-        """``scores/scores.safetensors``: every shard merged in data order."""
-        return self.scores_dir / "scores.safetensors"
-
-    def shard_path(self, index: int) -> Path:
-        """The score shard ``index``."""
-        return self.scores_dir / "shards" / f"shard-{index:06d}.safetensors"
 
     def is_done(self, stage: str) -> bool:
         """Whether ``run.json`` notes ``stage`` as finished."""
