@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .cli_bench import add_bench_commands
 from .cli_concept import add_concept_commands, add_query_options, query_overrides, user_errors
+from .cli_emergent import add_emergent_commands
 from .cli_sae import add_sae_commands
 
 __all__ = ["main"]
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = add_bench_commands(sub)  # bench planted | medical | speed | memory (concept_influence/cli_bench.py)
     add_concept_commands(sub, bench)  # concept check, filter, bench query-table (concept_influence/cli_concept.py)
+    add_emergent_commands(bench)  # bench emergent, seeds-table, curvature-table (concept_influence/cli_emergent.py)
     return parser
 
 

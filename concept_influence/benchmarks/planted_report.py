@@ -47,6 +47,15 @@ def format_retrieval(results: dict) -> str:
     return "\n".join(rows)
 
 
+def machine_line(results: dict) -> str:
+    """The machine a benchmark ran on and how long it took."""
+    m = results["machine"]
+    machine = (f"{m['cpu']}, {m['usable_cores']} cores, torch {m['torch']} on {m['torch_threads']} thread(s), "
+               f"Python {m['python']}, load average {m['load_average_start'][0]:.1f} at the start")
+    return f"Machine: {machine}" + (f"; {results['total_seconds'] / 60:.1f} min in all" if "total_seconds" in results
+                                    else " (run in progress)")
+
+
 def _model_line(cfg: dict) -> str:
     """The model and its training, in one sentence: the small model trained here, or LoRA fine-tunes of the user's."""
     if not cfg.get("model"):
@@ -64,11 +73,7 @@ def format_report(results: dict) -> str:
     lines = ["# Planted-data benchmark", ""]
     if results.get("command"):
         lines += [f"Command: `{results['command']}`", ""]
-    m = results["machine"]
-    machine = (f"{m['cpu']}, {m['usable_cores']} cores, torch {m['torch']} on {m['torch_threads']} thread(s), "
-               f"Python {m['python']}, load average {m['load_average_start'][0]:.1f} at the start")
-    lines += [f"Machine: {machine}" + (f"; {results['total_seconds'] / 60:.1f} min in all"
-                                                 if "total_seconds" in results else " (run in progress)"), "",
+    lines += [machine_line(results), "",
               f"Data: {' + '.join(results['data'])} ({'paired' if cfg['paired'] else 'unpaired'}); rate {cfg['rate']}; "
               f"pool {sp['pool']} ({sp['planted']} planted), pre-train {sp['pretrain']}, probe {sp['probe']} per class, "
               f"eval {sp['eval']}; seed {cfg['seed']}.", "",
@@ -90,7 +95,7 @@ def format_report(results: dict) -> str:
                   "", verdict + ".", ""]
     elif not cfg.get("retrain", True):
         lines += ["Behaviour and filter-and-retrain were not run (`--no-retrain`).", ""]
-    lines += _concept_lines(results)
+    lines += concept_lines(results)
     fractions = [str(f) for f in cfg["remove_fractions"]]
     head = "| estimator | AUROC | AUPRC | P@k | s/1k ex |"
     sep = "|---|---|---|---|---|"
@@ -154,13 +159,19 @@ def format_report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _concept_lines(results: dict) -> list[str]:
-    """Is the concept causal (the steering check) and does planting move it? Said plainly when it is not."""
+#: the steered positions of the concept check that contain the tokens each query reads
+QUERY_POSITIONS = {"last_prompt": "prompt", "prompt_mean": "prompt", "response_mean": "all", "all_tokens": "all"}
+
+
+def concept_lines(results: dict, where: str | None = None) -> list[str]:
+    """Is the concept causal (the steering check, also at the positions the query reads) and does planting move it?
+    Said plainly when it is not. ``where``: where the query reads the concept (default: the run's ``query``)."""
     check, shift = results.get("concept_check"), (results.get("behaviour") or {}).get("concept_shift")
     if not check and not shift:
         return []
-    lines = ["## Is the concept causal?", "", f"Concept Influence reads the concept at `{results.get('query')}` on the "
-             "evaluation prompts.", ""]
+    query = results.get("query", "last_prompt")
+    lines = ["## Is the concept causal?", "", f"Concept Influence reads the concept at "
+             f"{where or f'`{query}` on the evaluation prompts'}.", ""]
     if check:
         where = "held-out evaluation prompts" if check["held_out"] else "the probe's examples (not held out)"
         lines += [f"Steering along the probe direction on {where} ({check['n_positive']} planted, {check['n_negative']} "
@@ -169,6 +180,10 @@ def _concept_lines(results: dict) -> list[str]:
         lines += [f"| {p} | {check['first_order'][p]:+.4f} ± {check['first_order_se'][p]:.4f} | {v} |"
                   for p, v in check["verdicts"].items()]
         lines += ["", f"**{check['explanation']}**", ""]
+        bears = QUERY_POSITIONS.get(query)
+        if bears in check["verdicts"] and bears != check.get("judged", "all"):
+            lines += [f"At the positions the query reads ({bears} positions) the check says **{check['verdicts'][bears]}** "
+                      f"({check['first_order'][bears]:+.4f} ± {check['first_order_se'][bears]:.4f} nats per sd).", ""]
     if shift:
         lines += [f"Planting moves the concept f by {shift['gain']:+.4f} = {shift['effect_size']:.1f} × the seeds' sd "
                   f"(clean {np.mean(shift['clean']):.4f}, planted {np.mean(shift['planted']):.4f}; one-sided Welch "
