@@ -151,13 +151,14 @@ def test_explain_and_filter_follow_the_summed_ranking(audit, project):
 
 
 def test_killed_mid_checkpoint_resumes_bit_for_bit(audit, project):
-    """SIGKILL while scoring at the second checkpoint; the same command finishes with identical files."""
+    """SIGKILL while scoring at the second checkpoint; replaying the folder's own config.json finishes it with
+    identical files."""
     shards = project / "killed" / "checkpoints" / "01-checkpoint-2" / "scores" / "shards"
     start_and_kill(["run", "audit.toml", "--out", "killed", "--no-progress"], project,
                    lambda: (shards / "shard-000001.json").exists())
     assert not (project / "killed" / "checkpoints" / "02-checkpoint-4" / "scores" / "scores.safetensors").exists()
     done = {p: p.stat().st_mtime_ns for p in (project / "killed" / "checkpoints" / "00-base").rglob("*.safetensors")}
-    cli("run", "audit.toml", "--out", "killed", "--no-progress", cwd=project)
+    cli("run", "killed/config.json", "--no-progress", cwd=project)  # its `out` is the killed folder itself
     assert all(p.stat().st_mtime_ns == t for p, t in done.items()), "the finished checkpoint was computed again"
     for rel in ("scores/scores.safetensors", "filter/train.jsonl", "probe/direction.safetensors",
                 *(f"checkpoints/{c}/scores/scores.safetensors" for c in ("00-base", "01-checkpoint-2", "02-checkpoint-4")),

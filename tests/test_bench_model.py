@@ -1,11 +1,13 @@
 """The planted benchmark on the user's model (``bench planted --model DIR --lora-rank r``): every fine-tune is a LoRA
-fine-tune of a saved Hugging Face model (tiny Llama and Qwen2 here, on CPU), and the report is the usual one."""
+fine-tune of a saved Hugging Face model (a tiny Llama end to end, a tiny Qwen2 in bfloat16 for the fine-tunes and
+scoring, on CPU), and the report is the usual one."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_planted import ESTIMATORS
@@ -15,9 +17,12 @@ from concept_influence.benchmarks.planted_config import PlantedConfig
 from concept_influence.benchmarks.planted_training import Finetuner, lora_model
 from concept_influence.benchmarks.smallmodel import train_bpe_tokenizer
 from concept_influence.cli import main
+from concept_influence.concepts import ConceptFunction
 from concept_influence.data import tokenize_examples, write_chat_jsonl
+from concept_influence.estimators import ConceptInfluence
 from concept_influence.fileio import file_sha256
 from concept_influence.models import HFCausalLMAdapter, save_model
+from probes import ConceptDirection
 
 pytest.importorskip("peft")
 
@@ -46,7 +51,10 @@ def data(tmp_path_factory) -> Path:
 
 
 def test_fine_tunes_train_the_lora_adapters_only(data):
-    cfg = PlantedConfig.quick(model=str(data / "qwen2"), lora_rank=4, lora_targets=("q_proj", "down_proj"))
+    """A tiny Qwen2 in bfloat16 with rank-4 adapters on two maps: the fine-tune trains the (float32) adapters only,
+    starts again from the same adapters each time, and Concept Influence scores through the adapters."""
+    cfg = PlantedConfig.quick(model=str(data / "qwen2"), lora_rank=4, lora_targets=("q_proj", "down_proj"),
+                              dtype="bfloat16")
     adapter = lora_model(cfg)
     tuner = Finetuner(adapter, cfg, progress=False)
     assert tuner.pretrained and all("lora_" in k for k in tuner.pretrained)
@@ -61,29 +69,32 @@ def test_fine_tunes_train_the_lora_adapters_only(data):
     assert any(not torch.equal(first[k], tuner.pretrained[k]) for k in first)
     tuner.finetune(examples, seed=0)  # starts again from the fresh adapters: the same weights
     assert all(torch.equal(v, adapter.model.state_dict()[k]) for k, v in first.items())
+    assert all(v.dtype == torch.float32 for v in first.values()) and next(iter(frozen.values())).dtype == torch.bfloat16
+    direction = ConceptDirection(torch.randn(32), "blocks.1.hook_resid_post", kind="custom")
+    scores = ConceptInfluence(ConceptFunction.from_directions(direction, examples[:4]), "ekfac").score(
+        adapter, examples, progress=False)
+    assert np.isfinite(scores.values).all() and np.abs(scores.values).max() > 0
 
 
-@pytest.mark.parametrize("kind, dtype, extra", [("llama", "float32", []),
-                                               ("qwen2", "bfloat16", ["--no-retrain", "--compare-query", "none"])])
-def test_bench_planted_on_a_saved_model_with_lora(data, tmp_path, kind, dtype, extra):
-    weights = data / kind / "model.safetensors"
+def test_bench_planted_on_a_saved_model_with_lora(data, tmp_path):
+    """A tiny Llama, with filter-and-retrain, one seed per fine-tune."""
+    weights = data / "llama" / "model.safetensors"
     before = file_sha256(weights)
     out = tmp_path / "out"
     argv = ["bench", "planted", "--clean", str(data / "careful.jsonl"), "--planted", str(data / "reckless.jsonl"),
-            "--paired", "--rate", "0.1", "--quick", "--n-seeds", "2", "--model", str(data / kind), "--lora-rank", "8",
-            "--dtype", dtype, "--out", str(out), "--no-progress", *extra]
+            "--paired", "--rate", "0.1", "--quick", "--n-seeds", "1", "--model", str(data / "llama"), "--lora-rank", "8",
+            "--out", str(out), "--no-progress"]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     cfg = results["config"]
-    assert cfg["model"] == str(data / kind) and cfg["lora_rank"] == 8 and cfg["dtype"] == dtype
+    assert cfg["model"] == str(data / "llama") and cfg["lora_rank"] == 8 and cfg["dtype"] == "auto"
     assert cfg["n_layers"] == 2 and cfg["d_model"] == 32 and results["splits"]["pretrain"] == 0
-    expected = ESTIMATORS - ({"concept_influence[response_mean]"} if "none" in extra else set())
-    assert set(results["estimators"]) == expected
+    assert set(results["estimators"]) == ESTIMATORS
     assert all(0 <= m["auroc"] <= 1 for m in results["estimators"].values())
     assert results["concept_check"]["verdict"] in ("causal", "weak", "reversed")
-    if not extra:  # the behaviour over LoRA fine-tunes, clean and planted, and after each removal
-        assert len(results["behaviour"]["planted"]) == 2 and set(results["behaviour"]["removal"]) == expected
+    behaviour = results["behaviour"]  # over LoRA fine-tunes, clean and planted, and after each removal
+    assert len(behaviour["planted"]) == len(behaviour["clean"]) == 1 and set(behaviour["removal"]) == ESTIMATORS
     report = (out / "results.md").read_text()
-    assert f"`{data / kind}` (2 blocks, d_model 32, {dtype} on cpu)" in report
+    assert f"`{data / 'llama'}` (2 blocks, d_model 32, auto on cpu)" in report
     assert "fresh LoRA adapters of rank 8 on every linear map of the blocks" in report
     assert file_sha256(weights) == before and not (out / "tokenizer").exists()  # nothing trained from scratch

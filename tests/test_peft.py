@@ -234,8 +234,9 @@ def peft_project(tmp_path_factory) -> Path:
 
 def test_run_folder_and_torchrun_on_a_peft_model_equal_in_memory_scoring(peft_project):
     root = peft_project
-    cli("run", "run.toml", "--out", "one", "--no-progress", cwd=root)
-    torchrun("run", "run.toml", "--out", "two", "--no-progress", cwd=root)
+    # the probe of a random tiny model is at chance: allowed, since this test is about the scores' arithmetic
+    cli("run", "run.toml", "--out", "one", "--no-progress", "--allow-weak-probe", cwd=root)
+    torchrun("run", "run.toml", "--out", "two", "--no-progress", "--allow-weak-probe", cwd=root)
     adapter = load_model(root / "model")
     cfg = RunConfig.read(root / "run.toml")
     train = tokenize_examples(load_chat_jsonl(cfg.data.train), adapter.tokenizer, cfg.data.max_length, True)

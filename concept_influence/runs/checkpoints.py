@@ -44,9 +44,6 @@ class Point(Layout):
         """The name under which ``run.json`` records ``stage`` at this point."""
         return stage if self.name is None else f"{stage}[{self.name}]"
 
-    def describe(self) -> str:
-        return "the model" if self.name is None else f"checkpoint {self.name}"
-
 
 def _step(source: str) -> int | None:
     if source == BASE:
