@@ -56,6 +56,17 @@ def machine_line(results: dict) -> str:
                                     else " (run in progress)")
 
 
+def _model_line(cfg: dict) -> str:
+    """The model and its training, in one sentence: the small model trained here, or LoRA fine-tunes of the user's."""
+    if not cfg.get("model"):
+        return (f"TransformerLens, {cfg['n_layers']} blocks, d_model {cfg['d_model']}, vocab {cfg['vocab_size']}; "
+                f"pre-train {cfg['pretrain_epochs']} epochs, fine-tune {cfg['finetune_epochs']} epochs.")
+    targets = ", ".join(cfg["lora_targets"]) or "every linear map of the blocks"
+    return (f"`{cfg['model']}` ({cfg['n_layers']} blocks, d_model {cfg['d_model']}, {cfg['dtype']} on {cfg['device']}), "
+            f"not pre-trained here; every fine-tune ({cfg['finetune_epochs']} epochs, lr {cfg['finetune_lr']}) trains "
+            f"fresh LoRA adapters of rank {cfg['lora_rank']} on {targets}.")
+
+
 def format_report(results: dict) -> str:
     """``results.md``: what ran, whether planting raised the behaviour, retrieval, filter-and-retrain, LDS."""
     cfg, sp = results["config"], results["splits"]
@@ -66,8 +77,7 @@ def format_report(results: dict) -> str:
               f"Data: {' + '.join(results['data'])} ({'paired' if cfg['paired'] else 'unpaired'}); rate {cfg['rate']}; "
               f"pool {sp['pool']} ({sp['planted']} planted), pre-train {sp['pretrain']}, probe {sp['probe']} per class, "
               f"eval {sp['eval']}; seed {cfg['seed']}.", "",
-              f"Model: TransformerLens, {cfg['n_layers']} blocks, d_model {cfg['d_model']}, vocab {cfg['vocab_size']}; "
-              f"pre-train {cfg['pretrain_epochs']} epochs, fine-tune {cfg['finetune_epochs']} epochs. "
+              f"Model: {_model_line(cfg)} "
               f"{cfg.get('probe_kind', 'logistic')} probe at `{results['probe']['hook_name']}`: held-out accuracy "
               f"{results['probe']['accuracy']:.3f}, "
               f"AUROC {results['probe']['roc_auc']:.3f}. EK-FAC fit {results['ekfac_fit_seconds']:.1f} s; "
