@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from .emergent_corpus import DOMAINS
 from .planted_config import BenchmarkError
+from .smallmodel import SCHEDULES
 
 __all__ = ["EmergentConfig", "FIT_DATA"]
 
@@ -39,6 +40,7 @@ class EmergentConfig:
     pretrain_lr: float = 2e-3
     finetune_epochs: int = 2
     finetune_lr: float = 2e-3
+    lr_schedule: str = "linear"  # the fine-tunes' learning rate decays linearly to zero (Hugging Face's and TRL's default)
     batch_size: int = 16
     max_new_tokens: int = 40
     n_seeds: int = 3
@@ -76,6 +78,8 @@ class EmergentConfig:
         if not 1 <= self.n_planted < self.n_pool:
             raise BenchmarkError(f"a pool of {self.n_pool} at rate {self.rate} plants {self.n_planted} examples; "
                                  "at least one must be planted and one clean")
+        if self.lr_schedule not in SCHEDULES:
+            raise BenchmarkError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
         if self.fit_data not in FIT_DATA:
             raise BenchmarkError(f"--fit-data must be one of {', '.join(FIT_DATA)}, got {self.fit_data!r}")
         if not self.damping_factor > 0:

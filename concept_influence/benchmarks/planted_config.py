@@ -8,6 +8,7 @@ from probes import PROBE_KINDS, REDUCTIONS
 
 from ..concepts import DEFAULT_QUERY
 from ..models import MODEL_DTYPES
+from .smallmodel import SCHEDULES
 
 __all__ = ["BenchmarkError", "PlantedConfig"]
 
@@ -37,6 +38,7 @@ class PlantedConfig:
     finetune_epochs: int = 2
     pretrain_lr: float = 2e-3
     finetune_lr: float = 1e-3
+    lr_schedule: str = "constant"  # the fine-tunes' learning rate: constant, or linear decay to zero
     batch_size: int = 16
     max_new_tokens: int = 64
     n_seeds: int = 3
@@ -89,6 +91,8 @@ class PlantedConfig:
             raise BenchmarkError(f"--dtype must be one of auto, {', '.join(MODEL_DTYPES)}, got {self.dtype!r}")
         if self.device not in ("cpu", "cuda"):
             raise BenchmarkError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.lr_schedule not in SCHEDULES:
+            raise BenchmarkError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
         self.remove_fractions, self.lora_targets = tuple(self.remove_fractions), tuple(self.lora_targets)
 
     @property

@@ -27,7 +27,7 @@ class Finetuner:
     def finetune(self, examples: Sequence[TokenizedExample], seed: int, desc: str = "fine-tune") -> None:
         self.adapter.model.load_state_dict(self.pretrained, strict=False)
         train_model(self.adapter, examples, self.cfg.finetune_epochs, self.cfg.finetune_lr, self.cfg.batch_size,
-                    tokens="response", seed=seed, progress=self.progress, desc=desc)
+                    tokens="response", seed=seed, progress=self.progress, desc=desc, schedule=self.cfg.lr_schedule)
 
     def behaviours(self, examples: Sequence[TokenizedExample], measure: Callable[[], T], desc: str) -> list[T]:
         """``measure()`` after fine-tuning on ``examples`` with each of the run's seeds."""
