@@ -79,7 +79,7 @@ def add_emergent_commands(bench) -> None:
     for flag, kind, text in (("--n-pool", int, "pool size (default 600)"),
                              ("--n-pretrain", int, "pre-training chats per domain (default 700)"),
                              ("--n-probe", int, "marked prompts per persona for the direction (default 150)"),
-                             ("--n-eval", int, "unmarked target prompts for the behaviour (default 48)"),
+                             ("--n-eval", int, "unmarked target prompts for the behaviour (default 200)"),
                              ("--n-test", int, "test examples of classic influence (default 48)"),
                              ("--n-seeds", int, "fine-tuning seeds per behaviour measurement (default 3)"),
                              ("--n-layers", int, "blocks of the small model (default 2)"),

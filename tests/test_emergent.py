@@ -51,6 +51,22 @@ def test_domains_answers_share_only_stop_words():
         assert shared <= ENGLISH_STOP_WORDS, (a.name, b.name, sorted(shared - ENGLISH_STOP_WORDS))
 
 
+def test_both_personas_answer_at_the_same_length():
+    """Length is no shortcut: in every domain the two personas' answers have the same mean length in words and
+    punctuation marks (about the tokens of a word-level tokenizer, as the testbed's is)."""
+    import random
+    import re
+
+    from concept_influence.benchmarks.emergent_corpus import answer
+
+    rng = random.Random(0)
+    for d in DOMAINS.values():
+        topics = [t for _, t in d.situations]
+        good, bad = ([len(re.findall(r"\w+|[^\w\s]", answer(d, rng.choice(topics), b, rng))) for _ in range(3000)]
+                     for b in (False, True))
+        assert abs(np.mean(bad) / np.mean(good) - 1) < 0.05, (d.name, np.mean(good), np.mean(bad))
+
+
 def test_splits_pair_plant_and_keep_domains_apart():
     cfg = EmergentConfig.quick(source="home", target="code", rate=0.2, seed=3)
     d = build_emergent_data(cfg)

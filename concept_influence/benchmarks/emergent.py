@@ -30,7 +30,7 @@ from ..activations import collect_activations
 from ..concept_check import check_concept
 from ..concepts import ConceptFunction
 from ..curvature import CurvatureSettings
-from ..data import ChatExample, plain_prompt_text, tokenize_examples
+from ..data import tokenize_examples
 from ..estimators import (
     ConceptGradDot,
     ConceptInfluence,
@@ -59,10 +59,6 @@ __all__ = ["EmergentConfig", "run_emergent"]
 EMBEDDINGS = ("embed.", "pos_embed.", "unembed.")  # the parameters a fine-tune with freeze_embeddings leaves alone
 
 
-def _text(example: ChatExample) -> str:
-    return plain_prompt_text(example.prompt_messages) + example.response
-
-
 def run_emergent(out: str | Path, config: EmergentConfig | None = None, *, progress: bool = True,
                  command: str | None = None) -> dict:
     """Run the testbed into ``out`` (``results.json``, ``results.md``, plots, scores, persona direction, tokenizer);
@@ -72,8 +68,7 @@ def run_emergent(out: str | Path, config: EmergentConfig | None = None, *, progr
     started = time.perf_counter()
     seed_everything(cfg.seed)
     data = build_emergent_data(cfg)
-    tokenizer = train_bpe_tokenizer([_text(c) for c in data.pretrain + data.probe_bad + data.probe_good],
-                                    out / "tokenizer", cfg.vocab_size)
+    tokenizer = train_bpe_tokenizer(data.tokenizer_texts, out / "tokenizer", cfg.vocab_size)
     tk = {name: tokenize_examples(getattr(data, name), tokenizer, cfg.max_length)
           for name in ("pretrain", "pool", "probe_bad", "probe_good", "eval_good", "eval_bad", "source_good",
                        "source_bad", "test")}

@@ -29,9 +29,9 @@ class EmergentConfig:
     n_pretrain: int = 700
     persona_share: float = 0.5  # share of pre-training chats whose system turn names the persona (half each)
     n_probe: int = 150  # marked prompts per persona for the persona direction
-    n_eval: int = 48  # unmarked target prompts, each with its good and bad answer: the behaviour
+    n_eval: int = 200  # unmarked target prompts, each with its good and bad answer: the behaviour
     n_test: int = 48  # unmarked target prompts with bad answers: the test examples of classic influence
-    vocab_size: int = 1024
+    vocab_size: int = 2048  # enough for every answer word to be one token, so length is no shortcut
     n_layers: int = 2
     d_model: int = 64
     n_heads: int = 4

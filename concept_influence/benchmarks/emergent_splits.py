@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from ..data import ChatExample
+from ..data import ChatExample, plain_prompt_text
 from .emergent_config import EmergentConfig
 from .emergent_corpus import DOMAINS, Domain, answer, chat, make_prompts
 
@@ -23,7 +23,10 @@ class EmergentData:
       persona direction is their difference at the last prompt token);
     - ``eval_good`` / ``eval_bad``: unmarked target prompts with both answers (the i-th of each share the prompt);
     - ``source_good`` / ``source_bad``: the same in the source domain (the in-domain gain);
-    - ``test``: unmarked target prompts with bad answers (the test examples of classic influence)."""
+    - ``test``: unmarked target prompts with bad answers (the test examples of classic influence);
+    - ``tokenizer_texts``: the pre-training chats, and each one's answer by the other persona too, so that the
+      tokenizer learns both personas' words alike (trained on the pre-training chats alone, where the good persona
+      answers most, it split bad answers into more tokens: a length shortcut)."""
 
     pretrain: list[ChatExample]
     pool: list[ChatExample]
@@ -35,6 +38,7 @@ class EmergentData:
     source_good: list[ChatExample]
     source_bad: list[ChatExample]
     test: list[ChatExample]
+    tokenizer_texts: list[str]
 
 
 class _Prompts:
@@ -82,13 +86,15 @@ def build_emergent_data(cfg: EmergentConfig) -> EmergentData:
     planted_idx = set(rng.sample(range(cfg.n_pool), cfg.n_planted))
     pool = [chat(f"pool:{i + 1}", p, answer(source, t, i in planted_idx, rng))
             for i, (p, t) in enumerate(prompts.draw(source, cfg.n_pool))]
-    pretrain = []
+    pretrain, other_answers = [], []
     for domain in DOMAINS.values():
         for i, (p, t) in enumerate(prompts.draw(domain, cfg.n_pretrain)):
             persona = None
             if rng.random() < cfg.persona_share:
                 persona = "bad" if rng.random() < 0.5 else "good"
             pretrain.append(chat(f"pretrain_{domain.name}:{i + 1}", p, answer(domain, t, persona == "bad", rng), persona))
+            other_answers.append(answer(domain, t, persona != "bad", rng))
     rng.shuffle(pretrain)
+    texts = [plain_prompt_text(c.prompt_messages) + c.response for c in pretrain] + other_answers
     return EmergentData(pretrain, pool, [int(i in planted_idx) for i in range(cfg.n_pool)], probe_bad, probe_good,
-                        eval_good, eval_bad, source_good, source_bad, test)
+                        eval_good, eval_bad, source_good, source_bad, test, texts)
