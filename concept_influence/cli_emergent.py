@@ -81,7 +81,7 @@ def add_emergent_commands(bench) -> None:
                              ("--n-probe", int, "marked prompts per persona for the direction (default 150)"),
                              ("--n-eval", int, "unmarked target prompts for the behaviour (default 200)"),
                              ("--n-test", int, "test examples of classic influence (default 48)"),
-                             ("--n-seeds", int, "fine-tuning seeds per behaviour measurement (default 3)"),
+                             ("--n-seeds", int, "fine-tuning seeds per behaviour measurement (default 5)"),
                              ("--n-layers", int, "blocks of the small model (default 2)"),
                              ("--d-model", int, "width of the small model (default 64)"),
                              ("--pretrain-epochs", int, "pre-training epochs (default 3)"),

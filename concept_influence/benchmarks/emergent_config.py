@@ -43,7 +43,7 @@ class EmergentConfig:
     lr_schedule: str = "linear"  # the fine-tunes' learning rate decays linearly to zero (Hugging Face's and TRL's default)
     batch_size: int = 16
     max_new_tokens: int = 40
-    n_seeds: int = 3
+    n_seeds: int = 5
     remove_fractions: tuple[float, ...] = (0.1,)
     seed: int = 0
     freeze_embeddings: bool = True  # fine-tunes train the blocks only (as a LoRA fine-tune would), not the embeddings
