@@ -66,8 +66,10 @@ def format_report(results: dict) -> str:
               f"{cfg['pretrain_epochs']} epochs, fine-tune {cfg['finetune_epochs']} epochs"
               f"{' (embeddings frozen)' if cfg['freeze_embeddings'] else ''}. Persona direction (difference of means "
               f"at the last prompt token) at `{results['persona']['hook_name']}`: held-out AUROC "
-              f"{results['persona']['roc_auc']:.3f}. EK-FAC factors fitted on {cfg['fit_data']} "
-              f"({sp['factor_fit']} chats), damping {cfg['damping_factor']:g} × mean eigenvalue.", ""]
+              f"{results['persona']['roc_auc']:.3f}. EK-FAC factors (damping 0.1 × "
+              f"mean eigenvalue) fitted on the pool ({sp['factor_fit']['pool']} chats), or for "
+              f"`concept_influence[pretrain+pool]` on pre-training chats and the pool ({sp['factor_fit']['pretrain+pool']}).",
+              ""]
     b = results.get("behaviour")
     if b:
         emergent = {k: b[k] for k in ("clean", "planted", "gain", "effect_size", "p_value")}
