@@ -97,7 +97,9 @@ def run_emergent(out: str | Path, config: EmergentConfig | None = None, *, progr
     direction = probe.direction
     direction.metadata["name"] = "persona"
     direction.save(out / "persona.safetensors")
-    print(f"persona direction at {hook} (last prompt token, {cfg.concept}): held-out AUROC {probe.metrics['roc_auc']:.3f}")
+    persona_gap = float((acts[0].values.mean(0) - acts[1].values.mean(0)) @ direction.unit.float())
+    print(f"persona direction at {hook} (last prompt token, {cfg.concept}): held-out AUROC {probe.metrics['roc_auc']:.3f}, "
+          f"gap between the personas {persona_gap:.3f}")
     concept = ConceptFunction.from_directions(direction, eval_examples=tk["eval_good"], reduction="last_prompt")
     check = check_concept(adapter, direction, tk["eval_bad"], tk["eval_good"], batch_size=cfg.batch_size)
     check.plot(out / "concept_check.png")
@@ -119,7 +121,7 @@ def run_emergent(out: str | Path, config: EmergentConfig | None = None, *, progr
         "splits": {"pretrain": len(tk["pretrain"]), "pool": len(pool), "planted": int(sum(labels)),
                    "probe": len(tk["probe_bad"]), "eval": len(tk["eval_good"]), "test": len(tk["test"]),
                    "factor_fit": {"pool": len(pool), "pretrain+pool": len(pool) + min(len(pool), len(tk["pretrain"]))}},
-        "persona": {"hook_name": hook, "domain": cfg.concept, **probe.metrics},
+        "persona": {"hook_name": hook, "domain": cfg.concept, "gap": persona_gap, **probe.metrics},
         "query": "last_prompt", "concept_check": {**check.to_dict(), "explanation": check.explanation(), "held_out": True},
         "finetune_seconds": finetune_seconds, "estimators": {},
     }
