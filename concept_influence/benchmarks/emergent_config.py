@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .emergent_corpus import DOMAINS
-from .planted_config import BenchmarkError
-from .smallmodel import SCHEDULES
+from .planted_config import BenchmarkError, check_planting
 
 __all__ = ["EmergentConfig"]
 
@@ -60,14 +59,9 @@ class EmergentConfig:
         if self.concept == self.source:
             raise BenchmarkError(f"--concept-domain {self.concept!r} is the fine-tune's domain: the persona direction "
                                  "must be found without its data")
-        if not 0 < self.rate <= 0.5:
-            raise BenchmarkError(f"--rate must be in (0, 0.5], got {self.rate}")
+        check_planting(self)
         if not 0 < self.persona_share <= 1:
             raise BenchmarkError(f"--persona-share must be in (0, 1], got {self.persona_share}")
-        if self.n_seeds < 1:
-            raise BenchmarkError(f"--n-seeds must be at least 1, got {self.n_seeds}")
-        if any(not 0 < f < 1 for f in self.remove_fractions):
-            raise BenchmarkError(f"--remove-fractions must be in (0, 1), got {list(self.remove_fractions)}")
         for option, n in (("--n-pool", self.n_pool), ("--n-pretrain", self.n_pretrain), ("--n-probe", self.n_probe),
                           ("--n-eval", self.n_eval), ("--n-test", self.n_test)):
             if n < 2:
@@ -75,8 +69,6 @@ class EmergentConfig:
         if not 1 <= self.n_planted < self.n_pool:
             raise BenchmarkError(f"a pool of {self.n_pool} at rate {self.rate} plants {self.n_planted} examples; "
                                  "at least one must be planted and one clean")
-        if self.lr_schedule not in SCHEDULES:
-            raise BenchmarkError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
         self.remove_fractions = tuple(self.remove_fractions)
 
     @property

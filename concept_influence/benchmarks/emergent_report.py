@@ -12,7 +12,7 @@ from scipy.stats import spearmanr
 from ..estimators import TfidfBaseline
 from ..fileio import atomic_write_text
 from ..plots import plot_behaviour_removal, plot_lexical_overlap, plot_pr_curves, plot_score_histograms
-from .planted_report import concept_lines, curvature_lines, machine_line
+from .planted_report import concept_lines, curvature_lines, report_header
 
 __all__ = ["lexical_overlap", "report_plots", "write_results", "format_report"]
 
@@ -66,10 +66,7 @@ def format_report(results: dict) -> str:
     """``results.md``: the domains, whether planting raised the behaviour where the data never shows it, the concept
     check, retrieval with each ranking's lexical overlap, filter-and-retrain, the curvature study."""
     cfg, sp = results["config"], results["splits"]
-    lines = ["# Emergent testbed", ""]
-    if results.get("command"):
-        lines += [f"Command: `{results['command']}`", ""]
-    lines += [machine_line(results), "",
+    lines = report_header("Emergent testbed", results) + [
               f"Domains: fine-tune on **{cfg['source']}**, behaviour on **{cfg['target']}**, persona direction from "
               f"{results['persona']['domain']} prompts. Pool {sp['pool']} unmarked {cfg['source']} chats ({sp['planted']} "
               f"bad answers planted, rate {cfg['rate']}); pre-training {sp['pretrain']} chats of every domain, "

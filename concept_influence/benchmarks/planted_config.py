@@ -10,11 +10,24 @@ from ..concepts import DEFAULT_QUERY
 from ..models import MODEL_DTYPES
 from .smallmodel import SCHEDULES
 
-__all__ = ["BenchmarkError", "PlantedConfig"]
+__all__ = ["BenchmarkError", "PlantedConfig", "check_planting"]
 
 
 class BenchmarkError(ValueError):
     """A benchmark setting that cannot work (rate, sizes, seeds, layer); the message names the setting."""
+
+
+def check_planting(cfg) -> None:
+    """The settings every planting benchmark shares: the rate, the fine-tuning seeds, the removed fractions and the
+    learning-rate schedule (:class:`BenchmarkError` naming the option)."""
+    if not 0 < cfg.rate <= 0.5:
+        raise BenchmarkError(f"--rate must be in (0, 0.5], got {cfg.rate}")
+    if cfg.n_seeds < 1:
+        raise BenchmarkError(f"--n-seeds must be at least 1, got {cfg.n_seeds}")
+    if any(not 0 < f < 1 for f in cfg.remove_fractions):
+        raise BenchmarkError(f"--remove-fractions must be in (0, 1), got {list(cfg.remove_fractions)}")
+    if cfg.lr_schedule not in SCHEDULES:
+        raise BenchmarkError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {cfg.lr_schedule!r}")
 
 
 @dataclass
@@ -65,12 +78,7 @@ class PlantedConfig:
     device: str = "cpu"  # with model: cpu or cuda
 
     def __post_init__(self):
-        if not 0 < self.rate <= 0.5:
-            raise BenchmarkError(f"--rate must be in (0, 0.5], got {self.rate}")
-        if self.n_seeds < 1:
-            raise BenchmarkError(f"--n-seeds must be at least 1, got {self.n_seeds}")
-        if any(not 0 < f < 1 for f in self.remove_fractions):
-            raise BenchmarkError(f"--remove-fractions must be in (0, 1), got {list(self.remove_fractions)}")
+        check_planting(self)
         if self.lds == 1 or self.lds < 0:
             raise BenchmarkError(f"--lds needs at least 2 subsets (or 0 for none), got {self.lds}")
         if self.sae_latents < 0 or (self.sae_latents and not 1 <= self.sae_k <= self.sae_latents):
@@ -91,8 +99,6 @@ class PlantedConfig:
             raise BenchmarkError(f"--dtype must be one of auto, {', '.join(MODEL_DTYPES)}, got {self.dtype!r}")
         if self.device not in ("cpu", "cuda"):
             raise BenchmarkError(f"--device must be cpu or cuda, got {self.device!r}")
-        if self.lr_schedule not in SCHEDULES:
-            raise BenchmarkError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
         self.remove_fractions, self.lora_targets = tuple(self.remove_fractions), tuple(self.lora_targets)
 
     @property

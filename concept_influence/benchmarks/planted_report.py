@@ -47,6 +47,12 @@ def format_retrieval(results: dict) -> str:
     return "\n".join(rows)
 
 
+def report_header(title: str, results: dict) -> list[str]:
+    """A benchmark report's first lines: its title, the command that made it, the machine and the time taken."""
+    command = [f"Command: `{results['command']}`", ""] if results.get("command") else []
+    return [f"# {title}", "", *command, machine_line(results), ""]
+
+
 def machine_line(results: dict) -> str:
     """The machine a benchmark ran on and how long it took."""
     m = results["machine"]
@@ -70,10 +76,7 @@ def _model_line(cfg: dict) -> str:
 def format_report(results: dict) -> str:
     """``results.md``: what ran, whether planting raised the behaviour, retrieval, filter-and-retrain, LDS."""
     cfg, sp = results["config"], results["splits"]
-    lines = ["# Planted-data benchmark", ""]
-    if results.get("command"):
-        lines += [f"Command: `{results['command']}`", ""]
-    lines += [machine_line(results), "",
+    lines = report_header("Planted-data benchmark", results) + [
               f"Data: {' + '.join(results['data'])} ({'paired' if cfg['paired'] else 'unpaired'}); rate {cfg['rate']}; "
               f"pool {sp['pool']} ({sp['planted']} planted), pre-train {sp['pretrain']}, probe {sp['probe']} per class, "
               f"eval {sp['eval']}; seed {cfg['seed']}.", "",
