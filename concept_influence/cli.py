@@ -1,6 +1,6 @@
 """Command line: ``concept-influence demo``; the run-folder pipeline ``run``, ``probe train``, ``fit-factors``,
 ``score``, ``report``; ``concept check`` and ``filter``; benchmarks ``bench planted``, ``bench medical``,
-``bench speed``, ``bench memory``, ``bench query-table``; ``sae ...`` (cli_sae.py)."""
+``bench speed``, ``bench memory``, ``bench query-table``; ``sae ...`` (cli_sae.py); ``index ...`` (cli_index.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 from .cli_concept import add_concept_commands, add_query_options, query_overrides, user_errors
+from .cli_index import add_index_commands, index_errors
 from .cli_sae import add_sae_benchmark_options, add_sae_commands, sae_benchmark_overrides
 
 __all__ = ["main"]
@@ -261,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--seed", type=int, default=0, help="seed for the corpus and model (default 0)")
     memory.set_defaults(func=_bench_memory)
     add_concept_commands(sub, bench)  # concept check, filter, bench query-table (concept_influence/cli_concept.py)
+    add_index_commands(sub, bench)  # index build, index query, bench index (concept_influence/cli_index.py)
     return parser
 
 
@@ -278,7 +280,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .scoring import ScoringError
 
     return (DataError, BenchmarkError, ConfigError, RunError, ModelLoadError, HookError, DirectionError, ConceptError,
-            CurvatureError, ScoringError, *user_errors())
+            CurvatureError, ScoringError, *user_errors(), *index_errors())
 
 
 def main(argv: list[str] | None = None) -> int:
