@@ -21,8 +21,8 @@ def add_checkpoint(path: Path, settings: IndexSettings, adapter: ModelAdapter, c
                    shards: Sequence[ShardInput] | Any, data: dict, source: str, weight: float, model: dict | None,
                    ranks: Ranks, progress: bool) -> IndexStore:
     """Index the model ``adapter`` (one checkpoint, identified by ``source``) on ``shards`` into the index at ``path``
-    (created when new): the maps are those ``curvature`` covers. Resumes a started checkpoint; a finished one is left
-    as it is."""
+    (created when new): the maps are those ``curvature`` covers. Resumes a started checkpoint; in a finished one only
+    shards that are missing, unreadable or of changed input are computed again."""
     maps = [m for m in adapter.linear_maps() if m.name in curvature.shapes]
     fingerprint = adapter.fingerprint()
     if ranks.is_main:
@@ -39,8 +39,6 @@ def add_checkpoint(path: Path, settings: IndexSettings, adapter: ModelAdapter, c
     ranks.barrier()
     store = IndexStore.open(path)
     c = next(i for i, e in enumerate(store.manifest["checkpoints"]) if e["source"] == source)
-    if store.manifest["checkpoints"][c]["finished"]:
-        return store
     spaces = checkpoint_spaces(store, c, maps, curvature, ranks)
     build_checkpoint(store, c, adapter, maps, spaces, shards, ranks, progress)
     return IndexStore.open(path)

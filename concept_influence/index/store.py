@@ -137,7 +137,7 @@ class IndexStore:
         for index in range(self.manifest["checkpoints"][c]["n_shards"]):
             ids, data = self.rows(c, index, columns)
             for start in range(0, len(ids), chunk):
-                block = torch.from_numpy(np.ascontiguousarray(data[start:start + chunk]))
+                block = torch.from_numpy(np.array(data[start:start + chunk]))  # a writable copy of the rows
                 if block.dtype == torch.uint16:
                     block = block.view(torch.bfloat16)
                 yield ids[start:start + chunk], block.float()
