@@ -10,7 +10,6 @@ so a killed build started again finishes with the same files, bit for bit.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,7 +157,7 @@ def build_checkpoint(store: IndexStore, c: int, adapter: ModelAdapter, maps: Seq
             if header is None or header.get("digest") != digest:
                 raise GradientIndexError(f"{store.shard_path(c, index)}: missing or stale shard; run the same command "
                                          "again to compute it")
-            n_examples += len(json.loads(header["ids"]))
+            n_examples += len(header["ids"])
             n_lines += int(header["n_lines"])
         entry.update(n_shards=len(digests), digests=digests, n_examples=n_examples, n_skipped=n_lines - n_examples,
                      finished=_now(), world_size=ranks.world_size, command=invocation())

@@ -102,6 +102,9 @@ def index_scores(store: IndexStore, estimator: GradientEstimator, adapters: Sequ
                                  "build` again to finish it")
     if len(adapters) != len(checkpoints):
         raise GradientIndexError(f"{store.path}: the index has {len(checkpoints)} checkpoints, {len(adapters)} models given")
+    for c, entry in enumerate(checkpoints):  # every shard readable before any gradient is computed
+        for index in range(entry["n_shards"]):
+            store.rows(c, index)
     mode = "identity" if estimator.curvature == "identity" else curvature
     total, ids, columns, used = None, None, None, []
     for c, (entry, adapter) in enumerate(zip(checkpoints, adapters)):

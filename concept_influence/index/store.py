@@ -96,12 +96,13 @@ class IndexStore:
     # ---- shards --------------------------------------------------------------------------------
     def write_shard(self, c: int, index: int, rows: torch.Tensor, ids: list[str], digest: str, n_lines: int) -> Path:
         """Save one shard's rows ``[n, D]`` (in the storage dtype) with its ids and input digest, atomically."""
-        meta = {"digest": digest, "ids": json.dumps(ids), "n_lines": str(n_lines), "shard": str(index)}
+        # one metadata key: safetensors writes several in no fixed order, and a rebuilt shard must be the same bytes
+        meta = {"shard": json.dumps({"digest": digest, "n_lines": n_lines, "index": index, "ids": ids})}
         return save_tensors(self.shard_path(c, index), {"rows": rows.to(self.dtype)}, meta)
 
     def shard_header(self, c: int, index: int) -> dict | None:
-        """The metadata of a finished shard, or None when it is missing or unreadable (a resumed build computes it
-        again); a file that is shorter than its header says is unreadable."""
+        """The metadata of a finished shard (digest, n_lines, index, ids), or None when it is missing or unreadable (a
+        resumed build computes it again); a file that is shorter than its header says is unreadable."""
         path = self.shard_path(c, index)
         try:
             header, offset = _header(path)
@@ -111,7 +112,10 @@ class IndexStore:
         end = info.get("data_offsets", [0, 0])[1]
         if path.stat().st_size < offset + end:
             return None
-        return header.get("__metadata__", {})
+        try:
+            return json.loads(header["__metadata__"]["shard"])
+        except (KeyError, ValueError):
+            return None
 
     def rows(self, c: int, index: int, columns: int | None = None) -> tuple[list[str], np.ndarray]:
         """A shard's ids and rows as a read-only memory map ``[n, D]`` (its first ``columns`` columns when given);
@@ -124,7 +128,7 @@ class IndexStore:
             n, width = info["shape"]
             if path.stat().st_size < offset + end or end - begin != n * width * np.dtype(_NUMPY[info["dtype"]]).itemsize:
                 raise ValueError(f"the file has {path.stat().st_size} bytes, its header describes {offset + end}")
-            ids = json.loads(header["__metadata__"]["ids"])
+            ids = json.loads(header["__metadata__"]["shard"])["ids"]
         except (OSError, ValueError, KeyError) as e:
             raise GradientIndexError(f"{path}: truncated or unreadable shard ({e}); run `concept-influence index build` "
                               "again to recompute it") from None
