@@ -19,14 +19,14 @@ def _build(args: argparse.Namespace) -> int:
     from .index import IndexSettings
     from .index.runs import build_from_runs
 
-    settings = IndexSettings(projection=args.projection, rank=args.rank, dtype=args.dtype, shard_size=args.shard_size,
-                             batch_size=args.batch_size, seed=args.seed)
+    settings = IndexSettings(projection=args.projection, rank=args.rank, budget=args.budget, dtype=args.dtype,
+                             shard_size=args.shard_size, batch_size=args.batch_size, seed=args.seed)
     index = build_from_runs(args.sources, args.out, settings, args.weights, progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":
         entries = index.checkpoints
         print(f"{args.out}: {entries[0]['n_examples']} examples x {len(entries)} checkpoint(s), "
               f"{index.bytes_per_example} bytes per example and checkpoint ({len(index.maps)} maps, "
-              f"{settings.projection} projection, rank {settings.rank}, {settings.dtype})")
+              f"{settings.projection} projection, rank {index.store.manifest['rank']}, {settings.dtype})")
     return 0
 
 
@@ -132,7 +132,10 @@ def add_index_commands(sub, bench) -> None:
     build.add_argument("--out", required=True, help="the index folder (outside the run folders)")
     build.add_argument("--projection", choices=PROJECTIONS, default="eigen",
                        help="eigen: top EK-FAC eigenvectors (default); random: LoGra; identity: uncompressed")
-    build.add_argument("--rank", type=int, default=16, help="dimensions per side of each map (default 16)")
+    build.add_argument("--rank", type=int, help="dimensions per side of each map (default: the largest that fits in "
+                                                "--budget)")
+    build.add_argument("--budget", type=int, default=65536,
+                       help="bytes per example and checkpoint, when --rank is not given (default 65536)")
     build.add_argument("--dtype", choices=STORAGE_DTYPES, default="float16", help="storage dtype (default float16)")
     build.add_argument("--shard-size", type=int, default=1024, help="examples per shard file (default 1024)")
     build.add_argument("--batch-size", type=int, default=8, help="examples per forward/backward (default 8)")

@@ -184,3 +184,11 @@ def test_a_truncated_shard_is_named_and_rebuilt(fitted, tmp_path):
     index = GradientIndex.build(tmp_path / "i", adapter, examples, curvature, rank=2, shard_size=5, progress=False)
     np.testing.assert_array_equal(index.score(ConceptInfluence(concept, "ekfac"), adapter, progress=False).values,
                                   before.values)
+
+
+def test_rank_unset_is_the_largest_that_fits_the_budget(fitted, tmp_path):
+    adapter, examples, curvature = fitted
+    index = GradientIndex.build(tmp_path / "i", adapter, examples[:2], curvature, budget=3000, progress=False)
+    rank, maps = index.store.manifest["rank"], adapter.linear_maps()
+    assert index.bytes_per_example <= 3000
+    assert 2 * sum(min(rank + 1, m.shape[0]) * min(rank + 1, m.shape[1]) for m in maps) > 3000

@@ -38,8 +38,9 @@ class IndexSettings(Settings):
     projection: str = option("eigen", "per-map projection of the gradients: the top `rank` EK-FAC eigenvectors of each "
                                       "side (eigen), random orthonormal subspaces (random, LoGra), none (identity: exact "
                                       "and as large as the gradients)", choices=PROJECTIONS)
-    rank: int = option(16, "dimensions kept on each side of each map (r_out = min(rank, d_out), r_in likewise)",
-                       minimum=1)
+    rank: int | None = option(None, "dimensions kept on each side of each map (r_out = min(rank, d_out), r_in "
+                                    "likewise); unset: the largest rank whose rows fit in `budget`", minimum=1)
+    budget: int = option(65536, "bytes per example and checkpoint when `rank` is unset", minimum=1)
     dtype: str = option("float16", "storage dtype of the rows", choices=tuple(STORAGE_DTYPES))
     shard_size: int = option(1024, "examples per shard file (the unit of resuming and of torchrun's work)", minimum=1)
     batch_size: int = option(8, "examples per forward/backward", minimum=1)
@@ -70,11 +71,24 @@ def memory_shards(examples: Sequence[TokenizedExample], shard_size: int) -> list
     return out
 
 
-def _map_entries(maps: Sequence[LinearMap], settings: IndexSettings) -> list[dict]:
+def resolve_rank(settings: IndexSettings, maps: Sequence[LinearMap]) -> int:
+    """``settings.rank``, or the largest rank whose row (every map, ``min(r, d)`` per side) fits in ``settings.budget``
+    bytes (at least 1)."""
+    if settings.rank is not None:
+        return settings.rank
+    itemsize, largest = STORAGE_DTYPES[settings.dtype].itemsize, max(max(m.shape) for m in maps)
+
+    def size(r: int) -> int:
+        return itemsize * sum(min(r, m.shape[0]) * min(r, m.shape[1]) for m in maps)
+
+    return max([r for r in range(1, largest + 1) if size(r) <= settings.budget], default=1)
+
+
+def _map_entries(maps: Sequence[LinearMap], settings: IndexSettings, rank: int) -> list[dict]:
     """Each map's place in a row: name, block, shape, ranks, width and first column."""
     entries, offset = [], 0
     for m in maps:
-        ranks = space_ranks(settings.projection, settings.rank, m.shape)
+        ranks = space_ranks(settings.projection, rank, m.shape)
         entries.append({"name": m.name, "block": m.block, "shape": list(m.shape), "ranks": list(ranks),
                         "dim": ranks[0] * ranks[1], "offset": offset})
         offset += ranks[0] * ranks[1]
@@ -84,7 +98,8 @@ def _map_entries(maps: Sequence[LinearMap], settings: IndexSettings) -> list[dic
 def start_index(path: Path, settings: IndexSettings, maps: Sequence[LinearMap], data: dict) -> IndexStore:
     """The index at ``path``: created with ``settings``, the maps' layout and the ``data`` description, or opened and
     checked (same settings, maps and data; each difference named). Writes nothing to an existing index."""
-    layout = _map_entries(maps, settings)
+    rank = resolve_rank(settings, maps)
+    layout = _map_entries(maps, settings, rank)
     if (path / "index.json").is_file():
         store = IndexStore.open(path)
         m = store.manifest
@@ -103,7 +118,7 @@ def start_index(path: Path, settings: IndexSettings, maps: Sequence[LinearMap], 
     if path.exists() and any(path.iterdir()):
         raise GradientIndexError(f"{path} exists and is not a gradient index; choose an empty or new folder")
     store = IndexStore(path, {"format": FORMAT, "format_version": FORMAT_VERSION, "created": _now(),
-                              "versions": package_versions(), "settings": settings.to_dict(), "maps": layout,
+                              "versions": package_versions(), "settings": settings.to_dict(), "rank": rank, "maps": layout,
                               "data": data, "checkpoints": []})
     store.save_manifest()
     return store
@@ -120,7 +135,7 @@ def checkpoint_spaces(store: IndexStore, c: int, maps: Sequence[LinearMap], curv
     path = store.checkpoint_dir(c) / "spaces.safetensors"
     if not path.is_file():
         s = store.manifest["settings"]
-        spaces = make_spaces(s["projection"], s["rank"], maps, curvature, s["seed"])
+        spaces = make_spaces(s["projection"], store.manifest["rank"], maps, curvature, s["seed"])
         if ranks.is_main:
             if s["projection"] == "identity":
                 curvature.save(store.checkpoint_dir(c) / "curvature")

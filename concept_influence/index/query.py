@@ -125,7 +125,7 @@ def index_scores(store: IndexStore, estimator: GradientEstimator, adapters: Sequ
         total, ids = (values, part_ids) if total is None else (total + values, ids)
     name = estimator.name + ("[checkpoints]" if len(checkpoints) > 1 else "")
     s = store.manifest["settings"]
-    metadata = {"index": str(store.path.resolve()), "projection": s["projection"], "rank": s["rank"], "dtype": s["dtype"],
-                "curvature": mode, "maps": [m.name for m in used], "n_skipped": checkpoints[0]["n_skipped"],
+    metadata = {"index": str(store.path.resolve()), "projection": s["projection"], "rank": store.manifest["rank"],
+                "dtype": s["dtype"], "curvature": mode, "maps": [m.name for m in used], "n_skipped": checkpoints[0]["n_skipped"],
                 "checkpoints": [e["source"] for e in checkpoints], "checkpoint_weights": [e["weight"] for e in checkpoints]}
     return Scores(ids, -total, name, columns, metadata)
