@@ -24,10 +24,10 @@ from ..scores import Scores
 from .projection import QUERY_CURVATURES, MapSpace, cholesky, damped
 from .store import GradientIndexError, IndexStore
 
-__all__ = ["index_scores", "empirical_moments"]
+__all__ = ["index_scores", "stream_scores", "empirical_moments"]
 
 
-def empirical_moments(store: IndexStore, c: int, chunk: int = 4096) -> dict[str, torch.Tensor]:
+def empirical_moments(store: IndexStore, c: int, chunk: int = 1024) -> dict[str, torch.Tensor]:
     """Each map's second moment of the stored rows of checkpoint ``c``, ``mean_z r_z r_zᵀ`` ``[D, D]`` (float64; the
     row scale divided out): the curvature fitted in the projected space, as LoGra and Bergson fit it. Computed in one
     pass over the shards and kept in ``empirical.safetensors`` for the next query."""
@@ -67,8 +67,8 @@ def _used_maps(store: IndexStore, estimator: GradientEstimator, adapter: ModelAd
 
 
 def _queries(store: IndexStore, c: int, spaces: Sequence[MapSpace], grads: dict[str, torch.Tensor], mode: str,
-             damping_factor: float) -> tuple[torch.Tensor, int]:
-    """The query matrix ``[columns, K]`` over the first ``columns`` columns of a row (the maps queried)."""
+             damping_factor: float) -> torch.Tensor:
+    """The query matrix ``[columns, K]`` over the first ``columns`` columns of a row (up to the last map queried)."""
     layout = {e["name"]: e for e in store.manifest["maps"]}
     full = Curvature.load(store.checkpoint_dir(c) / "curvature") if store.manifest["settings"]["projection"] == "identity" \
         and mode == "ekfac" else None
@@ -81,12 +81,22 @@ def _queries(store: IndexStore, c: int, spaces: Sequence[MapSpace], grads: dict[
             e = layout[s.name]
             chol = cholesky(damped(moments[s.name], damping_factor), f"map {s.name}") if mode == "empirical" else None
             q[e["offset"]:e["offset"] + e["dim"]] = s.query(grads[s.name], mode, full, chol).T
-    return q, columns
+    return q
+
+
+def stream_scores(store: IndexStore, c: int, q: torch.Tensor, chunk: int = 1024) -> tuple[list[str], np.ndarray]:
+    """Every stored row of checkpoint ``c`` (its first ``len(q)`` columns) times the query matrix ``q`` ``[columns, K]``:
+    the ids and ``[N, K]`` values, streamed over the shards."""
+    ids, parts = [], []
+    for block_ids, block in store.iter_rows(c, q.shape[0], chunk):
+        parts.append((block @ q).double().numpy())
+        ids += block_ids
+    return ids, np.concatenate(parts) if parts else np.zeros((0, q.shape[1]))
 
 
 def index_scores(store: IndexStore, estimator: GradientEstimator, adapters: Sequence[ModelAdapter], *,
                  curvature: str = "ekfac", damping_factor: float = DEFAULT_DAMPING_FACTOR, batch_size: int = 8,
-                 progress: bool = True, chunk: int = 4096) -> Scores:
+                 progress: bool = True, chunk: int = 1024) -> Scores:
     """The estimator's scores of every indexed example, summed over the index's checkpoints (each with its weight):
     ``adapters[c]`` is the model at checkpoint ``c`` (checked by fingerprint). ``curvature``: the EK-FAC restricted to
     each map's space (``ekfac``), the damped second moment of the stored rows (``empirical``, damping
@@ -116,12 +126,9 @@ def index_scores(store: IndexStore, estimator: GradientEstimator, adapters: Sequ
             raise GradientIndexError(f"{store.path}: checkpoint {c} indexes other data than checkpoint 0")
         used = _used_maps(store, estimator, adapter)
         grads, columns = estimator.measurement(adapter, used, batch_size, progress)
-        q, width = _queries(store, c, store.load_spaces(c), grads, mode, damping_factor)
-        parts, part_ids = [], []
-        for block_ids, block in store.iter_rows(c, width, chunk):
-            parts.append((block @ q).double().numpy())
-            part_ids += block_ids
-        values = entry["weight"] * np.concatenate(parts) if parts else np.zeros((0, q.shape[1]))
+        q = _queries(store, c, store.load_spaces(c), grads, mode, damping_factor)
+        part_ids, values = stream_scores(store, c, q, chunk)
+        values = entry["weight"] * values
         total, ids = (values, part_ids) if total is None else (total + values, ids)
     name = estimator.name + ("[checkpoints]" if len(checkpoints) > 1 else "")
     s = store.manifest["settings"]

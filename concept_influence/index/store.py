@@ -118,8 +118,9 @@ class IndexStore:
             return None
 
     def rows(self, c: int, index: int, columns: int | None = None) -> tuple[list[str], np.ndarray]:
-        """A shard's ids and rows as a read-only memory map ``[n, D]`` (its first ``columns`` columns when given);
-        a missing, truncated or corrupt shard is an :class:`GradientIndexError` naming the file."""
+        """A shard's ids and rows ``[n, D]`` (its first ``columns`` columns when given) as a copy-on-write memory map
+        (the file is never written); a missing, truncated or corrupt shard is a :class:`GradientIndexError` naming
+        the file."""
         path = self.shard_path(c, index)
         try:
             header, offset = _header(path)
@@ -132,19 +133,23 @@ class IndexStore:
         except (OSError, ValueError, KeyError) as e:
             raise GradientIndexError(f"{path}: truncated or unreadable shard ({e}); run `concept-influence index build` "
                               "again to recompute it") from None
-        data = np.memmap(path, dtype=_NUMPY[info["dtype"]], mode="r", offset=offset + begin, shape=(n, width))
+        data = np.memmap(path, dtype=_NUMPY[info["dtype"]], mode="c", offset=offset + begin, shape=(n, width))
         return ids, data if columns is None else data[:, :columns]
 
-    def iter_rows(self, c: int, columns: int, chunk: int = 4096) -> Iterator[tuple[list[str], torch.Tensor]]:
-        """Every shard of checkpoint ``c`` in data order as ``(ids, rows)`` chunks of at most ``chunk`` rows, in float32
-        (the first ``columns`` columns)."""
+    def iter_rows(self, c: int, columns: int, chunk: int = 1024) -> Iterator[tuple[list[str], torch.Tensor]]:
+        """Every shard of checkpoint ``c`` in data order as ``(ids, rows)`` chunks of at most ``chunk`` rows (the first
+        ``columns`` columns) in float32. The rows are one reused buffer: use each chunk before asking for the next."""
+        buffer = torch.empty(chunk, columns)
         for index in range(self.manifest["checkpoints"][c]["n_shards"]):
             ids, data = self.rows(c, index, columns)
+            source = torch.from_numpy(data)
+            if source.dtype == torch.uint16:
+                source = source.view(torch.bfloat16)
             for start in range(0, len(ids), chunk):
-                block = torch.from_numpy(np.array(data[start:start + chunk]))  # a writable copy of the rows
-                if block.dtype == torch.uint16:
-                    block = block.view(torch.bfloat16)
-                yield ids[start:start + chunk], block.float()
+                part = source[start:start + chunk]
+                rows = buffer[:len(part)]
+                rows.copy_(part)  # converting into a reused buffer is several times faster than a new tensor each time
+                yield ids[start:start + chunk], rows
 
 
 def _header(path: Path) -> tuple[dict, int]:
