@@ -183,7 +183,7 @@ def add_index_commands(sub, bench) -> None:
                     "influence, and Bergson's index at the same compression. Writes DIR/index.json and DIR/index.md.")
     b.add_argument("--out", required=True, help="output folder for index.json and index.md")
     b.add_argument("--size", choices=("gpt2-small", "tiny"), default="gpt2-small", help="the random model's shape")
-    b.add_argument("--examples", type=int, help="training sequences at that shape (default 64)")
+    b.add_argument("--examples", type=int, help="training sequences at that shape (default 48)")
     b.add_argument("--seeds", type=int, help="demo seeds (default 3)")
     b.add_argument("--quick", action="store_true", help="a reduced size (a check that it runs)")
     b.add_argument("--no-bergson", action="store_true", help="skip Bergson's index")

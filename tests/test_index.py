@@ -3,6 +3,7 @@ compressed, batch and shard invariance, checkpoint sums, the curvatures of a que
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -116,9 +117,9 @@ def test_checkpoint_sum_equals_over_checkpoints(tl_adapter, tokenized, tmp_path)
     index = GradientIndex(path)
     models = []
     for weights in (base, tuned):
-        copy = type(adapter)(__import__("copy").deepcopy(adapter.model), adapter.tokenizer)
-        copy.model.load_state_dict(weights)
-        models.append(copy)
+        model = type(adapter)(copy.deepcopy(adapter.model), adapter.tokenizer)
+        model.model.load_state_dict(weights)
+        models.append(model)
     got = index.score(ConceptInfluence(concept, "ekfac"), models, progress=False)
     ref = OverCheckpoints(lambda: ConceptInfluence(concept, "ekfac"), [base, None], weights=[0.5, 2.0]
                           ).score(adapter, examples, batch_size=8, progress=False)
@@ -155,7 +156,7 @@ def test_bad_queries_and_models_are_named(fitted, tmp_path, tokenizer):
     with pytest.raises(GradientIndexError, match=r"blocks.1.hook_resid_post needs the maps of blocks 0..1, the index "
                                                  r"holds blocks 0..0"):
         index.score(ConceptInfluence(deeper, "ekfac"), adapter, progress=False)
-    other = type(adapter)(__import__("copy").deepcopy(adapter.model), adapter.tokenizer)
+    other = type(adapter)(copy.deepcopy(adapter.model), adapter.tokenizer)
     with torch.no_grad():
         next(other.model.parameters()).add_(1.0)
     with pytest.raises(GradientIndexError, match="was indexed on model .*, this model's fingerprint is"):

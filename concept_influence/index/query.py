@@ -24,7 +24,7 @@ from ..scores import Scores
 from .projection import QUERY_CURVATURES, MapSpace, cholesky, damped
 from .store import GradientIndexError, IndexStore
 
-__all__ = ["index_scores", "stream_scores", "empirical_moments"]
+__all__ = ["index_scores", "query_matrix", "stream_scores", "empirical_moments"]
 
 
 def empirical_moments(store: IndexStore, c: int, chunk: int = 1024) -> dict[str, torch.Tensor]:
@@ -66,9 +66,10 @@ def _used_maps(store: IndexStore, estimator: GradientEstimator, adapter: ModelAd
     return [m for m in adapter.linear_maps() if m.name in names and m.name in held]
 
 
-def _queries(store: IndexStore, c: int, spaces: Sequence[MapSpace], grads: dict[str, torch.Tensor], mode: str,
+def query_matrix(store: IndexStore, c: int, spaces: Sequence[MapSpace], grads: dict[str, torch.Tensor], mode: str,
              damping_factor: float) -> torch.Tensor:
-    """The query matrix ``[columns, K]`` over the first ``columns`` columns of a row (up to the last map queried)."""
+    """The query matrix ``[columns, K]`` of the query gradients ``grads`` in checkpoint ``c``'s ``spaces`` (``mode``: a
+    curvature of :data:`QUERY_CURVATURES`), over a row's first columns up to the last map queried."""
     layout = {e["name"]: e for e in store.manifest["maps"]}
     full = Curvature.load(store.checkpoint_dir(c) / "curvature") if store.manifest["settings"]["projection"] == "identity" \
         and mode == "ekfac" else None
@@ -126,7 +127,7 @@ def index_scores(store: IndexStore, estimator: GradientEstimator, adapters: Sequ
             raise GradientIndexError(f"{store.path}: checkpoint {c} indexes other data than checkpoint 0")
         used = _used_maps(store, estimator, adapter)
         grads, columns = estimator.measurement(adapter, used, batch_size, progress)
-        q = _queries(store, c, store.load_spaces(c), grads, mode, damping_factor)
+        q = query_matrix(store, c, store.load_spaces(c), grads, mode, damping_factor)
         part_ids, values = stream_scores(store, c, q, chunk)
         values = entry["weight"] * values
         total, ids = (values, part_ids) if total is None else (total + values, ids)
