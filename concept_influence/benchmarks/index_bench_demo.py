@@ -86,6 +86,16 @@ def demo_setup(seed: int, quick: bool, arch: str, work: Path) -> DemoSetup:
     return DemoSetup(adapter, tk["pool"], labels, concept, tk["eval_planted"][: cfg.n_test], tuner.pretrained)
 
 
+def _exact(s: DemoSetup):
+    """The EK-FAC fitted on the pool (every weight matrix), the two queries (the concept; the test answers' loss) and
+    their exact scores."""
+    curvature = fit_curvature(s.adapter, s.pool, s.adapter.linear_maps(), batch_size=8, progress=False)
+    queries = {"concept_influence": ConceptInfluence(s.concept, curvature),
+               "influence_function": InfluenceFunction(s.test, curvature)}
+    return curvature, queries, {name: est.score(s.adapter, s.pool, progress=False).column(0)
+                                for name, est in queries.items()}
+
+
 def _compare(got: np.ndarray, exact: np.ndarray, labels: np.ndarray) -> dict:
     return {"spearman": float(spearmanr(got, exact).statistic), "auroc": retrieval_metrics(got, labels)["auroc"],
             "exact_auroc": retrieval_metrics(exact, labels)["auroc"]}
@@ -97,10 +107,7 @@ def demo_study(seed: int, ranks: tuple[int, ...], budget: int, quick: bool, berg
     rank and float32."""
     s = demo_setup(seed, quick, "tl", work)
     ad, pool, labels = s.adapter, s.pool, s.labels
-    curvature = fit_curvature(ad, pool, ad.linear_maps(), batch_size=8, progress=False)
-    queries = {"concept_influence": ConceptInfluence(s.concept, curvature), "influence_function":
-               InfluenceFunction(s.test, curvature)}
-    exact = {name: est.score(ad, pool, progress=False).column(0) for name, est in queries.items()}
+    curvature, queries, exact = _exact(s)
     out = {"n_pool": len(pool), "n_planted": int(labels.sum()), "rows": []}
 
     def measure(index, label: str, **extra):
@@ -147,10 +154,7 @@ def _bergson_rows(seed: int, ranks: tuple[int, ...], quick: bool, work: Path) ->
 
     s = demo_setup(seed, quick, "llama", work)
     ad, pool, labels = s.adapter, s.pool, s.labels
-    curvature = fit_curvature(ad, pool, ad.linear_maps(), batch_size=8, progress=False)
-    queries = {"concept_influence": ConceptInfluence(s.concept, curvature), "influence_function":
-               InfluenceFunction(s.test, curvature)}
-    exact = {name: est.score(ad, pool, progress=False).column(0) for name, est in queries.items()}
+    curvature, queries, exact = _exact(s)
     grads = {name: est.measurement(ad, ad.linear_maps(), 8, False)[0] for name, est in queries.items()}
     rows = []
     for rank in ranks:
