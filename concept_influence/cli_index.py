@@ -11,6 +11,7 @@ __all__ = ["add_index_commands", "index_errors"]
 PROJECTIONS = ("eigen", "random", "identity")  # concept_influence.index.PROJECTIONS
 QUERY_CURVATURES = ("ekfac", "empirical", "identity")  # concept_influence.index.QUERY_CURVATURES
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")  # concept_influence.index.store.STORAGE_DTYPES
+REDUCTIONS = ("last_prompt", "response_mean", "prompt_mean", "all_tokens")  # probes.REDUCTIONS
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -159,7 +160,7 @@ def add_index_commands(sub, bench) -> None:
     query.add_argument("--kind", choices=("activation", "decoder", "encoder"), default="activation",
                        help="with --sae: the latent's activation (default) or a projection on its decoder/encoder row")
     query.add_argument("--eval", help="evaluation texts of the concept (default: the run's [concept] eval)")
-    query.add_argument("--reduction", choices=("last_prompt", "response_mean", "prompt_mean", "all_tokens"),
+    query.add_argument("--reduction", choices=REDUCTIONS,
                        help="where the concept is read on them (default: the run's [concept] reduction)")
     query.add_argument("--test", help="test examples (chat JSONL): classic influence on their mean loss instead")
     query.add_argument("--max-examples", type=int, help="evaluation or test examples read (default: the run's "
