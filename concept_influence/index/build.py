@@ -28,7 +28,7 @@ from ..settings import Settings, option, settings_diff
 from .projection import PROJECTIONS, MapSpace, make_spaces, space_ranks
 from .store import FORMAT, FORMAT_VERSION, STORAGE_DTYPES, GradientIndexError, IndexStore
 
-__all__ = ["IndexSettings", "ShardInput", "memory_shards", "start_index", "build_checkpoint"]
+__all__ = ["IndexSettings", "ShardInput", "memory_shards", "check_existing", "start_index", "build_checkpoint"]
 
 
 @dataclass
@@ -95,25 +95,32 @@ def _map_entries(maps: Sequence[LinearMap], settings: IndexSettings, rank: int) 
     return entries
 
 
+def check_existing(path: Path, settings: IndexSettings, data: dict) -> IndexStore | None:
+    """The index at ``path`` when there is one, after checking that it was built with ``settings`` on ``data`` (each
+    difference named); None when there is none yet."""
+    if not (path / "index.json").is_file():
+        return None
+    store = IndexStore.open(path)
+    checks = (("with other settings", store.manifest["settings"], settings.to_dict(),
+               "use a new index folder for new settings, or put them back"),
+              ("on other data", store.manifest["data"], data, "every checkpoint of an index scores the same examples"))
+    for what, old, new, advice in checks:
+        changed = settings_diff(old, new)
+        if changed:
+            raise GradientIndexError(f"{path}: the index was built {what} ({'; '.join(changed)}); {advice}")
+    return store
+
+
 def start_index(path: Path, settings: IndexSettings, maps: Sequence[LinearMap], data: dict) -> IndexStore:
     """The index at ``path``: created with ``settings``, the maps' layout and the ``data`` description, or opened and
     checked (same settings, maps and data; each difference named). Writes nothing to an existing index."""
     rank = resolve_rank(settings, maps)
     layout = _map_entries(maps, settings, rank)
-    if (path / "index.json").is_file():
-        store = IndexStore.open(path)
-        m = store.manifest
-        changed = settings_diff(m["settings"], settings.to_dict())
-        if changed:
-            raise GradientIndexError(f"{path}: the index was built with other settings ({'; '.join(changed)}); use a "
-                                     "new index folder for new settings, or put them back")
-        if m["maps"] != layout:
-            raise GradientIndexError(f"{path}: the index holds maps {', '.join(e['name'] for e in m['maps'])}, this "
-                                     f"model's are {', '.join(e['name'] for e in layout)}; use a new index folder")
-        changed = settings_diff(m["data"], data)
-        if changed:
-            raise GradientIndexError(f"{path}: the index was built on other data ({'; '.join(changed)}); every checkpoint "
-                                     "of an index scores the same examples")
+    store = check_existing(path, settings, data)
+    if store is not None:
+        if store.manifest["maps"] != layout:
+            raise GradientIndexError(f"{path}: the index holds maps {', '.join(e['name'] for e in store.manifest['maps'])}, "
+                                     f"this model's are {', '.join(e['name'] for e in layout)}; use a new index folder")
         return store
     if path.exists() and any(path.iterdir()):
         raise GradientIndexError(f"{path} exists and is not a gradient index; choose an empty or new folder")

@@ -19,7 +19,7 @@ from ..distributed import Ranks, process_group
 from ..fileio import path_sha256
 from ..models import ModelAdapter, load_model
 from ..runs import Pipeline, Run, RunError
-from .build import IndexSettings, ShardInput
+from .build import IndexSettings, ShardInput, check_existing
 from .gradient_index import GradientIndex, add_checkpoint
 from .store import GradientIndexError
 
@@ -62,12 +62,13 @@ def build_from_runs(sources: Sequence[str | Path], out: str | Path, settings: In
             run = _open_run(source, ranks)
             if out == run.path or run.path in out.parents:
                 raise GradientIndexError(f"{out}: put the index outside the run folder {run.path}")
-            pipeline = Pipeline(run, ranks, progress)
-            pipeline.direction()
-            curvature = pipeline.curvature()
             cfg = run.config
             data = {"source": str(cfg.data.train), "sha256": path_sha256(cfg.data.train),
                     "max_length": cfg.data.max_length, "skip_truncated": cfg.data.skip_truncated}
+            check_existing(out, settings, data)  # before the run's stages: another index's data is refused at once
+            pipeline = Pipeline(run, ranks, progress)
+            pipeline.direction()
+            curvature = pipeline.curvature()
             add_checkpoint(out, settings, pipeline.adapter, curvature, _shards(run, pipeline.adapter, settings.shard_size),
                            data, str(run.path), weight, cfg.model.to_dict(), ranks, progress)
     return GradientIndex(out)
