@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo demo-quick test lint notebooks bench bench-gpt2 bench-queries bench-causal bench-memory bench-medical bench-medical-sae bench-index clean
+.PHONY: install demo demo-quick test lint notebooks bench bench-gpt2 bench-queries bench-causal bench-memory bench-medical bench-medical-sae bench-index bench-lora clean
 
 install: $(VENV)/.installed
 
@@ -89,6 +89,16 @@ bench-medical: install
 bench-medical-sae: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence bench medical --data $(EM_DATA) --rate 0.1 --sae-latents 512 --sae-k 16 $(OLD_CONCEPT) --out runs/medical-sae-0.1
 	mkdir -p benchmarks/medical-sae && cp runs/medical-sae-0.1/results.md runs/medical-sae-0.1/results.json runs/medical-sae-0.1/*.png benchmarks/medical-sae/
+
+# The medical benchmark on a pre-trained model (MODEL: a Hugging Face causal LM folder, e.g. Qwen2.5-0.5B-Instruct saved
+# with save_pretrained): every fine-tune is a rank-8 LoRA fine-tune in bfloat16 on one GPU (install with TORCH_SPEC=torch),
+# sized to finish in under 10 minutes at 0.5B parameters (26 one-epoch LoRA fine-tunes of 400 chats; an estimate:
+# UNTESTED on a GPU, none was lent to this work; the same command runs on CPU with a tiny model in tests/test_bench_model.py).
+MODEL ?= models/qwen2.5-0.5b-instruct
+bench-lora: install
+	$(VENV)/bin/concept-influence bench medical --data $(EM_DATA) --rate 0.1 --model $(MODEL) --lora-rank 8 \
+		--dtype bfloat16 --device cuda --n-pool 400 --n-probe 100 --n-eval 64 --n-seeds 2 --finetune-epochs 1 \
+		--finetune-lr 2e-4 --max-length 256 --compare-query none --out runs/medical-lora
 
 clean:
 	rm -rf $(VENV) runs

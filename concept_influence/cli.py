@@ -8,18 +8,19 @@ import argparse
 import os
 import sys
 import textwrap
+from pathlib import Path
 
+from .cli_bench import add_bench_commands
 from .cli_concept import add_concept_commands, add_query_options, query_overrides, user_errors
+from .cli_emergent import add_emergent_commands
 from .cli_index import add_index_commands, index_errors
-from .cli_sae import add_sae_benchmark_options, add_sae_commands, sae_benchmark_overrides
+from .cli_sae import add_sae_commands
 
 __all__ = ["main"]
 
 
-PLANTED_SIZES = ("n_probe", "n_pretrain", "n_pool", "n_eval", "n_seeds", "n_layers", "d_model", "max_length", "layer",
-                 "finetune_epochs", "pretrain_epochs")
-
-
+WEAK_PROBE_HELP = ("go on with a probe whose held-out AUROC is below 0.6 (probe.allow_weak; refused by default: it "
+                   "cannot tell the positive from the negative texts)")
 def _demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -31,88 +32,20 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _planted_config(args: argparse.Namespace, paired: bool):
-    from .benchmarks.planted import BenchmarkError, PlantedConfig
-
-    overrides = {k: getattr(args, k) for k in PLANTED_SIZES if getattr(args, k) is not None}
-    try:
-        fractions = tuple(float(f) for f in args.remove_fractions.split(","))
-    except ValueError:
-        raise BenchmarkError(f"--remove-fractions must be numbers separated by commas, got {args.remove_fractions!r}")
-    overrides.update(rate=args.rate, paired=paired, seed=args.seed, lds=args.lds, remove_fractions=fractions)
-    overrides.update(sae_benchmark_overrides(args))
-    overrides.update(query_overrides(args))
-    return PlantedConfig.quick(**overrides) if args.quick else PlantedConfig(**overrides)
-
-
-def _run_planted(args: argparse.Namespace, clean, planted, paired: bool, names: tuple[str, str]) -> int:
-    from .benchmarks.planted import command_line, run_planted
-    from .data import load_chats
-
-    cfg = _planted_config(args, paired)
-    run_planted(load_chats(clean), load_chats(planted), args.out, cfg, progress=not args.no_progress,
-                command=command_line(), data_names=names)
-    return 0
-
-
-def _bench_planted(args: argparse.Namespace) -> int:
-    return _run_planted(args, args.clean, args.planted, args.paired, (args.clean, args.planted))
-
-
-def _bench_medical(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    files = [Path(args.data) / f"{kind}_medical_advice.jsonl.gz" for kind in ("good", "bad")]
-    return _run_planted(args, *files, paired=True, names=tuple(f.name for f in files))
-
-
-def _add_planted_options(p: argparse.ArgumentParser, default_rate: float | None) -> None:
-    p.add_argument("--rate", type=float, default=default_rate, required=default_rate is None,
-                   help="share of the training pool that gets the planted answer, in (0, 0.5]"
-                        + (f" (default {default_rate})" if default_rate else ""))
-    p.add_argument("--out", required=True, help="output folder: results.json, results.md, plots, scores, probe, tokenizer")
-    p.add_argument("--seed", type=int, default=0, help="seed for the splits, model, training and sampling (default 0)")
-    p.add_argument("--quick", action="store_true", help="a reduced size for tests (under a minute)")
-    p.add_argument("--lds", type=int, default=0, metavar="M",
-                   help="concept-LDS: fine-tune on M random subsets of the pool (--lds-fraction; default 0: skip)")
-    p.add_argument("--remove-fractions", default="0.1", metavar="F[,F...]",
-                   help="fractions of the pool removed from the top of each ranking before retraining (default 0.1)")
-    p.add_argument("--n-seeds", type=int, help="fine-tuning seeds per behaviour measurement (default 3)")
-    p.add_argument("--n-pool", type=int, help="training-pool size (default 1200)")
-    p.add_argument("--n-pretrain", type=int, help="pre-training prompts, clean answers only (default 2500)")
-    p.add_argument("--n-probe", type=int, help="probe prompts per class (default 400)")
-    p.add_argument("--n-eval", type=int, help="evaluation prompts (default 200)")
-    p.add_argument("--n-layers", type=int, help="blocks of the small model (default 2)")
-    p.add_argument("--d-model", type=int, help="width of the small model (default 128)")
-    p.add_argument("--max-length", type=int, help="tokens per example; longer responses are dropped (default 256)")
-    p.add_argument("--layer", type=int, help="block of the probe (default: the last block)")
-    p.add_argument("--pretrain-epochs", type=int, help="pre-training epochs (default 2)")
-    p.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs (default 2)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_query_options(p)
-    add_sae_benchmark_options(p)
-
-
-def _bench_speed(args: argparse.Namespace) -> int:
-    if args.size:
-        from .benchmarks.speed_sizes import SizeConfig, run_size_benchmark
-
-        given = {key: value for key, value in (("n_examples", args.examples), ("rounds", args.rounds)) if value is not None}
-        run_size_benchmark(args.out, SizeConfig(size=args.size, seed=args.seed, kronfluence=not args.no_kronfluence,
-                                                **given))
-        return 0
-    from .benchmarks.speed import run_speed_benchmark
-
-    run_speed_benchmark(args.out, quick=args.quick, seed=args.seed, kronfluence=not args.no_kronfluence)
-    return 0
-
-
 def _run(args: argparse.Namespace) -> int:
     from .config import RunConfig
     from .runs import run_config
 
-    _print_on_rank0(run_config(RunConfig.read(args.config), args.out, progress=not args.no_progress))
+    _print_on_rank0(run_config(_allowing_weak_probe(RunConfig.read(args.config), args), args.out,
+                               progress=not args.no_progress))
     return 0
+
+
+def _allowing_weak_probe(config, args: argparse.Namespace):
+    """``config`` with ``probe.allow_weak`` set when ``--allow-weak-probe`` is given (a run folder takes it)."""
+    if config is not None and getattr(args, "allow_weak_probe", False):
+        config.probe.allow_weak = True
+    return config
 
 
 def _print_on_rank0(path) -> None:
@@ -126,6 +59,9 @@ def _stage(*stages: str):
         from .runs import run_stages
 
         config = RunConfig.read(args.config) if getattr(args, "config", None) else None
+        if config is None and getattr(args, "allow_weak_probe", False):
+            config = RunConfig.read(Path(args.run) / "config.json")
+        config = _allowing_weak_probe(config, args)
         _print_on_rank0(run_stages(stages, args.run, config, progress=not getattr(args, "no_progress", False),
                                    top_k=getattr(args, "top_k", None)))
         return 0
@@ -145,16 +81,20 @@ def _add_pipeline_commands(sub) -> None:
     launch = ("Under torchrun (e.g. `torchrun --nproc-per-node 2 -m concept_influence ...`) the work is shared "
               "between processes (gloo on CPU, NCCL on GPU).")
     run = sub.add_parser(
-        "run", help="every stage of a run config: probe, factors, scores, report",
+        "run", help="every stage of a run config: probe, check, factors, scores, report, explain, filter",
         description=textwrap.fill(
             "Run every stage of CONFIG (TOML or JSON; see concept_influence/config.py) in a run folder: train the "
-            "probe, fit the EK-FAC factors, score the training data shard by shard, write the report. Starting the "
-            "same command again resumes from the last finished shard; `concept-influence run RUN/config.json` "
-            "replays a run. " + launch, 100),
+            "probe, check that the concept is causal (concept.require = \"causal\" stops here otherwise), fit the "
+            "EK-FAC factors and score the training data shard by shard (at each of model.checkpoints, then their "
+            "weighted sum), write the report, and, when the config asks, explain the top with SAE latents "
+            "([explain] sae) and write the filtered training file ([filter] remove_top). Starting the same command "
+            "again resumes from the last finished shard; `concept-influence run RUN/config.json` replays a run. "
+            + launch, 100),
         epilog=_settings_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("config", metavar="CONFIG", help="run config (.toml or .json)")
     run.add_argument("--out", help="run folder (default: the config's `out`)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--allow-weak-probe", action="store_true", help=WEAK_PROBE_HELP)
     run.set_defaults(func=_run)
 
     def stage(parent, name: str, help: str, description: str, stages: tuple[str, ...], progress: bool = True):
@@ -168,9 +108,10 @@ def _add_pipeline_commands(sub) -> None:
         return p
 
     probe = sub.add_parser("probe", help="concept probes").add_subparsers(dest="probe_command", required=True)
-    stage(probe, "train", "train the run's probe (or adopt its saved direction)",
-          "Train the probe of RUN's config on its positive vs negative texts at probe.hook (or check and adopt "
-          "probe.direction); writes RUN/probe/.", ("probe",))
+    train = stage(probe, "train", "train the run's probe (or adopt its saved direction)",
+                  "Train the probe of RUN's config on its positive vs negative texts at probe.hook (or check and adopt "
+                  "probe.direction); writes RUN/probe/.", ("probe",))
+    train.add_argument("--allow-weak-probe", action="store_true", help=WEAK_PROBE_HELP)
     stage(sub, "fit-factors", "fit the run's EK-FAC factors (resumable)",
           "Fit the curvature (EK-FAC or K-FAC) of the maps up to the probe's block on the training data, shard by "
           "shard with a checkpoint after each; writes RUN/factors/. Needs the probe stage.", ("factors",))
@@ -182,14 +123,6 @@ def _add_pipeline_commands(sub) -> None:
                    "Write RUN/report/report.md (the top and bottom examples with their text) and "
                    "RUN/report/score_distribution.png from RUN's scores.", ("report",), progress=False)
     report.add_argument("--top-k", type=int, metavar="K", help="examples shown at each end (default: report.top_k)")
-
-
-def _bench_memory(args: argparse.Namespace) -> int:
-    from .benchmarks.memory import run_memory_benchmark
-
-    sizes = (200, 1000) if args.quick else (1000, 50000)
-    run_memory_benchmark(args.out, sizes=sizes, threads=args.threads, seed=args.seed)
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,56 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_pipeline_commands(sub)
 
-    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="benchmark", required=True)
-    planted = bench.add_parser(
-        "planted", help="planted-data benchmark over any two chat JSONL files",
-        description="Split two chat JSONL files (.jsonl or .jsonl.gz) by prompt into probe, pre-training, pool and "
-                    "evaluation sets; pre-train a small TransformerLens model on clean text; fine-tune it on the pool "
-                    "with a share RATE of planted answers; train a probe; rank the pool with every estimator; measure "
-                    "the behaviour of clean and planted fine-tunes and after removing the top of each ranking.")
-    planted.add_argument("--clean", required=True, help="chat JSONL with the clean answers")
-    planted.add_argument("--planted", required=True, help="chat JSONL with the planted-style answers")
-    planted.add_argument("--paired", action="store_true",
-                         help="line i of both files answers the same prompt (split by prompt; behaviour = log-prob gap)")
-    _add_planted_options(planted, None)
-    planted.set_defaults(func=_bench_planted)
-    medical = bench.add_parser(
-        "medical", help="the planted benchmark on the emergent-misalignment good/bad medical advice (paired)",
-        description="bench planted with --paired on DATA/good_medical_advice.jsonl.gz (clean) and "
-                    "DATA/bad_medical_advice.jsonl.gz (planted), read in place.")
-    medical.add_argument("--data", default="../shared/data/em", help="folder with the two files (default ../shared/data/em)")
-    _add_planted_options(medical, 0.1)
-    medical.set_defaults(func=_bench_medical)
-
-    speed = bench.add_parser("speed", help="cost per example of each estimator, factor fitting, memory, kronfluence, "
-                                           "Bergson",
-                             description="Measure in one run: tokens/s of a training step, of concept_influence "
-                                         "scoring and of probe_projection; EK-FAC fitting time; peak memory; and "
-                                         "scores and time against kronfluence and Bergson (both installed by `make "
-                                         "install`). Writes DIR/speed.json and DIR/speed.md.")
-    speed.add_argument("--out", required=True, help="output folder for speed.json and speed.md")
-    speed.add_argument("--quick", action="store_true", help="a reduced size (about a minute)")
-    speed.add_argument("--seed", type=int, default=0, help="seed for data, model and sampling (default 0)")
-    speed.add_argument("--no-kronfluence", action="store_true", help="skip the kronfluence and Bergson comparison")
-    speed.add_argument("--size", choices=("gpt2-small", "qwen-0.5b", "tiny"),
-                       help="instead: every stage on a randomly initialised model of this shape, against the floor "
-                            "(writes DIR/speed-SIZE.json and .md)")
-    speed.add_argument("--examples", type=int, help="with --size: random training sequences (default 32)")
-    speed.add_argument("--rounds", type=int,
-                       help="with --size: runs of each compared K = 1 pipeline, median reported (default 3)")
-    speed.set_defaults(func=_bench_speed)
-
-    memory = bench.add_parser("memory", help="peak RSS of scoring 1k vs 50k examples (streamed, sharded)",
-                              description="Score 1,000 and 50,000 examples of the embedded corpus with a small saved "
-                                          "model through run folders (concept_influence and probe_projection), each "
-                                          "`score` stage in its own process, and report its peak RSS and time. "
-                                          "Writes DIR/memory.json and DIR/memory.md.")
-    memory.add_argument("--out", required=True, help="output folder for memory.json and memory.md")
-    memory.add_argument("--quick", action="store_true", help="200 vs 1,000 examples (a check that it runs)")
-    memory.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
-    memory.add_argument("--seed", type=int, default=0, help="seed for the corpus and model (default 0)")
-    memory.set_defaults(func=_bench_memory)
+    bench = add_bench_commands(sub)  # bench planted | medical | speed | memory (concept_influence/cli_bench.py)
     add_concept_commands(sub, bench)  # concept check, filter, bench query-table (concept_influence/cli_concept.py)
+    add_emergent_commands(bench)  # bench emergent, seeds-table, curvature-table (concept_influence/cli_emergent.py)
     add_index_commands(sub, bench)  # index build, index query, bench index (concept_influence/cli_index.py)
     return parser
 

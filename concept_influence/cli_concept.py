@@ -7,7 +7,9 @@ import argparse
 import json
 from pathlib import Path
 
-__all__ = ["add_concept_commands", "add_dtype_option", "add_query_options", "query_overrides", "user_errors"]
+from .cli_common import add_dtype_option, read_examples, read_scores
+
+__all__ = ["add_concept_commands", "add_query_options", "query_overrides", "user_errors"]
 
 # Spelled out so that building the parser imports no torch (tests check they equal the library's constants).
 REDUCTIONS = ("response_mean", "last_prompt", "prompt_mean", "all_tokens")  # probes.REDUCTIONS
@@ -26,16 +28,15 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
 
 def _read(path: str, name: str, adapter, args: argparse.Namespace) -> list:
     """The first ``--max-examples`` tokenised chats of ``path``; an error names the file when none can be used."""
-    from .cli_sae import _examples
     from .concept_check import ConceptCheckError
     from .data import DataError
 
     try:
-        examples = _examples([path], adapter, args.max_length)[: args.max_examples]
+        examples = read_examples([path], adapter, args.max_length)[: args.max_examples]
     except DataError as e:
-        raise ConceptCheckError(f"{path}: no {name} example can be used ({e})") from None
+        raise ConceptCheckError(f"--{name}: {e}") from None
     if not examples:
-        raise ConceptCheckError(f"{path}: no {name} example to read (--max-examples {args.max_examples})")
+        raise ConceptCheckError(f"--{name}: {path}: no example to read (--max-examples {args.max_examples})")
     return examples
 
 
@@ -45,7 +46,7 @@ def _concept_check(args: argparse.Namespace) -> int:
 
     from .concept_check import ConceptCheckError, check_concept
     from .concepts import check_direction_compatible
-    from .fileio import atomic_write_text
+    from .fileio import atomic_write_text, path_sha256
     from .models import load_model
 
     if (args.direction is None) == (args.sae is None):
@@ -58,6 +59,11 @@ def _concept_check(args: argparse.Namespace) -> int:
             raise ConceptCheckError("--sae needs --latent I (the latent whose decoder row is steered along)")
         direction = sae_direction(load_sae(args.sae), args.latent, "decoder", hook_name=args.hook)
     check_direction_compatible(direction, adapter)
+    if all(Path(p).is_file() for p in (args.positive, args.negative)) and \
+            path_sha256(args.positive) == path_sha256(args.negative):
+        raise ConceptCheckError(f"--positive and --negative are the same data ({args.positive} and {args.negative} have "
+                                "equal SHA-256); the check compares answers that show the behaviour with answers that "
+                                "do not")
     positive, negative = (_read(path, name, adapter, args) for path, name in ((args.positive, "positive"),
                                                                               (args.negative, "negative")))
     positions = tuple(p for p in args.positions.split(",") if p)
@@ -97,10 +103,7 @@ def _sum_scores(args: argparse.Namespace) -> int:
         raise DataError(f"{out} exists; give --force to replace it")
     parts = []
     for path in args.scores:
-        try:
-            parts.append(Scores.load(path))
-        except (OSError, ValueError, KeyError) as e:
-            raise DataError(f"{path}: cannot read scores ({e})") from None
+        parts.append(read_scores(path))
     try:
         total = Scores.weighted_sum(parts, args.weights, estimator=args.estimator or f"{parts[0].estimator}[checkpoints]",
                                     metadata={**parts[0].metadata, "summed": list(args.scores),
@@ -256,14 +259,6 @@ def add_concept_commands(sub, bench) -> None:
                                    "(AUROC / AUPRC of every variant per run, summaries by factor).")
 
 
-def add_dtype_option(p: argparse.ArgumentParser) -> None:
-    """``--dtype``: what the model computes in (as the run config's ``[model] dtype``)."""
-    from .models import MODEL_DTYPES
-
-    p.add_argument("--dtype", choices=("auto", *MODEL_DTYPES), default="auto",
-                   help="convert the model's weights on loading (default auto: as saved)")
-
-
 def add_query_options(p: argparse.ArgumentParser) -> None:
     """The planted benchmarks' options for the concept query, the query study, the check and the LDS seeds."""
     p.add_argument("--probe-kind", choices=PROBE_KINDS, default="diff_means",
@@ -274,6 +269,8 @@ def add_query_options(p: argparse.ArgumentParser) -> None:
                    help="also score and retrain concept_influence with this query (default response_mean; none: skip)")
     p.add_argument("--query-study", action="store_true",
                    help="also score every query variant on the trained model (query_study.json)")
+    p.add_argument("--curvature-study", action="store_true",
+                   help="also score every preconditioning variant of Concept Influence (factor data, damping, checkpoint)")
     p.add_argument("--no-concept-check", action="store_true", help="skip steering along the probe direction")
     p.add_argument("--lds-seeds", type=int,
                    help="fine-tuning seeds per concept-LDS subset (default 2; the demo's 4)")
@@ -288,7 +285,7 @@ def query_overrides(args: argparse.Namespace) -> dict:
     """PlantedConfig fields from :func:`add_query_options`."""
     return {"probe_kind": args.probe_kind, "query": args.query,
             "compare_query": None if args.compare_query == "none" else args.compare_query,
-            "query_study": args.query_study, "concept_check": not args.no_concept_check,
+            "query_study": args.query_study, "curvature_study": args.curvature_study, "concept_check": not args.no_concept_check,
             "over_checkpoints": not args.no_checkpoints,
             **{k: v for k in ("lds_seeds", "lds_fraction") if (v := getattr(args, k)) is not None}}
 

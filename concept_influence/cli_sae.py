@@ -12,21 +12,13 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli_concept import add_dtype_option
+from .cli_common import add_dtype_option, read_examples, read_scores
 
 __all__ = ["add_sae_commands", "add_sae_benchmark_options", "sae_benchmark_overrides"]
 
 # Spelled out so that building the parser imports no torch (tests check they equal the library's constants).
 ARCHITECTURES = ("topk", "standard")  # probes.sae_training.SAE_ARCHITECTURES
 SORT_KEYS = ("auroc", "diff", "cos_decoder", "cos_encoder")  # probes.sae_latents.SORT_KEYS
-
-
-def _examples(paths, adapter, max_length: int | None):
-    """Tokenised chats of ``paths``; ``max_length`` defaults to the model's context length."""
-    from .data import load_chats, tokenize_examples
-
-    chats = [c for p in paths for c in load_chats(p)]
-    return tokenize_examples(chats, adapter.tokenizer, max_length or adapter.context_length or 512, skip_truncated=True)
 
 
 def _latent_list(text: str | None) -> list[int] | None:
@@ -45,7 +37,7 @@ def _sae_train(args: argparse.Namespace) -> int:
     from .sae_training import train_sae
 
     adapter = load_model(args.model, dtype=args.dtype)
-    examples = _examples(args.data, adapter, args.max_length)
+    examples = read_examples(args.data, adapter, args.max_length)
     result = train_sae(adapter, examples, args.hook, args.d_sae, args.out, architecture=args.architecture, k=args.k,
                        l1_coefficient=args.l1, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        held_out=args.held_out, seed=args.seed, model_name=str(args.model),
@@ -82,7 +74,7 @@ def _sae_latents(args: argparse.Namespace) -> int:
     if show:
         check_latents(sae, show)
     probe = ConceptDirection.load(args.probe) if args.probe else None
-    pos, neg = (_examples([p], adapter, args.max_length) for p in (args.positive, args.negative))
+    pos, neg = (read_examples([p], adapter, args.max_length) for p in (args.positive, args.negative))
     acts = [latent_activations(sae, adapter, x, progress=not args.no_progress) for x in (pos, neg)]
     ranking = latent_separation(*acts, sae=sae, probe_direction=probe, sort_by=args.sort_by)
     show = show or ranking.top(args.top)
@@ -107,18 +99,11 @@ def _sae_latents(args: argparse.Namespace) -> int:
 
 def _sae_explain(args: argparse.Namespace) -> int:
     from .data import DataError
-    from .explain import explain_top
-    from .fileio import atomic_write_text
-    from .plots import plot_latent_influence
-    from .sae_concepts import describe_latents, latent_activations
-    from .scores import Scores
+    from .explain import explain_to_folder
 
     adapter, sae = _load(args)
-    try:
-        scores = Scores.load(args.scores)
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"{args.scores}: cannot read scores ({e})") from None
-    examples = _examples(args.data, adapter, args.max_length)
+    scores = read_scores(args.scores)
+    examples = read_examples(args.data, adapter, args.max_length)
     known = set(scores.ids)
     missing = [e.id for e in examples if e.id not in known]
     if missing:
@@ -127,21 +112,11 @@ def _sae_explain(args: argparse.Namespace) -> int:
     column = args.column if args.column is None or not args.column.isdigit() else int(args.column)
     if isinstance(column, str) and column not in scores.columns:
         raise DataError(f"--column {column!r} is not in {args.scores} (columns: {', '.join(scores.columns)})")
-    acts = latent_activations(sae, adapter, examples, progress=not args.no_progress)
-    explanation = explain_top(scores, sae, adapter, examples, min(args.top_k, len(examples)), column=column or 0,
-                              latents_per_example=args.latents_per_example, n_clusters=args.clusters, activations=acts,
-                              center=args.center)
-    shown = explanation.shared_latents(20) + explanation.distinctive_latents(20) + explanation.influential_latents(20)
-    explanation.labels = describe_latents(acts, examples, adapter.tokenizer, sorted(set(shown)))
-    texts = {e.id: adapter.tokenizer.decode(list(e.input_ids[e.response_start:]), skip_special_tokens=True)
-             for e in examples}
-    text = explanation.to_markdown(args.n_latents, texts)
-    print(text)
     out = Path(args.out)
-    atomic_write_text(out / "explain.md", text)
-    atomic_write_text(out / "explain.json", json.dumps(explanation.to_json(), indent=1))
-    plot = plot_latent_influence(explanation, out / "latent_influence.png")
-    print(f"written: {out / 'explain.md'}, {out / 'explain.json'}, {plot}")
+    print(explain_to_folder(scores, sae, adapter, examples, out, args.top_k, n_latents=args.n_latents,
+                            progress=not args.no_progress, column=column or 0,
+                            latents_per_example=args.latents_per_example, n_clusters=args.clusters, center=args.center))
+    print(f"written: {out / 'explain.md'}, {out / 'explain.json'}, {out / 'latent_influence.png'}")
     return 0
 
 

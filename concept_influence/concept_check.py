@@ -35,12 +35,13 @@ from .data import TokenizedExample, iter_batches
 from .models import ModelAdapter
 
 __all__ = ["ConceptCheck", "ConceptCheckError", "check_concept", "STEERING_POSITIONS", "DEFAULT_ALPHAS",
-           "CAUSAL_THRESHOLD"]
+           "CAUSAL_THRESHOLD", "SEPARATION_MARGIN"]
 
 STEERING_POSITIONS = ("all", "prompt")
 POSITION_TOKENS = {"all": "all_tokens", "prompt": "prompt_mean"}  # the token reduction whose tokens are steered
 DEFAULT_ALPHAS = (-4.0, -2.0, -1.0, -0.5, 0.5, 1.0, 2.0, 4.0)
 CAUSAL_THRESHOLD = 0.01  # nats per σ of first-order steering effect; see the README for its calibration
+SEPARATION_MARGIN = 0.1  # a separation AUROC within this of 0.5 is called no separation
 
 
 class ConceptCheckError(ValueError):
@@ -79,18 +80,33 @@ class ConceptCheck:
     def to_dict(self) -> dict:
         return {**asdict(self), "verdict": self.verdict}
 
+    @property
+    def separates(self) -> bool:
+        """Whether the projection tells the positive from the negative examples: its AUROC is at least
+        :data:`SEPARATION_MARGIN` away from chance (0.5), either way round."""
+        return abs(self.separation_auroc - 0.5) >= SEPARATION_MARGIN
+
     def explanation(self) -> str:
-        """One sentence a person can act on."""
+        """One sentence a person can act on; what it says of the separation follows its AUROC."""
         fo, se = self.first_order[self.judged], self.first_order_se[self.judged]
         effect = f"steering by 1 sd moves the behaviour by {fo:+.4f} ± {se:.4f} nats"
+        auroc = self.separation_auroc
+        if not self.separates:
+            separation = (f"the direction does not separate the texts (AUROC {auroc:.2f}, chance is 0.5: are the positive "
+                          "and negative examples different?)")
+        elif auroc < 0.5:
+            separation = f"the direction separates the texts the other way round (AUROC {auroc:.2f})"
+        else:
+            separation = f"the direction separates the texts (AUROC {auroc:.2f})"
         if self.verdict == "causal":
-            return f"causal: {effect}; the concept moves the behaviour, so concept attribution can find its data."
+            return (f"causal: {effect}; the concept moves the behaviour, so concept attribution can find its data"
+                    + ("." if self.separates else f"; but {separation}."))
         if self.verdict == "reversed":
             return (f"reversed: {effect}; raising the concept lowers the behaviour, so rank by the negated concept "
-                    "or choose another direction.")
-        return (f"weak: {effect} (threshold {self.threshold}); the direction separates the texts (AUROC "
-                f"{self.separation_auroc:.2f}) but does not drive the behaviour, so concept scores are not evidence "
-                "of which data causes it.")
+                    f"or choose another direction; {separation}.")
+        return (f"weak: {effect} (threshold {self.threshold}); {separation}"
+                + (" but" if self.separates else " and") + " it does not drive the behaviour, so concept scores are not "
+                "evidence of which data causes it.")
 
     def format(self) -> str:
         """A short plain-text report."""

@@ -46,7 +46,13 @@ from .models.hugging_face import TRACK_CHOICES
 from .scoring import ScoringSettings
 from .settings import Settings, check_value, narrowed, option
 
-__all__ = ["ConfigError", "RunConfig", "FactorsConfig", "ScoringConfig", "settings_help"]
+__all__ = ["ConfigError", "RunConfig", "FactorsConfig", "ScoringConfig", "settings_help", "MIN_PROBE_AUROC", "GATE_KEYS"]
+
+#: A trained probe whose held-out AUROC is below this is refused (``probe.allow_weak`` or ``--allow-weak-probe`` to go
+#: on): 0.5 is chance, and at 0.6 the two sets of texts are barely told apart.
+MIN_PROBE_AUROC = 0.6
+#: Keys that only allow or stop a stage and change no number: an existing run folder takes new values for them.
+GATE_KEYS = ("probe.allow_weak", "concept.require")
 
 
 class ConfigError(ValueError):
@@ -66,6 +72,28 @@ class ModelConfig(Settings):
     base: str | None = option(None, "base model folder of a PEFT adapter (default: the one the adapter names)", path=True)
     track: str = option("auto", "LoRA factors (lora), full weight matrices (full), or lora when the model has LoRA "
                         "adapters (auto)", choices=TRACK_CHOICES)
+    checkpoints: str | list | None = option(
+        None, "score at these checkpoints and sum: a list of checkpoint folders or files and \"base\" (the base model "
+              "of a PEFT adapter, or [model] base), or \"auto\" (path is a TRL output folder: the base, then every "
+              "checkpoint-N in step order); unset: the model alone", path=True)
+    weights: str | list | None = option(None, "each checkpoint's multiplier in the sum: numbers, or \"lr\" (the "
+                                              "learning rate at its step, from trainer_state.json); unset: 1 each")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        c, w = self.checkpoints, self.weights
+        if isinstance(c, str) and c != "auto":
+            raise ValueError(f'checkpoints must be "auto" or a list of checkpoints, got {c!r}')
+        if isinstance(c, list) and (not c or not all(isinstance(x, str) for x in c)):
+            raise ValueError(f'checkpoints must be a non-empty list of paths or "base", got {c!r}')
+        if w is not None and c is None:
+            raise ValueError("weights multiply the scores of each checkpoint; give checkpoints too")
+        if isinstance(w, str) and w != "lr":
+            raise ValueError(f'weights must be "lr" or a list of numbers, got {w!r}')
+        if isinstance(w, list) and not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in w):
+            raise ValueError(f"weights must be a list of numbers, got {w!r}")
+        if isinstance(w, list) and isinstance(c, list) and len(w) != len(c):
+            raise ValueError(f"weights: {len(w)} weights for {len(c)} checkpoints")
 
 
 @dataclass
@@ -92,16 +120,28 @@ class ProbeConfig(Settings):
     reduction: str = option("response_mean", choices=REDUCTIONS)
     max_examples: int | None = None
     seed: int = 0
+    allow_weak: bool = option(False, f"go on with a probe whose held-out AUROC is below {MIN_PROBE_AUROC} (refused "
+                                     "otherwise: it cannot tell the positive from the negative texts)")
 
 
 @dataclass
 class ConceptConfig(Settings):
     """f(θ) = the projection on the direction, read at the query's tokens (``reduction``: the last prompt token by
-    default) and averaged over ``eval`` (default: the probe's positive texts), at most ``max_examples`` of them."""
+    default) and averaged over ``eval`` (default: the probe's positive texts), at most ``max_examples`` of them.
+    ``check``: the causal check (:func:`~concept_influence.concept_check.check_concept`) before the factors, steering
+    on ``check_positive`` vs ``check_negative`` (default: the probe's texts); ``require = "causal"`` stops the run
+    there unless the verdict is causal."""
 
     eval: str | None = option(None, path=True)
     max_examples: int = 256
     reduction: str = option(DEFAULT_QUERY, choices=REDUCTIONS)
+    check: bool = option(True, "run the concept check (steering along the direction) after the probe; a saved "
+                               "direction is checked only with check_positive and check_negative")
+    require: str = option("none", "causal: stop before the factors unless the check's verdict is causal; none: go on "
+                                  "and warn", choices=("none", "causal"))
+    check_positive: str | None = option(None, "answers that show the behaviour (default: probe.positive)", path=True)
+    check_negative: str | None = option(None, "answers that do not (default: probe.negative)", path=True)
+    check_max_examples: int = option(200, "examples read from each check file", minimum=1)
 
 
 @dataclass
@@ -145,6 +185,26 @@ class ReportConfig(Settings):
 
 
 @dataclass
+class ExplainConfig(Settings):
+    """The optional ``explain`` stage: the SAE latents of the top ``top_k`` examples (:func:`~concept_influence.explain.
+    explain_top`), against the top ``top_k`` and the first ``max_examples`` training examples (unset: all)."""
+
+    sae: str | None = option(None, "SAE-Lens folder at a hook of the model; unset: no explain stage", path=True)
+    top_k: int = option(50, minimum=1)
+    latents_per_example: int = option(8, minimum=1)
+    max_examples: int | None = option(2000, "examples the top is compared with (their latent activations are "
+                                            "collected); unset: all", minimum=1)
+
+
+@dataclass
+class FilterConfig(Settings):
+    """The optional ``filter`` stage: ``filter/<training file>`` without the top of the run's ranking."""
+
+    remove_top: float | None = option(None, "a fraction in (0, 1) or a count of examples to remove from the top; "
+                                            "unset: no filter stage")
+
+
+@dataclass
 class RunConfig:
     """Everything a run computes. ``out`` is the run folder (``--out`` overrides it)."""
 
@@ -155,12 +215,32 @@ class RunConfig:
     factors: FactorsConfig = field(default_factory=FactorsConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
     out: str | None = option(None, path=True)
 
     def __post_init__(self) -> None:
-        p = self.probe
+        p, c = self.probe, self.concept
         if p.direction is None and (p.positive is None or p.negative is None):
             raise ConfigError("probe: give either `direction` (a saved direction) or both `positive` and `negative`")
+        if c.require == "causal" and (not c.check or None in self.check_files):
+            raise ConfigError('concept.require = "causal" needs the check: concept.check = true, and with a saved '
+                              "direction concept.check_positive and check_negative")
+        if self.model.checkpoints is not None and self.factors.path is not None:
+            raise ConfigError("factors.path is one curvature; with model.checkpoints the factors are fitted at each")
+        r = self.filter.remove_top
+        if r is not None and not (0 < r < 1 or (r >= 1 and r == int(r))):
+            raise ConfigError(f"filter.remove_top must be a fraction in (0, 1) or a whole count, got {r}")
+
+    @property
+    def checks_concept(self) -> bool:
+        """Whether the run has a concept check stage: asked for, with the texts to steer on."""
+        return self.concept.check and None not in self.check_files
+
+    @property
+    def check_files(self) -> tuple[str | None, str | None]:
+        """The positive and negative answers the concept check steers on."""
+        return self.concept.check_positive or self.probe.positive, self.concept.check_negative or self.probe.negative
 
     @property
     def concept_eval(self) -> str:
@@ -239,8 +319,8 @@ def _build(cls, data: Any, source: str, prefix: str, base: Path | None):
         problem = check_value(key, value, f)
         if problem:
             raise ConfigError(f"{source}: {problem}")
-        if f.metadata.get("path") and value is not None and base is not None:
-            value = str((base / value).resolve()) if not Path(value).is_absolute() else value
+        if f.metadata.get("path") and base is not None:
+            value = [_resolve(v, base) for v in value] if isinstance(value, list) else _resolve(value, base)
         kwargs[name] = value
     try:
         return cls(**kwargs)
@@ -248,6 +328,17 @@ def _build(cls, data: Any, source: str, prefix: str, base: Path | None):
         raise ConfigError(f"{source}: {e}") from None
     except ValueError as e:  # a check of a settings class across fields, e.g. the damping
         raise ConfigError(f"{source}: {prefix}{e}") from None
+
+
+#: Path-valued keys may hold these words instead of a path (``checkpoints``).
+KEYWORDS = ("auto", "base")
+
+
+def _resolve(value: Any, base: Path) -> Any:
+    """A relative path resolved against ``base``; None and :data:`KEYWORDS` unchanged."""
+    if not isinstance(value, str) or value in KEYWORDS or Path(value).is_absolute():
+        return value
+    return str((base / value).resolve())
 
 
 def _describe(hint: Any) -> str:

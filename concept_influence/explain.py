@@ -21,7 +21,9 @@ Each example is described by its SAE latent activations over its response tokens
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -30,7 +32,8 @@ from .data import TokenizedExample
 from .models import ModelAdapter
 from .scores import Scores
 
-__all__ = ["Explanation", "LatentCluster", "explain_top", "aggregate_by_latent", "characteristic_latents"]
+__all__ = ["Explanation", "LatentCluster", "explain_top", "explain_to_folder", "aggregate_by_latent",
+           "characteristic_latents"]
 
 
 def characteristic_latents(mean: np.ndarray, m: int) -> np.ndarray:
@@ -261,3 +264,25 @@ def explain_top(scores: Scores, sae, adapter: ModelAdapter, examples: Sequence[T
                        activations.latents, n_top, n_all, len(examples), elevation, infl_top, infl_all, unexplained_top,
                        unexplained_all, clusters, np.array([renumber[a] for a in assignment]),
                        activations.mean[top], dict(labels or {}), offset)
+
+
+def explain_to_folder(scores: Scores, sae, adapter: ModelAdapter, examples: Sequence[TokenizedExample], out: str | Path,
+                      k: int = 50, *, n_latents: int = 10, progress: bool = False, **options) -> str:
+    """:func:`explain_top` of the top ``k`` (``options`` are its keywords) with the latents named by where they fire,
+    written to ``out`` as ``explain.md`` (returned), ``explain.json`` and ``latent_influence.png``."""
+    from .fileio import atomic_write_text
+    from .plots import plot_latent_influence
+    from .sae_concepts import describe_latents, latent_activations
+
+    acts = latent_activations(sae, adapter, examples, progress=progress)
+    explanation = explain_top(scores, sae, adapter, examples, min(k, len(examples)), activations=acts, **options)
+    shown = explanation.shared_latents(20) + explanation.distinctive_latents(20) + explanation.influential_latents(20)
+    explanation.labels = describe_latents(acts, examples, adapter.tokenizer, sorted(set(shown)))
+    texts = {e.id: adapter.tokenizer.decode(list(e.input_ids[e.response_start:]), skip_special_tokens=True)
+             for e in examples}
+    text = explanation.to_markdown(n_latents, texts)
+    out = Path(out)
+    atomic_write_text(out / "explain.md", text)
+    atomic_write_text(out / "explain.json", json.dumps(explanation.to_json(), indent=1))
+    plot_latent_influence(explanation, out / "latent_influence.png")
+    return text

@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 __all__ = ["plot_score_distribution", "plot_pr_curves", "plot_score_histograms", "plot_fast_vs_full", "plot_behaviour_removal",
-           "plot_latent_influence", "plot_concept_map"]
+           "plot_latent_influence", "plot_lexical_overlap", "plot_concept_map"]
 
 
 def _pyplot():
@@ -115,6 +115,20 @@ def plot_behaviour_removal(points: Mapping[str, Mapping[float, Sequence[float]]]
     ax.set(xlabel="fraction of the training pool removed (top of the ranking)", ylabel=ylabel,
            title="Behaviour after filtering and retraining")
     ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_lexical_overlap(points: Mapping[str, tuple[float, float]], path: str | Path) -> Path:
+    """Each ranking's retrieval (AUROC, y) against how far it follows word overlap with the behaviour (x: Spearman
+    with TF-IDF similarity to the behaviour's texts), one labelled point per ranking."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name, (overlap, auroc) in points.items():
+        ax.scatter(overlap, auroc, s=30)
+        ax.annotate(name, (overlap, auroc), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.axhline(0.5, color="grey", ls="--", lw=1)
+    ax.set(xlabel="lexical overlap with the behaviour (Spearman with TF-IDF similarity)", ylabel="AUROC (planted data)",
+           title="Retrieval against word overlap", ylim=(0, 1.05))
     return _save(fig, path)
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from concept_influence.benchmarks.memory import write_small_project
@@ -56,4 +58,30 @@ def cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProces
                           capture_output=True, text=True)
     if check and done.returncode != 0:
         raise AssertionError(f"concept-influence {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return done
+
+
+def start_and_kill(args: list[str], cwd: Path, ready, timeout: float = 120) -> None:
+    """Start the CLI, SIGKILL it as soon as ``ready()`` holds; fail if it finished first."""
+    proc = subprocess.Popen([sys.executable, "-m", "concept_influence", *args], cwd=cwd, env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"the process ended before it could be killed:\n{proc.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the first shard")
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node 2 -m concept_influence ARGS`` in ``cwd``; it must succeed."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "concept_influence", *args], cwd=cwd, env=cli_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
     return done

@@ -57,10 +57,10 @@ def test_concept_check_command(project, capsys):
     ({"--positions": "all,response"}, "unknown steering positions 'response'"),
     ({"--alphas": "1,2"}, "at least one positive and one negative step"),
     ({"--alphas": "a,b"}, "--alphas must be numbers separated by commas"),
-    ({"--max-length": "2"}, "pos.jsonl: no positive example can be used (the dataset has no usable examples"),
+    ({"--max-length": "2"}, "--positive: " + "{project}/pos.jsonl: no usable examples (all 6 have their response cut away"),
     ({"wrong_width": True}, "has size 5, but the model's activations there have width 32"),
     ({"unknown_hook": True}, "layer 7 in hook 'blocks.7.hook_resid_post' is out of range"),
-    ({"empty": True}, "empty.jsonl: no negative example can be used"),
+    ({"empty": True}, "--negative: {project}/empty.jsonl: no usable examples (it has no examples)"),
 ])
 def test_concept_check_bad_input(project, capsys, change, message):
     args = {"--model": str(project / "model"), "--direction": str(project / "dir.safetensors"),
@@ -77,7 +77,7 @@ def test_concept_check_bad_input(project, capsys, change, message):
     args.update(change)
     argv = ["concept", "check"] + [x for k, v in args.items() if v is not None for x in (f"{k}={v}",)]
     assert main(argv) == 2
-    assert message in _error_line(capsys)
+    assert message.format(project=project) in _error_line(capsys)
 
 
 def test_filter_command_and_its_errors(project, capsys):

@@ -113,3 +113,20 @@ def test_edit_activation_is_seen_downstream_in_every_adapter(any_adapter, tokeni
     with pytest.raises(KeyError, match="unknown hook name"):
         with any_adapter.edit_activation("blocks.0.hook_nope", lambda act: act):
             pass
+
+
+@pytest.mark.parametrize("auroc, verdict, says", [
+    (0.50, "weak", "the direction does not separate the texts (AUROC 0.50, chance is 0.5"),
+    (0.57, "causal", "; but the direction does not separate the texts (AUROC 0.57"),
+    (0.80, "weak", "the direction separates the texts (AUROC 0.80) but it does not drive the behaviour"),
+    (0.20, "reversed", "the direction separates the texts the other way round (AUROC 0.20)"),
+])
+def test_the_explanation_of_the_separation_follows_its_auroc(auroc, verdict, says):
+    """Within 0.1 of chance the explanation says the direction does not separate the texts, whatever the verdict."""
+    from concept_influence.concept_check import SEPARATION_MARGIN, ConceptCheck
+
+    effect = {"causal": 0.05, "weak": 0.0, "reversed": -0.05}[verdict]
+    check = ConceptCheck("blocks.0.hook_resid_post", 10, 10, auroc, 1.0, [-1.0, 1.0], 0.0, {"all": [-effect, effect]},
+                         {"all": effect}, {"all": 0.001}, {"all": verdict}, 0.01)
+    assert check.separates == (abs(auroc - 0.5) >= SEPARATION_MARGIN)
+    assert check.explanation().startswith(verdict) and says in check.explanation()

@@ -342,11 +342,25 @@ def test_response_truncated_away(tokenizer, chats):
 
 
 def test_all_truncated_means_no_usable_examples(tokenizer, chats):
-    with pytest.raises(DataError, match="no usable examples"), warnings.catch_warnings():
+    """The error names the file: given, or the one the examples' ids name."""
+    with pytest.raises(DataError, match=r"^toy: no usable examples \(all 12 have their response cut away at max_length 2\)"), \
+            warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tokenize_examples(chats, tokenizer, max_length=2, skip_truncated=True)
-    with pytest.raises(DataError, match="no usable examples"):
+    with pytest.raises(DataError, match=r"^data/eval.jsonl: no usable examples \(it has no examples\)"):
+        tokenize_examples([], tokenizer, source="data/eval.jsonl")
+    with pytest.raises(DataError, match="no examples were given"):
         tokenize_examples([], tokenizer)
+
+
+def test_an_empty_answer_is_named(tokenizer, tmp_path):
+    """A blank final answer is an error naming the file and line (read from a file) or the example (in memory)."""
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n" + json.dumps({"prompt": "q", "completion": " "}) + "\n")
+    with pytest.raises(DataError, match=r"train.jsonl:2: the assistant's answer \(the response that is scored\) is empty"):
+        load_chat_jsonl(path)
+    with pytest.raises(DataError, match="example toy:9: the assistant's answer"):
+        tokenize_examples([ChatExample.from_pair("toy:9", "q", "")], tokenizer, skip_truncated=True)
 
 
 def test_tokenize_examples_matches_tokenize_example(tokenizer, chats, tokenized):

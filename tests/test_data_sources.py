@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from concept_influence import data as data_module
 from concept_influence.data import (
     ChatExample,
     DataError,
@@ -26,6 +25,7 @@ from concept_influence.data import (
     tokenize_examples,
     write_chat_jsonl,
 )
+from concept_influence.data import sources as data_sources
 from concept_influence.fileio import path_sha256
 from concept_influence.filtering import filter_training_file, sidecar_path
 from concept_influence.scores import Scores
@@ -125,7 +125,7 @@ def test_prompt_response_and_trl_prompt_completion_columns(columns, chats, tmp_p
 # ---- streaming and shards ---------------------------------------------------------------------------------
 def test_tables_are_streamed_chunk_by_chunk(chats, tmp_path, monkeypatch):
     """Rows become Python objects a few at a time: the chats before a bad row are read before it is reached."""
-    monkeypatch.setattr(data_module, "_ROWS_PER_CHUNK", 3)
+    monkeypatch.setattr(data_sources, "_ROWS_PER_CHUNK", 3)
     records = _records(chats)
     records[7]["messages"] = [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]
     it = read_chats(_parquet(tmp_path / "t.parquet", records, row_group_size=100))
@@ -136,7 +136,7 @@ def test_tables_are_streamed_chunk_by_chunk(chats, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["parquet", "arrow-stream", "saved-folder"])
 def test_shards_and_limit(kind, chats, tmp_path, monkeypatch):
-    monkeypatch.setattr(data_module, "_ROWS_PER_CHUNK", 2)
+    monkeypatch.setattr(data_sources, "_ROWS_PER_CHUNK", 2)
     source = _write_source(kind, chats, tmp_path)
     shards = list(iter_shards(source, shard_size=4, limit=9))
     assert [s.index for s in shards] == [0, 1, 2] and [len(s.examples) for s in shards] == [4, 4, 1]

@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from runfolder import N_TRAIN, cli_env, make_project
-from test_runs import _start_and_kill
+from runfolder import N_TRAIN, cli_env, make_project, start_and_kill
 
 from concept_influence.cli import main
 from concept_influence.config import RunConfig
@@ -71,7 +70,7 @@ def test_build_killed_with_sigkill_resumes_to_identical_files(project, tmp_path)
     shards = tmp_path / "killed" / "checkpoints" / "00" / "shards"
     args = ["index", "build", str(project / "run"), "--out", str(tmp_path / "killed"), "--projection", "random",
             "--rank", "4", "--shard-size", "16", "--no-progress"]
-    _start_and_kill(args, project, lambda: (shards / "shard-000002.safetensors").exists())
+    start_and_kill(args, project, lambda: (shards / "shard-000002.safetensors").exists())
     done = len(list(shards.glob("*.safetensors")))
     assert 3 <= done < 25, "killed after the third shard and before the last"
     done = subprocess.run([sys.executable, "-m", "concept_influence", *args], cwd=project, env=cli_env(),
@@ -120,7 +119,7 @@ def test_bad_input_is_one_line(project, tmp_path, capsys):
         next(adapter.model.parameters()).mul_(2.0)
     save_model(adapter, other / "model")
     err = _cli_error(capsys, "index", "query", str(other / "index"), "--out", str(tmp_path / "x.safetensors"))
-    assert "was indexed on model" in err and "query with the model the index was built on" in err
+    assert "the model changed since this run started" in err
 
     lines = (project / "train.jsonl").read_text().splitlines(keepends=True)
     (other / "train.jsonl").write_text("".join(lines[:-1]))  # other data (one line less), in a new run
@@ -128,3 +127,27 @@ def test_bad_input_is_one_line(project, tmp_path, capsys):
     err = _cli_error(capsys, "index", "build", str(other / "run2"), "--out", str(other / "index"), "--projection",
                      "random", "--rank", "4", "--shard-size", "16")
     assert "the index was built on other data (sha256:" in err
+
+
+def test_a_run_with_checkpoints_is_indexed_at_each_and_summed_as_it_scores(project, tmp_path):
+    """A run folder with ``[model] checkpoints`` (a perturbed copy of the model and the model, weights 0.5 and 2) gives
+    an index with one checkpoint per point; uncompressed, its query equals the run's own weighted sum of scores."""
+    adapter = load_model(project / "model")
+    with torch.no_grad():
+        for p in adapter.model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    save_model(adapter, tmp_path / "perturbed")
+    config = tmp_path / "checkpoints.toml"
+    config.write_text((project / "run.toml").read_text().replace(
+        'path = "model"\n', f'path = "{project / "model"}"\ncheckpoints = ["{tmp_path / "perturbed"}", '
+        f'"{project / "model"}"]\nweights = [0.5, 2.0]\n').replace('"train.jsonl"', f'"{project / "train.jsonl"}"')
+        .replace('"pos.jsonl"', f'"{project / "pos.jsonl"}"').replace('"neg.jsonl"', f'"{project / "neg.jsonl"}"'))
+    run_config(RunConfig.read(config), tmp_path / "run", progress=False)
+    index = build_from_runs([tmp_path / "run"], tmp_path / "index", IndexSettings(projection="identity", dtype="float32",
+                                                                                 shard_size=64), progress=False)
+    assert [e["weight"] for e in index.checkpoints] == [0.5, 2.0]
+    out = tmp_path / "q.safetensors"
+    assert main(["index", "query", str(tmp_path / "index"), "--out", str(out), "--no-progress"]) == 0
+    ref, got = Scores.load(tmp_path / "run" / "scores" / "scores.safetensors"), Scores.load(out)
+    assert got.ids == ref.ids and got.estimator == "concept_influence[checkpoints]"
+    assert np.abs(got.values - ref.values).max() < 1e-4 * np.abs(ref.values).max()

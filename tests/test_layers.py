@@ -1,5 +1,6 @@
 """The two packages are layers: probes (activation tensors, probes, directions, SAEs) never imports
-concept_influence (models, data, concepts, estimators), which builds on it."""
+concept_influence (models, data, concepts, estimators), which builds on it; the command-line modules for concepts
+and for SAEs share what they share through cli_common, not through each other; no library module is over 350 lines."""
 
 import ast
 import subprocess
@@ -30,3 +31,21 @@ def test_importing_probes_loads_no_concept_influence_module():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=PROBES.parent).stdout
     assert out.strip() == "[]"
+
+
+def _relative_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+
+
+def test_the_concept_and_sae_commands_do_not_import_each_other():
+    package = PROBES.parent / "concept_influence"
+    assert "cli_sae" not in _relative_imports(package / "cli_concept.py")
+    assert "cli_concept" not in _relative_imports(package / "cli_sae.py")
+
+
+def test_no_library_module_is_over_350_lines():
+    root = PROBES.parent
+    long = {p.relative_to(root).as_posix(): n for p in sorted([*root.glob("concept_influence/**/*.py"), *PROBES.rglob("*.py")])
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 350}
+    assert not long

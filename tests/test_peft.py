@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from runfolder import N_TRAIN, cli, cli_env, make_project
+from runfolder import N_TRAIN, cli, make_project, torchrun
 from test_curvature import check_eigenvalue_correction, weight_grads
 from test_estimators import explicit_concept_influence
 from torch.func import functional_call, jacfwd
@@ -236,11 +234,9 @@ def peft_project(tmp_path_factory) -> Path:
 
 def test_run_folder_and_torchrun_on_a_peft_model_equal_in_memory_scoring(peft_project):
     root = peft_project
-    cli("run", "run.toml", "--out", "one", "--no-progress", cwd=root)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "concept_influence", "run", "run.toml", "--out", "two", "--no-progress"],
-                          cwd=root, env=cli_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    # the probe of a random tiny model is at chance: allowed, since this test is about the scores' arithmetic
+    cli("run", "run.toml", "--out", "one", "--no-progress", "--allow-weak-probe", cwd=root)
+    torchrun("run", "run.toml", "--out", "two", "--no-progress", "--allow-weak-probe", cwd=root)
     adapter = load_model(root / "model")
     cfg = RunConfig.read(root / "run.toml")
     train = tokenize_examples(load_chat_jsonl(cfg.data.train), adapter.tokenizer, cfg.data.max_length, True)

@@ -6,10 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from runfolder import N_TRAIN, cli, cli_env, make_project
+from runfolder import N_TRAIN, cli, make_project, start_and_kill
 
 from concept_influence.cli import main
 from concept_influence.concepts import ConceptFunction
@@ -100,12 +96,13 @@ def test_config_unparsable(project):
 def test_run_folder_describes_itself(finished, project):
     record = json.loads((finished / "run.json").read_text())
     assert record["format_version"] == RUN_FORMAT_VERSION
-    assert set(record["stages"]) == {"probe", "factors", "scores", "report"}
+    assert set(record["stages"]) == {"probe", "check", "factors", "scores", "report"}
     assert record["versions"]["torch"] == torch.__version__
     assert record["fingerprints"]["model"] == load_model(project / "model").fingerprint()
     assert record["stages"]["scores"]["data_sha256"] == file_sha256(project / "train.jsonl")
     manifest = json.loads((finished / "manifest.json").read_text())["files"]
-    for rel in ("config.json", "probe/direction.safetensors", "factors/settings.json", "factors/curvature.safetensors",
+    for rel in ("config.json", "probe/direction.safetensors", "check/concept_check.json", "check/concept_check.png",
+                "factors/settings.json", "factors/curvature.safetensors",
                 "factors/statistics/covariance.safetensors", "scores/settings.json", "scores/scores.safetensors",
                 "scores/shards/shard-000006.json",
                 "report/report.md", "report/score_distribution.png"):
@@ -219,23 +216,6 @@ def test_scoring_settings_reach_the_estimator_and_the_merge(finished, project, t
 
 
 # ---- resume --------------------------------------------------------------------------------------------
-def _start_and_kill(args: list[str], cwd: Path, ready, timeout: float = 120) -> None:
-    """Start the CLI, SIGKILL it as soon as ``ready()`` holds; fail if it finished first."""
-    proc = subprocess.Popen([sys.executable, "-m", "concept_influence", *args], cwd=cwd, env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if proc.poll() is not None:
-            raise AssertionError(f"the process ended before it could be killed:\n{proc.stderr.read()[-2000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("timed out waiting for the first shard")
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-
-
 def test_scoring_killed_with_sigkill_resumes_to_identical_scores(finished, project, tmp_path):
     big = tmp_path / "big"
     shutil.copytree(project, big, ignore=shutil.ignore_patterns("runs"))
@@ -246,7 +226,7 @@ def test_scoring_killed_with_sigkill_resumes_to_identical_scores(finished, proje
     cli("probe", "train", "killed", "--config", "run.toml", "--no-progress", cwd=big)
     cli("fit-factors", "killed", "--no-progress", cwd=big)
     shards = big / "killed" / "scores" / "shards"
-    _start_and_kill(["score", "killed", "--no-progress"], big, lambda: (shards / "shard-000002.json").exists())
+    start_and_kill(["score", "killed", "--no-progress"], big, lambda: (shards / "shard-000002.json").exists())
     done = sorted(shards.glob("shard-*.json"))
     assert 3 <= len(done) < 25, "killed after the third shard and before the last"
     mtimes = {p: p.stat().st_mtime_ns for p in done}
@@ -270,7 +250,7 @@ def test_factor_fit_killed_with_sigkill_resumes_to_identical_factors(project, tm
     def second_pass_started() -> bool:  # killed inside the eigenvalue pass, after its first checkpoint
         return (partial / "eigenvalues-rank0of1.safetensors").exists()
 
-    _start_and_kill(["fit-factors", "killed", "--no-progress"], big, second_pass_started)
+    start_and_kill(["fit-factors", "killed", "--no-progress"], big, second_pass_started)
     assert (big / "killed" / "factors" / "statistics" / "covariance.safetensors").exists()
     assert not (big / "killed" / "factors" / "curvature.json").exists()
     cli("fit-factors", "killed", "--no-progress", cwd=big)

@@ -36,7 +36,7 @@ from ..index.build import resolve_rank
 from ..index.query import query_matrix, stream_scores
 from ..index.store import IndexStore
 from ..provenance import machine_description
-from .speed_sizes import SizeConfig, random_concept, random_examples, size_model
+from .speed_size_stages import SizeConfig, random_concept, random_examples, size_model
 
 __all__ = ["IndexBenchConfig", "run_index_benchmark"]
 

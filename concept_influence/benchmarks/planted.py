@@ -4,7 +4,8 @@ Protocol, for any two chat JSONL files (clean answers and planted-style answers)
 
 1. split by prompt into a probe set, a pre-training set, a training pool and an evaluation set (no prompt in two
    splits); a share ``rate`` of the pool gets the planted answer (the ground truth);
-2. train a byte-level BPE tokenizer, pre-train a small TransformerLens model on clean text, fine-tune it on the pool;
+2. train a byte-level BPE tokenizer, pre-train a small TransformerLens model on clean text, fine-tune it on the pool
+   (or, with ``model``, LoRA fine-tunes of the user's pre-trained Hugging Face model with its tokenizer);
 3. train a logistic probe for planted vs clean answers on the fine-tuned model's activations; the concept is the
    probe projection of the model's own answers to the evaluation prompts;
 4. score the pool with every estimator; retrieval metrics against the planted labels;
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -50,12 +51,13 @@ from ..evaluation import retrieval_metrics
 from ..fileio import atomic_write_text
 from ..generation import sample_responses
 from ..provenance import machine_description
+from .curvature_study import run_curvature_study
 from .planted_behaviour import behaviour_section, concept_lds, mean_answer_loss
 from .planted_concept import checkpoint_estimators, compared_queries, concept_check_section
 from .planted_config import BenchmarkError, PlantedConfig
 from .planted_report import command_line, format_report, format_retrieval, report_plots, write_results
 from .planted_splits import PlantedSplits, split_planted
-from .planted_training import Finetuner
+from .planted_training import Finetuner, lora_model
 from .query_study import run_query_study
 from .smallmodel import build_small_model, seed_everything, train_bpe_tokenizer, train_model
 
@@ -63,11 +65,9 @@ __all__ = ["BenchmarkError", "PlantedConfig", "PlantedSplits", "split_planted", 
            "command_line"]
 
 
-def _tokenize(examples, tokenizer, cfg, what: str) -> list[TokenizedExample]:
-    out = tokenize_examples(examples, tokenizer, cfg.max_length, skip_truncated=True)
-    if not out:
-        raise DataError(f"no {what} example fits in {cfg.max_length} tokens")
-    return out
+def _tokenize(examples, tokenizer, cfg) -> list[TokenizedExample]:
+    """The examples that fit in ``cfg.max_length``; none is an error naming their file."""
+    return tokenize_examples(examples, tokenizer, cfg.max_length, skip_truncated=True)
 
 
 def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], out: str | Path,
@@ -79,37 +79,45 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
     out = Path(out)
     started = time.perf_counter()
     seed_everything(cfg.seed)
+    if cfg.model:  # the user's pre-trained model with fresh LoRA adapters: no tokenizer or model to train
+        adapter = lora_model(cfg)
+        cfg = replace(cfg, n_pretrain=0, pretrain_epochs=0, n_layers=adapter.n_blocks, d_model=adapter.d_model,
+                      vocab_size=len(adapter.tokenizer))
     splits = split_planted(clean, planted, cfg, *data_names)
     print(f"splits: probe {len(splits.probe_positive)}+{len(splits.probe_negative)}, pre-train {len(splits.pretrain)}, "
         f"pool {len(splits.pool)} ({sum(splits.planted)} planted), eval {len(splits.eval_clean)}")
 
-    texts = [f"{c.prompt}\n{c.response}" for c in splits.pretrain + splits.probe_positive + splits.probe_negative]
-    tokenizer = train_bpe_tokenizer(texts, out / "tokenizer", cfg.vocab_size)
+    if cfg.model:
+        tokenizer = adapter.tokenizer
+    else:
+        texts = [f"{c.prompt}\n{c.response}" for c in splits.pretrain + splits.probe_positive + splits.probe_negative]
+        tokenizer = train_bpe_tokenizer(texts, out / "tokenizer", cfg.vocab_size)
     pool_tk = tokenize_examples(splits.pool, tokenizer, cfg.max_length, skip_truncated=True)
     kept = {t.id for t in pool_tk}
     labels = [lab for ex, lab in zip(splits.pool, splits.planted) if ex.id in kept]
     if sum(labels) == 0 or sum(labels) == len(labels):
         raise DataError(f"after dropping responses longer than max_length {cfg.max_length}, the pool has "
                         f"{sum(labels)} planted of {len(labels)}; raise --max-length")
-    tk = {"pretrain": _tokenize(splits.pretrain, tokenizer, cfg, "pre-training"),
-          "pos": _tokenize(splits.probe_positive, tokenizer, cfg, "probe-positive"),
-          "neg": _tokenize(splits.probe_negative, tokenizer, cfg, "probe-negative"),
-          "eval": _tokenize(splits.eval_clean, tokenizer, cfg, "evaluation")}
+    tk = {"pretrain": _tokenize(splits.pretrain, tokenizer, cfg) if splits.pretrain else [],
+          "pos": _tokenize(splits.probe_positive, tokenizer, cfg),
+          "neg": _tokenize(splits.probe_negative, tokenizer, cfg),
+          "eval": _tokenize(splits.eval_clean, tokenizer, cfg)}
     if splits.eval_planted is not None:  # keep only evaluation prompts whose two answers both fit
         clean_tk = {t.id: t for t in tk["eval"]}
-        planted_tk = {t.id: t for t in _tokenize(splits.eval_planted, tokenizer, cfg, "evaluation")}
+        planted_tk = {t.id: t for t in _tokenize(splits.eval_planted, tokenizer, cfg)}
         pairs = [(clean_tk[c.id], planted_tk[p.id]) for c, p in zip(splits.eval_clean, splits.eval_planted)
                  if c.id in clean_tk and p.id in planted_tk]
         if not pairs:
             raise DataError(f"no evaluation prompt has both answers within {cfg.max_length} tokens; raise --max-length")
         tk["eval"], tk["eval_planted"] = [c for c, _ in pairs], [p for _, p in pairs]
 
-    adapter = build_small_model(tokenizer, cfg.n_layers, cfg.d_model, cfg.n_heads, n_ctx=cfg.max_length, seed=cfg.seed)
-    t0 = time.perf_counter()
-    pre_losses = train_model(adapter, tk["pretrain"], cfg.pretrain_epochs, cfg.pretrain_lr, cfg.batch_size,
-                             tokens="all", seed=cfg.seed, progress=progress, desc="pre-train")
-    print(f"pre-trained {cfg.n_layers} blocks d{cfg.d_model} on {len(tk['pretrain'])} clean chats: loss "
-        f"{pre_losses[-1]:.3f} ({time.perf_counter() - t0:.0f} s)")
+    if not cfg.model:
+        adapter = build_small_model(tokenizer, cfg.n_layers, cfg.d_model, cfg.n_heads, n_ctx=cfg.max_length, seed=cfg.seed)
+        t0 = time.perf_counter()
+        pre_losses = train_model(adapter, tk["pretrain"], cfg.pretrain_epochs, cfg.pretrain_lr, cfg.batch_size,
+                                 tokens="all", seed=cfg.seed, progress=progress, desc="pre-train")
+        print(f"pre-trained {cfg.n_layers} blocks d{cfg.d_model} on {len(tk['pretrain'])} clean chats: loss "
+            f"{pre_losses[-1]:.3f} ({time.perf_counter() - t0:.0f} s)")
 
     tuner = Finetuner(adapter, cfg, progress)
     t0 = time.perf_counter()
@@ -178,6 +186,11 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
         results["query_study"] = run_query_study(adapter, curvature, pool_tk, labels, tk["pos"], tk["neg"], own,
                                                  seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
         atomic_write_text(out / "query_study.json", json.dumps(results["query_study"], indent=1))
+    if cfg.curvature_study:
+        fit_sets = {"pool": pool_tk, "pretrain+pool": tk["pretrain"][: len(pool_tk)] + pool_tk}
+        results["curvature_study"], _ = run_curvature_study(
+            adapter, probe.direction, own, pool_tk, labels, fit_sets, tuner.pretrained,
+            queries=tuple(dict.fromkeys((cfg.query, "prompt_mean"))), batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
     write_results(out, results)
 
     if cfg.retrain:

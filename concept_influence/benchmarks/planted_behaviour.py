@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -39,24 +39,28 @@ def mean_answer_loss(adapter: ModelAdapter, examples: Sequence[TokenizedExample]
 
 def behaviour_section(tuner: Finetuner, behaviour: Callable[[], float], pool: list[TokenizedExample],
                        labels: list[int], scores: dict[str, np.ndarray], cfg: PlantedConfig,
-                       concept: ConceptFunction) -> dict:
+                       concept: ConceptFunction, side: Mapping[str, Callable[[], float]] | None = None) -> dict:
     """Behaviour of clean and planted fine-tunes over seeds, then after removing the top of each ranking (the rule
     of :func:`~concept_influence.filtering.removal_indices`), and how far planting moves the concept f itself
-    (``concept_shift``, in seed standard deviations): a concept that planting does not move cannot find the data."""
+    (``concept_shift``, in seed standard deviations): a concept that planting does not move cannot find the data.
+    ``side`` names further measurements taken on the same clean and planted fine-tunes (``section["side"]``)."""
     clean_pool = [t for t, lab in zip(pool, labels) if not lab]
+    side = dict(side or {})
 
-    def both() -> tuple[float, float]:
-        return behaviour(), float(concept.evaluate(tuner.adapter)[0])
+    def measured() -> tuple[float, ...]:
+        return behaviour(), float(concept.evaluate(tuner.adapter)[0]), *(m() for m in side.values())
 
-    planted_b, planted_f = map(list, zip(*tuner.behaviours(pool, both, "fine-tune planted")))
-    clean_b, clean_f = map(list, zip(*tuner.behaviours(clean_pool, both, "fine-tune clean")))
+    planted_b, planted_f, *planted_side = map(list, zip(*tuner.behaviours(pool, measured, "fine-tune planted")))
+    clean_b, clean_f, *clean_side = map(list, zip(*tuner.behaviours(clean_pool, measured, "fine-tune clean")))
     effect = planting_effect(clean_b, planted_b)
     print(f"behaviour: clean {np.mean(clean_b):.4f} ± {np.std(clean_b):.4f}, planted {np.mean(planted_b):.4f} ± "
         f"{np.std(planted_b):.4f}; planting {'raised' if effect['raised'] else 'did NOT raise'} it "
         f"(effect size {effect['effect_size']:.1f} seed sd)")
     section = {"metric": "paired log-prob gap" if cfg.paired else "probe projection of own answers",
                "clean": clean_b, "planted": planted_b, **effect, "removal": {},
-               "concept_shift": {"clean": clean_f, "planted": planted_f, **planting_effect(clean_f, planted_f)}}
+               "concept_shift": {"clean": clean_f, "planted": planted_f, **planting_effect(clean_f, planted_f)},
+               "side": {name: {"clean": c, "planted": p, **planting_effect(c, p)}
+                        for name, c, p in zip(side, clean_side, planted_side)}}
     for name, s in scores.items():
         section["removal"][name] = {}
         for fraction in cfg.remove_fractions:

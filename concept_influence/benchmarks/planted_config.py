@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from probes import PROBE_KINDS, REDUCTIONS
 
 from ..concepts import DEFAULT_QUERY
+from ..models import MODEL_DTYPES
+from .smallmodel import SCHEDULES
 
 __all__ = ["BenchmarkError", "PlantedConfig"]
 
@@ -36,6 +38,7 @@ class PlantedConfig:
     finetune_epochs: int = 2
     pretrain_lr: float = 2e-3
     finetune_lr: float = 1e-3
+    lr_schedule: str = "constant"  # the fine-tunes' learning rate: constant, or linear decay to zero
     batch_size: int = 16
     max_new_tokens: int = 64
     n_seeds: int = 3
@@ -50,10 +53,16 @@ class PlantedConfig:
     query: str = DEFAULT_QUERY  # where Concept Influence reads the concept on the evaluation prompts
     compare_query: str | None = "response_mean"  # a second concept_influence with this query, for comparison
     query_study: bool = False  # also score every query variant (benchmarks/query_study.py) on the trained model
+    curvature_study: bool = False  # also score every preconditioning variant (benchmarks/curvature_study.py)
     concept_check: bool = True  # steer along the probe direction: is the concept causal for the behaviour?
     over_checkpoints: bool = True  # also concept_influence/concept_grad_dot summed over pre-trained and fine-tuned model
     lds_seeds: int = 2  # fine-tuning seeds per concept-LDS subset (two give the ceiling: seed vs seed)
     lds_fraction: float = 0.5  # share of the pool in each concept-LDS subset
+    model: str | None = None  # a Hugging Face causal LM folder: every fine-tune is a LoRA fine-tune of it (no small model)
+    lora_rank: int = 8  # with model: the rank of the LoRA adapters (alpha = 2 x rank, no dropout)
+    lora_targets: tuple[str, ...] = ()  # with model: the module names adapted; empty: every linear map in the blocks
+    dtype: str = "auto"  # with model: what it computes in (auto: as saved; the LoRA weights stay float32)
+    device: str = "cpu"  # with model: cpu or cuda
 
     def __post_init__(self):
         if not 0 < self.rate <= 0.5:
@@ -76,7 +85,15 @@ class PlantedConfig:
             raise BenchmarkError(f"--lds-fraction must be in (0, 1), got {self.lds_fraction}")
         if self.lds_seeds < 1:
             raise BenchmarkError(f"--lds-seeds must be at least 1, got {self.lds_seeds}")
-        self.remove_fractions = tuple(self.remove_fractions)
+        if self.lora_rank < 1:
+            raise BenchmarkError(f"--lora-rank must be at least 1, got {self.lora_rank}")
+        if self.dtype not in ("auto", *MODEL_DTYPES):
+            raise BenchmarkError(f"--dtype must be one of auto, {', '.join(MODEL_DTYPES)}, got {self.dtype!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise BenchmarkError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.lr_schedule not in SCHEDULES:
+            raise BenchmarkError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
+        self.remove_fractions, self.lora_targets = tuple(self.remove_fractions), tuple(self.lora_targets)
 
     @property
     def n_planted(self) -> int:

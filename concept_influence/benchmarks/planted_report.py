@@ -47,22 +47,37 @@ def format_retrieval(results: dict) -> str:
     return "\n".join(rows)
 
 
+def machine_line(results: dict) -> str:
+    """The machine a benchmark ran on and how long it took."""
+    m = results["machine"]
+    machine = (f"{m['cpu']}, {m['usable_cores']} cores, torch {m['torch']} on {m['torch_threads']} thread(s), "
+               f"Python {m['python']}, load average {m['load_average_start'][0]:.1f} at the start")
+    return f"Machine: {machine}" + (f"; {results['total_seconds'] / 60:.1f} min in all" if "total_seconds" in results
+                                    else " (run in progress)")
+
+
+def _model_line(cfg: dict) -> str:
+    """The model and its training, in one sentence: the small model trained here, or LoRA fine-tunes of the user's."""
+    if not cfg.get("model"):
+        return (f"TransformerLens, {cfg['n_layers']} blocks, d_model {cfg['d_model']}, vocab {cfg['vocab_size']}; "
+                f"pre-train {cfg['pretrain_epochs']} epochs, fine-tune {cfg['finetune_epochs']} epochs.")
+    targets = ", ".join(cfg["lora_targets"]) or "every linear map of the blocks"
+    return (f"`{cfg['model']}` ({cfg['n_layers']} blocks, d_model {cfg['d_model']}, {cfg['dtype']} on {cfg['device']}), "
+            f"not pre-trained here; every fine-tune ({cfg['finetune_epochs']} epochs, lr {cfg['finetune_lr']}) trains "
+            f"fresh LoRA adapters of rank {cfg['lora_rank']} on {targets}.")
+
+
 def format_report(results: dict) -> str:
     """``results.md``: what ran, whether planting raised the behaviour, retrieval, filter-and-retrain, LDS."""
     cfg, sp = results["config"], results["splits"]
     lines = ["# Planted-data benchmark", ""]
     if results.get("command"):
         lines += [f"Command: `{results['command']}`", ""]
-    m = results["machine"]
-    machine = (f"{m['cpu']}, {m['usable_cores']} cores, torch {m['torch']} on {m['torch_threads']} thread(s), "
-               f"Python {m['python']}, load average {m['load_average_start'][0]:.1f} at the start")
-    lines += [f"Machine: {machine}" + (f"; {results['total_seconds'] / 60:.1f} min in all"
-                                                 if "total_seconds" in results else " (run in progress)"), "",
+    lines += [machine_line(results), "",
               f"Data: {' + '.join(results['data'])} ({'paired' if cfg['paired'] else 'unpaired'}); rate {cfg['rate']}; "
               f"pool {sp['pool']} ({sp['planted']} planted), pre-train {sp['pretrain']}, probe {sp['probe']} per class, "
               f"eval {sp['eval']}; seed {cfg['seed']}.", "",
-              f"Model: TransformerLens, {cfg['n_layers']} blocks, d_model {cfg['d_model']}, vocab {cfg['vocab_size']}; "
-              f"pre-train {cfg['pretrain_epochs']} epochs, fine-tune {cfg['finetune_epochs']} epochs. "
+              f"Model: {_model_line(cfg)} "
               f"{cfg.get('probe_kind', 'logistic')} probe at `{results['probe']['hook_name']}`: held-out accuracy "
               f"{results['probe']['accuracy']:.3f}, "
               f"AUROC {results['probe']['roc_auc']:.3f}. EK-FAC fit {results['ekfac_fit_seconds']:.1f} s; "
@@ -80,7 +95,7 @@ def format_report(results: dict) -> str:
                   "", verdict + ".", ""]
     elif not cfg.get("retrain", True):
         lines += ["Behaviour and filter-and-retrain were not run (`--no-retrain`).", ""]
-    lines += _concept_lines(results)
+    lines += concept_lines(results)
     fractions = [str(f) for f in cfg["remove_fractions"]]
     head = "| estimator | AUROC | AUPRC | P@k | s/1k ex |"
     sep = "|---|---|---|---|---|"
@@ -135,6 +150,7 @@ def format_report(results: dict) -> str:
         lines += [f"| {k} | {a:.3f} | {lo:.3f} | {p:.3f} |" for k, a, lo, p in
                   summarise_study({"run": results["query_study"]}, "query")]
         lines.append("")
+    lines += curvature_lines(results)
     if "sae" in results:
         from .sae import format_sae_report
 
@@ -144,13 +160,19 @@ def format_report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _concept_lines(results: dict) -> list[str]:
-    """Is the concept causal (the steering check) and does planting move it? Said plainly when it is not."""
+#: the steered positions of the concept check that contain the tokens each query reads
+QUERY_POSITIONS = {"last_prompt": "prompt", "prompt_mean": "prompt", "response_mean": "all", "all_tokens": "all"}
+
+
+def concept_lines(results: dict, where: str | None = None) -> list[str]:
+    """Is the concept causal (the steering check, also at the positions the query reads) and does planting move it?
+    Said plainly when it is not. ``where``: where the query reads the concept (default: the run's ``query``)."""
     check, shift = results.get("concept_check"), (results.get("behaviour") or {}).get("concept_shift")
     if not check and not shift:
         return []
-    lines = ["## Is the concept causal?", "", f"Concept Influence reads the concept at `{results.get('query')}` on the "
-             "evaluation prompts.", ""]
+    query = results.get("query", "last_prompt")
+    lines = ["## Is the concept causal?", "", f"Concept Influence reads the concept at "
+             f"{where or f'`{query}` on the evaluation prompts'}.", ""]
     if check:
         where = "held-out evaluation prompts" if check["held_out"] else "the probe's examples (not held out)"
         lines += [f"Steering along the probe direction on {where} ({check['n_positive']} planted, {check['n_negative']} "
@@ -159,6 +181,10 @@ def _concept_lines(results: dict) -> list[str]:
         lines += [f"| {p} | {check['first_order'][p]:+.4f} ± {check['first_order_se'][p]:.4f} | {v} |"
                   for p, v in check["verdicts"].items()]
         lines += ["", f"**{check['explanation']}**", ""]
+        bears = QUERY_POSITIONS.get(query)
+        if bears in check["verdicts"] and bears != check.get("judged", "all"):
+            lines += [f"At the positions the query reads ({bears} positions) the check says **{check['verdicts'][bears]}** "
+                      f"({check['first_order'][bears]:+.4f} ± {check['first_order_se'][bears]:.4f} nats per sd).", ""]
     if shift:
         lines += [f"Planting moves the concept f by {shift['gain']:+.4f} = {shift['effect_size']:.1f} × the seeds' sd "
                   f"(clean {np.mean(shift['clean']):.4f}, planted {np.mean(shift['planted']):.4f}; one-sided Welch "
@@ -169,6 +195,17 @@ def _concept_lines(results: dict) -> list[str]:
         lines += ["**The concept is not causal for the behaviour here: the concept rows of the table below "
                   "(concept_influence, concept_grad_dot) cannot be read as evidence of which data causes it.**", ""]
     return lines
+
+
+def curvature_lines(results: dict) -> list[str]:
+    """The run's curvature study, when it has one."""
+    if "curvature_study" not in results:
+        return []
+    from .curvature_study import format_curvature_table
+
+    return ["## Curvature study (this model)", "", "Concept Influence AUROC for every preconditioning variant, one scoring "
+            "pass per checkpoint (`bench curvature-table` merges runs).", "",
+            format_curvature_table({"AUROC": results["curvature_study"]}), ""]
 
 
 def command_line() -> str:

@@ -15,6 +15,7 @@ from ..models import HookedTransformerAdapter, ModelAdapter
 
 __all__ = ["train_bpe_tokenizer", "load_tokenizer", "build_small_model", "train_model", "seed_everything"]
 
+SCHEDULES = ("constant", "linear")
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
@@ -96,18 +97,23 @@ def train_model(
     seed: int = 0,
     progress: bool = True,
     desc: str = "train",
+    schedule: str = "constant",
 ) -> list[float]:
-    """Train with AdamW on the mean per-example loss (``tokens="response"`` or ``"all"``).
+    """Train with AdamW on the mean per-example loss (``tokens="response"`` or ``"all"``), at a ``constant`` learning
+    rate or one decaying ``linear``-ly to zero over the run (the default of Hugging Face's and TRL's trainers).
 
     Deterministic given ``seed`` (shuffling order and dropout-free model). Returns the batch losses.
     """
     if not examples:
         raise ValueError("train_model needs at least one example")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     model = adapter.model
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     n_batches = epochs * ((len(examples) + batch_size - 1) // batch_size)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / n_batches if schedule == "linear" else 1.0)
     losses: list[float] = []
     with tqdm(total=n_batches, desc=desc, disable=not progress, leave=False) as bar:
         for _ in range(epochs):
@@ -117,6 +123,7 @@ def train_model(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                decay.step()
                 losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")

@@ -1,23 +1,26 @@
 """Gradient indexes over run folders: one checkpoint per run (its model, probe, factors and data), built and queried
 from the command line.
 
-Building a checkpoint first runs the run's probe and factors stages where they have not run (resumable and
-distributed as run folders are); the index then covers the maps of the run's factors (blocks up to the probe's) and
-projects them with the run's EK-FAC. Every run of one index must score the same data.
+Building first runs the run's probe and factors stages where they have not run (resumable and distributed as run
+folders are); the index then covers the maps of the run's factors (blocks up to the probe's) and projects them with the
+run's EK-FAC. A run with ``[model] checkpoints`` gives one index checkpoint per point, weighted as the run weights it.
+Every run of one index must score the same data.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from ..config import RunConfig
+from ..curvature import Curvature
 from ..data import iter_shards, tokenize_kept
 from ..distributed import Ranks, process_group
 from ..fileio import path_sha256
-from ..models import ModelAdapter, load_model
+from ..models import ModelAdapter
 from ..runs import Pipeline, Run, RunError
 from .build import IndexSettings, ShardInput, check_existing
 from .gradient_index import GradientIndex, add_checkpoint
@@ -68,9 +71,14 @@ def build_from_runs(sources: Sequence[str | Path], out: str | Path, settings: In
             check_existing(out, settings, data)  # before the run's stages: another index's data is refused at once
             pipeline = Pipeline(run, ranks, progress)
             pipeline.direction()
-            curvature = pipeline.curvature()
-            add_checkpoint(out, settings, pipeline.adapter, curvature, _shards(run, pipeline.adapter, settings.shard_size),
-                           data, str(run.path), weight, cfg.model.to_dict(), ranks, progress)
+            pipeline.curvature()  # fits (or resumes) the factors at every point of the run
+            for point in pipeline.points:  # the run's model, or each of its [model] checkpoints
+                with pipeline.at(point):
+                    adapter = pipeline.adapter
+                    add_checkpoint(out, settings, adapter, Curvature.load(point.factors_dir, adapter),
+                                   _shards(run, adapter, settings.shard_size), data,
+                                   str(run.path) + (f"#{point.name}" if point.name else ""), weight * point.weight,
+                                   {"run": str(run.path), "point": point.name}, ranks, progress)
     return GradientIndex(out)
 
 
@@ -82,19 +90,25 @@ def _device(source: str | Path) -> str:
 
 def checkpoint_run(index: GradientIndex, c: int = 0) -> Run:
     """The run folder checkpoint ``c`` was built from (an index built in memory has none)."""
-    source = index.checkpoints[c]["source"]
     if index.checkpoints[c]["model"] is None:
         raise GradientIndexError(f"{index.store.path}: checkpoint {c} was built from a model in memory; query it from "
                                  "Python with that model (GradientIndex.score)")
-    return Run.open(source)
+    return Run.open(index.checkpoints[c]["model"]["run"])
 
 
 def checkpoint_models(index: GradientIndex) -> list[ModelAdapter]:
-    """The model of each checkpoint, loaded as its run config says."""
+    """The model of each checkpoint, loaded as its run loads it (checked against the run's record), with the weights
+    of the run's checkpoint it indexes."""
     out = []
     for c, entry in enumerate(index.checkpoints):
-        checkpoint_run(index, c)
-        m = entry["model"]
-        device = "cuda" if m["device"] == "cuda" or (m["device"] == "auto" and torch.cuda.is_available()) else "cpu"
-        out.append(load_model(m["path"], device=device, dtype=m["dtype"], base=m["base"], track=m["track"]))
+        run = checkpoint_run(index, c)
+        pipeline = Pipeline(run, Ranks(device=_query_device(run)), progress=False)
+        point = next(p for p in pipeline.points if p.name == entry["model"]["point"])
+        with pipeline.at(point):
+            out.append(type(pipeline.adapter)(copy.deepcopy(pipeline.adapter.model), pipeline.adapter.tokenizer))
     return out
+
+
+def _query_device(run: Run) -> str:
+    device = run.config.model.device
+    return "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"

@@ -9,13 +9,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..config import RunConfig
+from ..config import GATE_KEYS, RunConfig
 from ..distributed import Ranks
 from ..fileio import atomic_write_text, file_sha256
 from ..provenance import invocation, package_versions
 from ..settings import settings_diff
 
-__all__ = ["RunError", "Run", "RUN_FORMAT", "RUN_FORMAT_VERSION", "write_or_explain"]
+__all__ = ["RunError", "Run", "Layout", "RUN_FORMAT", "RUN_FORMAT_VERSION", "write_or_explain"]
 
 RUN_FORMAT = "concept-influence-run"
 #: 2: each fitting or scoring stage saves its settings as ``factors/settings.json`` / ``scores/settings.json``.
@@ -52,11 +52,36 @@ def write_or_explain(path: Path, write: Callable[[], object], kept: str) -> None
                        "command again to resume.") from e
 
 
-class Run:
+class Layout:
+    """Where the fitting and scoring stages write, under ``root``: a run folder, or one checkpoint's folder in it."""
+
+    root: Path
+
+    @property
+    def factors_dir(self) -> Path:
+        """``factors/``: the curvature, its settings, the statistics of each pass and per-rank checkpoints."""
+        return self.root / "factors"
+
+    @property
+    def scores_dir(self) -> Path:
+        """``scores/``: the merged scores, their settings and ``shards/``."""
+        return self.root / "scores"
+
+    @property
+    def scores_path(self) -> Path:
+        """``scores/scores.safetensors``: every shard merged in data order."""
+        return self.scores_dir / "scores.safetensors"
+
+    def shard_path(self, index: int) -> Path:
+        """The score shard ``index``."""
+        return self.scores_dir / "shards" / f"shard-{index:06d}.safetensors"
+
+
+class Run(Layout):
     """A run folder: its config, its record (``run.json``) and where each stage's files go."""
 
     def __init__(self, path: Path, config: RunConfig):
-        self.path = path
+        self.path = self.root = path
         self.config = config
 
     # ---- opening -------------------------------------------------------------------------------
@@ -127,19 +152,20 @@ class Run:
             raise RunError(f"{self.path}: the {what} changed since this run started (fingerprint {known}, now {value}); "
                            "use a new run folder")
 
-    def check_settings(self, stage: str, settings: dict) -> None:
-        """Refuse ``settings`` for ``stage`` when they differ from those saved in ``<stage>/settings.json`` when
-        the stage started (see :meth:`save_settings`), naming each changed setting."""
-        path = self.path / stage / "settings.json"
+    def check_settings(self, stage: str, settings: dict, folder: Path | None = None) -> None:
+        """Refuse ``settings`` for ``stage`` when they differ from those saved in ``<stage>/settings.json`` (or
+        ``folder/settings.json``) when the stage started (see :meth:`save_settings`), naming each changed setting."""
+        path = (folder or self.path / stage) / "settings.json"
         if path.is_file():
             changed = settings_diff(read_json(path), settings)
             if changed:
                 raise RunError(f"{path}: the {stage} settings changed since the stage started "
                                f"({'; '.join(changed)}); use a new run folder for new settings, or put them back")
 
-    def save_settings(self, stage: str, settings: dict) -> None:
-        """Save the settings ``stage`` computes with as ``<stage>/settings.json``, before its first output."""
-        path = self.path / stage / "settings.json"
+    def save_settings(self, stage: str, settings: dict, folder: Path | None = None) -> None:
+        """Save the settings ``stage`` computes with as ``<stage>/settings.json`` (or ``folder/settings.json``),
+        before its first output."""
+        path = (folder or self.path / stage) / "settings.json"
         if not path.is_file():
             _write_json(path, settings)
 
@@ -148,25 +174,6 @@ class Run:
     def direction_path(self) -> Path:
         """``probe/direction.safetensors``."""
         return self.path / "probe" / "direction.safetensors"
-
-    @property
-    def factors_dir(self) -> Path:
-        """``factors/``: the curvature, its settings, the statistics of each pass and per-rank checkpoints."""
-        return self.path / "factors"
-
-    @property
-    def scores_dir(self) -> Path:
-        """``scores/``: the merged scores, their settings and ``shards/``."""
-        return self.path / "scores"
-
-    @property
-    def scores_path(self) -> Path:
-        """``scores/scores.safetensors``: every shard merged in data order."""
-        return self.scores_dir / "scores.safetensors"
-
-    def shard_path(self, index: int) -> Path:
-        """The score shard ``index``."""
-        return self.scores_dir / "shards" / f"shard-{index:06d}.safetensors"
 
     def is_done(self, stage: str) -> bool:
         """Whether ``run.json`` notes ``stage`` as finished."""
@@ -184,9 +191,17 @@ def _existing_config(path: Path, config: RunConfig | None) -> RunConfig:
                        f"(written by concept-influence {made_by}); this version reads {RUN_FORMAT!r} version "
                        f"{RUN_FORMAT_VERSION}. Use a new run folder, or the version that wrote it")
     stored = RunConfig.from_dict(read_json(config_path), str(config_path))
-    if config is not None:
-        changed = settings_diff(stored.to_dict(), {**config.to_dict(), "out": stored.out})
-        if changed:
-            raise RunError(f"{path} was made with a different config ({'; '.join(changed)}); "
-                           "use a new run folder for a new config")
-    return stored
+    if config is None:
+        return stored
+    given = {**config.to_dict(), "out": stored.out}
+    changed = settings_diff(stored.to_dict(), given)
+    gates = [c for c in changed if c.partition(":")[0] in GATE_KEYS]
+    if len(gates) < len(changed):
+        raise RunError(f"{path} was made with a different config ({'; '.join(c for c in changed if c not in gates)}); "
+                       "use a new run folder for a new config")
+    if gates:  # they allow or stop a stage and change no number: the folder takes them
+        _write_json(config_path, given)
+        info = read_json(record)
+        info["log"].append({"changed": gates, "when": _now(), "command": invocation()})
+        _write_json(record, info)
+    return RunConfig.from_dict(given, str(config_path))

@@ -1,5 +1,5 @@
-"""The report stage: ``report/report.md`` (the top and bottom examples with their text) and the plot of the
-score distribution."""
+"""The report stage: ``report/report.md`` (the concept check's verdict, the checkpoints and their weights, the top
+and bottom examples with their text and their score at each checkpoint) and the plot of the score distribution."""
 
 from __future__ import annotations
 
@@ -14,15 +14,17 @@ from .folder import Run
 __all__ = ["write_report", "markdown_rows"]
 
 
-def write_report(run: Run, k: int) -> Path:
+def write_report(run: Run, k: int, checkpoints: Sequence = ()) -> Path:
     """Write ``report/report.md`` (``k`` examples at each end) and ``report/score_distribution.png`` from the
-    run's merged scores; returns the report's path."""
+    run's merged scores, with the score at each of ``checkpoints`` (:class:`~.checkpoints.Point`) beside the sum;
+    returns the report's path."""
     from ..plots import plot_score_distribution
 
     cfg = run.config
     scores = Scores.load(run.scores_path)
     wanted = {i for i, _ in scores.top(k)} | {i for i, _ in scores.bottom(k)}
     texts = {ex.id: (ex.prompt, ex.response) for ex in read_chats(cfg.data.train) if ex.id in wanted}
+    at = {p.name: dict(zip(part.ids, part.column(0))) for p in checkpoints for part in [Scores.load(p.scores_path)]}
     out = run.path / "report"
     plot_score_distribution(scores.column(0), out / "score_distribution.png", scores.estimator)
     info = run.record
@@ -32,22 +34,63 @@ def write_report(run: Run, k: int) -> Path:
              f"{scores.metadata.get('n_skipped', 0)} skipped because their response was cut away at "
              f"max_length = {cfg.data.max_length}); "
              f"concept: probe at `{cfg.probe.hook}`.", "",
-             f"## Top {k}: training on these pushes the concept up", "", *markdown_rows(scores.top(k), texts), "",
-             f"## Bottom {k}: training on these pushes it down", "", *markdown_rows(scores.bottom(k), texts), "",
+             *_check_section(info), *_checkpoint_section(checkpoints),
+             f"## Top {k}: training on these pushes the concept up", "", *markdown_rows(scores.top(k), texts, at), "",
+             f"## Bottom {k}: training on these pushes it down", "", *markdown_rows(scores.bottom(k), texts, at), "",
              "![score distribution](score_distribution.png)", ""]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
 
 
-def markdown_rows(rows: Sequence[tuple[str, float]], texts: dict[str, tuple[str, str]]) -> list[str]:
-    """A markdown table of ranked ``(id, score)`` rows with each example's prompt and response, shortened."""
+def _check_section(info: dict) -> list[str]:
+    check = info["stages"].get("check")
+    if check is None:
+        return ["## Is the concept causal?", "", "Not checked (`concept.check = false`, or a saved direction without "
+                "`concept.check_positive` and `check_negative`): the scores show what moves the direction, which is the "
+                "data behind the behaviour only if moving the direction moves the behaviour.", ""]
+    rows = [f"| {where} | {check['first_order'][where]:+.4f} ± {check['first_order_se'][where]:.4f} |"
+            for where in check["first_order"]]
+    warning = "" if check["verdict"] == "causal" else (
+        " **The concept is not causal: read the scores below as what moves the direction, not as the data that causes "
+        "the behaviour.**")
+    return ["## Is the concept causal?", "",
+            f"Verdict: {_bold_verdict(check)}{warning}", "",
+            f"Steering along the direction on `{check['positive']}` (positive) vs `{check['negative']}` (negative): "
+            f"separation AUROC {check['separation_auroc']:.3f}; first-order effect on log p(positive) − log p(negative) "
+            f"in nats per sd of the projection (causal at ≥ {check['threshold']} and two standard errors):", "",
+            "| steered positions | effect ± se |", "|---|---:|", *rows, "",
+            f"![concept check](../{check['plot']})", ""]
+
+
+def _bold_verdict(check: dict) -> str:
+    """The check's explanation, which starts with its verdict, with the verdict in bold."""
+    verdict = check["verdict"]
+    return f"**{verdict}**{check['explanation'].removeprefix(verdict)}"
+
+
+def _checkpoint_section(checkpoints: Sequence) -> list[str]:
+    if not checkpoints:
+        return []
+    rows = [f"| `{p.name}` | `{p.source}` | {'' if p.step is None else p.step} | {p.weight:.4g} |" for p in checkpoints]
+    return ["## Checkpoints", "", "The scores are the weighted sum of the scores at each checkpoint, each with its own "
+            "curvature and the one concept direction of the run (its scores in `checkpoints/<name>/scores/`):", "",
+            "| checkpoint | source | step | weight |", "|---|---|---:|---:|", *rows, ""]
+
+
+def markdown_rows(rows: Sequence[tuple[str, float]], texts: dict[str, tuple[str, str]],
+                  at: dict[str, dict[str, float]] | None = None) -> list[str]:
+    """A markdown table of ranked ``(id, score)`` rows with each example's prompt and response, shortened, and its
+    score at each checkpoint of ``at`` (``{checkpoint: {id: score}}``)."""
     def cell(text: str, width: int) -> str:
         text = " ".join(text.split()).replace("|", "\\|")
         return text if len(text) <= width else text[: width - 1] + "…"
 
-    out = ["| rank | score | id | prompt | response |", "|---:|---:|---|---|---|"]
+    at = at or {}
+    head = "".join(f" {name} |" for name in at)
+    out = [f"| rank | score |{head} id | prompt | response |", "|---:|---:|" + "---:|" * len(at) + "---|---|---|"]
     for rank, (i, score) in enumerate(rows, start=1):
         prompt, response = texts.get(i, ("", ""))
-        out.append(f"| {rank} | {score:.4g} | `{i}` | {cell(prompt, 120)} | {cell(response, 300)} |")
+        each = "".join(f" {part.get(i, float('nan')):.4g} |" for part in at.values())
+        out.append(f"| {rank} | {score:.4g} |{each} `{i}` | {cell(prompt, 120)} | {cell(response, 300)} |")
     return out

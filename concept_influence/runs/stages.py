@@ -1,28 +1,32 @@
 """The stages of a run folder in one process (one rank under ``torchrun``): the probe direction, the curvature
 fitted in checkpointed passes over shards of the training data, and the scores computed shard by shard and
-merged in data order."""
+merged in data order; with ``[model] checkpoints``, the factors and scores at each checkpoint (:mod:`.checkpoints`)
+and their weighted sum. The audit's other stages (the concept check, explain, filter) are in :mod:`.audit`."""
 
 from __future__ import annotations
 
 import json
-import warnings
-from functools import cached_property
+from contextlib import contextmanager
+from functools import cached_property, partial
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..config import MIN_PROBE_AUROC
 from ..curvature import Curvature, SumStats, fit_curvature
 from ..data import Shard, TokenizedExample, iter_shards, load_chats, tokenize_examples, tokenize_kept
 from ..distributed import Ranks
 from ..estimators import ESTIMATORS, GradientEstimator
-from ..fileio import atomic_write_text, load_tensors_and_metadata, path_sha256, save_tensors
-from ..models import ModelAdapter, block_of_hook, load_model
+from ..fileio import atomic_write_text, path_sha256, save_tensors
+from ..models import ModelAdapter, block_of_hook, checkpointed_weights, load_model
 from ..provenance import combine_digests
 from ..scores import Scores
+from .checkpoints import Point, describe_points, load_point, model_folder, run_points
 from .folder import Run, RunError, write_or_explain
 from .report import write_report
+from .shards import concatenate, finished_shard, read_checkpoint, refuse_same_data, resume_pass
 
 __all__ = ["Pipeline"]
 
@@ -40,14 +44,39 @@ class Pipeline:
     def adapter(self) -> ModelAdapter:
         """The run's model, checked against the fingerprint the run started with."""
         model = self.cfg.model
-        adapter = load_model(model.path, device=self.ranks.device, dtype=model.dtype, base=model.base, track=model.track)
+        adapter = load_model(model_folder(model), device=self.ranks.device, dtype=model.dtype, base=model.base,
+                             track=model.track)
         if self.ranks.is_main:
             self.run.check_fingerprint("model", adapter.fingerprint())
         return adapter
 
+    @cached_property
+    def points(self) -> list[Point]:
+        """Where factors and scores are computed: the model alone, or each of ``[model] checkpoints``."""
+        return run_points(self.run.path, self.cfg.model)
+
+    @cached_property
+    def _own_weights(self) -> dict:
+        return checkpointed_weights(self.adapter)
+
+    @contextmanager
+    def at(self, point: Point) -> Iterator[None]:
+        """The model with ``point``'s weights (checked against the fingerprint recorded for it), restored after."""
+        if point.source is None:
+            yield
+            return
+        own, adapter = self._own_weights, self.adapter
+        try:
+            load_point(adapter, point, self.cfg.model, own)
+            if self.ranks.is_main:
+                self.run.check_fingerprint(f"checkpoint {point.name}", adapter.fingerprint())
+            yield
+        finally:
+            adapter.model.load_state_dict(own, strict=False)
+
     def _tokenize(self, path: str, limit: int | None) -> list[TokenizedExample]:
         return tokenize_examples(load_chats(path, limit), self.adapter.tokenizer, self.cfg.data.max_length,
-                                 self.cfg.data.skip_truncated)
+                                 self.cfg.data.skip_truncated, source=path)
 
     def _tokenize_shard(self, shard: Shard) -> list[TokenizedExample]:
         """The shard's examples, tokenised; those cut away at ``max_length`` are skipped (counted at the merge)."""
@@ -104,11 +133,19 @@ class Pipeline:
             check_direction_compatible(direction, self.adapter)
         else:
             self.adapter.check_hook(p.hook)
+            refuse_same_data(("probe.positive", p.positive), ("probe.negative", p.negative),
+                             "the probe needs texts with and without the concept")
             acts = [collect_activations(self.adapter, self._tokenize(f, p.max_examples), p.hook, p.reduction,
                                         progress=self.progress) for f in (p.positive, p.negative)]
             result = train_probe(p.kind, *acts, p.hook, seed=p.seed)
-            direction, details = result.direction, {"metrics": result.metrics}
-            atomic_write_text(path.parent / "metrics.json", json.dumps(result.metrics, indent=1) + "\n")
+            m = result.metrics
+            if m["roc_auc"] < MIN_PROBE_AUROC and not p.allow_weak:
+                raise RunError(f"the probe at {p.hook} is at chance: held-out AUROC {m['roc_auc']:.2f} (accuracy "
+                               f"{m['accuracy']:.2f}) between {p.positive} and {p.negative}, below {MIN_PROBE_AUROC}; "
+                               "check that the two files differ in the concept, or set probe.allow_weak = true "
+                               "(--allow-weak-probe) to go on. Nothing was written")
+            direction, details = result.direction, {"metrics": m}
+            atomic_write_text(path.parent / "metrics.json", json.dumps(m, indent=1) + "\n")
         write_or_explain(path, lambda: direction.save(path), "Nothing else was written.")
         return details
 
@@ -127,45 +164,67 @@ class Pipeline:
         """Whether ``scoring.estimator`` needs the run's curvature."""
         return "curvature" in ESTIMATORS[self.cfg.scoring.estimator].run_inputs
 
-    def curvature(self) -> Curvature:
-        """Fit (or resume fitting) the curvature, or read ``factors.path``; checked against the model."""
-        f = self.cfg.factors
-        if f.path is not None:
-            return Curvature.load(f.path, self.adapter)
-        final = self.run.factors_dir
-        self.run.check_settings("factors", f.to_dict())
+    def gate(self) -> None:
+        """Stop before the expensive stages when ``concept.require = "causal"`` and the check's verdict is not."""
+        if self.cfg.concept.require != "causal":
+            return
+        self._require("check", "run")
+        check = self.run.record["stages"]["check"]
+        if check["verdict"] != "causal":
+            raise RunError(f"{self.run.path}: the concept check's verdict is {check['verdict']} ({check['explanation']}) "
+                           'and concept.require = "causal" stops the run before the factors and scores; the check is in '
+                           f"{self.run.path / 'check'}. Choose another concept, or set concept.require = \"none\" to go on")
+
+    def curvature(self) -> Curvature | None:
+        """Fit (or resume fitting) the curvature at every point, or read ``factors.path``; the curvature of the model
+        itself when it has no checkpoints."""
+        if self.cfg.factors.path is not None:
+            return Curvature.load(self.cfg.factors.path, self.adapter)
+        for point in self.points:
+            self._fit(point)
+        if self.ranks.is_main and not self.run.is_done("factors"):
+            self.run.finish_stage("factors", self.ranks, checkpoints=describe_points(self.points))
+        self.ranks.barrier()
+        return None if self.points[0].name else Curvature.load(self.run.factors_dir, self.adapter)
+
+    def _fit(self, point: Point) -> None:
+        f, final = self.cfg.factors, point.factors_dir
+        self.run.check_settings("factors", f.to_dict(), final)
         if not (final / "curvature.json").is_file():
             self._require("probe", "probe train")
+            self.gate()
             hook = self.direction().hook_name
-            maps = self.adapter.linear_maps(max_block=block_of_hook(hook))
+            with self.at(point):
+                maps = self.adapter.linear_maps(max_block=block_of_hook(hook))
+                if self.ranks.is_main:
+                    self.run.save_settings("factors", f.to_dict(), final)
+                curvature = fit_curvature(self.adapter, [], maps, f.settings(), progress=False,
+                                          accumulate=partial(self._accumulate, point))
             if self.ranks.is_main:
-                self.run.save_settings("factors", f.to_dict())
-            curvature = fit_curvature(self.adapter, [], maps, f.settings(), progress=False, accumulate=self._accumulate)
-            if self.ranks.is_main:
-                write_or_explain(final, lambda: curvature.save(final),
-                                 "The finished passes are kept in factors/statistics/.")
+                write_or_explain(final, lambda: curvature.save(final), "The finished passes are kept in factors/statistics/.")
                 for p in (final / "partial").glob("*"):
                     p.unlink()
-        if self.ranks.is_main and not self.run.is_done("factors"):  # (also a curvature saved just before a kill)
+        if self.ranks.is_main and not self.run.is_done(point.stage("factors")):  # (also one saved just before a kill)
             saved = json.loads((final / "curvature.json").read_text())
-            self.run.finish_stage("factors", self.ranks, strategy=saved["strategy"], n_examples=saved["n_examples"],
-                                  maps=[m["name"] for m in saved["maps"]], data_sha256=path_sha256(self.cfg.data.train))
+            self.run.finish_stage(point.stage("factors"), self.ranks, strategy=saved["strategy"],
+                                  n_examples=saved["n_examples"], maps=[m["name"] for m in saved["maps"]],
+                                  data_sha256=path_sha256(self.cfg.data.train))
         self.ranks.barrier()
-        return Curvature.load(final, self.adapter)
 
-    def _accumulate(self, name: str, collect: Callable[[Sequence[TokenizedExample]], SumStats]) -> SumStats:
+    def _accumulate(self, point: Point, name: str, collect: Callable[[Sequence[TokenizedExample]], SumStats]) -> SumStats:
         """One curvature pass over this rank's shards, checkpointed after each shard, summed over ranks."""
         f, ranks = self.cfg.factors, self.ranks
-        done_path = self.run.factors_dir / "statistics" / f"{name}.safetensors"
+        done_path = point.factors_dir / "statistics" / f"{name}.safetensors"
         digests = self._shard_digests(f.shard_size, f.max_examples)
         data_digest = combine_digests(digests)
-        done = _read_checkpoint(done_path, ranks.device)
+        done = read_checkpoint(done_path, ranks.device)
         if done is not None and done[1].get("data") == data_digest:
             return done[0]
-        ckpt = self.run.factors_dir / "partial" / f"{name}-rank{ranks.rank}of{ranks.world_size}.safetensors"
-        total, start = _resume_pass(ckpt, name, digests, ranks.device)
+        ckpt = point.factors_dir / "partial" / f"{name}-rank{ranks.rank}of{ranks.world_size}.safetensors"
+        total, start = resume_pass(ckpt, name, digests, ranks.device)
         mine = [i for i in range(len(digests)) if ranks.owns(i)]
-        with tqdm(total=len(mine), initial=sum(i < start for i in mine), desc=f"factors: {name}", unit="shard",
+        where = "" if point.name is None else f" at {point.name}"
+        with tqdm(total=len(mine), initial=sum(i < start for i in mine), desc=f"factors{where}: {name}", unit="shard",
                   disable=not self.progress) as bar:
             for shard in self._shards(f.shard_size, f.max_examples):
                 if shard.index < start or not ranks.owns(shard.index):
@@ -187,51 +246,72 @@ class Pipeline:
         return total
 
     # ---- scores --------------------------------------------------------------------------------
-    def estimator(self):
-        """The estimator ``scoring.estimator`` names, made from what its registry entry says a run passes it."""
+    def estimator(self, point: Point | None = None):
+        """The estimator ``scoring.estimator`` names, made from what its registry entry says a run passes it (the
+        curvature of ``point``, default the model's own)."""
         cls = ESTIMATORS[self.cfg.scoring.estimator]
         inputs = {"readout": lambda: self.concept(with_eval=False), "concept": self.concept,
-                  "curvature": self._scoring_curvature}
+                  "curvature": lambda: self._scoring_curvature(point or self.points[0])}
         options = {"scoring": self.cfg.scoring.settings()} if issubclass(cls, GradientEstimator) else {}
         return cls(*(inputs[name]() for name in cls.run_inputs), **options)
 
-    def _scoring_curvature(self) -> Curvature:
-        if self.cfg.factors.path is None:
-            self._require("factors", "fit-factors")
-        return self.curvature()
+    def _scoring_curvature(self, point: Point) -> Curvature:
+        if self.cfg.factors.path is not None:
+            return Curvature.load(self.cfg.factors.path, self.adapter)
+        self._require(point.stage("factors"), "fit-factors")
+        return Curvature.load(point.factors_dir, self.adapter)
 
     def scores(self) -> Scores:
-        """Score every training example shard by shard (resuming), then merge the shards in data order."""
+        """Score every training example at every point, shard by shard (resuming), merged in data order; with
+        checkpoints, their weighted sum (what ``sum-scores`` writes) is the run's scores."""
+        parts = [self._score_point(point) for point in self.points]
+        if self.points[0].name is None:
+            return parts[0]
+        run, ranks = self.run, self.ranks
+        if ranks.is_main and not (run.scores_path.is_file() and run.is_done("scores")):
+            weights = [p.weight for p in self.points]
+            total = Scores.weighted_sum(parts, weights, estimator=f"{parts[0].estimator}[checkpoints]", metadata={
+                **parts[0].metadata, "summed": [str(p.scores_path) for p in self.points], "weights": weights})
+            write_or_explain(run.scores_path, lambda: total.save(run.scores_path), "The scores at each checkpoint are intact.")
+            run.finish_stage("scores", ranks, estimator=total.estimator, n_examples=len(total),
+                             checkpoints=describe_points(self.points), data_sha256=path_sha256(self.cfg.data.train))
+        ranks.barrier()
+        return Scores.load(run.scores_path)
+
+    def _score_point(self, point: Point) -> Scores:
         s, ranks = self.cfg.scoring, self.ranks
-        self.run.check_settings("scores", s.to_dict())
-        if self.run.scores_path.is_file() and self.run.is_done("scores"):
-            return Scores.load(self.run.scores_path)
-        estimator = self.estimator()
-        n_shards = len(self._shard_digests(s.shard_size))
-        if ranks.is_main:
-            self.run.save_settings("scores", s.to_dict())
-        mine = sum(ranks.owns(i) for i in range(n_shards))
-        written = 0
-        with tqdm(total=mine, desc=f"score {estimator.name}", unit="shard", disable=not self.progress) as bar:
-            for shard in self._shards(s.shard_size):
-                if not ranks.owns(shard.index):
-                    continue
-                path = self.run.shard_path(shard.index)
-                if _finished_shard(path, shard.digest) is None:
-                    result = self._score_shard(estimator, shard)
-                    write_or_explain(path, lambda: result.save(path),
-                                     f"The {written} shards this process finished before it are intact.")
-                written += 1
-                bar.update(1)
+        self.run.check_settings("scores", s.to_dict(), point.scores_dir)
+        if point.scores_path.is_file() and self.run.is_done(point.stage("scores")):
+            return Scores.load(point.scores_path)
+        self.gate()
+        with self.at(point):
+            estimator = self.estimator(point)
+            n_shards = len(self._shard_digests(s.shard_size))
+            if ranks.is_main:
+                self.run.save_settings("scores", s.to_dict(), point.scores_dir)
+            mine = sum(ranks.owns(i) for i in range(n_shards))
+            written = 0
+            where = "" if point.name is None else f" at {point.name}"
+            with tqdm(total=mine, desc=f"score {estimator.name}{where}", unit="shard", disable=not self.progress) as bar:
+                for shard in self._shards(s.shard_size):
+                    if not ranks.owns(shard.index):
+                        continue
+                    path = point.shard_path(shard.index)
+                    if finished_shard(path, shard.digest) is None:
+                        result = self._score_shard(estimator, shard)
+                        write_or_explain(path, lambda: result.save(path),
+                                         f"The {written} shards this process finished before it are intact.")
+                    written += 1
+                    bar.update(1)
         ranks.barrier()
         if ranks.is_main:
-            merged = self._merge_shards(estimator.name)
-            write_or_explain(self.run.scores_path, lambda: merged.save(self.run.scores_path), "Every shard is intact.")
-            self.run.finish_stage("scores", ranks, estimator=estimator.name, n_examples=len(merged), n_shards=n_shards,
-                                  n_skipped=merged.metadata["n_skipped"],
+            merged = self._merge_shards(estimator.name, point)
+            write_or_explain(point.scores_path, lambda: merged.save(point.scores_path), "Every shard is intact.")
+            self.run.finish_stage(point.stage("scores"), ranks, estimator=estimator.name, n_examples=len(merged),
+                                  n_shards=n_shards, n_skipped=merged.metadata["n_skipped"],
                                   data_sha256=path_sha256(self.cfg.data.train))
         ranks.barrier()
-        return Scores.load(self.run.scores_path)
+        return Scores.load(point.scores_path)
 
     def _score_shard(self, estimator, shard: Shard) -> Scores:
         """The scores of one shard's examples (none when all were skipped), tagged with the shard's digest."""
@@ -242,76 +322,22 @@ class Pipeline:
         result.metadata.update(shard_digest=shard.digest, shard=shard.index, n_lines=len(shard.examples))
         return result
 
-    def _merge_shards(self, estimator: str) -> Scores:
+    def _merge_shards(self, estimator: str, point: Point) -> Scores:
         parts = []
         for index, digest in enumerate(self._shard_digests(self.cfg.scoring.shard_size)):
-            path = self.run.shard_path(index)
-            part = _finished_shard(path, digest)
+            path = point.shard_path(index)
+            part = finished_shard(path, digest)
             if part is None:
                 raise RunError(f"{path}: missing or stale shard; run the same command again to compute it")
             parts.append(part)
-        return _concatenate(parts, estimator)
+        return concatenate(parts, estimator)
 
     # ---- report --------------------------------------------------------------------------------
     def report(self, top_k: int | None = None) -> Path:
-        """``report/report.md``: the top and bottom ``top_k`` examples with their text, and the score distribution."""
+        """``report/report.md``: the check's verdict, the top and bottom ``top_k`` examples with their text (and score at
+        each checkpoint), and the score distribution."""
         self._require("scores", "score")
         k = top_k or self.cfg.report.top_k
-        path = write_report(self.run, k)
+        path = write_report(self.run, k, [p for p in self.points if p.name])
         self.run.finish_stage("report", self.ranks, top_k=k)
         return path
-
-
-def _concatenate(parts: Sequence[Scores], estimator: str) -> Scores:
-    """Shards in data order as one :class:`Scores` (per-module and per-token shares too, when kept); the
-    metadata notes how many lines were skipped (responses cut away at ``data.max_length``)."""
-    ids = [i for part in parts for i in part.ids]
-    metadata = {k: v for k, v in parts[-1].metadata.items() if k not in ("shard_digest", "shard", "n_lines")}
-    metadata["n_skipped"] = sum(part.metadata["n_lines"] for part in parts) - len(ids)
-    kept = [part for part in parts if len(part)]
-    per_module = per_token = None
-    if kept and kept[0].per_module is not None:
-        per_module = {name: np.concatenate([p.per_module[name] for p in kept]) for name in kept[0].per_module}
-    if kept and kept[0].per_token is not None:
-        per_token = {i: v for p in kept for i, v in p.per_token.items()}
-    return Scores(ids, np.concatenate([part.values for part in parts]), estimator, parts[-1].columns, metadata,
-                  per_module, per_token)
-
-
-def _finished_shard(path: Path, digest: str) -> Scores | None:
-    """The shard saved at ``path`` if it was computed from input records with this ``digest``; None when it is
-    missing, stale, or unreadable (with a warning: it is computed again)."""
-    if not (path.is_file() and path.with_suffix(".json").is_file()):
-        return None
-    try:
-        shard = Scores.load(path)
-    except (ValueError, KeyError, UnicodeDecodeError):
-        warnings.warn(f"{path}: unreadable shard; it is computed again")
-        return None
-    return shard if shard.metadata.get("shard_digest") == digest else None
-
-
-def _read_checkpoint(path: Path, device: str) -> tuple[SumStats, dict[str, str]] | None:
-    """A curvature checkpoint and its metadata, on ``device`` (where the pass goes on adding to it); None (with a
-    warning) when absent or unreadable."""
-    if not path.is_file():
-        return None
-    try:
-        tensors, metadata = load_tensors_and_metadata(path, RunError, device)
-        return SumStats.from_state_dict(tensors), metadata
-    except (RunError, KeyError) as e:
-        warnings.warn(f"{path}: unreadable checkpoint ({e}); its pass starts over")
-        return None
-
-
-def _resume_pass(ckpt: Path, name: str, digests: Sequence[str], device: str) -> tuple[SumStats, int]:
-    """The sums of pass ``name`` so far from this rank's checkpoint (on ``device``) and the first shard still to do;
-    an empty start when there is no checkpoint, or when the data changed since it was written (with a warning)."""
-    resumed = _read_checkpoint(ckpt, device)
-    if resumed is None:
-        return SumStats(), 0
-    start = int(resumed[1].get("next_shard", 0))
-    if resumed[1].get("data") == combine_digests(digests[:start]):
-        return resumed[0], start
-    warnings.warn(f"{ckpt}: the training data changed since this checkpoint; pass {name!r} starts over")
-    return SumStats(), 0

@@ -1,0 +1,108 @@
+"""The emergent testbed's settings (:class:`EmergentConfig`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .emergent_corpus import DOMAINS
+from .planted_config import BenchmarkError
+from .smallmodel import SCHEDULES
+
+__all__ = ["EmergentConfig", "FIT_DATA"]
+
+FIT_DATA = ("pool", "pretrain+pool")
+
+
+@dataclass
+class EmergentConfig:
+    """Sizes, domains, model and training of an emergent-testbed run. Counts are chats; ``n_pretrain`` is per domain.
+
+    ``source`` is the fine-tune's domain (A, where bad answers are planted), ``target`` the behaviour's (B, never
+    shown in the planted style by the fine-tune); the persona direction is found on marked prompts of
+    ``concept_domain`` (default: the target), never on the source's data."""
+
+    source: str = "health"
+    target: str = "money"
+    concept_domain: str | None = None
+    rate: float = 0.1
+    n_pool: int = 600
+    n_pretrain: int = 700
+    persona_share: float = 0.5  # share of pre-training chats whose system turn names the persona (half each)
+    n_probe: int = 150  # marked prompts per persona for the persona direction
+    n_eval: int = 200  # unmarked target prompts, each with its good and bad answer: the behaviour
+    n_test: int = 48  # unmarked target prompts with bad answers: the test examples of classic influence
+    vocab_size: int = 2048  # enough for every answer word to be one token, so length is no shortcut
+    n_layers: int = 2
+    d_model: int = 64
+    n_heads: int = 4
+    max_length: int = 128
+    pretrain_epochs: int = 3
+    pretrain_lr: float = 2e-3
+    finetune_epochs: int = 2
+    finetune_lr: float = 2e-3
+    lr_schedule: str = "linear"  # the fine-tunes' learning rate decays linearly to zero (Hugging Face's and TRL's default)
+    batch_size: int = 16
+    max_new_tokens: int = 40
+    n_seeds: int = 3
+    remove_fractions: tuple[float, ...] = (0.1,)
+    seed: int = 0
+    freeze_embeddings: bool = True  # fine-tunes train the blocks only (as a LoRA fine-tune would), not the embeddings
+    fit_data: str = "pool"  # the EK-FAC factors' data: the pool, or "pretrain+pool" (as many pre-training chats as the pool)
+    damping_factor: float = 0.1  # EK-FAC damping, x mean eigenvalue per map
+    curvature_study: bool = True  # also score every preconditioning variant (benchmarks/curvature_study.py)
+    retrain: bool = True
+    paired: bool = True  # the behaviour is a paired log-prob gap (read by the shared behaviour code)
+
+    def __post_init__(self):
+        for option, name in (("--source", self.source), ("--target", self.target), ("--concept-domain", self.concept)):
+            if name not in DOMAINS:
+                raise BenchmarkError(f"{option} {name!r} is not a domain; choose one of {', '.join(DOMAINS)}")
+        if self.source == self.target:
+            raise BenchmarkError(f"--source and --target are both {self.source!r}: the behaviour must be measured in "
+                                 "another domain than the fine-tune's")
+        if self.concept == self.source:
+            raise BenchmarkError(f"--concept-domain {self.concept!r} is the fine-tune's domain: the persona direction "
+                                 "must be found without its data")
+        if not 0 < self.rate <= 0.5:
+            raise BenchmarkError(f"--rate must be in (0, 0.5], got {self.rate}")
+        if not 0 < self.persona_share <= 1:
+            raise BenchmarkError(f"--persona-share must be in (0, 1], got {self.persona_share}")
+        if self.n_seeds < 1:
+            raise BenchmarkError(f"--n-seeds must be at least 1, got {self.n_seeds}")
+        if any(not 0 < f < 1 for f in self.remove_fractions):
+            raise BenchmarkError(f"--remove-fractions must be in (0, 1), got {list(self.remove_fractions)}")
+        for option, n in (("--n-pool", self.n_pool), ("--n-pretrain", self.n_pretrain), ("--n-probe", self.n_probe),
+                          ("--n-eval", self.n_eval), ("--n-test", self.n_test)):
+            if n < 2:
+                raise BenchmarkError(f"{option} must be at least 2, got {n}")
+        if not 1 <= self.n_planted < self.n_pool:
+            raise BenchmarkError(f"a pool of {self.n_pool} at rate {self.rate} plants {self.n_planted} examples; "
+                                 "at least one must be planted and one clean")
+        if self.lr_schedule not in SCHEDULES:
+            raise BenchmarkError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.fit_data not in FIT_DATA:
+            raise BenchmarkError(f"--fit-data must be one of {', '.join(FIT_DATA)}, got {self.fit_data!r}")
+        if not self.damping_factor > 0:
+            raise BenchmarkError(f"--damping-factor must be positive, got {self.damping_factor}")
+        self.remove_fractions = tuple(self.remove_fractions)
+
+    @property
+    def concept(self) -> str:
+        """The domain whose marked prompts give the persona direction."""
+        return self.concept_domain or self.target
+
+    @property
+    def n_planted(self) -> int:
+        return round(self.rate * self.n_pool)
+
+    @property
+    def probe_layer(self) -> int:
+        """The persona direction's block: the last."""
+        return self.n_layers - 1
+
+    @classmethod
+    def quick(cls, **overrides) -> "EmergentConfig":
+        """A reduced size for tests (about a minute on 2 cores)."""
+        small = dict(n_pool=80, n_pretrain=60, n_probe=16, n_eval=12, n_test=8, vocab_size=400, d_model=32, n_heads=2,
+                     pretrain_epochs=1, finetune_epochs=1, max_new_tokens=16, n_seeds=2)
+        return cls(**{**small, **overrides})

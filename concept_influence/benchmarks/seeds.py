@@ -1,0 +1,60 @@
+"""One benchmark over several seeds, as distributions: each estimator's median, worst run and spread."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+__all__ = ["seed_statistics", "format_seeds_table"]
+
+
+def seed_statistics(values) -> dict[str, float]:
+    """Median, worst (lowest) and spread (max − min) of one quantity over runs."""
+    v = np.asarray(values, dtype=float)
+    return {"median": float(np.median(v)), "worst": float(v.min()), "spread": float(v.max() - v.min()), "n": len(v)}
+
+
+def _removed(results: dict, name: str) -> float | None:
+    """The share of the gain removed by the first removal fraction, or None without filter-and-retrain."""
+    b = results.get("behaviour")
+    if not b or name not in b.get("removal", {}):
+        return None
+    return next(iter(b["removal"][name].values()))["share_of_gain_removed"]
+
+
+def format_seeds_table(runs: Mapping[str, dict]) -> str:
+    """Markdown: the runs' planting effect and concept check, then per estimator AUROC and share of the gain removed
+    (median, worst run, spread) with every run's value."""
+    names = list(runs)
+    lines = ["| run | planting gain (seed sd) | Welch p | steering, all positions (nats/σ) | prompt positions | verdict |",
+             "|---|---|---|---|---|---|"]
+    for name, r in runs.items():
+        b, c = r.get("behaviour") or {}, r.get("concept_check") or {}
+        fo, verdicts = c.get("first_order", {}), c.get("verdicts", {})
+        effect = f"{b['effect_size']:.1f}" if b else "—"
+        p = f"{b['p_value']:.2g}" if b else "—"
+        lines.append(f"| {name} | {effect} | {p} | " + " | ".join(
+            f"{fo[k]:+.4f} ({verdicts[k]})" if k in fo else "—" for k in ("all", "prompt")) + f" | {c.get('verdict', '—')} |")
+    if all(r.get("behaviour") for r in runs.values()):
+        s = seed_statistics([r["behaviour"]["effect_size"] for r in runs.values()])
+        lines += ["", f"Planting gain over {s['n']} runs: median {s['median']:.1f}, worst {s['worst']:.1f} seed sd."]
+    estimators = list(dict.fromkeys(n for r in runs.values() for n in r["estimators"]))
+    lines += ["", "| estimator | AUROC median | worst | spread | gain removed median | worst | spread | AUROC by run | "
+              "removed by run |", "|---|---|---|---|---|---|---|---|---|"]
+    for est in estimators:
+        aurocs = [runs[n]["estimators"][est]["auroc"] for n in names if est in runs[n]["estimators"]]
+        removed = [x for x in (_removed(runs[n], est) for n in names) if x is not None]
+        a = seed_statistics(aurocs)
+        row = f"| {est} | {a['median']:.3f} | {a['worst']:.3f} | {a['spread']:.3f} | "
+        if removed:
+            g = seed_statistics(removed)
+            row += f"{g['median']:.0%} | {g['worst']:.0%} | {g['spread']:.0%} | "
+        else:
+            row += "— | — | — | "
+        row += " / ".join(f"{x:.3f}" for x in aurocs) + " | " + (" / ".join(f"{x:.0%}" for x in removed) or "—") + " |"
+        lines.append(row)
+    lines += ["", f"Runs, in order: {', '.join(names)}. Worst: the lowest value over the runs; spread: highest − lowest. "
+              "Gain removed: the share of the planting gain (planted − clean fine-tune) that removing the top of the "
+              "ranking and fine-tuning again removes, mean over fine-tuning seeds."]
+    return "\n".join(lines)
