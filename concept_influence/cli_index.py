@@ -31,13 +31,10 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tokenized(path: str, adapter, max_length: int, limit: int | None, what: str) -> list:
-    from .data import DataError, load_chats, tokenize_examples
+def _tokenized(path: str, adapter, max_length: int, limit: int | None) -> list:
+    from .cli_common import read_examples
 
-    examples = tokenize_examples(load_chats(path, limit), adapter.tokenizer, max_length, skip_truncated=True)
-    if not examples:
-        raise DataError(f"{path}: no {what} example fits in {max_length} tokens")
-    return examples
+    return read_examples([path], adapter, max_length)[:limit]
 
 
 def _estimator(args: argparse.Namespace, index, adapter, run):
@@ -50,19 +47,19 @@ def _estimator(args: argparse.Namespace, index, adapter, run):
 
     cfg, identity = run.config, args.curvature == "identity"
     if args.test:
-        test = _tokenized(args.test, adapter, cfg.data.max_length, args.max_examples, "test")
+        test = _tokenized(args.test, adapter, cfg.data.max_length, args.max_examples)
         loss_tokens = index.settings.loss_tokens
         return GradDot(test, loss_tokens=loss_tokens) if identity else InfluenceFunction(test, loss_tokens=loss_tokens)
     evals = _tokenized(args.eval or cfg.concept_eval, adapter, cfg.data.max_length,
-                       args.max_examples or cfg.concept.max_examples, "evaluation")
+                       args.max_examples or cfg.concept.max_examples)
     reduction = args.reduction or cfg.concept.reduction
     if args.sae:
         from probes import load_sae
 
-        from .cli_sae import _latent_list
+        from .cli_common import latent_list
         from .sae_concepts import latent_concept
 
-        latents = _latent_list(args.latents)
+        latents = latent_list(args.latents)
         if not latents:
             from probes.sae import SAEError
 
