@@ -10,7 +10,7 @@ from .cli_concept import _add_table_command, _named_json, _write_table
 __all__ = ["add_emergent_commands"]
 
 SIZES = ("n_pool", "n_pretrain", "n_probe", "n_eval", "n_test", "n_seeds", "n_layers", "d_model", "pretrain_epochs",
-         "finetune_epochs", "persona_share", "concept_domain", "fit_data", "damping_factor", "finetune_lr", "lr_schedule")
+         "finetune_epochs", "persona_share", "concept_domain", "finetune_lr", "lr_schedule")
 
 
 def _emergent(args: argparse.Namespace) -> int:
@@ -81,18 +81,16 @@ def add_emergent_commands(bench) -> None:
                              ("--n-probe", int, "marked prompts per persona for the direction (default 150)"),
                              ("--n-eval", int, "unmarked target prompts for the behaviour (default 200)"),
                              ("--n-test", int, "test examples of classic influence (default 48)"),
-                             ("--n-seeds", int, "fine-tuning seeds per behaviour measurement (default 3)"),
+                             ("--n-seeds", int, "fine-tuning seeds per behaviour measurement (default 5)"),
                              ("--n-layers", int, "blocks of the small model (default 2)"),
                              ("--d-model", int, "width of the small model (default 64)"),
                              ("--pretrain-epochs", int, "pre-training epochs (default 3)"),
                              ("--finetune-epochs", int, "fine-tuning epochs (default 2)"),
                              ("--persona-share", float, "share of pre-training chats naming the persona (default 0.5)"),
-                             ("--finetune-lr", float, "fine-tuning learning rate (default 2e-3)"),
-                             ("--damping-factor", float, "EK-FAC damping x mean eigenvalue (default 0.1)")):
+                             ("--finetune-lr", float, "fine-tuning learning rate (default 2e-3)")):
         p.add_argument(flag, type=kind, help=text)
     p.add_argument("--lr-schedule", choices=("constant", "linear"),
                    help="the fine-tunes' learning rate: linear decay to zero (default) or constant")
-    p.add_argument("--fit-data", choices=("pool", "pretrain+pool"), help="the EK-FAC factors' data (default pool)")
     p.add_argument("--train-embeddings", action="store_true",
                    help="fine-tunes also train the embeddings (default: the blocks only, as a LoRA fine-tune)")
     p.add_argument("--no-retrain", action="store_true", help="retrieval only: no behaviour or filter-and-retrain")

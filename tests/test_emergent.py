@@ -16,7 +16,8 @@ from concept_influence.benchmarks.emergent_splits import build_emergent_data
 from concept_influence.benchmarks.planted_config import BenchmarkError
 from concept_influence.cli import main
 
-ESTIMATORS = {"concept_influence", "concept_influence[checkpoints]", "concept_grad_dot", "concept_grad_dot[checkpoints]",
+ESTIMATORS = {"concept_influence", "concept_influence[checkpoints]", "concept_influence[pretrain+pool]",
+              "concept_influence[pretrain+pool][checkpoints]", "concept_grad_dot", "concept_grad_dot[checkpoints]",
               "influence_function", "grad_dot", "probe_projection", "projection_difference", "tfidf", "length", "random"}
 
 
@@ -109,7 +110,7 @@ def test_splits_pair_plant_and_keep_domains_apart():
     (["--rate", "0"], "--rate must be in (0, 0.5], got 0.0"),
     (["--n-pool", "1"], "--n-pool must be at least 2, got 1"),
     (["--persona-share", "1.5"], "--persona-share must be in (0, 1], got 1.5"),
-    (["--damping-factor", "0"], "--damping-factor must be positive, got 0.0"),
+    (["--lr-schedule", "cosine"], "argument --lr-schedule: invalid choice: 'cosine'"),
     (["--remove-fractions", "0.1,all"], "--remove-fractions must be numbers separated by commas, got '0.1,all'"),
     (["--rate", "0.001"], "plants 1 examples"),
 ])
@@ -131,8 +132,8 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
 def test_bad_config_in_python():
     with pytest.raises(BenchmarkError, match="'cooking' is not a domain; choose one of home, health, money, code"):
         EmergentConfig(target="cooking")
-    with pytest.raises(BenchmarkError, match="--fit-data must be one of pool, pretrain\\+pool"):
-        EmergentConfig(fit_data="everything")
+    with pytest.raises(BenchmarkError, match="--lr-schedule must be one of constant, linear"):
+        EmergentConfig(lr_schedule="cosine")
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +151,7 @@ def test_emergent_runs_end_to_end(emergent_run):
         assert 0 <= m["auroc"] <= 1 and m["k"] == 8 and -1 <= m["lexical_overlap"] <= 1, name
         assert (out / "scores" / f"{name}.safetensors").is_file()
     assert saved["estimators"]["tfidf"]["lexical_overlap"] > 0.5  # it ranks by word overlap with the persona's answers
-    assert saved["persona"]["roc_auc"] > 0.9  # the system turn names the persona: the direction separates them
+    assert 0 <= saved["persona"]["roc_auc"] <= 1 and saved["persona"]["domain"] == "health"
     check = saved["concept_check"]
     assert check["hook_name"] == "blocks.1.hook_resid_post" and set(check["verdicts"]) == {"all", "prompt"}
     b = saved["behaviour"]
@@ -161,7 +162,7 @@ def test_emergent_runs_end_to_end(emergent_run):
     study = saved["curvature_study"]["variants"]
     # 2 queries x (identity + 2 factor sets x 4 dampings) x 2 checkpoints (final, sum)
     assert len(study) == 2 * 9 * 2 and all(0 <= v["auroc"] <= 1 for v in study)
-    assert saved["config"]["freeze_embeddings"] and saved["splits"]["factor_fit"] == 80
+    assert saved["config"]["freeze_embeddings"] and saved["splits"]["factor_fit"] == {"pool": 80, "pretrain+pool": 160}
     for plot in saved["plots"].values():
         assert (out / plot).stat().st_size > 1000
     report = (out / "results.md").read_text()

@@ -14,7 +14,8 @@ from concept_influence.cli import main
 from concept_influence.data import ChatExample, DataError, load_chat_jsonl, write_chat_jsonl
 from concept_influence.demo import run_demo
 
-ESTIMATORS = {"concept_influence", "concept_influence[response_mean]", "concept_grad_dot", "concept_influence[checkpoints]",
+ESTIMATORS = {"concept_influence", "concept_influence[response_mean]", "concept_influence[pretrain+pool]",
+              "concept_influence[pretrain+pool][checkpoints]", "concept_grad_dot", "concept_influence[checkpoints]",
               "concept_grad_dot[checkpoints]", "influence_function",
               "grad_dot", "probe_projection", "projection_difference", "tfidf", "length", "random"}
 EM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "em"

@@ -37,7 +37,6 @@ from ..estimators import (
     GradDot,
     InfluenceFunction,
     LengthBaseline,
-    OverCheckpoints,
     ProbeProjection,
     ProjectionDifference,
     RandomBaseline,
@@ -51,6 +50,7 @@ from .emergent_config import EmergentConfig
 from .emergent_report import lexical_overlap, report_plots, write_results
 from .emergent_splits import build_emergent_data
 from .planted_behaviour import behaviour_section, mean_answer_loss
+from .planted_concept import broad_factor_estimators, checkpoint_estimators
 from .planted_training import Finetuner
 from .smallmodel import build_small_model, seed_everything, train_bpe_tokenizer, train_model
 
@@ -97,7 +97,9 @@ def run_emergent(out: str | Path, config: EmergentConfig | None = None, *, progr
     direction = probe.direction
     direction.metadata["name"] = "persona"
     direction.save(out / "persona.safetensors")
-    print(f"persona direction at {hook} (last prompt token, {cfg.concept}): held-out AUROC {probe.metrics['roc_auc']:.3f}")
+    persona_gap = float((acts[0].values.mean(0) - acts[1].values.mean(0)) @ direction.unit.float())
+    print(f"persona direction at {hook} (last prompt token, {cfg.concept}): held-out AUROC {probe.metrics['roc_auc']:.3f}, "
+          f"gap between the personas {persona_gap:.3f}")
     concept = ConceptFunction.from_directions(direction, eval_examples=tk["eval_good"], reduction="last_prompt")
     check = check_concept(adapter, direction, tk["eval_bad"], tk["eval_good"], batch_size=cfg.batch_size)
     check.plot(out / "concept_check.png")
@@ -106,14 +108,11 @@ def run_emergent(out: str | Path, config: EmergentConfig | None = None, *, progr
     def gap(good, bad) -> float:
         return float(np.mean(mean_answer_loss(adapter, good, cfg.batch_size) - mean_answer_loss(adapter, bad, cfg.batch_size)))
 
-    fit = CurvatureSettings(batch_size=cfg.batch_size, seed=cfg.seed, damping_factor=cfg.damping_factor)
-    fit_examples = _fit_examples(cfg, tk["pretrain"], pool)
-    checkpoints = [tuner.pretrained, None]
+    fit = CurvatureSettings(batch_size=cfg.batch_size, seed=cfg.seed)
     estimators = [
-        ConceptInfluence(concept, "ekfac", fit_examples=fit_examples, fit=fit),
-        OverCheckpoints(lambda: ConceptInfluence(concept, "ekfac", fit_examples=fit_examples, fit=fit), checkpoints),
-        ConceptGradDot(concept), OverCheckpoints(lambda: ConceptGradDot(concept), checkpoints),
-        InfluenceFunction(tk["test"], "ekfac", fit_examples=fit_examples, fit=fit), GradDot(tk["test"]),
+        ConceptInfluence(concept, fit=fit), *broad_factor_estimators(concept, tuner.pretrained, tk["pretrain"], pool, cfg),
+        ConceptGradDot(concept), *checkpoint_estimators(concept, tuner.pretrained, pool, cfg),
+        InfluenceFunction(tk["test"], fit=fit), GradDot(tk["test"]),
         ProbeProjection(concept), ProjectionDifference(concept, cfg.max_new_tokens, seed=cfg.seed, min_new_tokens=1),
         TfidfBaseline(response_texts(adapter, tk["probe_bad"])), LengthBaseline(), RandomBaseline(cfg.seed),
     ]
@@ -121,8 +120,8 @@ def run_emergent(out: str | Path, config: EmergentConfig | None = None, *, progr
         "command": command, "machine": machine_description(), "config": asdict(cfg),
         "splits": {"pretrain": len(tk["pretrain"]), "pool": len(pool), "planted": int(sum(labels)),
                    "probe": len(tk["probe_bad"]), "eval": len(tk["eval_good"]), "test": len(tk["test"]),
-                   "factor_fit": len(fit_examples)},
-        "persona": {"hook_name": hook, "domain": cfg.concept, **probe.metrics},
+                   "factor_fit": {"pool": len(pool), "pretrain+pool": len(pool) + min(len(pool), len(tk["pretrain"]))}},
+        "persona": {"hook_name": hook, "domain": cfg.concept, "gap": persona_gap, **probe.metrics},
         "query": "last_prompt", "concept_check": {**check.to_dict(), "explanation": check.explanation(), "held_out": True},
         "finetune_seconds": finetune_seconds, "estimators": {},
     }
@@ -140,7 +139,7 @@ def run_emergent(out: str | Path, config: EmergentConfig | None = None, *, progr
     for name, rho in overlap.items():
         results["estimators"][name]["lexical_overlap"] = rho
     if cfg.curvature_study:
-        fit_sets = {"pool": pool, "pretrain+pool": _fit_examples(cfg, tk["pretrain"], pool, "pretrain+pool")}
+        fit_sets = {"pool": pool, "pretrain+pool": tk["pretrain"][: len(pool)] + pool}
         results["curvature_study"], _ = run_curvature_study(
             adapter, direction, tk["eval_good"], pool, labels, fit_sets, tuner.pretrained,
             queries=("last_prompt", "prompt_mean"), batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
@@ -156,9 +155,3 @@ def run_emergent(out: str | Path, config: EmergentConfig | None = None, *, progr
     print(f"\nresults: {out / 'results.md'} ({results['total_seconds']:.0f} s in all)")
     return results
 
-
-def _fit_examples(cfg: EmergentConfig, pretrain: list, pool: list, fit_data: str | None = None) -> list:
-    """The examples the EK-FAC factors are fitted on: the pool, or as many pre-training chats as the pool holds
-    (the first ones: pre-training is shuffled) together with the pool."""
-    fit_data = fit_data or cfg.fit_data
-    return list(pool) if fit_data == "pool" else list(pretrain[: len(pool)]) + list(pool)

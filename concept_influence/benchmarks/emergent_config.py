@@ -8,9 +8,7 @@ from .emergent_corpus import DOMAINS
 from .planted_config import BenchmarkError
 from .smallmodel import SCHEDULES
 
-__all__ = ["EmergentConfig", "FIT_DATA"]
-
-FIT_DATA = ("pool", "pretrain+pool")
+__all__ = ["EmergentConfig"]
 
 
 @dataclass
@@ -43,12 +41,11 @@ class EmergentConfig:
     lr_schedule: str = "linear"  # the fine-tunes' learning rate decays linearly to zero (Hugging Face's and TRL's default)
     batch_size: int = 16
     max_new_tokens: int = 40
-    n_seeds: int = 3
+    n_seeds: int = 5
     remove_fractions: tuple[float, ...] = (0.1,)
     seed: int = 0
     freeze_embeddings: bool = True  # fine-tunes train the blocks only (as a LoRA fine-tune would), not the embeddings
-    fit_data: str = "pool"  # the EK-FAC factors' data: the pool, or "pretrain+pool" (as many pre-training chats as the pool)
-    damping_factor: float = 0.1  # EK-FAC damping, x mean eigenvalue per map
+    over_checkpoints: bool = True  # also the concept estimators summed over the pre-trained and the fine-tuned model
     curvature_study: bool = True  # also score every preconditioning variant (benchmarks/curvature_study.py)
     retrain: bool = True
     paired: bool = True  # the behaviour is a paired log-prob gap (read by the shared behaviour code)
@@ -80,10 +77,6 @@ class EmergentConfig:
                                  "at least one must be planted and one clean")
         if self.lr_schedule not in SCHEDULES:
             raise BenchmarkError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
-        if self.fit_data not in FIT_DATA:
-            raise BenchmarkError(f"--fit-data must be one of {', '.join(FIT_DATA)}, got {self.fit_data!r}")
-        if not self.damping_factor > 0:
-            raise BenchmarkError(f"--damping-factor must be positive, got {self.damping_factor}")
         self.remove_fractions = tuple(self.remove_fractions)
 
     @property

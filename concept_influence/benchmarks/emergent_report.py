@@ -50,6 +50,18 @@ def _gain_lines(name: str, effect: dict) -> list[str]:
             f"{effect['effect_size']:.1f} × the seeds' sd (one-sided Welch p = {effect['p_value']:.2g})"]
 
 
+def _persona_scale(results: dict) -> list[str]:
+    """The steering check in the persona's own units: its σ is the spread of the projection over answer tokens, while
+    the persona moves the last prompt token by the gap between marked prompts (several σ)."""
+    check, gap = results["concept_check"], results["persona"]["gap"]
+    ratio = gap / check["projection_sd"]
+    line = (f"Scale: the gap between the two personas at the last prompt token is {gap:.3f} = {ratio:.1f} × the check's σ "
+            f"(the projection's spread over answer tokens); steering the prompt positions by that gap moves the behaviour "
+            f"by about {ratio * check['first_order']['prompt']:+.3f} nats per token to first order")
+    b = results.get("behaviour")
+    return [line + (f", against an emergent gain of {b['gain']:+.3f}." if b else "."), ""]
+
+
 def format_report(results: dict) -> str:
     """``results.md``: the domains, whether planting raised the behaviour where the data never shows it, the concept
     check, retrieval with each ranking's lexical overlap, filter-and-retrain, the curvature study."""
@@ -66,8 +78,10 @@ def format_report(results: dict) -> str:
               f"{cfg['pretrain_epochs']} epochs, fine-tune {cfg['finetune_epochs']} epochs"
               f"{' (embeddings frozen)' if cfg['freeze_embeddings'] else ''}. Persona direction (difference of means "
               f"at the last prompt token) at `{results['persona']['hook_name']}`: held-out AUROC "
-              f"{results['persona']['roc_auc']:.3f}. EK-FAC factors fitted on {cfg['fit_data']} "
-              f"({sp['factor_fit']} chats), damping {cfg['damping_factor']:g} × mean eigenvalue.", ""]
+              f"{results['persona']['roc_auc']:.3f}. EK-FAC factors (damping 0.1 × "
+              f"mean eigenvalue) fitted on the pool ({sp['factor_fit']['pool']} chats), or for "
+              f"`concept_influence[pretrain+pool]` on pre-training chats and the pool ({sp['factor_fit']['pretrain+pool']}).",
+              ""]
     b = results.get("behaviour")
     if b:
         emergent = {k: b[k] for k in ("clean", "planted", "gain", "effect_size", "p_value")}
@@ -78,7 +92,7 @@ def format_report(results: dict) -> str:
         lines += ["", "**Planting raised the behaviour in the target domain.**" if b["raised"] else
                   "**Planting did NOT raise the behaviour in the target domain**, so the removal numbers below do not "
                   "show causation.", ""]
-    lines += concept_lines(results, "the last prompt token of unmarked target prompts")
+    lines += concept_lines(results, "the last prompt token of unmarked target prompts") + _persona_scale(results)
     head, sep = "| estimator | AUROC | AUPRC | P@k | lexical overlap ρ | s/1k ex |", "|---|---|---|---|---|---|"
     fractions = [str(f) for f in cfg["remove_fractions"]] if b else []
     for f in fractions:

@@ -53,7 +53,7 @@ from ..generation import sample_responses
 from ..provenance import machine_description
 from .curvature_study import run_curvature_study
 from .planted_behaviour import behaviour_section, concept_lds, mean_answer_loss
-from .planted_concept import checkpoint_estimators, compared_queries, concept_check_section
+from .planted_concept import broad_factor_estimators, checkpoint_estimators, compared_queries, concept_check_section
 from .planted_config import BenchmarkError, PlantedConfig
 from .planted_report import command_line, format_report, format_retrieval, report_plots, write_results
 from .planted_splits import PlantedSplits, split_planted
@@ -152,6 +152,7 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
     test = (tk["eval_planted"] if splits.eval_planted is not None else tk["pos"])[: cfg.n_test]
     estimators = [
         ConceptInfluence(concept, curvature), *compared_queries(probe.direction, own, curvature, cfg),
+        *broad_factor_estimators(concept, tuner.pretrained, tk["pretrain"], pool_tk, cfg),
         ConceptGradDot(concept), *checkpoint_estimators(concept, tuner.pretrained, pool_tk, cfg),
         InfluenceFunction(test, curvature),
         GradDot(test), ProbeProjection(concept),

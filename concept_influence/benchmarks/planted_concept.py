@@ -14,7 +14,10 @@ from ..estimators import ConceptGradDot, ConceptInfluence, OverCheckpoints
 from ..models import ModelAdapter
 from .planted_config import PlantedConfig
 
-__all__ = ["concept_check_section", "compared_queries", "checkpoint_estimators"]
+__all__ = ["concept_check_section", "compared_queries", "checkpoint_estimators", "broad_factor_estimators", "BROAD_FACTORS"]
+
+#: the name of Concept Influence with EK-FAC fitted on pre-training chats and the pool
+BROAD_FACTORS = "concept_influence[pretrain+pool]"
 
 
 def concept_check_section(adapter: ModelAdapter, direction: ConceptDirection, tk: dict[str, list[TokenizedExample]],
@@ -55,3 +58,22 @@ def checkpoint_estimators(concept: ConceptFunction, pretrained: dict, pool: list
     fit = CurvatureSettings(batch_size=cfg.batch_size, seed=cfg.seed)
     return [OverCheckpoints(lambda: ConceptInfluence(concept, "ekfac", fit_examples=pool, fit=fit), [pretrained, None]),
             OverCheckpoints(lambda: ConceptGradDot(concept), [pretrained, None])]
+
+
+def broad_factor_estimators(concept: ConceptFunction, pretrained: dict, pretrain: list[TokenizedExample],
+                            pool: list[TokenizedExample], cfg) -> list:
+    """``concept_influence[pretrain+pool]`` (and its ``[checkpoints]`` sum when ``cfg.over_checkpoints``): EK-FAC
+    fitted on as many pre-training chats as the pool holds together with the pool, the curvature of what the model
+    was trained on rather than of the narrow pool alone, whose largest directions are the planted data's own. None
+    without pre-training chats (a benchmark on the user's model)."""
+    if not pretrain:
+        return []
+    examples = list(pretrain[: len(pool)]) + list(pool)
+    fit = CurvatureSettings(batch_size=cfg.batch_size, seed=cfg.seed)
+
+    def make() -> ConceptInfluence:
+        estimator = ConceptInfluence(concept, "ekfac", fit_examples=examples, fit=fit)
+        estimator.name = BROAD_FACTORS
+        return estimator
+
+    return [make(), *([OverCheckpoints(make, [pretrained, None])] if cfg.over_checkpoints else [])]
