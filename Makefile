@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo demo-quick test lint notebooks bench bench-gpt2 bench-queries bench-causal bench-memory bench-medical bench-medical-sae bench-lora clean
+.PHONY: install demo demo-quick test lint notebooks bench bench-gpt2 bench-queries bench-causal bench-memory bench-medical bench-medical-sae bench-index bench-lora clean
 
 install: $(VENV)/.installed
 
@@ -65,6 +65,11 @@ bench-causal: install
 		medical-0.5-ep6=benchmarks/medical-causal/rate0.5-ep6/results.json \
 		insecure-0.1-s0=benchmarks/queries/insecure-0.1-s0/results.json \
 		--title "Where is the concept causal? The demo and the medical search" --out benchmarks/medical-causal/README.md
+
+# The gradient index against exact scoring and Bergson's index: GPT-2-small shape, query time over 10k and 100k rows,
+# the demo over 3 seeds (benchmarks/index.md)
+bench-index: install
+	OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence bench index --out benchmarks
 
 # Peak RSS of scoring 1k vs 50k examples through run folders (about 10 min on 2 cores).
 bench-memory: install

@@ -1,6 +1,6 @@
 """Command line: ``concept-influence demo``; the run-folder pipeline ``run``, ``probe train``, ``fit-factors``,
 ``score``, ``report``; ``concept check`` and ``filter``; benchmarks ``bench planted``, ``bench medical``,
-``bench speed``, ``bench memory``, ``bench query-table``; ``sae ...`` (cli_sae.py)."""
+``bench speed``, ``bench memory``, ``bench query-table``; ``sae ...`` (cli_sae.py); ``index ...`` (cli_index.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from .cli_bench import add_bench_commands
 from .cli_concept import add_concept_commands, add_query_options, query_overrides, user_errors
 from .cli_emergent import add_emergent_commands
+from .cli_index import add_index_commands, index_errors
 from .cli_sae import add_sae_commands
 
 __all__ = ["main"]
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = add_bench_commands(sub)  # bench planted | medical | speed | memory (concept_influence/cli_bench.py)
     add_concept_commands(sub, bench)  # concept check, filter, bench query-table (concept_influence/cli_concept.py)
     add_emergent_commands(bench)  # bench emergent, seeds-table, curvature-table (concept_influence/cli_emergent.py)
+    add_index_commands(sub, bench)  # index build, index query, bench index (concept_influence/cli_index.py)
     return parser
 
 
@@ -164,7 +166,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .scoring import ScoringError
 
     return (DataError, BenchmarkError, ConfigError, RunError, ModelLoadError, HookError, DirectionError, ConceptError,
-            CurvatureError, ScoringError, *user_errors())
+            CurvatureError, ScoringError, *user_errors(), *index_errors())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,12 @@
-"""What the command-line modules (:mod:`.cli`, :mod:`.cli_concept`, :mod:`.cli_sae`, :mod:`.cli_bench`) share: the
-``--dtype`` option, reading chat files for a model, reading a scores file. Importing it imports no torch."""
+"""What the command-line modules (:mod:`.cli`, :mod:`.cli_concept`, :mod:`.cli_sae`, :mod:`.cli_bench`,
+:mod:`.cli_index`) share: the ``--dtype`` option, reading chat files for a model, reading a scores file, parsing
+``--latents``. Importing it imports no torch."""
 
 from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_dtype_option", "read_examples", "read_scores"]
+__all__ = ["add_dtype_option", "read_examples", "read_scores", "latent_list"]
 
 
 def add_dtype_option(p: argparse.ArgumentParser) -> None:
@@ -35,3 +36,15 @@ def read_scores(path):
         return Scores.load(path)
     except (OSError, ValueError, KeyError) as e:
         raise DataError(f"{path}: cannot read scores ({e})") from None
+
+
+def latent_list(text: str | None) -> list[int] | None:
+    """``--latents I,J,...`` as integers (None when not given); anything else is an ``SAEError`` naming the option."""
+    from probes.sae import SAEError
+
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise SAEError(f"--latents must be integers separated by commas, got {text!r}") from None

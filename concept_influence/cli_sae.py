@@ -12,24 +12,13 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli_common import add_dtype_option, read_examples, read_scores
+from .cli_common import add_dtype_option, latent_list, read_examples, read_scores
 
 __all__ = ["add_sae_commands", "add_sae_benchmark_options", "sae_benchmark_overrides"]
 
 # Spelled out so that building the parser imports no torch (tests check they equal the library's constants).
 ARCHITECTURES = ("topk", "standard")  # probes.sae_training.SAE_ARCHITECTURES
 SORT_KEYS = ("auroc", "diff", "cos_decoder", "cos_encoder")  # probes.sae_latents.SORT_KEYS
-
-
-def _latent_list(text: str | None) -> list[int] | None:
-    from probes.sae import SAEError
-
-    if not text:
-        return None
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise SAEError(f"--latents must be integers separated by commas, got {text!r}") from None
 
 
 def _sae_train(args: argparse.Namespace) -> int:
@@ -70,7 +59,7 @@ def _sae_latents(args: argparse.Namespace) -> int:
     from .sae_concepts import describe_latents, format_top_examples, latent_activations, top_activating_examples
 
     adapter, sae = _load(args)
-    show = _latent_list(args.latents)
+    show = latent_list(args.latents)
     if show:
         check_latents(sae, show)
     probe = ConceptDirection.load(args.probe) if args.probe else None

@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 __all__ = ["plot_score_distribution", "plot_pr_curves", "plot_score_histograms", "plot_fast_vs_full", "plot_behaviour_removal",
-           "plot_latent_influence", "plot_lexical_overlap"]
+           "plot_latent_influence", "plot_lexical_overlap", "plot_concept_map"]
 
 
 def _pyplot():
@@ -163,4 +163,18 @@ def plot_latent_influence(explanation, path: str | Path, n: int = 12) -> Path:
         heat.axhline(b, color="white", lw=1)
     heat.set(ylabel=f"top {e.k} examples, by cluster", title="shared latents of the top-ranked examples")
     heat.set_yticks([])
+    return _save(fig, path)
+
+
+def plot_concept_map(z: np.ndarray, rows: Sequence[str], columns: Sequence[str], path: str | Path,
+                     title: str = "concept × data map") -> Path:
+    """Heatmap of examples (rows) against concepts (columns): each cell the example's score for the concept in standard
+    deviations over all scored examples (diverging colours, clipped at ±5)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(min(16, 2.5 + 0.3 * len(columns)), min(14, 1.5 + 0.25 * len(rows))))
+    image = ax.imshow(np.clip(z, -5, 5), aspect="auto", cmap="RdBu_r", vmin=-5, vmax=5, interpolation="nearest")
+    ax.set_xticks(range(len(columns)), [c[:24] for c in columns], rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), [r[:28] for r in rows], fontsize=7)
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="score (sd over all examples)")
     return _save(fig, path)

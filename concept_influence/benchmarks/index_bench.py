@@ -1,0 +1,261 @@
+"""The gradient index benchmark (``concept-influence bench index``): size, build time, query time and accuracy of the
+index against exact scoring, and against Bergson's index, in one run.
+
+* **At a real shape** (GPT-2 small, random weights, as in the speed benchmark; the concepts' blocks 0..3 tracked):
+  the EK-FAC fit, one exact scoring pass (K concepts in one pass), our index at the default size (float16, the largest
+  rank that fits the byte budget) with each projection, at float32 and the rank of Bergson's, and Bergson's index
+  (its autocorrelation Hessian pass and its gradient pass): bytes per example, build time over the exact pass,
+  Spearman against exact Concept Influence and classic influence.
+* **Query time**: the query's own costs on that model (its gradient on the evaluation texts for K = 1 and K = ``many``
+  concepts; projecting and preconditioning it) and the streamed product over N synthetic rows of the default layout,
+  page cache dropped (cold) and then warm; Bergson's load and search over as many synthetic rows.
+* **The demo** (:mod:`.index_bench_demo`): every projection at equal bytes against the exact estimators, median over
+  seeds, and ours against Bergson's on a Llama of the demo's size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from ..curvature import fit_curvature
+from ..estimators import ConceptInfluence, InfluenceFunction
+from ..fileio import atomic_write_text
+from ..index import GradientIndex, IndexSettings
+from ..index.build import resolve_rank
+from ..index.query import query_matrix, stream_scores
+from ..index.store import IndexStore
+from ..provenance import machine_description
+from .speed_size_stages import SizeConfig, random_concept, random_examples, size_model
+
+__all__ = ["IndexBenchConfig", "run_index_benchmark"]
+
+
+@dataclass
+class IndexBenchConfig:
+    """What the index benchmark measures; the defaults are the committed run (one torch thread)."""
+
+    size: str = "gpt2-small"
+    n_examples: int = 48
+    seq_len: int = 128
+    concept_layer: int = 3
+    n_concepts: int = 4
+    n_eval: int = 8
+    n_test: int = 4
+    many: int = 100
+    rows: tuple[int, ...] = (10_000, 100_000)
+    seeds: int = 3
+    ranks: tuple[int, ...] = (4, 8, 16, 32)
+    budget: int = 65536
+    bergson: bool = True
+    quick: bool = False
+
+    def __post_init__(self):
+        if self.quick:
+            self.size, self.n_examples, self.seq_len, self.concept_layer = "tiny", 16, 32, 1
+            self.many, self.rows, self.seeds, self.ranks, self.budget = 10, (2000,), 1, (4,), 4096
+
+
+class _BlocksInfluence(InfluenceFunction):
+    """Classic influence over the maps of blocks ``0..max_block`` (those the benchmark's index holds)."""
+
+    def __init__(self, test, curvature, max_block: int):
+        super().__init__(test, curvature)
+        self.max_block = max_block
+
+    def tracked_maps(self, adapter):
+        return adapter.linear_maps(self.max_block)
+
+
+def _timed(run):
+    start = time.perf_counter()
+    value = run()
+    return value, time.perf_counter() - start
+
+
+def _spearman(got: np.ndarray, exact: np.ndarray) -> list[float]:
+    return [float(spearmanr(got[:, k], exact[:, k]).statistic) for k in range(exact.shape[1])]
+
+
+def size_study(cfg: IndexBenchConfig, work: Path) -> dict:
+    """The real-shape part: fit, exact pass, our builds and Bergson's, accuracy, and the query's own costs."""
+    sc = SizeConfig(size=cfg.size, n_examples=cfg.n_examples, seq_len=cfg.seq_len, concept_layer=cfg.concept_layer,
+                    n_eval=cfg.n_eval)
+    adapter = size_model(sc)
+    train, evals = random_examples(cfg.n_examples, sc, "train", 0), random_examples(cfg.n_eval, sc, "eval", 1)
+    test = random_examples(cfg.n_test, sc, "test", 2)
+    maps = adapter.linear_maps(cfg.concept_layer)
+    every = adapter.linear_maps()
+    default_all = resolve_rank(IndexSettings(budget=cfg.budget), every)
+    out: dict = {"parameters": sum(p.numel() for p in adapter.model.parameters()), "tracked_maps": len(maps),
+                 "tracked_parameters": sum(m.shape[0] * m.shape[1] for m in maps), "all_maps": len(every),
+                 "all_parameters": sum(m.shape[0] * m.shape[1] for m in every), "all_maps_rank": default_all,
+                 "all_maps_bytes": 2 * sum(min(default_all, m.shape[0]) * min(default_all, m.shape[1]) for m in every)}
+    print(f"[index bench] {cfg.size}: EK-FAC fit on {cfg.n_examples} examples ...", flush=True)
+    curvature, out["fit_seconds"] = _timed(lambda: fit_curvature(adapter, train, maps, batch_size=8, progress=False))
+    concept = random_concept(adapter, sc, cfg.n_concepts, evals)
+    queries = {"concept_influence": ConceptInfluence(concept, curvature),
+               "influence_function": _BlocksInfluence(test, curvature, cfg.concept_layer)}
+    exact = {}
+    for name, est in queries.items():
+        est.score(adapter, train[:1], progress=False)  # the preconditioned queries, computed once and kept
+        scores, seconds = _timed(lambda est=est: est.score(adapter, train, progress=False))
+        exact[name], out[f"exact_{name}_seconds"] = scores.values, seconds
+    out["exact_pass_seconds"] = out["exact_concept_influence_seconds"]
+    variants = {"eigen": IndexSettings(budget=cfg.budget), "random": IndexSettings(projection="random", budget=cfg.budget),
+                "eigen float32": IndexSettings(budget=cfg.budget, dtype="float32")}
+    out["variants"] = {}
+    for label, settings in variants.items():
+        print(f"[index bench] {cfg.size}: build {label} ...", flush=True)
+        index, seconds = _timed(lambda s=settings, label=label: GradientIndex.build(
+            work / label.replace(" ", "-"), adapter, train, curvature, s, progress=False))
+        row = {"rank": index.store.manifest["rank"], "dtype": settings.dtype, "bytes": index.bytes_per_example,
+               "build_seconds": seconds}
+        for name, est in queries.items():
+            row[f"spearman_{name}"] = _spearman(index.score(est, adapter, progress=False).values, exact[name])
+        out["variants"][label] = row
+    if cfg.bergson:
+        out["bergson"] = _bergson(adapter, train, queries, exact, cfg, out["variants"]["eigen float32"]["rank"], work)
+    out["query_costs"] = _query_costs(adapter, sc, cfg, evals, work / "eigen")
+    return out
+
+
+def _bergson(adapter, train, queries, exact, cfg: IndexBenchConfig, rank: int, work: Path) -> dict:
+    from .bergson_index import build_bergson_index
+
+    print(f"[index bench] {cfg.size}: Bergson's index, projection {rank} ...", flush=True)
+    index = build_bergson_index(adapter, train, cfg.concept_layer, rank, work / "bergson")
+    row = {"rank": rank, "dtype": "float32", "bytes": index.bytes_per_example(), "hessian_seconds": index.hessian_seconds,
+           "build_seconds": index.build_seconds}
+    maps = adapter.linear_maps(cfg.concept_layer)
+    for name, est in queries.items():
+        grads, _ = est.measurement(adapter, maps, 8, False)
+        scores, row[f"query_seconds_{name}"] = index.scores(grads)
+        row[f"spearman_{name}"] = _spearman(scores, exact[name])
+    row["index"], row["shapes"] = index, {m.name: m.shape for m in maps}
+    return row
+
+
+def _query_costs(adapter, sc: SizeConfig, cfg: IndexBenchConfig, evals, index_path: Path) -> dict:
+    """The query's own seconds on the model: its gradient on the evaluation texts (K = 1 and ``many``) and its
+    projection and preconditioning in the default index's spaces."""
+    store = IndexStore.open(index_path)
+    maps = adapter.linear_maps(cfg.concept_layer)
+    out = {}
+    for k in (1, cfg.many):
+        concept = random_concept(adapter, sc, k, evals)
+        grads, out[f"gradient_seconds_k{k}"] = _timed(lambda c=concept: c.gradient(adapter, maps, batch_size=8))
+        _, out[f"precondition_seconds_k{k}"] = _timed(lambda g=grads: query_matrix(store, 0, store.load_spaces(0), g, "ekfac",
+                                                                                   0.1))
+    return out
+
+
+def _drop_cache(paths) -> None:
+    """Evict files from the page cache (written back first): the next read comes from the disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def synthetic_store(template: Path, n_rows: int, path: Path, shard_size: int = 1024) -> IndexStore:
+    """An index of the template's layout holding ``n_rows`` random rows (for timing the streamed product)."""
+    source = IndexStore.open(template)
+    manifest = json.loads(json.dumps(source.manifest))
+    n_shards = math.ceil(n_rows / shard_size)
+    manifest["checkpoints"] = [{**manifest["checkpoints"][0], "n_shards": n_shards, "digests": ["synthetic"] * n_shards}]
+    store = IndexStore(path, manifest)
+    store.save_manifest()
+    gen = torch.Generator().manual_seed(0)
+    for index in range(n_shards):
+        n = min(shard_size, n_rows - index * shard_size)
+        store.write_shard(0, index, torch.randn(n, store.dim, generator=gen), [f"row:{index * shard_size + j}" for j in
+                                                                                 range(n)], "synthetic", n)
+    return store
+
+
+def stream_timing(template: Path, rows: tuple[int, ...], many: int, work: Path) -> list[dict]:
+    """Seconds of the streamed product over N synthetic rows for K = 1 and ``many``: cold (page cache dropped) then
+    warm."""
+    out = []
+    for n in rows:
+        print(f"[index bench] streamed product over {n} rows ...", flush=True)
+        store = synthetic_store(template, n, work / f"rows-{n}")
+        files = sorted((store.checkpoint_dir(0) / "shards").glob("*.safetensors"))
+        for k in (1, many):
+            q = torch.randn(store.dim, k)
+            _drop_cache(files)
+            _, cold = _timed(lambda q=q: stream_scores(store, 0, q))
+            _, warm = _timed(lambda q=q: stream_scores(store, 0, q))
+            out.append({"rows": n, "k": k, "cold_seconds": cold, "warm_seconds": warm,
+                        "gigabytes": sum(f.stat().st_size for f in files) / 1e9})
+        shutil.rmtree(store.path)
+    return out
+
+
+def bergson_stream_timing(index, rows: tuple[int, ...], many: int, grads_shape: dict, work: Path) -> list[dict]:
+    """Bergson's load and search over N synthetic rows (its ``gradients.bin`` refilled with random rows)."""
+    out = []
+    for n in rows:
+        path = work / f"bergson-rows-{n}"
+        shutil.copytree(index.path, path)
+        info = json.loads((path / "info.json").read_text())
+        info["num_grads"] = info["num_items"] = n
+        (path / "info.json").write_text(json.dumps(info))
+        width = sum(info["grad_sizes"].values())
+        with open(path / "gradients.bin", "wb") as fh:
+            for start in range(0, n, 1024):
+                fh.write(np.random.default_rng(start).standard_normal((min(1024, n - start), width), np.float32).tobytes())
+        copy = type(index)(path, index.hessian_path, index.projection_dim, index.to_ours, 0.0, 0.0)
+        for k in (1, many):
+            grads = {name: torch.randn(k, *shape) for name, shape in grads_shape.items()}
+            _drop_cache([path / "gradients.bin"])
+            out.append({"rows": n, "k": k, "cold_seconds": copy.scores(grads)[1], "warm_seconds": copy.scores(grads)[1]})
+        shutil.rmtree(path)
+    return out
+
+
+def run_index_benchmark(out_dir: str | Path, cfg: IndexBenchConfig | None = None) -> dict:
+    """Run every part; write ``index.json`` and ``index.md`` to ``out_dir``."""
+    from .bergson_bridge import bergson_unavailable
+    from .index_bench_demo import demo_study
+    from .index_bench_report import format_index_markdown
+
+    cfg = cfg or IndexBenchConfig()
+    out_dir = Path(out_dir)
+    missing = bergson_unavailable() if cfg.bergson else "not asked for"
+    cfg.bergson = missing is None
+    started = time.perf_counter()
+    report = {"config": asdict(cfg), "machine": machine_description(), "bergson": missing}
+    with tempfile.TemporaryDirectory(prefix="concept-influence-index-") as tmp:
+        work = Path(tmp)
+        size = size_study(cfg, work)
+        report["streamed"] = stream_timing(work / "eigen", cfg.rows, cfg.many, work)
+        bergson = size.pop("bergson", None)
+        if bergson is not None:
+            index, shapes = bergson.pop("index"), bergson.pop("shapes")
+            bergson["streamed"] = bergson_stream_timing(index, cfg.rows, cfg.many, shapes, work)
+            size["bergson"] = bergson
+        report["size"] = size
+        report["demo"] = []
+        for seed in range(cfg.seeds):
+            print(f"[index bench] demo, seed {seed} ...", flush=True)
+            report["demo"].append(demo_study(seed, cfg.ranks, cfg.budget, cfg.quick, cfg.bergson, work / f"demo{seed}"))
+    report["total_seconds"] = time.perf_counter() - started
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "index.json", json.dumps(report, indent=1))
+    atomic_write_text(out_dir / "index.md", format_index_markdown(report))
+    return report
