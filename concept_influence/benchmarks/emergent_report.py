@@ -50,16 +50,24 @@ def _gain_lines(name: str, effect: dict) -> list[str]:
             f"{effect['effect_size']:.1f} × the seeds' sd (one-sided Welch p = {effect['p_value']:.2g})"]
 
 
-def _persona_scale(results: dict) -> list[str]:
-    """The steering check in the persona's own units: its σ is the spread of the projection over answer tokens, while
-    the persona moves the last prompt token by the gap between marked prompts (several σ)."""
+def _persona_scale(results: dict) -> tuple[str, bool]:
+    """The steering check in the persona's own units, and whether the concept drives the behaviour in them. The
+    check's σ is the projection's spread over answer tokens, while the persona moves the last prompt token by the gap
+    between marked prompts, many σ: steered by that gap at the prompt positions, does the behaviour move by at least
+    the check's threshold?"""
     check, gap = results["concept_check"], results["persona"]["gap"]
     ratio = gap / check["projection_sd"]
+    effect = ratio * check["first_order"]["prompt"]
+    b = results.get("behaviour")
     line = (f"Scale: the gap between the two personas at the last prompt token is {gap:.3f} = {ratio:.1f} × the check's σ "
             f"(the projection's spread over answer tokens); steering the prompt positions by that gap moves the behaviour "
-            f"by about {ratio * check['first_order']['prompt']:+.3f} nats per token to first order")
-    b = results.get("behaviour")
-    return [line + (f", against an emergent gain of {b['gain']:+.3f}." if b else "."), ""]
+            f"by about {effect:+.3f} nats per token to first order" + (f", against an emergent gain of {b['gain']:+.3f}."
+                                                                      if b else "."))
+    causal = check["verdicts"]["prompt"] != "reversed" and effect >= check["threshold"] and (
+        check["first_order"]["prompt"] > 2 * check["first_order_se"]["prompt"])
+    if causal:
+        line = f"**{line} In its own units the concept drives the behaviour from the prompt.**"
+    return line, causal
 
 
 def format_report(results: dict) -> str:
@@ -89,7 +97,10 @@ def format_report(results: dict) -> str:
         lines += ["", "**Planting raised the behaviour in the target domain.**" if b["raised"] else
                   "**Planting did NOT raise the behaviour in the target domain**, so the removal numbers below do not "
                   "show causation.", ""]
-    lines += concept_lines(results, "the last prompt token of unmarked target prompts") + _persona_scale(results)
+    scale, causal = _persona_scale(results)
+    lines += concept_lines(results, "the last prompt token of unmarked target prompts", scale if causal else None)
+    if not causal:
+        lines += [scale, ""]
     head, sep = "| estimator | AUROC | AUPRC | P@k | lexical overlap ρ | s/1k ex |", "|---|---|---|---|---|---|"
     fractions = [str(f) for f in cfg["remove_fractions"]] if b else []
     for f in fractions:

@@ -167,9 +167,11 @@ def format_report(results: dict) -> str:
 QUERY_POSITIONS = {"last_prompt": "prompt", "prompt_mean": "prompt", "response_mean": "all", "all_tokens": "all"}
 
 
-def concept_lines(results: dict, where: str | None = None) -> list[str]:
+def concept_lines(results: dict, where: str | None = None, in_own_units: str | None = None) -> list[str]:
     """Is the concept causal (the steering check, also at the positions the query reads) and does planting move it?
-    Said plainly when it is not. ``where``: where the query reads the concept (default: the run's ``query``)."""
+    Said plainly when it is not. ``where``: where the query reads the concept (default: the run's ``query``);
+    ``in_own_units``: what steering by the concept's own scale does, said instead of the plain warning when the check
+    per σ is not causal but the concept is in its own units."""
     check, shift = results.get("concept_check"), (results.get("behaviour") or {}).get("concept_shift")
     if not check and not shift:
         return []
@@ -194,7 +196,9 @@ def concept_lines(results: dict, where: str | None = None) -> list[str]:
                   f"p = {shift['p_value']:.2g})."
                   + ("" if shift["raised"] else " **Planting does not measurably move the concept, so no concept "
                      "estimator can find the planted data through it.**"), ""]
-    if check and check["verdict"] != "causal":
+    if in_own_units:
+        lines += [in_own_units, ""]
+    elif check and check["verdict"] != "causal":
         lines += ["**The concept is not causal for the behaviour here: the concept rows of the table below "
                   "(concept_influence, concept_grad_dot) cannot be read as evidence of which data causes it.**", ""]
     return lines
