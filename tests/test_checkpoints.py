@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_estimators import explicit_concept_influence
 
+from concept_influence.benchmarks.curvature_study import run_curvature_study, variant_name
 from concept_influence.concepts import ConceptFunction
 from concept_influence.curvature import CurvatureSettings, fit_curvature
 from concept_influence.estimators import ConceptGradDot, ConceptInfluence, OverCheckpoints
@@ -185,3 +186,30 @@ def test_lora_adapter_at_its_initialisation_scores_through_lora_b(tokenizer, tok
     shares = {name: np.abs(v).max() for name, v in scores.per_module.items()}
     assert all(v == 0 for name, v in shares.items() if "lora_A" in name)
     assert all(v > 0 for name, v in shares.items() if "lora_B" in name) and np.isfinite(scores.values).all()
+
+
+def test_curvature_study_columns_are_the_named_estimators(tl_adapter, tokenized):
+    """Each column of the study's one scoring pass per checkpoint equals the estimator it stands for: identity is
+    concept_grad_dot, a damping factor rescales EK-FAC's damping, and ``sum`` is OverCheckpoints over (base, final)."""
+    direction = ConceptDirection(torch.randn(tl_adapter.d_model, generator=torch.Generator().manual_seed(0)), HOOK,
+                                 kind="custom")
+    concept = ConceptFunction.from_directions(direction, eval_examples=tokenized[:3])
+    base = _moved(tl_adapter, 0.3, seed=1)
+    study, scores = run_curvature_study(tl_adapter, direction, tokenized[:3], tokenized, [1, 0] * 6, {"pool": tokenized}, base,
+                                        damping_factors=(0.1, 10.0), batch_size=4, progress=False)
+    assert len(study["variants"]) == 3 * 2 and {v["checkpoint"] for v in study["variants"]} == {"final", "sum"}
+
+    def named(make, over_checkpoints: bool) -> np.ndarray:
+        estimator = OverCheckpoints(make, [base, None]) if over_checkpoints else make()
+        return estimator.score(tl_adapter, tokenized, batch_size=4, progress=False).column(0)
+
+    for checkpoint in ("final", "sum"):
+        summed = checkpoint == "sum"
+        np.testing.assert_allclose(scores[variant_name("last_prompt", "-", "identity", checkpoint)],
+                                   named(lambda: ConceptGradDot(concept), summed), rtol=1e-4, atol=1e-6)
+        for factor in (0.1, 10.0):
+            expected = named(lambda: ConceptInfluence(concept, "ekfac", fit_examples=tokenized,
+                                                      fit=CurvatureSettings(batch_size=4, seed=0, damping_factor=factor)),
+                             summed)
+            got = scores[variant_name("last_prompt", "pool", f"ekfac@{factor:g}", checkpoint)]
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())

@@ -9,7 +9,7 @@ factors only changes the preconditioned query):
   the pool);
 - the damping, ``factor × mean eigenvalue`` per map, or identity curvature (``concept_grad_dot``);
 - the query (where the concept is read on the evaluation prompts);
-- the checkpoint: the fine-tuned model, the pre-trained one, and their sum (``[checkpoints]``).
+- the checkpoint: the fine-tuned model (``final``), or its sum with the pre-trained one (``sum``, as ``[checkpoints]``).
 """
 
 from __future__ import annotations
