@@ -1,0 +1,2 @@
+#!/bin/bash
+for args in "--share 0.5" "--share 0.3"; do for s in 0 1; do echo "== seed $s $args"; OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python runs/proto2.py --seed $s --n-eval 200 --freeze embed,pos_embed,unembed --schedule linear --ft 0.1:2:2e-3 --pairs health:money,money:health,home:money,health:home $args 2>&1 | grep --line-buffered -v Warn | grep --line-buffered -v "sum :"; done; done > runs/grid7.log

@@ -1,0 +1,2 @@
+#!/bin/bash
+for args in "--ft 0.1:2:2e-3,0.1:3:2e-3" "--bs 32 --ft 0.1:2:3e-3"; do for s in 0 1; do echo "== seed $s $args"; OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python runs/proto2.py --seed $s --n-eval 400 --seeds 5 --freeze embed,pos_embed,unembed --schedule linear --pairs health:money,money:health $args 2>&1 | grep --line-buffered -v Warn | grep --line-buffered -v "sum :"; done; done > runs/grid8.log
