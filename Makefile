@@ -126,11 +126,13 @@ bench-queries: install
 	for r in demo-s0 demo-s1 demo-s2 medical-0.1-s0 medical-0.1-s1 medical-0.05-s0 insecure-0.1-s0; do mkdir -p benchmarks/queries/$$r && \
 		cp runs/$$r/results.md runs/$$r/results.json runs/$$r/query_study.json runs/$$r/*.png benchmarks/queries/$$r/; done
 
-# The emergent testbed (issue 19): two domain pairs x five seeds, each run about 10 minutes on 2 cores with one torch
+# The emergent testbed (issue 19): two domain pairs x five seeds, each run about 13 minutes on 2 cores with one torch
 # thread, then the tables over seeds and the curvature study. A run whose results are committed is not run again
 # (delete its folder under benchmarks/emergent/ to redo it).
 EMERGENT_PAIRS ?= health:money money:health
 SEEDS ?= 0 1 2 3 4
+EMERGENT_RUNS = $(foreach p,$(EMERGENT_PAIRS),$(foreach s,$(SEEDS),\
+	$(subst :,-,$(p))-s$(s)=benchmarks/emergent/$(subst :,-,$(p))-s$(s)/results.json))
 bench-emergent: install
 	for p in $(EMERGENT_PAIRS); do src=$${p%%:*}; tgt=$${p##*:}; for s in $(SEEDS); do r=$$src-$$tgt-s$$s; \
 		test -f benchmarks/emergent/$$r/results.json || { OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence bench emergent \
@@ -138,8 +140,9 @@ bench-emergent: install
 		cp runs/emergent/$$r/results.* runs/emergent/$$r/*.png benchmarks/emergent/$$r/; } || exit 1; done; \
 		$(VENV)/bin/concept-influence bench seeds-table $(foreach s,$(SEEDS),s$(s)=benchmarks/emergent/$$src-$$tgt-s$(s)/results.json) \
 		--title "Emergent testbed, $$src -> $$tgt, over seeds" --out benchmarks/emergent/$$src-$$tgt.md; done
-	$(VENV)/bin/concept-influence bench curvature-table $(foreach p,$(EMERGENT_PAIRS),$(foreach s,$(SEEDS),\
-		$(subst :,-,$(p))-s$(s)=benchmarks/emergent/$(subst :,-,$(p))-s$(s)/results.json)) \
+	$(VENV)/bin/concept-influence bench seeds-table $(EMERGENT_RUNS) --title "Emergent testbed, every pair and seed" \
+		--out benchmarks/emergent/README.md
+	$(VENV)/bin/concept-influence bench curvature-table $(EMERGENT_RUNS) \
 		--title "Curvature study on the emergent testbed" --out benchmarks/emergent/curvature_study.md
 
 # The demo over seeds (issue 19), each run with the curvature study (about 5 minutes each on 2 cores).
