@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ from .estimators import RUN_ESTIMATORS
 from .models import MODEL_DTYPES
 from .models.hugging_face import TRACK_CHOICES
 from .scoring import ScoringSettings
-from .settings import Settings, check_value, narrowed, option
+from .settings import Settings, accepts, check_value, describe_type, narrowed, option
 
 __all__ = ["ConfigError", "RunConfig", "FactorsConfig", "ScoringConfig", "settings_help", "MIN_PROBE_AUROC", "GATE_KEYS"]
 
@@ -147,12 +146,26 @@ class ConceptConfig(Settings):
 @dataclass
 class FactorsConfig(CurvatureSettings):
     """``[factors]``: the curvature for ``concept_influence``, fitted as :class:`CurvatureSettings` say (K-FAC or
-    EK-FAC only) on the training data streamed in shards, or read from ``path``."""
+    EK-FAC only) on the training data streamed in shards (then ``extra_data``, in the same shards), or read from
+    ``path``."""
 
     strategy: str = narrowed(CurvatureSettings, "strategy", ("ekfac", "kfac"))
     max_examples: int | None = option(None, "fit on the first max_examples training examples; unset: all")
     shard_size: int = option(1024, "examples per shard; a checkpoint is written after each", minimum=1)
     path: str | None = option(None, "a saved curvature folder to use instead of fitting one", path=True)
+    extra_data: str | None = option(
+        None, "chats fitted on after the training data, read as [data] train is: a sample of the text the model was "
+              "trained on before the fine-tune (its pre-training or instruction data). The curvature of a narrow "
+              "fine-tune alone is largest along the directions its own data moves, and discounts them", path=True)
+    extra_max_examples: int | None = option(None, "how many extra_data examples; unset: as many as the training "
+                                                  "examples fitted on, so the two weigh equally", minimum=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.extra_data is not None and self.path is not None:
+            raise ValueError("extra_data is fitted on; path is a saved curvature that is not fitted: give one of them")
+        if self.extra_max_examples is not None and self.extra_data is None:
+            raise ValueError("extra_max_examples: give extra_data, the file they are read from")
 
     def settings(self) -> CurvatureSettings:
         """The settings :func:`~concept_influence.curvature.fit_curvature` takes."""
@@ -279,19 +292,6 @@ class RunConfig:
         return cls.from_dict(data, str(path), path.resolve().parent)
 
 
-def _accepts(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_accepts(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
 def _build(cls, data: Any, source: str, prefix: str, base: Path | None):
     where = prefix.rstrip(".") or "the top level"
     if not isinstance(data, dict):
@@ -314,8 +314,8 @@ def _build(cls, data: Any, source: str, prefix: str, base: Path | None):
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value, source, f"{key}.", base)
             continue
-        if not _accepts(value, hint):
-            raise ConfigError(f"{source}: '{key}' must be {_describe(hint)}, got {value!r}")
+        if not accepts(value, hint):
+            raise ConfigError(f"{source}: '{key}' must be {describe_type(hint)}, got {value!r}")
         problem = check_value(key, value, f)
         if problem:
             raise ConfigError(f"{source}: {problem}")
@@ -339,9 +339,3 @@ def _resolve(value: Any, base: Path) -> Any:
     if not isinstance(value, str) or value in KEYWORDS or Path(value).is_absolute():
         return value
     return str((base / value).resolve())
-
-
-def _describe(hint: Any) -> str:
-    args = typing.get_args(hint) or (hint,)
-    return " or ".join("null" if a is type(None) else {str: "a string", int: "an integer", float: "a number",
-                                                       bool: "true/false"}.get(a, a.__name__) for a in args)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from typing import Any
 
-__all__ = ["option", "narrowed", "check_value", "Settings", "settings_diff"]
+__all__ = ["option", "narrowed", "check_value", "accepts", "describe_type", "Settings", "settings_diff"]
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
@@ -39,6 +41,27 @@ def check_value(name: str, value: Any, f: dataclasses.Field) -> str | None:
     if minimum is not None and value is not None and value < minimum:
         return f"{name} must be >= {minimum}, got {value}"
     return None
+
+
+def accepts(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (read from TOML or JSON) is of the type hint ``hint`` (a bool is no number)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(accepts(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def describe_type(hint: Any) -> str:
+    """The type hint ``hint`` in words, for errors: ``a string or null``."""
+    args = typing.get_args(hint) or (hint,)
+    return " or ".join("null" if a is type(None) else {str: "a string", int: "an integer", float: "a number",
+                                                       bool: "true/false"}.get(a, a.__name__) for a in args)
 
 
 def settings_diff(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -174,18 +174,19 @@ class Shard:
     digest: str
 
 
-def iter_shards(source: DataSource, shard_size: int, limit: int | None = None) -> Iterator[Shard]:
+def iter_shards(source: DataSource, shard_size: int, limit: int | None = None,
+                then: Sequence[tuple[DataSource, int | None]] = ()) -> Iterator[Shard]:
     """Stream a data source (any that :func:`read_chats` reads) as shards of ``shard_size`` examples (the last may
-    be shorter), reading at most ``limit`` examples. Only one shard is held in memory at a time."""
+    be shorter), reading at most ``limit`` examples, followed in the same stream of shards by at most ``n`` examples
+    of each ``(source, n)`` of ``then``. Only one shard is held in memory at a time."""
     import hashlib
+    import itertools
 
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    examples, digest, index, seen = [], hashlib.sha256(), 0, 0
-    for example, line in _read_examples(source):
-        if limit is not None and seen >= limit:
-            break
-        seen += 1
+    records = itertools.chain.from_iterable(itertools.islice(_read_examples(s), n) for s, n in [(source, limit), *then])
+    examples, digest, index = [], hashlib.sha256(), 0
+    for example, line in records:
         examples.append(example)
         digest.update(line.rstrip("\n").encode())
         digest.update(b"\n")

@@ -8,7 +8,8 @@ A run folder holds::
     manifest.json        every finished file with its size and SHA-256
     probe/               direction.safetensors + .json (and metrics.json when trained here)
     check/               concept_check.json and .png: is the concept causal? (verdict, effect sizes)
-    factors/             settings.json (the [factors] settings of the fit); curvature.safetensors + curvature.json;
+    factors/             settings.json (the [factors] settings of the fit, with the SHA-256 of factors.extra_data
+                         when given); curvature.safetensors + curvature.json;
                          statistics/ the summed covariance and eigenvalue statistics of each pass; partial/ per-rank
                          checkpoints while fitting
     scores/              settings.json (the [scoring] settings); shards/shard-000000.safetensors + .json, one per
@@ -27,8 +28,9 @@ input records is unchanged, and a stage resumes only with the settings it starte
 shards are dealt to ranks and curvature statistics are summed over ranks (:mod:`concept_influence.distributed`).
 
 Modules: :mod:`.folder` (the folder, its record, manifest and checks), :mod:`.stages` (the :class:`Pipeline`),
-:mod:`.checkpoints` (where factors and scores are computed), :mod:`.shards` (shard files), :mod:`.audit` (check,
-explain, filter), :mod:`.report` (``report.md``).
+:mod:`.checkpoints` (where factors and scores are computed), :mod:`.inputs` (the data in shards: the training data,
+and what the factors are fitted on), :mod:`.shards` (shard files), :mod:`.audit` (check, explain, filter),
+:mod:`.report` (``report.md``).
 """
 
 from __future__ import annotations
@@ -115,7 +117,8 @@ def _preflight(pipeline: Pipeline, stages: Sequence[str]) -> None:
     run, cfg = pipeline.run, pipeline.cfg
     if not pipeline.points:
         raise RunError(f"{run.path}: nothing to score")
-    late = [("scores", "concept.eval", lambda: cfg.concept_eval), ("explain", "explain.sae", lambda: cfg.explain.sae)]
+    late = [("factors", "factors.extra_data", lambda: cfg.factors.extra_data if pipeline.needs_factors else None),
+            ("scores", "concept.eval", lambda: cfg.concept_eval), ("explain", "explain.sae", lambda: cfg.explain.sae)]
     for stage, key, path in late:
         if stage in stages and not run.is_done(stage) and path() is not None and not Path(path()).exists():
             raise RunError(f"{path()}: no such file or folder ({key})")

@@ -77,7 +77,7 @@ def explain_stage(pipeline) -> Path:
         scores = Scores.load(run.scores_path)
         top, scored = {i for i, _ in scores.top(e.top_k)}, set(scores.ids)
         examples = []
-        for shard in pipeline._shards(cfg.scoring.shard_size):
+        for shard in pipeline.data.shards(cfg.scoring.shard_size):
             for example in tokenize_kept(shard.examples, pipeline.adapter.tokenizer, cfg.data.max_length, True)[0]:
                 room = e.max_examples is None or len(examples) < e.max_examples
                 if example.id in top or (room and example.id in scored):

@@ -10,6 +10,7 @@ from ..data import read_chats
 from ..fileio import atomic_write_text
 from ..scores import Scores
 from .folder import Run
+from .inputs import describe_fit
 
 __all__ = ["write_report", "markdown_rows"]
 
@@ -33,7 +34,7 @@ def write_report(run: Run, k: int, checkpoints: Sequence = ()) -> Path:
              f"{info['fingerprints'].get('model')}); data `{cfg.data.train}` ({len(scores)} examples scored, "
              f"{scores.metadata.get('n_skipped', 0)} skipped because their response was cut away at "
              f"max_length = {cfg.data.max_length}); "
-             f"concept: probe at `{cfg.probe.hook}`.", "",
+             f"concept: probe at `{cfg.probe.hook}`.{_factors_sentence(info)}", "",
              *_check_section(info), *_checkpoint_section(checkpoints),
              f"## Top {k}: training on these pushes the concept up", "", *markdown_rows(scores.top(k), texts, at), "",
              f"## Bottom {k}: training on these pushes it down", "", *markdown_rows(scores.bottom(k), texts, at), "",
@@ -41,6 +42,12 @@ def write_report(run: Run, k: int, checkpoints: Sequence = ()) -> Path:
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def _factors_sentence(info: dict) -> str:
+    """`` Factors fitted on 600 training + 600 extra examples (…).`` when ``[factors] extra_data`` was given."""
+    fitted_on = info["stages"].get("factors", {}).get("fitted_on")
+    return f" Factors fitted on {describe_fit(fitted_on)}." if fitted_on else ""
 
 
 def _check_section(info: dict) -> list[str]:

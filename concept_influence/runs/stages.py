@@ -1,7 +1,8 @@
 """The stages of a run folder in one process (one rank under ``torchrun``): the probe direction, the curvature
-fitted in checkpointed passes over shards of the training data, and the scores computed shard by shard and
-merged in data order; with ``[model] checkpoints``, the factors and scores at each checkpoint (:mod:`.checkpoints`)
-and their weighted sum. The audit's other stages (the concept check, explain, filter) are in :mod:`.audit`."""
+fitted in checkpointed passes over shards of the training data (then ``[factors] extra_data``, :mod:`.inputs`), and
+the scores computed shard by shard and merged in data order; with ``[model] checkpoints``, the factors and scores at
+each checkpoint (:mod:`.checkpoints`) and their weighted sum. The audit's other stages (the concept check, explain,
+filter) are in :mod:`.audit`."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..config import MIN_PROBE_AUROC
 from ..curvature import Curvature, SumStats, fit_curvature
-from ..data import Shard, TokenizedExample, iter_shards, load_chats, tokenize_examples, tokenize_kept
+from ..data import ChatExample, Shard, TokenizedExample, load_chats, tokenize_examples, tokenize_kept
 from ..distributed import Ranks
 from ..estimators import ESTIMATORS, GradientEstimator
 from ..fileio import atomic_write_text, path_sha256, save_tensors
@@ -25,6 +26,7 @@ from ..provenance import combine_digests
 from ..scores import Scores
 from .checkpoints import Point, describe_points, load_point, model_folder, run_points
 from .folder import Run, RunError, write_or_explain
+from .inputs import RunData
 from .report import write_report
 from .shards import concatenate, finished_shard, read_checkpoint, refuse_same_data, resume_pass
 
@@ -37,7 +39,7 @@ class Pipeline:
     def __init__(self, run: Run, ranks: Ranks, progress: bool = True):
         self.run, self.ranks, self.progress = run, ranks, progress
         self.cfg = run.config
-        self._digests: dict[tuple[int, int | None], list[str]] = {}
+        self.data = RunData(self.cfg, self._tokenize_kept)
 
     # ---- inputs --------------------------------------------------------------------------------
     @cached_property
@@ -78,22 +80,10 @@ class Pipeline:
         return tokenize_examples(load_chats(path, limit), self.adapter.tokenizer, self.cfg.data.max_length,
                                  self.cfg.data.skip_truncated, source=path)
 
-    def _tokenize_shard(self, shard: Shard) -> list[TokenizedExample]:
-        """The shard's examples, tokenised; those cut away at ``max_length`` are skipped (counted at the merge)."""
-        return tokenize_kept(shard.examples, self.adapter.tokenizer, self.cfg.data.max_length,
+    def _tokenize_kept(self, examples: Sequence[ChatExample]) -> list[TokenizedExample]:
+        """The examples tokenised; those cut away at ``max_length`` are skipped (counted at the merge)."""
+        return tokenize_kept(examples, self.adapter.tokenizer, self.cfg.data.max_length,
                              self.cfg.data.skip_truncated)[0]
-
-    def _shards(self, shard_size: int, limit: int | None = None):
-        return iter_shards(self.cfg.data.train, shard_size, limit)
-
-    def _shard_digests(self, shard_size: int, limit: int | None = None) -> list[str]:
-        """The SHA-256 of each shard's records (read once per process and shard layout)."""
-        key = (shard_size, limit)
-        if key not in self._digests:
-            self._digests[key] = [shard.digest for shard in self._shards(shard_size, limit)]
-            if not self._digests[key]:
-                raise RunError(f"{self.cfg.data.train}: the file has no examples")
-        return self._digests[key]
 
     def _require(self, stage: str, command: str) -> None:
         if not self.run.is_done(stage):
@@ -183,21 +173,22 @@ class Pipeline:
         for point in self.points:
             self._fit(point)
         if self.ranks.is_main and not self.run.is_done("factors"):
-            self.run.finish_stage("factors", self.ranks, checkpoints=describe_points(self.points))
+            self.run.finish_stage("factors", self.ranks, checkpoints=describe_points(self.points), **self.data.fitted_on)
         self.ranks.barrier()
         return None if self.points[0].name else Curvature.load(self.run.factors_dir, self.adapter)
 
     def _fit(self, point: Point) -> None:
         f, final = self.cfg.factors, point.factors_dir
-        self.run.check_settings("factors", f.to_dict(), final)
+        self.run.check_settings("factors", self.data.fit_settings, final)
         if not (final / "curvature.json").is_file():
             self._require("probe", "probe train")
             self.gate()
             hook = self.direction().hook_name
             with self.at(point):
                 maps = self.adapter.linear_maps(max_block=block_of_hook(hook))
+                self.data.fit_digests()  # (unusable data is refused before the settings are saved)
                 if self.ranks.is_main:
-                    self.run.save_settings("factors", f.to_dict(), final)
+                    self.run.save_settings("factors", self.data.fit_settings, final)
                 curvature = fit_curvature(self.adapter, [], maps, f.settings(), progress=False,
                                           accumulate=partial(self._accumulate, point))
             if self.ranks.is_main:
@@ -208,14 +199,14 @@ class Pipeline:
             saved = json.loads((final / "curvature.json").read_text())
             self.run.finish_stage(point.stage("factors"), self.ranks, strategy=saved["strategy"],
                                   n_examples=saved["n_examples"], maps=[m["name"] for m in saved["maps"]],
-                                  data_sha256=path_sha256(self.cfg.data.train))
+                                  data_sha256=path_sha256(self.cfg.data.train), **self.data.fitted_on)
         self.ranks.barrier()
 
     def _accumulate(self, point: Point, name: str, collect: Callable[[Sequence[TokenizedExample]], SumStats]) -> SumStats:
         """One curvature pass over this rank's shards, checkpointed after each shard, summed over ranks."""
-        f, ranks = self.cfg.factors, self.ranks
+        ranks = self.ranks
         done_path = point.factors_dir / "statistics" / f"{name}.safetensors"
-        digests = self._shard_digests(f.shard_size, f.max_examples)
+        digests = self.data.fit_digests()
         data_digest = combine_digests(digests)
         done = read_checkpoint(done_path, ranks.device)
         if done is not None and done[1].get("data") == data_digest:
@@ -226,10 +217,10 @@ class Pipeline:
         where = "" if point.name is None else f" at {point.name}"
         with tqdm(total=len(mine), initial=sum(i < start for i in mine), desc=f"factors{where}: {name}", unit="shard",
                   disable=not self.progress) as bar:
-            for shard in self._shards(f.shard_size, f.max_examples):
+            for shard in self.data.fit_shards():
                 if shard.index < start or not ranks.owns(shard.index):
                     continue
-                examples = self._tokenize_shard(shard)
+                examples = self._tokenize_kept(shard.examples)
                 if examples:
                     total.merge(collect(examples))
                 meta = {"next_shard": str(shard.index + 1), "data": combine_digests(digests[: shard.index + 1])}
@@ -238,7 +229,7 @@ class Pipeline:
                 bar.update(1)
         total = ranks.all_reduce(total)
         if not total.sums:
-            raise RunError(f"{self.cfg.data.train}: every example was skipped; nothing to fit the curvature on")
+            raise RunError(f"{self.data.fit_source}: every example was skipped; nothing to fit the curvature on")
         if ranks.is_main:
             write_or_explain(done_path, lambda: save_tensors(done_path, total.state_dict(), {"data": data_digest}),
                              "The per-rank checkpoints are intact.")
@@ -286,14 +277,14 @@ class Pipeline:
         self.gate()
         with self.at(point):
             estimator = self.estimator(point)
-            n_shards = len(self._shard_digests(s.shard_size))
+            n_shards = len(self.data.digests(s.shard_size))
             if ranks.is_main:
                 self.run.save_settings("scores", s.to_dict(), point.scores_dir)
             mine = sum(ranks.owns(i) for i in range(n_shards))
             written = 0
             where = "" if point.name is None else f" at {point.name}"
             with tqdm(total=mine, desc=f"score {estimator.name}{where}", unit="shard", disable=not self.progress) as bar:
-                for shard in self._shards(s.shard_size):
+                for shard in self.data.shards(s.shard_size):
                     if not ranks.owns(shard.index):
                         continue
                     path = point.shard_path(shard.index)
@@ -315,7 +306,7 @@ class Pipeline:
 
     def _score_shard(self, estimator, shard: Shard) -> Scores:
         """The scores of one shard's examples (none when all were skipped), tagged with the shard's digest."""
-        examples = self._tokenize_shard(shard)
+        examples = self._tokenize_kept(shard.examples)
         result = (estimator.score(self.adapter, examples, batch_size=self.cfg.scoring.batch_size, progress=False)
                   if examples else Scores([], np.zeros((0, estimator.concept.k)), estimator.name,
                                           estimator.concept.names))
@@ -324,7 +315,7 @@ class Pipeline:
 
     def _merge_shards(self, estimator: str, point: Point) -> Scores:
         parts = []
-        for index, digest in enumerate(self._shard_digests(self.cfg.scoring.shard_size)):
+        for index, digest in enumerate(self.data.digests(self.cfg.scoring.shard_size)):
             path = point.shard_path(index)
             part = finished_shard(path, digest)
             if part is None:
