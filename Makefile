@@ -145,8 +145,8 @@ bench-emergent: install
 	$(VENV)/bin/concept-influence bench curvature-table $(EMERGENT_RUNS) \
 		--title "Curvature study on the emergent testbed" --out benchmarks/emergent/curvature_study.md
 
-# The demo over seeds (issue 19), each run with the curvature study (about 5 minutes each on 2 cores).
-DEMO_SEEDS ?= 0 1 2 3 4 5
+# The demo over seeds (issue 19), each run with the curvature study (about 10 minutes each on 2 cores, one torch thread).
+DEMO_SEEDS ?= 0 1 2 3 4
 bench-demo-seeds: install
 	for s in $(DEMO_SEEDS); do test -f benchmarks/demo-seeds/demo-s$$s/results.json || { OMP_NUM_THREADS=1 \
 		$(VENV)/bin/concept-influence demo --out runs/demo-seeds/demo-s$$s --seed $$s --curvature-study --no-progress && \
