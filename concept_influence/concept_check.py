@@ -124,11 +124,9 @@ class ConceptCheck:
 
     def plot(self, path: str | Path) -> Path:
         """Behaviour change against α for each set of positions, with the first-order line."""
-        import matplotlib
+        from .plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=100)
         xs = [0.0, *self.alphas]
         for p, values in self.behaviour.items():

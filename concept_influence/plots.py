@@ -12,10 +12,11 @@ __all__ = ["plot_score_distribution", "plot_pr_curves", "plot_score_histograms",
            "plot_latent_influence", "plot_lexical_overlap", "plot_concept_map"]
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot for writing PNG files, without replacing a notebook's inline backend."""
     import matplotlib
 
-    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+    if matplotlib.get_backend().lower() not in ("agg", "inline", "module://matplotlib_inline.backend_inline"):
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -27,13 +28,13 @@ def _save(fig, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def plot_score_distribution(values: np.ndarray, path: str | Path, title: str = "scores") -> Path:
     """Histogram of one ranking's scores (log-scaled counts), with the top and bottom 1 % marked."""
-    plt = _pyplot()
+    plt = pyplot()
     values = np.asarray(values, dtype=float)
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ax.hist(values, bins=min(100, max(10, len(values) // 20)), color="tab:blue", alpha=0.8)
@@ -51,7 +52,7 @@ def plot_pr_curves(scores: Mapping[str, np.ndarray], labels: Sequence[int], path
     """Precision-recall curve of every ranking, with the base rate as a dashed line."""
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
-    plt = _pyplot()
+    plt = pyplot()
     labels = np.asarray(labels)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name, s in scores.items():
@@ -65,7 +66,7 @@ def plot_pr_curves(scores: Mapping[str, np.ndarray], labels: Sequence[int], path
 
 def plot_score_histograms(scores: Mapping[str, np.ndarray], labels: Sequence[int], path: str | Path) -> Path:
     """One panel per ranking: score histograms of planted vs clean examples."""
-    plt = _pyplot()
+    plt = pyplot()
     labels = np.asarray(labels).astype(bool)
     n = len(scores)
     cols = min(3, n)
@@ -88,7 +89,7 @@ def plot_fast_vs_full(full: tuple[str, np.ndarray], fast: Mapping[str, np.ndarra
     """Scatter of each fast score against the full one, planted examples highlighted, Spearman ρ in the title."""
     from scipy.stats import spearmanr
 
-    plt = _pyplot()
+    plt = pyplot()
     labels = np.asarray(labels).astype(bool)
     full_name, full_scores = full
     fig, axes = plt.subplots(1, len(fast), figsize=(4.2 * len(fast), 3.8), squeeze=False)
@@ -104,7 +105,7 @@ def plot_behaviour_removal(points: Mapping[str, Mapping[float, Sequence[float]]]
                            planted: Sequence[float], path: str | Path, ylabel: str = "behaviour") -> Path:
     """Behaviour (mean ± sd over seeds) against the fraction of the pool removed, one line per ranking;
     fraction 0 is the planted fine-tune and the clean fine-tune is the dashed reference."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name, by_fraction in points.items():
         fractions = [0.0] + sorted(by_fraction)
@@ -121,7 +122,7 @@ def plot_behaviour_removal(points: Mapping[str, Mapping[float, Sequence[float]]]
 def plot_lexical_overlap(points: Mapping[str, tuple[float, float]], path: str | Path) -> Path:
     """Each ranking's retrieval (AUROC, y) against how far it follows word overlap with the behaviour (x: Spearman
     with TF-IDF similarity to the behaviour's texts), one labelled point per ranking."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name, (overlap, auroc) in points.items():
         ax.scatter(overlap, auroc, s=30)
@@ -136,7 +137,7 @@ def plot_latent_influence(explanation, path: str | Path, n: int = 12) -> Path:
     """Two panels for an :class:`~concept_influence.explain.Explanation`: the ``n`` latents with the largest
     aggregated influence over the top-k (bars; all examples beside them), and a heatmap of the top-k examples
     (rows, grouped by cluster) against the latents they share most (columns; mean activation scaled per column)."""
-    plt = _pyplot()
+    plt = pyplot()
     e = explanation
     lab = lambda l: f"{l}" + (f" {e.labels[l][:18]}" if e.labels.get(l) else "")  # noqa: E731
     fig, (bars, heat) = plt.subplots(1, 2, figsize=(12, max(3.5, 0.32 * n + 1.5)),
@@ -170,7 +171,7 @@ def plot_concept_map(z: np.ndarray, rows: Sequence[str], columns: Sequence[str],
                      title: str = "concept × data map") -> Path:
     """Heatmap of examples (rows) against concepts (columns): each cell the example's score for the concept in standard
     deviations over all scored examples (diverging colours, clipped at ±5)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(min(16, 2.5 + 0.3 * len(columns)), min(14, 1.5 + 0.25 * len(rows))))
     image = ax.imshow(np.clip(z, -5, 5), aspect="auto", cmap="RdBu_r", vmin=-5, vmax=5, interpolation="nearest")
     ax.set_xticks(range(len(columns)), [c[:24] for c in columns], rotation=60, ha="right", fontsize=7)
