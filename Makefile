@@ -36,7 +36,7 @@ demo-quick: install
 # and the slowest tests listed at the end.
 TEST_WORKERS ?= auto
 test: install lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15
 
 lint: install
 	$(VENV)/bin/ruff check .
