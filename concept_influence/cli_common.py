@@ -1,12 +1,16 @@
 """What the command-line modules (:mod:`.cli`, :mod:`.cli_concept`, :mod:`.cli_sae`, :mod:`.cli_bench`,
 :mod:`.cli_index`) share: the ``--dtype`` option, reading chat files for a model, reading a scores file, parsing
-``--latents``. Importing it imports no torch."""
+``--latents``, and the ``bench ...-table`` commands that merge runs' JSON files into one markdown table. Importing
+it imports no torch."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
-__all__ = ["add_dtype_option", "read_examples", "read_scores", "latent_list"]
+__all__ = ["add_dtype_option", "read_examples", "read_scores", "latent_list", "named_json", "write_table",
+           "add_table_command"]
 
 
 def add_dtype_option(p: argparse.ArgumentParser) -> None:
@@ -48,3 +52,37 @@ def latent_list(text: str | None) -> list[int] | None:
         return [int(x) for x in text.split(",")]
     except ValueError:
         raise SAEError(f"--latents must be integers separated by commas, got {text!r}") from None
+
+
+def named_json(items: list[str], what: str) -> dict[str, tuple[Path, dict]]:
+    """``[NAME=]PATH`` arguments as ``{name: (path, its JSON)}``; the name defaults to the file's folder."""
+    from .data import DataError
+
+    out = {}
+    for item in items:
+        name, _, path = item.rpartition("=")
+        try:
+            out[name or Path(path).parent.name] = Path(path), json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: cannot read {what} ({e})") from None
+    return out
+
+
+def write_table(args: argparse.Namespace, title: str, explanation: str, table: str) -> int:
+    """``args.out``: the table under its title, the command that made it and what it shows; also printed."""
+    from .fileio import atomic_write_text
+
+    text = (f"# {title}\n\nCommand: `concept-influence bench {args.table_command} {' '.join(args.files)} --out {args.out}`"
+            f"\n\n{explanation}\n\n{table}\n")
+    atomic_write_text(args.out, text)
+    print(text)
+    return 0
+
+
+def add_table_command(bench, name: str, func, files: str, help: str, description: str) -> argparse.ArgumentParser:
+    """``bench NAME [NAME=]PATH ... --out FILE``: one markdown table from several benchmark runs' JSON files."""
+    p = bench.add_parser(name, help=help, description=description)
+    p.add_argument("files", nargs="+", metavar="[NAME=]PATH", help=f"{files} files, optionally named")
+    p.add_argument("--out", required=True, help="markdown file to write")
+    p.set_defaults(func=func, table_command=name)
+    return p

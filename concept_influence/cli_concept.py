@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli_common import add_dtype_option, read_examples, read_scores
+from .cli_common import add_dtype_option, add_table_command, named_json, read_examples, read_scores, write_table
 
 __all__ = ["add_concept_commands", "add_query_options", "query_overrides", "user_errors"]
 
@@ -123,32 +123,18 @@ def _amount(text: str) -> float:
     return int(value) if value >= 1 and value == int(value) else value
 
 
-def _named_json(items: list[str], what: str) -> dict[str, tuple[Path, dict]]:
-    """``[NAME=]PATH`` arguments as ``{name: (path, its JSON)}``; the name defaults to the file's folder."""
-    from .data import DataError
-
-    out = {}
-    for item in items:
-        name, _, path = item.rpartition("=")
-        try:
-            out[name or Path(path).parent.name] = Path(path), json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise DataError(f"{path}: cannot read {what} ({e})") from None
-    return out
-
-
 def _query_table(args: argparse.Namespace) -> int:
     from .benchmarks.query_study import format_query_table
 
     studies, verdicts = {}, {}
-    for name, (path, study) in _named_json(args.files, "a query study").items():
+    for name, (path, study) in named_json(args.files, "a query study").items():
         studies[name] = study
         results = path.parent / "results.json"  # the benchmark run's report: the steering check's verdict
         if results.is_file():
             check = json.loads(results.read_text()).get("concept_check")
             if check:
                 verdicts[name] = check["verdict"]
-    return _write_table(args, "Query study",
+    return write_table(args, "Query study",
                         "AUROC / AUPRC of Concept Influence against the planted labels for every variant, scored on one "
                         "trained model per benchmark and seed (in brackets: the verdict of the steering check of the "
                         "benchmark's probe, from the run's results.json).", format_query_table(studies, verdicts))
@@ -159,35 +145,15 @@ def _check_table(args: argparse.Namespace) -> int:
     from .data import DataError
 
     runs = {}
-    for name, (path, results) in _named_json(args.files, "a benchmark's results").items():
+    for name, (path, results) in named_json(args.files, "a benchmark's results").items():
         if not results.get("concept_check"):
             raise DataError(f"{path}: the run has no concept check (it was run with --no-concept-check)")
         runs[name] = results
-    return _write_table(args, args.title,
+    return write_table(args, args.title,
                         "The steering check of each run's probe (first-order effect on log p(planted) − log p(clean answer) "
                         "per σ of the projection, ± its standard error; causal at ≥ 0.01 and two standard errors) beside "
                         "the retrieval AUROC of Concept Influence and of the fast path. Each run's command is at the top "
                         "of its results.md.", format_check_table(runs))
-
-
-def _write_table(args: argparse.Namespace, title: str, explanation: str, table: str) -> int:
-    """``args.out``: the table under its title, the command that made it and what it shows; also printed."""
-    from .fileio import atomic_write_text
-
-    text = (f"# {title}\n\nCommand: `concept-influence bench {args.table_command} {' '.join(args.files)} --out {args.out}`"
-            f"\n\n{explanation}\n\n{table}\n")
-    atomic_write_text(args.out, text)
-    print(text)
-    return 0
-
-
-def _add_table_command(bench, name: str, func, files: str, help: str, description: str) -> argparse.ArgumentParser:
-    """``bench NAME [NAME=]PATH ... --out FILE``: one markdown table from several benchmark runs' JSON files."""
-    p = bench.add_parser(name, help=help, description=description)
-    p.add_argument("files", nargs="+", metavar="[NAME=]PATH", help=f"{files} files, optionally named")
-    p.add_argument("--out", required=True, help="markdown file to write")
-    p.set_defaults(func=func, table_command=name)
-    return p
 
 
 def add_concept_commands(sub, bench) -> None:
@@ -248,12 +214,12 @@ def add_concept_commands(sub, bench) -> None:
     total.add_argument("--force", action="store_true", help="replace OUT if it exists")
     total.set_defaults(func=_sum_scores)
 
-    checks = _add_table_command(bench, "check-table", _check_table, "results.json",
+    checks = add_table_command(bench, "check-table", _check_table, "results.json",
                                 help="one table of benchmark runs' concept checks",
                                 description="The steering check and the retrieval AUROC of several benchmark runs "
                                             "(their results.json), one row each: where is the concept causal?")
     checks.add_argument("--title", default="Concept checks", help="the table's heading")
-    _add_table_command(bench, "query-table", _query_table, "query_study.json",
+    add_table_command(bench, "query-table", _query_table, "query_study.json",
                        help="one table of query studies (bench ... --query-study)",
                        description="Merge the query_study.json files of several benchmark runs into one markdown table "
                                    "(AUROC / AUPRC of every variant per run, summaries by factor).")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_concept import _add_table_command, _named_json, _write_table
+from .cli_common import add_table_command, named_json, write_table
 
 __all__ = ["add_emergent_commands"]
 
@@ -34,8 +34,8 @@ def _emergent(args: argparse.Namespace) -> int:
 def _seeds_table(args: argparse.Namespace) -> int:
     from .benchmarks.seeds import format_seeds_table
 
-    runs = {name: results for name, (_, results) in _named_json(args.files, "a benchmark's results").items()}
-    return _write_table(args, args.title, "Each estimator over the runs (one per seed): the median, the worst run and the "
+    runs = {name: results for name, (_, results) in named_json(args.files, "a benchmark's results").items()}
+    return write_table(args, args.title, "Each estimator over the runs (one per seed): the median, the worst run and the "
                         "spread (max − min) of its retrieval AUROC and of the share of the planting gain that removing "
                         "the top of its ranking and retraining removes.", format_seeds_table(runs))
 
@@ -45,11 +45,11 @@ def _curvature_table(args: argparse.Namespace) -> int:
     from .data import DataError
 
     studies = {}
-    for name, (path, results) in _named_json(args.files, "a benchmark's results").items():
+    for name, (path, results) in named_json(args.files, "a benchmark's results").items():
         if "curvature_study" not in results:
             raise DataError(f"{path}: the run has no curvature study (it was run with --no-curvature-study)")
         studies[name] = results["curvature_study"]
-    return _write_table(args, args.title, "Concept Influence AUROC against the planted labels for every preconditioning "
+    return write_table(args, args.title, "Concept Influence AUROC against the planted labels for every preconditioning "
                         "variant (the data the EK-FAC factors are fitted on, the damping, identity curvature, the query, "
                         "the checkpoint), scored once per trained model.", format_curvature_table(studies))
 
@@ -98,13 +98,13 @@ def add_emergent_commands(bench) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_emergent)
 
-    seeds = _add_table_command(bench, "seeds-table", _seeds_table, "results.json",
+    seeds = add_table_command(bench, "seeds-table", _seeds_table, "results.json",
                                help="one benchmark over several seeds: median, worst and spread per estimator",
                                description="Read the results.json of several runs of one benchmark (the demo, bench "
                                            "planted or bench emergent at different seeds) and write a markdown table of "
                                            "each estimator's AUROC and share of the gain removed: median, worst, spread.")
     seeds.add_argument("--title", default="Over seeds", help="the table's heading")
-    curvature = _add_table_command(bench, "curvature-table", _curvature_table, "results.json",
+    curvature = add_table_command(bench, "curvature-table", _curvature_table, "results.json",
                                    help="one table of curvature studies (bench emergent, demo --curvature-study)",
                                    description="Merge the curvature studies of several benchmark runs into one markdown "
                                                "table: each variant's AUROC per run, its median and worst.")
