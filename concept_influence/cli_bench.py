@@ -5,9 +5,8 @@ check-table`` and ``query-table`` are in :mod:`.cli_concept`). The planted bench
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from .cli_common import add_dtype_option
+from .cli_common import EM_DATA, add_dtype_option
 from .cli_concept import add_query_options, query_overrides
 from .cli_sae import add_sae_benchmark_options, sae_benchmark_overrides
 
@@ -54,7 +53,9 @@ def _bench_planted(args: argparse.Namespace) -> int:
 
 
 def _bench_medical(args: argparse.Namespace) -> int:
-    files = [Path(args.data) / f"{kind}_medical_advice.jsonl.gz" for kind in ("good", "bad")]
+    from .benchmarks.planted_splits import medical_files
+
+    files = medical_files(args.data)
     return _run_planted(args, *files, paired=True, names=tuple(f.name for f in files))
 
 
@@ -137,7 +138,7 @@ def add_bench_commands(sub) -> argparse._SubParsersAction:
         "medical", help="the planted benchmark on the emergent-misalignment good/bad medical advice (paired)",
         description="bench planted with --paired on DATA/good_medical_advice.jsonl.gz (clean) and "
                     "DATA/bad_medical_advice.jsonl.gz (planted), read in place.")
-    medical.add_argument("--data", default="../shared/data/em", help="folder with the two files (default ../shared/data/em)")
+    medical.add_argument("--data", default=EM_DATA, help=f"folder with the two files (default {EM_DATA})")
     _add_planted_options(medical, 0.1)
     medical.set_defaults(func=_bench_medical)
 

@@ -1,7 +1,7 @@
 """What the command-line modules (:mod:`.cli`, :mod:`.cli_concept`, :mod:`.cli_sae`, :mod:`.cli_bench`,
-:mod:`.cli_index`) share: the ``--dtype`` option, reading chat files for a model, reading a scores file, parsing
-``--latents``, and the ``bench ...-table`` commands that merge runs' JSON files into one markdown table. Importing
-it imports no torch."""
+:mod:`.cli_index`) share: the ``--dtype`` option, the medical data's default folder, reading chat files for a model,
+reading a scores file, parsing ``--latents``, and the ``bench ...-table`` commands that merge runs' JSON files into one
+markdown table. Importing it imports no torch."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import argparse
 import json
 from pathlib import Path
 
-__all__ = ["add_dtype_option", "read_examples", "read_scores", "latent_list", "named_json", "write_table",
+__all__ = ["EM_DATA", "add_dtype_option", "read_examples", "read_scores", "latent_list", "named_json", "write_table",
            "add_table_command"]
+
+EM_DATA = "../shared/data/em"  # the default folder of the emergent-misalignment data (bench medical, bench index --part)
 
 
 def add_dtype_option(p: argparse.ArgumentParser) -> None:

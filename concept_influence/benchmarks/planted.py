@@ -29,12 +29,8 @@ from typing import Sequence
 
 import numpy as np
 
-from probes import train_probe
-
-from ..activations import collect_activations
-from ..concepts import ConceptFunction
 from ..curvature import fit_curvature
-from ..data import ChatExample, DataError, TokenizedExample, tokenize_examples
+from ..data import ChatExample
 from ..estimators import (
     ConceptGradDot,
     ConceptInfluence,
@@ -53,21 +49,22 @@ from ..generation import sample_responses
 from ..provenance import machine_description
 from .curvature_study import run_curvature_study
 from .planted_behaviour import behaviour_section, concept_lds, mean_answer_loss
-from .planted_concept import broad_factor_estimators, checkpoint_estimators, compared_queries, concept_check_section
+from .planted_concept import (
+    broad_factor_estimators,
+    checkpoint_estimators,
+    compared_queries,
+    concept_check_section,
+    planted_concept,
+)
 from .planted_config import BenchmarkError, PlantedConfig
 from .planted_report import command_line, format_report, format_retrieval, report_plots, write_results
-from .planted_splits import PlantedSplits, split_planted
+from .planted_splits import PlantedSplits, split_planted, tokenize_splits
 from .planted_training import Finetuner, lora_model
 from .query_study import run_query_study
 from .smallmodel import build_small_model, seed_everything, train_bpe_tokenizer, train_model
 
 __all__ = ["BenchmarkError", "PlantedConfig", "PlantedSplits", "split_planted", "run_planted", "format_report",
            "command_line"]
-
-
-def _tokenize(examples, tokenizer, cfg) -> list[TokenizedExample]:
-    """The examples that fit in ``cfg.max_length``; none is an error naming their file."""
-    return tokenize_examples(examples, tokenizer, cfg.max_length, skip_truncated=True)
 
 
 def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], out: str | Path,
@@ -92,24 +89,7 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
     else:
         texts = [f"{c.prompt}\n{c.response}" for c in splits.pretrain + splits.probe_positive + splits.probe_negative]
         tokenizer = train_bpe_tokenizer(texts, out / "tokenizer", cfg.vocab_size)
-    pool_tk = tokenize_examples(splits.pool, tokenizer, cfg.max_length, skip_truncated=True)
-    kept = {t.id for t in pool_tk}
-    labels = [lab for ex, lab in zip(splits.pool, splits.planted) if ex.id in kept]
-    if sum(labels) == 0 or sum(labels) == len(labels):
-        raise DataError(f"after dropping responses longer than max_length {cfg.max_length}, the pool has "
-                        f"{sum(labels)} planted of {len(labels)}; raise --max-length")
-    tk = {"pretrain": _tokenize(splits.pretrain, tokenizer, cfg) if splits.pretrain else [],
-          "pos": _tokenize(splits.probe_positive, tokenizer, cfg),
-          "neg": _tokenize(splits.probe_negative, tokenizer, cfg),
-          "eval": _tokenize(splits.eval_clean, tokenizer, cfg)}
-    if splits.eval_planted is not None:  # keep only evaluation prompts whose two answers both fit
-        clean_tk = {t.id: t for t in tk["eval"]}
-        planted_tk = {t.id: t for t in _tokenize(splits.eval_planted, tokenizer, cfg)}
-        pairs = [(clean_tk[c.id], planted_tk[p.id]) for c, p in zip(splits.eval_clean, splits.eval_planted)
-                 if c.id in clean_tk and p.id in planted_tk]
-        if not pairs:
-            raise DataError(f"no evaluation prompt has both answers within {cfg.max_length} tokens; raise --max-length")
-        tk["eval"], tk["eval_planted"] = [c for c, _ in pairs], [p for _, p in pairs]
+    pool_tk, labels, tk = tokenize_splits(splits, tokenizer, cfg)
 
     if not cfg.model:
         adapter = build_small_model(tokenizer, cfg.n_layers, cfg.d_model, cfg.n_heads, n_ctx=cfg.max_length, seed=cfg.seed)
@@ -125,15 +105,10 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
     finetune_seconds = time.perf_counter() - t0
     print(f"fine-tuned on the pool ({finetune_seconds:.0f} s)")
 
-    hook = f"blocks.{cfg.probe_layer}.hook_resid_post"
-    acts = [collect_activations(adapter, tk[k], hook, progress=False) for k in ("pos", "neg")]
-    probe = train_probe(cfg.probe_kind, acts[0], acts[1], hook, seed=cfg.seed)
-    probe.direction.metadata["name"] = "planted_probe"
+    probe, own, concept = planted_concept(adapter, tk, cfg)
+    hook = probe.direction.hook_name
     probe.direction.save(out / "probe.safetensors")
     print(f"probe at {hook}: held-out accuracy {probe.metrics['accuracy']:.3f}, AUROC {probe.metrics['roc_auc']:.3f}")
-    own = sample_responses(adapter, tk["eval"], cfg.max_new_tokens, seed=cfg.seed, progress=False,
-                               min_new_tokens=1)
-    concept = ConceptFunction.from_directions(probe.direction, eval_examples=own, reduction=cfg.query)
     check = concept_check_section(adapter, probe.direction, tk, splits.eval_planted is not None, cfg, out)
 
     def behaviour() -> float:
@@ -149,13 +124,12 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
     curvature = fit_curvature(adapter, pool_tk, maps=adapter.linear_maps(), strategy="ekfac",
                               batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
     fit_seconds = time.perf_counter() - t0
-    test = (tk["eval_planted"] if splits.eval_planted is not None else tk["pos"])[: cfg.n_test]
     estimators = [
         ConceptInfluence(concept, curvature), *compared_queries(probe.direction, own, curvature, cfg),
         *broad_factor_estimators(concept, tuner.pretrained, tk["pretrain"], pool_tk, cfg),
         ConceptGradDot(concept), *checkpoint_estimators(concept, tuner.pretrained, pool_tk, cfg),
-        InfluenceFunction(test, curvature),
-        GradDot(test), ProbeProjection(concept),
+        InfluenceFunction(tk["test"], curvature),
+        GradDot(tk["test"]), ProbeProjection(concept),
         ProjectionDifference(concept, cfg.max_new_tokens, seed=cfg.seed, min_new_tokens=1),
         TfidfBaseline(response_texts(adapter, tk["pos"])), LengthBaseline(), RandomBaseline(cfg.seed),
     ]

@@ -1,23 +1,39 @@
-"""The planted benchmark's concept: the causal check of the probe direction and the queries compared."""
+"""The planted benchmark's concept: the probe and the concept read on the model's own answers, the causal check of
+the probe direction, and the queries compared."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from probes import ConceptDirection
+from probes import ConceptDirection, train_probe
 
+from ..activations import collect_activations
 from ..concept_check import check_concept
 from ..concepts import ConceptFunction
 from ..curvature import Curvature, CurvatureSettings
 from ..data import TokenizedExample
 from ..estimators import ConceptGradDot, ConceptInfluence, OverCheckpoints
+from ..generation import sample_responses
 from ..models import ModelAdapter
 from .planted_config import PlantedConfig
 
-__all__ = ["concept_check_section", "compared_queries", "checkpoint_estimators", "broad_factor_estimators", "BROAD_FACTORS"]
+__all__ = ["planted_concept", "concept_check_section", "compared_queries", "checkpoint_estimators",
+           "broad_factor_estimators", "BROAD_FACTORS"]
 
 #: the name of Concept Influence with EK-FAC fitted on pre-training chats and the pool
 BROAD_FACTORS = "concept_influence[pretrain+pool]"
+
+
+def planted_concept(adapter: ModelAdapter, tk: dict[str, list[TokenizedExample]], cfg: PlantedConfig):
+    """The probe of planted (``tk["pos"]``) vs clean (``tk["neg"]``) answers at ``blocks.<cfg.probe_layer>``, the
+    model's own answers to the evaluation prompts (``tk["eval"]``), and the concept: the probe read on those answers
+    at ``cfg.query``. Returns the three."""
+    hook = f"blocks.{cfg.probe_layer}.hook_resid_post"
+    acts = [collect_activations(adapter, tk[k], hook, progress=False) for k in ("pos", "neg")]
+    probe = train_probe(cfg.probe_kind, acts[0], acts[1], hook, seed=cfg.seed)
+    probe.direction.metadata["name"] = "planted_probe"
+    own = sample_responses(adapter, tk["eval"], cfg.max_new_tokens, seed=cfg.seed, progress=False, min_new_tokens=1)
+    return probe, own, ConceptFunction.from_directions(probe.direction, eval_examples=own, reduction=cfg.query)
 
 
 def concept_check_section(adapter: ModelAdapter, direction: ConceptDirection, tk: dict[str, list[TokenizedExample]],

@@ -1,17 +1,25 @@
-"""The planted benchmark's data: deduplicate the prompts and split them into probe, pre-training, pool and evaluation."""
+"""The planted benchmark's data: the medical benchmark's files, deduplicating the prompts, splitting them into probe,
+pre-training, pool and evaluation, and tokenising the splits."""
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from ..data import ChatExample, DataError
+from ..data import ChatExample, DataError, TokenizedExample, tokenize_examples
 from .planted_config import BenchmarkError, PlantedConfig
 
-__all__ = ["PlantedSplits", "split_planted"]
+__all__ = ["PlantedSplits", "split_planted", "tokenize_splits", "medical_files"]
+
+
+def medical_files(data: str | Path) -> list[Path]:
+    """The medical benchmark's clean and planted files in the folder ``data``: the emergent-misalignment good and bad
+    medical advice (paired)."""
+    return [Path(data) / f"{kind}_medical_advice.jsonl.gz" for kind in ("good", "bad")]
 
 
 @dataclass
@@ -102,3 +110,33 @@ def split_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], 
         probe_positive=probe_pos, probe_negative=probe_neg, pretrain=pretrain, pool=[ex for ex, _ in pool],
         planted=[lab for _, lab in pool], eval_clean=evals,
         dropped_duplicates={clean_name: len(clean) - len(clean_u), planted_name: len(planted) - len(planted_u)})
+
+
+def tokenize_splits(splits: PlantedSplits, tokenizer, cfg: PlantedConfig) -> tuple[list[TokenizedExample], list[int],
+                                                                                   dict[str, list[TokenizedExample]]]:
+    """The pool's examples that fit in ``cfg.max_length`` with their planted labels, and the other splits tokenised:
+    ``pretrain``, ``pos`` and ``neg`` (the probe's), ``eval``, on paired data ``eval_planted`` (the evaluation prompts
+    whose two answers both fit), and ``test``: the first ``cfg.n_test`` planted answers to evaluation prompts (unpaired:
+    of the probe's positives), classic influence's test examples. A pool left with one class, or paired data left
+    without an evaluation prompt, is a :class:`DataError`."""
+    def fitting(examples):
+        return tokenize_examples(examples, tokenizer, cfg.max_length, skip_truncated=True)
+
+    pool = fitting(splits.pool)
+    kept = {t.id for t in pool}
+    labels = [lab for ex, lab in zip(splits.pool, splits.planted) if ex.id in kept]
+    if sum(labels) == 0 or sum(labels) == len(labels):
+        raise DataError(f"after dropping responses longer than max_length {cfg.max_length}, the pool has "
+                        f"{sum(labels)} planted of {len(labels)}; raise --max-length")
+    tk = {"pretrain": fitting(splits.pretrain) if splits.pretrain else [], "pos": fitting(splits.probe_positive),
+          "neg": fitting(splits.probe_negative), "eval": fitting(splits.eval_clean)}
+    if splits.eval_planted is not None:  # keep only evaluation prompts whose two answers both fit
+        clean_tk = {t.id: t for t in tk["eval"]}
+        planted_tk = {t.id: t for t in fitting(splits.eval_planted)}
+        pairs = [(clean_tk[c.id], planted_tk[p.id]) for c, p in zip(splits.eval_clean, splits.eval_planted)
+                 if c.id in clean_tk and p.id in planted_tk]
+        if not pairs:
+            raise DataError(f"no evaluation prompt has both answers within {cfg.max_length} tokens; raise --max-length")
+        tk["eval"], tk["eval_planted"] = [c for c, _ in pairs], [p for _, p in pairs]
+    tk["test"] = tk.get("eval_planted", tk["pos"])[: cfg.n_test]
+    return pool, labels, tk
