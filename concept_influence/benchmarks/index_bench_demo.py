@@ -1,9 +1,10 @@
-"""The index benchmark on the demo: the demo's planted data and training (pre-train on careful answers, fine-tune on a
-pool with reckless ones planted), its concept (difference of means at the last block, read at the last prompt token of
-the model's own answers) and its test examples (the reckless answers to held-out prompts). Every projection at equal
-bytes against exact Concept Influence, classic influence and their sum over the pre-trained and the fine-tuned model
-(Spearman, and the planted AUROC beside the exact estimator's); on a Llama of the demo's size trained the same way, ours
-against Bergson's index at the same bytes and precision."""
+"""The index benchmark on a planted benchmark, the demo's by default: its planted data and training (pre-train on clean
+answers, fine-tune on a pool with planted ones), its concept (difference of means at the last block, read at the last
+prompt token of the model's own answers) and its test examples (the planted answers to held-out prompts), made as
+``run_planted`` makes them (:func:`planted_setup`; the medical benchmark's in :mod:`.index_bench_medical`). Every
+projection at equal bytes against exact Concept Influence, classic influence and (the demo) their sum over the
+pre-trained and the fine-tuned model (Spearman, and the planted AUROC beside the exact estimator's); on a Llama of the
+demo's size trained the same way, ours against Bergson's index at the same bytes and precision."""
 
 from __future__ import annotations
 
@@ -17,29 +18,27 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from probes import train_probe
-
-from ..activations import collect_activations
 from ..concepts import ConceptFunction
 from ..curvature import fit_curvature
-from ..data import tokenize_examples
 from ..demo import demo_config
 from ..estimators import ConceptInfluence, InfluenceFunction, OverCheckpoints
 from ..evaluation import retrieval_metrics
-from ..generation import sample_responses
 from ..index import GradientIndex, IndexSettings
 from ..models import HFCausalLMAdapter
 from .demo_corpus import make_paired_demo_corpus
-from .planted_splits import split_planted
+from .planted_concept import planted_concept
+from .planted_config import PlantedConfig
+from .planted_splits import split_planted, tokenize_splits
 from .planted_training import Finetuner
 from .smallmodel import build_small_model, seed_everything, train_bpe_tokenizer, train_model
 
-__all__ = ["DemoSetup", "demo_setup", "demo_study"]
+__all__ = ["PlantedSetup", "planted_setup", "demo_setup", "index_study", "demo_study"]
 
 
 @dataclass
-class DemoSetup:
-    """A trained demo model with its pool, planted labels, concept, test examples and pre-trained weights."""
+class PlantedSetup:
+    """A trained planted-benchmark model with its pool, planted labels, concept, test examples and pre-trained
+    weights."""
 
     adapter: object
     pool: list
@@ -59,34 +58,34 @@ def _llama(tokenizer, cfg, seed: int) -> HFCausalLMAdapter:
     return HFCausalLMAdapter(LlamaForCausalLM(config).eval(), tokenizer)
 
 
-def demo_setup(seed: int, quick: bool, arch: str, work: Path) -> DemoSetup:
-    """The demo's data, model (``arch``: the demo's TransformerLens model, or ``llama`` of the same size), training and
-    concept at ``seed`` (the sizes of ``concept-influence demo``, or ``--quick``'s)."""
-    cfg = demo_config(quick, seed)
+def planted_setup(clean: list, planted: list, cfg: PlantedConfig, arch: str, work: Path) -> PlantedSetup:
+    """The planted benchmark's splits, tokenizer, pre-training, fine-tune on the pool, probe and concept as
+    ``run_planted`` makes them from ``clean`` and ``planted`` chats with ``cfg`` (its seed), on the benchmark's
+    TransformerLens model or (``arch`` ``llama``) a Llama of the same size; the tokenizer is written under ``work``."""
+    seed = cfg.seed
     seed_everything(seed)
-    clean, trait = make_paired_demo_corpus(int((cfg.n_probe + cfg.n_pretrain + cfg.n_pool + cfg.n_eval) * 1.1) + 20, seed)
-    splits = split_planted(clean, trait, cfg)
+    splits = split_planted(clean, planted, cfg)
     texts = [f"{c.prompt}\n{c.response}" for c in splits.pretrain + splits.probe_positive + splits.probe_negative]
     tokenizer = train_bpe_tokenizer(texts, work / f"tokenizer-{seed}", cfg.vocab_size)
-    tk = {name: tokenize_examples(getattr(splits, name), tokenizer, cfg.max_length, skip_truncated=True)
-          for name in ("pool", "pretrain", "probe_positive", "probe_negative", "eval_clean", "eval_planted")}
-    kept = {e.id for e in tk["pool"]}
-    labels = np.array([y for e, y in zip(splits.pool, splits.planted) if e.id in kept])
+    pool, labels, tk = tokenize_splits(splits, tokenizer, cfg)
     adapter = (_llama(tokenizer, cfg, seed) if arch == "llama" else
                build_small_model(tokenizer, cfg.n_layers, cfg.d_model, cfg.n_heads, n_ctx=cfg.max_length, seed=seed))
     train_model(adapter, tk["pretrain"], cfg.pretrain_epochs, cfg.pretrain_lr, cfg.batch_size, tokens="all", seed=seed,
                 progress=False)
     tuner = Finetuner(adapter, cfg, progress=False)
-    tuner.finetune(tk["pool"], seed)
-    hook = f"blocks.{cfg.probe_layer}.hook_resid_post"
-    probe = train_probe(cfg.probe_kind, *(collect_activations(adapter, tk[k], hook, progress=False)
-                                          for k in ("probe_positive", "probe_negative")), hook, seed=seed)
-    own = sample_responses(adapter, tk["eval_clean"], cfg.max_new_tokens, seed=seed, progress=False, min_new_tokens=1)
-    concept = ConceptFunction.from_directions(probe.direction, eval_examples=own, reduction=cfg.query)
-    return DemoSetup(adapter, tk["pool"], labels, concept, tk["eval_planted"][: cfg.n_test], tuner.pretrained)
+    tuner.finetune(pool, seed)
+    concept = planted_concept(adapter, tk, cfg)[2]
+    return PlantedSetup(adapter, pool, np.array(labels), concept, tk["test"], tuner.pretrained)
 
 
-def _exact(s: DemoSetup):
+def demo_setup(seed: int, quick: bool, arch: str, work: Path) -> PlantedSetup:
+    """:func:`planted_setup` on the demo's corpus at the sizes of ``concept-influence demo`` (or ``--quick``'s)."""
+    cfg = demo_config(quick, seed)
+    clean, trait = make_paired_demo_corpus(int((cfg.n_probe + cfg.n_pretrain + cfg.n_pool + cfg.n_eval) * 1.1) + 20, seed)
+    return planted_setup(clean, trait, cfg, arch, work)
+
+
+def _exact(s: PlantedSetup):
     """The EK-FAC fitted on the pool (every weight matrix), the two queries (the concept; the test answers' loss) and
     their exact scores."""
     curvature = fit_curvature(s.adapter, s.pool, s.adapter.linear_maps(), batch_size=8, progress=False)
@@ -101,11 +100,10 @@ def _compare(got: np.ndarray, exact: np.ndarray, labels: np.ndarray) -> dict:
             "exact_auroc": retrieval_metrics(exact, labels)["auroc"]}
 
 
-def demo_study(seed: int, ranks: tuple[int, ...], budget: int, quick: bool, bergson: bool, work: Path) -> dict:
-    """One demo seed: exact scores, then each projection and rank (float16, at equal bytes) and the default (``budget``
-    bytes), over one checkpoint and over two; with ``bergson``, ours and Bergson's index on the Llama demo at equal
-    rank and float32."""
-    s = demo_setup(seed, quick, "tl", work)
+def index_study(s: PlantedSetup, ranks: tuple[int, ...], budget: int, work: Path, checkpoints: bool = True) -> dict:
+    """Exact scores on the trained setup ``s``, then each projection and rank (float16, at equal bytes) and the
+    default (``budget`` bytes), for Concept Influence and classic influence; with ``checkpoints``, also the default
+    index summed over the pre-trained and the fine-tuned model."""
     ad, pool, labels = s.adapter, s.pool, s.labels
     curvature, queries, exact = _exact(s)
     out = {"n_pool": len(pool), "n_planted": int(labels.sum()), "rows": []}
@@ -119,19 +117,27 @@ def demo_study(seed: int, ranks: tuple[int, ...], budget: int, quick: bool, berg
 
     for rank in ranks:
         for projection in ("eigen", "random"):
-            index = GradientIndex.build(work / f"s{seed}-{projection}-{rank}", ad, pool, curvature, progress=False,
+            index = GradientIndex.build(work / f"{projection}-{rank}", ad, pool, curvature, progress=False,
                                         projection=projection, rank=rank)
             measure(index, f"{projection} r{rank}", empirical=projection == "random")
-    measure(GradientIndex.build(work / f"s{seed}-default", ad, pool, curvature, IndexSettings(budget=budget),
-                                progress=False), "default")
+    measure(GradientIndex.build(work / "default", ad, pool, curvature, IndexSettings(budget=budget), progress=False),
+            "default")
     out["full_bytes"] = 4 * sum(m.shape[0] * m.shape[1] for m in ad.linear_maps())
-    out["checkpoints"] = _checkpoint_rows(s, curvature, budget, work / f"s{seed}-checkpoints")
+    if checkpoints:
+        out["checkpoints"] = _checkpoint_rows(s, curvature, budget, work / "checkpoints")
+    return out
+
+
+def demo_study(seed: int, ranks: tuple[int, ...], budget: int, quick: bool, bergson: bool, work: Path) -> dict:
+    """One demo seed: :func:`index_study` with the checkpoint sum; with ``bergson``, ours and Bergson's index on the
+    Llama demo at equal rank and float32."""
+    out = index_study(demo_setup(seed, quick, "tl", work), ranks, budget, work)
     if bergson:
         out["bergson"] = _bergson_rows(seed, ranks, quick, work)
     return out
 
 
-def _checkpoint_rows(s: DemoSetup, curvature, budget: int, path: Path) -> dict:
+def _checkpoint_rows(s: PlantedSetup, curvature, budget: int, path: Path) -> dict:
     """Concept Influence summed over the pre-trained and the fine-tuned model: exact (OverCheckpoints) and from one
     two-checkpoint index of the default size."""
     ad, pool = s.adapter, s.pool
