@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .cli_common import EM_DATA
+
 __all__ = ["add_index_commands", "index_errors"]
 
 # Spelled out so that building the parser imports no torch (a test checks they equal the library's constants).
@@ -109,8 +111,13 @@ def _bench(args: argparse.Namespace) -> int:
     from .benchmarks.index_bench import IndexBenchConfig, run_index_benchmark
 
     given = {k: v for k, v in (("n_examples", args.examples), ("seeds", args.seeds)) if v is not None}
-    run_index_benchmark(args.out, IndexBenchConfig(size=args.size, quick=args.quick, bergson=not args.no_bergson,
-                                                   **given))
+    cfg = IndexBenchConfig(size=args.size, quick=args.quick, bergson=not args.no_bergson, **given)
+    if args.part == "medical":
+        from .benchmarks.index_bench_medical import run_index_medical
+
+        run_index_medical(args.out, args.data, cfg)
+    else:
+        run_index_benchmark(args.out, cfg)
     return 0
 
 
@@ -178,11 +185,18 @@ def add_index_commands(sub, bench) -> None:
         description="At GPT-2-small shape (random weights) and on the demo: bytes per example of each projection at "
                     "equal bytes, build time against one exact scoring pass, query time for K = 1 and 100 over 10k and "
                     "100k stored rows, Spearman and planted AUROC against exact Concept Influence and classic "
-                    "influence, and Bergson's index at the same compression. Writes DIR/index.json and DIR/index.md.")
-    b.add_argument("--out", required=True, help="output folder for index.json and index.md")
+                    "influence, and Bergson's index at the same compression. Writes DIR/index.json and DIR/index.md. "
+                    "With --part medical, only the projections against the exact estimators on the medical benchmark "
+                    "(DIR/index-medical.json and .md).")
+    b.add_argument("--out", required=True, help="output folder for index.json and index.md (or index-medical.*)")
+    b.add_argument("--part", choices=("main", "medical"), default="main",
+                   help="main: GPT-2 shape, query time and the demo (default); medical: instead, every projection at "
+                        "equal bytes on the medical benchmark (bench medical's data, training and concept), written "
+                        "to DIR/index-medical.json and .md")
+    b.add_argument("--data", default=EM_DATA, help=f"with --part medical: bench medical's --data (default {EM_DATA})")
     b.add_argument("--size", choices=("gpt2-small", "tiny"), default="gpt2-small", help="the random model's shape")
     b.add_argument("--examples", type=int, help="training sequences at that shape (default 48)")
-    b.add_argument("--seeds", type=int, help="demo seeds (default 3)")
+    b.add_argument("--seeds", type=int, help="demo (or medical) seeds (default 3)")
     b.add_argument("--quick", action="store_true", help="a reduced size (a check that it runs)")
     b.add_argument("--no-bergson", action="store_true", help="skip Bergson's index")
     b.set_defaults(func=_bench)

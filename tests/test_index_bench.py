@@ -1,19 +1,28 @@
-"""The index benchmark runs at a tiny size and reports finite figures (no timing assertions), and the Bergson index
-bridge stores what it says: Bergson's projection of each example's gradient."""
+"""The index benchmark runs at a tiny size and reports finite figures (no timing assertions), its medical part writes
+a row per projection, rank and the default against the exact estimators, and the Bergson index bridge stores what it
+says: Bergson's projection of each example's gradient."""
 
+import gzip
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from concept_influence.benchmarks.bergson_bridge import bergson_unavailable
+from concept_influence.benchmarks.demo_corpus import make_paired_demo_corpus
 from concept_influence.benchmarks.index_bench import IndexBenchConfig, run_index_benchmark
+from concept_influence.benchmarks.planted_splits import medical_files
+from concept_influence.cli import main
 from concept_influence.curvature import fit_curvature
+from concept_influence.data import write_chat_jsonl
 from concept_influence.index import GradientIndex
 from concept_influence.models import HFCausalLMAdapter
 from conftest import _hf_model
+
+EM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "em"
 
 
 def test_index_benchmark_quick_without_the_demo(tmp_path):
@@ -29,6 +38,49 @@ def test_index_benchmark_quick_without_the_demo(tmp_path):
     text = (tmp_path / "index.md").read_text()
     assert "Reproduce: `concept-influence bench index --out benchmarks --quick`" in text and "| ours, eigen |" in text
     assert json.loads((tmp_path / "index.json").read_text())["config"]["bergson"] is False
+
+
+def _medical_slice(folder: Path, n: int = 400) -> Path:
+    """The first ``n`` lines of the shared medical files (or, without them, the demo's paired corpus under their
+    names): enough prompts for the quick splits."""
+    if not all(f.is_file() for f in medical_files(EM)):
+        for examples, path in zip(make_paired_demo_corpus(n, seed=0), medical_files(folder)):
+            write_chat_jsonl(examples, path)
+        return folder
+    for source, path in zip(medical_files(EM), medical_files(folder)):
+        with gzip.open(source, "rt", encoding="utf-8") as fh:
+            lines = [line for _, line in zip(range(n), fh)]
+        folder.mkdir(exist_ok=True)
+        with gzip.open(path, "wt", encoding="utf-8") as fh:
+            fh.writelines(lines)
+    return folder
+
+
+def test_index_benchmark_medical_part_quick(tmp_path):
+    data = _medical_slice(tmp_path / "em")
+    assert main(["bench", "index", "--part", "medical", "--quick", "--data", str(data), "--out", str(tmp_path)]) == 0
+    assert not (tmp_path / "index.md").exists()  # the GPT-2-shape part and the demo are not run
+    report = json.loads((tmp_path / "index-medical.json").read_text())
+    assert report["config"]["quick"] and report["planted_config"]["rate"] == 0.1
+    (seed,) = report["medical"]
+    assert 0 < seed["n_planted"] < seed["n_pool"] and "checkpoints" not in seed
+    rows = seed["rows"]
+    expected = {("eigen r4", "ekfac"), ("random r4", "ekfac"), ("random r4", "empirical"), ("default", "ekfac")}
+    for query in ("concept_influence", "influence_function"):
+        mine = [r for r in rows if r["query"] == query]
+        assert {(r["variant"], r["curvature"]) for r in mine} == expected and len(mine) == len(expected)
+        assert len({r["exact_auroc"] for r in mine}) == 1
+        assert all(-1 <= r["spearman"] <= 1 and 0 <= r["auroc"] <= 1 for r in mine)
+        assert all(r["rank"] == 4 for r in mine if r["variant"] != "default")
+    default = next(r for r in rows if r["variant"] == "default")
+    assert default["bytes"] <= report["config"]["budget"]
+    text = (tmp_path / "index-medical.md").read_text()
+    assert (f"Reproduce: `concept-influence bench index --part medical --data {data} --out benchmarks --quick`"
+            in text)
+    assert "Machine: " in text and "Data: good_medical_advice.jsonl.gz + bad_medical_advice.jsonl.gz" in text
+    table = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [line.split(" | ")[:2] for line in table] == [["| eigen r4", "ekfac"], ["| random r4", "ekfac"],
+                                                         ["| random r4", "empirical"], ["| default", "ekfac"]]
 
 
 @pytest.mark.skipif(bergson_unavailable() is not None, reason=str(bergson_unavailable()))

@@ -1,5 +1,5 @@
 """The index benchmark's markdown: size, build, accuracy and query time at a real shape, the demo study, and ours
-beside Bergson's index."""
+beside Bergson's index; and the medical part's own report."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 
 from .index_bench_demo import median_rows
 
-__all__ = ["format_index_markdown"]
+__all__ = ["format_index_markdown", "format_medical_markdown"]
 
 QUERIES = (("concept_influence", "Concept Influence"), ("influence_function", "classic influence"))
 
@@ -79,6 +79,19 @@ def _query_section(r: dict) -> list[str]:
     return lines
 
 
+def _rows_table(seeds: list[dict]) -> list[str]:
+    """The table of every index against the exact estimators: medians over ``seeds`` (their ``rows``)."""
+    full = seeds[0]["full_bytes"]
+    lines = ["| index | curvature | bytes / example | × smaller | Spearman, Concept Influence | AUROC (exact) | "
+             "Spearman, classic influence | AUROC (exact) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = {(m.variant, m.curvature, m.query): m for m in median_rows(seeds, "rows", ("variant", "curvature", "query"))}
+    for variant, curvature in dict.fromkeys((v, c) for v, c, _ in rows):
+        ci, inf = rows[(variant, curvature, "concept_influence")], rows[(variant, curvature, "influence_function")]
+        lines.append(f"| {variant} | {curvature} | {ci.bytes} | {full / ci.bytes:.0f} | {ci.spearman:.3f} | "
+                     f"{ci.auroc:.3f} ({ci.exact_auroc:.3f}) | {inf.spearman:.3f} | {inf.auroc:.3f} ({inf.exact_auroc:.3f}) |")
+    return lines
+
+
 def _demo_section(r: dict) -> list[str]:
     demo = r["demo"]
     full = demo[0]["full_bytes"]
@@ -88,14 +101,7 @@ def _demo_section(r: dict) -> list[str]:
              f"weight matrix ({full} bytes of float32 gradient per example). Each index stores float16 rows; medians over "
              "seeds of the Spearman correlation with the exact estimator's scores and of the planted AUROC (the exact "
              "estimator's in brackets). `empirical`: the same rows preconditioned with their own damped second moment "
-             "(as LoGra and Bergson do) instead of the EK-FAC restricted to the subspace.", "",
-             "| index | curvature | bytes / example | × smaller | Spearman, Concept Influence | AUROC (exact) | "
-             "Spearman, classic influence | AUROC (exact) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    rows = {(m.variant, m.curvature, m.query): m for m in median_rows(demo, "rows", ("variant", "curvature", "query"))}
-    for variant, curvature in dict.fromkeys((v, c) for v, c, _ in rows):
-        ci, inf = rows[(variant, curvature, "concept_influence")], rows[(variant, curvature, "influence_function")]
-        lines.append(f"| {variant} | {curvature} | {ci.bytes} | {full / ci.bytes:.0f} | {ci.spearman:.3f} | "
-                     f"{ci.auroc:.3f} ({ci.exact_auroc:.3f}) | {inf.spearman:.3f} | {inf.auroc:.3f} ({inf.exact_auroc:.3f}) |")
+             "(as LoGra and Bergson do) instead of the EK-FAC restricted to the subspace.", ""] + _rows_table(demo)
     ck = [d["checkpoints"] for d in demo]
     lines += ["", "Summed over the pre-trained and the fine-tuned model (one index of both checkpoints at the default size, "
               "against `OverCheckpoints` of exact Concept Influence): Spearman "
@@ -117,12 +123,46 @@ def _demo_section(r: dict) -> list[str]:
     return lines
 
 
+def _machine(report: dict, extra: str = "") -> str:
+    m = report["machine"]
+    return (f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} thread(s){extra}; "
+            "float32 models on CPU. Every time is from this one run.")
+
+
 def format_index_markdown(report: dict) -> str:
     """The benchmark as markdown: the command, the machine, and the three sections' tables."""
     m, cfg = report["machine"], report["config"]
+    bergson = f", Bergson {m.get('bergson') or 'not installed'}" + (f" ({report['bergson']})" if report.get("bergson")
+                                                                     else "")
     lines = ["# Gradient index benchmark", "", f"Reproduce: `{_command(cfg)}` ({report['total_seconds']:.0f} s in all).",
-             "", f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} thread(s), "
-             f"Bergson {m.get('bergson') or 'not installed'}" + (f" ({report['bergson']})" if report.get("bergson") else "")
-             + "; float32 models on CPU. Every time is from this one run.", ""]
+             "", _machine(report, bergson), ""]
     lines += _size_section(report) + _query_section(report) + (_demo_section(report) if report["demo"] else [])
     return "\n".join(lines) + "\n"
+
+
+def _medical_command(report: dict) -> str:
+    cfg = report["config"]
+    command = f"concept-influence bench index --part medical --data {report['data']} --out benchmarks"
+    return command + (" --quick" if cfg["quick"] else f" --seeds {cfg['seeds']}" if cfg["seeds"] != 3 else "")
+
+
+def format_medical_markdown(report: dict) -> str:
+    """``bench index --part medical`` as markdown: the command, the machine, the data and model, and the table."""
+    p, seeds = report["planted_config"], report["medical"]
+    layer = p["n_layers"] - 1 if p["layer"] is None else p["layer"]
+    lines = ["# Gradient index benchmark on the medical data", "",
+             f"Reproduce: `{_medical_command(report)}` ({report['total_seconds']:.0f} s in all).", "", _machine(report), "",
+             f"Data: {' + '.join(report['files'])} (paired) as `concept-influence bench medical --rate {p['rate']}"
+             f"{' --quick' if report['config']['quick'] else ''}` splits them; pool of {seeds[0]['n_pool']} with "
+             f"{seeds[0]['n_planted']} planted (seed 0), pre-train {p['n_pretrain']} clean chats, probe {p['n_probe']} "
+             f"per class, eval {p['n_eval']}; {len(seeds)} seed(s).", "",
+             f"Model: as that benchmark trains it: TransformerLens, {p['n_layers']} blocks, d_model {p['d_model']}, vocab "
+             f"{p['vocab_size']}; pre-train {p['pretrain_epochs']} epochs, fine-tune on the pool {p['finetune_epochs']} "
+             f"epochs. Concept: {p['probe_kind']} probe at `blocks.{layer}.hook_resid_post` read at {p['query']} of the "
+             f"model's own answers to the evaluation prompts; classic influence on up to {p['n_test']} planted answers to "
+             "held-out prompts. The EK-FAC fitted on the pool over every weight matrix "
+             f"({seeds[0]['full_bytes']} bytes of float32 gradient per example).", "",
+             "Each index stores float16 rows; medians over seeds of the Spearman correlation with the exact estimator's "
+             "scores and of the planted AUROC (the exact estimator's in brackets). `empirical`: the same rows "
+             "preconditioned with their own damped second moment instead of the EK-FAC restricted to the subspace.", ""]
+    return "\n".join(lines + _rows_table(seeds)) + "\n"

@@ -1,0 +1,54 @@
+"""The index benchmark on the medical benchmark (``concept-influence bench index --part medical``): the
+emergent-misalignment good and bad medical advice read as ``bench medical`` reads it, split, trained and probed as it
+does at its default settings (or ``--quick``'s), and every projection at equal bytes against exact Concept Influence
+and classic influence (:func:`~.index_bench_demo.index_study`), medians over seeds in ``index-medical.md`` and
+``.json``. The GPT-2-shape part, the query timing and the demo of ``bench index`` are not run."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from ..data import load_chats
+from ..fileio import atomic_write_text
+from ..provenance import machine_description
+from .index_bench import IndexBenchConfig
+from .index_bench_demo import index_study, planted_setup
+from .planted_config import PlantedConfig
+from .planted_splits import medical_files
+
+__all__ = ["medical_config", "run_index_medical"]
+
+
+def medical_config(quick: bool, seed: int) -> PlantedConfig:
+    """The settings ``bench medical`` runs with at ``seed`` (its default rate 0.1), or with ``--quick``."""
+    return (PlantedConfig.quick if quick else PlantedConfig)(paired=True, rate=0.1, seed=seed)
+
+
+def run_index_medical(out_dir: str | Path, data: str | Path, cfg: IndexBenchConfig | None = None) -> dict:
+    """``cfg.seeds`` medical seeds, each :func:`index_study` (``cfg.ranks``, ``cfg.budget``; no checkpoint sum) on the
+    medical files in ``data``; writes ``index-medical.json`` and ``index-medical.md`` to ``out_dir``."""
+    from .index_bench_report import format_medical_markdown
+
+    cfg = cfg or IndexBenchConfig()
+    out_dir, started = Path(out_dir), time.perf_counter()
+    files = medical_files(data)
+    chats = [load_chats(f) for f in files]
+    report = {"config": asdict(cfg), "data": str(data), "files": [f.name for f in files],
+              "planted_config": asdict(medical_config(cfg.quick, 0)), "machine": machine_description(), "medical": []}
+    with tempfile.TemporaryDirectory(prefix="concept-influence-index-medical-") as tmp:
+        for seed in range(cfg.seeds):
+            print(f"[index bench] medical, seed {seed} ...", flush=True)
+            work = Path(tmp) / f"medical{seed}"
+            seed_started = time.perf_counter()
+            setup = planted_setup(*chats, medical_config(cfg.quick, seed), "tl", work)
+            study = index_study(setup, cfg.ranks, cfg.budget, work, checkpoints=False)
+            report["medical"].append({**study, "seconds": time.perf_counter() - seed_started})
+    report["total_seconds"] = time.perf_counter() - started
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "index-medical.json", json.dumps(report, indent=1))
+    atomic_write_text(out_dir / "index-medical.md", format_medical_markdown(report))
+    return report
