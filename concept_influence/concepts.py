@@ -13,7 +13,7 @@ response tokens (``ProbeProjection(reduction="response_mean")``): that is what t
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -24,9 +24,13 @@ from probes.directions import ConceptDirection, DirectionError
 from .data import Batch, TokenizedExample, iter_batches
 from .models import LinearMap, ModelAdapter, block_of_hook
 
-__all__ = ["ConceptFunction", "ConceptError", "measurement_gradient", "check_direction_compatible", "DEFAULT_QUERY"]
+__all__ = ["ConceptFunction", "ConceptError", "measurement_gradient", "Projection", "check_direction_compatible", "DEFAULT_QUERY"]
 
 DEFAULT_QUERY = "last_prompt"
+PROMPT_REDUCTIONS = ("last_prompt", "prompt_mean")  # the queries that read no response token
+
+#: A map's projection ``(P_out, P_in)``: ``[d_out, r_out]`` and ``[d_in, r_in]`` bases, None for no projection.
+Projection = tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
 
 
 class ConceptError(ValueError):
@@ -113,10 +117,16 @@ class ConceptFunction:
         return reduce_tokens(self.readout(acts), batch.to(acts.device), reduction or self.reduction)
 
     def _examples(self, examples: Sequence[TokenizedExample] | None) -> Sequence[TokenizedExample]:
+        """The evaluation examples (or ``examples``), cut after their first response token when the query reads prompt
+        tokens only: a causal language model's activations there do not depend on later tokens, so those are not run
+        (the first response token stays, marking where the prompt ends)."""
         examples = self.eval_examples if examples is None else examples
         if not examples:
             raise ConceptError(f"the concept at {self.hook_name} needs evaluation examples")
-        return examples
+        if self.reduction not in PROMPT_REDUCTIONS:
+            return examples
+        return [e if e.n_response_tokens <= 1 else TokenizedExample(e.id, e.input_ids[:e.response_start + 1], e.response_start)
+                for e in examples]
 
     @torch.no_grad()
     def evaluate(self, adapter: ModelAdapter, examples: Sequence[TokenizedExample] | None = None,
@@ -130,44 +140,63 @@ class ConceptFunction:
         return total / len(examples)
 
     def gradient(self, adapter: ModelAdapter, maps: Sequence[LinearMap], examples: Sequence[TokenizedExample] | None = None,
-                 batch_size: int = 16, progress: bool = False) -> dict[str, torch.Tensor]:
+                 batch_size: int = 16, progress: bool = False,
+                 projections: Mapping[str, Projection] | None = None) -> dict[str, torch.Tensor]:
         """∇θ f for each map as ``[K, d_out, d_in]`` matrices (exact autograd; default examples: the
-        evaluation examples).
+        evaluation examples), or projected as :func:`measurement_gradient` says for maps in ``projections``.
 
         Raises :class:`ConceptError` when no tracked map receives gradient (e.g. a concept at
         ``blocks.0.hook_resid_pre``)."""
         self.check(adapter)
         return measurement_gradient(adapter, self._examples(examples), maps, lambda b: self.per_example(adapter, b), self.k,
-                                    f"the concept at {self.hook_name}", batch_size, progress)
+                                    f"the concept at {self.hook_name}", batch_size, progress, projections)
 
 
 def measurement_gradient(adapter: ModelAdapter, examples: Sequence[TokenizedExample], maps: Sequence[LinearMap],
                          per_example: Callable[[Batch], torch.Tensor], k: int, what: str, batch_size: int = 16,
-                         progress: bool = False) -> dict[str, torch.Tensor]:
-    """Gradient of the mean over ``examples`` of ``per_example(batch)`` (``[B, K]``) w.r.t. each map,
-    as ``[K, d_out, d_in]`` matrices. Names the examples whose measurement is not finite."""
+                         progress: bool = False, projections: Mapping[str, Projection] | None = None
+                         ) -> dict[str, torch.Tensor]:
+    """Gradient of the mean over ``examples`` of ``per_example(batch)`` (``[B, K]``) w.r.t. each map, as
+    ``[K, d_out, d_in]`` matrices; for a map in ``projections`` (``(P_out [d_out, r_out], P_in [d_in, r_in])``, either
+    None for no projection on that side) its projection ``P_outᵀ ∇ P_in`` ``[K, r_out, r_in]``. Each is contracted
+    from the map's tokens (``Σ_t g_t a_tᵀ``; backward passes to the maps' outputs only, one per readout), so a
+    projected gradient is never formed at full size. Names the examples whose measurement is not finite."""
     if not examples:
         raise ConceptError(f"{what} needs at least one evaluation example")
-    weights = [m.weight for m in maps]
-    grads = {m.name: torch.zeros((k, *m.shape)) for m in maps}
+    projections = projections or {}
+    sides = {m.name: projections.get(m.name, (None, None)) for m in maps}
+    grads = {m.name: torch.zeros((k, *(d if p is None else p.shape[1] for d, p in zip(m.shape, sides[m.name]))))
+             for m in maps}
     reached = False
     n_batches = (len(examples) + batch_size - 1) // batch_size
     batches = tqdm(iter_batches(examples, batch_size, adapter.pad_token_id), total=n_batches,
                    desc="measurement gradient", disable=not progress, leave=False)
     with adapter.tracking(maps):
         for batch in batches:
-            per = per_example(batch)
-            bad = [i for i, ok in zip(batch.ids, torch.isfinite(per).all(1).tolist()) if not ok]
-            if bad:
-                raise ConceptError(f"{what} is not finite on example(s) {', '.join(bad)}")
-            values = per.sum(0) / len(examples)
-            for j in range(k):
-                g = torch.autograd.grad(values[j], weights, retain_graph=j < k - 1, allow_unused=True)
-                for m, gj in zip(maps, g):
-                    if gj is not None:
+            with adapter.capture(maps) as cap:
+                per = per_example(batch)
+                bad = [i for i, ok in zip(batch.ids, torch.isfinite(per).all(1).tolist()) if not ok]
+                if bad:
+                    raise ConceptError(f"{what} is not finite on example(s) {', '.join(bad)}")
+                values = per.sum(0) / len(examples)
+                names = list(cap.outputs)
+                mask = batch.attention_mask.bool().to(adapter.device)
+                inputs = {n: _project(cap.inputs[n].masked_fill(~mask[..., None], 0), sides[n][1]) for n in names}
+                for j in range(k):
+                    cap.output_grads.clear()
+                    torch.autograd.grad(values[j], [cap.outputs[n] for n in names], retain_graph=j < k - 1,
+                                        allow_unused=True)
+                    for n, g in cap.output_grads.items():
                         reached = True
-                        grads[m.name][j] += m.to_matrix(gj).detach().cpu().float()
+                        g = _project(g, sides[n][0])
+                        grads[n][j] += (g.flatten(0, 1).T @ inputs[n].flatten(0, 1)).cpu()
     if not reached:
         raise ConceptError(f"no tracked linear map receives gradient from {what}: "
                            f"track maps of blocks before it (tracked: {', '.join(m.name for m in maps) or 'none'})")
     return grads
+
+
+def _project(x: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+    """``x`` (``[B, T, d]``, any float dtype) in float32, times ``basis`` ``[d, r]`` when there is one."""
+    x = x.float()
+    return x if basis is None else x @ basis.to(x)

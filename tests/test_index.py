@@ -16,7 +16,7 @@ from concept_influence.data import collate
 from concept_influence.estimators import ConceptGradDot, ConceptInfluence, InfluenceFunction, OverCheckpoints
 from concept_influence.index import GradientIndex, GradientIndexError
 from concept_influence.index.projection import damped
-from concept_influence.index.query import empirical_moments
+from concept_influence.index.query import empirical_moments, projected_measurement
 from concept_influence.models import HFCausalLMAdapter
 from conftest import _hf_model
 from probes import ConceptDirection
@@ -85,6 +85,32 @@ def test_rows_are_projected_autograd_gradients(fitted, tmp_path):
         ref = torch.cat([s.scale * s.reduce(maps[s.name].to_matrix(g)[None].float()).flatten() for s, g in
                          zip(spaces, grads)])
         assert _relative(rows[n], ref.numpy()) < 1e-4
+
+
+@pytest.mark.parametrize("projection", ["eigen", "random"])
+def test_query_gradients_projected_from_tokens_equal_projected_autograd(fitted, tmp_path, projection):
+    """A query's gradient projected from its tokens (concepts K = 3 and a test loss) is P_outᵀ ∇_W f P_in with ∇_W f
+    from torch.autograd on the weights, batch by batch over uneven batches."""
+    adapter, examples, curvature = fitted
+    index = GradientIndex.build(tmp_path / "i", adapter, examples, curvature, projection=projection, rank=3,
+                                dtype="float32", progress=False)
+    spaces = index.store.load_spaces(0)
+    maps = adapter.linear_maps(1)
+    concept = _concept(adapter, examples, layer=1, k=3)
+    test_loss = InfluenceFunction(examples[:5], curvature)
+    for est, f in ((ConceptInfluence(concept, curvature), lambda: concept.per_example(
+                        adapter, collate(examples[:4], adapter.pad_token_id)).mean(0)),
+                   (test_loss, lambda: -adapter.per_example_loss(collate(examples[:5], adapter.pad_token_id)).mean()[None])):
+        got, _ = projected_measurement(est, adapter, maps, spaces, batch_size=3)
+        with adapter.tracking(maps):
+            values = f()
+            for j in range(len(values)):
+                ref = torch.autograd.grad(values[j], [m.weight for m in maps], retain_graph=True, allow_unused=True)
+                for m, g in zip(maps, ref):
+                    s = next(s for s in spaces if s.name == m.name)
+                    want = torch.zeros(s.ranks) if g is None else s.reduce(m.to_matrix(g)[None].float())[0]
+                    assert got[m.name].shape[1:] == s.ranks
+                    assert torch.allclose(got[m.name][j], want, rtol=1e-4, atol=1e-6 * float(want.abs().max() + 1e-3))
 
 
 def test_rows_do_not_depend_on_batch_or_shard_size(fitted, tmp_path):

@@ -33,7 +33,7 @@ from ..estimators import ConceptInfluence, InfluenceFunction
 from ..fileio import atomic_write_text
 from ..index import GradientIndex, IndexSettings
 from ..index.build import resolve_rank
-from ..index.query import query_matrix, stream_scores
+from ..index.query import projected_measurement, query_matrix, stream_scores
 from ..index.store import IndexStore
 from ..provenance import machine_description
 from .speed_size_stages import SizeConfig, random_concept, random_examples, size_model
@@ -150,13 +150,13 @@ def _query_costs(adapter, sc: SizeConfig, cfg: IndexBenchConfig, evals, index_pa
     """The query's own seconds on the model: its gradient on the evaluation texts (K = 1 and ``many``) and its
     projection and preconditioning in the default index's spaces."""
     store = IndexStore.open(index_path)
-    maps = adapter.linear_maps(cfg.concept_layer)
+    maps, spaces = adapter.linear_maps(cfg.concept_layer), store.load_spaces(0)
     out = {}
     for k in (1, cfg.many):
         concept = random_concept(adapter, sc, k, evals)
-        grads, out[f"gradient_seconds_k{k}"] = _timed(lambda c=concept: c.gradient(adapter, maps, batch_size=8))
-        _, out[f"precondition_seconds_k{k}"] = _timed(lambda g=grads: query_matrix(store, 0, store.load_spaces(0), g, "ekfac",
-                                                                                   0.1))
+        grads, out[f"gradient_seconds_k{k}"] = _timed(lambda c=concept: projected_measurement(
+            ConceptInfluence(c), adapter, maps, spaces)[0])
+        _, out[f"precondition_seconds_k{k}"] = _timed(lambda g=grads: query_matrix(store, 0, spaces, g, "ekfac", 0.1))
     return out
 
 

@@ -7,11 +7,11 @@ test loss, and the streaming engine :func:`concept_influence.scoring.score_with_
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..concepts import ConceptError, ConceptFunction, measurement_gradient
+from ..concepts import ConceptError, ConceptFunction, Projection, measurement_gradient
 from ..curvature import Curvature, CurvatureSettings, fit_curvature
 from ..data import TokenizedExample
 from ..models import LinearMap, ModelAdapter
@@ -39,12 +39,13 @@ class GradientEstimator(Estimator):
         self.curvature_: Curvature | None = curvature if isinstance(curvature, Curvature) else None
         self._queries: tuple | None = None
 
-    # subclasses: which maps, and the gradient of the measurement f at each map ([K, d_out, d_in])
+    # subclasses: which maps, and the gradient of the measurement f at each map ([K, d_out, d_in], or projected as
+    # concepts.measurement_gradient says for the maps in `projections`)
     def tracked_maps(self, adapter: ModelAdapter) -> list[LinearMap]:
         raise NotImplementedError
 
-    def measurement(self, adapter: ModelAdapter, maps: Sequence[LinearMap], batch_size: int,
-                    progress: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
+    def measurement(self, adapter: ModelAdapter, maps: Sequence[LinearMap], batch_size: int, progress: bool,
+                    projections: Mapping[str, Projection] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
         raise NotImplementedError
 
     def fitted_curvature(self, adapter: ModelAdapter, maps: Sequence[LinearMap],
@@ -96,8 +97,8 @@ class ConceptInfluence(GradientEstimator):
             raise ConceptError(f"no linear map is tracked for a concept at {self.concept.hook_name}")
         return maps
 
-    def measurement(self, adapter, maps, batch_size, progress):
-        grads = self.concept.gradient(adapter, maps, batch_size=batch_size, progress=progress)
+    def measurement(self, adapter, maps, batch_size, progress, projections=None):
+        grads = self.concept.gradient(adapter, maps, batch_size=batch_size, progress=progress, projections=projections)
         return grads, self.concept.names
 
 
@@ -127,10 +128,10 @@ class InfluenceFunction(GradientEstimator):
     def tracked_maps(self, adapter):
         return adapter.linear_maps()
 
-    def measurement(self, adapter, maps, batch_size, progress):
+    def measurement(self, adapter, maps, batch_size, progress, projections=None):
         grads = measurement_gradient(
             adapter, self.test_examples, maps, lambda b: -adapter.per_example_loss(b, self.scoring.loss_tokens)[:, None],
-            1, "the test loss", batch_size, progress)
+            1, "the test loss", batch_size, progress, projections)
         return grads, ["test_loss"]
 
 

@@ -86,16 +86,23 @@ class MapSpace:
             v = v @ self.p_in.to(v)
         return v
 
-    def query(self, grads: torch.Tensor, curvature: str, full: Curvature | None = None,
+    @property
+    def projection(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(P_out, P_in)``, for :func:`~concept_influence.concepts.measurement_gradient` to project a query
+        gradient from its tokens."""
+        return self.p_out, self.p_in
+
+    def query(self, projected: torch.Tensor, curvature: str, full: Curvature | None = None,
               empirical: torch.Tensor | None = None) -> torch.Tensor:
-        """The vectors ``q`` ``[K, D]`` whose dot product with a stored row is ``vᵀ C⁻¹ r`` for each query gradient
-        ``V`` ``[K, d_out, d_in]``: ``C`` is the EK-FAC in the space (``curvature="ekfac"``; the ``identity``
-        projection needs the ``full`` curvature), the Cholesky factor ``empirical`` of the damped second moment of the
-        rows (``"empirical"``), or the identity (``"identity"``). The row scale is divided out."""
-        v = grads.float()
+        """The vectors ``q`` ``[K, D]`` whose dot product with a stored row is ``vᵀ C⁻¹ r`` for each projected query
+        gradient ``P_outᵀ V P_in`` ``[K, r_out, r_in]`` (:meth:`reduce`, or formed from the tokens): ``C`` is the
+        EK-FAC in the space (``curvature="ekfac"``; the ``identity`` projection needs the ``full`` curvature), the
+        Cholesky factor ``empirical`` of the damped second moment of the rows (``"empirical"``), or the identity
+        (``"identity"``). The row scale is divided out."""
+        v = projected.float()
         if curvature == "ekfac" and self.p_out is None and self.p_in is None:
             v = full.precondition({self.name: v})[self.name]
-        v = self.reduce(v).flatten(1)
+        v = v.flatten(1)
         if curvature == "ekfac" and self.inverse is not None:
             v = v * self.inverse.flatten().to(v)
         elif curvature == "ekfac" and self.chol is not None:

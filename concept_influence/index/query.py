@@ -18,13 +18,13 @@ from ..curvature import Curvature
 from ..curvature.ekfac import DEFAULT_DAMPING_FACTOR
 from ..estimators import GradientEstimator
 from ..fileio import load_tensors_and_metadata, save_tensors
-from ..models import ModelAdapter
+from ..models import LinearMap, ModelAdapter
 from ..provenance import combine_digests
 from ..scores import Scores
 from .projection import QUERY_CURVATURES, MapSpace, cholesky, damped
 from .store import GradientIndexError, IndexStore
 
-__all__ = ["index_scores", "query_matrix", "stream_scores", "empirical_moments"]
+__all__ = ["index_scores", "query_matrix", "projected_measurement", "stream_scores", "empirical_moments"]
 
 
 def empirical_moments(store: IndexStore, c: int, chunk: int = 1024) -> dict[str, torch.Tensor]:
@@ -68,8 +68,9 @@ def _used_maps(store: IndexStore, estimator: GradientEstimator, adapter: ModelAd
 
 def query_matrix(store: IndexStore, c: int, spaces: Sequence[MapSpace], grads: dict[str, torch.Tensor], mode: str,
              damping_factor: float) -> torch.Tensor:
-    """The query matrix ``[columns, K]`` of the query gradients ``grads`` in checkpoint ``c``'s ``spaces`` (``mode``: a
-    curvature of :data:`QUERY_CURVATURES`), over a row's first columns up to the last map queried."""
+    """The query matrix ``[columns, K]`` of the projected query gradients ``grads`` (``[K, r_out, r_in]`` per map, as
+    :func:`projected_measurement` gives them) in checkpoint ``c``'s ``spaces`` (``mode``: a curvature of
+    :data:`QUERY_CURVATURES`), over a row's first columns up to the last map queried."""
     layout = {e["name"]: e for e in store.manifest["maps"]}
     full = Curvature.load(store.checkpoint_dir(c) / "curvature") if store.manifest["settings"]["projection"] == "identity" \
         and mode == "ekfac" else None
@@ -83,6 +84,15 @@ def query_matrix(store: IndexStore, c: int, spaces: Sequence[MapSpace], grads: d
             chol = cholesky(damped(moments[s.name], damping_factor), f"map {s.name}") if mode == "empirical" else None
             q[e["offset"]:e["offset"] + e["dim"]] = s.query(grads[s.name], mode, full, chol).T
     return q
+
+
+def projected_measurement(estimator: GradientEstimator, adapter: ModelAdapter, maps: Sequence[LinearMap],
+                          spaces: Sequence[MapSpace], batch_size: int = 8, progress: bool = False
+                          ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The estimator's query gradients at ``maps``, each projected into its space ``[K, r_out, r_in]`` from the
+    tokens (never at full size unless the space is unprojected), and the column names."""
+    projections = {s.name: s.projection for s in spaces}
+    return estimator.measurement(adapter, maps, batch_size, progress, projections)
 
 
 def stream_scores(store: IndexStore, c: int, q: torch.Tensor, chunk: int = 1024) -> tuple[list[str], np.ndarray]:
@@ -126,8 +136,9 @@ def index_scores(store: IndexStore, estimator: GradientEstimator, adapters: Sequ
         if entry["digests"] != checkpoints[0]["digests"]:
             raise GradientIndexError(f"{store.path}: checkpoint {c} indexes other data than checkpoint 0")
         used = _used_maps(store, estimator, adapter)
-        grads, columns = estimator.measurement(adapter, used, batch_size, progress)
-        q = query_matrix(store, c, store.load_spaces(c), grads, mode, damping_factor)
+        spaces = store.load_spaces(c)
+        grads, columns = projected_measurement(estimator, adapter, used, spaces, batch_size, progress)
+        q = query_matrix(store, c, spaces, grads, mode, damping_factor)
         part_ids, values = stream_scores(store, c, q, chunk)
         values = entry["weight"] * values
         total, ids = (values, part_ids) if total is None else (total + values, ids)
