@@ -9,7 +9,7 @@ import torch
 from concept_influence.activations import collect_activations
 from concept_influence.benchmarks.demo_corpus import make_demo_corpus
 from concept_influence.benchmarks.smallmodel import build_small_model, train_bpe_tokenizer, train_model
-from concept_influence.concepts import ConceptError, ConceptFunction
+from concept_influence.concepts import ConceptError, ConceptFunction, measurement_gradient
 from concept_influence.curvature import fit_curvature
 from concept_influence.data import collate, tokenize_examples
 from concept_influence.estimators import (
@@ -72,6 +72,27 @@ def test_concept_influence_equals_explicit_autograd(any_adapter, tokenized, stra
     scores = ConceptInfluence(concept, curvature).score(any_adapter, tokenized, batch_size=5, progress=False)
     ref = explicit_concept_influence(any_adapter, concept, tokenized, curvature, maps)
     assert np.abs(scores.column(0) - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("reduction", ["last_prompt", "prompt_mean", "response_mean"])
+def test_a_prompt_query_runs_the_prompt_only_and_equals_the_whole_text(any_adapter, tokenized, reduction):
+    """f and ∇f of a query that reads prompt tokens only are those of the whole texts (a causal model), though the
+    texts are cut after their first response token; a query on the response keeps them whole."""
+    torch.manual_seed(0)
+    direction = ConceptDirection(torch.randn(any_adapter.d_model), HOOK, kind="custom")
+    concept = ConceptFunction.from_directions(direction, eval_examples=tokenized[:5], reduction=reduction)
+    cut = concept._examples(None)
+    assert [len(e.input_ids) for e in cut] == [min(len(e.input_ids), e.response_start + 1) if reduction != "response_mean"
+                                               else len(e.input_ids) for e in tokenized[:5]]
+    maps = any_adapter.linear_maps(max_block=1)
+    whole = measurement_gradient(any_adapter, tokenized[:5], maps, lambda b: concept.per_example(any_adapter, b), 1, "f",
+                                 batch_size=2)
+    got = concept.gradient(any_adapter, maps, batch_size=2)
+    for m in maps:
+        assert torch.allclose(got[m.name], whole[m.name], rtol=1e-4, atol=1e-6 * float(whole[m.name].abs().max()))
+    with torch.no_grad():
+        ref = torch.cat([concept.per_example(any_adapter, collate([e], any_adapter.pad_token_id)) for e in tokenized[:5]])
+    assert torch.allclose(concept.evaluate(any_adapter), ref.mean(0), rtol=1e-5, atol=1e-6)
 
 
 def test_k_concepts_in_one_pass_equal_separate_runs(tl_adapter, tokenized):
