@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from runfolder import N_TRAIN, cli, make_project, start_and_kill
+from runfolder import N_TRAIN, make_project, start_and_kill
 
 from concept_influence.cli import main
 from concept_influence.concepts import ConceptFunction
@@ -216,21 +216,21 @@ def test_scoring_settings_reach_the_estimator_and_the_merge(finished, project, t
 
 
 # ---- resume --------------------------------------------------------------------------------------------
-def test_scoring_killed_with_sigkill_resumes_to_identical_scores(finished, project, tmp_path):
+def test_scoring_killed_with_sigkill_resumes_to_identical_scores(project, tmp_path):
     big = tmp_path / "big"
     shutil.copytree(project, big, ignore=shutil.ignore_patterns("runs"))
     # more data so the kill lands mid-run: the train file four times over
-    lines = (project / "train.jsonl").read_text()
-    (big / "train.jsonl").write_text(lines * 4)
-    cli("run", "run.toml", "--out", "uninterrupted", "--no-progress", cwd=big)
-    cli("probe", "train", "killed", "--config", "run.toml", "--no-progress", cwd=big)
-    cli("fit-factors", "killed", "--no-progress", cwd=big)
+    (big / "train.jsonl").write_text((project / "train.jsonl").read_text() * 4)
+    # probe and factors once, in this process; a copy of the folder is scored without interruption
+    run_stages(("probe", "factors"), big / "killed", RunConfig.read(big / "run.toml"), progress=False)
+    shutil.copytree(big / "killed", big / "uninterrupted")
+    run_stages(("scores",), big / "uninterrupted", progress=False)
     shards = big / "killed" / "scores" / "shards"
     start_and_kill(["score", "killed", "--no-progress"], big, lambda: (shards / "shard-000002.json").exists())
     done = sorted(shards.glob("shard-*.json"))
     assert 3 <= len(done) < 25, "killed after the third shard and before the last"
     mtimes = {p: p.stat().st_mtime_ns for p in done}
-    cli("score", "killed", "--no-progress", cwd=big)
+    run_stages(("scores",), big / "killed", progress=False)
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items()), "finished shards were not recomputed"
     a = Scores.load(big / "uninterrupted" / "scores" / "scores.safetensors")
     b = Scores.load(big / "killed" / "scores" / "scores.safetensors")
@@ -242,9 +242,10 @@ def test_factor_fit_killed_with_sigkill_resumes_to_identical_factors(project, tm
     big = tmp_path / "big"
     shutil.copytree(project, big, ignore=shutil.ignore_patterns("runs"))
     (big / "train.jsonl").write_text((project / "train.jsonl").read_text() * 4)
-    cli("probe", "train", "uninterrupted", "--config", "run.toml", "--no-progress", cwd=big)
-    cli("fit-factors", "uninterrupted", "--no-progress", cwd=big)
-    cli("probe", "train", "killed", "--config", "run.toml", "--no-progress", cwd=big)
+    # the probe once, in this process; a copy of the folder fits its factors without interruption
+    run_stages(("probe",), big / "killed", RunConfig.read(big / "run.toml"), progress=False)
+    shutil.copytree(big / "killed", big / "uninterrupted")
+    run_stages(("factors",), big / "uninterrupted", progress=False)
     partial = big / "killed" / "factors" / "partial"
 
     def second_pass_started() -> bool:  # killed inside the eigenvalue pass, after its first checkpoint
@@ -253,7 +254,7 @@ def test_factor_fit_killed_with_sigkill_resumes_to_identical_factors(project, tm
     start_and_kill(["fit-factors", "killed", "--no-progress"], big, second_pass_started)
     assert (big / "killed" / "factors" / "statistics" / "covariance.safetensors").exists()
     assert not (big / "killed" / "factors" / "curvature.json").exists()
-    cli("fit-factors", "killed", "--no-progress", cwd=big)
+    run_stages(("factors",), big / "killed", progress=False)
     for name in ("curvature.safetensors", "statistics/covariance.safetensors", "statistics/eigenvalues.safetensors"):
         assert file_sha256(big / "uninterrupted" / "factors" / name) == file_sha256(big / "killed" / "factors" / name), name
 
