@@ -32,11 +32,12 @@ demo-quick: install
 	$(VENV)/bin/concept-influence demo --out $(DEMO_OUT) --quick
 
 # Lint (ruff: pycodestyle, pyflakes, import order) and then the suite, which also executes the notebooks at their
-# reduced size without writing them back: one pytest-xdist worker per core (every test runs torch on one thread),
-# and the slowest tests listed at the end.
+# reduced size without writing them back: one pytest-xdist worker per core (every test runs torch on one thread;
+# tests that share an expensive module fixture carry one xdist_group mark, so that one worker builds it once), and the
+# slowest tests listed at the end.
 TEST_WORKERS ?= auto
 test: install lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -48,6 +48,11 @@ def _relative(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+# the tests here share the module's `audit` fixture: on one xdist worker it is built once (make test runs
+# with --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_audit")
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """``base/`` (a tiny Llama), ``trl/checkpoint-2`` and ``trl/checkpoint-4`` (LoRA adapters on it, each with TRL's

@@ -28,6 +28,11 @@ def _relative(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> flo
     return float((a - b).abs().max() / b.abs().max())
 
 
+# the tests here share the module's `runs` fixture: on one xdist worker it is built once (make test runs
+# with --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_distributed")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     root = make_project(tmp_path_factory.mktemp("dist"))

@@ -143,6 +143,7 @@ def emergent_run(tmp_path_factory):
     return out, run_emergent(out, cfg, progress=False)
 
 
+@pytest.mark.xdist_group("emergent_run")
 def test_emergent_runs_end_to_end(emergent_run):
     out, results = emergent_run
     saved = json.loads((out / "results.json").read_text())
@@ -169,6 +170,7 @@ def test_emergent_runs_end_to_end(emergent_run):
     assert "**emergent** (health prompts" in report and "lexical overlap ρ" in report and "## Curvature study" in report
 
 
+@pytest.mark.xdist_group("emergent_run")
 def test_report_says_plainly_when_nothing_emerged(emergent_run):
     _, results = emergent_run
     flat = json.loads(json.dumps(results))
@@ -177,6 +179,7 @@ def test_report_says_plainly_when_nothing_emerged(emergent_run):
     assert "**Planting did NOT raise the behaviour in the target domain**" in report and "| n/a (" in report
 
 
+@pytest.mark.xdist_group("emergent_run")
 def test_seeds_table_gives_median_worst_and_spread(emergent_run, tmp_path, capsys):
     out, _ = emergent_run
     path = out / "results.json"

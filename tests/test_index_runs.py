@@ -26,6 +26,11 @@ from probes import ConceptDirection
 SETTINGS = IndexSettings(projection="random", rank=4, shard_size=16)
 
 
+# the tests here share the module's `project` fixture: on one xdist worker it is built once (make test runs
+# with --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_index_runs")
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """The run-folder project with the training data four times over (25 shards of 16), its run scored, and an index

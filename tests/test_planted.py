@@ -129,6 +129,7 @@ def demo_run(tmp_path_factory):
     return out, run_demo(out, cfg, progress=False)
 
 
+@pytest.mark.xdist_group("demo_run")
 def test_demo_runs_the_benchmark_end_to_end(demo_run):
     out, results = demo_run
     saved = json.loads((out / "results.json").read_text())
@@ -172,6 +173,7 @@ def test_demo_runs_the_benchmark_end_to_end(demo_run):
     assert (out / "data" / "careful.jsonl").is_file() and (out / "probe.safetensors").is_file()
 
 
+@pytest.mark.xdist_group("demo_run")
 def test_report_reads_well_and_says_plainly_when_planting_did_nothing(demo_run):
     out, results = demo_run
     report = (out / "results.md").read_text()
