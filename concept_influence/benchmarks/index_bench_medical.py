@@ -30,7 +30,8 @@ def medical_config(quick: bool, seed: int) -> PlantedConfig:
 
 def run_index_medical(out_dir: str | Path, data: str | Path, cfg: IndexBenchConfig | None = None) -> dict:
     """``cfg.seeds`` medical seeds, each :func:`index_study` (``cfg.ranks``, ``cfg.budget``; no checkpoint sum) on the
-    medical files in ``data``; writes ``index-medical.json`` and ``index-medical.md`` to ``out_dir``."""
+    medical files in ``data``; writes ``index-medical.json`` and ``index-medical.md`` to ``out_dir`` after every seed
+    (the seeds done so far: a run stopped early keeps them)."""
     from .index_bench_report import format_medical_markdown
 
     cfg = cfg or IndexBenchConfig()
@@ -47,8 +48,8 @@ def run_index_medical(out_dir: str | Path, data: str | Path, cfg: IndexBenchConf
             setup = planted_setup(*chats, medical_config(cfg.quick, seed), "tl", work)
             study = index_study(setup, cfg.ranks, cfg.budget, work, checkpoints=False)
             report["medical"].append({**study, "seconds": time.perf_counter() - seed_started})
-    report["total_seconds"] = time.perf_counter() - started
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "index-medical.json", json.dumps(report, indent=1))
-    atomic_write_text(out_dir / "index-medical.md", format_medical_markdown(report))
+            report["total_seconds"] = time.perf_counter() - started
+            out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out_dir / "index-medical.json", json.dumps(report, indent=1))
+            atomic_write_text(out_dir / "index-medical.md", format_medical_markdown(report))
     return report
