@@ -24,7 +24,8 @@ from probes.directions import ConceptDirection, DirectionError
 from .data import Batch, TokenizedExample, iter_batches
 from .models import LinearMap, ModelAdapter, block_of_hook
 
-__all__ = ["ConceptFunction", "ConceptError", "measurement_gradient", "Projection", "check_direction_compatible", "DEFAULT_QUERY"]
+__all__ = ["ConceptFunction", "ConceptError", "measurement_gradient", "project_tokens", "Projection",
+           "check_direction_compatible", "DEFAULT_QUERY"]
 
 DEFAULT_QUERY = "last_prompt"
 PROMPT_REDUCTIONS = ("last_prompt", "prompt_mean")  # the queries that read no response token
@@ -181,14 +182,14 @@ def measurement_gradient(adapter: ModelAdapter, examples: Sequence[TokenizedExam
                 values = per.sum(0) / len(examples)
                 names = list(cap.outputs)
                 mask = batch.attention_mask.bool().to(adapter.device)
-                inputs = {n: _project(cap.inputs[n].masked_fill(~mask[..., None], 0), sides[n][1]) for n in names}
+                inputs = {n: project_tokens(cap.inputs[n].masked_fill(~mask[..., None], 0), sides[n][1]) for n in names}
                 for j in range(k):
                     cap.output_grads.clear()
                     torch.autograd.grad(values[j], [cap.outputs[n] for n in names], retain_graph=j < k - 1,
                                         allow_unused=True)
                     for n, g in cap.output_grads.items():
                         reached = True
-                        g = _project(g, sides[n][0])
+                        g = project_tokens(g, sides[n][0])
                         grads[n][j] += (g.flatten(0, 1).T @ inputs[n].flatten(0, 1)).cpu()
     if not reached:
         raise ConceptError(f"no tracked linear map receives gradient from {what}: "
@@ -196,7 +197,7 @@ def measurement_gradient(adapter: ModelAdapter, examples: Sequence[TokenizedExam
     return grads
 
 
-def _project(x: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+def project_tokens(x: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
     """``x`` (``[B, T, d]``, any float dtype) in float32, times ``basis`` ``[d, r]`` when there is one."""
     x = x.float()
     return x if basis is None else x @ basis.to(x)

@@ -28,6 +28,7 @@ from typing import Sequence
 
 import torch
 
+from ..concepts import project_tokens
 from ..curvature import Curvature, EKFACCurvature, KroneckerEigen
 from ..models import LinearMap
 
@@ -69,12 +70,8 @@ class MapSpace:
         ``[B, T, d_in]`` and ``g`` ``[B, T, d_out]`` (None: the map gets no gradient; zero rows)."""
         if g is None:
             return a.new_zeros(a.shape[0], self.dim, dtype=torch.float32)
-        a = a.masked_fill(~token_mask.unsqueeze(-1), 0).float()  # padding: g is zero there, a need not be finite
-        g = g.float()
-        if self.p_in is not None:
-            a = a @ self.p_in
-        if self.p_out is not None:
-            g = g @ self.p_out
+        a = project_tokens(a.masked_fill(~token_mask.unsqueeze(-1), 0), self.p_in)  # padding: a need not be finite
+        g = project_tokens(g, self.p_out)
         return (g.transpose(1, 2) @ a).flatten(1) * self.scale
 
     def reduce(self, grads: torch.Tensor) -> torch.Tensor:
