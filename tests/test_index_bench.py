@@ -109,3 +109,58 @@ def test_bergson_index_stores_its_projection_of_our_gradients(tmp_path, tokenize
         expected = (left @ grads @ right.T).flatten(1).numpy()
         got = np.asarray(stored[:, slice(*columns[name])], dtype=np.float64)
         assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max(), name
+
+
+def _fake_study(seed: int) -> dict:
+    """A seed's study as :func:`index_study` returns it (the default row only), its values told by ``seed``."""
+    rows = [{"variant": "default", "curvature": "ekfac", "query": q, "rank": 34, "bytes": 64896, "spearman": 0.9 + seed / 100,
+             "auroc": 0.8, "exact_auroc": 0.81 + seed / 100} for q in ("concept_influence", "influence_function")]
+    return {"n_pool": 10, "n_planted": 2, "full_bytes": 1 << 20, "rows": rows,
+            "checkpoints": {"spearman": 0.9, "auroc": 0.8, "exact_auroc": 0.8}}
+
+
+def test_more_medical_seeds_keep_the_seeds_already_reported(tmp_path, monkeypatch, capsys):
+    from concept_influence.benchmarks import index_bench_medical as medical
+
+    data, ran = _medical_slice(tmp_path / "em", 40), []
+    monkeypatch.setattr(medical, "planted_setup", lambda *args: args[2].seed)
+    monkeypatch.setattr(medical, "index_study", lambda seed, *args, **kw: ran.append(seed) or _fake_study(seed))
+
+    def cfg(seeds, **kw):
+        c = IndexBenchConfig(quick=True)
+        for key, value in {"seeds": seeds, **kw}.items():
+            setattr(c, key, value)  # quick sets its own
+        return c
+
+    medical.run_index_medical(tmp_path, data, cfg(2))
+    first = json.loads((tmp_path / "index-medical.json").read_text())
+    medical.run_index_medical(tmp_path, data, cfg(3))
+    assert ran == [0, 1, 2]  # seeds 0 and 1 were not run again
+    report = json.loads((tmp_path / "index-medical.json").read_text())
+    assert report["medical"][:2] == first["medical"] and report["machine"] == first["machine"]
+    assert report["total_seconds"] >= first["total_seconds"]
+    text = (tmp_path / "index-medical.md").read_text()
+    assert "--seeds 3" not in text and "3 seed(s)" in text  # quick: the command says --quick
+    assert "Spearman median 0.910, worst 0.900, spread 0.020 (0.900 / 0.910 / 0.920)" in text
+    assert "AUROC minus the exact estimator's median -0.020, worst -0.030, spread 0.020" in text
+    medical.run_index_medical(tmp_path, data, cfg(3, budget=8192))  # other settings: every seed again
+    assert ran == [0, 1, 2, 0, 1, 2] and "made with other settings (config); starting again" in capsys.readouterr().out
+
+
+def test_more_demo_seeds_keep_the_real_shape_part_and_the_seeds_done(tmp_path, monkeypatch):
+    from concept_influence.benchmarks import index_bench, index_bench_demo
+
+    cfg = IndexBenchConfig(quick=True, bergson=False)
+    cfg.seeds, cfg.rows, cfg.n_examples = 0, (300,), 8
+    first = run_index_benchmark(tmp_path, cfg)
+    ran = []
+    monkeypatch.setattr(index_bench, "size_study", lambda *a: pytest.fail("the real-shape part was run again"))
+    monkeypatch.setattr(index_bench_demo, "demo_study", lambda seed, *a: ran.append(seed) or _fake_study(seed))
+    for seeds in (1, 2):
+        again = IndexBenchConfig(quick=True, bergson=False)
+        again.seeds, again.rows, again.n_examples = seeds, (300,), 8
+        report = run_index_benchmark(tmp_path, again)
+    assert ran == [0, 1] and report["size"] == json.loads(json.dumps(first["size"]))
+    saved = json.loads((tmp_path / "index.json").read_text())
+    assert saved["config"]["seeds"] == 2 and len(saved["demo"]) == 2 and saved["streamed"] == report["streamed"]
+    assert "The default index over 2 seeds" in (tmp_path / "index.md").read_text()

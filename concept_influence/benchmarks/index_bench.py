@@ -36,6 +36,7 @@ from ..index.build import resolve_rank
 from ..index.query import projected_measurement, query_matrix, stream_scores
 from ..index.store import IndexStore
 from ..provenance import machine_description
+from .seeds import earlier_report
 from .speed_size_stages import SizeConfig, random_concept, random_examples, size_model
 
 __all__ = ["IndexBenchConfig", "run_index_benchmark"]
@@ -54,7 +55,7 @@ class IndexBenchConfig:
     n_test: int = 4
     many: int = 100
     rows: tuple[int, ...] = (10_000, 100_000)
-    seeds: int = 3
+    seeds: int = 5
     ranks: tuple[int, ...] = (4, 8, 16, 32)
     budget: int = 65536
     bergson: bool = True
@@ -229,7 +230,9 @@ def bergson_stream_timing(index, rows: tuple[int, ...], many: int, grads_shape: 
 
 
 def run_index_benchmark(out_dir: str | Path, cfg: IndexBenchConfig | None = None) -> dict:
-    """Run every part; write ``index.json`` and ``index.md`` to ``out_dir``."""
+    """Run every part; write ``index.json`` and ``index.md`` to ``out_dir`` (again after every demo seed). An earlier
+    report in ``out_dir`` made with the same settings keeps its real-shape part and its demo seeds: only the seeds it
+    lacks are run."""
     from .bergson_bridge import bergson_unavailable
     from .index_bench_demo import demo_study
     from .index_bench_report import format_index_markdown
@@ -239,23 +242,32 @@ def run_index_benchmark(out_dir: str | Path, cfg: IndexBenchConfig | None = None
     missing = bergson_unavailable() if cfg.bergson else "not asked for"
     cfg.bergson = missing is None
     started = time.perf_counter()
-    report = {"config": asdict(cfg), "machine": machine_description(), "bergson": missing}
+    report = earlier_report(out_dir / "index.json", {"config": asdict(cfg)}) or {"total_seconds": 0.0}
+    earlier_seconds = report["total_seconds"]
+    report.update(config=asdict(cfg), demo=report.get("demo", [])[:cfg.seeds])
+
+    def write():
+        report["total_seconds"] = earlier_seconds + time.perf_counter() - started
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "index.json", json.dumps(report, indent=1))
+        atomic_write_text(out_dir / "index.md", format_index_markdown(report))
+
     with tempfile.TemporaryDirectory(prefix="concept-influence-index-") as tmp:
         work = Path(tmp)
-        size = size_study(cfg, work)
-        report["streamed"] = stream_timing(work / "eigen", cfg.rows, cfg.many, work)
-        bergson = size.pop("bergson", None)
-        if bergson is not None:
-            index, shapes = bergson.pop("index"), bergson.pop("shapes")
-            bergson["streamed"] = bergson_stream_timing(index, cfg.rows, cfg.many, shapes, work)
-            size["bergson"] = bergson
-        report["size"] = size
-        report["demo"] = []
-        for seed in range(cfg.seeds):
+        if "size" not in report:
+            report.update(machine=machine_description(), bergson=missing)
+            size = size_study(cfg, work)
+            report["streamed"] = stream_timing(work / "eigen", cfg.rows, cfg.many, work)
+            bergson = size.pop("bergson", None)
+            if bergson is not None:
+                index, shapes = bergson.pop("index"), bergson.pop("shapes")
+                bergson["streamed"] = bergson_stream_timing(index, cfg.rows, cfg.many, shapes, work)
+                size["bergson"] = bergson
+            report["size"] = size
+            write()
+        for seed in range(len(report["demo"]), cfg.seeds):
             print(f"[index bench] demo, seed {seed} ...", flush=True)
             report["demo"].append(demo_study(seed, cfg.ranks, cfg.budget, cfg.quick, cfg.bergson, work / f"demo{seed}"))
-    report["total_seconds"] = time.perf_counter() - started
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "index.json", json.dumps(report, indent=1))
-    atomic_write_text(out_dir / "index.md", format_index_markdown(report))
+            write()
+    write()  # also when every part asked for was there already
     return report

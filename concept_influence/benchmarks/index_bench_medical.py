@@ -19,6 +19,7 @@ from .index_bench import IndexBenchConfig
 from .index_bench_demo import index_study, planted_setup
 from .planted_config import PlantedConfig
 from .planted_splits import medical_files
+from .seeds import earlier_report
 
 __all__ = ["medical_config", "run_index_medical"]
 
@@ -31,25 +32,34 @@ def medical_config(quick: bool, seed: int) -> PlantedConfig:
 def run_index_medical(out_dir: str | Path, data: str | Path, cfg: IndexBenchConfig | None = None) -> dict:
     """``cfg.seeds`` medical seeds, each :func:`index_study` (``cfg.ranks``, ``cfg.budget``; no checkpoint sum) on the
     medical files in ``data``; writes ``index-medical.json`` and ``index-medical.md`` to ``out_dir`` after every seed
-    (the seeds done so far: a run stopped early keeps them)."""
+    (the seeds done so far: a run stopped early keeps them). The seeds an earlier report in ``out_dir`` holds, made with
+    the same settings, are kept and not run again."""
     from .index_bench_report import format_medical_markdown
 
     cfg = cfg or IndexBenchConfig()
     out_dir, started = Path(out_dir), time.perf_counter()
     files = medical_files(data)
     chats = [load_chats(f) for f in files]
-    report = {"config": asdict(cfg), "data": str(data), "files": [f.name for f in files],
-              "planted_config": asdict(medical_config(cfg.quick, 0)), "machine": machine_description(), "medical": []}
+    settings = {"config": asdict(cfg), "data": str(data), "files": [f.name for f in files],
+                "planted_config": asdict(medical_config(cfg.quick, 0))}
+    earlier = earlier_report(out_dir / "index-medical.json", settings) or {"medical": [], "total_seconds": 0.0}
+    done = earlier["medical"][:cfg.seeds]
+    report = {**settings, "machine": earlier.get("machine", machine_description()), "medical": done}
+
+    def write():
+        report["total_seconds"] = earlier["total_seconds"] + time.perf_counter() - started
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "index-medical.json", json.dumps(report, indent=1))
+        atomic_write_text(out_dir / "index-medical.md", format_medical_markdown(report))
+
     with tempfile.TemporaryDirectory(prefix="concept-influence-index-medical-") as tmp:
-        for seed in range(cfg.seeds):
+        for seed in range(len(done), cfg.seeds):
             print(f"[index bench] medical, seed {seed} ...", flush=True)
             work = Path(tmp) / f"medical{seed}"
             seed_started = time.perf_counter()
             setup = planted_setup(*chats, medical_config(cfg.quick, seed), "tl", work)
             study = index_study(setup, cfg.ranks, cfg.budget, work, checkpoints=False)
             report["medical"].append({**study, "seconds": time.perf_counter() - seed_started})
-            report["total_seconds"] = time.perf_counter() - started
-            out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out_dir / "index-medical.json", json.dumps(report, indent=1))
-            atomic_write_text(out_dir / "index-medical.md", format_medical_markdown(report))
+            write()
+    write()  # also when every seed asked for was there already
     return report

@@ -1,12 +1,38 @@
-"""One benchmark over several seeds, as distributions: each estimator's median, worst run and spread."""
+"""One benchmark over several seeds, as distributions: each estimator's median, worst run and spread; and the seeds a
+benchmark's earlier report already holds, so that asking for more seeds runs only the new ones."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-__all__ = ["seed_statistics", "format_seeds_table"]
+__all__ = ["seed_statistics", "format_seeds_table", "earlier_report"]
+
+
+def _but_seeds(settings: dict) -> dict:
+    """``settings`` as JSON reads them back, without the number of seeds of any ``config`` in it."""
+    plain = json.loads(json.dumps(settings))
+    if isinstance(plain.get("config"), dict):
+        plain["config"].pop("seeds", None)
+    return plain
+
+
+def earlier_report(path: Path, settings: dict) -> dict | None:
+    """The report (JSON) a benchmark wrote at ``path`` when its ``settings`` (every key of ``settings``; a ``config``
+    compared without its number of seeds) were these, so that a run asking for more seeds keeps the ones done; None,
+    saying why on stdout, when there is no such file or it was made with other settings."""
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    wanted, had = _but_seeds(settings), _but_seeds({k: report.get(k) for k in settings})
+    if wanted != had:
+        changed = sorted(k for k in wanted if wanted[k] != had[k])
+        print(f"[bench] {path}: made with other settings ({', '.join(changed)}); starting again", flush=True)
+        return None
+    return report
 
 
 def seed_statistics(values) -> dict[str, float]:
