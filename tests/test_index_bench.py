@@ -164,3 +164,21 @@ def test_more_demo_seeds_keep_the_real_shape_part_and_the_seeds_done(tmp_path, m
     saved = json.loads((tmp_path / "index.json").read_text())
     assert saved["config"]["seeds"] == 2 and len(saved["demo"]) == 2 and saved["streamed"] == report["streamed"]
     assert "The default index over 2 seeds" in (tmp_path / "index.md").read_text()
+
+
+def test_rank_curve_script_reaches_the_exact_scores_when_the_projection_is_square(capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "index_rank_curve.py"
+    spec = importlib.util.spec_from_file_location("index_rank_curve", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.SHARE_RANKS = (2, 4)
+    script.main(IndexBenchConfig(quick=True), eigen_ranks=(4, 256), random_ranks=(4,))
+    text = capsys.readouterr().out
+    lines = [line.split(" | ") for line in text.splitlines() if line.startswith(("| eigen", "| random"))]
+    rows = {(cells[0].strip("| "), int(cells[1])): cells for cells in lines}
+    assert set(rows) == {("eigen", 4), ("eigen", 256), ("random", 4)}
+    exact = rows[("eigen", 256)]  # 256 ≥ every side of the tiny model's maps: the projection is a rotation
+    assert float(exact[4].split(" (")[1].rstrip(")")) > 0.99 and float(exact[5].strip(" |")) > 0.99
+    assert "| S (output gradients) |" in text and "| flat, d = 64 | 0.031 | 0.062 |" in text

@@ -84,12 +84,28 @@ def _timed(run):
     return value, time.perf_counter() - start
 
 
-def _spearman(got: np.ndarray, exact: np.ndarray) -> list[float]:
+def spearman_columns(got: np.ndarray, exact: np.ndarray) -> list[float]:
+    """The Spearman correlation of each column of ``got`` with the same column of ``exact``."""
     return [float(spearmanr(got[:, k], exact[:, k]).statistic) for k in range(exact.shape[1])]
 
 
-def size_study(cfg: IndexBenchConfig, work: Path) -> dict:
-    """The real-shape part: fit, exact pass, our builds and Bergson's, accuracy, and the query's own costs."""
+@dataclass
+class ExactAtShape:
+    """The real-shape setting: the random-weight model, its training and evaluation sequences, the EK-FAC over the
+    maps of blocks ``0..concept_layer``, the two queries and their exact scores (``[n_examples, K]``)."""
+
+    adapter: object
+    sizes: SizeConfig
+    train: list
+    evals: list
+    curvature: object
+    queries: dict
+    exact: dict
+
+
+def exact_at_shape(cfg: IndexBenchConfig, out: dict) -> ExactAtShape:
+    """Build the real-shape setting of ``cfg``, fit the EK-FAC and score both queries exactly; the sizes and seconds
+    go into ``out``."""
     sc = SizeConfig(size=cfg.size, n_examples=cfg.n_examples, seq_len=cfg.seq_len, concept_layer=cfg.concept_layer,
                     n_eval=cfg.n_eval)
     adapter = size_model(sc)
@@ -98,10 +114,10 @@ def size_study(cfg: IndexBenchConfig, work: Path) -> dict:
     maps = adapter.linear_maps(cfg.concept_layer)
     every = adapter.linear_maps()
     default_all = resolve_rank(IndexSettings(budget=cfg.budget), every)
-    out: dict = {"parameters": sum(p.numel() for p in adapter.model.parameters()), "tracked_maps": len(maps),
-                 "tracked_parameters": sum(m.shape[0] * m.shape[1] for m in maps), "all_maps": len(every),
-                 "all_parameters": sum(m.shape[0] * m.shape[1] for m in every), "all_maps_rank": default_all,
-                 "all_maps_bytes": 2 * sum(min(default_all, m.shape[0]) * min(default_all, m.shape[1]) for m in every)}
+    out.update({"parameters": sum(p.numel() for p in adapter.model.parameters()), "tracked_maps": len(maps),
+                "tracked_parameters": sum(m.shape[0] * m.shape[1] for m in maps), "all_maps": len(every),
+                "all_parameters": sum(m.shape[0] * m.shape[1] for m in every), "all_maps_rank": default_all,
+                "all_maps_bytes": 2 * sum(min(default_all, m.shape[0]) * min(default_all, m.shape[1]) for m in every)})
     print(f"[index bench] {cfg.size}: EK-FAC fit on {cfg.n_examples} examples ...", flush=True)
     curvature, out["fit_seconds"] = _timed(lambda: fit_curvature(adapter, train, maps, batch_size=8, progress=False))
     concept = random_concept(adapter, sc, cfg.n_concepts, evals)
@@ -113,6 +129,15 @@ def size_study(cfg: IndexBenchConfig, work: Path) -> dict:
         scores, seconds = _timed(lambda est=est: est.score(adapter, train, progress=False))
         exact[name], out[f"exact_{name}_seconds"] = scores.values, seconds
     out["exact_pass_seconds"] = out["exact_concept_influence_seconds"]
+    return ExactAtShape(adapter, sc, train, evals, curvature, queries, exact)
+
+
+def size_study(cfg: IndexBenchConfig, work: Path) -> dict:
+    """The real-shape part: fit, exact pass, our builds and Bergson's, accuracy, and the query's own costs."""
+    out: dict = {}
+    setting = exact_at_shape(cfg, out)
+    adapter, train, curvature, queries, exact = (setting.adapter, setting.train, setting.curvature, setting.queries,
+                                                 setting.exact)
     variants = {"eigen": IndexSettings(budget=cfg.budget), "random": IndexSettings(projection="random", budget=cfg.budget),
                 "eigen float32": IndexSettings(budget=cfg.budget, dtype="float32")}
     out["variants"] = {}
@@ -123,11 +148,11 @@ def size_study(cfg: IndexBenchConfig, work: Path) -> dict:
         row = {"rank": index.store.manifest["rank"], "dtype": settings.dtype, "bytes": index.bytes_per_example,
                "build_seconds": seconds}
         for name, est in queries.items():
-            row[f"spearman_{name}"] = _spearman(index.score(est, adapter, progress=False).values, exact[name])
+            row[f"spearman_{name}"] = spearman_columns(index.score(est, adapter, progress=False).values, exact[name])
         out["variants"][label] = row
     if cfg.bergson:
         out["bergson"] = _bergson(adapter, train, queries, exact, cfg, out["variants"]["eigen float32"]["rank"], work)
-    out["query_costs"] = _query_costs(adapter, sc, cfg, evals, work / "eigen")
+    out["query_costs"] = _query_costs(adapter, setting.sizes, cfg, setting.evals, work / "eigen")
     return out
 
 
@@ -142,7 +167,7 @@ def _bergson(adapter, train, queries, exact, cfg: IndexBenchConfig, rank: int, w
     for name, est in queries.items():
         grads, _ = est.measurement(adapter, maps, 8, False)
         scores, row[f"query_seconds_{name}"] = index.scores(grads)
-        row[f"spearman_{name}"] = _spearman(scores, exact[name])
+        row[f"spearman_{name}"] = spearman_columns(scores, exact[name])
     row["index"], row["shapes"] = index, {m.name: m.shape for m in maps}
     return row
 
