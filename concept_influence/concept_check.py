@@ -124,10 +124,9 @@ class ConceptCheck:
 
     def plot(self, path: str | Path) -> Path:
         """Behaviour change against α for each set of positions, with the first-order line."""
-        from .plots import pyplot
+        from .plots import save_figure, subplots
 
-        plt = pyplot()
-        fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=100)
+        fig, ax = subplots(figsize=(5.5, 3.6))
         xs = [0.0, *self.alphas]
         for p, values in self.behaviour.items():
             order = np.argsort(xs)
@@ -139,12 +138,7 @@ class ConceptCheck:
         ax.set_ylabel("Δ log p(positive) − log p(negative) (nats)")
         ax.set_title(f"{self.hook_name}: {self.verdict}")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
 
 def _check_inputs(adapter: ModelAdapter, direction, positive, negative, alphas, positions) -> None:
