@@ -143,6 +143,9 @@ def test_more_medical_seeds_keep_the_seeds_already_reported(tmp_path, monkeypatc
     assert "--seeds 3" not in text and "3 seed(s)" in text  # quick: the command says --quick
     assert "Spearman median 0.910, worst 0.900, spread 0.020 (0.900 / 0.910 / 0.920)" in text
     assert "AUROC minus the exact estimator's median -0.020, worst -0.030, spread 0.020" in text
+    assert report["invocations"] == 2 and "Made in 2 runs on this machine" in text
+    medical.run_index_medical(tmp_path, data, cfg(3))  # nothing to add: nothing run, the report unchanged
+    assert ran == [0, 1, 2] and json.loads((tmp_path / "index-medical.json").read_text())["invocations"] == 2
     medical.run_index_medical(tmp_path, data, cfg(3, budget=8192))  # other settings: every seed again
     assert ran == [0, 1, 2, 0, 1, 2] and "made with other settings (config); starting again" in capsys.readouterr().out
 

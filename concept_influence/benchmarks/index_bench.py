@@ -269,7 +269,9 @@ def run_index_benchmark(out_dir: str | Path, cfg: IndexBenchConfig | None = None
     started = time.perf_counter()
     report = earlier_report(out_dir / "index.json", {"config": asdict(cfg)}) or {"total_seconds": 0.0}
     earlier_seconds = report["total_seconds"]
-    report.update(config=asdict(cfg), demo=report.get("demo", [])[:cfg.seeds])
+    demo = report.get("demo", [])[:cfg.seeds]
+    report.update(config=asdict(cfg), demo=demo,
+                  invocations=report.get("invocations", 1) + (len(demo) < cfg.seeds) if "size" in report else 1)
 
     def write():
         report["total_seconds"] = earlier_seconds + time.perf_counter() - started

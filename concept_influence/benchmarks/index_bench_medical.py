@@ -44,7 +44,8 @@ def run_index_medical(out_dir: str | Path, data: str | Path, cfg: IndexBenchConf
                 "planted_config": asdict(medical_config(cfg.quick, 0))}
     earlier = earlier_report(out_dir / "index-medical.json", settings) or {"medical": [], "total_seconds": 0.0}
     done = earlier["medical"][:cfg.seeds]
-    report = {**settings, "machine": earlier.get("machine", machine_description()), "medical": done}
+    report = {**settings, "machine": earlier.get("machine", machine_description()), "medical": done,
+              "invocations": earlier.get("invocations", 1) + (len(done) < cfg.seeds) if done else 1}
 
     def write():
         report["total_seconds"] = earlier["total_seconds"] + time.perf_counter() - started

@@ -146,7 +146,9 @@ def _demo_section(r: dict) -> list[str]:
 def _machine(report: dict, extra: str = "") -> str:
     m = report["machine"]
     return (f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} thread(s){extra}; "
-            "float32 models on CPU. Every time is from this one run.")
+            "float32 models on CPU. " + ("Every time is from this one run." if report.get("invocations", 1) == 1 else
+                                         f"Made in {report['invocations']} runs on this machine, each adding seeds to "
+                                         "the report before it (a seed's figures are from one run)."))
 
 
 def format_index_markdown(report: dict) -> str:
