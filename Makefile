@@ -70,9 +70,13 @@ bench-causal: install
 		--title "Where is the concept causal? The demo and the medical search" --out benchmarks/medical-causal/README.md
 
 # The gradient index against exact scoring and Bergson's index: GPT-2-small shape, query time over 10k and 100k rows,
-# the demo over 3 seeds (benchmarks/index.md)
+# the demo over 5 seeds (benchmarks/index.md), the medical benchmark over 5 seeds (index-medical.md), and the rank an
+# index needs at GPT-2 shape with random weights (index_rank_curve.md). Seeds already in a report are kept.
 bench-index: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence bench index --out benchmarks
+	OMP_NUM_THREADS=1 $(VENV)/bin/concept-influence bench index --part medical --data $(EM_DATA) --out benchmarks
+	OMP_NUM_THREADS=1 $(VENV)/bin/python benchmarks/index_rank_curve.py > benchmarks/index_rank_curve.md.part
+	mv benchmarks/index_rank_curve.md.part benchmarks/index_rank_curve.md
 
 # Peak RSS of scoring 1k vs 50k examples through run folders (about 10 min on 2 cores).
 bench-memory: install
