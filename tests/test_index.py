@@ -229,3 +229,20 @@ def test_command_line_choices_are_the_library_constants():
 
     assert cli_index.PROJECTIONS == PROJECTIONS and cli_index.QUERY_CURVATURES == QUERY_CURVATURES
     assert cli_index.STORAGE_DTYPES == tuple(STORAGE_DTYPES) and set(cli_index.REDUCTIONS) == set(REDUCTIONS)
+
+
+def test_wide_rows_are_read_in_chunks_that_fit_the_buffer(fitted, tmp_path, monkeypatch):
+    """Rows as wide as an uncompressed gradient are read a few at a time (the buffer stays under BUFFER_BYTES) and score
+    as when they are read a shard at a time."""
+    from concept_influence.index import store as store_module
+
+    adapter, examples, curvature = fitted
+    index = GradientIndex.build(tmp_path / "wide", adapter, examples, curvature, projection="identity", dtype="float32",
+                                shard_size=6, progress=False)
+    est = ConceptInfluence(_concept(adapter, examples), curvature)
+    whole = index.score(est, adapter, progress=False).values
+    dim = index.store.dim
+    monkeypatch.setattr(store_module, "BUFFER_BYTES", 4 * dim * 2 + 3)  # two rows fit, not three
+    sizes = [len(ids) for ids, rows in index.store.iter_rows(0, dim) if rows.shape == (len(ids), dim)]
+    assert sum(sizes) == len(examples) and max(sizes) == 2
+    assert _relative(index.score(est, adapter, progress=False).values, whole) < 1e-6

@@ -27,11 +27,12 @@ import torch
 from ..fileio import atomic_write_text, load_tensors_and_metadata, save_tensors
 from .projection import MapSpace, spaces_from_tensors, spaces_to_tensors
 
-__all__ = ["GradientIndexError", "IndexStore", "FORMAT", "FORMAT_VERSION", "STORAGE_DTYPES"]
+__all__ = ["GradientIndexError", "IndexStore", "FORMAT", "FORMAT_VERSION", "STORAGE_DTYPES", "BUFFER_BYTES"]
 
 FORMAT = "concept-influence-index"
 FORMAT_VERSION = 1
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+BUFFER_BYTES = 256 << 20  #: the most a chunk of rows read as float32 may take
 _NUMPY = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32}  # bfloat16 is read as its bits
 
 
@@ -138,7 +139,9 @@ class IndexStore:
 
     def iter_rows(self, c: int, columns: int, chunk: int = 1024) -> Iterator[tuple[list[str], torch.Tensor]]:
         """Every shard of checkpoint ``c`` in data order as ``(ids, rows)`` chunks of at most ``chunk`` rows (the first
-        ``columns`` columns) in float32. The rows are one reused buffer: use each chunk before asking for the next."""
+        ``columns`` columns) in float32, fewer when such a chunk would pass :data:`BUFFER_BYTES` (wide rows: an
+        uncompressed or high-rank index). The rows are one reused buffer: use each chunk before asking for the next."""
+        chunk = max(1, min(chunk, BUFFER_BYTES // (4 * max(columns, 1))))
         buffer = torch.empty(chunk, columns)
         for index in range(self.manifest["checkpoints"][c]["n_shards"]):
             ids, data = self.rows(c, index, columns)
