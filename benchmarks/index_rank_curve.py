@@ -11,6 +11,7 @@ Usage, from the repository root:
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 import time
@@ -44,26 +45,10 @@ def main(cfg: IndexBenchConfig | None = None, eigen_ranks=EIGEN_RANKS, random_ra
     started = time.perf_counter()
     facts: dict = {}
     setting = exact_at_shape(cfg, facts)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="index-rank-curve-") as tmp:
-        for projection, ranks in (("eigen", eigen_ranks), ("random", random_ranks)):
-            for rank in ranks:
-                print(f"[rank curve] {projection} rank {rank} ...", flush=True, file=sys.stderr)
-                path = Path(tmp) / f"{projection}-{rank}"
-                index = GradientIndex.build(path, setting.adapter, setting.train, setting.curvature,
-                                            IndexSettings(projection=projection, rank=rank), progress=False)
-                rho = {name: spearman_columns(index.score(est, setting.adapter, progress=False).values,
-                                              setting.exact[name]) for name, est in setting.queries.items()}
-                rows.append((projection, rank, index.bytes_per_example, rho))
-                del index
-                for f in path.rglob("*"):
-                    if f.is_file():
-                        f.unlink()
     full = 4 * facts["tracked_parameters"]
     m = machine_description()
     print("# How large an index must be at gpt2-small shape with random weights\n")
-    print("Reproduce: `OMP_NUM_THREADS=1 python benchmarks/index_rank_curve.py > benchmarks/index_rank_curve.md` "
-          f"({time.perf_counter() - started:.0f} s).\n")
+    print("Reproduce: `OMP_NUM_THREADS=1 python benchmarks/index_rank_curve.py > benchmarks/index_rank_curve.md`.\n")
     print(f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}. The setting of `bench index`'s real-shape part "
           f"(benchmarks/index.md): a random-weight Llama of {cfg.size} shape, {cfg.n_examples} random sequences of "
           f"{cfg.seq_len} tokens, {cfg.n_concepts} random concept directions at "
@@ -73,11 +58,20 @@ def main(cfg: IndexBenchConfig | None = None, eigen_ranks=EIGEN_RANKS, random_ra
           "correlation with the exact estimator's scores (median over the concepts, lowest in brackets).\n")
     print("| projection | rank per side | bytes / example | × smaller | Spearman, Concept Influence | "
           "Spearman, classic influence |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for projection, rank, size, rho in rows:
-        ci, inf = rho["concept_influence"], rho["influence_function"]
-        print(f"| {projection} | {rank} | {size} | {full / size:.0f} | {np.median(ci):.3f} ({min(ci):.3f}) | "
-              f"{np.median(inf):.3f} |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |", flush=True)
+    with tempfile.TemporaryDirectory(prefix="index-rank-curve-") as tmp:
+        for projection, ranks in (("eigen", eigen_ranks), ("random", random_ranks)):
+            for rank in ranks:  # each row printed when measured: a run stopped early keeps the rows before
+                print(f"[rank curve] {projection} rank {rank} ...", flush=True, file=sys.stderr)
+                path = Path(tmp) / f"{projection}-{rank}"
+                index = GradientIndex.build(path, setting.adapter, setting.train, setting.curvature,
+                                            IndexSettings(projection=projection, rank=rank), progress=False)
+                ci, inf = (spearman_columns(index.score(est, setting.adapter, progress=False).values,
+                                            setting.exact[name]) for name, est in setting.queries.items())
+                print(f"| {projection} | {rank} | {index.bytes_per_example} | {full / index.bytes_per_example:.0f} | "
+                      f"{np.median(ci):.3f} ({min(ci):.3f}) | {np.median(inf):.3f} |", flush=True)
+                del index
+                shutil.rmtree(path)
     shares = _trace_shares(setting.curvature, SHARE_RANKS)
     print("\nHow flat the curvature is: the share of each EK-FAC factor's trace held by its top r eigenvalues (median "
           "over the maps), and the share r / d_model of a perfectly flat spectrum of the residual width.\n")
@@ -88,6 +82,7 @@ def main(cfg: IndexBenchConfig | None = None, eigen_ranks=EIGEN_RANKS, random_ra
         print(f"| {label} | " + " | ".join(f"{s:.3f}" for s in shares[side]) + " |")
     d_model = setting.adapter.d_model
     print(f"| flat, d = {d_model} | " + " | ".join(f"{r / d_model:.3f}" for r in SHARE_RANKS) + " |")
+    print(f"\nIn all {time.perf_counter() - started:.0f} s.")
 
 
 if __name__ == "__main__":
