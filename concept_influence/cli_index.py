@@ -196,8 +196,8 @@ def add_index_commands(sub, bench) -> None:
     b.add_argument("--data", default=EM_DATA, help=f"with --part medical: bench medical's --data (default {EM_DATA})")
     b.add_argument("--size", choices=("gpt2-small", "tiny"), default="gpt2-small", help="the random model's shape")
     b.add_argument("--examples", type=int, help="training sequences at that shape (default 48)")
-    b.add_argument("--seeds", type=int, help="demo (or medical) seeds (default 5); those an earlier report in --out holds, made with "
-                                                  "the same settings, are kept")
+    b.add_argument("--seeds", type=int, help="demo (or medical) seeds (default 5); those an earlier report in --out "
+                                             "holds, made with the same settings, are kept")
     b.add_argument("--quick", action="store_true", help="a reduced size (a check that it runs)")
     b.add_argument("--no-bergson", action="store_true", help="skip Bergson's index")
     b.set_defaults(func=_bench)
