@@ -11,6 +11,7 @@ Usage, from the repository root:
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import tempfile
@@ -44,7 +45,8 @@ def main(cfg: IndexBenchConfig | None = None, eigen_ranks=EIGEN_RANKS, random_ra
     cfg = cfg or IndexBenchConfig()
     started = time.perf_counter()
     facts: dict = {}
-    setting = exact_at_shape(cfg, facts)
+    with contextlib.redirect_stdout(sys.stderr):  # its progress lines are not the report's
+        setting = exact_at_shape(cfg, facts)
     full = 4 * facts["tracked_parameters"]
     m = machine_description()
     print("# How large an index must be at gpt2-small shape with random weights\n")

@@ -179,6 +179,7 @@ def test_rank_curve_script_reaches_the_exact_scores_when_the_projection_is_squar
     script.SHARE_RANKS = (2, 4)
     script.main(IndexBenchConfig(quick=True), eigen_ranks=(4, 256), random_ranks=(4,))
     text = capsys.readouterr().out
+    assert text.startswith("# How large an index must be")  # progress goes to stderr, not into the report
     lines = [line.split(" | ") for line in text.splitlines() if line.startswith(("| eigen", "| random"))]
     rows = {(cells[0].strip("| "), int(cells[1])): cells for cells in lines}
     assert set(rows) == {("eigen", 4), ("eigen", 256), ("random", 4)}
