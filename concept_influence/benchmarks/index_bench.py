@@ -30,13 +30,12 @@ from scipy.stats import spearmanr
 
 from ..curvature import fit_curvature
 from ..estimators import ConceptInfluence, InfluenceFunction
-from ..fileio import atomic_write_text
 from ..index import GradientIndex, IndexSettings
 from ..index.build import resolve_rank
 from ..index.query import projected_measurement, query_matrix, stream_scores
 from ..index.store import IndexStore
 from ..provenance import machine_description
-from .seeds import earlier_report
+from .seeds import SeedReport
 from .speed_size_stages import SizeConfig, random_concept, random_examples, size_model
 
 __all__ = ["IndexBenchConfig", "run_index_benchmark"]
@@ -266,35 +265,24 @@ def run_index_benchmark(out_dir: str | Path, cfg: IndexBenchConfig | None = None
     out_dir = Path(out_dir)
     missing = bergson_unavailable() if cfg.bergson else "not asked for"
     cfg.bergson = missing is None
-    started = time.perf_counter()
-    report = earlier_report(out_dir / "index.json", {"config": asdict(cfg)}) or {"total_seconds": 0.0}
-    earlier_seconds = report["total_seconds"]
-    demo = report.get("demo", [])[:cfg.seeds]
-    report.update(config=asdict(cfg), demo=demo,
-                  invocations=report.get("invocations", 1) + (len(demo) < cfg.seeds) if "size" in report else 1)
-
-    def write():
-        report["total_seconds"] = earlier_seconds + time.perf_counter() - started
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "index.json", json.dumps(report, indent=1))
-        atomic_write_text(out_dir / "index.md", format_index_markdown(report))
-
+    report = SeedReport(out_dir, "index", {"config": asdict(cfg)}, "demo", cfg.seeds, format_index_markdown)
+    data = report.data
     with tempfile.TemporaryDirectory(prefix="concept-influence-index-") as tmp:
         work = Path(tmp)
-        if "size" not in report:
-            report.update(machine=machine_description(), bergson=missing)
+        if "size" not in data:
+            data.update(machine=machine_description(), bergson=missing)
             size = size_study(cfg, work)
-            report["streamed"] = stream_timing(work / "eigen", cfg.rows, cfg.many, work)
+            data["streamed"] = stream_timing(work / "eigen", cfg.rows, cfg.many, work)
             bergson = size.pop("bergson", None)
             if bergson is not None:
                 index, shapes = bergson.pop("index"), bergson.pop("shapes")
                 bergson["streamed"] = bergson_stream_timing(index, cfg.rows, cfg.many, shapes, work)
                 size["bergson"] = bergson
-            report["size"] = size
-            write()
-        for seed in range(len(report["demo"]), cfg.seeds):
+            data["size"] = size
+            report.write()
+        for seed in report.missing:
             print(f"[index bench] demo, seed {seed} ...", flush=True)
-            report["demo"].append(demo_study(seed, cfg.ranks, cfg.budget, cfg.quick, cfg.bergson, work / f"demo{seed}"))
-            write()
-    write()  # also when every part asked for was there already
-    return report
+            data["demo"].append(demo_study(seed, cfg.ranks, cfg.budget, cfg.quick, cfg.bergson, work / f"demo{seed}"))
+            report.write()
+    report.write()  # also when every part asked for was there already
+    return data

@@ -6,20 +6,18 @@ and classic influence (:func:`~.index_bench_demo.index_study`), medians over see
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from ..data import load_chats
-from ..fileio import atomic_write_text
 from ..provenance import machine_description
 from .index_bench import IndexBenchConfig
 from .index_bench_demo import index_study, planted_setup
 from .planted_config import PlantedConfig
 from .planted_splits import medical_files
-from .seeds import earlier_report
+from .seeds import SeedReport
 
 __all__ = ["medical_config", "run_index_medical"]
 
@@ -37,30 +35,20 @@ def run_index_medical(out_dir: str | Path, data: str | Path, cfg: IndexBenchConf
     from .index_bench_report import format_medical_markdown
 
     cfg = cfg or IndexBenchConfig()
-    out_dir, started = Path(out_dir), time.perf_counter()
     files = medical_files(data)
     chats = [load_chats(f) for f in files]
     settings = {"config": asdict(cfg), "data": str(data), "files": [f.name for f in files],
                 "planted_config": asdict(medical_config(cfg.quick, 0))}
-    earlier = earlier_report(out_dir / "index-medical.json", settings) or {"medical": [], "total_seconds": 0.0}
-    done = earlier["medical"][:cfg.seeds]
-    report = {**settings, "machine": earlier.get("machine", machine_description()), "medical": done,
-              "invocations": earlier.get("invocations", 1) + (len(done) < cfg.seeds) if done else 1}
-
-    def write():
-        report["total_seconds"] = earlier["total_seconds"] + time.perf_counter() - started
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "index-medical.json", json.dumps(report, indent=1))
-        atomic_write_text(out_dir / "index-medical.md", format_medical_markdown(report))
-
+    report = SeedReport(out_dir, "index-medical", settings, "medical", cfg.seeds, format_medical_markdown)
+    report.data.setdefault("machine", machine_description())
     with tempfile.TemporaryDirectory(prefix="concept-influence-index-medical-") as tmp:
-        for seed in range(len(done), cfg.seeds):
+        for seed in report.missing:
             print(f"[index bench] medical, seed {seed} ...", flush=True)
             work = Path(tmp) / f"medical{seed}"
             seed_started = time.perf_counter()
             setup = planted_setup(*chats, medical_config(cfg.quick, seed), "tl", work)
             study = index_study(setup, cfg.ranks, cfg.budget, work, checkpoints=False)
-            report["medical"].append({**study, "seconds": time.perf_counter() - seed_started})
-            write()
-    write()  # also when every seed asked for was there already
-    return report
+            report.data["medical"].append({**study, "seconds": time.perf_counter() - seed_started})
+            report.write()
+    report.write()  # also when every seed asked for was there already
+    return report.data

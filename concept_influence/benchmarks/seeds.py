@@ -4,12 +4,13 @@ benchmark's earlier report already holds, so that asking for more seeds runs onl
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
-__all__ = ["seed_statistics", "format_seeds_table", "earlier_report"]
+__all__ = ["seed_statistics", "format_seeds_table", "earlier_report", "SeedReport"]
 
 
 def _but_seeds(settings: dict) -> dict:
@@ -33,6 +34,35 @@ def earlier_report(path: Path, settings: dict) -> dict | None:
         print(f"[bench] {path}: made with other settings ({', '.join(changed)}); starting again", flush=True)
         return None
     return report
+
+
+class SeedReport:
+    """A benchmark's report over seeds (``data``: ``settings``, the list of seed results under ``key``, and what the
+    benchmark adds), written as ``NAME.json`` and ``NAME.md`` in ``out_dir``. An earlier report there made with the
+    same settings is taken up (:func:`earlier_report`): its seeds are kept, up to ``seeds``, and :attr:`missing` are
+    the ones to run; ``invocations`` counts the runs that added seeds, ``total_seconds`` their time."""
+
+    def __init__(self, out_dir: str | Path, name: str, settings: dict, key: str, seeds: int,
+                 markdown: Callable[[dict], str]):
+        self.paths = Path(out_dir) / f"{name}.json", Path(out_dir) / f"{name}.md"
+        self.markdown, self.started = markdown, time.perf_counter()
+        earlier = earlier_report(self.paths[0], settings)
+        self.data = earlier or {}
+        self.earlier_seconds = self.data.get("total_seconds", 0.0)
+        kept = self.data.get(key, [])[:seeds]
+        self.missing = range(len(kept), seeds)
+        self.data.update(settings)
+        self.data[key] = kept
+        self.data["invocations"] = 1 if earlier is None else self.data.get("invocations", 1) + bool(self.missing)
+
+    def write(self) -> None:
+        """Write both files (atomically) with the seconds so far."""
+        from ..fileio import atomic_write_text
+
+        self.data["total_seconds"] = self.earlier_seconds + time.perf_counter() - self.started
+        self.paths[0].parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.paths[0], json.dumps(self.data, indent=1))
+        atomic_write_text(self.paths[1], self.markdown(self.data))
 
 
 def seed_statistics(values) -> dict[str, float]:
