@@ -44,9 +44,9 @@ def _trace_shares(curvature, ranks) -> dict[str, list[float]]:
 def main(cfg: IndexBenchConfig | None = None, eigen_ranks=EIGEN_RANKS, random_ranks=RANDOM_RANKS) -> None:
     cfg = cfg or IndexBenchConfig()
     started = time.perf_counter()
-    facts: dict = {}
     with contextlib.redirect_stdout(sys.stderr):  # its progress lines are not the report's
-        setting = exact_at_shape(cfg, facts)
+        setting = exact_at_shape(cfg)
+    facts = setting.facts
     full = 4 * facts["tracked_parameters"]
     m = machine_description()
     print("# How large an index must be at gpt2-small shape with random weights\n")

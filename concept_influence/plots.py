@@ -131,8 +131,7 @@ def plot_latent_influence(explanation, path: str | Path, n: int = 12) -> Path:
     (rows, grouped by cluster) against the latents they share most (columns; mean activation scaled per column)."""
     e = explanation
     lab = lambda l: f"{l}" + (f" {e.labels[l][:18]}" if e.labels.get(l) else "")  # noqa: E731
-    fig, (bars, heat) = subplots(1, 2, figsize=(12, max(3.5, 0.32 * n + 1.5)),
-                                     gridspec_kw={"width_ratios": [1, 1.3]})
+    fig, (bars, heat) = subplots(1, 2, figsize=(12, max(3.5, 0.32 * n + 1.5)), gridspec_kw={"width_ratios": [1, 1.3]})
     latents = e.influential_latents(n)
     rows = [e.row(l) for l in latents]
     y = np.arange(len(rows))

@@ -91,7 +91,8 @@ def spearman_columns(got: np.ndarray, exact: np.ndarray) -> list[float]:
 @dataclass
 class ExactAtShape:
     """The real-shape setting: the random-weight model, its training and evaluation sequences, the EK-FAC over the
-    maps of blocks ``0..concept_layer``, the two queries and their exact scores (``[n_examples, K]``)."""
+    maps of blocks ``0..concept_layer``, the two queries and their exact scores (``[n_examples, K]``), and ``facts``:
+    the sizes of the model and its maps and the seconds of the fit and the exact passes."""
 
     adapter: object
     sizes: SizeConfig
@@ -100,11 +101,11 @@ class ExactAtShape:
     curvature: object
     queries: dict
     exact: dict
+    facts: dict
 
 
-def exact_at_shape(cfg: IndexBenchConfig, out: dict) -> ExactAtShape:
-    """Build the real-shape setting of ``cfg``, fit the EK-FAC and score both queries exactly; the sizes and seconds
-    go into ``out``."""
+def exact_at_shape(cfg: IndexBenchConfig) -> ExactAtShape:
+    """Build the real-shape setting of ``cfg``, fit the EK-FAC and score both queries exactly."""
     sc = SizeConfig(size=cfg.size, n_examples=cfg.n_examples, seq_len=cfg.seq_len, concept_layer=cfg.concept_layer,
                     n_eval=cfg.n_eval)
     adapter = size_model(sc)
@@ -113,10 +114,10 @@ def exact_at_shape(cfg: IndexBenchConfig, out: dict) -> ExactAtShape:
     maps = adapter.linear_maps(cfg.concept_layer)
     every = adapter.linear_maps()
     default_all = resolve_rank(IndexSettings(budget=cfg.budget), every)
-    out.update({"parameters": sum(p.numel() for p in adapter.model.parameters()), "tracked_maps": len(maps),
-                "tracked_parameters": sum(m.shape[0] * m.shape[1] for m in maps), "all_maps": len(every),
-                "all_parameters": sum(m.shape[0] * m.shape[1] for m in every), "all_maps_rank": default_all,
-                "all_maps_bytes": 2 * sum(min(default_all, m.shape[0]) * min(default_all, m.shape[1]) for m in every)})
+    out = {"parameters": sum(p.numel() for p in adapter.model.parameters()), "tracked_maps": len(maps),
+           "tracked_parameters": sum(m.shape[0] * m.shape[1] for m in maps), "all_maps": len(every),
+           "all_parameters": sum(m.shape[0] * m.shape[1] for m in every), "all_maps_rank": default_all,
+           "all_maps_bytes": 2 * sum(min(default_all, m.shape[0]) * min(default_all, m.shape[1]) for m in every)}
     print(f"[index bench] {cfg.size}: EK-FAC fit on {cfg.n_examples} examples ...", flush=True)
     curvature, out["fit_seconds"] = _timed(lambda: fit_curvature(adapter, train, maps, batch_size=8, progress=False))
     concept = random_concept(adapter, sc, cfg.n_concepts, evals)
@@ -128,13 +129,13 @@ def exact_at_shape(cfg: IndexBenchConfig, out: dict) -> ExactAtShape:
         scores, seconds = _timed(lambda est=est: est.score(adapter, train, progress=False))
         exact[name], out[f"exact_{name}_seconds"] = scores.values, seconds
     out["exact_pass_seconds"] = out["exact_concept_influence_seconds"]
-    return ExactAtShape(adapter, sc, train, evals, curvature, queries, exact)
+    return ExactAtShape(adapter, sc, train, evals, curvature, queries, exact, out)
 
 
 def size_study(cfg: IndexBenchConfig, work: Path) -> dict:
     """The real-shape part: fit, exact pass, our builds and Bergson's, accuracy, and the query's own costs."""
-    out: dict = {}
-    setting = exact_at_shape(cfg, out)
+    setting = exact_at_shape(cfg)
+    out = dict(setting.facts)
     adapter, train, curvature, queries, exact = (setting.adapter, setting.train, setting.curvature, setting.queries,
                                                  setting.exact)
     variants = {"eigen": IndexSettings(budget=cfg.budget), "random": IndexSettings(projection="random", budget=cfg.budget),

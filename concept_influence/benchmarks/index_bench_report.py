@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .index_bench import IndexBenchConfig
 from .index_bench_demo import median_rows
 from .seeds import seed_statistics
 
@@ -21,8 +22,13 @@ def _command(cfg: dict) -> str:
     command = "concept-influence bench index --out benchmarks"
     if cfg["quick"]:
         return command + " --quick"
-    return command + (f" --examples {cfg['n_examples']}" if cfg["n_examples"] != 48 else "") + \
-        (f" --seeds {cfg['seeds']}" if cfg["seeds"] != 5 else "") + ("" if cfg["bergson"] else " --no-bergson")
+    return command + (f" --examples {cfg['n_examples']}" if cfg["n_examples"] != IndexBenchConfig.n_examples else "") \
+        + _seeds_option(cfg) + ("" if cfg["bergson"] else " --no-bergson")
+
+
+def _seeds_option(cfg: dict) -> str:
+    """``--seeds N`` when the report's number of seeds is not the default."""
+    return f" --seeds {cfg['seeds']}" if cfg["seeds"] != IndexBenchConfig.seeds else ""
 
 
 def _size_section(r: dict) -> list[str]:
@@ -165,7 +171,7 @@ def format_index_markdown(report: dict) -> str:
 def _medical_command(report: dict) -> str:
     cfg = report["config"]
     command = f"concept-influence bench index --part medical --data {report['data']} --out benchmarks"
-    return command + (" --quick" if cfg["quick"] else f" --seeds {cfg['seeds']}" if cfg["seeds"] != 5 else "")
+    return command + (" --quick" if cfg["quick"] else _seeds_option(cfg))
 
 
 def format_medical_markdown(report: dict) -> str:

@@ -10,7 +10,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-__all__ = ["seed_statistics", "format_seeds_table", "earlier_report", "SeedReport"]
+__all__ = ["seed_statistics", "format_seeds_table", "SeedReport"]
 
 
 def _but_seeds(settings: dict) -> dict:
@@ -21,7 +21,7 @@ def _but_seeds(settings: dict) -> dict:
     return plain
 
 
-def earlier_report(path: Path, settings: dict) -> dict | None:
+def _earlier_report(path: Path, settings: dict) -> dict | None:
     """The report (JSON) a benchmark wrote at ``path`` when its ``settings`` (every key of ``settings``; a ``config``
     compared without its number of seeds) were these, so that a run asking for more seeds keeps the ones done; None,
     saying why on stdout, when there is no such file or it was made with other settings."""
@@ -39,14 +39,14 @@ def earlier_report(path: Path, settings: dict) -> dict | None:
 class SeedReport:
     """A benchmark's report over seeds (``data``: ``settings``, the list of seed results under ``key``, and what the
     benchmark adds), written as ``NAME.json`` and ``NAME.md`` in ``out_dir``. An earlier report there made with the
-    same settings is taken up (:func:`earlier_report`): its seeds are kept, up to ``seeds``, and :attr:`missing` are
+    same settings is taken up (:func:`_earlier_report`): its seeds are kept, up to ``seeds``, and :attr:`missing` are
     the ones to run; ``invocations`` counts the runs that added seeds, ``total_seconds`` their time."""
 
     def __init__(self, out_dir: str | Path, name: str, settings: dict, key: str, seeds: int,
                  markdown: Callable[[dict], str]):
         self.paths = Path(out_dir) / f"{name}.json", Path(out_dir) / f"{name}.md"
         self.markdown, self.started = markdown, time.perf_counter()
-        earlier = earlier_report(self.paths[0], settings)
+        earlier = _earlier_report(self.paths[0], settings)
         self.data = earlier or {}
         self.earlier_seconds = self.data.get("total_seconds", 0.0)
         kept = self.data.get(key, [])[:seeds]
