@@ -9,9 +9,9 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from norms import assert_close_in_norm, relative_error
 from runfolder import make_project
 from test_run_errors import fails, snapshot
 
@@ -82,18 +82,20 @@ def test_factors_and_scores_equal_the_api_fitted_on_training_then_extra(project,
     assert got.map_names == expected.map_names
     g = torch.Generator().manual_seed(0)
     grads = {m.name: torch.randn(4, *expected.shapes[m.name], generator=g) for m in maps}
+    # in norm, per example: the two fits sum in another order, and an element of a preconditioned gradient that is
+    # small next to the largest moves by percents with the float32 rounding (tests/norms.py); the norm moves by ~2e-6
     for name, v in expected.precondition(grads).items():
-        torch.testing.assert_close(got.precondition(grads)[name], v, rtol=1e-4, atol=1e-6 * float(v.abs().max()))
+        assert_close_in_norm(got.precondition(grads)[name], v, 1e-5, dim=(-2, -1), msg=name)
     train_only = fit_curvature(adapter, train, maps, cfg.factors.settings(), progress=False).precondition(grads)
-    assert any(not torch.allclose(train_only[k], v, rtol=1e-2) for k, v in expected.precondition(grads).items())
+    for name, v in expected.precondition(grads).items():  # the extra data counts: 13-26 % apart in every map
+        assert relative_error(train_only[name], v) > 0.05, name
 
     direction = ConceptDirection.load(fitted / "probe" / "direction.safetensors")
     concept = ConceptFunction.from_directions(direction, tokenized("pos.jsonl", cfg.concept.max_examples))
     reference = ConceptInfluence(concept, "ekfac", fit_examples=examples).score(adapter, train, progress=False)
     scores = Scores.load(fitted / "scores" / "scores.safetensors")
     assert scores.ids == reference.ids and len(scores) == N_TRAIN  # only the training data is scored
-    err = np.abs(scores.values - reference.values).max() / np.abs(reference.values).max()
-    assert err < 1e-5, err
+    assert_close_in_norm(scores.values, reference.values, 1e-5, dim=0)  # per concept; ~5e-7 here
 
 
 def test_run_json_settings_and_report_say_what_the_factors_were_fitted_on(project, fitted):
