@@ -11,10 +11,11 @@ import textwrap
 from pathlib import Path
 
 from .cli_bench import add_bench_commands
-from .cli_concept import add_concept_commands, add_query_options, query_overrides, user_errors
+from .cli_concept import add_concept_commands, add_query_options, query_overrides
 from .cli_emergent import add_emergent_commands
-from .cli_index import add_index_commands, index_errors
+from .cli_index import add_index_commands
 from .cli_sae import add_sae_commands
+from .errors import ConceptInfluenceError
 
 __all__ = ["main"]
 
@@ -152,30 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors that describe bad input: printed as one line, exit status 2 (anything else is a bug: traceback)."""
-    from probes.directions import DirectionError
-
-    from .benchmarks.planted import BenchmarkError
-    from .concepts import ConceptError
-    from .config import ConfigError
-    from .curvature import CurvatureError
-    from .data import DataError
-    from .models import HookError, ModelLoadError
-    from .runs import RunError
-    from .scoring import ScoringError
-
-    return (DataError, BenchmarkError, ConfigError, RunError, ModelLoadError, HookError, DirectionError, ConceptError,
-            CurvatureError, ScoringError, *user_errors(), *index_errors())
-
-
 def main(argv: list[str] | None = None) -> int:
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(var, "1")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except _user_errors() as e:
+    except ConceptInfluenceError as e:  # bad input or a step that cannot go on: one line (anything else is a bug)
         print(f"concept-influence: error: {e}", file=sys.stderr)
         return 2
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .cli_common import add_dtype_option, add_table_command, named_json, read_examples, read_scores, write_table
 
-__all__ = ["add_concept_commands", "add_query_options", "query_overrides", "user_errors"]
+__all__ = ["add_concept_commands", "add_query_options", "query_overrides"]
 
 # Spelled out so that building the parser imports no torch (tests check they equal the library's constants).
 REDUCTIONS = ("response_mean", "last_prompt", "prompt_mean", "all_tokens")  # probes.REDUCTIONS
@@ -254,11 +254,3 @@ def query_overrides(args: argparse.Namespace) -> dict:
             "query_study": args.query_study, "curvature_study": args.curvature_study, "concept_check": not args.no_concept_check,
             "over_checkpoints": not args.no_checkpoints,
             **{k: v for k in ("lds_seeds", "lds_fraction") if (v := getattr(args, k)) is not None}}
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """The errors of these commands that describe bad input."""
-    from .concept_check import ConceptCheckError
-    from .filtering import FilterError
-
-    return ConceptCheckError, FilterError

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .cli_common import EM_DATA
 
-__all__ = ["add_index_commands", "index_errors"]
+__all__ = ["add_index_commands"]
 
 # Spelled out so that building the parser imports no torch (a test checks they equal the library's constants).
 PROJECTIONS = ("eigen", "random", "identity")  # concept_influence.index.PROJECTIONS
@@ -201,10 +201,3 @@ def add_index_commands(sub, bench) -> None:
     b.add_argument("--quick", action="store_true", help="a reduced size (a check that it runs)")
     b.add_argument("--no-bergson", action="store_true", help="skip Bergson's index")
     b.set_defaults(func=_bench)
-
-
-def index_errors() -> tuple[type[Exception], ...]:
-    """The errors of these commands that describe bad input."""
-    from .index import GradientIndexError
-
-    return (GradientIndexError,)

@@ -32,6 +32,7 @@ from probes import token_mask
 
 from .activations import collect_activations
 from .data import TokenizedExample, iter_batches
+from .errors import ConceptInfluenceError
 from .models import ModelAdapter
 
 __all__ = ["ConceptCheck", "ConceptCheckError", "check_concept", "STEERING_POSITIONS", "DEFAULT_ALPHAS",
@@ -44,7 +45,7 @@ CAUSAL_THRESHOLD = 0.01  # nats per σ of first-order steering effect; see the R
 SEPARATION_MARGIN = 0.1  # a separation AUROC within this of 0.5 is called no separation
 
 
-class ConceptCheckError(ValueError):
+class ConceptCheckError(ConceptInfluenceError, ValueError):
     """The check cannot run as asked (empty example sets, wrong width, bad steps); the message says which."""
 
 

@@ -22,6 +22,7 @@ from probes.activations import REDUCTIONS, reduce_tokens
 from probes.directions import ConceptDirection, DirectionError
 
 from .data import Batch, TokenizedExample, iter_batches
+from .errors import ConceptInfluenceError
 from .models import LinearMap, ModelAdapter, block_of_hook
 
 __all__ = ["ConceptFunction", "ConceptError", "measurement_gradient", "project_tokens", "Projection",
@@ -34,7 +35,7 @@ PROMPT_REDUCTIONS = ("last_prompt", "prompt_mean")  # the queries that read no r
 Projection = tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
 
 
-class ConceptError(ValueError):
+class ConceptError(ConceptInfluenceError, ValueError):
     """A concept cannot be measured as asked (no gradient reaches it, mismatched hooks, ...)."""
 
 

@@ -39,6 +39,7 @@ from probes import PROBE_KINDS, REDUCTIONS
 
 from .concepts import DEFAULT_QUERY
 from .curvature import CurvatureSettings
+from .errors import ConceptInfluenceError
 from .estimators import RUN_ESTIMATORS
 from .models import MODEL_DTYPES
 from .models.hugging_face import TRACK_CHOICES
@@ -54,7 +55,7 @@ MIN_PROBE_AUROC = 0.6
 GATE_KEYS = ("probe.allow_weak", "concept.require")
 
 
-class ConfigError(ValueError):
+class ConfigError(ConceptInfluenceError, ValueError):
     """A run config cannot be used; the message names the file and the key."""
 
 

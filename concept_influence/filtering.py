@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from .data import write_kept
+from .errors import ConceptInfluenceError
 from .fileio import atomic_write, atomic_write_text, file_sha256, path_sha256
 from .scores import Scores
 
 __all__ = ["FilterError", "removal_indices", "filter_training_file", "sidecar_path"]
 
 
-class FilterError(ValueError):
+class FilterError(ConceptInfluenceError, ValueError):
     """A filter that cannot be applied as asked; the message names the file or the option."""
 
 

@@ -15,12 +15,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import TokenizedExample
+from .errors import ConceptInfluenceError
 from .models import ModelAdapter
 
 __all__ = ["GenerationError", "sample_responses"]
 
 
-class GenerationError(RuntimeError):
+class GenerationError(ConceptInfluenceError, RuntimeError):
     """Sampling failed for some examples; the message names them."""
 
 

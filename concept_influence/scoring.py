@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .data import TokenizedExample
+from .errors import ConceptInfluenceError
 from .gradients import captured_batches, check_finite
 from .models import LinearMap, ModelAdapter
 from .scores import Scores
@@ -49,7 +50,7 @@ class ScoringSettings(Settings):
                                           "min(d_out, d_in): full rank (gradient estimators)", minimum=1)
 
 
-class ScoringError(RuntimeError):
+class ScoringError(ConceptInfluenceError, RuntimeError):
     """Scoring cannot go on (non-finite loss or score); the message names the example ids."""
 
 

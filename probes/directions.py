@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .errors import ConceptInfluenceError
 from .fileio import atomic_write_text, load_tensors, save_tensors
 from .hooks import block_of_hook
 
@@ -30,7 +31,7 @@ _FORMAT_SUFFIX = ".ConceptDirection"
 _FORMAT_VERSION = 1
 
 
-class DirectionError(ValueError):
+class DirectionError(ConceptInfluenceError, ValueError):
     """A concept direction is invalid, does not fit a model, or cannot be read; the message says why."""
 
 

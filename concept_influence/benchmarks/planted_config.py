@@ -7,13 +7,14 @@ from dataclasses import dataclass
 from probes import PROBE_KINDS, REDUCTIONS
 
 from ..concepts import DEFAULT_QUERY
+from ..errors import ConceptInfluenceError
 from ..models import MODEL_DTYPES
 from .smallmodel import SCHEDULES
 
 __all__ = ["BenchmarkError", "PlantedConfig", "check_planting"]
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(ConceptInfluenceError, ValueError):
     """A benchmark setting that cannot work (rate, sizes, seeds, layer); the message names the setting."""
 
 

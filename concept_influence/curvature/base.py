@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import torch
 
+from ..errors import ConceptInfluenceError
 from ..fileio import atomic_write_text, load_tensors, save_tensors
 
 __all__ = ["Curvature", "CurvatureError", "CONFIG_FILE", "TENSOR_FILE", "FORMAT", "FORMAT_VERSION"]
@@ -25,7 +26,7 @@ FORMAT = "concept-influence-curvature"
 FORMAT_VERSION = 1
 
 
-class CurvatureError(ValueError):
+class CurvatureError(ConceptInfluenceError, ValueError):
     """A curvature cannot be fitted, used or loaded; the message says which map, file or examples."""
 
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
+from ..errors import ConceptInfluenceError
+
 __all__ = ["DataError", "ChatExample", "ACCEPTED_COLUMNS", "EMPTY_ANSWER", "chat_keys",
            "parse_messages"]
 
 
-class DataError(ValueError):
+class DataError(ConceptInfluenceError, ValueError):
     """A data file or example cannot be used; the message names the file and line or the example id."""
 
 

@@ -24,6 +24,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..errors import ConceptInfluenceError
 from ..fileio import atomic_write_text, load_tensors_and_metadata, save_tensors
 from .projection import MapSpace, spaces_from_tensors, spaces_to_tensors
 
@@ -36,7 +37,7 @@ BUFFER_BYTES = 256 << 20  #: the most a chunk of rows read as float32 may take
 _NUMPY = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32}  # bfloat16 is read as its bits
 
 
-class GradientIndexError(RuntimeError):
+class GradientIndexError(ConceptInfluenceError, RuntimeError):
     """A gradient index cannot be built or queried as asked; the message names the file, map or setting."""
 
 

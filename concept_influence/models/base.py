@@ -36,6 +36,7 @@ from torch import nn
 from probes.hooks import block_of_hook
 
 from ..data import Batch, TokenizedExample, collate
+from ..errors import ConceptInfluenceError
 
 __all__ = [
     "MODEL_DTYPES",
@@ -69,7 +70,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 
-class HookError(KeyError):
+class HookError(ConceptInfluenceError, KeyError):
     """Unknown hook name or layer; the message lists close matches."""
 
     def __str__(self) -> str:  # KeyError would quote the message

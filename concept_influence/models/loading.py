@@ -8,6 +8,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from ..errors import ConceptInfluenceError
 from .base import ModelAdapter, resolve_dtype
 from .hooked_transformer import HookedTransformerAdapter
 from .hugging_face import HFCausalLMAdapter
@@ -31,7 +32,7 @@ def as_adapter(model, tokenizer=None, track: str = "auto") -> ModelAdapter:
     raise TypeError(f"unsupported model type {type(model).__name__}: expected a HookedTransformer or a Hugging Face causal LM")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(ConceptInfluenceError, ValueError):
     """A model folder cannot be read; the message names the folder and what is missing or wrong."""
 
 

@@ -14,6 +14,7 @@ from ..distributed import Ranks
 from ..fileio import atomic_write_text, file_sha256
 from ..provenance import invocation, package_versions
 from ..settings import settings_diff
+from ..errors import ConceptInfluenceError
 
 __all__ = ["RunError", "Run", "Layout", "RUN_FORMAT", "RUN_FORMAT_VERSION", "write_or_explain"]
 
@@ -22,7 +23,7 @@ RUN_FORMAT = "concept-influence-run"
 RUN_FORMAT_VERSION = 2
 
 
-class RunError(RuntimeError):
+class RunError(ConceptInfluenceError, RuntimeError):
     """A run folder cannot be used or a stage cannot go on; what is already on disk stays valid."""
 
 
