@@ -1,0 +1,173 @@
+"""Certified retrieval: the recall bound's coverage, its edge cases, bad input, and what the exact scorer is asked."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import hypergeom
+
+from concept_influence.retrieval import (
+    RetrievalError,
+    array_scorer,
+    certified_retrieval,
+    default_split,
+    estimator_scorer,
+    hypergeometric_upper,
+)
+
+
+def _pool(n: int, rho: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """First stage and heavy-tailed exact scores, correlated through a Gaussian copula."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal(n)
+    first = rho * z + np.sqrt(1 - rho * rho) * rng.standard_normal(n)
+    return first, np.sign(z) * np.expm1(np.abs(z))  # heavy tails, same ranks as z
+
+
+def _recall(found: np.ndarray, exact: np.ndarray, k: int) -> float:
+    return len(set(found.tolist()) & set(np.argsort(-exact, kind="stable")[:k].tolist())) / k
+
+
+def test_hypergeometric_upper_is_the_exact_inversion():
+    for pop, sample, found, delta in [(100, 10, 0, 0.05), (100, 10, 3, 0.05), (500, 100, 7, 0.1), (50, 49, 2, 0.05)]:
+        ub = hypergeometric_upper(pop, sample, found, delta)
+        assert hypergeom.cdf(found, pop, ub, sample) > delta  # D = ub is still plausible...
+        if ub < pop - sample + found:
+            assert hypergeom.cdf(found, pop, ub + 1, sample) <= delta  # ...and ub + 1 is not
+    assert hypergeometric_upper(100, 100, 4, 0.05) == 4  # everything sampled: the count is known
+    assert hypergeometric_upper(100, 0, 0, 0.05) == 100  # nothing sampled: anything is possible
+
+
+def test_hypergeometric_upper_covers_at_a_fixed_count():
+    rng = np.random.default_rng(0)
+    pop, d, sample, delta = 400, 12, 40, 0.1
+    items = np.zeros(pop, dtype=bool)
+    items[:d] = True
+    held = [hypergeometric_upper(pop, sample, int(items[rng.choice(pop, sample, replace=False)].sum()), delta) >= d
+            for _ in range(2000)]
+    assert np.mean(held) >= 1 - delta - 3 * np.sqrt(delta * (1 - delta) / 2000)
+
+
+@pytest.mark.parametrize("design", ["uniform", "stratified"])
+def test_recall_bound_covers_on_a_fixed_pool(design):
+    """Over 400 samples of one pool (the guarantee is over the sampling, the pool fixed), the stated recall bound
+    holds in at least 1 - delta of them, less three binomial standard deviations. delta = 0.2 so that a bound that
+    failed too often would show."""
+    n, k, budget, delta, reps = 2000, 40, 800, 0.2, 400
+    first, exact = _pool(n, 0.9, seed=3)
+    held, bounds = [], []
+    for rep in range(reps):
+        res = certified_retrieval(first, array_scorer(exact), k, delta, budget, shortlist=200, design=design,
+                                  strata=2, seed=rep, project=())
+        held.append(_recall(res.top, exact, k) >= res.recall_bound)
+        bounds.append(res.recall_bound)
+    assert np.mean(held) >= 1 - delta - 3 * np.sqrt(delta * (1 - delta) / reps)
+    assert 0.5 < np.mean(bounds) < 0.9  # not trivial: the bound is near the true recall (about 0.92) and can fail
+
+
+def test_beater_count_bound_covers():
+    """The count itself (unscored examples at or above the shortlist's k-th exact score) is covered, per pool."""
+    n, k, delta, reps = 3000, 30, 0.2, 300
+    first, exact = _pool(n, 0.9, seed=5)
+    held = []
+    for rep in range(reps):
+        res = certified_retrieval(first, array_scorer(exact), k, delta, 400, shortlist=100, seed=rep, project=())
+        unscored = np.setdiff1d(np.arange(n), res.scored)
+        held.append((exact[unscored] >= res.threshold).sum() <= res.beaters_bound)
+    assert np.mean(held) >= 1 - delta - 3 * np.sqrt(delta * (1 - delta) / reps)
+
+
+def test_everything_scored_certifies_recall_one():
+    first, exact = _pool(300, 0.3, seed=1)
+    res = certified_retrieval(first, array_scorer(exact), 10, 0.05, budget=300)
+    assert res.recall_bound == 1.0 and res.beaters_bound == 0 and res.spent == 300
+    assert _recall(res.top, exact, 10) == 1.0
+    np.testing.assert_array_equal(res.top, np.argsort(-exact, kind="stable")[:10])
+    np.testing.assert_allclose(res.top_scores, exact[res.top])
+    # a perfect first stage with a shortlist of exactly k and the rest sampled: the sample finds nothing above
+    res = certified_retrieval(exact, array_scorer(exact), 10, 0.05, budget=300, shortlist=10)
+    assert res.recall_bound == 1.0
+
+
+def test_exact_scorer_is_called_once_on_the_chosen_indices_only():
+    first, exact = _pool(5000, 0.7, seed=2)
+    calls: list[np.ndarray] = []
+    res = certified_retrieval(first, array_scorer(exact, calls), 50, 0.05, budget=600, seed=7)
+    assert len(calls) == 1
+    asked = calls[0]
+    assert len(asked) == 600 == res.spent and len(np.unique(asked)) == 600
+    assert np.all(np.diff(asked) > 0)  # sorted, no repeats
+    assert set(asked.tolist()) == set(res.scored.tolist())
+    shortlist = np.argsort(-first, kind="stable")[: res.shortlist]
+    assert set(shortlist.tolist()) <= set(asked.tolist())
+    np.testing.assert_allclose(res.exact, exact[res.scored])
+    assert set(res.top.tolist()) <= set(asked.tolist())
+    again = certified_retrieval(first, array_scorer(exact), 50, 0.05, budget=600, seed=7)  # deterministic
+    np.testing.assert_array_equal(again.scored, res.scored)
+    assert again.recall_bound == res.recall_bound
+
+
+def test_report_states_the_bound_budget_and_projection():
+    first, exact = _pool(20000, 0.95, seed=4)
+    res = certified_retrieval(first, array_scorer(exact), 200, 0.05, budget=2000)
+    text = res.report()
+    assert f"recall >= {res.recall_bound:.3f}" in text and "confidence 0.95" in text
+    assert "spent 2000" in text and "4000 (2×)" in text
+    assert res.shortlist == default_split(20000, 200, 2000) == 800  # 40 % shortlist when the target is out of reach
+    assert set(res.projected) == {3000, 4000, 8000}
+    assert res.projected[8000] >= res.projected[4000] >= res.projected[3000] >= 0
+    js = res.to_json()
+    assert js["spent"] == 2000 and js["recall_bound"] == res.recall_bound and len(js["top"]) == 200
+
+
+def test_default_split_leaves_the_sample_what_it_needs():
+    # 100k examples, k = 1000, budget 10 %: a sample of about 5.4k that finds nothing certifies 0.95
+    m = default_split(100_000, 1000, 10_000)
+    assert 4000 <= m <= 5000
+    assert hypergeometric_upper(100_000 - m, 10_000 - m, 0, 0.05) <= 50
+    assert hypergeometric_upper(100_000 - m - 1, 10_000 - m - 1, 0, 0.05) > 50  # the smallest such sample
+    assert default_split(1000, 10, 1000) == 1000
+    assert default_split(1000, 100, 100) == 100  # the budget is k: all of it on the shortlist
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(k=0), "k"), (dict(k=501), "k"), (dict(k=2.5), "k"),
+    (dict(delta=0.0), "delta"), (dict(delta=1.0), "delta"), (dict(delta=-0.1), "delta"),
+    (dict(budget=5), "budget"), (dict(budget=10.5), "budget"),
+    (dict(shortlist=5), "shortlist"), (dict(shortlist=300), "shortlist"),
+    (dict(design="importance"), "design"), (dict(target=1.0), "target"),
+    (dict(design="stratified", strata=[3]), "strata"), (dict(design="stratified", strata=0), "strata"),
+])
+def test_bad_arguments_are_named(kwargs, name):
+    first, exact = _pool(500, 0.5, seed=0)
+    args = dict(k=10, delta=0.05, budget=100) | kwargs
+    with pytest.raises(RetrievalError, match=rf"^{name} "):
+        certified_retrieval(first, array_scorer(exact), **args)
+
+
+def test_bad_first_stage_and_scorer_output():
+    with pytest.raises(RetrievalError, match="first_stage"):
+        certified_retrieval(np.array([1.0, np.nan, 2.0]), array_scorer(np.zeros(3)), 1, budget=2)
+    with pytest.raises(RetrievalError, match="first_stage"):
+        certified_retrieval(np.zeros((3, 2)), array_scorer(np.zeros(3)), 1, budget=2)
+    with pytest.raises(RetrievalError, match="exact_scorer returned 1 scores for 5"):
+        certified_retrieval(np.arange(10.0), lambda idx: np.zeros(1), 2, budget=5)
+
+
+def test_with_a_gradient_estimator_on_a_tiny_model(tl_adapter, tokenized):
+    """The exact scorer is an estimator scoring only the chosen examples; its scores equal scoring everything."""
+    import torch
+
+    from concept_influence.concepts import ConceptFunction
+    from concept_influence.estimators import ConceptGradDot
+    from probes import ConceptDirection
+
+    torch.manual_seed(0)
+    direction = ConceptDirection(torch.randn(tl_adapter.d_model), "blocks.1.hook_resid_post", kind="custom")
+    concept = ConceptFunction.from_directions(direction, eval_examples=tokenized[:3])
+    everything = ConceptGradDot(concept).score(tl_adapter, tokenized, progress=False).column(0)
+    first = everything + np.random.default_rng(0).normal(0, everything.std(), len(everything))
+    res = certified_retrieval(first, estimator_scorer(ConceptGradDot(concept), tl_adapter, tokenized), 2, 0.2,
+                              budget=8, shortlist=4)
+    np.testing.assert_allclose(res.exact, everything[res.scored], rtol=1e-4, atol=1e-7)
+    assert res.spent == 8 and 0 <= res.recall_bound <= 1
