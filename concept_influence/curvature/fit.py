@@ -19,7 +19,7 @@ import torch
 
 from ..data import TokenizedExample
 from ..gradients import captured_batches, check_finite
-from ..models import LinearMap, ModelAdapter
+from ..models import LinearMap, MapSelection, ModelAdapter
 from ..settings import Settings, option
 from .base import Curvature, CurvatureError
 from .core import KroneckerEigen, SumStats, covariance_sums, rotated_square_sum
@@ -59,10 +59,15 @@ class CurvatureSettings(Settings):
         check_damping(self.damping, self.damping_factor)
 
 
-def resolve_maps(adapter: ModelAdapter, maps: None | int | Sequence[LinearMap]) -> list[LinearMap]:
-    """``None``: every linear map; an int: the maps of blocks ``0..maps``; a list: those maps."""
+def resolve_maps(adapter: ModelAdapter, maps: None | int | MapSelection | dict | str | Sequence[LinearMap]
+                 ) -> list[LinearMap]:
+    """``None``: every linear map (the adapter's selection); an int: the maps of blocks ``0..maps``; a
+    :class:`~concept_influence.models.MapSelection` (or its dict form, a kind such as ``"mlp"`` or a name glob): the
+    maps it keeps; a list: those maps."""
     if maps is None:
         resolved = adapter.linear_maps()
+    elif isinstance(maps, (MapSelection, dict, str)):
+        resolved = adapter.linear_maps(select=maps)
     elif isinstance(maps, int):
         resolved = adapter.linear_maps(maps)
     else:

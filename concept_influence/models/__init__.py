@@ -12,6 +12,7 @@ from .base import (
 )
 from .hooked_transformer import HookedTransformerAdapter
 from .hugging_face import HFCausalLMAdapter
+from .selection import MAP_KINDS, MapSelection, MapSelectionError, map_kind
 from .loading import ModelLoadError, as_adapter, checkpointed_weights, load_checkpoint, load_model, save_model
 
 __all__ = [
@@ -19,6 +20,10 @@ __all__ = [
     "resolve_dtype",
     "HookError",
     "LinearMap",
+    "MapSelection",
+    "MapSelectionError",
+    "MAP_KINDS",
+    "map_kind",
     "Capture",
     "ModelAdapter",
     "HookedTransformerAdapter",

@@ -5,8 +5,9 @@ Everything downstream (activations, probes, curvature, scoring) talks to a :clas
 * ``per_example_loss(batch)`` — mean cross-entropy over each example's response tokens, shape ``[B]``;
 * ``activations(batch, hook_name)`` — the residual stream (or any hook) ``[B, T, d]``, stopping the
   forward after the hook's block;
-* ``linear_maps(max_block)`` — every weight matrix as a :class:`LinearMap` ``(d_out, d_in)`` with the
-  modules whose output is its input activation and its output; ``capture(maps)`` records both
+* ``linear_maps(max_block, select)`` — every weight matrix (or those a :class:`~.selection.MapSelection` keeps: module
+  kinds, name globs, block ranges; by default the adapter's own ``selection``) as a :class:`LinearMap`
+  ``(d_out, d_in)`` with the modules whose output is its input activation and its output; ``capture(maps)`` records both
   (inputs on the forward, output gradients on the backward) so that ``Σ_t g_t a_tᵀ`` is the gradient;
 * ``n_blocks``, ``d_model``, ``dtype``, ``hook_names()``, ``fingerprint()``.
 
@@ -36,6 +37,7 @@ from torch import nn
 from probes.hooks import block_of_hook
 
 from ..data import Batch, TokenizedExample, collate
+from .selection import MapSelection, map_kind
 from ..errors import ConceptInfluenceError
 
 __all__ = [
@@ -114,6 +116,11 @@ class LinearMap:
     def shape(self) -> tuple[int, int]:
         return tuple(self.to_matrix(self.weight).shape)  # type: ignore[return-value]
 
+    @property
+    def kind(self) -> str | None:
+        """``"attention"``, ``"mlp"`` or None, from the name (:func:`~.selection.map_kind`)."""
+        return map_kind(self.name)
+
     def to_matrix(self, tensor: torch.Tensor) -> torch.Tensor:
         """A parameter-shaped tensor (weight or its gradient) as a ``(d_out, d_in)`` matrix."""
         return _LAYOUTS[self.layout][0](tensor)
@@ -148,6 +155,8 @@ class ModelAdapter:
     n_blocks: int
     d_model: int
     context_length: int | None  # longest sequence the model accepts (None: unbounded)
+    #: The maps :meth:`linear_maps` keeps by default (None: all); set with :meth:`select`.
+    selection: MapSelection | None = None
 
     # ---- implemented by subclasses -------------------------------------------------------------
     def logits(self, batch: Batch) -> torch.Tensor:
@@ -159,7 +168,8 @@ class ModelAdapter:
     def _run_to_hook(self, batch: Batch, hook_name: str, stop_early: bool) -> torch.Tensor:
         raise NotImplementedError
 
-    def linear_maps(self, max_block: int | None = None) -> list[LinearMap]:
+    def _linear_maps(self, max_block: int | None = None) -> list[LinearMap]:
+        """Every weight matrix of blocks ``0..max_block`` (None: all), in block order."""
         raise NotImplementedError
 
     def _edit_hook(self, hook_name: str, edit: Callable[[torch.Tensor], torch.Tensor]):
@@ -172,6 +182,28 @@ class ModelAdapter:
         raise NotImplementedError
 
     # ---- shared --------------------------------------------------------------------------------
+    def linear_maps(self, max_block: int | None = None,
+                    select: MapSelection | dict | str | None = None) -> list[LinearMap]:
+        """The tracked weight matrices of blocks ``0..max_block`` (None: all blocks): those ``select`` keeps (a
+        :class:`~.selection.MapSelection` or its dict / kind / glob form), by default the adapter's
+        :attr:`selection` (every map when it has none). A selection that keeps nothing, or one of whose criteria
+        matches no map of the model, is a :class:`~.selection.MapSelectionError` naming it."""
+        maps = self._linear_maps(max_block)
+        selection = self.selection if select is None else MapSelection.parse(select)
+        if selection is None or selection.is_everything:
+            return maps
+        where = "" if max_block is None else f" of blocks 0..{max_block}"
+        return selection.apply(maps, self._linear_maps() if max_block is not None else maps, self.n_blocks, where)
+
+    def select(self, selection: MapSelection | dict | str | None) -> "ModelAdapter":
+        """Track only the maps ``selection`` keeps from now on (None: every map); checked against the model's maps
+        at once. Returns the adapter."""
+        selection = MapSelection.parse(selection)
+        if not selection.is_everything:
+            selection.apply(self._linear_maps(), n_blocks=self.n_blocks)
+        self.selection = None if selection.is_everything else selection
+        return self
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -179,12 +211,12 @@ class ModelAdapter:
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the tracked weight matrices: the forward and backward compute in it."""
-        return self.linear_maps(0)[0].weight.dtype
+        return self._linear_maps(0)[0].weight.dtype
 
     def check_dtype(self) -> None:
         """Raise ``ValueError`` naming the first tracked weight whose dtype is not one of :data:`MODEL_DTYPES`
         (float64, or int8 / 4-bit quantised weights, through which no gradient can be captured)."""
-        for m in self.linear_maps():
+        for m in self._linear_maps():
             if m.weight.dtype not in MODEL_DTYPES.values():
                 raise ValueError(f"weight {m.name} is {str(m.weight.dtype).removeprefix('torch.')}; supported model "
                                  f"dtypes: {', '.join(MODEL_DTYPES)} (load_model(..., dtype=...) converts a float model)")

@@ -61,7 +61,7 @@ class HookedTransformerAdapter(ModelAdapter):
             cache = KVCache.init_cache(self.model.cfg, self.device, tokens.shape[0])
         return self.model(tokens.to(self.device), past_kv_cache=cache, return_type="logits")[:, -1], cache
 
-    def linear_maps(self, max_block: int | None = None) -> list[LinearMap]:
+    def _linear_maps(self, max_block: int | None = None) -> list[LinearMap]:
         last = self.n_blocks - 1 if max_block is None else min(max_block, self.n_blocks - 1)
         maps = []
         for l in range(last + 1):

@@ -181,7 +181,7 @@ class HFCausalLMAdapter(ModelAdapter):
         out = self.model(input_ids=tokens.to(self.device), past_key_values=cache, use_cache=True)
         return out.logits[:, -1], out.past_key_values
 
-    def linear_maps(self, max_block: int | None = None) -> list[LinearMap]:
+    def _linear_maps(self, max_block: int | None = None) -> list[LinearMap]:
         last = self.n_blocks - 1 if max_block is None else min(max_block, self.n_blocks - 1)
         maps = []
         for l in range(last + 1):

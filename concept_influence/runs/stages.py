@@ -21,7 +21,7 @@ from ..data import ChatExample, Shard, TokenizedExample, load_chats, tokenize_ex
 from ..distributed import Ranks
 from ..estimators import ESTIMATORS, GradientEstimator
 from ..fileio import atomic_write_text, path_sha256, save_tensors
-from ..models import ModelAdapter, block_of_hook, checkpointed_weights, load_model
+from ..models import MapSelectionError, ModelAdapter, block_of_hook, checkpointed_weights, load_model
 from ..provenance import combine_digests
 from ..scores import Scores
 from .checkpoints import Point, describe_points, load_point, model_folder, run_points
@@ -47,7 +47,11 @@ class Pipeline:
         """The run's model, checked against the fingerprint the run started with."""
         model = self.cfg.model
         adapter = load_model(model_folder(model), device=self.ranks.device, dtype=model.dtype, base=model.base,
-                             track=model.track)
+                             track=model.weights_track)
+        try:
+            adapter.select(model.selection)
+        except MapSelectionError as e:
+            raise RunError(f"[model] track: {e}") from None
         if self.ranks.is_main:
             self.run.check_fingerprint("model", adapter.fingerprint())
         return adapter
