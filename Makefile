@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo demo-quick test lint notebooks bench bench-gpt2 bench-queries bench-causal bench-memory bench-medical bench-medical-sae bench-index bench-lora clean
+.PHONY: install demo demo-quick test lint docs notebooks bench bench-gpt2 bench-queries bench-causal bench-memory bench-medical bench-medical-sae bench-index bench-lora clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,11 @@ test: install lint
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+# The documentation site (docs/, mkdocs.yml; the API and command-line references are generated at build time by
+# docs/hooks/generated.py) into site/; --strict turns every broken link or missing reference into an error.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 # Re-execute every notebook at its full size and write the outputs back into it (what is committed; ~15 min).
 notebooks: install
