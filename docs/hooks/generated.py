@@ -5,12 +5,17 @@
 - ``reference/api/<module>.md``: one mkdocstrings page (``::: module``) per public module of ``concept_influence`` and
   ``probes``, found on disk, so a module added or renamed appears without editing the docs; the "API reference"
   section of the navigation is filled with them.
+
+The docstrings are prose with reStructuredText roles (``:func:`x```), which Markdown renders as ``:func:`` followed by
+code: the role is dropped from the API pages (and the ``~`` of a short reference).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import sys
 from pathlib import Path
 
 from mkdocs.structure.files import File
@@ -64,6 +69,8 @@ def _cli_sections(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
 
 def cli_page() -> str:
     os.environ["COLUMNS"] = "110"  # argparse wraps its help to the terminal's width: make it fixed
+    if str(ROOT) not in sys.path:  # the package of this tree, as mkdocstrings reads it (paths: [.])
+        sys.path.insert(0, str(ROOT))
     from concept_influence.cli import build_parser
 
     lines = ["# Command-line reference", "",
@@ -95,6 +102,15 @@ def api_index() -> str:
              "Every module:", ""]
     lines += [f"- [`{name}`]({name}.md)" for name in api_modules()]
     return "\n".join(lines) + "\n"
+
+
+ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|exc|obj|const):(<code>)~?")
+
+
+def on_page_content(html, page, **kwargs):
+    if page.file.src_uri.startswith("reference/api/"):
+        return ROLE.sub(r"\1", html)
+    return html
 
 
 def on_files(files, config, **kwargs):
