@@ -40,6 +40,38 @@ def test_docs_build_strictly(tmp_path):
         assert command in cli, command  # the CLI reference is generated from the parser, every subcommand
 
 
+def test_every_public_name_is_documented():
+    """Every module of the API reference, and every public class and function defined in it (or in a submodule of a
+    documented package), has a docstring: the reference shows nothing but a signature otherwise."""
+    griffe = pytest.importorskip("griffe", reason="griffe (with mkdocstrings[python], dev extra) is not installed")
+    pytest.importorskip("mkdocs", reason="mkdocs is not installed (dev extra)")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks" / "generated.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    missing = []
+
+    def walk(obj, submodules: bool):
+        if not obj.docstring:
+            missing.append(obj.path)
+        for name, member in obj.members.items():
+            if name.startswith("_") or member.is_alias:
+                continue
+            if member.is_module:
+                if submodules:  # a documented subpackage's modules (the top-level package's have pages of their own)
+                    walk(member, True)
+            elif (member.is_class or member.is_function) and not member.docstring:
+                missing.append(member.path)
+
+    for package in hooks.PACKAGES:
+        loaded = griffe.load(package, search_paths=[str(ROOT)], resolve_aliases=False)
+        for name in hooks.api_modules():
+            if name == package or name.startswith(package + "."):
+                walk(loaded, False) if name == package else walk(loaded[name.removeprefix(package + ".")], True)
+    assert not missing, f"public names without a docstring: {sorted(set(missing))}"
+
+
 def _readme_example() -> str:
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
