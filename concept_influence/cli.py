@@ -14,6 +14,7 @@ from .cli_bench import add_bench_commands
 from .cli_concept import add_concept_commands, add_query_options, query_overrides
 from .cli_emergent import add_emergent_commands
 from .cli_index import add_index_commands
+from .cli_plan import add_plan_command
 from .cli_sae import add_sae_commands
 from .errors import ConceptInfluenceError
 
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sae_commands(sub)  # sae train | latents | explain (concept_influence/cli_sae.py)
 
     _add_pipeline_commands(sub)
+    add_plan_command(sub)  # plan RUN_OR_CONFIG: memory per stage before a run (concept_influence/cli_plan.py)
 
     bench = add_bench_commands(sub)  # bench planted | medical | speed | memory (concept_influence/cli_bench.py)
     add_concept_commands(sub, bench)  # concept check, filter, bench query-table (concept_influence/cli_concept.py)

@@ -42,8 +42,8 @@ from .curvature import CurvatureSettings
 from .errors import ConceptInfluenceError
 from .estimators import RUN_ESTIMATORS
 from .models import MODEL_DTYPES, MapSelection
-from .models.selection import MAP_KINDS, MapSelectionError
 from .models.hugging_face import TRACK_CHOICES
+from .models.selection import MAP_KINDS, MapSelectionError
 from .scoring import ScoringSettings
 from .settings import Settings, accepts, check_value, describe_type, narrowed, option
 
@@ -53,7 +53,7 @@ __all__ = ["ConfigError", "RunConfig", "FactorsConfig", "ScoringConfig", "settin
 #: on): 0.5 is chance, and at 0.6 the two sets of texts are barely told apart.
 MIN_PROBE_AUROC = 0.6
 #: Keys that only allow or stop a stage and change no number: an existing run folder takes new values for them.
-GATE_KEYS = ("probe.allow_weak", "concept.require")
+GATE_KEYS = ("probe.allow_weak", "concept.require", "model.device_memory")
 
 
 class ConfigError(ConceptInfluenceError, ValueError):
@@ -76,6 +76,10 @@ class ModelConfig(Settings):
                 "model has LoRA adapters (auto), or the maps of one kind (attention, mlp); or a table {weights = "
                 "auto|lora|full, kinds = [attention, mlp], names = [fnmatch globs on map names], blocks = \"0-3\" or "
                 "a list} (MapSelection)")
+    device_memory: str = option(
+        "auto", "the memory of one device, checked against the run's memory plan (`concept-influence plan`) before any "
+                "work: auto (a CUDA device's own memory; no limit on the CPU), none (no check), or a size such as "
+                "\"80GiB\" or \"80GB\"")
     checkpoints: str | list | None = option(
         None, "score at these checkpoints and sum: a list of checkpoint folders or files and \"base\" (the base model "
               "of a PEFT adapter, or [model] base), or \"auto\" (path is a TRL output folder: the base, then every "
@@ -86,6 +90,13 @@ class ModelConfig(Settings):
     def __post_init__(self) -> None:
         super().__post_init__()
         _ = self.weights_track, self.selection  # checked now, so a bad `track` is an error naming the key
+        if self.device_memory not in ("auto", "none"):
+            from .plan import PlanError, parse_bytes
+
+            try:
+                parse_bytes(self.device_memory)
+            except PlanError as e:
+                raise ValueError(f"device_memory: {e} (or auto, none)") from None
         c, w = self.checkpoints, self.weights
         if isinstance(c, str) and c != "auto":
             raise ValueError(f'checkpoints must be "auto" or a list of checkpoints, got {c!r}')

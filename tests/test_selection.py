@@ -8,15 +8,12 @@ import json
 import pytest
 import torch
 
+from concept_influence.benchmarks.smallmodel import build_small_model
 from concept_influence.config import ConfigError, RunConfig
 from concept_influence.curvature import fit_curvature, resolve_maps
 from concept_influence.models import HFCausalLMAdapter, MapSelection, MapSelectionError, map_kind
 from concept_influence.models.selection import parse_blocks
 from conftest import _hf_model
-
-from concept_influence.benchmarks.smallmodel import build_small_model
-
-TL_ATTENTION = ["W_Q", "W_K", "W_V", "W_O"]
 
 
 def _tl(tokenizer, n_layers=3):
@@ -91,8 +88,8 @@ def test_kinds_names_and_blocks_select_maps(arch, tokenizer):
     # combined with the concept's block limit: the intersection, checked against the whole model
     both = adapter.linear_maps(max_block=1, select={"kinds": ["mlp"], "blocks": "1-2"})
     assert both and all(m.block == 1 and m.kind == "mlp" for m in both)
-    assert resolve_maps(adapter, {"kinds": ["mlp"]}) == mlp or [m.name for m in resolve_maps(adapter, "mlp")] == \
-           [m.name for m in mlp]
+    assert [m.name for m in resolve_maps(adapter, {"kinds": ["mlp"]})] == [m.name for m in mlp]
+    assert [m.name for m in resolve_maps(adapter, "mlp")] == [m.name for m in mlp]
 
 
 def test_empty_selections_name_what_matched_nothing(tokenizer):

@@ -12,8 +12,8 @@ from .base import (
 )
 from .hooked_transformer import HookedTransformerAdapter
 from .hugging_face import HFCausalLMAdapter
-from .selection import MAP_KINDS, MapSelection, MapSelectionError, map_kind
 from .loading import ModelLoadError, as_adapter, checkpointed_weights, load_checkpoint, load_model, save_model
+from .selection import MAP_KINDS, MapSelection, MapSelectionError, map_kind
 
 __all__ = [
     "MODEL_DTYPES",

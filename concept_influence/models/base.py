@@ -37,8 +37,8 @@ from torch import nn
 from probes.hooks import block_of_hook
 
 from ..data import Batch, TokenizedExample, collate
-from .selection import MapSelection, map_kind
 from ..errors import ConceptInfluenceError
+from .selection import MapSelection, map_kind
 
 __all__ = [
     "MODEL_DTYPES",

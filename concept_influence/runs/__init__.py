@@ -46,7 +46,8 @@ from .audit import causal_warning, check_stage, explain_stage, filter_stage
 from .folder import RUN_FORMAT, RUN_FORMAT_VERSION, Run, RunError
 from .stages import Pipeline
 
-__all__ = ["RunError", "Run", "Pipeline", "run_config", "run_stages", "RUN_FORMAT", "RUN_FORMAT_VERSION", "STAGES"]
+__all__ = ["RunError", "Run", "Pipeline", "run_config", "run_stages", "check_memory_plan", "RUN_FORMAT",
+           "RUN_FORMAT_VERSION", "STAGES"]
 
 STAGES = ("probe", "check", "factors", "scores", "report", "explain", "filter")
 
@@ -80,6 +81,7 @@ def run_stages(stages: Sequence[str], path: str | Path | None, config: RunConfig
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; expected some of {STAGES}")
+    check_memory_plan(path, config, stages)
     with process_group(_device(path, config)) as ranks:
         pipeline = Pipeline(_open(path, config, ranks), ranks, progress)
         run, cfg = pipeline.run, pipeline.cfg
@@ -109,6 +111,60 @@ def run_stages(stages: Sequence[str], path: str | Path | None, config: RunConfig
         if "report" in stages:
             _warn_unless_causal(run, ranks)
         return report if report_path and ranks.is_main else out
+
+
+#: The plan's stages each run stage goes through (:mod:`concept_influence.plan`).
+_PLANNED = {"factors": ("load", "covariance pass", "eigendecomposition", "eigenvalue pass"),
+            "scores": ("load", "query", "scoring")}
+
+
+def check_memory_plan(path: str | Path | None, config: RunConfig | None, stages: Sequence[str] = STAGES) -> None:
+    """Before any work: the memory plan of the run as today's engine runs it (every tracked map at once, every
+    factor on each rank; :func:`concept_influence.plan.plan_for_config` with ``engine="current"``), checked against
+    ``[model] device_memory`` (auto: a CUDA device's own memory, no check on the CPU). A stage of ``stages`` that
+    does not fit is a :class:`RunError` in one line naming the plan's stage and its bytes; nothing is written."""
+    if config is None and path is not None and (Path(path) / "config.json").is_file():
+        config = Run.open(path).config
+    if config is None:
+        return
+    limit = _device_memory(config)
+    if limit is None:
+        return
+    from ..estimators import ESTIMATORS
+    from ..plan import format_bytes, plan_for_config
+
+    plan = plan_for_config(config, engine="current", device_memory=limit)
+    checked = [name for stage in stages for name in _PLANNED.get(stage, ())
+               if stage != "factors" or "curvature" in ESTIMATORS[config.scoring.estimator].run_inputs]
+    if "scores" in stages and config.scoring.estimator != "concept_influence":
+        checked = [name for name in checked if name not in ("query", "scoring")]  # (the plan's scoring is EK-FAC's)
+    usable = plan.settings.device_limit
+    for st in plan.stages:
+        if st.stage in checked and st.device > usable:
+            raise RunError(f"{config.model.path}: the run does not fit the device: {st.stage} needs "
+                           f"{format_bytes(st.device)} on the device, {format_bytes(usable)} usable of "
+                           f"{format_bytes(limit)} ([model] device_memory = {config.model.device_memory!r}); nothing "
+                           "was computed. `concept-influence plan` shows every stage; track fewer maps ([model] "
+                           "track), lower [factors] batch_size, or set device_memory = \"none\" to run anyway")
+
+
+def _device_memory(config: RunConfig) -> int | None:
+    """``[model] device_memory`` in bytes: a size as given, ``auto``: the memory of the CUDA device the run uses (none
+    on the CPU), ``none``: None."""
+    value = config.model.device_memory
+    if value == "none":
+        return None
+    if value != "auto":
+        from ..plan import parse_bytes
+
+        return parse_bytes(value)
+    import os
+
+    import torch
+
+    if config.model.device == "cpu" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
 
 
 def _preflight(pipeline: Pipeline, stages: Sequence[str]) -> None:
