@@ -15,6 +15,7 @@ from .cli_concept import add_concept_commands, add_query_options, query_override
 from .cli_emergent import add_emergent_commands
 from .cli_index import add_index_commands
 from .cli_plan import add_plan_command
+from .cli_retrieve import add_retrieve_command
 from .cli_sae import add_sae_commands
 from .errors import ConceptInfluenceError
 
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_concept_commands(sub, bench)  # concept check, filter, bench query-table (concept_influence/cli_concept.py)
     add_emergent_commands(bench)  # bench emergent, seeds-table, curvature-table (concept_influence/cli_emergent.py)
     add_index_commands(sub, bench)  # index build, index query, bench index (concept_influence/cli_index.py)
+    add_retrieve_command(sub)  # retrieve: certified top k from a first stage (concept_influence/cli_retrieve.py)
     return parser
 
 

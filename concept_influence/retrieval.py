@@ -38,13 +38,15 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy.stats import hypergeom
 
+from .errors import ConceptInfluenceError
+
 __all__ = ["certified_retrieval", "RetrievalResult", "StratumBound", "RetrievalError", "hypergeometric_upper",
-           "default_split", "array_scorer", "estimator_scorer", "DESIGNS"]
+           "default_split", "array_scorer", "estimator_scorer", "run_scorer", "DESIGNS"]
 
 DESIGNS = ("uniform", "stratified")
 
 
-class RetrievalError(ValueError):
+class RetrievalError(ConceptInfluenceError, ValueError):
     """Bad input to certified retrieval (names the argument)."""
 
 
@@ -338,3 +340,51 @@ def estimator_scorer(estimator, adapter, examples: Sequence, column: int | str =
         return estimator.score(adapter, chosen, batch_size=batch_size, progress=progress).column(column)
 
     return score
+
+
+def run_scorer(run, ids: Sequence[str], column: int | str = 0, progress: bool = False
+               ) -> Callable[[np.ndarray], np.ndarray]:
+    """An exact scorer from a run folder: its ``scoring.estimator`` (at each of its ``[model] checkpoints``,
+    weighted as the run sums them) on the chosen examples only. Position i of the first stage is the example with
+    id ``ids[i]`` (e.g. the ids of a first-stage :class:`Scores` file of the same data: the run's fast path, an index
+    query); the run's probe (and factors, for a gradient estimator) must be there. One pass over the data reads and
+    tokenises, then only the chosen examples are scored."""
+    from .distributed import Ranks
+    from .runs import Pipeline, Run, RunError
+
+    pipeline = Pipeline(Run.open(run, create=False), Ranks(device=_run_device(run)), progress)
+    cfg = pipeline.cfg
+    ids = list(ids)
+
+    def score(indices: np.ndarray) -> np.ndarray:
+        wanted = {ids[int(i)] for i in indices}
+        found = {}
+        for shard in pipeline.data.shards(cfg.scoring.shard_size):
+            for ex in pipeline._tokenize_kept([e for e in shard.examples if e.id in wanted]):
+                found[ex.id] = ex
+        missing = [ids[int(i)] for i in indices if ids[int(i)] not in found]
+        if missing:
+            raise RunError(f"{pipeline.run.path}: {len(missing)} chosen examples are not in the run's training data "
+                           f"(first: {missing[0]}); the first stage must score the run's data")
+        examples = [found[ids[int(i)]] for i in indices]
+        pipeline.gate()
+        total = np.zeros(len(examples))
+        for point in pipeline.points:
+            with pipeline.at(point):
+                values = pipeline.estimator(point).score(pipeline.adapter, examples, batch_size=cfg.scoring.batch_size,
+                                                         progress=progress).column(column)
+            total += values if point.name is None else point.weight * values
+        return total
+
+    return score
+
+
+def _run_device(run) -> str:
+    from .runs import Run
+
+    device = Run.open(run, create=False).config.model.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return device

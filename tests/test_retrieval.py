@@ -171,3 +171,70 @@ def test_with_a_gradient_estimator_on_a_tiny_model(tl_adapter, tokenized):
                               budget=8, shortlist=4)
     np.testing.assert_allclose(res.exact, everything[res.scored], rtol=1e-4, atol=1e-7)
     assert res.spent == 8 and 0 <= res.recall_bound <= 1
+
+
+def _scores_file(path, ids, values, estimator="first"):
+    from concept_influence.scores import Scores
+
+    return Scores(list(ids), np.array(values, dtype=np.float64), estimator).save(path)
+
+
+def test_cli_with_exact_scores_writes_the_report(tmp_path, capsys):
+    from concept_influence.cli import main
+    from concept_influence.scores import Scores
+
+    first, exact = _pool(3000, 0.9, seed=6)
+    ids = [f"ex{i}" for i in range(3000)]
+    _scores_file(tmp_path / "first.safetensors", ids, first)
+    _scores_file(tmp_path / "exact.safetensors", ids[::-1], exact[::-1], "exact")  # other order: aligned by id
+    assert main(["retrieve", str(tmp_path / "first.safetensors"), "--exact", str(tmp_path / "exact.safetensors"),
+                 "--k", "0.01", "--budget", "0.2", "--out", str(tmp_path / "out")]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    api = certified_retrieval(first, array_scorer(exact), 30, 0.05, 600)
+    assert line == api.summary()
+    saved = Scores.load(tmp_path / "out" / "exact.safetensors")
+    assert saved.ids == [ids[i] for i in api.scored]
+    np.testing.assert_allclose(saved.column(0), exact[api.scored])
+    text = (tmp_path / "out" / "retrieval.md").read_text()
+    assert "## The top k found" in text and f"| 1 | {exact[api.top[0]]:.6g} | {ids[api.top[0]]} |" in text
+    import json
+
+    data = json.loads((tmp_path / "out" / "retrieval.json").read_text())
+    assert data["recall_bound"] == api.recall_bound and data["ids"][0] == ids[api.top[0]]
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    from concept_influence.cli import main
+
+    first, exact = _pool(100, 0.5, seed=0)
+    _scores_file(tmp_path / "first.safetensors", [f"a{i}" for i in range(100)], first)
+    _scores_file(tmp_path / "exact.safetensors", [f"b{i}" for i in range(100)], exact)
+    args = ["retrieve", str(tmp_path / "first.safetensors"), "--out", str(tmp_path / "o")]
+    assert main(args + ["--exact", str(tmp_path / "first.safetensors"), "--k", "5", "--budget", "3"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "concept-influence: error: budget must be an integer >= k = 5 (exact scores; the top k need k), got 3"]
+    assert main(args + ["--exact", str(tmp_path / "exact.safetensors"), "--k", "5"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "--exact" in err[0] and "have no score" in err[0]
+
+
+def test_cli_with_a_run_folder_scores_only_the_chosen_examples(tmp_path, capsys):
+    """`retrieve --run`: the run's own estimator scores the chosen examples; they equal the run's full scores."""
+    from runfolder import make_project
+
+    from concept_influence.cli import main
+    from concept_influence.config import RunConfig
+    from concept_influence.runs import run_stages
+    from concept_influence.scores import Scores
+
+    project = make_project(tmp_path / "p", n_train=40)
+    run = project / "runs" / "r"
+    run_stages(("probe", "factors", "scores"), run, RunConfig.read(project / "run.toml"), progress=False)
+    full = Scores.load(run / "scores" / "scores.safetensors")
+    noisy = full.column(0) + np.random.default_rng(0).normal(0, full.column(0).std(), len(full))
+    _scores_file(tmp_path / "first.safetensors", full.ids, noisy)
+    assert main(["retrieve", str(tmp_path / "first.safetensors"), "--run", str(run), "--k", "4", "--budget", "12",
+                 "--shortlist", "6", "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    got = Scores.load(tmp_path / "out" / "exact.safetensors")
+    assert len(got) == 12
+    np.testing.assert_allclose(got.column(0), full.aligned(got.ids)[:, 0], rtol=1e-4, atol=1e-8)

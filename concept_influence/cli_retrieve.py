@@ -1,0 +1,104 @@
+"""``concept-influence retrieve``: the top k by an exact estimator with a certified recall, from a cheap first stage
+(concept_influence/retrieval.py)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import textwrap
+from pathlib import Path
+
+__all__ = ["add_retrieve_command"]
+
+
+def _column(text: str) -> int | str:
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0 or (value >= 1 and value != int(value)):
+        raise argparse.ArgumentTypeError(f"a count (>= 1) or a fraction of N in (0, 1), got {text}")
+    return value
+
+
+def _retrieve(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+
+    from .fileio import atomic_write_text
+    from .retrieval import RetrievalError, array_scorer, certified_retrieval, run_scorer
+    from .scores import Scores
+
+    first = Scores.load(args.first_stage)
+    values = first.column(args.column)
+    n = len(first)
+    k = math.ceil(args.k * n) if args.k < 1 else int(args.k)
+    budget = None if args.budget is None else (math.ceil(args.budget * n) if args.budget < 1 else int(args.budget))
+    if args.exact is not None:
+        exact = Scores.load(args.exact)
+        try:
+            known = exact.aligned(first.ids)[:, exact.column_index(args.exact_column)]
+        except KeyError as e:
+            raise RetrievalError(f"--exact {args.exact}: {e.args[0]}") from None
+        scorer, source = array_scorer(known), f"{args.exact} (column {args.exact_column})"
+    else:
+        scorer, source = run_scorer(args.run, first.ids, args.exact_column, progress=not args.no_progress), \
+            f"the estimator of run {args.run}"
+    result = certified_retrieval(values, scorer, k, args.delta, budget, shortlist=args.shortlist, design=args.design,
+                                 strata=args.strata, target=args.target, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    Scores([first.ids[i] for i in result.scored], result.exact, "exact", ["score"],
+           {"retrieval": "exactly scored examples (shortlist, then sample)", "first_stage": str(args.first_stage),
+            "exact": source}).save(out / "exact.safetensors")
+    data = result.to_json() | {"ids": [first.ids[i] for i in result.top], "first_stage": str(args.first_stage),
+                               "first_stage_column": args.column, "exact": source}
+    atomic_write_text(out / "retrieval.json", json.dumps(data, indent=1))
+    rows = ["| rank | exact score | id | first-stage rank |", "|---:|---:|---|---:|"]
+    rank_of = np.empty(n, dtype=np.int64)
+    rank_of[np.argsort(-values, kind="stable")] = np.arange(n)
+    rows += [f"| {r} | {s:.6g} | {first.ids[i]} | {rank_of[i] + 1} |"
+             for r, (i, s) in enumerate(zip(result.top, result.top_scores), start=1)]
+    text = (f"# Certified retrieval\n\nFirst stage: `{args.first_stage}` (column {args.column}); exact: {source}.\n\n"
+            + result.report() + "\n\n## The top k found\n\n" + "\n".join(rows) + "\n")
+    atomic_write_text(out / "retrieval.md", text)
+    print(result.summary())
+    print(out / "retrieval.md")
+    return 0
+
+
+def add_retrieve_command(sub) -> None:
+    p = sub.add_parser(
+        "retrieve", help="the top k by an exact estimator with certified recall, from a cheap first stage",
+        description=textwrap.fill(
+            "Score exactly the top M of FIRST_STAGE (a scores file: the fast path, an index query, any ranking) and a "
+            "uniform random sample of the rest, return the top k by exact score and a lower bound on their recall of "
+            "the true top k that holds with confidence 1 - delta (an exact hypergeometric bound on the unscored "
+            "examples at or above the shortlist's k-th exact score). The exact scores come from a run folder's "
+            "estimator (--run: only the chosen examples are scored) or a scores file (--exact). Writes "
+            "OUT/retrieval.md (the statement, the budget, what more budget would buy, the top k), OUT/retrieval.json "
+            "and OUT/exact.safetensors (every exact score computed).", 100))
+    p.add_argument("first_stage", metavar="FIRST_STAGE", help="first-stage scores (.safetensors, as `score` writes)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", metavar="RUN", help="run folder whose scoring.estimator gives the exact scores")
+    src.add_argument("--exact", metavar="SCORES", help="exact scores already computed for every example (a check)")
+    p.add_argument("--k", type=_budget, required=True, help="how many to retrieve: a count, or a fraction of N below 1")
+    p.add_argument("--delta", type=float, default=0.05, help="1 - confidence of the recall bound (default 0.05)")
+    p.add_argument("--budget", type=_budget, help="exact scores to spend: a count, or a fraction of N (default 0.1)")
+    p.add_argument("--shortlist", type=int, help="M, the first stage's top scored exactly (default: see "
+                                                 "retrieval.default_split)")
+    p.add_argument("--design", choices=("uniform", "stratified"), default="uniform",
+                   help="the sample of the rest (default uniform; stratified by first-stage rank)")
+    p.add_argument("--strata", type=int, help="strata of the stratified design (default 2)")
+    p.add_argument("--target", type=float, default=0.95, help="the recall the default split aims to certify")
+    p.add_argument("--column", type=_column, default=0, help="first-stage column (index or name; default 0)")
+    p.add_argument("--exact-column", type=_column, default=0, help="exact column (index or name; default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random sample (default 0)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_retrieve)
