@@ -10,6 +10,7 @@ from .core import KroneckerEigen, SumStats, covariance_sums, rotated_square_sum
 from .ekfac import EKFACCurvature
 from .fit import CurvatureSettings, collect_covariance_stats, collect_eigenvalue_stats, fit_curvature, resolve_maps
 from .identity import IdentityCurvature
+from .partitions import fit_partitioned, split_maps
 
 __all__ = [
     "Curvature",
@@ -25,4 +26,6 @@ __all__ = [
     "collect_covariance_stats",
     "collect_eigenvalue_stats",
     "resolve_maps",
+    "fit_partitioned",
+    "split_maps",
 ]
