@@ -57,6 +57,7 @@ def _plan(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from .models import block_of_hook
+    from .models.hugging_face import parse_track
     from .plan import PlanSettings, model_shape, parse_bytes, plan_memory
     from .runs.checkpoints import model_folder
 
@@ -67,8 +68,9 @@ def _plan(args: argparse.Namespace) -> int:
                             factor_dtype=args.factor_dtype, engine=args.engine)
     if kind == "config":
         m = source.model
-        shape = model_shape(model_folder(m), dtype=args.dtype or m.dtype, track=args.weights or m.weights_track,
-                            select=select or m.selection, max_block=block_of_hook(source.probe.hook), base=m.base)
+        weights, selection = parse_track(m.track)
+        shape = model_shape(model_folder(m), dtype=args.dtype or m.dtype, track=args.weights or weights,
+                            select=select or selection, max_block=block_of_hook(source.probe.hook), base=m.base)
         settings = replace(settings, batch_size=source.factors.batch_size, max_length=source.data.max_length,
                            strategy=source.factors.strategy, query_rank=source.scoring.query_rank,
                            examples=_count_examples(source) or settings.examples)
@@ -95,7 +97,7 @@ def add_plan_command(sub) -> None:
             "model's config alone (built on the meta device: no weights are read): bytes per stage (load, covariance "
             "pass, eigendecomposition, eigenvalue pass, query, scoring, index build) on the device (per rank), the "
             "host (per node) and disk; the partitions of the tracked maps whose passes fit the device, and the passes "
-            "over the data they cost. Exit status 1 when the plan does not fit. See concept_influence/plan.py for the "
+            "over the data they cost. Exit status 1 when the plan does not fit. See concept_influence/plan/ for the "
             "formulas and the two engines.", 100))
     p.add_argument("source", metavar="RUN_OR_CONFIG", help="run folder, run config (.toml/.json), model folder or "
                                                            "config.json")

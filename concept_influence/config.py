@@ -41,9 +41,9 @@ from .concepts import DEFAULT_QUERY
 from .curvature import CurvatureSettings
 from .errors import ConceptInfluenceError
 from .estimators import RUN_ESTIMATORS
-from .models import MODEL_DTYPES, MapSelection
-from .models.hugging_face import TRACK_CHOICES
-from .models.selection import MAP_KINDS, MapSelectionError
+from .models import MODEL_DTYPES
+from .models.hugging_face import parse_track
+from .plan import parse_device_memory
 from .scoring import ScoringSettings
 from .settings import Settings, accepts, check_value, describe_type, narrowed, option
 
@@ -71,15 +71,10 @@ class ModelConfig(Settings):
     dtype: str = option("auto", "convert the weights on loading; covariances, eigenvalues and scores are accumulated "
                                 "in float32 whatever the model's dtype", choices=("auto", *MODEL_DTYPES))
     base: str | None = option(None, "base model folder of a PEFT adapter (default: the one the adapter names)", path=True)
-    track: str | dict = option(
-        "auto", "which weight matrices are tracked: LoRA factors (lora), full weight matrices (full), lora when the "
-                "model has LoRA adapters (auto), or the maps of one kind (attention, mlp); or a table {weights = "
-                "auto|lora|full, kinds = [attention, mlp], names = [fnmatch globs on map names], blocks = \"0-3\" or "
-                "a list} (MapSelection)")
-    device_memory: str = option(
-        "auto", "the memory of one device, checked against the run's memory plan (`concept-influence plan`) before any "
-                "work: auto (a CUDA device's own memory; no limit on the CPU), none (no check), or a size such as "
-                "\"80GiB\" or \"80GB\"")
+    track: str | dict = option("auto", "LoRA factors (lora), full matrices (full), lora when the model has LoRA adapters "
+                               "(auto), one kind (attention, mlp), or a table {weights, kinds, names, blocks}")
+    device_memory: str = option("auto", "checked against the run's memory plan before any work: auto (a CUDA device's "
+                                "memory; no check on the CPU), none, or a size such as \"80GiB\"")
     checkpoints: str | list | None = option(
         None, "score at these checkpoints and sum: a list of checkpoint folders or files and \"base\" (the base model "
               "of a PEFT adapter, or [model] base), or \"auto\" (path is a TRL output folder: the base, then every "
@@ -89,14 +84,8 @@ class ModelConfig(Settings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _ = self.weights_track, self.selection  # checked now, so a bad `track` is an error naming the key
-        if self.device_memory not in ("auto", "none"):
-            from .plan import PlanError, parse_bytes
-
-            try:
-                parse_bytes(self.device_memory)
-            except PlanError as e:
-                raise ValueError(f"device_memory: {e} (or auto, none)") from None
+        # checked now, so a bad value is an error naming its key (models.hugging_face.parse_track reads `track`)
+        _ = parse_track(self.track), parse_device_memory(self.device_memory)
         c, w = self.checkpoints, self.weights
         if isinstance(c, str) and c != "auto":
             raise ValueError(f'checkpoints must be "auto" or a list of checkpoints, got {c!r}')
@@ -110,35 +99,6 @@ class ModelConfig(Settings):
             raise ValueError(f"weights must be a list of numbers, got {w!r}")
         if isinstance(w, list) and isinstance(c, list) and len(w) != len(c):
             raise ValueError(f"weights: {len(w)} weights for {len(c)} checkpoints")
-
-
-    @property
-    def weights_track(self) -> str:
-        """What ``track`` says of a LoRA fine-tune's weight matrices: auto, lora or full (``HFCausalLMAdapter``'s
-        ``track``)."""
-        t = self.track
-        if isinstance(t, str):
-            if t in TRACK_CHOICES:
-                return t
-            if t in MAP_KINDS:
-                return "auto"
-            raise ValueError(f"track must be one of {', '.join(TRACK_CHOICES + MAP_KINDS)} or a table of weights, "
-                             f"kinds, names and blocks; got {t!r}")
-        weights = t.get("weights", "auto")
-        if weights not in TRACK_CHOICES:
-            raise ValueError(f"track.weights must be one of {', '.join(TRACK_CHOICES)}; got {weights!r}")
-        return weights
-
-    @property
-    def selection(self) -> MapSelection:
-        """The maps ``track`` keeps (kinds, name globs, blocks): a :class:`~concept_influence.models.MapSelection`."""
-        t = self.track
-        if isinstance(t, str):
-            return MapSelection(kinds=(t,)) if t in MAP_KINDS else MapSelection()
-        try:
-            return MapSelection.parse({k: v for k, v in t.items() if k != "weights"})
-        except MapSelectionError as e:
-            raise ValueError(f"track: {e}") from None
 
 
 @dataclass

@@ -64,7 +64,7 @@ def test_lora_keeps_the_large_side(qwen_lora):
 
 def _check_partitions(plan):
     """Every rank's partitions cover its maps once, in model order, and each partition's passes fit."""
-    from concept_influence.plan import _Costs
+    from concept_influence.plan.memory import _Costs
 
     c = _Costs(plan.model, plan.settings)
     by_name = {m.name: m for m in plan.model.maps}

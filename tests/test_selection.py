@@ -12,6 +12,7 @@ from concept_influence.benchmarks.smallmodel import build_small_model
 from concept_influence.config import ConfigError, RunConfig
 from concept_influence.curvature import fit_curvature, resolve_maps
 from concept_influence.models import HFCausalLMAdapter, MapSelection, MapSelectionError, map_kind
+from concept_influence.models.hugging_face import parse_track
 from concept_influence.models.selection import parse_blocks
 from conftest import _hf_model
 
@@ -149,14 +150,14 @@ def _config(track):
 def test_run_config_track_keeps_lora_words_and_takes_a_selection():
     for word in ("auto", "lora", "full"):
         cfg = _config(word).model
-        assert cfg.weights_track == word and cfg.selection.is_everything
+        assert parse_track(cfg.track)[0] == word and parse_track(cfg.track)[1].is_everything
     cfg = _config("mlp").model
-    assert cfg.weights_track == "auto" and cfg.selection == MapSelection(kinds=("mlp",))
+    assert parse_track(cfg.track) == ("auto", MapSelection(kinds=("mlp",)))
     cfg = _config({"weights": "full", "kinds": ["attention"], "names": ["*.q_proj"], "blocks": "0-3"}).model
-    assert cfg.weights_track == "full"
-    assert cfg.selection == MapSelection(kinds=("attention",), names=("*.q_proj",), blocks=(0, 1, 2, 3))
+    assert parse_track(cfg.track)[0] == "full"
+    assert parse_track(cfg.track)[1] == MapSelection(kinds=("attention",), names=("*.q_proj",), blocks=(0, 1, 2, 3))
     again = RunConfig.from_dict(json.loads(json.dumps(_config(cfg.track).to_dict())))
-    assert again.model.selection == cfg.selection
+    assert parse_track(again.model.track) == parse_track(cfg.track)
     for bad, match in ((
             "attn", "track must be one of auto, lora, full, attention, mlp"),
             ({"weights": "half"}, "track.weights must be one of"),

@@ -5,10 +5,9 @@ Everything downstream (activations, probes, curvature, scoring) talks to a :clas
 * ``per_example_loss(batch)`` — mean cross-entropy over each example's response tokens, shape ``[B]``;
 * ``activations(batch, hook_name)`` — the residual stream (or any hook) ``[B, T, d]``, stopping the
   forward after the hook's block;
-* ``linear_maps(max_block, select)`` — every weight matrix (or those a :class:`~.selection.MapSelection` keeps: module
-  kinds, name globs, block ranges; by default the adapter's own ``selection``) as a :class:`LinearMap`
-  ``(d_out, d_in)`` with the modules whose output is its input activation and its output; ``capture(maps)`` records both
-  (inputs on the forward, output gradients on the backward) so that ``Σ_t g_t a_tᵀ`` is the gradient;
+* ``linear_maps(max_block, select)`` — every weight matrix (or those a :class:`~.selection.MapSelection` keeps) as a
+  :class:`LinearMap` ``(d_out, d_in)`` with the modules whose output is its input and its output; ``capture(maps)``
+  records both (inputs on the forward, output gradients on the backward) so that ``Σ_t g_t a_tᵀ`` is the gradient;
 * ``n_blocks``, ``d_model``, ``dtype``, ``hook_names()``, ``fingerprint()``.
 
 Models compute in their own dtype (:data:`MODEL_DTYPES`: float32, bfloat16 or float16): activations and output
@@ -38,7 +37,7 @@ from probes.hooks import block_of_hook
 
 from ..data import Batch, TokenizedExample, collate
 from ..errors import ConceptInfluenceError
-from .selection import MapSelection, map_kind
+from .selection import MapSelection, checked_selection, map_kind, selected_maps
 
 __all__ = [
     "MODEL_DTYPES",
@@ -184,24 +183,13 @@ class ModelAdapter:
     # ---- shared --------------------------------------------------------------------------------
     def linear_maps(self, max_block: int | None = None,
                     select: MapSelection | dict | str | None = None) -> list[LinearMap]:
-        """The tracked weight matrices of blocks ``0..max_block`` (None: all blocks): those ``select`` keeps (a
-        :class:`~.selection.MapSelection` or its dict / kind / glob form), by default the adapter's
-        :attr:`selection` (every map when it has none). A selection that keeps nothing, or one of whose criteria
-        matches no map of the model, is a :class:`~.selection.MapSelectionError` naming it."""
-        maps = self._linear_maps(max_block)
-        selection = self.selection if select is None else MapSelection.parse(select)
-        if selection is None or selection.is_everything:
-            return maps
-        where = "" if max_block is None else f" of blocks 0..{max_block}"
-        return selection.apply(maps, self._linear_maps() if max_block is not None else maps, self.n_blocks, where)
+        """The weight matrices of blocks ``0..max_block`` (None: all) that ``select`` keeps, by default the adapter's
+        :attr:`selection` (see :func:`~.selection.selected_maps`)."""
+        return selected_maps(self, max_block, self.selection if select is None else select)
 
     def select(self, selection: MapSelection | dict | str | None) -> "ModelAdapter":
-        """Track only the maps ``selection`` keeps from now on (None: every map); checked against the model's maps
-        at once. Returns the adapter."""
-        selection = MapSelection.parse(selection)
-        if not selection.is_everything:
-            selection.apply(self._linear_maps(), n_blocks=self.n_blocks)
-        self.selection = None if selection.is_everything else selection
+        """Track only the maps ``selection`` keeps from now on (None: every map), checked at once; returns ``self``."""
+        self.selection = checked_selection(self, selection)
         return self
 
     @property

@@ -10,8 +10,9 @@ from torch import nn
 
 from ..data import Batch
 from .base import LinearMap, ModelAdapter, _StopForward, block_of_hook
+from .selection import MAP_KINDS, MapSelection, MapSelectionError
 
-__all__ = ["HFCausalLMAdapter", "TRACK_CHOICES"]
+__all__ = ["HFCausalLMAdapter", "TRACK_CHOICES", "parse_track"]
 
 
 def _find_blocks(model: nn.Module) -> nn.ModuleList:
@@ -65,6 +66,26 @@ def _linear_layout(module: nn.Module) -> str | None:
 
 
 TRACK_CHOICES = ("auto", "lora", "full")
+
+
+def parse_track(track: str | dict) -> tuple[str, MapSelection]:
+    """A run config's ``[model] track``: ``"auto"``, ``"lora"`` or ``"full"`` (the weights of a LoRA fine-tune), a kind
+    (``"attention"``, ``"mlp"``), or a table ``{weights, kinds, names, blocks}``; returned as ``(weights, selection)``.
+    A bad value is a ``ValueError`` naming the key."""
+    if isinstance(track, str):
+        if track in TRACK_CHOICES:
+            return track, MapSelection()
+        if track in MAP_KINDS:
+            return "auto", MapSelection(kinds=(track,))
+        raise ValueError(f"track must be one of {', '.join(TRACK_CHOICES + MAP_KINDS)} or a table of weights, kinds, "
+                         f"names and blocks; got {track!r}")
+    weights = track.get("weights", "auto")
+    if weights not in TRACK_CHOICES:
+        raise ValueError(f"track.weights must be one of {', '.join(TRACK_CHOICES)}; got {weights!r}")
+    try:
+        return weights, MapSelection.parse({k: v for k, v in track.items() if k != "weights"})
+    except MapSelectionError as e:
+        raise ValueError(f"track: {e}") from None
 
 
 def _lora_layers(block: nn.Module) -> dict[str, nn.Module]:

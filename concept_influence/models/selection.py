@@ -25,7 +25,7 @@ from typing import Any, Iterable, Sequence
 
 from ..errors import ConceptInfluenceError
 
-__all__ = ["MapSelection", "MapSelectionError", "MAP_KINDS", "map_kind", "parse_blocks"]
+__all__ = ["MapSelection", "MapSelectionError", "MAP_KINDS", "map_kind", "parse_blocks", "selected_maps", "checked_selection"]
 
 #: The kinds of linear map a selection can name.
 MAP_KINDS = ("attention", "mlp")
@@ -195,3 +195,24 @@ class MapSelection:
         if not kept:
             raise MapSelectionError(f"the map selection ({self.describe()}) matches each criterion somewhere but no "
                                     "map passes all of them together")
+
+
+def selected_maps(adapter, max_block: int | None, select: "MapSelection | dict | str | None") -> list:
+    """``adapter``'s linear maps of blocks ``0..max_block`` (None: all) that ``select`` keeps (a :class:`MapSelection`
+    or its dict / kind / glob form; None: every map). A selection that keeps nothing, or one of whose criteria matches
+    no map of the model, is a :class:`MapSelectionError` naming it."""
+    maps = adapter._linear_maps(max_block)
+    selection = MapSelection.parse(select)
+    if selection.is_everything:
+        return maps
+    where = "" if max_block is None else f" of blocks 0..{max_block}"
+    return selection.apply(maps, adapter._linear_maps() if max_block is not None else maps, adapter.n_blocks, where)
+
+
+def checked_selection(adapter, select: "MapSelection | dict | str | None") -> "MapSelection | None":
+    """``select`` as a :class:`MapSelection` checked against ``adapter``'s maps (None when it keeps every map)."""
+    selection = MapSelection.parse(select)
+    if selection.is_everything:
+        return None
+    selection.apply(adapter._linear_maps(), n_blocks=adapter.n_blocks)
+    return selection

@@ -22,6 +22,7 @@ from ..distributed import Ranks
 from ..estimators import ESTIMATORS, GradientEstimator
 from ..fileio import atomic_write_text, path_sha256, save_tensors
 from ..models import MapSelectionError, ModelAdapter, block_of_hook, checkpointed_weights, load_model
+from ..models.hugging_face import parse_track
 from ..provenance import combine_digests
 from ..scores import Scores
 from .checkpoints import Point, describe_points, load_point, model_folder, run_points
@@ -46,10 +47,11 @@ class Pipeline:
     def adapter(self) -> ModelAdapter:
         """The run's model, checked against the fingerprint the run started with."""
         model = self.cfg.model
+        weights, selection = parse_track(model.track)
         adapter = load_model(model_folder(model), device=self.ranks.device, dtype=model.dtype, base=model.base,
-                             track=model.weights_track)
+                             track=weights)
         try:
-            adapter.select(model.selection)
+            adapter.select(selection)
         except MapSelectionError as e:
             raise RunError(f"[model] track: {e}") from None
         if self.ranks.is_main:
