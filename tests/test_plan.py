@@ -187,3 +187,20 @@ def test_a_run_that_does_not_fit_stops_before_any_work(tmp_path):
     assert len(saved["maps"]) == 6
     with pytest.raises(ConfigError, match="device_memory.*cannot read the size"):
         RunConfig.from_dict({**config.to_dict(), "model": {**config.to_dict()["model"], "device_memory": "big"}})
+
+
+def test_the_check_covers_the_stages_a_run_computes(tmp_path):
+    from concept_influence.runs import RunError, check_memory_plan
+
+    project = _project(tmp_path, 'device_memory = "300kB"')
+    config = RunConfig.read(project / "run.toml")
+    check_memory_plan(None, config, ("probe", "check", "report"))  # nothing planned: no error
+    with pytest.raises(RunError, match="covariance pass"):
+        check_memory_plan(None, config, ("factors",))
+    config.factors.path = str(project / "saved-factors")  # a saved curvature is read, not fitted
+    check_memory_plan(None, config, ("factors",))
+    config.scoring.estimator = "probe_projection"  # the fast path's scoring is not EK-FAC's: the load only
+    check_memory_plan(None, config, ("scores",))
+    config.model.device_memory = "1kB"
+    with pytest.raises(RunError, match="load needs"):
+        check_memory_plan(None, config, ("scores",))

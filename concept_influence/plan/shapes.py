@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -199,7 +200,8 @@ def model_shape(source: str | Path | dict | Any, *, dtype: str | None = None, tr
     if lora_rank is not None:
         import peft
 
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecations, reached through PEFT
             model = peft.get_peft_model(model, peft.LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank,
                                                                target_modules=lora_targets))
         name = f"{name} LoRA r={lora_rank}"
@@ -222,7 +224,8 @@ def _meta_peft_or_hf(folder: Path, path: Path, dtype: str | None, base: str | Pa
             model = _meta_hf_model(AutoConfig.from_pretrained(str(base_folder), local_files_only=True), dtype)
             config = peft.LoraConfig(**{k: v for k, v in lora.items() if k in peft.LoraConfig.__dataclass_fields__
                                         and k not in ("base_model_name_or_path", "revision")})
-            with torch.device("meta"):
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
                 return peft.get_peft_model(model, config)
         config_file = path if path.is_file() else folder / "config.json"
         if not config_file.is_file():

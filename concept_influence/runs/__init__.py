@@ -135,7 +135,8 @@ def check_memory_plan(path: str | Path | None, config: RunConfig | None, stages:
 
     plan = plan_for_config(config, engine="current", device_memory=limit)
     checked = [name for stage in stages for name in _PLANNED.get(stage, ())
-               if stage != "factors" or "curvature" in ESTIMATORS[config.scoring.estimator].run_inputs]
+               if stage != "factors" or ("curvature" in ESTIMATORS[config.scoring.estimator].run_inputs
+                                         and config.factors.path is None)]  # (a saved curvature is not fitted)
     if "scores" in stages and config.scoring.estimator != "concept_influence":
         checked = [name for name in checked if name not in ("query", "scoring")]  # (the plan's scoring is EK-FAC's)
     usable = plan.settings.device_limit
