@@ -130,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
            "adds slack: not every such example is in the true top k). Cost: exact scores / N (the first stage's own "
            "cost is not counted). Over 200 repetitions a share has a standard error of about 0.015 at 0.95, so a "
            "count coverage down to about 0.92 is what a bound of exactly 0.95 shows; a real pool is fixed (the "
-           "sample alone is random) and gets 2,000 repetitions. "
+           "sample alone is random) and gets 2,000 repetitions. Real pools: the score files of a planted-data run "
+           "(`runs/retrieval-demo-quick` is `concept-influence demo --quick --out runs/retrieval-demo-quick`: "
+           "240 pool examples, seed 0), each Concept Influence variant as exact score and `probe_projection` as "
+           "first stage. "
            "Projected 2×: what the report says twice the budget would certify, from the sample's rates.", "",
            "| pool | N | first stage Spearman | design | budget | M | reps | coverage | count coverage | "
            "certified recall, mean (p10) | share certifying ≥ 0.95 | true recall of the k found | cost | projected bound at 2× |",

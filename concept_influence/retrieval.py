@@ -333,7 +333,9 @@ def array_scorer(values, counter: list | None = None) -> Callable[[np.ndarray], 
 def estimator_scorer(estimator, adapter, examples: Sequence, column: int | str = 0, batch_size: int = 8,
                      progress: bool = False) -> Callable[[np.ndarray], np.ndarray]:
     """An exact scorer from an estimator (e.g. :class:`ConceptInfluence`, :class:`OverCheckpoints`): scores only
-    the chosen examples, ``estimator.score(adapter, [examples[i] for i in indices])``, and returns one column."""
+    the chosen examples, ``estimator.score(adapter, [examples[i] for i in indices])``, and returns one column. Give
+    a gradient estimator its fitted :class:`Curvature` (or ``fit_examples``): with a strategy name alone it would fit
+    the curvature on the chosen examples only."""
 
     def score(indices: np.ndarray) -> np.ndarray:
         chosen = [examples[int(i)] for i in indices]
