@@ -39,6 +39,7 @@ import numpy as np
 from scipy.stats import hypergeom
 
 from .errors import ConceptInfluenceError
+from .retrieval_scorers import array_scorer, estimator_scorer, run_scorer
 
 __all__ = ["certified_retrieval", "RetrievalResult", "StratumBound", "RetrievalError", "hypergeometric_upper",
            "default_split", "array_scorer", "estimator_scorer", "run_scorer", "DESIGNS"]
@@ -315,78 +316,3 @@ def _projected_recall(sizes, alloc, found, k, delta, extra: int) -> float:
     hits = [min(int(round(c / s * t)) if s else 0, t) for c, s, t in zip(found, alloc, new)]
     _, ub = _bounds(sizes, new, hits, delta)
     return 1.0 - min(sum(ub), k) / k
-
-
-def array_scorer(values, counter: list | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """An exact scorer reading a known array (benchmarks, tests, or exact scores computed elsewhere); when
-    ``counter`` is a list, every call appends the indices it was asked for."""
-    values = np.asarray(values, dtype=np.float64)
-
-    def score(indices: np.ndarray) -> np.ndarray:
-        if counter is not None:
-            counter.append(np.asarray(indices).copy())
-        return values[np.asarray(indices, dtype=np.int64)]
-
-    return score
-
-
-def estimator_scorer(estimator, adapter, examples: Sequence, column: int | str = 0, batch_size: int = 8,
-                     progress: bool = False) -> Callable[[np.ndarray], np.ndarray]:
-    """An exact scorer from an estimator (e.g. :class:`ConceptInfluence`, :class:`OverCheckpoints`): scores only
-    the chosen examples, ``estimator.score(adapter, [examples[i] for i in indices])``, and returns one column. Give
-    a gradient estimator its fitted :class:`Curvature` (or ``fit_examples``): with a strategy name alone it would fit
-    the curvature on the chosen examples only."""
-
-    def score(indices: np.ndarray) -> np.ndarray:
-        chosen = [examples[int(i)] for i in indices]
-        return estimator.score(adapter, chosen, batch_size=batch_size, progress=progress).column(column)
-
-    return score
-
-
-def run_scorer(run, ids: Sequence[str], column: int | str = 0, progress: bool = False
-               ) -> Callable[[np.ndarray], np.ndarray]:
-    """An exact scorer from a run folder: its ``scoring.estimator`` (at each of its ``[model] checkpoints``,
-    weighted as the run sums them) on the chosen examples only. Position i of the first stage is the example with
-    id ``ids[i]`` (e.g. the ids of a first-stage :class:`Scores` file of the same data: the run's fast path, an index
-    query); the run's probe (and factors, for a gradient estimator) must be there. One pass over the data reads and
-    tokenises, then only the chosen examples are scored."""
-    from .distributed import Ranks
-    from .runs import Pipeline, Run, RunError
-
-    pipeline = Pipeline(Run.open(run, create=False), Ranks(device=_run_device(run)), progress)
-    cfg = pipeline.cfg
-    ids = list(ids)
-
-    def score(indices: np.ndarray) -> np.ndarray:
-        wanted = {ids[int(i)] for i in indices}
-        found = {}
-        for shard in pipeline.data.shards(cfg.scoring.shard_size):
-            for ex in pipeline._tokenize_kept([e for e in shard.examples if e.id in wanted]):
-                found[ex.id] = ex
-        missing = [ids[int(i)] for i in indices if ids[int(i)] not in found]
-        if missing:
-            raise RunError(f"{pipeline.run.path}: {len(missing)} chosen examples are not in the run's training data "
-                           f"(first: {missing[0]}); the first stage must score the run's data")
-        examples = [found[ids[int(i)]] for i in indices]
-        pipeline.gate()
-        total = np.zeros(len(examples))
-        for point in pipeline.points:
-            with pipeline.at(point):
-                values = pipeline.estimator(point).score(pipeline.adapter, examples, batch_size=cfg.scoring.batch_size,
-                                                         progress=progress).column(column)
-            total += values if point.name is None else point.weight * values
-        return total
-
-    return score
-
-
-def _run_device(run) -> str:
-    from .runs import Run
-
-    device = Run.open(run, create=False).config.model.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return device
