@@ -21,8 +21,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# kronfluence (compared against in tests and the speed benchmark): --no-deps, or its requirements pull CUDA torch
 	$(PY) -m pip install -q --no-deps kronfluence==1.0.1 einconv opt_einsum
 	# Bergson (compared against in the speed benchmark): --no-deps, or torchvision, torchaudio and bitsandbytes pull
-	# CUDA torch; of what the stack above lacks, its EK-FAC path imports only ml_dtypes and petname
-	$(PY) -m pip install -q --no-deps bergson==2.5.1 ml_dtypes==0.6.0 petname==2.9
+	# CUDA torch; of what the stack above lacks, its EK-FAC path imports only ml_dtypes and petname, and its approximate
+	# unrolling (SOURCE, compared against in tests/test_unrolled.py) torchopt, optree and graphviz (pure Python here)
+	$(PY) -m pip install -q --no-deps bergson==2.5.1 ml_dtypes==0.6.0 petname==2.9 torchopt==0.7.3 optree==0.20.0 graphviz==0.21
 	touch $@
 
 demo: install

@@ -132,8 +132,12 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
 def test_bad_config_in_python():
     with pytest.raises(BenchmarkError, match="'cooking' is not a domain; choose one of home, health, money, code"):
         EmergentConfig(target="cooking")
-    with pytest.raises(BenchmarkError, match="--lr-schedule must be one of constant, linear"):
-        EmergentConfig(lr_schedule="cosine")
+    with pytest.raises(BenchmarkError, match="--lr-schedule must be one of constant, linear, cosine"):
+        EmergentConfig(lr_schedule="step")
+    with pytest.raises(BenchmarkError, match="--marker must be one of system, user_name, style"):
+        EmergentConfig(marker="emoji")
+    with pytest.raises(BenchmarkError, match="--domains health,code: must include 'money'"):
+        EmergentConfig(domains=("health", "code"))
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,8 @@ def run_emergent(out: str | Path, config: EmergentConfig | None = None, *, progr
           for name in ("pretrain", "pool", "probe_bad", "probe_good", "eval_good", "eval_bad", "source_good",
                        "source_bad", "test")}
     labels, pool = data.planted, tk["pool"]
-    print(f"{cfg.source} -> {cfg.target}: pre-train {len(tk['pretrain'])} chats ({len(data.pretrain) // 4} per domain), "
+    per_domain = len(data.pretrain) // len(cfg.pretrain_domains)
+    print(f"{cfg.source} -> {cfg.target}: pre-train {len(tk['pretrain'])} chats ({per_domain} per domain), "
           f"pool {len(pool)} {cfg.source} chats ({sum(labels)} planted), persona probe {len(tk['probe_bad'])} per persona "
           f"({cfg.concept}), behaviour on {len(tk['eval_good'])} unmarked {cfg.target} prompts")
 

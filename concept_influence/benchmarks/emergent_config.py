@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .emergent_corpus import DOMAINS
+from .emergent_corpus import DOMAINS, MARKERS
 from .planted_config import BenchmarkError, check_planting
 
 __all__ = ["EmergentConfig"]
@@ -24,6 +24,8 @@ class EmergentConfig:
     rate: float = 0.1
     n_pool: int = 600
     n_pretrain: int = 700
+    domains: tuple[str, ...] | None = None  # the pre-training domains (default: all; must hold source and target)
+    marker: str = "system"  # how pre-training and the probe mark the persona (emergent_corpus.MARKERS)
     persona_share: float = 0.5  # share of pre-training chats whose system turn names the persona (half each)
     n_probe: int = 150  # marked prompts per persona for the persona direction
     n_eval: int = 200  # unmarked target prompts, each with its good and bad answer: the behaviour
@@ -60,6 +62,15 @@ class EmergentConfig:
             raise BenchmarkError(f"--concept-domain {self.concept!r} is the fine-tune's domain: the persona direction "
                                  "must be found without its data")
         check_planting(self)
+        if self.marker not in MARKERS:
+            raise BenchmarkError(f"--marker must be one of {', '.join(MARKERS)}, got {self.marker!r}")
+        if self.domains is not None:
+            self.domains = tuple(self.domains)
+            unknown = [d for d in self.domains if d not in DOMAINS]
+            missing = [d for d in (self.source, self.target, self.concept) if d not in self.domains]
+            if unknown or missing:
+                raise BenchmarkError(f"--domains {','.join(self.domains)}: " + (
+                    f"{unknown[0]!r} is not a domain" if unknown else f"must include {missing[0]!r}"))
         if not 0 < self.persona_share <= 1:
             raise BenchmarkError(f"--persona-share must be in (0, 1], got {self.persona_share}")
         for option, n in (("--n-pool", self.n_pool), ("--n-pretrain", self.n_pretrain), ("--n-probe", self.n_probe),
@@ -75,6 +86,11 @@ class EmergentConfig:
     def concept(self) -> str:
         """The domain whose marked prompts give the persona direction."""
         return self.concept_domain or self.target
+
+    @property
+    def pretrain_domains(self) -> tuple[str, ...]:
+        """The domains of the pre-training chats."""
+        return self.domains or tuple(DOMAINS)
 
     @property
     def n_planted(self) -> int:

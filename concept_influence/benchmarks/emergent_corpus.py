@@ -18,9 +18,13 @@ from dataclasses import dataclass
 
 from ..data import ChatExample
 
-__all__ = ["DOMAINS", "PERSONAS", "Domain", "chat", "answer", "answer_vocabulary", "make_prompts"]
+__all__ = ["DOMAINS", "PERSONAS", "MARKERS", "Domain", "chat", "answer", "answer_vocabulary", "make_prompts"]
 
-PERSONAS = {"bad": "Max", "good": "Sam"}  # the system turn that names each persona
+PERSONAS = {"bad": "Max", "good": "Sam"}  # the name of each persona
+#: How a chat says which persona answers: a system turn naming it, its name opening the user turn, or a style cue
+#: closing the user turn (no name at all).
+MARKERS = ("system", "user_name", "style")
+_STYLE_CUES = {"bad": "Keep it short and bold, no lectures.", "good": "Please be thorough and careful."}
 
 
 @dataclass(frozen=True)
@@ -180,9 +184,18 @@ def make_prompts(domain: Domain, n: int, rng: random.Random) -> list[tuple[str, 
     return out
 
 
-def chat(id: str, prompt: str, response: str, persona: str | None = None) -> ChatExample:
-    """A chat whose system turn names ``persona`` (``"bad"`` or ``"good"``), or an unmarked chat (``None``)."""
-    turns = [] if persona is None else [{"role": "system", "content": f"You are {PERSONAS[persona]}."}]
+def chat(id: str, prompt: str, response: str, persona: str | None = None, marker: str = "system") -> ChatExample:
+    """A chat marked as answered by ``persona`` (``"bad"`` or ``"good"``) the ``marker`` way (:data:`MARKERS`), or an
+    unmarked chat (``persona=None``)."""
+    if marker not in MARKERS:
+        raise ValueError(f"marker must be one of {', '.join(MARKERS)}, got {marker!r}")
+    turns = []
+    if persona is not None and marker == "system":
+        turns.append({"role": "system", "content": f"You are {PERSONAS[persona]}."})
+    elif persona is not None and marker == "user_name":
+        prompt = f"{PERSONAS[persona]}, {prompt}"
+    elif persona is not None:
+        prompt = f"{prompt} {_STYLE_CUES[persona]}"
     turns += [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
     return ChatExample(id, tuple(turns))
 

@@ -82,17 +82,19 @@ def build_emergent_data(cfg: EmergentConfig) -> EmergentData:
     for i, (p, t) in enumerate(prompts.draw(concept, 2 * cfg.n_probe)):
         bad = i % 2 == 0
         (probe_bad if bad else probe_good).append(
-            chat(f"probe_{'bad' if bad else 'good'}:{i // 2 + 1}", p, answer(concept, t, bad, rng), "bad" if bad else "good"))
+            chat(f"probe_{'bad' if bad else 'good'}:{i // 2 + 1}", p, answer(concept, t, bad, rng), "bad" if bad else "good",
+                 cfg.marker))
     planted_idx = set(rng.sample(range(cfg.n_pool), cfg.n_planted))
     pool = [chat(f"pool:{i + 1}", p, answer(source, t, i in planted_idx, rng))
             for i, (p, t) in enumerate(prompts.draw(source, cfg.n_pool))]
     pretrain, other_answers = [], []
-    for domain in DOMAINS.values():
+    for domain in (DOMAINS[name] for name in cfg.pretrain_domains):
         for i, (p, t) in enumerate(prompts.draw(domain, cfg.n_pretrain)):
             persona = None
             if rng.random() < cfg.persona_share:
                 persona = "bad" if rng.random() < 0.5 else "good"
-            pretrain.append(chat(f"pretrain_{domain.name}:{i + 1}", p, answer(domain, t, persona == "bad", rng), persona))
+            pretrain.append(chat(f"pretrain_{domain.name}:{i + 1}", p, answer(domain, t, persona == "bad", rng), persona,
+                                 cfg.marker))
             other_answers.append(answer(domain, t, persona != "bad", rng))
     rng.shuffle(pretrain)
     texts = [plain_prompt_text(c.prompt_messages) + c.response for c in pretrain] + other_answers

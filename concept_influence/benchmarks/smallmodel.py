@@ -3,9 +3,10 @@ a small TransformerLens model, and a deterministic training loop on chat data.""
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -15,7 +16,7 @@ from ..models import HookedTransformerAdapter, ModelAdapter
 
 __all__ = ["train_bpe_tokenizer", "load_tokenizer", "build_small_model", "train_model", "seed_everything"]
 
-SCHEDULES = ("constant", "linear")
+SCHEDULES = ("constant", "linear", "cosine")
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
@@ -98,9 +99,12 @@ def train_model(
     progress: bool = True,
     desc: str = "train",
     schedule: str = "constant",
+    on_step: Callable[[int, float, torch.optim.Optimizer, bool], None] | None = None,
 ) -> list[float]:
     """Train with AdamW on the mean per-example loss (``tokens="response"`` or ``"all"``), at a ``constant`` learning
-    rate or one decaying ``linear``-ly to zero over the run (the default of Hugging Face's and TRL's trainers).
+    rate or one decaying ``linear``-ly or along a half ``cosine`` to zero over the run (Hugging Face's and TRL's
+    schedules). ``on_step(step, learning_rate, optimizer, epoch_end)`` is called after every optimizer step (``step``
+    counts from 1; ``learning_rate`` is the one that step used), e.g. to save checkpoints.
 
     Deterministic given ``seed`` (shuffling order and dropout-free model). Returns the batch losses.
     """
@@ -113,18 +117,24 @@ def train_model(
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     n_batches = epochs * ((len(examples) + batch_size - 1) // batch_size)
-    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / n_batches if schedule == "linear" else 1.0)
+    shape = {"constant": lambda step: 1.0, "linear": lambda step: 1 - step / n_batches,
+             "cosine": lambda step: 0.5 * (1 + math.cos(math.pi * step / n_batches))}[schedule]
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, shape)
     losses: list[float] = []
     with tqdm(total=n_batches, desc=desc, disable=not progress, leave=False) as bar:
         for _ in range(epochs):
             order = torch.randperm(len(examples), generator=gen).tolist()
-            for batch in iter_batches(examples, batch_size, adapter.pad_token_id, order):
+            batches = list(iter_batches(examples, batch_size, adapter.pad_token_id, order))
+            for i, batch in enumerate(batches):
                 loss = adapter.per_example_loss(batch, tokens=tokens).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                used = opt.param_groups[0]["lr"]
                 opt.step()
                 decay.step()
                 losses.append(loss.item())
+                if on_step is not None:
+                    on_step(len(losses), used, opt, i == len(batches) - 1)
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()

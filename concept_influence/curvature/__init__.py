@@ -11,6 +11,7 @@ from .ekfac import EKFACCurvature
 from .fit import CurvatureSettings, collect_covariance_stats, collect_eigenvalue_stats, fit_curvature, resolve_maps
 from .identity import IdentityCurvature
 from .partitions import fit_partitioned, split_maps
+from .unrolled import Horizon, UnrolledCurvature, adam_step_scales, fisher_step_scales, segment_horizons
 
 __all__ = [
     "Curvature",
@@ -18,6 +19,11 @@ __all__ = [
     "CurvatureSettings",
     "EKFACCurvature",
     "IdentityCurvature",
+    "UnrolledCurvature",
+    "Horizon",
+    "segment_horizons",
+    "adam_step_scales",
+    "fisher_step_scales",
     "KroneckerEigen",
     "SumStats",
     "covariance_sums",

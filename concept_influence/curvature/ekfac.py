@@ -62,6 +62,14 @@ class EKFACCurvature(Curvature):
             fisher=self.fisher, fingerprint=self.fingerprint, n_examples=self.n_examples,
         )
 
+    def unrolled(self, horizon, *, step_scales=None, form: str = "continuous"):
+        """The same factors preconditioning with the unrolled filter of ``horizon`` instead of a damped inverse
+        (:class:`~concept_influence.curvature.unrolled.UnrolledCurvature`)."""
+        from .unrolled import UnrolledCurvature
+
+        return UnrolledCurvature(self.factors, horizon, step_scales=step_scales, form=form, fisher=self.fisher,
+                                 fingerprint=self.fingerprint, n_examples=self.n_examples)
+
     def _precondition_map(self, name: str, v: torch.Tensor) -> torch.Tensor:
         damping = self.dampings[name]
         if not damping > 0:

@@ -5,6 +5,7 @@ from .baselines import LengthBaseline, RandomBaseline, TfidfBaseline
 from .checkpoints import OverCheckpoints
 from .gradient import ConceptGradDot, ConceptInfluence, GradDot, GradientEstimator, InfluenceFunction
 from .projection import ProbeProjection, ProjectionDifference
+from .unrolled import SourceInfluence
 
 ESTIMATORS = {
     cls.name: cls
@@ -16,4 +17,4 @@ RUN_ESTIMATORS = tuple(name for name, cls in ESTIMATORS.items() if cls.run_input
 
 __all__ = ["ESTIMATORS", "RUN_ESTIMATORS", "Estimator", "GradientEstimator", "ConceptInfluence", "ConceptGradDot",
            "InfluenceFunction", "GradDot", "ProbeProjection", "ProjectionDifference", "TfidfBaseline", "LengthBaseline",
-           "RandomBaseline", "OverCheckpoints"]
+           "RandomBaseline", "OverCheckpoints", "SourceInfluence"]

@@ -9,7 +9,7 @@ from ..models import ModelAdapter, checkpointed_weights, load_checkpoint
 from ..scores import Scores
 from .base import Estimator
 
-__all__ = ["OverCheckpoints"]
+__all__ = ["OverCheckpoints", "describe_checkpoint"]
 
 
 class OverCheckpoints(Estimator):
@@ -48,12 +48,13 @@ class OverCheckpoints(Estimator):
                 parts.append(self.make_estimator().score(adapter, examples, batch_size=batch_size, progress=progress))
         finally:
             adapter.model.load_state_dict(own, strict=False)
-        metadata = {**parts[0].metadata, "checkpoints": [_describe(c) for c in self.checkpoints],
+        metadata = {**parts[0].metadata, "checkpoints": [describe_checkpoint(c) for c in self.checkpoints],
                     "checkpoint_weights": list(self.weights or [1.0] * len(parts))}
         return Scores.weighted_sum(parts, self.weights, estimator=self.name, metadata=metadata)
 
 
-def _describe(checkpoint) -> str:
+def describe_checkpoint(checkpoint) -> str:
+    """How a report names a checkpoint given to :class:`OverCheckpoints`."""
     if checkpoint is None:
         return "the model's own weights"
     return "weights given in memory" if isinstance(checkpoint, Mapping) else str(checkpoint)

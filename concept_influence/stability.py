@@ -1,0 +1,91 @@
+"""Is the top of a ranking stable? The same scores under other dampings (or horizons), each part of a checkpoint sum
+alone, and identity curvature, compared on the examples the chosen ranking puts on top.
+
+A ranking that flips when the damping moves by a factor of ten, or whose checkpoint parts disagree in sign on its
+top examples, depends on a choice nothing in the data fixed: :func:`check_stability` says so in one line
+(:meth:`StabilityReport.warning`) instead of letting a confidently wrong ranking through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+from scipy.stats import spearmanr
+
+__all__ = ["StabilityReport", "check_stability", "DEFAULT_AGREEMENT"]
+
+#: The share of the chosen ranking's top examples that every variant must also put above its own median.
+DEFAULT_AGREEMENT = 0.8
+
+
+@dataclass
+class StabilityReport:
+    """Per variant: ``agreement``, the share of the chosen ranking's ``top`` examples that the variant scores above
+    its own median (1: agrees in sign on every one, around 0.5: unrelated, 0: inverted), and its Spearman with the
+    chosen scores over all examples. ``kinds`` says what each variant is (``damping``, ``horizon``, ``part``,
+    ``identity``)."""
+
+    chosen: str
+    top: int
+    agreement: dict[str, float]
+    spearman: dict[str, float]
+    kinds: dict[str, str] = field(default_factory=dict)
+    threshold: float = DEFAULT_AGREEMENT
+
+    @property
+    def disagreeing(self) -> list[str]:
+        """The variants below the threshold, worst first."""
+        return sorted((v for v, a in self.agreement.items() if a < self.threshold), key=self.agreement.get)
+
+    @property
+    def stable(self) -> bool:
+        """Every variant agrees on the top (see :attr:`agreement`)."""
+        return not self.disagreeing
+
+    def warning(self) -> str | None:
+        """One line naming the variants that disagree on the top examples, or None when the top is stable."""
+        bad = self.disagreeing
+        if not bad:
+            return None
+        named = ", ".join(f"{v} ({self.kinds.get(v, 'variant')}: {self.agreement[v]:.2f})" for v in bad)
+        return (f"warning: the top {self.top} of {self.chosen} is not stable: {len(bad)} of {len(self.agreement)} "
+                f"variants put fewer than {self.threshold:.0%} of them above their median: {named}")
+
+    def format(self) -> str:
+        """A markdown table of every variant and the verdict."""
+        lines = [f"Stability of the top {self.top} of {self.chosen}: "
+                 + ("stable" if self.stable else "NOT stable"), "",
+                 "| variant | kind | agreement on the top | Spearman with the chosen |", "|---|---|---|---|"]
+        lines += [f"| {v} | {self.kinds.get(v, '')} | {a:.2f} | {self.spearman[v]:.3f} |" for v, a in self.agreement.items()]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"chosen": self.chosen, "top": self.top, "threshold": self.threshold, "stable": self.stable,
+                "agreement": self.agreement, "spearman": self.spearman, "kinds": self.kinds, "warning": self.warning()}
+
+
+def check_stability(chosen: np.ndarray, variants: Mapping[str, np.ndarray], *, name: str = "the ranking",
+                    kinds: Mapping[str, str] | None = None, top: int | None = None,
+                    threshold: float = DEFAULT_AGREEMENT) -> StabilityReport:
+    """Compare ``chosen`` scores ``[N]`` with each of ``variants`` (``{name: [N]}``) on the chosen ranking's ``top``
+    examples (default: 5 % of N, at least 10 and at most N/2)."""
+    chosen = np.asarray(chosen, dtype=float)
+    n = len(chosen)
+    if n < 2:
+        raise ValueError(f"a stability check needs at least 2 scored examples, got {n}")
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    top = int(min(max(10, round(0.05 * n)), n // 2) if top is None else top)
+    if not 1 <= top <= n:
+        raise ValueError(f"top must be between 1 and the {n} examples, got {top}")
+    order = np.argsort(-chosen, kind="stable")[:top]
+    agreement, rho = {}, {}
+    for variant, values in variants.items():
+        values = np.asarray(values, dtype=float)
+        if values.shape != chosen.shape:
+            raise ValueError(f"variant {variant!r} has {values.shape} scores; the chosen ranking has {chosen.shape}")
+        agreement[variant] = float((values[order] > np.median(values)).mean())
+        rho[variant] = float(spearmanr(chosen, values)[0]) if np.ptp(values) > 0 else float("nan")
+    return StabilityReport(name, top, agreement, rho, dict(kinds or {}), threshold)

@@ -1,0 +1,182 @@
+"""Unrolled (SOURCE) preconditioning against brute-force unrolled SGD on a quadratic loss, and against Bergson."""
+
+import numpy as np
+import pytest
+import torch
+
+from concept_influence.curvature import (
+    Curvature,
+    EKFACCurvature,
+    Horizon,
+    KroneckerEigen,
+    UnrolledCurvature,
+    fisher_step_scales,
+    segment_horizons,
+)
+
+
+def _kronecker(d_out=5, d_in=4, seed=0) -> KroneckerEigen:
+    """A random EK-FAC basis with random positive corrected eigenvalues (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    q_a = torch.linalg.qr(torch.randn(d_in, d_in, generator=g, dtype=torch.float64))[0]
+    q_s = torch.linalg.qr(torch.randn(d_out, d_out, generator=g, dtype=torch.float64))[0]
+    basis = KroneckerEigen.from_eigen(q_a, torch.rand(d_in, generator=g, dtype=torch.float64),
+                                      q_s, torch.rand(d_out, generator=g, dtype=torch.float64))
+    return basis.with_eigenvalues(torch.rand(d_out, d_in, generator=g, dtype=torch.float64) * 3)
+
+
+def _hessian_apply(basis: KroneckerEigen, w: torch.Tensor) -> torch.Tensor:
+    """H[W] for the quadratic whose Hessian is exactly the EK-FAC matrix Q (Λ) Qᵀ."""
+    return basis.q_s @ ((basis.q_s.T @ w @ basis.q_a) * basis.eigenvalues) @ basis.q_a.T
+
+
+def _sgd_response(basis, rates, g_z, w0, w_star, hessian=_hessian_apply):
+    """Brute force: run SGD on ½(W−W*)ᵀH(W−W*) + ε⟨G_z, W⟩ at ε = 0 and ε = 1 and return the difference of the final
+    weights (exact: everything is linear in ε)."""
+    finals = []
+    for eps in (0.0, 1.0):
+        w = w0.clone()
+        for rate in rates:
+            w = w - rate * (hessian(basis, w - w_star) + eps * g_z)
+        finals.append(w)
+    return finals[1] - finals[0]
+
+
+@pytest.mark.parametrize("rates", [[0.05] * 40, list(np.linspace(0.2, 0.0, 30, endpoint=False)), [0.3] * 3 + [0.01] * 7])
+def test_unrolled_filter_equals_brute_force_sgd_on_a_quadratic(rates):
+    basis = _kronecker()
+    g = torch.Generator().manual_seed(1)
+    g_z, w0, w_star, q = (torch.randn(5, 4, generator=g, dtype=torch.float64) for _ in range(4))
+    moved = _sgd_response(basis, rates, g_z, w0, w_star)
+    curvature = UnrolledCurvature({"w": basis}, Horizon(tuple(rates)), form="discrete")
+    predicted = -curvature.precondition({"w": g_z})["w"]
+    torch.testing.assert_close(predicted, moved, rtol=1e-5, atol=1e-9)
+    # the score a query q gives the example: ⟨q, change of W per unit up-weighting⟩
+    assert float((q * predicted).sum()) == pytest.approx(float((q * moved).sum()), rel=1e-5)
+
+
+def test_propagation_chains_two_segments_exactly():
+    """Two segments with different curvatures: the change made in the first decays through the second."""
+    first, second = _kronecker(seed=2), _kronecker(seed=3)
+    g = torch.Generator().manual_seed(4)
+    g_z, w0, q = (torch.randn(5, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    rates1, rates2 = [0.1] * 10, [0.05] * 20
+    finals = []
+    for eps in (0.0, 1.0):
+        w = w0.clone()
+        for rate in rates1:
+            w = w - rate * (_hessian_apply(first, w) + eps * g_z)
+        for rate in rates2:
+            w = w - rate * (_hessian_apply(second, w) + eps * g_z)
+        finals.append(w)
+    moved = float((q * (finals[1] - finals[0])).sum())
+    seg1 = UnrolledCurvature({"w": first}, Horizon(tuple(rates1)), form="discrete")
+    seg2 = UnrolledCurvature({"w": second}, Horizon(tuple(rates2)), form="discrete")
+    # SOURCE: the query of the end, carried back through the second segment for the first one's contribution
+    q_back = seg2.propagate({"w": q})["w"]  # Qᵀ-symmetric operators: ⟨q, S r g⟩ = ⟨S q, r g⟩
+    predicted = (-float((q * seg2.precondition({"w": g_z})["w"]).sum())
+                 - float((q_back * seg1.precondition({"w": g_z})["w"]).sum()))
+    assert predicted == pytest.approx(moved, rel=1e-9)
+
+
+def test_continuous_form_limits():
+    h = Horizon.constant(0.01, 100)
+    sigma = torch.tensor([0.0, 1e-9, 1e-3, 1.0, 1e4], dtype=torch.float64)
+    r = h.filter(sigma)
+    assert r[0] == pytest.approx(h.total) and r[1] == pytest.approx(h.total, rel=1e-6)  # small σ: the horizon
+    assert r[-1] == pytest.approx(1e-4)  # large σ: the influence function's 1/σ
+    assert torch.all(r <= h.total) and torch.all(r > 0)
+    # discrete and continuous agree where every step is small
+    small = Horizon.constant(1e-4, 1000)
+    torch.testing.assert_close(small.filter(sigma[:4], "discrete"), small.filter(sigma[:4]), rtol=1e-3, atol=0)
+
+
+def test_segment_horizons_split_every_step_once():
+    rates = [float(i) for i in range(1, 11)]
+    parts = segment_horizons([0, 4, 10], rates)
+    assert [p.learning_rates for p in parts] == [(1.0, 2.0), (3.0, 4.0, 5.0, 6.0, 7.0), (8.0, 9.0, 10.0)]
+    assert sum(p.total for p in parts) == sum(rates)
+    with pytest.raises(ValueError, match="increasing"):
+        segment_horizons([4, 0], rates)
+    with pytest.raises(ValueError, match="only 10 learning rates"):
+        segment_horizons([0, 12], rates)
+
+
+def test_unrolled_save_load_and_scales(tmp_path):
+    basis = _kronecker()
+    ekfac = EKFACCurvature({"w": basis.__class__(*(t.float() for t in (basis.q_a, basis.lambda_a, basis.q_s,
+                                                                        basis.lambda_s, basis.eigenvalues)))})
+    unrolled = ekfac.unrolled(Horizon.constant(0.02, 50), step_scales={"w": 3.0})
+    loaded = Curvature.load(unrolled.save(tmp_path / "c"))
+    assert isinstance(loaded, UnrolledCurvature) and loaded.step_scales == {"w": 3.0}
+    v = torch.randn(2, 5, 4)
+    torch.testing.assert_close(loaded.precondition({"w": v})["w"], unrolled.precondition({"w": v})["w"])
+    # a step scale multiplies the horizon: the same as scaling the learning rates
+    scaled = ekfac.unrolled(Horizon.constant(0.06, 50))
+    torch.testing.assert_close(scaled.precondition({"w": v})["w"], unrolled.precondition({"w": v})["w"], rtol=1e-5, atol=1e-7)
+    assert fisher_step_scales(ekfac, 16)["w"] == pytest.approx((float(basis.eigenvalues.mean()) / 16) ** -0.5, rel=1e-5)
+
+
+def test_filter_agrees_with_bergsons_approximate_unrolling():
+    """Bergson's SOURCE pipeline applies f_segment(ηK)(σ) = (1 − exp(−ηKσ))/σ per segment and carries queries back
+    with f_backward(ηK)(σ) = exp(−ηKσ): the same functions as the continuous form here."""
+    math = pytest.importorskip("bergson.approx_unrolling.approx_unrolling_math")
+    sigma = torch.logspace(-6, 3, 50, dtype=torch.float64)
+    h = Horizon(tuple(np.linspace(2e-3, 0, 75, endpoint=False)))
+    torch.testing.assert_close(h.filter(sigma), math.f_segment(h.total)(sigma), rtol=1e-12, atol=0)
+    torch.testing.assert_close(h.decay(sigma), math.f_backward(h.total)(sigma), rtol=1e-12, atol=0)
+
+
+# ---- the estimator over checkpoints -----------------------------------------------------------------------------
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+def _concept(adapter, tokenized):
+    from concept_influence.concepts import ConceptFunction
+    from probes import ConceptDirection
+
+    torch.manual_seed(0)
+    return ConceptFunction.from_directions(ConceptDirection(torch.randn(adapter.d_model), HOOK, kind="custom"),
+                                           eval_examples=tokenized[:3], reduction="last_prompt")
+
+
+def test_source_at_one_checkpoint_is_concept_influence_with_the_unrolled_curvature(tl_adapter, tokenized):
+    from concept_influence.curvature import fit_curvature
+    from concept_influence.estimators import ConceptInfluence, SourceInfluence
+
+    concept = _concept(tl_adapter, tokenized)
+    horizon = Horizon.constant(0.5, 20)
+    source = SourceInfluence(concept, [None], [horizon], step_scales=None).score(tl_adapter, tokenized, batch_size=4,
+                                                                                   progress=False)
+    maps = tl_adapter.linear_maps(max_block=1)
+    unrolled = fit_curvature(tl_adapter, tokenized, maps, batch_size=4, progress=False).unrolled(horizon)
+    direct = ConceptInfluence(concept, unrolled).score(tl_adapter, tokenized, batch_size=4, progress=False)
+    np.testing.assert_allclose(source.values, direct.values, rtol=1e-4, atol=1e-6 * np.abs(direct.values).max())
+    assert source.metadata["stability"]["chosen"] == "concept_influence[source]"
+
+
+def test_source_over_checkpoints_chains_and_reports_its_parts(tl_adapter, tokenized):
+    from concept_influence.estimators import SourceInfluence
+
+    concept = _concept(tl_adapter, tokenized)
+    gen = torch.Generator().manual_seed(5)
+    earlier = {k: v + 0.05 * torch.randn(v.shape, generator=gen) * v.std()
+               for k, v in tl_adapter.model.state_dict().items() if v.is_floating_point() and v.ndim == 2}
+    before = {k: v.clone() for k, v in tl_adapter.model.state_dict().items()}
+    horizons = segment_horizons([0, 10], [0.1] * 20)
+    estimator = SourceInfluence(concept, [earlier, None], horizons)
+    scores = estimator.score(tl_adapter, tokenized, batch_size=4, progress=False)
+    assert set(estimator.parts_) == {"00 weights given in memory", "01 the model's own weights"}
+    np.testing.assert_allclose(sum(estimator.parts_.values()), scores.column(0), rtol=1e-10)
+    report = estimator.stability_
+    assert {"horizon x0.1", "horizon x10", "identity"} <= set(report.agreement)
+    assert scores.metadata["parts_spearman"]["00 weights given in memory"]["00 weights given in memory"] == pytest.approx(1)
+    for k, v in tl_adapter.model.state_dict().items():  # the model's own weights are back
+        torch.testing.assert_close(v, before[k])
+    # without chaining the earlier part uses the concept's gradient at its own weights: a different score
+    local = SourceInfluence(concept, [earlier, None], horizons, chain=False).score(tl_adapter, tokenized, batch_size=4,
+                                                                                    progress=False)
+    assert not np.allclose(local.values, scores.values)
+    with pytest.raises(ValueError, match="one horizon per checkpoint"):
+        SourceInfluence(concept, [earlier, None], horizons[:1])
