@@ -13,11 +13,34 @@ SIZES = ("n_pool", "n_pretrain", "n_probe", "n_eval", "n_test", "n_seeds", "n_la
          "finetune_epochs", "persona_share", "concept_domain", "finetune_lr", "lr_schedule")
 
 
+def _family(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .benchmarks.demo_family import run_demo_seed
+    from .benchmarks.emergent_family import run_family
+    from .benchmarks.family_report import write_family_report
+    from .benchmarks.planted import command_line
+
+    out = Path(args.out)
+    run_family(out, args.variants, family_seed=args.family_seed, first=args.first, quick=args.quick, n_seeds=args.n_seeds or 3,
+               progress=not args.no_progress)
+    for seed in range(args.demo_seeds):
+        if not (out / f"demo-s{seed}" / "results.json").is_file():
+            run_demo_seed(out / f"demo-s{seed}", seed, quick=args.quick, n_seeds=args.n_seeds or 3,
+                          progress=not args.no_progress)
+    runs = {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/results.json"))}
+    print(f"report: {write_family_report(out, runs, command_line())}")
+    return 0
+
+
 def _emergent(args: argparse.Namespace) -> int:
     from .benchmarks.emergent import EmergentConfig, run_emergent
     from .benchmarks.planted import command_line
     from .benchmarks.planted_config import BenchmarkError
 
+    if args.variants:
+        return _family(args)
     try:
         fractions = tuple(float(f) for f in args.remove_fractions.split(","))
     except ValueError:
@@ -96,6 +119,15 @@ def add_emergent_commands(bench) -> None:
     p.add_argument("--no-retrain", action="store_true", help="retrieval only: no behaviour or filter-and-retrain")
     p.add_argument("--no-curvature-study", action="store_true", help="skip the curvature study")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--variants", type=int, default=0, metavar="N",
+                   help="run N random designs of the family instead (persona marker, domains, schedule, epochs, vocab, "
+                        "rate, pool; the other design options are ignored) with every preconditioning variant, into "
+                        "OUT/f<family>-<i>/ (kept designs are not run again), and write OUT/README.md over every run "
+                        "in OUT")
+    p.add_argument("--family-seed", type=int, default=0, help="which family of designs (default 0)")
+    p.add_argument("--first", type=int, default=0, help="the first design's index (default 0)")
+    p.add_argument("--demo-seeds", type=int, default=0, metavar="N",
+                   help="with --variants: also the demo at seeds 0..N-1 as runs of the same study")
     p.set_defaults(func=_emergent)
 
     seeds = add_table_command(bench, "seeds-table", _seeds_table, "results.json",

@@ -55,7 +55,7 @@ from .emergent_splits import build_emergent_data
 from .planted_behaviour import mean_answer_loss, planting_effect
 from .smallmodel import build_small_model, seed_everything, train_bpe_tokenizer, train_model
 
-__all__ = ["draw_design", "design_label", "run_variant", "run_family", "RECOMMENDED", "CANDIDATES", "format_family_table"]
+__all__ = ["draw_design", "design_label", "run_variant", "run_family", "RECOMMENDED", "CANDIDATES", "RETRAINED", "Testbed"]
 
 DAMPINGS = (0.01, 0.1, 1.0, 10.0, 100.0)
 HORIZONS = (0.1, 1.0, 10.0)
@@ -242,7 +242,7 @@ def _stability(name: str, per_point: dict, scores: dict):
         for f in DAMPINGS:
             variants[f"damping x{f:g}"], kinds[f"damping x{f:g}"] = scores[f"{base}@{f:g}|{fit}|{combination}"], "damping"
     elif variant != "identity":
-        for h in HORIZONS:
+        for h in (h for h in HORIZONS if f"x{h:g}|" not in name):  # the other horizons than the chosen one
             variants[f"horizon x{h:g}"], kinds[f"horizon x{h:g}"] = scores[f"{base}x{h:g}|{fit}|{combination}"], "horizon"
     if combination != "final":
         parts = dict(zip(("final", "middle", "base"), per_point[variant]))
@@ -276,27 +276,6 @@ def _behaviour(bed: Testbed, scores, retrained, cfg, progress) -> dict:
                                     "share_of_gain_removed": float((np.mean(planted_b) - np.mean(values)) / effect["gain"])
                                     if effect["gain"] else float("nan")}
     return section
-
-
-def format_family_table(runs: dict[str, dict], estimators: Sequence[str] | None = None) -> str:
-    """Markdown: per estimator, its AUROC median, worst, spread and share of runs under 0.8 over ``runs``, the gain
-    removed where it was retrained, and the stability check's warning rate on its failing and passing runs."""
-    names = list(estimators or next(iter(runs.values()))["auroc"])
-    lines = ["| estimator | AUROC median | worst | spread | runs < 0.8 | gain removed median | worst | "
-             "warned when < 0.8 | warned when ≥ 0.8 |", "|---|---|---|---|---|---|---|---|---|"]
-    for name in names:
-        values = np.array([r["auroc"][name] for r in runs.values()])
-        removed = [r["behaviour"]["removed"][name]["share_of_gain_removed"] for r in runs.values()
-                   if name in r.get("behaviour", {}).get("removed", {})]
-        warned = {True: [], False: []}
-        for r in runs.values():
-            if name in r["stability"]:
-                warned[r["auroc"][name] < 0.8].append(not r["stability"][name]["stable"])
-        lines.append(f"| {name} | {np.median(values):.3f} | {values.min():.3f} | {np.ptp(values):.3f} | "
-                     f"{(values < 0.8).mean():.0%} | "
-                     + (f"{np.median(removed):.0%} | {min(removed):.0%}" if removed else "- | -") + " | "
-                     + " | ".join(f"{sum(w)}/{len(w)}" if w else "-" for w in (warned[True], warned[False])) + " |")
-    return "\n".join(lines)
 
 
 def design_label(design: dict) -> str:
