@@ -44,7 +44,11 @@ def test_family_run_scores_every_variant_checks_stability_and_reports(tmp_path, 
                     "influence_function|final", "tfidf", "probe_projection"):
         assert 0 <= names[variant] <= 1
     stability = results["stability"][RECOMMENDED]
-    assert {"horizon x0.1", "horizon x10", "part base", "part middle", "part final", "identity"} == set(stability["agreement"])
+    assert {"horizon x0.1", "horizon x10", "part base", "part middle", "part final", "identity",
+            "classic grad_dot"} == set(stability["agreement"])
+    from concept_influence.fileio import load_tensors
+
+    assert set(load_tensors(out / "f9-00" / "scores.safetensors", ValueError)) == set(names)
     assert len(results["horizons"]) == 3 and results["horizons"][0] > 0
     assert set(results["behaviour"]["removed"]) >= {RECOMMENDED, "tfidf"}
     report = (out / "README.md").read_text()

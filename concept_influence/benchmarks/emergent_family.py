@@ -43,7 +43,7 @@ from ..data import tokenize_examples
 from ..estimators import LengthBaseline, ProbeProjection, RandomBaseline, TfidfBaseline
 from ..estimators.baselines import response_texts
 from ..evaluation import retrieval_metrics
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, save_tensors
 from ..filtering import removal_indices
 from ..models import checkpointed_weights, load_checkpoint
 from ..scoring import score_with_queries
@@ -227,6 +227,7 @@ def run_variant(cfg, out: str | Path, *, testbed=emergent_testbed, retrained: Se
     load_checkpoint(adapter, final)
     results["seconds"] = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
+    save_tensors(out / "scores.safetensors", {n: torch.from_numpy(np.asarray(v, dtype=np.float64)) for n, v in scores.items()})
     atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
     return results
 
@@ -250,6 +251,9 @@ def _stability(name: str, per_point: dict, scores: dict):
             variants[f"part {part}"], kinds[f"part {part}"] = parts[part], "part"
     if variant != "identity":
         variants["identity"], kinds["identity"] = scores[f"identity|{combination}"], "identity"
+    # the behaviour's own examples (classic influence, no preconditioning): a concept that is not what training on
+    # the planted data moves disagrees with them however it is preconditioned
+    variants["classic grad_dot"], kinds["classic grad_dot"] = scores[f"grad_dot|{combination}"], "behaviour"
     return check_stability(scores[name], variants, name=name, kinds=kinds)
 
 
