@@ -53,7 +53,7 @@ __all__ = ["ConfigError", "RunConfig", "FactorsConfig", "ScoringConfig", "settin
 #: on): 0.5 is chance, and at 0.6 the two sets of texts are barely told apart.
 MIN_PROBE_AUROC = 0.6
 #: Keys that only allow or stop a stage and change no number: an existing run folder takes new values for them.
-GATE_KEYS = ("probe.allow_weak", "concept.require", "model.device_memory")
+GATE_KEYS = ("probe.allow_weak", "concept.require", "model.device_memory", "scoring.require")
 
 
 class ConfigError(ConceptInfluenceError, ValueError):
@@ -185,6 +185,9 @@ class ScoringConfig(ScoringSettings):
     estimator: str = option("concept_influence", "the estimator that scores the training data", choices=RUN_ESTIMATORS)
     shard_size: int = option(1024, "examples per score shard (one file each; a resumed run restarts at the first "
                                    "missing shard)", minimum=1)
+    require: str = option("none", "stable: stop after the scores (kept) unless every checkpoint's part of the sum "
+                                  "agrees on the top of the ranking (the stability check); none: warn",
+                          choices=("none", "stable"))
 
     def settings(self) -> ScoringSettings:
         """The settings the gradient estimators score with."""

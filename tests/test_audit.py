@@ -197,3 +197,28 @@ def test_require_causal_stops_before_the_factors_and_a_new_value_goes_on(audit, 
     assert "WARNING: the concept is not causal" in capsys.readouterr().err
     np.testing.assert_array_equal(Scores.load(out / "scores" / "scores.safetensors").values,
                                   Scores.load(audit / "scores" / "scores.safetensors").values)
+
+
+def test_the_checkpoint_sum_carries_its_stability_check(audit):
+    stability = json.loads((audit / "run.json").read_text())["stages"]["scores"]["stability"]
+    assert set(stability["agreement"]) == {"part 00-base", "part 01-checkpoint-2", "part 02-checkpoint-4"}
+    assert stability["stable"] == (stability["warning"] is None)
+    assert "## Is the top of the ranking stable?" in (audit / "report" / "report.md").read_text()
+
+
+def test_require_stable_stops_with_one_line_and_keeps_the_scores(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from concept_influence.runs.checkpoints import require_stable
+    from concept_influence.runs.folder import RunError
+
+    warning = "warning: the top 10 of ci is not stable: 1 of 3 variants put fewer than 80% of them above their median"
+    run = SimpleNamespace(record={"stages": {"scores": {"stability": {"warning": warning}}}},
+                          scores_path=tmp_path / "scores.safetensors")
+    require_stable(run, "none", True)
+    assert capsys.readouterr().out.strip() == warning
+    with pytest.raises(RunError, match="not stable.*the scores are kept in .*scores.safetensors") as e:
+        require_stable(run, "stable", True)
+    assert "\n" not in str(e.value)
+    run.record["stages"]["scores"]["stability"]["warning"] = None
+    require_stable(run, "stable", True)  # stable: nothing to say

@@ -35,7 +35,7 @@ def write_report(run: Run, k: int, checkpoints: Sequence = ()) -> Path:
              f"{scores.metadata.get('n_skipped', 0)} skipped because their response was cut away at "
              f"max_length = {cfg.data.max_length}); "
              f"concept: probe at `{cfg.probe.hook}`.{_factors_sentence(info)}", "",
-             *_check_section(info), *_checkpoint_section(checkpoints),
+             *_check_section(info), *_checkpoint_section(checkpoints), *_stability_section(info),
              f"## Top {k}: training on these pushes the concept up", "", *markdown_rows(scores.top(k), texts, at), "",
              f"## Bottom {k}: training on these pushes it down", "", *markdown_rows(scores.bottom(k), texts, at), "",
              "![score distribution](score_distribution.png)", ""]
@@ -83,6 +83,18 @@ def _checkpoint_section(checkpoints: Sequence) -> list[str]:
     return ["## Checkpoints", "", "The scores are the weighted sum of the scores at each checkpoint, each with its own "
             "curvature and the one concept direction of the run (its scores in `checkpoints/<name>/scores/`):", "",
             "| checkpoint | source | step | weight |", "|---|---|---:|---:|", *rows, ""]
+
+
+def _stability_section(info: dict) -> list[str]:
+    stability = info["stages"].get("scores", {}).get("stability")
+    if not stability:
+        return []
+    rows = [f"| {v} | {a:.2f} | {stability['spearman'][v]:.3f} |" for v, a in stability["agreement"].items()]
+    verdict = (f"**{stability['warning']}**" if stability["warning"] else
+               f"Stable: every checkpoint's part puts at least {stability['threshold']:.0%} of the sum's top "
+               f"{stability['top']} above its own median.")
+    return ["## Is the top of the ranking stable?", "", verdict, "",
+            "| part | agreement on the top | Spearman with the sum |", "|---|---:|---:|", *rows, ""]
 
 
 def markdown_rows(rows: Sequence[tuple[str, float]], texts: dict[str, tuple[str, str]],

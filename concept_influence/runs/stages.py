@@ -25,7 +25,7 @@ from ..models import MapSelectionError, ModelAdapter, block_of_hook, checkpointe
 from ..models.hugging_face import parse_track
 from ..provenance import combine_digests
 from ..scores import Scores
-from .checkpoints import Point, describe_points, load_point, model_folder, run_points
+from .checkpoints import Point, describe_points, load_point, model_folder, parts_stability, require_stable, run_points
 from .folder import Run, RunError, write_or_explain
 from .inputs import RunData
 from .report import write_report
@@ -270,14 +270,18 @@ class Pipeline:
             total = Scores.weighted_sum(parts, weights, estimator=f"{parts[0].estimator}[checkpoints]", metadata={
                 **parts[0].metadata, "summed": [str(p.scores_path) for p in self.points], "weights": weights})
             write_or_explain(run.scores_path, lambda: total.save(run.scores_path), "The scores at each checkpoint are intact.")
+            stability = parts_stability(total, self.points, parts)
             run.finish_stage("scores", ranks, estimator=total.estimator, n_examples=len(total),
-                             checkpoints=describe_points(self.points), data_sha256=path_sha256(self.cfg.data.train))
+                             checkpoints=describe_points(self.points), data_sha256=path_sha256(self.cfg.data.train),
+                             stability=stability.to_dict())
         ranks.barrier()
+        require_stable(run, self.cfg.scoring.require, ranks.is_main)
         return Scores.load(run.scores_path)
 
     def _score_point(self, point: Point) -> Scores:
         s, ranks = self.cfg.scoring, self.ranks
-        self.run.check_settings("scores", s.to_dict(), point.scores_dir)
+        settings = {k: v for k, v in s.to_dict().items() if k != "require"}  # a gate: it changes no score
+        self.run.check_settings("scores", settings, point.scores_dir)
         if point.scores_path.is_file() and self.run.is_done(point.stage("scores")):
             return Scores.load(point.scores_path)
         self.gate()
@@ -285,7 +289,7 @@ class Pipeline:
             estimator = self.estimator(point)
             n_shards = len(self.data.digests(s.shard_size))
             if ranks.is_main:
-                self.run.save_settings("scores", s.to_dict(), point.scores_dir)
+                self.run.save_settings("scores", settings, point.scores_dir)
             mine = sum(ranks.owns(i) for i in range(n_shards))
             written = 0
             where = "" if point.name is None else f" at {point.name}"
