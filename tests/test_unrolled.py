@@ -180,3 +180,19 @@ def test_source_over_checkpoints_chains_and_reports_its_parts(tl_adapter, tokeni
     assert not np.allclose(local.values, scores.values)
     with pytest.raises(ValueError, match="one horizon per checkpoint"):
         SourceInfluence(concept, [earlier, None], horizons[:1])
+
+
+def test_learning_rates_from_a_trainer_state(tmp_path):
+    import json
+
+    from concept_influence.curvature import CurvatureError, learning_rates_from_trainer_state
+
+    path = tmp_path / "trainer_state.json"
+    log = [{"step": 2, "learning_rate": 4e-4, "loss": 1.0}, {"step": 4, "learning_rate": 2e-4}, {"step": 4, "eval_loss": 1}]
+    path.write_text(json.dumps({"global_step": 5, "log_history": log}))
+    assert learning_rates_from_trainer_state(path) == [4e-4, 4e-4, 2e-4, 2e-4, 2e-4]
+    assert [h.total for h in segment_horizons([0, 2, 5], learning_rates_from_trainer_state(path))] == \
+        pytest.approx([4e-4, 6e-4, 4e-4])
+    path.write_text(json.dumps({"global_step": 5, "log_history": [{"step": 1, "loss": 2.0}]}))
+    with pytest.raises(CurvatureError, match="no learning rate in its log_history"):
+        learning_rates_from_trainer_state(path)

@@ -11,7 +11,14 @@ from .ekfac import EKFACCurvature
 from .fit import CurvatureSettings, collect_covariance_stats, collect_eigenvalue_stats, fit_curvature, resolve_maps
 from .identity import IdentityCurvature
 from .partitions import fit_partitioned, split_maps
-from .unrolled import Horizon, UnrolledCurvature, adam_step_scales, fisher_step_scales, segment_horizons
+from .unrolled import (
+    Horizon,
+    UnrolledCurvature,
+    adam_step_scales,
+    fisher_step_scales,
+    learning_rates_from_trainer_state,
+    segment_horizons,
+)
 
 __all__ = [
     "Curvature",
@@ -22,6 +29,7 @@ __all__ = [
     "UnrolledCurvature",
     "Horizon",
     "segment_horizons",
+    "learning_rates_from_trainer_state",
     "adam_step_scales",
     "fisher_step_scales",
     "KroneckerEigen",

@@ -20,7 +20,9 @@ the factors).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -29,7 +31,8 @@ from .base import Curvature, CurvatureError, map_shapes
 from .core import KroneckerEigen
 from .ekfac import _BASIS_TENSORS
 
-__all__ = ["Horizon", "UnrolledCurvature", "FORMS", "segment_horizons", "adam_step_scales", "fisher_step_scales"]
+__all__ = ["Horizon", "UnrolledCurvature", "FORMS", "segment_horizons", "learning_rates_from_trainer_state",
+           "adam_step_scales", "fisher_step_scales"]
 
 FORMS = ("continuous", "discrete")
 
@@ -113,6 +116,28 @@ def segment_horizons(checkpoint_steps: Sequence[int], learning_rates: Sequence[f
             raise ValueError(f"checkpoint {i} (step {steps[i]}) stands for no step; drop it or give more steps")
         horizons.append(Horizon(rates))
     return horizons
+
+
+def learning_rates_from_trainer_state(path: str | Path, n_steps: int | None = None) -> list[float]:
+    """Every optimizer step's learning rate (step 1 first) from a TRL / Hugging Face ``trainer_state.json``: its
+    ``log_history`` logs one every ``logging_steps``; a step takes the rate logged at it or, between logs, at the next
+    logged step (the last logged rate after the last log). ``n_steps`` defaults to ``global_step``."""
+    path = Path(path)
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CurvatureError(f"{path}: cannot read a trainer_state.json ({e})") from None
+    logged = sorted((int(e["step"]), float(e["learning_rate"])) for e in state.get("log_history", [])
+                    if isinstance(e, dict) and "learning_rate" in e and "step" in e)
+    if not logged:
+        raise CurvatureError(f"{path}: no learning rate in its log_history (TrainingArguments(logging_steps=...) logs one)")
+    n = int(n_steps if n_steps is not None else state.get("global_step", logged[-1][0]))
+    rates, i = [], 0
+    for step in range(1, n + 1):
+        while i < len(logged) - 1 and logged[i][0] < step:
+            i += 1
+        rates.append(logged[i][1])
+    return rates
 
 
 def adam_step_scales(optimizer: torch.optim.Optimizer, maps, eps: float | None = None) -> dict[str, float]:

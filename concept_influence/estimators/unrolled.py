@@ -40,13 +40,16 @@ class SourceInfluence(Estimator):
     ``step_scales``: a map's learning-rate multiplier, ``"fisher"`` (Adam's ``1/sqrt(v̂)`` estimated from the factors,
     see :func:`~concept_influence.curvature.fisher_step_scales`; the default), ``None`` (plain SGD), or one
     ``{map: scale}`` per checkpoint (e.g. :func:`~concept_influence.curvature.adam_step_scales` of the optimizer saved
-    with it). Factors are fitted at each checkpoint on ``fit_examples`` (default: the scored examples)."""
+    with it); ``train_batch_size`` is the fine-tune's batch size, which the ``"fisher"`` estimate needs. Factors are
+    fitted at each checkpoint on ``fit_examples`` (default: the scored examples). For a TRL run, the horizons are
+    ``segment_horizons([0, *checkpoint_steps], learning_rates_from_trainer_state(".../trainer_state.json"))``."""
 
     name = "concept_influence[source]"
 
     def __init__(self, concept: ConceptFunction, checkpoints: Sequence, horizons: Sequence[Horizon], *,
                  fit_examples: Sequence[TokenizedExample] | None = None, fit: CurvatureSettings | None = None,
-                 step_scales: str | Sequence[Mapping[str, float]] | None = "fisher", chain: bool = True):
+                 step_scales: str | Sequence[Mapping[str, float]] | None = "fisher", train_batch_size: int = 8,
+                 chain: bool = True):
         if not checkpoints or len(horizons) != len(checkpoints):
             raise ValueError(f"SourceInfluence needs one horizon per checkpoint; got {len(horizons)} horizons for "
                              f"{len(checkpoints)} checkpoints")
@@ -56,7 +59,7 @@ class SourceInfluence(Estimator):
             raise ValueError('step_scales must be "fisher", None or one {map: scale} per checkpoint')
         self.concept, self.checkpoints, self.horizons = concept, list(checkpoints), list(horizons)
         self.fit_examples, self.fit = fit_examples, (fit or CurvatureSettings()).replace(strategy="ekfac")
-        self.step_scales, self.chain = step_scales, chain
+        self.step_scales, self.train_batch_size, self.chain = step_scales, int(train_batch_size), chain
         self.parts_: dict[str, np.ndarray] = {}
         self.stability_: StabilityReport | None = None
 
@@ -77,7 +80,7 @@ class SourceInfluence(Estimator):
                 query = grads if query is None or not self.chain else query
                 ekfac = fit_curvature(adapter, self.fit_examples or examples, maps, self.fit, batch_size=batch_size,
                                       progress=progress)
-                scales = (fisher_step_scales(ekfac, batch_size) if self.step_scales == "fisher"
+                scales = (fisher_step_scales(ekfac, self.train_batch_size) if self.step_scales == "fisher"
                           else None if self.step_scales is None else self.step_scales[i])
                 unrolled = ekfac.unrolled(self.horizons[i], step_scales=scales)
                 columns = [unrolled.precondition(query)]
