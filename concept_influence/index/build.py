@@ -138,9 +138,12 @@ def _now() -> str:
 def checkpoint_spaces(store: IndexStore, c: int, maps: Sequence[LinearMap], curvature: Curvature,
                       ranks: Ranks) -> list[MapSpace]:
     """Checkpoint ``c``'s spaces: read back when saved (a resumed build projects exactly as before), else made from
-    ``curvature`` and saved by rank 0 (with the full curvature for the identity projection)."""
+    ``curvature`` and saved by rank 0 (with the full curvature for the identity projection). Every rank passes the
+    same barriers whatever it finds on disk."""
     path = store.checkpoint_dir(c) / "spaces.safetensors"
-    if not path.is_file():
+    saved = path.is_file()
+    ranks.barrier()  # every rank looks before rank 0 writes: all take the same branch, so all pass the same barriers
+    if not saved:
         s = store.manifest["settings"]
         spaces = make_spaces(s["projection"], store.manifest["rank"], maps, curvature, s["seed"])
         if ranks.is_main:
