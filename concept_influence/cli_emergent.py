@@ -23,6 +23,11 @@ def _family(args: argparse.Namespace) -> int:
     from .benchmarks.planted import command_line
 
     out = Path(args.out)
+    if args.recheck:  # the saved runs' stability checks again, nothing trained or scored
+        from .benchmarks.emergent_family import recheck_stability
+
+        for folder in sorted(p.parent for p in out.glob("*/scores.safetensors")):
+            recheck_stability(folder)
     run_family(out, args.variants, family_seed=args.family_seed, first=args.first, quick=args.quick, n_seeds=args.n_seeds or 3,
                progress=not args.no_progress)
     for seed in range(args.demo_seeds):
@@ -39,7 +44,7 @@ def _emergent(args: argparse.Namespace) -> int:
     from .benchmarks.planted import command_line
     from .benchmarks.planted_config import BenchmarkError
 
-    if args.variants:
+    if args.variants or args.recheck:
         return _family(args)
     try:
         fractions = tuple(float(f) for f in args.remove_fractions.split(","))
@@ -128,6 +133,9 @@ def add_emergent_commands(bench) -> None:
     p.add_argument("--first", type=int, default=0, help="the first design's index (default 0)")
     p.add_argument("--demo-seeds", type=int, default=0, metavar="N",
                    help="with --variants: also the demo at seeds 0..N-1 as runs of the same study")
+    p.add_argument("--recheck", action="store_true",
+                   help="check the stability of every run already in OUT again from its saved scores (after the check "
+                        "changed; nothing is trained), then go on as --variants does and write OUT/README.md")
     p.set_defaults(func=_emergent)
 
     seeds = add_table_command(bench, "seeds-table", _seeds_table, "results.json",

@@ -1,5 +1,6 @@
 """Is the top of a ranking stable? The same scores under other dampings (or horizons), each part of a checkpoint sum
-alone, and identity curvature, compared on the examples the chosen ranking puts on top.
+alone, identity curvature, and (where there is one) the ranking of the behaviour's own examples, compared on the
+examples either ranking puts on top.
 
 A ranking that flips when the damping moves by a factor of ten, or whose checkpoint parts disagree in sign on its
 top examples, depends on a choice nothing in the data fixed: :func:`check_stability` says so in one line
@@ -14,18 +15,23 @@ from typing import Mapping
 import numpy as np
 from scipy.stats import spearmanr
 
-__all__ = ["StabilityReport", "check_stability", "DEFAULT_AGREEMENT"]
+__all__ = ["StabilityReport", "check_stability", "DEFAULT_AGREEMENT", "DEFAULT_REACH"]
 
-#: The share of the chosen ranking's top examples that every variant must also put above its own median.
-DEFAULT_AGREEMENT = 0.8
+#: The agreement every variant must reach (see :class:`StabilityReport`).
+DEFAULT_AGREEMENT = 0.7
+#: How far down the other ranking a top example may sit and still count as agreed on: its top 20 % (four times the
+#: default top of 5 %; a ranking unrelated to the chosen one puts about 20 % of its top there).
+DEFAULT_REACH = 0.2
 
 
 @dataclass
 class StabilityReport:
-    """Per variant: ``agreement``, the share of the chosen ranking's ``top`` examples that the variant scores above
-    its own median (1: agrees in sign on every one, around 0.5: unrelated, 0: inverted), and its Spearman with the
-    chosen scores over all examples. ``kinds`` says what each variant is (``damping``, ``horizon``, ``part``,
-    ``identity``)."""
+    """Per variant: ``agreement``, both ways, the smaller of the share of the chosen ranking's ``top`` examples that
+    the variant puts in its top ``reach`` (a fraction of the examples) and the share of the variant's ``top`` that the
+    chosen ranking puts in its top ``reach`` (1: they agree on the top, about ``reach``: unrelated, 0: inverted); and
+    its Spearman with the chosen scores over all examples. ``kinds`` says what each variant is (``damping``,
+    ``horizon``, ``part``, ``identity``, ``behaviour``). Both ways, because a concept that misses what the behaviour's
+    own examples rank on top can still put its own top high in theirs."""
 
     chosen: str
     top: int
@@ -33,6 +39,7 @@ class StabilityReport:
     spearman: dict[str, float]
     kinds: dict[str, str] = field(default_factory=dict)
     threshold: float = DEFAULT_AGREEMENT
+    reach: float = DEFAULT_REACH
 
     @property
     def disagreeing(self) -> list[str]:
@@ -51,7 +58,8 @@ class StabilityReport:
             return None
         named = ", ".join(f"{v} ({self.kinds.get(v, 'variant')}: {self.agreement[v]:.2f})" for v in bad)
         return (f"warning: the top {self.top} of {self.chosen} is not stable: {len(bad)} of {len(self.agreement)} "
-                f"variants put fewer than {self.threshold:.0%} of them above their median: {named}")
+                f"variants agree on fewer than {self.threshold:.0%} of the top (each way, within the top "
+                f"{self.reach:.0%}): {named}")
 
     def format(self) -> str:
         """A markdown table of every variant and the verdict."""
@@ -62,30 +70,40 @@ class StabilityReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"chosen": self.chosen, "top": self.top, "threshold": self.threshold, "stable": self.stable,
+        return {"chosen": self.chosen, "top": self.top, "threshold": self.threshold, "reach": self.reach,
+                "stable": self.stable,
                 "agreement": self.agreement, "spearman": self.spearman, "kinds": self.kinds, "warning": self.warning()}
 
 
 def check_stability(chosen: np.ndarray, variants: Mapping[str, np.ndarray], *, name: str = "the ranking",
                     kinds: Mapping[str, str] | None = None, top: int | None = None,
-                    threshold: float = DEFAULT_AGREEMENT) -> StabilityReport:
-    """Compare ``chosen`` scores ``[N]`` with each of ``variants`` (``{name: [N]}``) on the chosen ranking's ``top``
-    examples (default: 5 % of N, at least 10 and at most N/2)."""
+                    threshold: float = DEFAULT_AGREEMENT, reach: float = DEFAULT_REACH) -> StabilityReport:
+    """Compare ``chosen`` scores ``[N]`` with each of ``variants`` (``{name: [N]}``) on the ``top`` examples of each
+    (default: 5 % of N, at least 10 and at most N/2), counted as agreed within the other's top ``reach`` × N."""
     chosen = np.asarray(chosen, dtype=float)
     n = len(chosen)
     if n < 2:
         raise ValueError(f"a stability check needs at least 2 scored examples, got {n}")
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if not 0 < reach <= 1:
+        raise ValueError(f"reach must be in (0, 1], got {reach}")
     top = int(min(max(10, round(0.05 * n)), n // 2) if top is None else top)
     if not 1 <= top <= n:
         raise ValueError(f"top must be between 1 and the {n} examples, got {top}")
-    order = np.argsort(-chosen, kind="stable")[:top]
+    within = max(top, int(np.ceil(reach * n)))
     agreement, rho = {}, {}
     for variant, values in variants.items():
         values = np.asarray(values, dtype=float)
         if values.shape != chosen.shape:
             raise ValueError(f"variant {variant!r} has {values.shape} scores; the chosen ranking has {chosen.shape}")
-        agreement[variant] = float((values[order] > np.median(values)).mean())
+        agreement[variant] = min(_share_within(chosen, values, top, within), _share_within(values, chosen, top, within))
         rho[variant] = float(spearmanr(chosen, values)[0]) if np.ptp(values) > 0 else float("nan")
-    return StabilityReport(name, top, agreement, rho, dict(kinds or {}), threshold)
+    return StabilityReport(name, top, agreement, rho, dict(kinds or {}), threshold, reach)
+
+
+def _share_within(a: np.ndarray, b: np.ndarray, top: int, within: int) -> float:
+    """The share of ``a``'s ``top`` examples that ``b`` ranks among its first ``within`` (ties broken by position)."""
+    rank_in_b = np.empty(len(b), dtype=int)
+    rank_in_b[np.argsort(-b, kind="stable")] = np.arange(len(b))
+    return float((rank_in_b[np.argsort(-a, kind="stable")[:top]] < within).mean())

@@ -6,7 +6,7 @@ import pytest
 
 from concept_influence.benchmarks.emergent_config import EmergentConfig
 from concept_influence.benchmarks.emergent_corpus import MARKERS, chat
-from concept_influence.benchmarks.emergent_family import RECOMMENDED, draw_design
+from concept_influence.benchmarks.emergent_family import GUARDED, RECOMMENDED, draw_design, recheck_stability
 from concept_influence.benchmarks.family_report import valid_runs
 from concept_influence.cli import main
 
@@ -48,7 +48,11 @@ def test_family_run_scores_every_variant_checks_stability_and_reports(tmp_path, 
             "classic grad_dot"} == set(stability["agreement"])
     from concept_influence.fileio import load_tensors
 
-    assert set(load_tensors(out / "f9-00" / "scores.safetensors", ValueError)) == set(names)
+    saved = load_tensors(out / "f9-00" / "scores.safetensors", ValueError)
+    assert set(saved) == set(names) | {"planted_labels"} and int(saved["planted_labels"].sum()) == results["planted"]
+    assert GUARDED in names and results["stability"][RECOMMENDED]["reach"] == 0.2
+    # the check again from the saved scores (as after a change to it): the same verdicts, nothing trained
+    assert recheck_stability(out / "f9-00")["stability"] == results["stability"]
     assert len(results["horizons"]) == 3 and results["horizons"][0] > 0
     assert set(results["behaviour"]["removed"]) >= {RECOMMENDED, "tfidf"}
     report = (out / "README.md").read_text()

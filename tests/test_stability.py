@@ -26,8 +26,30 @@ def test_an_inverted_part_is_named_in_one_warning_line():
     assert "NOT stable" in report.format()
 
 
+def test_a_ranking_that_misses_the_other_ones_top_disagrees():
+    """The failure of the family's held-out designs: the behaviour's own ranking finds planted examples the concept's
+    ranking leaves in its middle, while the concept's own top also sits high in the behaviour's ranking. Counted
+    one way (the chosen top in the other's top) they agree; both ways they do not."""
+    n = 400
+    chosen = np.linspace(1.0, 0.0, n)  # example i is the chosen ranking's i-th
+    behaviour = chosen.copy()
+    behaviour[200:220] = 2.0  # its top 20: examples the chosen ranking puts at 200..219
+    report = check_stability(chosen, {"classic": behaviour}, top=20, kinds={"classic": "behaviour"})
+    forward = np.mean(np.argsort(np.argsort(-behaviour))[:20] < 80)  # the chosen top 20 within the other's top 80
+    assert forward == 1.0 and report.agreement["classic"] == 0.0 and not report.stable
+    assert "within the top 20%" in report.warning()
+
+
+def test_agreement_is_about_the_reach_for_an_unrelated_ranking():
+    rng = np.random.default_rng(2)
+    shares = [check_stability(rng.normal(size=2000), {"v": rng.normal(size=2000)}).agreement["v"] for _ in range(20)]
+    assert 0.1 < np.mean(shares) < 0.2  # the smaller of two shares of about 0.2 each
+
+
 def test_bad_input_names_the_problem():
     with pytest.raises(ValueError, match="variant 'v' has"):
         check_stability(np.zeros(10), {"v": np.zeros(9)})
     with pytest.raises(ValueError, match="top must be"):
         check_stability(np.arange(10.0), {}, top=0)
+    with pytest.raises(ValueError, match="reach must be"):
+        check_stability(np.arange(10.0), {}, reach=0)

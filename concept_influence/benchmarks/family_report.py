@@ -9,12 +9,12 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..fileio import atomic_write_text
-from .emergent_family import CANDIDATES, RECOMMENDED, RETRAINED
+from .emergent_family import CANDIDATES, GUARDED, RECOMMENDED, RETRAINED
 
 __all__ = ["valid_runs", "format_family_table", "format_design_table", "write_family_report", "HEADLINE"]
 
 #: The rows of the headline table (the full table has every variant).
-HEADLINE = (*CANDIDATES, "source[adam]x1|pool|final", "unrolled[sgd]x1|pool|all", "ekfac@100|pool|all",
+HEADLINE = (GUARDED, *CANDIDATES, "source[adam]x1|pool|final", "unrolled[sgd]x1|pool|all", "ekfac@100|pool|all",
             "ekfac@0.1|pool|all", "influence_function|final", "grad_dot|all", "tfidf", "probe_projection", "length",
             "random")
 
