@@ -172,7 +172,7 @@ class UnrolledCurvature(Curvature):
     """EK-FAC factors whose preconditioner is the unrolled filter ``r(σ)`` of a :class:`Horizon` (see the module
     docstring), the horizon scaled per map by ``step_scales`` (default 1: SGD)."""
 
-    strategies = ("unrolled",)
+    strategies = {"unrolled": None}  # built by EKFACCurvature.unrolled, not fitted
 
     def __init__(self, factors: dict[str, KroneckerEigen], horizon: Horizon, *, step_scales: Mapping[str, float] | None = None,
                  form: str = "continuous", fisher: str | None = "true", fingerprint: str | None = None,

@@ -1,0 +1,92 @@
+"""Curvature methods register themselves and declare what they need: fitting runs the passes a method declares, and a
+method defined in this file alone is fitted, saved, loaded and accepted by the settings and run configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from concept_influence.config import ConfigError, RunConfig
+from concept_influence.curvature import Curvature, CurvatureSettings, EKFACCurvature, fit_curvature, registry
+from concept_influence.curvature.base import map_shapes
+
+MINIMAL = {"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "probe": {"hook": "h", "direction": "d"}}
+
+
+def _recording(examples, done: list):
+    def accumulate(name, collect):
+        done.append(name)
+        return collect(examples)
+    return accumulate
+
+
+def test_the_registry_lists_each_method_with_its_passes():
+    assert tuple(registry.STRATEGIES)[:3] == ("ekfac", "kfac", "identity") and "unrolled" in registry.STRATEGIES
+    assert tuple(registry.FITTED) == ("ekfac", "kfac", "identity")
+    assert tuple(registry.FITTED_FROM_DATA) == ("ekfac", "kfac")
+    assert registry.passes("ekfac") == ("covariance", "eigenvalues") and registry.passes("unrolled") is None
+    assert EKFACCurvature.has_eigenbasis and EKFACCurvature.has_damping
+    with pytest.raises(ValueError, match="is already registered by EKFACCurvature"):
+        type("Other", (Curvature,), {"strategies": {"kfac": ("covariance",)}})
+
+
+@pytest.mark.parametrize("strategy", registry.FITTED)
+def test_fitting_runs_exactly_the_passes_a_method_declares(tl_adapter, tokenized, strategy):
+    done = []
+    curvature = fit_curvature(tl_adapter, [], 0, strategy=strategy, accumulate=_recording(tokenized, done), progress=False)
+    assert tuple(done) == registry.passes(strategy) and curvature.strategy == strategy
+
+
+@pytest.fixture
+def scaled_identity(monkeypatch):
+    """A method defined here only: each map's gradient divided by the mean eigenvalue of its K-FAC factors."""
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))  # registered for this test alone
+
+    class ScaledIdentity(Curvature):
+        strategies = {"scaled_identity": ("covariance",)}
+
+        def __init__(self, shapes, scales, fingerprint=None, n_examples=0):
+            super().__init__("scaled_identity", shapes, None, fingerprint, n_examples)
+            self.scales = scales
+
+        @classmethod
+        def fit(cls, strategy, fitting):
+            factors, n_examples = fitting.kronecker_factors()
+            return cls({m.name: m.shape for m in fitting.maps},
+                       {name: 1 / float(f.eigenvalues.mean()) for name, f in factors.items()}, fitting.fingerprint,
+                       n_examples)
+
+        def _precondition_map(self, name, v):
+            return v * self.scales[name]
+
+        def _config(self):
+            return {"scales": self.scales}
+
+        @classmethod
+        def _restore(cls, config, tensors):
+            return cls(map_shapes(config), config["scales"], config["fingerprint"], config["n_examples"])
+
+    return ScaledIdentity
+
+
+def test_a_method_defined_outside_the_library_is_fitted_saved_and_loaded(scaled_identity, tl_adapter, tokenized, tmp_path):
+    done = []
+    curvature = fit_curvature(tl_adapter, [], 0, strategy="scaled_identity", accumulate=_recording(tokenized, done),
+                              progress=False)
+    assert done == ["covariance"] and isinstance(curvature, scaled_identity)
+    kfac = fit_curvature(tl_adapter, tokenized, 0, strategy="kfac", progress=False)
+    name = kfac.map_names[0]
+    v = torch.randn(2, *kfac.shapes[name])
+    torch.testing.assert_close(curvature.precondition({name: v})[name], v / kfac.factors[name].eigenvalues.mean())
+    loaded = Curvature.load(curvature.save(tmp_path / "c"), tl_adapter)
+    assert type(loaded) is scaled_identity and loaded.scales == curvature.scales
+
+
+def test_settings_and_run_configs_accept_a_registered_method(scaled_identity):
+    assert CurvatureSettings(strategy="scaled_identity").strategy == "scaled_identity"
+    with pytest.raises(ValueError, match="must be one of ekfac, kfac, identity, scaled_identity; got 'diagonal'"):
+        CurvatureSettings(strategy="diagonal")
+    config = RunConfig.from_dict({**MINIMAL, "factors": {"strategy": "scaled_identity"}}, "test.toml")
+    assert config.factors.settings().strategy == "scaled_identity"
+    with pytest.raises(ConfigError, match="'factors.strategy' must be one of ekfac, kfac, scaled_identity; got 'identity'"):
+        RunConfig.from_dict({**MINIMAL, "factors": {"strategy": "identity"}}, "test.toml")
