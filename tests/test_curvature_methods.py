@@ -1,5 +1,5 @@
 """Curvature methods register themselves and declare what they need: fitting runs the passes a method declares, and a
-method defined in this file alone is fitted, saved, loaded and accepted by the settings and run configs."""
+method defined in this file alone is fitted, saved, loaded and accepted by the settings, run configs and the memory plan."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from concept_influence.config import ConfigError, RunConfig
 from concept_influence.curvature import Curvature, CurvatureSettings, EKFACCurvature, fit_curvature, registry
 from concept_influence.curvature.base import map_shapes
+from concept_influence.plan import PlanError, PlanSettings
 
 MINIMAL = {"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "probe": {"hook": "h", "direction": "d"}}
 
@@ -82,7 +83,7 @@ def test_a_method_defined_outside_the_library_is_fitted_saved_and_loaded(scaled_
     assert type(loaded) is scaled_identity and loaded.scales == curvature.scales
 
 
-def test_settings_and_run_configs_accept_a_registered_method(scaled_identity):
+def test_settings_run_configs_and_plans_accept_a_registered_method(scaled_identity):
     assert CurvatureSettings(strategy="scaled_identity").strategy == "scaled_identity"
     with pytest.raises(ValueError, match="must be one of ekfac, kfac, identity, scaled_identity; got 'diagonal'"):
         CurvatureSettings(strategy="diagonal")
@@ -90,3 +91,6 @@ def test_settings_and_run_configs_accept_a_registered_method(scaled_identity):
     assert config.factors.settings().strategy == "scaled_identity"
     with pytest.raises(ConfigError, match="'factors.strategy' must be one of ekfac, kfac, scaled_identity; got 'identity'"):
         RunConfig.from_dict({**MINIMAL, "factors": {"strategy": "identity"}}, "test.toml")
+    assert PlanSettings(strategy="scaled_identity").passes == ("covariance",)
+    with pytest.raises(PlanError, match="strategy must be one of ekfac, kfac, scaled_identity"):
+        PlanSettings(strategy="identity")
