@@ -1,15 +1,22 @@
 """Curvature methods register themselves and declare what they need: fitting runs the passes a method declares, and a
-method defined in this file alone is fitted, saved, loaded and accepted by the settings, run configs and the memory plan."""
+method defined in this file alone is fitted, saved, loaded, accepted by the settings, run configs and the memory plan,
+and used by the index as far as its declarations allow."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from concept_influence.concepts import ConceptFunction
 from concept_influence.config import ConfigError, RunConfig
 from concept_influence.curvature import Curvature, CurvatureSettings, EKFACCurvature, fit_curvature, registry
 from concept_influence.curvature.base import map_shapes
+from concept_influence.estimators import ConceptInfluence
+from concept_influence.index import GradientIndex
+from concept_influence.index.projection import make_spaces
 from concept_influence.plan import PlanError, PlanSettings
+from probes import ConceptDirection
 
 MINIMAL = {"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "probe": {"hook": "h", "direction": "d"}}
 
@@ -94,3 +101,22 @@ def test_settings_run_configs_and_plans_accept_a_registered_method(scaled_identi
     assert PlanSettings(strategy="scaled_identity").passes == ("covariance",)
     with pytest.raises(PlanError, match="strategy must be one of ekfac, kfac, scaled_identity"):
         PlanSettings(strategy="identity")
+
+
+def test_the_index_uses_a_method_as_far_as_it_declares(scaled_identity, tl_adapter, tokenized, tmp_path):
+    """No eigenbasis: the eigen and random projections are refused by name; the identity projection stores the
+    curvature itself and scores exactly."""
+    curvature = fit_curvature(tl_adapter, tokenized, strategy="scaled_identity", progress=False)
+    maps = tl_adapter.linear_maps()
+    with pytest.raises(ValueError, match=r"eigen projection needs a curvature method declaring has_eigenbasis \(ekfac, kfac"):
+        make_spaces("eigen", 4, maps, curvature)
+    with pytest.raises(ValueError, match="declaring has_eigenbasis and has_damping .*; scaled_identity does not"):
+        make_spaces("random", 4, maps, curvature)
+    index = GradientIndex.build(tmp_path / "i", tl_adapter, tokenized, curvature, projection="identity", dtype="float32",
+                                progress=False)
+    direction = ConceptDirection(torch.randn(tl_adapter.d_model, generator=torch.Generator().manual_seed(0)),
+                                 "blocks.1.hook_resid_post", kind="custom")
+    estimator = ConceptInfluence(ConceptFunction.from_directions(direction, tokenized[:3]), curvature)
+    ref = estimator.score(tl_adapter, tokenized, batch_size=4, progress=False).values
+    got = index.score(estimator, tl_adapter, progress=False).values
+    assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
