@@ -165,6 +165,7 @@ class Fitting:
 
     @property
     def fingerprint(self) -> str:
+        """The model's fingerprint, saved with the curvature."""
         return self.adapter.fingerprint()
 
     def _common(self) -> dict:
