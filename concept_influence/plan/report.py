@@ -16,9 +16,9 @@ class PlanSettings:
     ``margin``: the fraction of the device kept free; ``batch_size × max_length`` tokens per forward and backward (per
     rank); ``concepts``: K queries; ``examples``: training examples scored; ``factor_dtype``: covariances,
     eigenvectors and eigenvalues; ``strategy``: a curvature strategy fitted in passes over the data (ekfac: two, kfac:
-    one); ``index_bytes``: an index's bytes
-    per example; ``engine``: current or partitioned (module docstring); ``query_rank``: rank-r queries (None: full
-    size, or with the partitioned engine the largest rank that fits when full-size ones do not)."""
+    one); ``index_bytes``: an index's bytes per example; ``engine``: current or partitioned (module docstring);
+    ``query_rank``: rank-r queries (None: full size, or with the partitioned engine the largest rank that fits when
+    full-size ones do not)."""
 
     device_memory: int | None = None
     host_memory: int | None = None
