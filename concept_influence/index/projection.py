@@ -46,8 +46,8 @@ QUERY_CURVATURES = ("ekfac", "empirical", "identity")
 class MapSpace:
     """One map's projected space. ``p_out`` ``[d_out, r_out]`` and ``p_in`` ``[d_in, r_in]`` (None: no projection on
     that side); stored rows hold ``scale · vec(R_z)`` (``scale`` a power of two, so that float16 rows keep their
-    precision). The EK-FAC in the space: ``inverse`` ``[r_out, r_in]`` (``eigen``: ``1 / (Λ_block + λ)``) or ``chol``
-    ``[D, D]`` (``random``: the Cholesky factor of ``C``, float64)."""
+    precision). The curvature in the space: ``inverse`` ``[r_out, r_in]`` (``eigen``: the curvature's weights of the
+    block, ``1 / (Λ_block + λ)`` for EK-FAC) or ``chol`` ``[D, D]`` (``random``: the Cholesky factor of ``C``, float64)."""
 
     name: str
     shape: tuple[int, int]
