@@ -113,7 +113,8 @@ def add_plan_command(sub) -> None:
     p.add_argument("--concepts", type=int, default=1, help="concepts queried at once (default 1)")
     p.add_argument("--examples", type=int, help="training examples scored (default: the lines of [data] train, or 1000)")
     p.add_argument("--query-rank", type=int, help="rank-r queries (default: full size, or the largest rank that fits)")
-    p.add_argument("--strategy", choices=("ekfac", "kfac"), help="default: [factors] strategy, or ekfac")
+    p.add_argument("--strategy", help="a curvature strategy fitted in passes over the data, as [factors] strategy "
+                                      "(default: the config's, or ekfac)")
     p.add_argument("--factor-dtype", choices=("float32", "bfloat16", "float64"), default="float32",
                    help="dtype of covariances, eigenvectors and eigenvalues (default float32)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),

@@ -39,6 +39,7 @@ from probes import PROBE_KINDS, REDUCTIONS
 
 from .concepts import DEFAULT_QUERY
 from .curvature import CurvatureSettings
+from .curvature.registry import FITTED_FROM_DATA
 from .errors import ConceptInfluenceError
 from .estimators import RUN_ESTIMATORS
 from .models import MODEL_DTYPES
@@ -151,11 +152,10 @@ class ConceptConfig(Settings):
 
 @dataclass
 class FactorsConfig(CurvatureSettings):
-    """``[factors]``: the curvature for ``concept_influence``, fitted as :class:`CurvatureSettings` say (K-FAC or
-    EK-FAC only) on the training data streamed in shards (then ``extra_data``, in the same shards), or read from
-    ``path``."""
+    """``[factors]``: the curvature for ``concept_influence``, fitted in passes over the training data streamed in shards
+    (then ``extra_data``, in the same shards) as :class:`CurvatureSettings` say, or read from ``path``."""
 
-    strategy: str = narrowed(CurvatureSettings, "strategy", ("ekfac", "kfac"))
+    strategy: str = narrowed(CurvatureSettings, "strategy", FITTED_FROM_DATA)
     max_examples: int | None = option(None, "fit on the first max_examples training examples; unset: all")
     shard_size: int = option(1024, "examples per shard; a checkpoint is written after each", minimum=1)
     path: str | None = option(None, "a saved curvature folder to use instead of fitting one", path=True)

@@ -231,7 +231,7 @@ def test_command_line_choices_are_the_library_constants():
     from concept_influence.index.store import STORAGE_DTYPES
     from probes import REDUCTIONS
 
-    assert cli_index.PROJECTIONS == PROJECTIONS and cli_index.QUERY_CURVATURES == QUERY_CURVATURES
+    assert cli_index.PROJECTIONS == tuple(PROJECTIONS) and cli_index.QUERY_CURVATURES == QUERY_CURVATURES
     assert cli_index.STORAGE_DTYPES == tuple(STORAGE_DTYPES) and set(cli_index.REDUCTIONS) == set(REDUCTIONS)
 
 

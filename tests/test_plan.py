@@ -167,6 +167,8 @@ def test_plan_command_on_a_run_config(tmp_path, capsys):
     assert main(["plan", str(project / "model"), "--blocks", "3"]) == 2
     assert "blocks: block 3 has no linear map" in capsys.readouterr().err
     assert main(["plan", str(project / "model"), "--device-memory", "lots"]) == 2
+    assert main(["plan", str(project / "run.toml"), "--strategy", "identity"]) == 2  # (the registry's names)
+    assert "strategy must be one of ekfac, kfac, got 'identity'" in capsys.readouterr().err
 
 
 def test_a_run_that_does_not_fit_stops_before_any_work(tmp_path):

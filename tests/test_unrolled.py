@@ -266,6 +266,26 @@ def test_source_scores_agree_with_bergsons_approx_unrolling(tmp_path, tokenizer)
     assert_close_in_norm(n_response * total, ours, 1e-5)
 
 
+@pytest.mark.parametrize("projection", ["eigen", "identity"])
+def test_the_index_scores_with_the_unrolled_curvature(tl_adapter, tokenized, tmp_path, projection):
+    """Declaring an eigenbasis is all the index needs: uncompressed, it gives Concept Influence with the unrolled
+    filter; the random projection, which restricts a damped inverse, is refused by name."""
+    from concept_influence.curvature import fit_curvature
+    from concept_influence.estimators import ConceptInfluence
+    from concept_influence.index import GradientIndex
+    from concept_influence.index.projection import make_spaces
+
+    maps = tl_adapter.linear_maps(max_block=1)
+    unrolled = fit_curvature(tl_adapter, tokenized, maps, batch_size=4, progress=False).unrolled(Horizon.constant(0.5, 20))
+    index = GradientIndex.build(tmp_path / "i", tl_adapter, tokenized, unrolled, projection=projection, rank=10**6,
+                                dtype="float32", progress=False)
+    estimator = ConceptInfluence(_concept(tl_adapter, tokenized), unrolled)
+    ref = estimator.score(tl_adapter, tokenized, batch_size=4, progress=False).values
+    got = index.score(estimator, tl_adapter, progress=False).values
+    assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
+    with pytest.raises(ValueError, match="has_eigenbasis and has_damping .*; unrolled does not"):
+        make_spaces("random", 4, maps, unrolled)
+
 def test_learning_rates_from_a_trainer_state(tmp_path):
     import json
 

@@ -1,8 +1,10 @@
-"""Curvature approximations for influence: EK-FAC, K-FAC and identity.
+"""Curvature approximations for influence: EK-FAC, K-FAC, identity and unrolled (SOURCE) preconditioning.
 
 ``fit_curvature(adapter, examples, maps, CurvatureSettings(strategy=...))`` returns a :class:`Curvature` whose
 ``precondition({map name: gradient [..., d_out, d_in]})`` applies ``(G + λI)⁻¹``; ``save``/``load`` use
-safetensors + JSON and check the model fingerprint. The pure-tensor mathematics is in :mod:`.core`.
+safetensors + JSON and check the model fingerprint. The pure-tensor mathematics is in :mod:`.core`. Each method is a
+:class:`Curvature` subclass that registers its strategy names and declares what it needs and provides
+(:mod:`.registry`); fitting, loading, run configs, the memory plan and the index read those declarations.
 """
 
 from .base import Curvature, CurvatureError

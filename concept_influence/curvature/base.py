@@ -17,6 +17,7 @@ import torch
 
 from ..errors import ConceptInfluenceError
 from ..fileio import atomic_write_text, load_tensors, save_tensors
+from . import registry
 
 __all__ = ["Curvature", "CurvatureError", "CONFIG_FILE", "TENSOR_FILE", "FORMAT", "FORMAT_VERSION"]
 
@@ -34,16 +35,18 @@ class Curvature:
     """A curvature approximation ``G`` over a set of linear maps (by :attr:`LinearMap.name`).
 
     :meth:`precondition` applies the damped inverse ``(G + λI)⁻¹`` map by map to gradients in matrix
-    form ``[..., d_out, d_in]``. Subclasses declare the ``strategies`` they implement.
+    form ``[..., d_out, d_in]``. A subclass registers itself with what it declares (:mod:`.registry`): its
+    ``strategies`` and their passes over the data, ``has_eigenbasis`` and ``has_damping``; a fitted one implements
+    :meth:`fit`.
     """
 
-    strategies: ClassVar[tuple[str, ...]] = ()
-    _registry: ClassVar[dict[str, type["Curvature"]]] = {}
+    strategies: ClassVar[dict[str, tuple[str, ...] | None]] = {}
+    has_eigenbasis: ClassVar[bool] = False
+    has_damping: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        for strategy in cls.strategies:
-            Curvature._registry[strategy] = cls
+        registry.register(cls)
 
     def __init__(
         self,
@@ -81,6 +84,17 @@ class Curvature:
         return out
 
     # ---- subclass hooks ------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, strategy: str, fitting) -> "Curvature":
+        """Fit ``strategy`` from ``fitting`` (:class:`~concept_influence.curvature.fit.Fitting`: the adapter, maps,
+        settings, and the passes over the data, each run on request); run exactly the passes ``strategies`` declares."""
+        raise NotImplementedError
+
+    def eigen_weights(self, name: str, sigma: torch.Tensor) -> torch.Tensor:
+        """With ``has_eigenbasis``: the weight of each eigen-direction of map ``name`` whose eigenvalue is ``sigma``
+        (same shape and dtype), so that preconditioning is ``Q_S [(Q_Sᵀ V Q_A) ⊙ w(Λ)] Q_Aᵀ``."""
+        raise NotImplementedError
+
     def _precondition_map(self, name: str, v: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -131,9 +145,10 @@ class Curvature:
                 f"{config_path}: format {config.get('format')!r} version {config.get('format_version')!r}; "
                 f"expected {FORMAT!r} version {FORMAT_VERSION}"
             )
-        target = cls._registry.get(config.get("strategy"))
+        target = registry.method(config.get("strategy"))
         if target is None:
-            raise CurvatureError(f"{config_path}: unknown strategy {config.get('strategy')!r}; known: {', '.join(cls._registry)}")
+            raise CurvatureError(f"{config_path}: unknown strategy {config.get('strategy')!r}; known: "
+                                 f"{', '.join(registry.STRATEGIES)}")
         if not issubclass(target, cls):
             raise CurvatureError(f"{config_path}: holds a {config['strategy']!r} curvature, not a {cls.__name__}; "
                                  "use Curvature.load")

@@ -29,7 +29,18 @@ def check_damping(damping: float | None, damping_factor: float) -> None:
 class EKFACCurvature(Curvature):
     """EK-FAC (``strategy="ekfac"``) or K-FAC (``strategy="kfac"``) factors for a set of maps."""
 
-    strategies = ("ekfac", "kfac")
+    strategies = {"ekfac": ("covariance", "eigenvalues"), "kfac": ("covariance",)}
+    has_eigenbasis = True
+    has_damping = True
+
+    @classmethod
+    def fit(cls, strategy: str, fitting) -> "EKFACCurvature":
+        factors, n_examples = fitting.kronecker_factors()
+        if strategy == "ekfac":
+            factors = fitting.corrected(factors)
+        s = fitting.settings
+        return cls(factors, strategy, damping=s.damping, damping_factor=s.damping_factor, fisher=s.fisher,
+                   fingerprint=fitting.fingerprint, n_examples=n_examples)
 
     def __init__(
         self,
@@ -43,7 +54,7 @@ class EKFACCurvature(Curvature):
         n_examples: int = 0,
     ) -> None:
         if strategy not in self.strategies:
-            raise ValueError(f"strategy must be one of {self.strategies}, got {strategy!r}")
+            raise ValueError(f"strategy must be one of {', '.join(self.strategies)}, got {strategy!r}")
         check_damping(damping, damping_factor)
         shapes = {name: (f.q_s.shape[0], f.q_a.shape[0]) for name, f in factors.items()}
         super().__init__(strategy, shapes, fisher, fingerprint, n_examples)
@@ -69,6 +80,9 @@ class EKFACCurvature(Curvature):
 
         return UnrolledCurvature(self.factors, horizon, step_scales=step_scales, form=form, fisher=self.fisher,
                                  fingerprint=self.fingerprint, n_examples=self.n_examples)
+
+    def eigen_weights(self, name: str, sigma: torch.Tensor) -> torch.Tensor:
+        return 1.0 / (sigma + self.dampings[name])
 
     def _precondition_map(self, name: str, v: torch.Tensor) -> torch.Tensor:
         damping = self.dampings[name]

@@ -21,20 +21,19 @@ from ..data import TokenizedExample
 from ..gradients import captured_batches, check_finite
 from ..models import LinearMap, MapSelection, ModelAdapter
 from ..settings import Settings, option
+from . import registry
 from .base import Curvature, CurvatureError
 from .core import KroneckerEigen, SumStats, covariance_sums, rotated_square_sum
-from .ekfac import DEFAULT_DAMPING_FACTOR, EKFACCurvature, check_damping
-from .identity import IdentityCurvature
+from .ekfac import DEFAULT_DAMPING_FACTOR, check_damping
 
-__all__ = ["CurvatureSettings", "fit_curvature", "collect_covariance_stats", "collect_eigenvalue_stats", "resolve_maps",
-           "Accumulate"]
+__all__ = ["CurvatureSettings", "Fitting", "fit_curvature", "collect_covariance_stats", "collect_eigenvalue_stats",
+           "resolve_maps", "Accumulate"]
 
 #: ``accumulate(pass_name, collect)`` runs ``collect(examples) -> SumStats`` over the data and returns the
 #: total. The default calls it once on all examples; a run folder calls it per shard (resumable, and summed
 #: over torch.distributed ranks).
 Accumulate = Callable[[str, Callable[[Sequence[TokenizedExample]], SumStats]], SumStats]
 
-STRATEGIES = ("ekfac", "kfac", "identity")
 FISHERS = ("true", "empirical")
 
 
@@ -43,8 +42,9 @@ class CurvatureSettings(Settings):
     """How :func:`fit_curvature` fits a curvature; also the run config's ``[factors]`` keys and the settings
     saved in a run folder's ``factors/settings.json``."""
 
-    strategy: str = option("ekfac", "ekfac: two passes (Kronecker factors, then eigenvalue correction); kfac: one "
-                                    "pass; identity: no pass and no damping", choices=STRATEGIES)
+    strategy: str = option("ekfac", "a registered curvature method (concept_influence.curvature.registry); ekfac: two "
+                                    "passes (Kronecker factors, then eigenvalue correction); kfac: one pass; identity: no "
+                                    "pass and no damping", choices=registry.FITTED)
     fisher: str = option("true", "true: labels sampled from the model (seeded per example by `seed`); empirical: "
                                  "the data's labels", choices=FISHERS)
     damping: float | None = option(None, "one absolute damping for every map; unset: `damping_factor` x mean "
@@ -151,6 +151,42 @@ def collect_eigenvalue_stats(
     return stats
 
 
+@dataclass
+class Fitting:
+    """What a method's :meth:`Curvature.fit` fits from: the adapter, its maps and the settings, with the passes over the
+    data run on request (through ``accumulate``)."""
+
+    adapter: ModelAdapter
+    examples: Sequence[TokenizedExample]
+    maps: list[LinearMap]
+    settings: CurvatureSettings
+    progress: bool
+    accumulate: Accumulate
+
+    @property
+    def fingerprint(self) -> str:
+        """The model's fingerprint, saved with the curvature."""
+        return self.adapter.fingerprint()
+
+    def _common(self) -> dict:
+        s = self.settings
+        return dict(fisher=s.fisher, batch_size=s.batch_size, seed=s.seed, progress=self.progress)
+
+    def kronecker_factors(self) -> tuple[dict[str, KroneckerEigen], int]:
+        """Pass ``"covariance"``, then each map's eigendecomposition (K-FAC); and the number of examples."""
+        cov = self.accumulate("covariance", lambda ex: collect_covariance_stats(self.adapter, ex, self.maps,
+                                                                                **self._common()))
+        factors = {m.name: KroneckerEigen.from_covariances(cov.mean(f"{m.name}/a"), cov.mean(f"{m.name}/s"))
+                   for m in self.maps}
+        return factors, cov.counts[f"{self.maps[0].name}/s"]
+
+    def corrected(self, factors: dict[str, KroneckerEigen]) -> dict[str, KroneckerEigen]:
+        """Pass ``"eigenvalues"``: ``factors`` with the EK-FAC eigenvalue correction."""
+        eig = self.accumulate("eigenvalues", lambda ex: collect_eigenvalue_stats(self.adapter, ex, factors, self.maps,
+                                                                                 **self._common()))
+        return {name: f.with_eigenvalues(eig.mean(name)) for name, f in factors.items()}
+
+
 def fit_curvature(
     adapter: ModelAdapter,
     examples: Sequence[TokenizedExample],
@@ -163,27 +199,13 @@ def fit_curvature(
 ) -> Curvature:
     """Fit a curvature for ``maps`` (None: all; int: blocks ``0..maps``; or a list of LinearMap) as
     ``settings`` say (see :class:`CurvatureSettings`), with ``changes`` to single settings given as keywords
-    (``fit_curvature(adapter, examples, strategy="kfac", damping=0.1)``).
+    (``fit_curvature(adapter, examples, strategy="kfac", damping=0.1)``); the strategy's registered class fits it.
 
     Results do not depend on ``batch_size`` (up to float rounding). ``accumulate`` (see :data:`Accumulate`)
     decides how each pass covers the data; with it, ``examples`` is not read and may be empty.
     """
     s = (settings or CurvatureSettings()).replace(**changes)
-    maps = resolve_maps(adapter, maps)
-    fingerprint = adapter.fingerprint()
-    if s.strategy == "identity":
-        return IdentityCurvature({m.name: m.shape for m in maps}, fingerprint, len(examples))
     if accumulate is None:
         accumulate = lambda name, collect: collect(examples)  # noqa: E731
-    common = dict(fisher=s.fisher, batch_size=s.batch_size, seed=s.seed, progress=progress)
-    cov = accumulate("covariance", lambda ex: collect_covariance_stats(adapter, ex, maps, **common))
-    factors = {m.name: KroneckerEigen.from_covariances(cov.mean(f"{m.name}/a"), cov.mean(f"{m.name}/s")) for m in maps}
-    n_examples = cov.counts[f"{maps[0].name}/s"]
-    del cov  # the covariance sums are as large as the eigenbases: not held through the eigenvalue pass
-    if s.strategy == "ekfac":
-        eig = accumulate("eigenvalues", lambda ex: collect_eigenvalue_stats(adapter, ex, factors, maps, **common))
-        factors = {name: f.with_eigenvalues(eig.mean(name)) for name, f in factors.items()}
-    return EKFACCurvature(
-        factors, s.strategy, damping=s.damping, damping_factor=s.damping_factor,
-        fisher=s.fisher, fingerprint=fingerprint, n_examples=n_examples,
-    )
+    fitting = Fitting(adapter, examples, resolve_maps(adapter, maps), s, progress, accumulate)
+    return registry.method(s.strategy).fit(s.strategy, fitting)

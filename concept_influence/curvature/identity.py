@@ -13,7 +13,11 @@ __all__ = ["IdentityCurvature"]
 class IdentityCurvature(Curvature):
     """``precondition`` returns each gradient unchanged (no damping: not ``(I + λI)⁻¹`` but ``I``)."""
 
-    strategies = ("identity",)
+    strategies = {"identity": ()}
+
+    @classmethod
+    def fit(cls, strategy: str, fitting) -> "IdentityCurvature":
+        return cls({m.name: m.shape for m in fitting.maps}, fitting.fingerprint, len(fitting.examples))
 
     def __init__(self, shapes: dict[str, tuple[int, int]], fingerprint: str | None = None, n_examples: int = 0) -> None:
         super().__init__("identity", shapes, fisher=None, fingerprint=fingerprint, n_examples=n_examples)

@@ -18,6 +18,7 @@ import torch
 
 from ..data import TokenizedExample
 from ..models import LinearMap, ModelAdapter
+from . import registry
 from .base import Curvature, CurvatureError
 from .ekfac import EKFACCurvature
 from .fit import CurvatureSettings, fit_curvature, resolve_maps
@@ -86,13 +87,13 @@ def fit_partitioned(
     s = (settings or CurvatureSettings()).replace(**changes)
     maps = resolve_maps(adapter, maps)
     groups = split_maps(maps, partitions)
-    if s.strategy == "identity" or len(groups) == 1 and offload is None:
+    if not registry.passes(s.strategy) or len(groups) == 1 and offload is None:  # (no pass: nothing to partition)
         return fit_curvature(adapter, examples, maps, s, progress=progress)
     factors, first = {}, None
     for group in groups:
         part = fit_curvature(adapter, examples, group, s, progress=progress)
         if not isinstance(part, EKFACCurvature):
-            raise CurvatureError(f"partitions apply to ekfac and kfac curvatures, not {type(part).__name__}")
+            raise CurvatureError(f"partitions merge EK-FAC and K-FAC factors; a {s.strategy} curvature has none")
         first = first or part
         for name, f in part.factors.items():
             factors[name] = f if offload is None else _moved(f, offload)

@@ -172,7 +172,8 @@ class UnrolledCurvature(Curvature):
     """EK-FAC factors whose preconditioner is the unrolled filter ``r(σ)`` of a :class:`Horizon` (see the module
     docstring), the horizon scaled per map by ``step_scales`` (default 1: SGD)."""
 
-    strategies = ("unrolled",)
+    strategies = {"unrolled": None}  # built by EKFACCurvature.unrolled, not fitted
+    has_eigenbasis = True
 
     def __init__(self, factors: dict[str, KroneckerEigen], horizon: Horizon, *, step_scales: Mapping[str, float] | None = None,
                  form: str = "continuous", fisher: str | None = "true", fingerprint: str | None = None,
@@ -194,16 +195,23 @@ class UnrolledCurvature(Curvature):
     def propagate(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Carry a query gradient back through this curvature's steps, ``Q [decay(Λ) ⊙ Qᵀ V Q] Qᵀ``: a change made
         before the steps reaches their end multiplied by the decay (SOURCE's chaining of segments)."""
-        return {name: self._apply(name, v, lambda h, sigma: h.decay(sigma, self.form)) for name, v in grads.items()}
+        return {name: self._apply(name, v, self._horizon(name).decay(self.factors[name].eigenvalues.double(), self.form))
+                for name, v in grads.items()}
+
+    def eigen_weights(self, name: str, sigma: torch.Tensor) -> torch.Tensor:
+        """The unrolled filter ``r(σ)`` of map ``name``'s horizon (what the index's ``eigen`` projection uses)."""
+        return self._horizon(name).filter(sigma.double(), self.form).to(sigma.dtype)
 
     def _precondition_map(self, name: str, v: torch.Tensor) -> torch.Tensor:
-        return self._apply(name, v, lambda h, sigma: h.filter(sigma, self.form))
+        return self._apply(name, v, self.eigen_weights(name, self.factors[name].eigenvalues.double()))
 
-    def _apply(self, name: str, v: torch.Tensor, function) -> torch.Tensor:
+    def _horizon(self, name: str) -> Horizon:
+        return self.horizon.scaled(self.step_scales[name])
+
+    def _apply(self, name: str, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         f = self.factors[name]
         rotated = f.q_s.T @ v.to(f.q_a) @ f.q_a
-        weights = function(self.horizon.scaled(self.step_scales[name]), f.eigenvalues.double()).to(rotated)
-        return (f.q_s @ (rotated * weights) @ f.q_a.T).to(v)
+        return (f.q_s @ (rotated * weights.to(rotated)) @ f.q_a.T).to(v)
 
     def _config(self) -> dict:
         return {"learning_rates": list(self.horizon.learning_rates), "step_scales": self.step_scales, "form": self.form}

@@ -3,12 +3,13 @@
 For a linear map ``W`` (``d_out × d_in``) a gradient index stores, for every example z, ``R_z = P_outᵀ G_z P_in``
 (``r_out × r_in``), where ``G_z = Σ_t g_t a_tᵀ`` is the example's loss gradient. ``R_z`` is formed from the tokens,
 ``Σ_t (P_outᵀ g_t)(P_inᵀ a_t)ᵀ``, so ``G_z`` never is (LoGra, Choe et al. 2024). The projections
-(:data:`PROJECTIONS`):
+(:data:`PROJECTIONS`, each with what it needs of the curvature, as the methods declare it in
+:mod:`concept_influence.curvature.registry`):
 
-* ``eigen`` — the top ``r`` eigenvectors of the map's EK-FAC factors S and A (``R_z`` is the leading block of the
-  rotated gradient ``Q_Sᵀ G_z Q_A``);
-* ``random`` — orthonormal bases of random Gaussian subspaces, seeded per map and side (LoGra);
-* ``identity`` — no projection (``R_z = G_z``): exact, and as large as the gradient.
+* ``eigen`` — the top ``r`` eigenvectors of the map's Kronecker factors S and A (``R_z`` is the leading block of the
+  rotated gradient ``Q_Sᵀ G_z Q_A``); any curvature with an eigenbasis, whose weights per eigen-direction give ``C⁻¹``;
+* ``random`` — orthonormal bases of random Gaussian subspaces, seeded per map and side (LoGra); a damped inverse;
+* ``identity`` — no projection (``R_z = G_z``): exact, and as large as the gradient; any curvature.
 
 A query gradient ``V`` (``∇f`` of a concept, or of a test loss) is scored as influence restricted to the subspace
 ``W + P_out M P_inᵀ``: ``vec(P_outᵀ V P_in)ᵀ C⁻¹ vec(R_z)`` with ``C = Pᵀ (F + λI) P``, the damped EK-FAC ``F``
@@ -29,13 +30,15 @@ from typing import Sequence
 import torch
 
 from ..concepts import project_tokens
-from ..curvature import Curvature, EKFACCurvature, KroneckerEigen
+from ..curvature import Curvature, KroneckerEigen
+from ..curvature.registry import StrategyNames
 from ..models import LinearMap
 
 __all__ = ["PROJECTIONS", "QUERY_CURVATURES", "MapSpace", "make_spaces", "space_ranks", "spaces_to_tensors",
            "spaces_from_tensors", "cholesky", "damped"]
 
-PROJECTIONS = ("eigen", "random", "identity")
+#: each projection and the capabilities (:class:`Curvature` attributes) it needs of the curvature
+PROJECTIONS = {"eigen": ("has_eigenbasis",), "random": ("has_eigenbasis", "has_damping"), "identity": ()}
 QUERY_CURVATURES = ("ekfac", "empirical", "identity")
 
 
@@ -43,8 +46,8 @@ QUERY_CURVATURES = ("ekfac", "empirical", "identity")
 class MapSpace:
     """One map's projected space. ``p_out`` ``[d_out, r_out]`` and ``p_in`` ``[d_in, r_in]`` (None: no projection on
     that side); stored rows hold ``scale · vec(R_z)`` (``scale`` a power of two, so that float16 rows keep their
-    precision). The EK-FAC in the space: ``inverse`` ``[r_out, r_in]`` (``eigen``: ``1 / (Λ_block + λ)``) or ``chol``
-    ``[D, D]`` (``random``: the Cholesky factor of ``C``, float64)."""
+    precision). The curvature in the space: ``inverse`` ``[r_out, r_in]`` (``eigen``: the curvature's weights of the
+    block, ``1 / (Λ_block + λ)`` for EK-FAC) or ``chol`` ``[D, D]`` (``random``: the Cholesky factor of ``C``, float64)."""
 
     name: str
     shape: tuple[int, int]
@@ -160,19 +163,21 @@ def space_ranks(projection: str, rank: int, shape: Sequence[int]) -> tuple[int, 
 
 def make_spaces(projection: str, rank: int, maps: Sequence[LinearMap], curvature: Curvature, seed: int = 0) -> list[MapSpace]:
     """Each map's :class:`MapSpace` for ``projection`` (see the module docstring) with ``r = min(rank, d)`` per side,
-    from the map's EK-FAC (or K-FAC) factors in ``curvature`` (an identity curvature only allows ``identity``)."""
+    from the map's factors in ``curvature``, which must have what :data:`PROJECTIONS` says the projection needs."""
     if projection not in PROJECTIONS:
         raise ValueError(f"unknown projection {projection!r}; expected one of {', '.join(PROJECTIONS)}")
-    if projection != "identity" and not isinstance(curvature, EKFACCurvature):
-        raise ValueError(f"the {projection} projection needs EK-FAC or K-FAC factors, not a {curvature.strategy} "
-                         "curvature")
+    needs = PROJECTIONS[projection]
+    if not all(getattr(curvature, need) for need in needs):
+        able = StrategyNames(lambda cls, passes: all(getattr(cls, need) for need in needs))
+        raise ValueError(f"the {projection} projection needs a curvature method declaring {' and '.join(needs)} "
+                         f"({', '.join(able)}); {curvature.strategy} does not")
     spaces = []
     for m in maps:
         (d_out, d_in), (r_out, r_in) = m.shape, space_ranks(projection, rank, m.shape)
-        if not isinstance(curvature, EKFACCurvature):
+        if not curvature.has_eigenbasis:
             spaces.append(MapSpace(m.name, (d_out, d_in), None, None, 1.0))
             continue
-        f, damping = curvature.factors[m.name], curvature.dampings[m.name]
+        f = curvature.factors[m.name]
         if projection == "identity":
             spaces.append(MapSpace(m.name, (d_out, d_in), None, None, _power_of_two_scale(float(f.eigenvalues.mean()))))
         elif projection == "eigen":
@@ -181,12 +186,12 @@ def make_spaces(projection: str, rank: int, maps: Sequence[LinearMap], curvature
             block = f.eigenvalues[top_out][:, top_in].float()
             spaces.append(MapSpace(m.name, (d_out, d_in), f.q_s[:, top_out].float().contiguous(),
                                    f.q_a[:, top_in].float().contiguous(), _power_of_two_scale(float(block.mean())),
-                                   inverse=1.0 / (block + damping)))
+                                   inverse=curvature.eigen_weights(m.name, block)))
         else:
             p_out = _random_basis(d_out, r_out, seed, m.name, "out")
             p_in = _random_basis(d_in, r_in, seed, m.name, "in")
             c = _subspace_curvature(f, p_out, p_in)
-            chol = cholesky(c + damping * torch.eye(c.shape[0], dtype=c.dtype), f"map {m.name}")
+            chol = cholesky(c + curvature.dampings[m.name] * torch.eye(c.shape[0], dtype=c.dtype), f"map {m.name}")
             spaces.append(MapSpace(m.name, (d_out, d_in), p_out.float(), p_in.float(),
                                    _power_of_two_scale(float(c.diagonal().mean())), chol=chol))
     return spaces

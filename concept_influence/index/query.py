@@ -109,10 +109,11 @@ def index_scores(store: IndexStore, estimator: GradientEstimator, adapters: Sequ
                  curvature: str = "ekfac", damping_factor: float = DEFAULT_DAMPING_FACTOR, batch_size: int = 8,
                  progress: bool = True, chunk: int = 1024) -> Scores:
     """The estimator's scores of every indexed example, summed over the index's checkpoints (each with its weight):
-    ``adapters[c]`` is the model at checkpoint ``c`` (checked by fingerprint). ``curvature``: the EK-FAC restricted to
-    each map's space (``ekfac``), the damped second moment of the stored rows (``empirical``, damping
-    ``damping_factor`` × mean eigenvalue), or none (``identity``; also whenever the estimator's curvature is the
-    identity, e.g. ``ConceptGradDot``)."""
+    ``adapters[c]`` is the model at checkpoint ``c`` (checked by fingerprint). ``curvature``: the curvature the index
+    was built with (EK-FAC, or any method with an eigenbasis, e.g. unrolled) restricted to each map's space
+    (``ekfac``), the damped second moment of the stored rows (``empirical``, damping ``damping_factor`` × mean
+    eigenvalue), or none (``identity``; also whenever the estimator's curvature is the identity, e.g.
+    ``ConceptGradDot``)."""
     if curvature not in QUERY_CURVATURES:
         raise ValueError(f"unknown curvature {curvature!r}; expected one of {', '.join(QUERY_CURVATURES)}")
     checkpoints = store.manifest["checkpoints"]

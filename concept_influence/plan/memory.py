@@ -80,7 +80,7 @@ class _Costs:
 
     def passes(self, maps) -> list[tuple[str, int, str]]:
         out = [("covariance pass", *self.covariance_pass(maps)), ("eigendecomposition", *self.eigendecomposition(maps))]
-        if self.s.strategy == "ekfac":
+        if "eigenvalues" in self.s.passes:
             out.append(("eigenvalue pass", *self.eigenvalue_pass(maps)))
         return out
 
@@ -169,7 +169,7 @@ def plan_memory(model: ModelShape, settings: PlanSettings | None = None, **chang
     stages.append(StageBytes("eigendecomposition", peaks["eigendecomposition"][0],
                              n * (per_rank_factors if current else c.fb * biggest.covariance_elements()),
                              totals["eigenvectors"] + totals["eigenvalues"], peaks["eigendecomposition"][1]))
-    if s.strategy == "ekfac":
+    if "eigenvalues" in s.passes:
         stages.append(StageBytes("eigenvalue pass", peaks["eigenvalue pass"][0], n * largest_part(c.lam),
                                  totals["eigenvectors"] + statistics(totals["eigenvalues"]), peaks["eigenvalue pass"][1]))
     q_rank = max(c.query(o, rank) for o in owned)

@@ -15,9 +15,10 @@ class PlanSettings:
     """What a plan is made for. ``device_memory`` / ``host_memory``: bytes per device and per host (None: no limit);
     ``margin``: the fraction of the device kept free; ``batch_size × max_length`` tokens per forward and backward (per
     rank); ``concepts``: K queries; ``examples``: training examples scored; ``factor_dtype``: covariances,
-    eigenvectors and eigenvalues; ``strategy``: ekfac (two passes) or kfac (one); ``index_bytes``: an index's bytes
-    per example; ``engine``: current or partitioned (module docstring); ``query_rank``: rank-r queries (None: full
-    size, or with the partitioned engine the largest rank that fits when full-size ones do not)."""
+    eigenvectors and eigenvalues; ``strategy``: a curvature strategy fitted in passes over the data (ekfac: two, kfac:
+    one); ``index_bytes``: an index's bytes per example; ``engine``: current or partitioned (module docstring);
+    ``query_rank``: rank-r queries (None: full size, or with the partitioned engine the largest rank that fits when
+    full-size ones do not)."""
 
     device_memory: int | None = None
     host_memory: int | None = None
@@ -42,6 +43,17 @@ class PlanSettings:
             raise PlanError("world_size, batch_size, max_length and concepts must be >= 1")
         if not 0 <= self.margin < 1:
             raise PlanError(f"margin must be in [0, 1), got {self.margin}")
+        from ..curvature.registry import FITTED_FROM_DATA
+
+        if self.strategy not in FITTED_FROM_DATA:
+            raise PlanError(f"strategy must be one of {', '.join(FITTED_FROM_DATA)}, got {self.strategy!r}")
+
+    @property
+    def passes(self) -> tuple[str, ...]:
+        """The passes over the data that fitting ``strategy`` makes (:mod:`concept_influence.curvature.registry`)."""
+        from ..curvature.registry import passes
+
+        return passes(self.strategy)
 
     @property
     def tokens(self) -> int:
@@ -91,9 +103,9 @@ class Plan:
 
     @property
     def factor_passes(self) -> int:
-        """Passes over the training data to fit the factors: one covariance pass (and with EK-FAC one eigenvalue pass)
-        per partition."""
-        return self.n_partitions * (2 if self.settings.strategy == "ekfac" else 1)
+        """Passes over the training data to fit the factors: the strategy's passes (a covariance pass, and with EK-FAC
+        an eigenvalue pass) per partition."""
+        return self.n_partitions * len(self.settings.passes)
 
     def check(self) -> None:
         """Raise :class:`PlanError` with one line naming the stage and the bytes when the plan does not fit."""
