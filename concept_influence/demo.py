@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .benchmarks.demo_corpus import make_paired_demo_corpus
 from .benchmarks.planted import PlantedConfig, run_planted
 from .data import load_chats, write_chat_jsonl
+from .toy.demo_corpus import make_paired_demo_corpus
 
 __all__ = ["demo_config", "run_demo"]
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from concept_influence.benchmarks.smallmodel import build_small_model
 from concept_influence.concepts import ConceptError, ConceptFunction
 from concept_influence.data import collate, tokenize_examples, write_chat_jsonl
 from concept_influence.estimators import ConceptGradDot, ProbeProjection
@@ -24,6 +23,7 @@ from concept_influence.sae_concepts import (
 )
 from concept_influence.sae_training import train_sae
 from concept_influence.scores import Scores
+from concept_influence.toy.small_model import build_small_model
 from conftest import _hf_model, make_chats
 from probes import ConceptDirection, SAEError, load_sae
 from probes.sae_latents import auroc_columns, latent_separation

@@ -20,8 +20,8 @@ from ..data import write_chat_jsonl
 from ..fileio import atomic_write_text
 from ..models import save_model
 from ..provenance import machine_description
-from .demo_corpus import make_demo_corpus
-from .smallmodel import build_small_model, train_bpe_tokenizer
+from ..toy.demo_corpus import make_demo_corpus
+from ..toy.small_model import build_small_model, train_bpe_tokenizer
 
 __all__ = ["run_memory_benchmark", "write_small_project"]
 

@@ -47,6 +47,7 @@ from ..evaluation import retrieval_metrics
 from ..fileio import atomic_write_text
 from ..generation import sample_responses
 from ..provenance import machine_description
+from ..toy.small_model import build_small_model, seed_everything, train_bpe_tokenizer, train_model
 from .curvature_study import run_curvature_study
 from .planted_behaviour import behaviour_section, concept_lds, mean_answer_loss
 from .planted_concept import (
@@ -61,7 +62,6 @@ from .planted_report import command_line, format_report, format_retrieval, repor
 from .planted_splits import PlantedSplits, split_planted, tokenize_splits
 from .planted_training import Finetuner, lora_model
 from .query_study import run_query_study
-from .smallmodel import build_small_model, seed_everything, train_bpe_tokenizer, train_model
 
 __all__ = ["BenchmarkError", "PlantedConfig", "PlantedSplits", "split_planted", "run_planted", "format_report",
            "command_line"]

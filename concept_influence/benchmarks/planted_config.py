@@ -9,7 +9,7 @@ from probes import PROBE_KINDS, REDUCTIONS
 from ..concepts import DEFAULT_QUERY
 from ..errors import ConceptInfluenceError
 from ..models import MODEL_DTYPES
-from .smallmodel import SCHEDULES
+from ..toy.small_model import SCHEDULES
 
 __all__ = ["BenchmarkError", "PlantedConfig", "check_planting"]
 

@@ -9,8 +9,8 @@ import torch
 
 from ..data import TokenizedExample
 from ..models import HFCausalLMAdapter, ModelAdapter, as_adapter, checkpointed_weights, load_model
+from ..toy.small_model import train_model
 from .planted_config import BenchmarkError, PlantedConfig
-from .smallmodel import train_model
 
 __all__ = ["Finetuner", "lora_model"]
 

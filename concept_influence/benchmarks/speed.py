@@ -50,8 +50,8 @@ from ..estimators import ConceptInfluence, ProbeProjection
 from ..fileio import atomic_write_text, save_tensors
 from ..models import ModelAdapter
 from ..provenance import machine_description
+from ..toy.small_model import train_model
 from .kronfluence_bridge import KRONFLUENCE_SETTINGS, run_part_b
-from .smallmodel import train_model
 from .speed_memory import peak_memory
 from .speed_setup import (
     STAGES_A,

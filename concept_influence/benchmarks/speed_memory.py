@@ -19,9 +19,9 @@ from ..concepts import ConceptFunction
 from ..curvature import Curvature, fit_curvature
 from ..estimators import ConceptInfluence, ProbeProjection
 from ..fileio import load_tensors
+from ..toy.small_model import train_model
 from .bergson_bridge import bergson_concept_scores, import_bergson
 from .kronfluence_bridge import DAMPING_FACTOR, KRONFLUENCE_MODES, kronfluence_concept_scores, ours_fit_and_score
-from .smallmodel import train_model
 from .speed_setup import STAGES_A, SpeedConfig, llama_speed_adapter, prepare_speed_data, tl_speed_adapter
 
 __all__ = ["peak_memory", "memory_stage", "measure_peak", "run_child"]

@@ -15,8 +15,8 @@ from ..activations import collect_activations
 from ..concepts import ConceptFunction
 from ..data import TokenizedExample, tokenize_examples
 from ..models import HFCausalLMAdapter, ModelAdapter
-from .demo_corpus import make_demo_corpus
-from .smallmodel import build_small_model, load_tokenizer, train_bpe_tokenizer, train_model
+from ..toy.demo_corpus import make_demo_corpus
+from ..toy.small_model import build_small_model, load_tokenizer, train_bpe_tokenizer, train_model
 
 __all__ = ["SpeedConfig", "STAGES_A", "SpeedData", "speed_concept", "count_tokens", "prepare_speed_data",
            "tl_speed_adapter", "llama_speed_adapter", "trained_speed_model", "map_names_by_module"]

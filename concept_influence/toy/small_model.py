@@ -1,5 +1,5 @@
-"""Small-model kit for demos, tests and benchmarks: a byte-level BPE tokenizer trained locally,
-a small TransformerLens model, and a deterministic training loop on chat data."""
+"""The small-model kit for the demo, the notebooks, the tests and the benchmarks: a byte-level BPE tokenizer trained
+locally, a small TransformerLens model, and a deterministic training loop on chat data."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ PAD = "<|pad|>"
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's and torch's random number generators."""
     random.seed(seed)
     torch.manual_seed(seed)
 
