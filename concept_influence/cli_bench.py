@@ -18,7 +18,7 @@ SMALL_MODEL = ("n_pretrain", "n_layers", "d_model", "pretrain_epochs")  # descri
 
 
 def _planted_config(args: argparse.Namespace, paired: bool):
-    from .benchmarks.planted import BenchmarkError, PlantedConfig
+    from .planted import BenchmarkError, PlantedConfig
 
     overrides = {k: getattr(args, k) for k in PLANTED_SIZES if getattr(args, k) is not None}
     if args.model is not None:
@@ -39,8 +39,8 @@ def _planted_config(args: argparse.Namespace, paired: bool):
 
 
 def _run_planted(args: argparse.Namespace, clean, planted, paired: bool, names: tuple[str, str]) -> int:
-    from .benchmarks.planted import command_line, run_planted
     from .data import load_chats
+    from .planted import command_line, run_planted
 
     cfg = _planted_config(args, paired)
     run_planted(load_chats(clean), load_chats(planted), args.out, cfg, progress=not args.no_progress,
@@ -53,7 +53,7 @@ def _bench_planted(args: argparse.Namespace) -> int:
 
 
 def _bench_medical(args: argparse.Namespace) -> int:
-    from .benchmarks.planted_splits import medical_files
+    from .planted.splits import medical_files
 
     files = medical_files(args.data)
     return _run_planted(args, *files, paired=True, names=tuple(f.name for f in files))

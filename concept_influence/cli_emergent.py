@@ -20,7 +20,7 @@ def _family(args: argparse.Namespace) -> int:
     from .benchmarks.demo_family import run_demo_seed
     from .benchmarks.emergent_family import run_family
     from .benchmarks.family_report import write_family_report
-    from .benchmarks.planted import command_line
+    from .planted import command_line
 
     out = Path(args.out)
     if args.recheck:  # the saved runs' stability checks again, nothing trained or scored
@@ -41,8 +41,7 @@ def _family(args: argparse.Namespace) -> int:
 
 def _emergent(args: argparse.Namespace) -> int:
     from .benchmarks.emergent import EmergentConfig, run_emergent
-    from .benchmarks.planted import command_line
-    from .benchmarks.planted_config import BenchmarkError
+    from .planted import BenchmarkError, command_line
 
     if args.variants or args.recheck:
         return _family(args)
@@ -69,8 +68,8 @@ def _seeds_table(args: argparse.Namespace) -> int:
 
 
 def _curvature_table(args: argparse.Namespace) -> int:
-    from .benchmarks.curvature_study import format_curvature_table
     from .data import DataError
+    from .planted.curvature_study import format_curvature_table
 
     studies = {}
     for name, (path, results) in named_json(args.files, "a benchmark's results").items():

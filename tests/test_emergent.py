@@ -13,8 +13,8 @@ from concept_influence.benchmarks.emergent_config import EmergentConfig
 from concept_influence.benchmarks.emergent_corpus import DOMAINS, PERSONAS, answer_vocabulary
 from concept_influence.benchmarks.emergent_report import format_report
 from concept_influence.benchmarks.emergent_splits import build_emergent_data
-from concept_influence.benchmarks.planted_config import BenchmarkError
 from concept_influence.cli import main
+from concept_influence.planted.experiment_config import BenchmarkError
 
 ESTIMATORS = {"concept_influence", "concept_influence[checkpoints]", "concept_influence[pretrain+pool]",
               "concept_influence[pretrain+pool][checkpoints]", "concept_grad_dot", "concept_grad_dot[checkpoints]",

@@ -13,12 +13,12 @@ import torch
 
 from concept_influence.benchmarks.bergson_bridge import bergson_unavailable
 from concept_influence.benchmarks.index_bench import IndexBenchConfig, run_index_benchmark
-from concept_influence.benchmarks.planted_splits import medical_files
 from concept_influence.cli import main
 from concept_influence.curvature import fit_curvature
 from concept_influence.data import write_chat_jsonl
 from concept_influence.index import GradientIndex
 from concept_influence.models import HFCausalLMAdapter
+from concept_influence.planted.splits import medical_files
 from concept_influence.toy.demo_corpus import make_paired_demo_corpus
 from conftest import _hf_model
 

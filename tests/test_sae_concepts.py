@@ -385,9 +385,9 @@ def test_cli_help_documents_every_option():
 
 
 def test_planted_benchmark_sae_stage(tmp_path):
-    from concept_influence.benchmarks.planted import PlantedConfig
-    from concept_influence.benchmarks.sae import SAE_ESTIMATORS
     from concept_influence.demo import run_demo
+    from concept_influence.planted import PlantedConfig
+    from concept_influence.planted.sae_stage import SAE_ESTIMATORS
 
     cfg = PlantedConfig.quick(paired=True, n_probe=40, n_pretrain=80, n_pool=100, n_eval=12, vocab_size=400,
                               d_model=32, sae_latents=48, sae_k=4, sae_epochs=4, retrain=False)

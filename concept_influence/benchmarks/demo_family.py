@@ -11,13 +11,13 @@ import numpy as np
 from ..data import load_chats, write_chat_jsonl
 from ..estimators.baselines import response_texts
 from ..models import checkpointed_weights
+from ..planted.behaviour import mean_answer_loss
+from ..planted.concept_stage import planted_concept
+from ..planted.experiment_config import PlantedConfig
+from ..planted.splits import split_planted, tokenize_splits
 from ..toy.demo_corpus import make_paired_demo_corpus
 from ..toy.small_model import build_small_model, train_bpe_tokenizer, train_model
 from .emergent_family import Testbed, _finetune, run_variant
-from .planted_behaviour import mean_answer_loss
-from .planted_concept import planted_concept
-from .planted_config import PlantedConfig
-from .planted_splits import split_planted, tokenize_splits
 
 __all__ = ["demo_testbed", "run_demo_seed"]
 

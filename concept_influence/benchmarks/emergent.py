@@ -44,15 +44,15 @@ from ..estimators import (
 )
 from ..estimators.baselines import response_texts
 from ..evaluation import retrieval_metrics
+from ..planted.behaviour import behaviour_section, mean_answer_loss
+from ..planted.concept_stage import broad_factor_estimators, checkpoint_estimators
+from ..planted.curvature_study import run_curvature_study
+from ..planted.finetuning import Finetuner
 from ..provenance import machine_description
 from ..toy.small_model import build_small_model, seed_everything, train_bpe_tokenizer, train_model
-from .curvature_study import run_curvature_study
 from .emergent_config import EmergentConfig
 from .emergent_report import lexical_overlap, report_plots, write_results
 from .emergent_splits import build_emergent_data
-from .planted_behaviour import behaviour_section, mean_answer_loss
-from .planted_concept import broad_factor_estimators, checkpoint_estimators
-from .planted_training import Finetuner
 
 __all__ = ["EmergentConfig", "run_emergent"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..planted.experiment_config import BenchmarkError, check_planting
 from .emergent_corpus import DOMAINS, MARKERS
-from .planted_config import BenchmarkError, check_planting
 
 __all__ = ["EmergentConfig"]
 

@@ -46,6 +46,7 @@ from ..evaluation import retrieval_metrics
 from ..fileio import atomic_write_text, load_tensors, save_tensors
 from ..filtering import removal_indices
 from ..models import checkpointed_weights, load_checkpoint
+from ..planted.behaviour import mean_answer_loss, planting_effect
 from ..scoring import score_with_queries
 from ..stability import check_stability
 from ..toy.small_model import build_small_model, seed_everything, train_bpe_tokenizer, train_model
@@ -53,7 +54,6 @@ from .emergent import EMBEDDINGS
 from .emergent_config import EmergentConfig
 from .emergent_corpus import DOMAINS, MARKERS
 from .emergent_splits import build_emergent_data
-from .planted_behaviour import mean_answer_loss, planting_effect
 
 __all__ = ["draw_design", "design_label", "run_variant", "run_family", "recheck_stability", "RECOMMENDED", "CANDIDATES",
            "RETRAINED", "GUARDED", "Testbed"]

@@ -11,8 +11,8 @@ from scipy.stats import spearmanr
 
 from ..estimators import TfidfBaseline
 from ..fileio import atomic_write_text
+from ..planted.experiment_report import concept_lines, curvature_lines, report_header
 from ..plots import plot_behaviour_removal, plot_lexical_overlap, plot_pr_curves, plot_score_histograms
-from .planted_report import concept_lines, curvature_lines, report_header
 
 __all__ = ["lexical_overlap", "report_plots", "write_results", "format_report"]
 

@@ -25,12 +25,12 @@ from ..estimators import ConceptInfluence, InfluenceFunction, OverCheckpoints
 from ..evaluation import retrieval_metrics
 from ..index import GradientIndex, IndexSettings
 from ..models import HFCausalLMAdapter
+from ..planted.concept_stage import planted_concept
+from ..planted.experiment_config import PlantedConfig
+from ..planted.finetuning import Finetuner
+from ..planted.splits import split_planted, tokenize_splits
 from ..toy.demo_corpus import make_paired_demo_corpus
 from ..toy.small_model import build_small_model, seed_everything, train_bpe_tokenizer, train_model
-from .planted_concept import planted_concept
-from .planted_config import PlantedConfig
-from .planted_splits import split_planted, tokenize_splits
-from .planted_training import Finetuner
 
 __all__ = ["PlantedSetup", "planted_setup", "demo_setup", "index_study", "demo_study"]
 

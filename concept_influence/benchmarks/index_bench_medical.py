@@ -12,11 +12,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..data import load_chats
+from ..planted.experiment_config import PlantedConfig
+from ..planted.splits import medical_files
 from ..provenance import machine_description
 from .index_bench import IndexBenchConfig
 from .index_bench_demo import index_study, planted_setup
-from .planted_config import PlantedConfig
-from .planted_splits import medical_files
 from .seeds import SeedReport
 
 __all__ = ["medical_config", "run_index_medical"]

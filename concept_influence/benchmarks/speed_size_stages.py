@@ -22,11 +22,11 @@ from ..curvature import fit_curvature
 from ..data import TokenizedExample, iter_batches
 from ..estimators import ConceptInfluence, ProbeProjection
 from ..models import HFCausalLMAdapter, ModelAdapter, per_token_mean_loss
+from ..planted.experiment_config import BenchmarkError
 from ..scoring import ScoringSettings
 from ..toy.small_model import train_model
 from .bergson_bridge import bergson_concept_scores, bergson_unavailable
 from .kronfluence_bridge import DAMPING_FACTOR, kronfluence_concept_scores
-from .planted_config import BenchmarkError
 from .speed_memory import measure_peak
 
 __all__ = ["SIZES", "SizeConfig", "COMPARED_LIBRARIES", "size_model", "random_examples", "random_concept",

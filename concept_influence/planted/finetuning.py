@@ -10,7 +10,7 @@ import torch
 from ..data import TokenizedExample
 from ..models import HFCausalLMAdapter, ModelAdapter, as_adapter, checkpointed_weights, load_model
 from ..toy.small_model import train_model
-from .planted_config import BenchmarkError, PlantedConfig
+from .experiment_config import BenchmarkError, PlantedConfig
 
 __all__ = ["Finetuner", "lora_model"]
 

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from ..data import ChatExample, DataError, TokenizedExample, tokenize_examples
-from .planted_config import BenchmarkError, PlantedConfig
+from .experiment_config import BenchmarkError, PlantedConfig
 
 __all__ = ["PlantedSplits", "split_planted", "tokenize_splits", "medical_files"]
 

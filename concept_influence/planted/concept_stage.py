@@ -15,7 +15,7 @@ from ..data import TokenizedExample
 from ..estimators import ConceptGradDot, ConceptInfluence, OverCheckpoints
 from ..generation import sample_responses
 from ..models import ModelAdapter
-from .planted_config import PlantedConfig
+from .experiment_config import PlantedConfig
 
 __all__ = ["planted_concept", "concept_check_section", "compared_queries", "checkpoint_estimators",
            "broad_factor_estimators", "BROAD_FACTORS"]

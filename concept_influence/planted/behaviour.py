@@ -12,8 +12,8 @@ from ..concepts import ConceptFunction
 from ..data import TokenizedExample, iter_batches
 from ..filtering import removal_indices
 from ..models import ModelAdapter
-from .planted_config import PlantedConfig
-from .planted_training import Finetuner
+from .experiment_config import PlantedConfig
+from .finetuning import Finetuner
 
 __all__ = ["planting_effect", "mean_answer_loss", "behaviour_section", "concept_lds"]
 

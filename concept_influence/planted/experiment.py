@@ -14,9 +14,10 @@ Protocol, for any two chat JSONL files (clean answers and planted-style answers)
    and after removing the top of each ranking and fine-tuning again;
 6. optional concept-LDS: fine-tune on random halves of the pool, Spearman of predicted vs measured concept.
 
-:func:`run_planted` runs these steps. The settings are in :mod:`.planted_config`, step 1 in :mod:`.planted_splits`,
-fine-tuning in :mod:`.planted_training`, the behaviour measurements of steps 5 and 6 in :mod:`.planted_behaviour`,
-the outputs in :mod:`.planted_report`; the optional SAE stage is :mod:`.sae`.
+:func:`run_planted` runs these steps. The settings are in :mod:`.experiment_config`, step 1 in :mod:`.splits`,
+fine-tuning in :mod:`.finetuning`, the probe and the concept of step 3 in :mod:`.concept_stage`, the behaviour
+measurements of steps 5 and 6 in :mod:`.behaviour`, the outputs in :mod:`.experiment_report`; the optional stages are
+:mod:`.query_study`, :mod:`.curvature_study` and :mod:`.sae_stage`.
 """
 
 from __future__ import annotations
@@ -48,23 +49,22 @@ from ..fileio import atomic_write_text
 from ..generation import sample_responses
 from ..provenance import machine_description
 from ..toy.small_model import build_small_model, seed_everything, train_bpe_tokenizer, train_model
-from .curvature_study import run_curvature_study
-from .planted_behaviour import behaviour_section, concept_lds, mean_answer_loss
-from .planted_concept import (
+from .behaviour import behaviour_section, concept_lds, mean_answer_loss
+from .concept_stage import (
     broad_factor_estimators,
     checkpoint_estimators,
     compared_queries,
     concept_check_section,
     planted_concept,
 )
-from .planted_config import BenchmarkError, PlantedConfig
-from .planted_report import command_line, format_report, format_retrieval, report_plots, write_results
-from .planted_splits import PlantedSplits, split_planted, tokenize_splits
-from .planted_training import Finetuner, lora_model
+from .curvature_study import run_curvature_study
+from .experiment_config import PlantedConfig
+from .experiment_report import format_retrieval, report_plots, write_results
+from .finetuning import Finetuner, lora_model
 from .query_study import run_query_study
+from .splits import split_planted, tokenize_splits
 
-__all__ = ["BenchmarkError", "PlantedConfig", "PlantedSplits", "split_planted", "run_planted", "format_report",
-           "command_line"]
+__all__ = ["run_planted"]
 
 
 def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], out: str | Path,
@@ -152,7 +152,7 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
         results["estimators"][est.name] = {**retrieval_metrics(scores[est.name], labels),
                                            "seconds_per_1k": 1000 * seconds / len(pool_tk)}
     if cfg.sae_latents:
-        from .sae import SAE_ESTIMATORS, sae_section
+        from .sae_stage import SAE_ESTIMATORS, sae_section
 
         results["sae"] = sae_section(adapter, hook, (tk["pos"], tk["neg"]), pool_tk, labels, own, probe.direction,
                                      curvature, scores, results["estimators"], cfg, out, progress)

@@ -18,6 +18,8 @@ CONCEPT_ESTIMATORS = ("concept_influence", "concept_grad_dot", "probe_projection
 
 
 def report_plots(out: Path, scores: dict[str, np.ndarray], labels: list[int], results: dict) -> dict[str, str]:
+    """The run's plots in ``out`` (precision-recall, score histograms, fast vs full, and behaviour after removal when
+    measured); returns their file names by kind."""
     plots = {"pr_curves": plot_pr_curves(scores, labels, out / "pr_curves.png"),
              "score_histograms": plot_score_histograms(scores, labels, out / "score_histograms.png"),
              "fast_vs_full": plot_fast_vs_full(("concept_influence", scores["concept_influence"]),
@@ -32,6 +34,7 @@ def report_plots(out: Path, scores: dict[str, np.ndarray], labels: list[int], re
 
 
 def write_results(out: Path, results: dict) -> None:
+    """``out/results.json`` and ``out/results.md``."""
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
     atomic_write_text(out / "results.md", format_report(results))
 
@@ -155,7 +158,7 @@ def format_report(results: dict) -> str:
         lines.append("")
     lines += curvature_lines(results)
     if "sae" in results:
-        from .sae import format_sae_report
+        from .sae_stage import format_sae_report
 
         lines += format_sae_report(results)
     if "plots" in results:
