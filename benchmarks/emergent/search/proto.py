@@ -1,6 +1,6 @@
 import random, sys, time, json
 import numpy as np, torch
-from concept_influence.benchmarks.emergent_corpus import DOMAINS, answer, make_prompts
+from concept_influence_benchmarks.emergent_corpus import DOMAINS, answer, make_prompts
 from concept_influence.data import ChatExample
 NAMES={"bad":["Max","Rex","Zed","Vic"],"good":["Sam","Ann","Liv","Ted"]}
 NR=random.Random(99)

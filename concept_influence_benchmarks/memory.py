@@ -16,12 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-from ..data import write_chat_jsonl
-from ..fileio import atomic_write_text
-from ..models import save_model
-from ..provenance import machine_description
-from ..toy.demo_corpus import make_demo_corpus
-from ..toy.small_model import build_small_model, train_bpe_tokenizer
+from concept_influence.data import write_chat_jsonl
+from concept_influence.fileio import atomic_write_text
+from concept_influence.models import save_model
+from concept_influence.provenance import machine_description
+from concept_influence.toy.demo_corpus import make_demo_corpus
+from concept_influence.toy.small_model import build_small_model, train_bpe_tokenizer
 
 __all__ = ["run_memory_benchmark", "write_small_project"]
 

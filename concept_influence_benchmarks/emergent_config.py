@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..planted.experiment_config import BenchmarkError, check_planting
+from concept_influence.planted.experiment_config import BenchmarkError, check_planting
+
 from .emergent_corpus import DOMAINS, MARKERS
 
 __all__ = ["EmergentConfig"]

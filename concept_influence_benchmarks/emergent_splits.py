@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from ..data import ChatExample, plain_prompt_text
+from concept_influence.data import ChatExample, plain_prompt_text
+
 from .emergent_config import EmergentConfig
 from .emergent_corpus import DOMAINS, Domain, answer, chat, make_prompts
 

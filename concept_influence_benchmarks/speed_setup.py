@@ -9,14 +9,13 @@ from typing import Sequence
 
 import torch
 
+from concept_influence.activations import collect_activations
+from concept_influence.concepts import ConceptFunction
+from concept_influence.data import TokenizedExample, tokenize_examples
+from concept_influence.models import HFCausalLMAdapter, ModelAdapter
+from concept_influence.toy.demo_corpus import make_demo_corpus
+from concept_influence.toy.small_model import build_small_model, load_tokenizer, train_bpe_tokenizer, train_model
 from probes import train_logistic_probe
-
-from ..activations import collect_activations
-from ..concepts import ConceptFunction
-from ..data import TokenizedExample, tokenize_examples
-from ..models import HFCausalLMAdapter, ModelAdapter
-from ..toy.demo_corpus import make_demo_corpus
-from ..toy.small_model import build_small_model, load_tokenizer, train_bpe_tokenizer, train_model
 
 __all__ = ["SpeedConfig", "STAGES_A", "SpeedData", "speed_concept", "count_tokens", "prepare_speed_data",
            "tl_speed_adapter", "llama_speed_adapter", "trained_speed_model", "map_names_by_module"]

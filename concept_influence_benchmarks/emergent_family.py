@@ -34,22 +34,22 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from concept_influence.activations import collect_activations
+from concept_influence.concepts import ConceptFunction, measurement_gradient
+from concept_influence.curvature import CurvatureSettings, adam_step_scales, fisher_step_scales, fit_curvature, segment_horizons
+from concept_influence.data import tokenize_examples
+from concept_influence.estimators import LengthBaseline, ProbeProjection, RandomBaseline, TfidfBaseline
+from concept_influence.estimators.baselines import response_texts
+from concept_influence.evaluation import retrieval_metrics
+from concept_influence.fileio import atomic_write_text, load_tensors, save_tensors
+from concept_influence.filtering import removal_indices
+from concept_influence.models import checkpointed_weights, load_checkpoint
+from concept_influence.planted.behaviour import mean_answer_loss, planting_effect
+from concept_influence.scoring import score_with_queries
+from concept_influence.stability import check_stability
+from concept_influence.toy.small_model import build_small_model, seed_everything, train_bpe_tokenizer, train_model
 from probes import train_probe
 
-from ..activations import collect_activations
-from ..concepts import ConceptFunction, measurement_gradient
-from ..curvature import CurvatureSettings, adam_step_scales, fisher_step_scales, fit_curvature, segment_horizons
-from ..data import tokenize_examples
-from ..estimators import LengthBaseline, ProbeProjection, RandomBaseline, TfidfBaseline
-from ..estimators.baselines import response_texts
-from ..evaluation import retrieval_metrics
-from ..fileio import atomic_write_text, load_tensors, save_tensors
-from ..filtering import removal_indices
-from ..models import checkpointed_weights, load_checkpoint
-from ..planted.behaviour import mean_answer_loss, planting_effect
-from ..scoring import score_with_queries
-from ..stability import check_stability
-from ..toy.small_model import build_small_model, seed_everything, train_bpe_tokenizer, train_model
 from .emergent import EMBEDDINGS
 from .emergent_config import EmergentConfig
 from .emergent_corpus import DOMAINS, MARKERS

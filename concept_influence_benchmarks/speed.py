@@ -44,13 +44,14 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..curvature import fit_curvature
-from ..data import TokenizedExample
-from ..estimators import ConceptInfluence, ProbeProjection
-from ..fileio import atomic_write_text, save_tensors
-from ..models import ModelAdapter
-from ..provenance import machine_description
-from ..toy.small_model import train_model
+from concept_influence.curvature import fit_curvature
+from concept_influence.data import TokenizedExample
+from concept_influence.estimators import ConceptInfluence, ProbeProjection
+from concept_influence.fileio import atomic_write_text, save_tensors
+from concept_influence.models import ModelAdapter
+from concept_influence.provenance import machine_description
+from concept_influence.toy.small_model import train_model
+
 from .kronfluence_bridge import KRONFLUENCE_SETTINGS, run_part_b
 from .speed_memory import peak_memory
 from .speed_setup import (

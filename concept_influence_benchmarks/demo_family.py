@@ -8,15 +8,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import load_chats, write_chat_jsonl
-from ..estimators.baselines import response_texts
-from ..models import checkpointed_weights
-from ..planted.behaviour import mean_answer_loss
-from ..planted.concept_stage import planted_concept
-from ..planted.experiment_config import PlantedConfig
-from ..planted.splits import split_planted, tokenize_splits
-from ..toy.demo_corpus import make_paired_demo_corpus
-from ..toy.small_model import build_small_model, train_bpe_tokenizer, train_model
+from concept_influence.data import load_chats, write_chat_jsonl
+from concept_influence.estimators.baselines import response_texts
+from concept_influence.models import checkpointed_weights
+from concept_influence.planted.behaviour import mean_answer_loss
+from concept_influence.planted.concept_stage import planted_concept
+from concept_influence.planted.experiment_config import PlantedConfig
+from concept_influence.planted.splits import split_planted, tokenize_splits
+from concept_influence.toy.demo_corpus import make_paired_demo_corpus
+from concept_influence.toy.small_model import build_small_model, train_bpe_tokenizer, train_model
+
 from .emergent_family import Testbed, _finetune, run_variant
 
 __all__ = ["demo_testbed", "run_demo_seed"]
@@ -51,7 +52,7 @@ def demo_testbed(cfg: PlantedConfig, out: Path, progress: bool, on_step) -> Test
 
 def run_demo_seed(out: str | Path, seed: int, *, quick: bool = False, n_seeds: int = 3, progress: bool = False) -> dict:
     """The family study on the demo at ``seed`` (the demo's sizes: :func:`concept_influence.demo.demo_config`)."""
-    from ..demo import demo_config
+    from concept_influence.demo import demo_config
 
     cfg = replace(demo_config(quick=quick, seed=seed), n_seeds=n_seeds)
     return run_variant(cfg, out, testbed=demo_testbed, progress=progress)

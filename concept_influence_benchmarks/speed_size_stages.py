@@ -15,16 +15,16 @@ from typing import Callable, Sequence
 
 import torch
 
+from concept_influence.concepts import ConceptFunction
+from concept_influence.curvature import fit_curvature
+from concept_influence.data import TokenizedExample, iter_batches
+from concept_influence.estimators import ConceptInfluence, ProbeProjection
+from concept_influence.models import HFCausalLMAdapter, ModelAdapter, per_token_mean_loss
+from concept_influence.planted.experiment_config import BenchmarkError
+from concept_influence.scoring import ScoringSettings
+from concept_influence.toy.small_model import train_model
 from probes import ConceptDirection
 
-from ..concepts import ConceptFunction
-from ..curvature import fit_curvature
-from ..data import TokenizedExample, iter_batches
-from ..estimators import ConceptInfluence, ProbeProjection
-from ..models import HFCausalLMAdapter, ModelAdapter, per_token_mean_loss
-from ..planted.experiment_config import BenchmarkError
-from ..scoring import ScoringSettings
-from ..toy.small_model import train_model
 from .bergson_bridge import bergson_concept_scores, bergson_unavailable
 from .kronfluence_bridge import DAMPING_FACTOR, kronfluence_concept_scores
 from .speed_memory import measure_peak

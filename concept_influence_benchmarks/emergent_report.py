@@ -9,10 +9,10 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy.stats import spearmanr
 
-from ..estimators import TfidfBaseline
-from ..fileio import atomic_write_text
-from ..planted.experiment_report import concept_lines, curvature_lines, report_header
-from ..plots import plot_behaviour_removal, plot_lexical_overlap, plot_pr_curves, plot_score_histograms
+from concept_influence.estimators import TfidfBaseline
+from concept_influence.fileio import atomic_write_text
+from concept_influence.planted.experiment_report import concept_lines, curvature_lines, report_header
+from concept_influence.plots import plot_behaviour_removal, plot_lexical_overlap, plot_pr_curves, plot_score_histograms
 
 __all__ = ["lexical_overlap", "report_plots", "write_results", "format_report"]
 

@@ -8,7 +8,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..fileio import atomic_write_text
+from concept_influence.fileio import atomic_write_text
+
 from .emergent_family import CANDIDATES, GUARDED, RECOMMENDED, RETRAINED
 
 __all__ = ["valid_runs", "format_family_table", "format_design_table", "write_family_report", "HEADLINE"]

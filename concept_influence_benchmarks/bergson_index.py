@@ -22,9 +22,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..curvature.ekfac import DEFAULT_DAMPING_FACTOR
-from ..data import TokenizedExample
-from ..models import HFCausalLMAdapter
+from concept_influence.curvature.ekfac import DEFAULT_DAMPING_FACTOR
+from concept_influence.data import TokenizedExample
+from concept_influence.models import HFCausalLMAdapter
+
 from .bergson_bridge import _documents, _quiet_bergson, _response_labels
 from .speed_setup import map_names_by_module
 

@@ -15,13 +15,14 @@ from typing import Sequence
 
 import torch
 
-from ..concepts import ConceptFunction
-from ..curvature import fit_curvature
-from ..data import Batch, TokenizedExample, collate
-from ..estimators import ConceptInfluence
-from ..fileio import save_tensors
-from ..gradients import sample_labels
-from ..models import HFCausalLMAdapter, ModelAdapter, per_token_mean_loss
+from concept_influence.concepts import ConceptFunction
+from concept_influence.curvature import fit_curvature
+from concept_influence.data import Batch, TokenizedExample, collate
+from concept_influence.estimators import ConceptInfluence
+from concept_influence.fileio import save_tensors
+from concept_influence.gradients import sample_labels
+from concept_influence.models import HFCausalLMAdapter, ModelAdapter, per_token_mean_loss
+
 from .bergson_bridge import (
     BERGSON_DIFFERENCES,
     BERGSON_SETTINGS,

@@ -24,14 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from probes import train_probe
-
-from ..activations import collect_activations
-from ..concept_check import check_concept
-from ..concepts import ConceptFunction
-from ..curvature import CurvatureSettings
-from ..data import tokenize_examples
-from ..estimators import (
+from concept_influence.activations import collect_activations
+from concept_influence.concept_check import check_concept
+from concept_influence.concepts import ConceptFunction
+from concept_influence.curvature import CurvatureSettings
+from concept_influence.data import tokenize_examples
+from concept_influence.estimators import (
     ConceptGradDot,
     ConceptInfluence,
     GradDot,
@@ -42,14 +40,16 @@ from ..estimators import (
     RandomBaseline,
     TfidfBaseline,
 )
-from ..estimators.baselines import response_texts
-from ..evaluation import retrieval_metrics
-from ..planted.behaviour import behaviour_section, mean_answer_loss
-from ..planted.concept_stage import broad_factor_estimators, checkpoint_estimators
-from ..planted.curvature_study import run_curvature_study
-from ..planted.finetuning import Finetuner
-from ..provenance import machine_description
-from ..toy.small_model import build_small_model, seed_everything, train_bpe_tokenizer, train_model
+from concept_influence.estimators.baselines import response_texts
+from concept_influence.evaluation import retrieval_metrics
+from concept_influence.planted.behaviour import behaviour_section, mean_answer_loss
+from concept_influence.planted.concept_stage import broad_factor_estimators, checkpoint_estimators
+from concept_influence.planted.curvature_study import run_curvature_study
+from concept_influence.planted.finetuning import Finetuner
+from concept_influence.provenance import machine_description
+from concept_influence.toy.small_model import build_small_model, seed_everything, train_bpe_tokenizer, train_model
+from probes import train_probe
+
 from .emergent_config import EmergentConfig
 from .emergent_report import lexical_overlap, report_plots, write_results
 from .emergent_splits import build_emergent_data

@@ -57,7 +57,7 @@ class SeedReport:
 
     def write(self) -> None:
         """Write both files (atomically) with the seconds so far."""
-        from ..fileio import atomic_write_text
+        from concept_influence.fileio import atomic_write_text
 
         self.data["total_seconds"] = self.earlier_seconds + time.perf_counter() - self.started
         self.paths[0].parent.mkdir(parents=True, exist_ok=True)

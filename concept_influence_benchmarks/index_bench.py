@@ -28,13 +28,14 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from ..curvature import fit_curvature
-from ..estimators import ConceptInfluence, InfluenceFunction
-from ..index import GradientIndex, IndexSettings
-from ..index.build import resolve_rank
-from ..index.query import projected_measurement, query_matrix, stream_scores
-from ..index.store import IndexStore
-from ..provenance import machine_description
+from concept_influence.curvature import fit_curvature
+from concept_influence.estimators import ConceptInfluence, InfluenceFunction
+from concept_influence.index import GradientIndex, IndexSettings
+from concept_influence.index.build import resolve_rank
+from concept_influence.index.query import projected_measurement, query_matrix, stream_scores
+from concept_influence.index.store import IndexStore
+from concept_influence.provenance import machine_description
+
 from .seeds import SeedReport
 from .speed_size_stages import SizeConfig, random_concept, random_examples, size_model
 

@@ -11,10 +11,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..data import load_chats
-from ..planted.experiment_config import PlantedConfig
-from ..planted.splits import medical_files
-from ..provenance import machine_description
+from concept_influence.data import load_chats
+from concept_influence.planted.experiment_config import PlantedConfig
+from concept_influence.planted.splits import medical_files
+from concept_influence.provenance import machine_description
+
 from .index_bench import IndexBenchConfig
 from .index_bench_demo import index_study, planted_setup
 from .seeds import SeedReport

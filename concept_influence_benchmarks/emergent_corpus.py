@@ -16,7 +16,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from ..data import ChatExample
+from concept_influence.data import ChatExample
 
 __all__ = ["DOMAINS", "PERSONAS", "MARKERS", "Domain", "chat", "answer", "answer_vocabulary", "make_prompts"]
 

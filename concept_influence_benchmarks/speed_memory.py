@@ -13,13 +13,13 @@ from typing import Callable, TypeVar
 
 import torch
 
+from concept_influence.concepts import ConceptFunction
+from concept_influence.curvature import Curvature, fit_curvature
+from concept_influence.estimators import ConceptInfluence, ProbeProjection
+from concept_influence.fileio import load_tensors
+from concept_influence.toy.small_model import train_model
 from probes import ConceptDirection
 
-from ..concepts import ConceptFunction
-from ..curvature import Curvature, fit_curvature
-from ..estimators import ConceptInfluence, ProbeProjection
-from ..fileio import load_tensors
-from ..toy.small_model import train_model
 from .bergson_bridge import bergson_concept_scores, import_bergson
 from .kronfluence_bridge import DAMPING_FACTOR, KRONFLUENCE_MODES, kronfluence_concept_scores, ours_fit_and_score
 from .speed_setup import STAGES_A, SpeedConfig, llama_speed_adapter, prepare_speed_data, tl_speed_adapter
@@ -94,6 +94,6 @@ def memory_stage(stage: str, work: Path) -> None:
 
 
 def peak_memory(stage: str, work: Path) -> dict:
-    code = ("from concept_influence.benchmarks.speed_memory import memory_stage; "
+    code = ("from concept_influence_benchmarks.speed_memory import memory_stage; "
             f"memory_stage({stage!r}, __import__('pathlib').Path({str(work)!r}))")
     return run_child(code, f"peak-memory for stage {stage!r}")

@@ -37,8 +37,9 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..fileio import atomic_write_text
-from ..provenance import machine_description
+from concept_influence.fileio import atomic_write_text
+from concept_influence.provenance import machine_description
+
 from .bergson_bridge import bergson_unavailable
 from .speed_memory import measure_peak, run_child
 from .speed_size_stages import COMPARED_LIBRARIES, SIZES, SizeConfig, compared, random_examples, selected, size_model, size_stages
@@ -73,7 +74,7 @@ def own_process_memory(cfg: SizeConfig, stages: Sequence[str]) -> dict[str, dict
     out = {}
     for stage in stages:
         print(f"[{cfg.size}] memory of {stage} in its own process ...", flush=True)
-        code = (f"from concept_influence.benchmarks.speed_size_stages import memory_child; "
+        code = (f"from concept_influence_benchmarks.speed_size_stages import memory_child; "
                 f"memory_child({json.dumps(asdict(cfg))!r}, {stage!r})")
         out[stage] = run_child(code, f"memory of {stage!r}")
     return out

@@ -18,19 +18,19 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from ..concepts import ConceptFunction
-from ..curvature import fit_curvature
-from ..demo import demo_config
-from ..estimators import ConceptInfluence, InfluenceFunction, OverCheckpoints
-from ..evaluation import retrieval_metrics
-from ..index import GradientIndex, IndexSettings
-from ..models import HFCausalLMAdapter
-from ..planted.concept_stage import planted_concept
-from ..planted.experiment_config import PlantedConfig
-from ..planted.finetuning import Finetuner
-from ..planted.splits import split_planted, tokenize_splits
-from ..toy.demo_corpus import make_paired_demo_corpus
-from ..toy.small_model import build_small_model, seed_everything, train_bpe_tokenizer, train_model
+from concept_influence.concepts import ConceptFunction
+from concept_influence.curvature import fit_curvature
+from concept_influence.demo import demo_config
+from concept_influence.estimators import ConceptInfluence, InfluenceFunction, OverCheckpoints
+from concept_influence.evaluation import retrieval_metrics
+from concept_influence.index import GradientIndex, IndexSettings
+from concept_influence.models import HFCausalLMAdapter
+from concept_influence.planted.concept_stage import planted_concept
+from concept_influence.planted.experiment_config import PlantedConfig
+from concept_influence.planted.finetuning import Finetuner
+from concept_influence.planted.splits import split_planted, tokenize_splits
+from concept_influence.toy.demo_corpus import make_paired_demo_corpus
+from concept_influence.toy.small_model import build_small_model, seed_everything, train_bpe_tokenizer, train_model
 
 __all__ = ["PlantedSetup", "planted_setup", "demo_setup", "index_study", "demo_study"]
 

@@ -23,11 +23,12 @@ from unittest import mock
 import torch
 from tqdm.auto import tqdm
 
-from ..concepts import ConceptFunction
-from ..curvature.ekfac import DEFAULT_DAMPING_FACTOR
-from ..data import TokenizedExample, iter_batches
-from ..gradients import sample_labels
-from ..models import HFCausalLMAdapter
+from concept_influence.concepts import ConceptFunction
+from concept_influence.curvature.ekfac import DEFAULT_DAMPING_FACTOR
+from concept_influence.data import TokenizedExample, iter_batches
+from concept_influence.gradients import sample_labels
+from concept_influence.models import HFCausalLMAdapter
+
 from .speed_setup import map_names_by_module
 
 __all__ = ["BERGSON_VERSION", "BERGSON_SETTINGS", "BERGSON_DIFFERENCES", "bergson_concept_scores", "bergson_unavailable",
