@@ -36,35 +36,11 @@ from concept_influence.index.query import projected_measurement, query_matrix, s
 from concept_influence.index.store import IndexStore
 from concept_influence.provenance import machine_description
 
+from .index_bench_config import IndexBenchConfig
 from .seeds import SeedReport
 from .speed_size_stages import SizeConfig, random_concept, random_examples, size_model
 
 __all__ = ["IndexBenchConfig", "run_index_benchmark"]
-
-
-@dataclass
-class IndexBenchConfig:
-    """What the index benchmark measures; the defaults are the committed run (one torch thread)."""
-
-    size: str = "gpt2-small"
-    n_examples: int = 48
-    seq_len: int = 128
-    concept_layer: int = 3
-    n_concepts: int = 4
-    n_eval: int = 8
-    n_test: int = 4
-    many: int = 100
-    rows: tuple[int, ...] = (10_000, 100_000)
-    seeds: int = 5
-    ranks: tuple[int, ...] = (4, 8, 16, 32)
-    budget: int = 65536
-    bergson: bool = True
-    quick: bool = False
-
-    def __post_init__(self):
-        if self.quick:
-            self.size, self.n_examples, self.seq_len, self.concept_layer = "tiny", 16, 32, 1
-            self.many, self.rows, self.seeds, self.ranks, self.budget = 10, (2000,), 1, (4,), 4096
 
 
 class _BlocksInfluence(InfluenceFunction):

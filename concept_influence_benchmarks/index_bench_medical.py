@@ -16,7 +16,7 @@ from concept_influence.planted.experiment_config import PlantedConfig
 from concept_influence.planted.splits import medical_files
 from concept_influence.provenance import machine_description
 
-from .index_bench import IndexBenchConfig
+from .index_bench_config import IndexBenchConfig
 from .index_bench_demo import index_study, planted_setup
 from .seeds import SeedReport
 

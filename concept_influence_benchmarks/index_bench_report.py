@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .index_bench import IndexBenchConfig
+from .index_bench_config import IndexBenchConfig
 from .index_bench_demo import median_rows
 from .seeds import seed_statistics
 
