@@ -27,7 +27,7 @@ def _family(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if args.recheck:  # the saved runs' stability checks again, nothing trained or scored
-        from concept_influence_benchmarks.emergent_family import recheck_stability
+        from concept_influence_benchmarks.family_stability import recheck_stability
 
         for folder in sorted(p.parent for p in out.glob("*/scores.safetensors")):
             recheck_stability(folder)

@@ -10,7 +10,8 @@ import numpy as np
 
 from concept_influence.fileio import atomic_write_text
 
-from .emergent_family import CANDIDATES, GUARDED, RECOMMENDED, RETRAINED
+from .emergent_family import RETRAINED
+from .family_stability import CANDIDATES, GUARDED, RECOMMENDED
 
 __all__ = ["valid_runs", "format_family_table", "format_design_table", "write_family_report", "HEADLINE"]
 
