@@ -48,7 +48,7 @@ class EmergentConfig:
     seed: int = 0
     freeze_embeddings: bool = True  # fine-tunes train the blocks only (as a LoRA fine-tune would), not the embeddings
     over_checkpoints: bool = True  # also the concept estimators summed over the pre-trained and the fine-tuned model
-    curvature_study: bool = True  # also score every preconditioning variant (benchmarks/curvature_study.py)
+    curvature_study: bool = True  # also score every preconditioning variant (concept_influence/planted/curvature_study.py)
     retrain: bool = True
     paired: bool = True  # the behaviour is a paired log-prob gap (read by the shared behaviour code)
 

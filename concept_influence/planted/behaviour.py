@@ -33,6 +33,7 @@ def planting_effect(clean: Sequence[float], planted: Sequence[float]) -> dict:
 
 @torch.no_grad()
 def mean_answer_loss(adapter: ModelAdapter, examples: Sequence[TokenizedExample], batch_size: int) -> np.ndarray:
+    """Each example's mean per-token loss on its response (float64), in the examples' order."""
     return np.concatenate([adapter.per_example_loss(b).double().cpu().numpy()
                            for b in iter_batches(examples, batch_size, adapter.pad_token_id)])
 
