@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from concept_influence.benchmarks.emergent_config import EmergentConfig
-from concept_influence.benchmarks.emergent_splits import build_emergent_data
 from concept_influence.evaluation import retrieval_metrics
 from concept_influence.scores import Scores
+from concept_influence_benchmarks.emergent_config import EmergentConfig
+from concept_influence_benchmarks.emergent_splits import build_emergent_data
 
 PAIRS = {"fine-tuned (pool factors)": ("concept_influence", "concept_influence[checkpoints]"),
          "fine-tuned (pre-train + pool factors)": ("concept_influence[pretrain+pool]",

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from concept_influence.benchmarks.emergent_config import EmergentConfig
-from concept_influence.benchmarks.emergent_family import RECOMMENDED
-from concept_influence.benchmarks.emergent_splits import build_emergent_data
 from concept_influence.fileio import load_tensors, save_tensors
 from concept_influence.plots import save_figure, subplots
+from concept_influence_benchmarks.emergent_config import EmergentConfig
+from concept_influence_benchmarks.emergent_splits import build_emergent_data
+from concept_influence_benchmarks.family_stability import RECOMMENDED
 
 OLD = "ekfac@0.1|pretrain+pool"
 UNROLLED = "unrolled[adam]x1|pretrain+pool"

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from concept_influence.benchmarks.index_bench import IndexBenchConfig, exact_at_shape, spearman_columns
 from concept_influence.index import GradientIndex, IndexSettings
 from concept_influence.provenance import machine_description
+from concept_influence_benchmarks.index_bench import IndexBenchConfig, exact_at_shape, spearman_columns
 
 EIGEN_RANKS = (34, 96, 192, 384, 768)
 RANDOM_RANKS = (34, 48)  # the random index's curvature is a dense [r², r²] matrix per map: 48² is the most that fits

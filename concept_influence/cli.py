@@ -27,8 +27,8 @@ WEAK_PROBE_HELP = ("go on with a probe whose held-out AUROC is below 0.6 (probe.
 def _demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .benchmarks.planted import command_line
     from .demo import demo_config, run_demo
+    from .planted import command_line
 
     cfg = replace(demo_config(args.quick, args.seed), **query_overrides(args))
     run_demo(args.out, cfg, progress=not args.no_progress, command=command_line())

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_common import EM_DATA, add_dtype_option
+from .cli_common import EM_DATA, add_dtype_option, needs_benchmarks
 from .cli_concept import add_query_options, query_overrides
 from .cli_sae import add_sae_benchmark_options, sae_benchmark_overrides
 
@@ -18,7 +18,7 @@ SMALL_MODEL = ("n_pretrain", "n_layers", "d_model", "pretrain_epochs")  # descri
 
 
 def _planted_config(args: argparse.Namespace, paired: bool):
-    from .benchmarks.planted import BenchmarkError, PlantedConfig
+    from .planted import BenchmarkError, PlantedConfig
 
     overrides = {k: getattr(args, k) for k in PLANTED_SIZES if getattr(args, k) is not None}
     if args.model is not None:
@@ -39,8 +39,8 @@ def _planted_config(args: argparse.Namespace, paired: bool):
 
 
 def _run_planted(args: argparse.Namespace, clean, planted, paired: bool, names: tuple[str, str]) -> int:
-    from .benchmarks.planted import command_line, run_planted
     from .data import load_chats
+    from .planted import command_line, run_planted
 
     cfg = _planted_config(args, paired)
     run_planted(load_chats(clean), load_chats(planted), args.out, cfg, progress=not args.no_progress,
@@ -53,7 +53,7 @@ def _bench_planted(args: argparse.Namespace) -> int:
 
 
 def _bench_medical(args: argparse.Namespace) -> int:
-    from .benchmarks.planted_splits import medical_files
+    from .planted.splits import medical_files
 
     files = medical_files(args.data)
     return _run_planted(args, *files, paired=True, names=tuple(f.name for f in files))
@@ -96,22 +96,24 @@ def _add_planted_options(p: argparse.ArgumentParser, default_rate: float | None)
     add_sae_benchmark_options(p)
 
 
+@needs_benchmarks
 def _bench_speed(args: argparse.Namespace) -> int:
     if args.size:
-        from .benchmarks.speed_sizes import SizeConfig, run_size_benchmark
+        from concept_influence_benchmarks.speed_sizes import SizeConfig, run_size_benchmark
 
         given = {key: value for key, value in (("n_examples", args.examples), ("rounds", args.rounds)) if value is not None}
         run_size_benchmark(args.out, SizeConfig(size=args.size, seed=args.seed, kronfluence=not args.no_kronfluence,
                                                 **given))
         return 0
-    from .benchmarks.speed import run_speed_benchmark
+    from concept_influence_benchmarks.speed import run_speed_benchmark
 
     run_speed_benchmark(args.out, quick=args.quick, seed=args.seed, kronfluence=not args.no_kronfluence)
     return 0
 
 
+@needs_benchmarks
 def _bench_memory(args: argparse.Namespace) -> int:
-    from .benchmarks.memory import run_memory_benchmark
+    from concept_influence_benchmarks.memory import run_memory_benchmark
 
     sizes = (200, 1000) if args.quick else (1000, 50000)
     run_memory_benchmark(args.out, sizes=sizes, threads=args.threads, seed=args.seed)

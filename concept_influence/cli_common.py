@@ -1,16 +1,19 @@
 """What the command-line modules (:mod:`.cli`, :mod:`.cli_concept`, :mod:`.cli_sae`, :mod:`.cli_bench`,
 :mod:`.cli_index`) share: the ``--dtype`` option, the medical data's default folder, reading chat files for a model,
-reading a scores file, parsing ``--latents``, and the ``bench ...-table`` commands that merge runs' JSON files into one
-markdown table. Importing it imports no torch."""
+reading a scores file, parsing ``--latents``, the ``bench ...-table`` commands that merge runs' JSON files into one
+markdown table, and the guard of the ``bench`` commands that need the benchmarks package. Importing it imports no
+torch."""
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import json
 from pathlib import Path
 
 __all__ = ["EM_DATA", "add_dtype_option", "read_examples", "read_scores", "latent_list", "named_json", "write_table",
-           "add_table_command"]
+           "add_table_command", "needs_benchmarks"]
 
 EM_DATA = "../shared/data/em"  # the default folder of the emergent-misalignment data (bench medical, bench index --part)
 
@@ -88,3 +91,21 @@ def add_table_command(bench, name: str, func, files: str, help: str, description
     p.add_argument("--out", required=True, help="markdown file to write")
     p.set_defaults(func=func, table_command=name)
     return p
+
+
+def needs_benchmarks(command):
+    """``command`` (a ``bench`` command that imports ``concept_influence_benchmarks``), first checking that the
+    benchmarks are installed: the wheel leaves them out, the dev extra's editable install has them. Where they are
+    missing, a :class:`~concept_influence.errors.ConceptInfluenceError` says so in one line."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        if importlib.util.find_spec("concept_influence_benchmarks") is None:
+            from .errors import ConceptInfluenceError
+
+            raise ConceptInfluenceError(
+                f"`concept-influence bench {args.benchmark}` needs the benchmarks, which the wheel leaves out: install "
+                'the dev extra from a clone of the repository (`pip install -e ".[dev]"`, or `make install`)')
+        return command(args)
+
+    return run

@@ -124,7 +124,7 @@ def _amount(text: str) -> float:
 
 
 def _query_table(args: argparse.Namespace) -> int:
-    from .benchmarks.query_study import format_query_table
+    from .planted.query_study import format_query_table
 
     studies, verdicts = {}, {}
     for name, (path, study) in named_json(args.files, "a query study").items():
@@ -141,8 +141,8 @@ def _query_table(args: argparse.Namespace) -> int:
 
 
 def _check_table(args: argparse.Namespace) -> int:
-    from .benchmarks.planted_report import format_check_table
     from .data import DataError
+    from .planted.experiment_report import format_check_table
 
     runs = {}
     for name, (path, results) in named_json(args.files, "a benchmark's results").items():

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_common import add_table_command, named_json, write_table
+from .cli_common import add_table_command, named_json, needs_benchmarks, write_table
 
 __all__ = ["add_emergent_commands"]
 
+# Spelled out so that building the parser needs no benchmarks package (tests check they equal its DOMAINS).
+DOMAINS = ("home", "health", "money", "code")
 SIZES = ("n_pool", "n_pretrain", "n_probe", "n_eval", "n_test", "n_seeds", "n_layers", "d_model", "pretrain_epochs",
          "finetune_epochs", "persona_share", "concept_domain", "finetune_lr", "lr_schedule")
 
@@ -17,14 +19,15 @@ def _family(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from .benchmarks.demo_family import run_demo_seed
-    from .benchmarks.emergent_family import run_family
-    from .benchmarks.family_report import write_family_report
-    from .benchmarks.planted import command_line
+    from concept_influence_benchmarks.demo_family import run_demo_seed
+    from concept_influence_benchmarks.emergent_family import run_family
+    from concept_influence_benchmarks.family_report import write_family_report
+
+    from .planted import command_line
 
     out = Path(args.out)
     if args.recheck:  # the saved runs' stability checks again, nothing trained or scored
-        from .benchmarks.emergent_family import recheck_stability
+        from concept_influence_benchmarks.family_stability import recheck_stability
 
         for folder in sorted(p.parent for p in out.glob("*/scores.safetensors")):
             recheck_stability(folder)
@@ -39,10 +42,11 @@ def _family(args: argparse.Namespace) -> int:
     return 0
 
 
+@needs_benchmarks
 def _emergent(args: argparse.Namespace) -> int:
-    from .benchmarks.emergent import EmergentConfig, run_emergent
-    from .benchmarks.planted import command_line
-    from .benchmarks.planted_config import BenchmarkError
+    from concept_influence_benchmarks.emergent import EmergentConfig, run_emergent
+
+    from .planted import BenchmarkError, command_line
 
     if args.variants or args.recheck:
         return _family(args)
@@ -59,8 +63,9 @@ def _emergent(args: argparse.Namespace) -> int:
     return 0
 
 
+@needs_benchmarks
 def _seeds_table(args: argparse.Namespace) -> int:
-    from .benchmarks.seeds import format_seeds_table
+    from concept_influence_benchmarks.seeds import format_seeds_table
 
     runs = {name: results for name, (_, results) in named_json(args.files, "a benchmark's results").items()}
     return write_table(args, args.title, "Each estimator over the runs (one per seed): the median, the worst run and the "
@@ -69,8 +74,8 @@ def _seeds_table(args: argparse.Namespace) -> int:
 
 
 def _curvature_table(args: argparse.Namespace) -> int:
-    from .benchmarks.curvature_study import format_curvature_table
     from .data import DataError
+    from .planted.curvature_study import format_curvature_table
 
     studies = {}
     for name, (path, results) in named_json(args.files, "a benchmark's results").items():
@@ -84,8 +89,6 @@ def _curvature_table(args: argparse.Namespace) -> int:
 
 def add_emergent_commands(bench) -> None:
     """``bench emergent``, ``bench seeds-table`` and ``bench curvature-table`` under the ``bench`` subcommands."""
-    from .benchmarks.emergent_corpus import DOMAINS
-
     domains = list(DOMAINS)
     p = bench.add_parser(
         "emergent", help="the emergent testbed: planted data and behaviour in domains that share no words",

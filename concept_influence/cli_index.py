@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli_common import EM_DATA
+from .cli_common import EM_DATA, needs_benchmarks
 
 __all__ = ["add_index_commands"]
 
@@ -107,13 +107,14 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
+@needs_benchmarks
 def _bench(args: argparse.Namespace) -> int:
-    from .benchmarks.index_bench import IndexBenchConfig, run_index_benchmark
+    from concept_influence_benchmarks.index_bench import IndexBenchConfig, run_index_benchmark
 
     given = {k: v for k, v in (("n_examples", args.examples), ("seeds", args.seeds)) if v is not None}
     cfg = IndexBenchConfig(size=args.size, quick=args.quick, bergson=not args.no_bergson, **given)
     if args.part == "medical":
-        from .benchmarks.index_bench_medical import run_index_medical
+        from concept_influence_benchmarks.index_bench_medical import run_index_medical
 
         run_index_medical(args.out, args.data, cfg)
     else:

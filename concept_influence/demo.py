@@ -1,7 +1,7 @@
 """The demo: the planted-data benchmark on the embedded corpus (no download).
 
 The corpus is written as two paired chat JSONL files (careful and reckless answers to the same prompts) and read
-back through the loader; then :func:`~concept_influence.benchmarks.planted.run_planted` pre-trains a small model
+back through the loader; then :func:`~concept_influence.planted.run_planted` pre-trains a small model
 on careful answers, fine-tunes it on a pool with a share of reckless answers planted, trains a probe, ranks the
 pool with every estimator and checks whether removing the top of each ranking removes the behaviour.
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .benchmarks.demo_corpus import make_paired_demo_corpus
-from .benchmarks.planted import PlantedConfig, run_planted
 from .data import load_chats, write_chat_jsonl
+from .planted import PlantedConfig, run_planted
+from .toy.demo_corpus import make_paired_demo_corpus
 
 __all__ = ["demo_config", "run_demo"]
 

@@ -13,9 +13,9 @@ import torch
 # Tiny models run fastest on one thread; on a busy 2-core machine two threads are many times slower.
 torch.set_num_threads(1)
 
-from concept_influence.benchmarks.smallmodel import build_small_model, train_bpe_tokenizer
 from concept_influence.data import ChatExample, tokenize_examples
 from concept_influence.models import HFCausalLMAdapter
+from concept_influence.toy.small_model import build_small_model, train_bpe_tokenizer
 
 WORDS = "hello there how are you fine thanks doctor water sleep rest careful quickly ignore safe risky".split()
 

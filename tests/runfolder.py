@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from concept_influence.benchmarks.memory import write_small_project
+from concept_influence_benchmarks.memory import write_small_project
 
 N_TRAIN = 100
 

@@ -12,16 +12,16 @@ import pytest
 import torch
 from test_planted import ESTIMATORS as PLANTED_ESTIMATORS
 
-from concept_influence.benchmarks.demo_corpus import make_paired_demo_corpus
-from concept_influence.benchmarks.planted_config import PlantedConfig
-from concept_influence.benchmarks.planted_training import Finetuner, lora_model
-from concept_influence.benchmarks.smallmodel import train_bpe_tokenizer
 from concept_influence.cli import main
 from concept_influence.concepts import ConceptFunction
 from concept_influence.data import tokenize_examples, write_chat_jsonl
 from concept_influence.estimators import ConceptInfluence
 from concept_influence.fileio import file_sha256
 from concept_influence.models import HFCausalLMAdapter, save_model
+from concept_influence.planted.experiment_config import PlantedConfig
+from concept_influence.planted.finetuning import Finetuner, lora_model
+from concept_influence.toy.demo_corpus import make_paired_demo_corpus
+from concept_influence.toy.small_model import train_bpe_tokenizer
 from probes import ConceptDirection
 
 pytest.importorskip("peft")

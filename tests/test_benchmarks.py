@@ -11,14 +11,14 @@ import torch
 from norms import assert_close_in_norm
 from scipy.stats import spearmanr
 
-from concept_influence.benchmarks import bergson_concept_scores, kronfluence_concept_scores, run_speed_benchmark
-from concept_influence.benchmarks.bergson_bridge import bergson_unavailable
-from concept_influence.benchmarks.kronfluence_bridge import run_part_b
-from concept_influence.benchmarks.speed import SpeedConfig, format_markdown
-from concept_influence.benchmarks.speed_setup import prepare_speed_data
 from concept_influence.concepts import ConceptFunction
 from concept_influence.estimators import ConceptInfluence
 from concept_influence.models import HFCausalLMAdapter
+from concept_influence_benchmarks import bergson_concept_scores, kronfluence_concept_scores, run_speed_benchmark
+from concept_influence_benchmarks.bergson_bridge import bergson_unavailable
+from concept_influence_benchmarks.kronfluence_bridge import run_part_b
+from concept_influence_benchmarks.speed import SpeedConfig, format_markdown
+from concept_influence_benchmarks.speed_setup import prepare_speed_data
 from conftest import _hf_model
 from probes import ConceptDirection
 
@@ -71,7 +71,7 @@ def test_size_benchmark_counts_flops_against_the_floor(tmp_path):
     low-rank scoring cheaper than full rank, kronfluence agreeing with ours for one and for several concepts, and the
     compared pipelines run once per round with their median reported (each stage's memory in its own process: the next
     test)."""
-    from concept_influence.benchmarks.speed_sizes import SizeConfig, run_size_benchmark
+    from concept_influence_benchmarks.speed_sizes import SizeConfig, run_size_benchmark
 
     cfg = SizeConfig(size="tiny", n_examples=8, seq_len=16, batch_size=4, concept_layer=1, n_eval=2, many_concepts=3,
                      query_rank=2, threads=1, rounds=2, memory_examples=0)
@@ -104,7 +104,7 @@ def test_size_benchmark_counts_flops_against_the_floor(tmp_path):
 def test_size_benchmark_runs_the_stages_asked_for(tmp_path):
     """``stages`` picks stages (the floor and the fit always run); one round and no library: no comparison lines; the
     compared stages selected (the fit) measured again alone in a fresh process."""
-    from concept_influence.benchmarks.speed_sizes import SizeConfig, run_size_benchmark
+    from concept_influence_benchmarks.speed_sizes import SizeConfig, run_size_benchmark
 
     cfg = SizeConfig(size="tiny", n_examples=4, seq_len=16, batch_size=4, concept_layer=1, n_eval=2, many_concepts=2,
                      threads=1, kronfluence=False, stages=("probe_projection",), rounds=1, memory_examples=4)

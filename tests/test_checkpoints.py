@@ -10,12 +10,12 @@ import torch
 from norms import assert_close_in_norm
 from test_estimators import explicit_concept_influence
 
-from concept_influence.benchmarks.curvature_study import run_curvature_study, variant_name
 from concept_influence.concepts import ConceptFunction
 from concept_influence.curvature import CurvatureSettings, fit_curvature
 from concept_influence.estimators import ConceptGradDot, ConceptInfluence, OverCheckpoints
 from concept_influence.fileio import save_tensors
 from concept_influence.models import ModelLoadError, as_adapter, load_checkpoint, save_model
+from concept_influence.planted.curvature_study import run_curvature_study, variant_name
 from concept_influence.scores import Scores
 from conftest import _hf_model
 from probes import ConceptDirection

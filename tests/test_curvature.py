@@ -10,7 +10,6 @@ import torch
 from norms import assert_close_in_norm
 from torch.func import functional_call, jacfwd, vmap
 
-from concept_influence.benchmarks.smallmodel import build_small_model
 from concept_influence.curvature import (
     Curvature,
     CurvatureError,
@@ -27,6 +26,7 @@ from concept_influence.curvature import (
 from concept_influence.data import TokenizedExample, collate, tokenize_examples
 from concept_influence.gradients import sample_labels
 from concept_influence.models import per_token_mean_loss
+from concept_influence.toy.small_model import build_small_model
 from conftest import make_chats
 
 

@@ -90,10 +90,10 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     import numpy as np
     import torch
 
-    from concept_influence.benchmarks.demo_corpus import make_demo_corpus
-    from concept_influence.benchmarks.smallmodel import build_small_model, train_bpe_tokenizer
     from concept_influence.data import write_chat_jsonl
     from concept_influence.models import save_model
+    from concept_influence.toy.demo_corpus import make_demo_corpus
+    from concept_influence.toy.small_model import build_small_model, train_bpe_tokenizer
 
     torch.set_num_threads(1)
     corpus = make_demo_corpus(n_train=24, n_probe=16, n_eval=4, seed=0)

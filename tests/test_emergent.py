@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
-from concept_influence.benchmarks.emergent import run_emergent
-from concept_influence.benchmarks.emergent_config import EmergentConfig
-from concept_influence.benchmarks.emergent_corpus import DOMAINS, PERSONAS, answer_vocabulary
-from concept_influence.benchmarks.emergent_report import format_report
-from concept_influence.benchmarks.emergent_splits import build_emergent_data
-from concept_influence.benchmarks.planted_config import BenchmarkError
 from concept_influence.cli import main
+from concept_influence.planted.experiment_config import BenchmarkError
+from concept_influence_benchmarks.emergent import run_emergent
+from concept_influence_benchmarks.emergent_config import EmergentConfig
+from concept_influence_benchmarks.emergent_corpus import DOMAINS, PERSONAS, answer_vocabulary
+from concept_influence_benchmarks.emergent_report import format_report
+from concept_influence_benchmarks.emergent_splits import build_emergent_data
 
 ESTIMATORS = {"concept_influence", "concept_influence[checkpoints]", "concept_influence[pretrain+pool]",
               "concept_influence[pretrain+pool][checkpoints]", "concept_grad_dot", "concept_grad_dot[checkpoints]",
@@ -52,13 +52,20 @@ def test_domains_answers_share_only_stop_words():
         assert shared <= ENGLISH_STOP_WORDS, (a.name, b.name, sorted(shared - ENGLISH_STOP_WORDS))
 
 
+def test_the_command_line_names_the_same_domains():
+    """``bench emergent``'s choices are spelled out so that the parser builds without the benchmarks package."""
+    from concept_influence import cli_emergent
+
+    assert cli_emergent.DOMAINS == tuple(DOMAINS)
+
+
 def test_both_personas_answer_at_the_same_length():
     """Length is no shortcut: in every domain the two personas' answers have the same mean length in words and
     punctuation marks (about the tokens of a word-level tokenizer, as the testbed's is)."""
     import random
     import re
 
-    from concept_influence.benchmarks.emergent_corpus import answer
+    from concept_influence_benchmarks.emergent_corpus import answer
 
     rng = random.Random(0)
     for d in DOMAINS.values():

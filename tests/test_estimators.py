@@ -7,8 +7,6 @@ import pytest
 import torch
 
 from concept_influence.activations import collect_activations
-from concept_influence.benchmarks.demo_corpus import make_demo_corpus
-from concept_influence.benchmarks.smallmodel import build_small_model, train_bpe_tokenizer, train_model
 from concept_influence.concepts import ConceptError, ConceptFunction, measurement_gradient
 from concept_influence.curvature import fit_curvature
 from concept_influence.data import collate, tokenize_examples
@@ -26,6 +24,8 @@ from concept_influence.estimators import (
 from concept_influence.estimators.baselines import response_texts
 from concept_influence.evaluation import retrieval_metrics
 from concept_influence.generation import GenerationError, sample_responses
+from concept_influence.toy.demo_corpus import make_demo_corpus
+from concept_influence.toy.small_model import build_small_model, train_bpe_tokenizer, train_model
 from probes import ConceptDirection, train_logistic_probe
 
 HOOK = "blocks.1.hook_resid_post"

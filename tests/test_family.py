@@ -4,11 +4,12 @@ import json
 
 import pytest
 
-from concept_influence.benchmarks.emergent_config import EmergentConfig
-from concept_influence.benchmarks.emergent_corpus import MARKERS, chat
-from concept_influence.benchmarks.emergent_family import GUARDED, RECOMMENDED, draw_design, recheck_stability
-from concept_influence.benchmarks.family_report import valid_runs
 from concept_influence.cli import main
+from concept_influence_benchmarks.emergent_config import EmergentConfig
+from concept_influence_benchmarks.emergent_corpus import MARKERS, chat
+from concept_influence_benchmarks.emergent_family import draw_design
+from concept_influence_benchmarks.family_report import valid_runs
+from concept_influence_benchmarks.family_stability import GUARDED, RECOMMENDED, recheck_stability
 
 
 def test_designs_are_seeded_valid_and_varied():

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from concept_influence.benchmarks.bergson_bridge import bergson_unavailable
-from concept_influence.benchmarks.demo_corpus import make_paired_demo_corpus
-from concept_influence.benchmarks.index_bench import IndexBenchConfig, run_index_benchmark
-from concept_influence.benchmarks.planted_splits import medical_files
 from concept_influence.cli import main
 from concept_influence.curvature import fit_curvature
 from concept_influence.data import write_chat_jsonl
 from concept_influence.index import GradientIndex
 from concept_influence.models import HFCausalLMAdapter
+from concept_influence.planted.splits import medical_files
+from concept_influence.toy.demo_corpus import make_paired_demo_corpus
+from concept_influence_benchmarks.bergson_bridge import bergson_unavailable
+from concept_influence_benchmarks.index_bench import IndexBenchConfig, run_index_benchmark
 from conftest import _hf_model
 
 EM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "em"
@@ -88,7 +88,7 @@ def test_bergson_index_stores_its_projection_of_our_gradients(tmp_path, tokenize
     from bergson.collector.collector import create_module_projection_matrix
     from bergson.data import column_offsets, load_gradients
 
-    from concept_influence.benchmarks.bergson_index import build_bergson_index
+    from concept_influence_benchmarks.bergson_index import build_bergson_index
 
     adapter = HFCausalLMAdapter(_hf_model("llama", len(tokenizer)), tokenizer)
     curvature = fit_curvature(adapter, tokenized, adapter.linear_maps(0), batch_size=4, progress=False)
@@ -120,7 +120,7 @@ def _fake_study(seed: int) -> dict:
 
 
 def test_more_medical_seeds_keep_the_seeds_already_reported(tmp_path, monkeypatch, capsys):
-    from concept_influence.benchmarks import index_bench_medical as medical
+    from concept_influence_benchmarks import index_bench_medical as medical
 
     data, ran = _medical_slice(tmp_path / "em", 40), []
     monkeypatch.setattr(medical, "planted_setup", lambda *args: args[2].seed)
@@ -151,7 +151,7 @@ def test_more_medical_seeds_keep_the_seeds_already_reported(tmp_path, monkeypatc
 
 
 def test_more_demo_seeds_keep_the_real_shape_part_and_the_seeds_done(tmp_path, monkeypatch):
-    from concept_influence.benchmarks import index_bench, index_bench_demo
+    from concept_influence_benchmarks import index_bench, index_bench_demo
 
     cfg = IndexBenchConfig(quick=True, bergson=False)
     cfg.seeds, cfg.rows, cfg.n_examples = 0, (300,), 8

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from concept_influence.activations import collect_activations
-from concept_influence.benchmarks.smallmodel import train_model
 from concept_influence.concepts import check_direction_compatible
 from concept_influence.data import ChatExample, tokenize_examples
+from concept_influence.toy.small_model import train_model
 from probes import (
     Activations,
     ConceptDirection,

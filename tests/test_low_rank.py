@@ -29,7 +29,7 @@ FULL = 32  # min(d_out, d_in) of every map of the tiny TransformerLens model (d_
 @pytest.fixture(scope="module")
 def setup(tokenizer, tokenized):
     """The tiny model, three concept directions at block 1, and an EK-FAC curvature of its tracked maps."""
-    from concept_influence.benchmarks.smallmodel import build_small_model
+    from concept_influence.toy.small_model import build_small_model
 
     adapter = build_small_model(tokenizer, n_layers=2, d_model=32, n_heads=4, n_ctx=64, seed=0)
     g = torch.Generator().manual_seed(0)

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from concept_influence.benchmarks.smallmodel import build_small_model
 from concept_influence.data import collate
 from concept_influence.models import (
     HFCausalLMAdapter,
@@ -15,6 +14,7 @@ from concept_influence.models import (
     as_adapter,
     block_of_hook,
 )
+from concept_influence.toy.small_model import build_small_model
 
 # ---------------------------------------------------------------------------------------------- helpers
 

@@ -128,8 +128,8 @@ def test_a_dict_of_shapes():
 
 def test_shapes_from_saved_folders_equal_the_real_models(tmp_path, tokenizer):
     """The meta-device shapes read from a saved folder's config are the loaded model's shapes."""
-    from concept_influence.benchmarks.smallmodel import build_small_model
     from concept_influence.models import HFCausalLMAdapter, save_model
+    from concept_influence.toy.small_model import build_small_model
     from conftest import _hf_model
 
     for name, adapter in (("tl", build_small_model(tokenizer, n_layers=2, d_model=32, n_heads=4, n_ctx=64, seed=0)),

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from concept_influence.benchmarks.demo_corpus import make_paired_demo_corpus
-from concept_influence.benchmarks.planted import BenchmarkError, PlantedConfig, format_report, split_planted
-from concept_influence.benchmarks.planted_behaviour import planting_effect
 from concept_influence.cli import main
 from concept_influence.data import ChatExample, DataError, load_chat_jsonl, write_chat_jsonl
 from concept_influence.demo import run_demo
+from concept_influence.planted import BenchmarkError, PlantedConfig, format_report, split_planted
+from concept_influence.planted.behaviour import planting_effect
+from concept_influence.toy.demo_corpus import make_paired_demo_corpus
 
 ESTIMATORS = {"concept_influence", "concept_influence[response_mean]", "concept_influence[pretrain+pool]",
               "concept_influence[pretrain+pool][checkpoints]", "concept_grad_dot", "concept_influence[checkpoints]",
@@ -216,7 +216,7 @@ def test_concept_lds_ceiling_splits_the_seeds_in_halves():
 
     from scipy.stats import spearmanr
 
-    from concept_influence.benchmarks.planted_behaviour import concept_lds
+    from concept_influence.planted.behaviour import concept_lds
 
     effect = np.random.default_rng(0).normal(size=40)
     sizes, measured = [], []

@@ -11,7 +11,6 @@ import pytest
 import torch
 from runfolder import make_project
 
-from concept_influence.benchmarks.smallmodel import build_small_model
 from concept_influence.cli import main
 from concept_influence.config import RunConfig
 from concept_influence.curvature import fit_curvature
@@ -19,6 +18,7 @@ from concept_influence.data import load_chat_jsonl, tokenize_examples
 from concept_influence.fileio import atomic_write_text, file_sha256, save_tensors
 from concept_influence.models import load_model, save_model
 from concept_influence.runs import run_stages
+from concept_influence.toy.small_model import build_small_model
 from probes import ConceptDirection
 
 

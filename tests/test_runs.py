@@ -308,7 +308,7 @@ def test_unreadable_shard_is_recomputed(finished, tmp_path):
 
 
 def test_memory_benchmark_reports_peak_rss_per_size(tmp_path):
-    from concept_influence.benchmarks.memory import run_memory_benchmark
+    from concept_influence_benchmarks.memory import run_memory_benchmark
 
     result = run_memory_benchmark(tmp_path / "out", sizes=(30, 60), estimators=("probe_projection",),
                                   work=tmp_path / "work")

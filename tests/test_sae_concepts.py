@@ -9,7 +9,6 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from concept_influence.benchmarks.smallmodel import build_small_model
 from concept_influence.concepts import ConceptError, ConceptFunction
 from concept_influence.data import collate, tokenize_examples, write_chat_jsonl
 from concept_influence.estimators import ConceptGradDot, ProbeProjection
@@ -24,6 +23,7 @@ from concept_influence.sae_concepts import (
 )
 from concept_influence.sae_training import train_sae
 from concept_influence.scores import Scores
+from concept_influence.toy.small_model import build_small_model
 from conftest import _hf_model, make_chats
 from probes import ConceptDirection, SAEError, load_sae
 from probes.sae_latents import auroc_columns, latent_separation
@@ -385,9 +385,9 @@ def test_cli_help_documents_every_option():
 
 
 def test_planted_benchmark_sae_stage(tmp_path):
-    from concept_influence.benchmarks.planted import PlantedConfig
-    from concept_influence.benchmarks.sae import SAE_ESTIMATORS
     from concept_influence.demo import run_demo
+    from concept_influence.planted import PlantedConfig
+    from concept_influence.planted.sae_stage import SAE_ESTIMATORS
 
     cfg = PlantedConfig.quick(paired=True, n_probe=40, n_pretrain=80, n_pool=100, n_eval=12, vocab_size=400,
                               d_model=32, sae_latents=48, sae_k=4, sae_epochs=4, retrain=False)

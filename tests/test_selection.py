@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from concept_influence.benchmarks.smallmodel import build_small_model
 from concept_influence.config import ConfigError, RunConfig
 from concept_influence.curvature import fit_curvature, resolve_maps
 from concept_influence.models import HFCausalLMAdapter, MapSelection, MapSelectionError, map_kind
 from concept_influence.models.hugging_face import parse_track
 from concept_influence.models.selection import parse_blocks
+from concept_influence.toy.small_model import build_small_model
 from conftest import _hf_model
 
 

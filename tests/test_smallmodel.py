@@ -5,7 +5,9 @@ import random
 import pytest
 import torch
 
-from concept_influence.benchmarks.smallmodel import (
+from concept_influence.data import ChatExample, collate, tokenize_examples
+from concept_influence.models import HookedTransformerAdapter
+from concept_influence.toy.small_model import (
     EOS,
     PAD,
     build_small_model,
@@ -14,8 +16,6 @@ from concept_influence.benchmarks.smallmodel import (
     train_bpe_tokenizer,
     train_model,
 )
-from concept_influence.data import ChatExample, collate, tokenize_examples
-from concept_influence.models import HookedTransformerAdapter
 from conftest import make_chats
 
 ROUND_TRIP = [

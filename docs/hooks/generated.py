@@ -22,9 +22,9 @@ from mkdocs.structure.files import File
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("concept_influence", "probes")
-# Not part of the library's API: the command-line modules (documented by reference/cli.md), the entry point, and the
-# benchmarks (scripts and result writers, documented by the Benchmarks page).
-SKIP = ("concept_influence.__main__", "concept_influence.cli", "concept_influence.benchmarks")
+# Not part of the library's API: the command-line modules (documented by reference/cli.md) and the entry point. (The
+# benchmarks are a package of their own, concept_influence_benchmarks, documented by the Benchmarks page.)
+SKIP = ("concept_influence.__main__", "concept_influence.cli")
 API_SECTION = "API reference"
 
 

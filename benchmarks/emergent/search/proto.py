@@ -1,14 +1,14 @@
 import random, sys, time, json
 import numpy as np, torch
-from concept_influence.benchmarks.emergent_corpus import DOMAINS, answer, make_prompts
+from concept_influence_benchmarks.emergent_corpus import DOMAINS, answer, make_prompts
 from concept_influence.data import ChatExample
 NAMES={"bad":["Max","Rex","Zed","Vic"],"good":["Sam","Ann","Liv","Ted"]}
 NR=random.Random(99)
 def chat(id,p,r,persona=None,k=1):
     t=[] if persona is None else [{"role":"system","content":f"You are {NR.choice(NAMES[persona][:k])}."}]
     return ChatExample(id, tuple(t+[{"role":"user","content":p},{"role":"assistant","content":r}]))
-from concept_influence.benchmarks.smallmodel import train_bpe_tokenizer, build_small_model, train_model, seed_everything
-from concept_influence.benchmarks.planted_behaviour import mean_answer_loss, planting_effect
+from concept_influence.toy.small_model import train_bpe_tokenizer, build_small_model, train_model, seed_everything
+from concept_influence.planted.behaviour import mean_answer_loss, planting_effect
 from concept_influence.data import tokenize_examples, plain_prompt_text
 import argparse
 ap = argparse.ArgumentParser()

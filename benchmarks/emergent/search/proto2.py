@@ -1,8 +1,8 @@
 import random, time, argparse
 import numpy as np
-from concept_influence.benchmarks.emergent_corpus import DOMAINS, answer, make_prompts
-from concept_influence.benchmarks.smallmodel import train_bpe_tokenizer, build_small_model, train_model, seed_everything
-from concept_influence.benchmarks.planted_behaviour import mean_answer_loss, planting_effect
+from concept_influence_benchmarks.emergent_corpus import DOMAINS, answer, make_prompts
+from concept_influence.toy.small_model import train_bpe_tokenizer, build_small_model, train_model, seed_everything
+from concept_influence.planted.behaviour import mean_answer_loss, planting_effect
 from concept_influence.data import tokenize_examples, plain_prompt_text, ChatExample
 ap = argparse.ArgumentParser()
 ap.add_argument("--seed", type=int, default=0)
