@@ -196,7 +196,7 @@ def _bergson_source_scores(run, adapter, examples, checkpoint_dirs, lr_times_ste
     from bergson.config.config import ApproxUnrollingConfig, DataConfig, HessianConfig, IndexConfig, QuerySetConfig
     from bergson.data import create_index, load_scores
 
-    from concept_influence.benchmarks.bergson_bridge import _documents, _quiet_bergson, _response_labels
+    from concept_influence_benchmarks.bergson_bridge import _documents, _quiet_bergson, _response_labels
 
     # Bergson's covariances skip each document's last position (ours do not): one padding token without loss
     _documents(examples, [_response_labels(e) for e in examples], adapter.pad_token_id).save_to_disk(run / "data")
@@ -227,12 +227,12 @@ def test_source_scores_agree_with_bergsons_approx_unrolling(tmp_path, tokenizer)
     ours / T and its scores ours / T). Its segment scores are ``+⟨F q, g⟩``, its sum their negation. Measured:
     each segment and the sum within 1e-6 in norm, Spearman 1.0 (our horizon ÷ 10 or × 10: Spearman 0.97, 0.74)."""
     pytest.importorskip("bergson.approx_unrolling.pipeline")
-    from concept_influence.benchmarks.speed_setup import map_names_by_module
     from concept_influence.concepts import ConceptFunction
     from concept_influence.curvature import CurvatureSettings
     from concept_influence.data import collate, tokenize_examples
     from concept_influence.estimators import SourceInfluence
     from concept_influence.models import HFCausalLMAdapter
+    from concept_influence_benchmarks.speed_setup import map_names_by_module
     from probes import ConceptDirection
 
     n_response, lr, steps = 4, 1.0, [0, 2, 4]
