@@ -111,3 +111,23 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     exec(compile(_readme_example(), "README.md", "exec"), namespace)
     scores = namespace["scores"]
     assert scores.values.shape[0] == len(corpus.train) and np.isfinite(scores.values).all()
+
+
+def test_the_top_level_names_the_entry_points_and_imports_them_on_first_use():
+    """``concept_influence`` exports the entry points a first audit needs (the README example imports only from it
+    and ``probes``); the heavier ones are imported when first used, so that the command line starts quickly."""
+    import subprocess
+    import sys
+
+    import concept_influence
+
+    for name in concept_influence.__all__:
+        assert getattr(concept_influence, name).__doc__, name
+    assert {"ConceptInfluence", "SourceInfluence", "fit_curvature", "GradientIndex", "run_config"} <= set(
+        concept_influence.__all__) <= set(dir(concept_influence))
+    with pytest.raises(AttributeError, match="has no attribute 'Batch'"):
+        concept_influence.Batch  # plumbing stays in its module (concept_influence.data)
+    fresh = subprocess.run([sys.executable, "-c", "import sys, concept_influence; "
+                            "print('concept_influence.index' in sys.modules, 'concept_influence.runs' in sys.modules)"],
+                           capture_output=True, text=True, check=True)
+    assert fresh.stdout.split() == ["False", "False"]
