@@ -92,18 +92,21 @@ def check_stability(chosen: np.ndarray, variants: Mapping[str, np.ndarray], *, n
     if not 1 <= top <= n:
         raise ValueError(f"top must be between 1 and the {n} examples, got {top}")
     within = max(top, int(np.ceil(reach * n)))
+    chosen_top, chosen_rank = _top_and_ranks(chosen, top)
     agreement, rho = {}, {}
     for variant, values in variants.items():
         values = np.asarray(values, dtype=float)
         if values.shape != chosen.shape:
             raise ValueError(f"variant {variant!r} has {values.shape} scores; the chosen ranking has {chosen.shape}")
-        agreement[variant] = min(_share_within(chosen, values, top, within), _share_within(values, chosen, top, within))
+        variant_top, variant_rank = _top_and_ranks(values, top)
+        agreement[variant] = float(min((variant_rank[chosen_top] < within).mean(), (chosen_rank[variant_top] < within).mean()))
         rho[variant] = float(spearmanr(chosen, values)[0]) if np.ptp(values) > 0 else float("nan")
     return StabilityReport(name, top, agreement, rho, dict(kinds or {}), threshold, reach)
 
 
-def _share_within(a: np.ndarray, b: np.ndarray, top: int, within: int) -> float:
-    """The share of ``a``'s ``top`` examples that ``b`` ranks among its first ``within`` (ties broken by position)."""
-    rank_in_b = np.empty(len(b), dtype=int)
-    rank_in_b[np.argsort(-b, kind="stable")] = np.arange(len(b))
-    return float((rank_in_b[np.argsort(-a, kind="stable")[:top]] < within).mean())
+def _top_and_ranks(scores: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """The indices of the ``top`` highest ``scores`` and every example's rank (0: highest; ties broken by position)."""
+    order = np.argsort(-scores, kind="stable")
+    rank = np.empty(len(scores), dtype=int)
+    rank[order] = np.arange(len(scores))
+    return order[:top], rank
