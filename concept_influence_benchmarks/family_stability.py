@@ -86,12 +86,12 @@ def _stability(name: str, scores: dict):
             variants[f"horizon x{h:g}"], kinds[f"horizon x{h:g}"] = scores[f"{base}x{h:g}|{fit}|{combination}"], "horizon"
     if combination != "final":
         final, base_final = scores[f"{variant}|final"], scores[f"{variant}|base+final"]
-        parts = {"final": final, "base": base_final - final}
+        parts = {"base": base_final - final}
         if combination == "all":
             parts["middle"] = scores[f"{variant}|all"] - base_final
-        for part in ("base", "middle", "final"):
-            if part in parts:
-                variants[f"part {part}"], kinds[f"part {part}"] = parts[part], "part"
+        parts["final"] = final
+        for part, values in parts.items():
+            variants[f"part {part}"], kinds[f"part {part}"] = values, "part"
     if variant != "identity":
         variants["identity"], kinds["identity"] = scores[f"identity|{combination}"], "identity"
     # the behaviour's own examples (classic influence, no preconditioning): a concept that is not what training on
