@@ -9,6 +9,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import networkx  # (a dependency of torch)
+
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ("concept_influence", "probes")
 BENCHMARKS = "concept_influence_benchmarks"
@@ -85,42 +87,11 @@ def _imports(name: str, path: Path, modules) -> dict[str, bool]:
     return found
 
 
-def _circles(graph: dict[str, set[str]]) -> list[set[str]]:
-    """The strongly connected components of more than one module (Tarjan)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    circles = []
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        for w in graph[v]:
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            component = set()
-            while True:
-                w = stack.pop()
-                component.add(w)
-                if w == v:
-                    break
-            if len(component) > 1:
-                circles.append(component)
-
-    for v in graph:
-        if v not in index:
-            visit(v)
-    return circles
-
-
 def test_no_module_imports_another_that_imports_it_back():
     modules = _modules()
-    graph = {name: set(_imports(name, path, modules)) for name, path in modules.items()}
-    circles = [sorted(c) for c in _circles(graph) if frozenset(c) not in KNOWN_CIRCLES]
+    graph = networkx.DiGraph([(name, target) for name, path in modules.items() for target in _imports(name, path, modules)])
+    circles = [sorted(c) for c in networkx.strongly_connected_components(graph)
+               if len(c) > 1 and frozenset(c) not in KNOWN_CIRCLES]
     assert not circles
 
 
