@@ -16,6 +16,7 @@ from .models import as_adapter, load_model
 
 if TYPE_CHECKING:  # for type checkers and the API reference; imported on first use at run time (__getattr__)
     from .activations import collect_activations
+    from .concept_spec import ConceptSpec, build_concept
     from .concepts import ConceptFunction
     from .curvature import fit_curvature
     from .estimators import ConceptInfluence, InfluenceFunction, SourceInfluence
@@ -28,13 +29,14 @@ __version__ = "0.1.0"
 
 #: The entry points imported on first use: name -> the module that defines it.
 _ON_FIRST_USE = {
-    "collect_activations": "activations", "ConceptFunction": "concepts", "fit_curvature": "curvature",
+    "collect_activations": "activations", "ConceptSpec": "concept_spec", "build_concept": "concept_spec",
+    "ConceptFunction": "concepts", "fit_curvature": "curvature",
     "ConceptInfluence": "estimators", "InfluenceFunction": "estimators", "SourceInfluence": "estimators",
     "GradientIndex": "index", "run_config": "runs", "Scores": "scores", "check_stability": "stability",
 }
 
 __all__ = ["ConceptInfluenceError", "DataError", "load_chats", "tokenize_examples", "load_model", "as_adapter",
-           "collect_activations", "ConceptFunction", "fit_curvature", "ConceptInfluence", "InfluenceFunction",
+           "collect_activations", "ConceptSpec", "build_concept", "ConceptFunction", "fit_curvature", "ConceptInfluence", "InfluenceFunction",
            "SourceInfluence", "GradientIndex", "run_config", "Scores", "check_stability"]
 
 

@@ -46,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _allowing_weak_probe(config, args: argparse.Namespace):
     """``config`` with ``probe.allow_weak`` set when ``--allow-weak-probe`` is given (a run folder takes it)."""
-    if config is not None and getattr(args, "allow_weak_probe", False):
+    if config is not None and config.probe is not None and getattr(args, "allow_weak_probe", False):
         config.probe.allow_weak = True
     return config
 

@@ -1,8 +1,7 @@
 """What the command-line modules (:mod:`.cli`, :mod:`.cli_concept`, :mod:`.cli_sae`, :mod:`.cli_bench`,
-:mod:`.cli_index`) share: the ``--dtype`` option, the medical data's default folder, reading chat files for a model,
-reading a scores file, parsing ``--latents``, the ``bench ...-table`` commands that merge runs' JSON files into one
-markdown table, and the guard of the ``bench`` commands that need the benchmarks package. Importing it imports no
-torch."""
+:mod:`.cli_index`) share: options generated from settings dataclasses, the ``--dtype`` option, the medical data's
+default folder, reading chat files for a model, reading a scores file, the ``bench ...-table`` commands that merge
+runs' JSON files into one markdown table, and the guard of the ``bench`` commands that need the benchmarks package."""
 
 from __future__ import annotations
 
@@ -12,10 +11,38 @@ import importlib.util
 import json
 from pathlib import Path
 
-__all__ = ["EM_DATA", "add_dtype_option", "read_examples", "read_scores", "latent_list", "named_json", "write_table",
+__all__ = ["EM_DATA", "add_settings_options", "given_settings", "add_dtype_option", "read_examples", "read_scores",
+           "named_json", "write_table",
            "add_table_command", "needs_benchmarks"]
 
 EM_DATA = "../shared/data/em"  # the default folder of the emergent-misalignment data (bench medical, bench index --part)
+
+
+def add_settings_options(p: argparse.ArgumentParser, cls: type, names: tuple[str, ...] | None = None) -> None:
+    """``--name`` for each field of the settings class ``cls`` (or those in ``names``), with the field's help text and
+    choices; a list field takes several values. An option not given is absent from the parsed namespace, so that
+    :func:`given_settings` returns only what the user gave (the defaults are the settings' own, or a run's)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if names is not None and f.name not in names:
+            continue
+        kinds = [h for h in typing.get_args(hints[f.name]) or (hints[f.name],) if h is not type(None)]
+        item = typing.get_args(kinds[0])[0] if typing.get_origin(kinds[0]) is list else None
+        default = "" if f.default in (None, dataclasses.MISSING) else f" (default {f.default})"
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
+                       choices=f.metadata.get("choices"), nargs="+" if item else None, type=item or kinds[0],
+                       help=f.metadata.get("help", "") + default)
+
+
+def given_settings(args: argparse.Namespace, cls: type, names: tuple[str, ...] | None = None) -> dict:
+    """The fields of ``cls`` (or those in ``names``) the user gave as options (:func:`add_settings_options`)."""
+    import dataclasses
+
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+            if (names is None or f.name in names) and hasattr(args, f.name)}
 
 
 def add_dtype_option(p: argparse.ArgumentParser) -> None:
@@ -45,18 +72,6 @@ def read_scores(path):
         return Scores.load(path)
     except (OSError, ValueError, KeyError) as e:
         raise DataError(f"{path}: cannot read scores ({e})") from None
-
-
-def latent_list(text: str | None) -> list[int] | None:
-    """``--latents I,J,...`` as integers (None when not given); anything else is an ``SAEError`` naming the option."""
-    from probes.sae import SAEError
-
-    if not text:
-        return None
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise SAEError(f"--latents must be integers separated by commas, got {text!r}") from None
 
 
 def named_json(items: list[str], what: str) -> dict[str, tuple[Path, dict]]:

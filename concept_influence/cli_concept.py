@@ -7,14 +7,25 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli_common import add_dtype_option, add_table_command, named_json, read_examples, read_scores, write_table
+from probes import PROBE_KINDS, REDUCTIONS
+
+from .cli_common import (
+    add_dtype_option,
+    add_settings_options,
+    add_table_command,
+    given_settings,
+    named_json,
+    read_examples,
+    read_scores,
+    write_table,
+)
+from .concept_check import STEERING_POSITIONS
+from .concept_spec import ConceptSpec
 
 __all__ = ["add_concept_commands", "add_query_options", "query_overrides"]
 
-# Spelled out so that building the parser imports no torch (tests check they equal the library's constants).
-REDUCTIONS = ("response_mean", "last_prompt", "prompt_mean", "all_tokens")  # probes.REDUCTIONS
-STEERING_POSITIONS = ("all", "prompt")  # concept_check.STEERING_POSITIONS
-PROBE_KINDS = ("logistic", "diff_means")  # probes.PROBE_KINDS
+#: The fields of a concept specification that name what ``concept check`` steers along.
+CHECKED = ("directions", "sae", "latents", "hook")
 
 
 def _floats(text: str, option: str) -> tuple[float, ...]:
@@ -26,58 +37,38 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
         raise ConceptCheckError(f"{option} must be numbers separated by commas, got {text!r}") from None
 
 
-def _read(path: str, name: str, adapter, args: argparse.Namespace) -> list:
-    """The first ``--max-examples`` tokenised chats of ``path``; an error names the file when none can be used."""
+def _read(path: str, option: str, adapter, args: argparse.Namespace) -> list:
+    """The first ``--max-examples`` tokenised chats of ``path`` (given as ``option``); an error names the option and
+    the file when none can be used."""
     from .concept_check import ConceptCheckError
     from .data import DataError
 
     try:
         examples = read_examples([path], adapter, args.max_length)[: args.max_examples]
     except DataError as e:
-        raise ConceptCheckError(f"--{name}: {e}") from None
+        raise ConceptCheckError(f"{option}: {e}") from None
     if not examples:
-        raise ConceptCheckError(f"--{name}: {path}: no example to read (--max-examples {args.max_examples})")
+        raise ConceptCheckError(f"{option}: {path}: no example to read (--max-examples {args.max_examples})")
     return examples
 
 
 def _concept_check(args: argparse.Namespace) -> int:
-    from probes.directions import ConceptDirection
-    from probes.sae import load_sae, sae_direction
-
-    from .concept_check import ConceptCheckError, check_concept
-    from .concepts import check_direction_compatible
-    from .fileio import atomic_write_text, path_sha256
+    from .concept_check import check_concept_files
+    from .concept_spec import steering_direction
     from .models import load_model
 
-    if (args.direction is None) == (args.sae is None):
-        raise ConceptCheckError("give the concept as --direction FILE or as --sae DIR --latent I, not both")
+    spec = ConceptSpec(**given_settings(args, ConceptSpec, CHECKED))
     adapter = load_model(args.model, dtype=args.dtype)
-    if args.direction is not None:
-        direction = ConceptDirection.load(args.direction)
-    else:
-        if args.latent is None:
-            raise ConceptCheckError("--sae needs --latent I (the latent whose decoder row is steered along)")
-        direction = sae_direction(load_sae(args.sae), args.latent, "decoder", hook_name=args.hook)
-    check_direction_compatible(direction, adapter)
-    if all(Path(p).is_file() for p in (args.positive, args.negative)) and \
-            path_sha256(args.positive) == path_sha256(args.negative):
-        raise ConceptCheckError(f"--positive and --negative are the same data ({args.positive} and {args.negative} have "
-                                "equal SHA-256); the check compares answers that show the behaviour with answers that "
-                                "do not")
-    positive, negative = (_read(path, name, adapter, args) for path, name in ((args.positive, "positive"),
-                                                                              (args.negative, "negative")))
+    direction = steering_direction(spec, adapter)
     positions = tuple(p for p in args.positions.split(",") if p)
-    check = check_concept(adapter, direction, positive, negative, alphas=_floats(args.alphas, "--alphas"),
-                          positions=positions, threshold=args.threshold, batch_size=args.batch_size)
-    print(check.format())
+    check_concept_files(adapter, direction, args.positive, args.negative,
+                        lambda path, key: _read(path, key, adapter, args),
+                        args.out, ("--positive", "--negative"),
+                        {"model": str(args.model), "concept": {k: v for k, v in spec.to_dict().items() if k in CHECKED}},
+                        alphas=_floats(args.alphas, "--alphas"), positions=positions, threshold=args.threshold,
+                        batch_size=args.batch_size)
     if args.out:
-        out = Path(args.out)
-        record = {**check.to_dict(), "explanation": check.explanation(), "model": str(args.model),
-                  "direction": str(args.direction or f"{args.sae}#latent{args.latent}"),
-                  "positive": str(args.positive), "negative": str(args.negative)}
-        atomic_write_text(out / "concept_check.json", json.dumps(record, indent=1))
-        check.plot(out / "concept_check.png")
-        print(f"written: {out / 'concept_check.json'}, {out / 'concept_check.png'}")
+        print(f"written: {Path(args.out) / 'concept_check.json'}, {Path(args.out) / 'concept_check.png'}")
     return 0
 
 
@@ -166,10 +157,7 @@ def add_concept_commands(sub, bench) -> None:
                     "steering along it (adding alpha * sd * v at its hook) on log p(positive) - log p(negative) "
                     "answers; the verdict (causal, weak, reversed) judges the first-order effect at the smallest step.")
     check.add_argument("--model", required=True, help="model folder (concept-influence or Hugging Face format)")
-    check.add_argument("--direction", help="concept direction file (.safetensors + .json sidecar)")
-    check.add_argument("--sae", help="SAE folder (SAE-Lens format): steer along a latent's decoder row")
-    check.add_argument("--latent", type=int, help="the SAE latent (with --sae)")
-    check.add_argument("--hook", help="override the SAE's hook name (with --sae)")
+    add_settings_options(check, ConceptSpec, CHECKED)
     check.add_argument("--positive", required=True, help="chat JSONL of answers that show the behaviour")
     check.add_argument("--negative", required=True, help="chat JSONL of answers that do not (same prompts if paired)")
     check.add_argument("--max-examples", type=int, default=200, help="examples read from each file (default 200)")

@@ -5,15 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli_common import EM_DATA, needs_benchmarks
+from .cli_common import EM_DATA, add_settings_options, given_settings, needs_benchmarks
+from .concept_spec import ConceptSpec
+from .index.projection import PROJECTIONS, QUERY_CURVATURES
+from .index.store import STORAGE_DTYPES
 
 __all__ = ["add_index_commands"]
-
-# Spelled out so that building the parser imports no torch (a test checks they equal the library's constants).
-PROJECTIONS = ("eigen", "random", "identity")  # concept_influence.index.PROJECTIONS
-QUERY_CURVATURES = ("ekfac", "empirical", "identity")  # concept_influence.index.QUERY_CURVATURES
-STORAGE_DTYPES = ("float16", "bfloat16", "float32")  # concept_influence.index.store.STORAGE_DTYPES
-REDUCTIONS = ("last_prompt", "response_mean", "prompt_mean", "all_tokens")  # probes.REDUCTIONS
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -40,40 +37,18 @@ def _tokenized(path: str, adapter, max_length: int, limit: int | None) -> list:
 
 
 def _estimator(args: argparse.Namespace, index, adapter, run):
-    """The query as a gradient estimator: test examples (classic influence) or K concepts (directions or SAE latents;
-    default: the run's own probe and evaluation texts)."""
-    from probes import ConceptDirection
+    """The query as a gradient estimator: the concept of the options (:class:`~.concept_spec.ConceptSpec`), each option
+    not given taken from the first run's ``[concept]`` (a concept named by options replaces the run's own)."""
+    from .concept_spec import CONCEPT_TYPES, query_estimator
 
-    from .concepts import ConceptFunction, check_direction_compatible
-    from .estimators import ConceptGradDot, ConceptInfluence, GradDot, InfluenceFunction
-
-    cfg, identity = run.config, args.curvature == "identity"
-    if args.test:
-        test = _tokenized(args.test, adapter, cfg.data.max_length, args.max_examples)
-        loss_tokens = index.settings.loss_tokens
-        return GradDot(test, loss_tokens=loss_tokens) if identity else InfluenceFunction(test, loss_tokens=loss_tokens)
-    evals = _tokenized(args.eval or cfg.concept_eval, adapter, cfg.data.max_length,
-                       args.max_examples or cfg.concept.max_examples)
-    reduction = args.reduction or cfg.concept.reduction
-    if args.sae:
-        from probes import load_sae
-
-        from .cli_common import latent_list
-        from .sae_concepts import latent_concept
-
-        latents = latent_list(args.latents)
-        if not latents:
-            from probes.sae import SAEError
-
-            raise SAEError("--sae needs --latents I,J,... (the SAE latents to score)")
-        concept = latent_concept(load_sae(args.sae), latents, evals, kind=args.kind, adapter=adapter,
-                                 reduction=reduction)
-    else:
-        directions = [ConceptDirection.load(p) for p in (args.direction or [run.direction_path])]
-        for d in directions:
-            check_direction_compatible(d, adapter)
-        concept = ConceptFunction.from_directions(directions, evals, reduction)
-    return ConceptGradDot(concept) if identity else ConceptInfluence(concept)
+    given = given_settings(args, ConceptSpec)
+    spec = run.concept_spec.project(ConceptSpec)
+    if any(name in given for t in CONCEPT_TYPES.values() for name in t.needs):
+        spec = spec.replace(**{name: None for t in CONCEPT_TYPES.values() for name in t.needs})
+    spec = spec.replace(**given)
+    max_length = run.config.data.max_length
+    return query_estimator(spec, adapter, lambda path, limit: _tokenized(path, adapter, max_length, limit),
+                           preconditioned=args.curvature != "identity", loss_tokens=index.settings.loss_tokens)
 
 
 def _query(args: argparse.Namespace) -> int:
@@ -154,22 +129,13 @@ def add_index_commands(sub, bench) -> None:
         "query", help="score every indexed example for concepts or test examples (writes a scores file)",
         description="Compute the query's gradient on its own texts at each checkpoint, project and precondition it "
                     "in the index's spaces, and score every indexed example (summed over checkpoints). The query: K "
-                    "concept directions at one hook (--direction, repeated), K SAE latents (--sae, --latents), or test "
-                    "examples (--test: classic influence on their loss); default: the first run's probe and "
-                    "evaluation texts. Writes OUT (the scores file `score` writes: filter and sum-scores read it).")
+                    "concept directions at one hook (--directions), K SAE latents (--sae, --latents), or test "
+                    "examples (--test: classic influence on their loss); an option not given is the first run's "
+                    "[concept] (by default its probe and evaluation texts). Writes OUT (the scores file `score` "
+                    "writes: filter and sum-scores read it).")
     query.add_argument("index", metavar="INDEX", help="the index folder")
     query.add_argument("--out", required=True, help="scores file to write (.safetensors + .json)")
-    query.add_argument("--direction", action="append", help="a concept direction file (repeat for K concepts)")
-    query.add_argument("--sae", help="an SAE folder (SAE-Lens format): its latents are the concepts")
-    query.add_argument("--latents", help="with --sae: latent indices, comma-separated")
-    query.add_argument("--kind", choices=("activation", "decoder", "encoder"), default="activation",
-                       help="with --sae: the latent's activation (default) or a projection on its decoder/encoder row")
-    query.add_argument("--eval", help="evaluation texts of the concept (default: the run's [concept] eval)")
-    query.add_argument("--reduction", choices=REDUCTIONS,
-                       help="where the concept is read on them (default: the run's [concept] reduction)")
-    query.add_argument("--test", help="test examples (chat JSONL): classic influence on their mean loss instead")
-    query.add_argument("--max-examples", type=int, help="evaluation or test examples read (default: the run's "
-                                                        "[concept] max_examples; all test examples)")
+    add_settings_options(query, ConceptSpec)
     query.add_argument("--curvature", choices=QUERY_CURVATURES, default="ekfac",
                        help="ekfac: the run's EK-FAC in the projected space (default); empirical: fitted on the stored "
                             "rows; identity: gradient dot products")

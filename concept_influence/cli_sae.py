@@ -12,13 +12,12 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli_common import add_dtype_option, latent_list, read_examples, read_scores
+from probes.sae_latents import SORT_KEYS
+from probes.sae_training import SAE_ARCHITECTURES
+
+from .cli_common import add_dtype_option, read_examples, read_scores
 
 __all__ = ["add_sae_commands", "add_sae_benchmark_options", "sae_benchmark_overrides"]
-
-# Spelled out so that building the parser imports no torch (tests check they equal the library's constants).
-ARCHITECTURES = ("topk", "standard")  # probes.sae_training.SAE_ARCHITECTURES
-SORT_KEYS = ("auroc", "diff", "cos_decoder", "cos_encoder")  # probes.sae_latents.SORT_KEYS
 
 
 def _sae_train(args: argparse.Namespace) -> int:
@@ -59,7 +58,7 @@ def _sae_latents(args: argparse.Namespace) -> int:
     from .sae_concepts import describe_latents, format_top_examples, latent_activations, top_activating_examples
 
     adapter, sae = _load(args)
-    show = latent_list(args.latents)
+    show = args.latents or []
     if show:
         check_latents(sae, show)
     probe = ConceptDirection.load(args.probe) if args.probe else None
@@ -137,7 +136,7 @@ def add_sae_commands(sub) -> None:
                                                                  "activations on")
     train.add_argument("--hook", required=True, help="hook name, e.g. blocks.0.hook_resid_post")
     train.add_argument("--d-sae", type=int, required=True, help="number of latents")
-    train.add_argument("--architecture", choices=ARCHITECTURES, default="topk",
+    train.add_argument("--architecture", choices=SAE_ARCHITECTURES, default="topk",
                        help="topk: K latents active per token; standard: ReLU with an L1 penalty (default topk)")
     train.add_argument("--k", type=int, default=16, help="active latents per token for topk (default 16)")
     train.add_argument("--l1", type=float, default=5.0, help="L1 coefficient for standard (default 5.0)")
@@ -163,7 +162,7 @@ def add_sae_commands(sub) -> None:
                          help="ranking key (cos_* need --probe; default auroc)")
     latents.add_argument("--top", type=int, default=15, help="latents in the table (default 15)")
     latents.add_argument("--examples", type=int, default=5, help="top activating examples per latent (default 5)")
-    latents.add_argument("--latents", metavar="L[,L...]",
+    latents.add_argument("--latents", metavar="L", nargs="+", type=int,
                          help="show the top activating examples of these latents (default: the top of the ranking)")
     latents.add_argument("--out", help="folder for latents.md and latents.json (default: print only)")
     latents.set_defaults(func=_sae_latents)

@@ -19,10 +19,11 @@ concept causal?").
 
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -33,9 +34,10 @@ from probes import token_mask
 from .activations import collect_activations
 from .data import TokenizedExample, iter_batches
 from .errors import ConceptInfluenceError
+from .fileio import atomic_write_text, refuse_same_data
 from .models import ModelAdapter
 
-__all__ = ["ConceptCheck", "ConceptCheckError", "check_concept", "STEERING_POSITIONS", "DEFAULT_ALPHAS",
+__all__ = ["ConceptCheck", "ConceptCheckError", "check_concept", "check_concept_files", "STEERING_POSITIONS", "DEFAULT_ALPHAS",
            "CAUSAL_THRESHOLD", "SEPARATION_MARGIN"]
 
 STEERING_POSITIONS = ("all", "prompt")
@@ -225,3 +227,23 @@ def check_concept(adapter: ModelAdapter, direction, positive: Sequence[Tokenized
         verdicts[where] = _verdict(first[where], 0.0 if np.isnan(first_se[where]) else first_se[where], threshold)
     return ConceptCheck(hook, len(positive), len(negative), separation, sd, steps, baseline, behaviour, first, first_se,
                         verdicts, threshold, {"direction_kind": getattr(direction, "kind", None)})
+
+
+def check_concept_files(adapter: ModelAdapter, direction, positive: str, negative: str,
+                        read: Callable[[str, str], Sequence[TokenizedExample]], out: str | Path | None = None,
+                        keys: tuple[str, str] = ("positive", "negative"), record: dict | None = None,
+                        **options) -> ConceptCheck:
+    """:func:`check_concept` on the chat files ``positive`` and ``negative`` (tokenised by ``read(path, key)``; ``keys``
+    name them in errors), printed, and with ``out`` written to ``out/concept_check.json`` (the numbers, the explanation, the
+    files and ``record``) and ``out/concept_check.png``. The same data on both sides is refused before any work."""
+    refuse_same_data((keys[0], positive), (keys[1], negative), "the check compares answers that show the behaviour with "
+                     "answers that do not", ConceptCheckError)
+    check = check_concept(adapter, direction, read(positive, keys[0]), read(negative, keys[1]), **options)
+    print(check.format())
+    if out is not None:
+        out = Path(out)
+        summary = {**check.to_dict(), "explanation": check.explanation(), "positive": str(positive),
+                   "negative": str(negative), **(record or {})}
+        atomic_write_text(out / "concept_check.json", json.dumps(summary, indent=1) + "\n")
+        check.plot(out / "concept_check.png")
+    return check

@@ -28,16 +28,14 @@ plus the keys only a run folder needs; ``concept-influence run --help`` lists th
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from probes import PROBE_KINDS, REDUCTIONS
 
-from .concepts import DEFAULT_QUERY
+from .concept_spec import CONCEPT_TYPES, ConceptSpec
 from .curvature import CurvatureSettings
 from .curvature.registry import FITTED_FROM_DATA
 from .errors import ConceptInfluenceError
@@ -46,7 +44,7 @@ from .models import MODEL_DTYPES
 from .models.hugging_face import parse_track
 from .plan import parse_device_memory
 from .scoring import ScoringSettings
-from .settings import Settings, accepts, check_value, describe_type, narrowed, option
+from .settings import Settings, build_settings, narrowed, option
 
 __all__ = ["ConfigError", "RunConfig", "FactorsConfig", "ScoringConfig", "settings_help", "MIN_PROBE_AUROC", "GATE_KEYS"]
 
@@ -131,18 +129,16 @@ class ProbeConfig(Settings):
 
 
 @dataclass
-class ConceptConfig(Settings):
-    """f(θ) = the projection on the direction, read at the query's tokens (``reduction``: the last prompt token by
-    default) and averaged over ``eval`` (default: the probe's positive texts), at most ``max_examples`` of them.
-    ``check``: the causal check (:func:`~concept_influence.concept_check.check_concept`) before the factors, steering
-    on ``check_positive`` vs ``check_negative`` (default: the probe's texts); ``require = "causal"`` stops the run
-    there unless the verdict is causal."""
+class ConceptConfig(ConceptSpec):
+    """f(θ), named as :class:`~concept_influence.concept_spec.ConceptSpec` says: by default the projection on the
+    ``[probe]`` direction; without a ``[probe]``, saved ``directions`` or an SAE's ``latents`` at ``hook`` (needed then).
+    ``eval`` defaults to the probe's positive texts. ``check``: the causal check
+    (:func:`~concept_influence.concept_check.check_concept`) before the factors, steering on ``check_positive`` vs
+    ``check_negative`` (default: the probe's texts) along the direction (an SAE concept: its first latent's decoder
+    row); ``require = "causal"`` stops the run there unless the verdict is causal."""
 
-    eval: str | None = option(None, path=True)
-    max_examples: int = 256
-    reduction: str = option(DEFAULT_QUERY, choices=REDUCTIONS)
-    check: bool = option(True, "run the concept check (steering along the direction) after the probe; a saved "
-                               "direction is checked only with check_positive and check_negative")
+    check: bool = option(True, "run the concept check (steering along the direction) after the probe; a concept "
+                               "without probe texts is checked only with check_positive and check_negative")
     require: str = option("none", "causal: stop before the factors unless the check's verdict is causal; none: go on "
                                   "and warn", choices=("none", "causal"))
     check_positive: str | None = option(None, "answers that show the behaviour (default: probe.positive)", path=True)
@@ -232,7 +228,7 @@ class RunConfig:
 
     model: ModelConfig
     data: DataConfig
-    probe: ProbeConfig
+    probe: ProbeConfig | None = None
     concept: ConceptConfig = field(default_factory=ConceptConfig)
     factors: FactorsConfig = field(default_factory=FactorsConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
@@ -243,8 +239,15 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         p, c = self.probe, self.concept
-        if p.direction is None and (p.positive is None or p.negative is None):
+        if p is not None and p.direction is None and (p.positive is None or p.negative is None):
             raise ConfigError("probe: give either `direction` (a saved direction) or both `positive` and `negative`")
+        named = c.given
+        if p is not None and named:
+            raise ConfigError(f"the concept is named twice: by [probe] and by concept.{CONCEPT_TYPES[named[0]].needs[0]}; "
+                              "keep one")
+        if p is None and (len(named) != 1 or named == ["test_examples"] or c.hook is None):
+            raise ConfigError("name the concept: a [probe] section, or concept.directions or concept.sae + "
+                              "concept.latents with concept.hook (test examples are scored with `index query --test`)")
         if c.require == "causal" and (not c.check or None in self.check_files):
             raise ConfigError('concept.require = "causal" needs the check: concept.check = true, and with a saved '
                               "direction concept.check_positive and check_negative")
@@ -262,15 +265,21 @@ class RunConfig:
     @property
     def check_files(self) -> tuple[str | None, str | None]:
         """The positive and negative answers the concept check steers on."""
-        return self.concept.check_positive or self.probe.positive, self.concept.check_negative or self.probe.negative
+        p = self.probe or ProbeConfig(hook="")
+        return self.concept.check_positive or p.positive, self.concept.check_negative or p.negative
 
     @property
     def concept_eval(self) -> str:
         """The texts f is averaged over."""
-        source = self.concept.eval or self.probe.positive
+        source = self.concept.eval or (self.probe and self.probe.positive)
         if source is None:
-            raise ConfigError("concept.eval is needed when the probe is a saved direction (no positive texts)")
+            raise ConfigError("concept.eval is needed when the concept is not a probe trained here (no positive texts)")
         return source
+
+    @property
+    def concept_hook(self) -> str:
+        """The hook the concept is read at."""
+        return self.probe.hook if self.probe is not None else self.concept.hook
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a nested JSON-ready dict (what ``config.json`` holds)."""
@@ -279,7 +288,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict, source: str = "config", base: Path | None = None) -> "RunConfig":
         """Build from a nested dict; relative paths are resolved against ``base``."""
-        return _build(cls, data, source, "", base)
+        return build_settings(cls, data, source, ConfigError, base=base)
 
     @classmethod
     def read(cls, path: str | Path) -> "RunConfig":
@@ -299,52 +308,3 @@ class RunConfig:
         except (ValueError, UnicodeDecodeError) as e:  # tomllib.TOMLDecodeError and JSONDecodeError are ValueErrors
             raise ConfigError(f"{path}: cannot parse ({e})") from None
         return cls.from_dict(data, str(path), path.resolve().parent)
-
-
-def _build(cls, data: Any, source: str, prefix: str, base: Path | None):
-    where = prefix.rstrip(".") or "the top level"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {where} must be a table of keys, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for key in data:
-        if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else f" (known: {', '.join(fields)})"
-            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}")
-    kwargs = {}
-    for name, f in fields.items():
-        key = f"{prefix}{name}"
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{source}: missing key '{key}'")
-            continue
-        value, hint = data[name], hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, source, f"{key}.", base)
-            continue
-        if not accepts(value, hint):
-            raise ConfigError(f"{source}: '{key}' must be {describe_type(hint)}, got {value!r}")
-        problem = check_value(key, value, f)
-        if problem:
-            raise ConfigError(f"{source}: {problem}")
-        if f.metadata.get("path") and base is not None:
-            value = [_resolve(v, base) for v in value] if isinstance(value, list) else _resolve(value, base)
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-    except ValueError as e:  # a check of a settings class across fields, e.g. the damping
-        raise ConfigError(f"{source}: {prefix}{e}") from None
-
-
-#: Path-valued keys may hold these words instead of a path (``checkpoints``).
-KEYWORDS = ("auto", "base")
-
-
-def _resolve(value: Any, base: Path) -> Any:
-    """A relative path resolved against ``base``; None and :data:`KEYWORDS` unchanged."""
-    if not isinstance(value, str) or value in KEYWORDS or Path(value).is_absolute():
-        return value
-    return str((base / value).resolve())

@@ -10,12 +10,15 @@ stage resumes (:meth:`concept_influence.runs.Run.check_settings`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
-__all__ = ["option", "narrowed", "check_value", "accepts", "describe_type", "Settings", "settings_diff"]
+__all__ = ["option", "narrowed", "check_value", "accepts", "describe_type", "Settings", "settings_diff", "build_settings",
+           "resolve_path", "KEYWORDS"]
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
@@ -54,6 +57,9 @@ def accepts(value: Any, hint: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(accepts(v, item) for v in value)
     return isinstance(value, hint)
 
 
@@ -111,3 +117,58 @@ class Settings:
             extra = f" ({' | '.join(map(str, choices))})" if choices else ""
             lines.append(f"{prefix}{f.name} = {default}: {f.metadata.get('help', '')}{extra}")
         return lines
+
+
+def build_settings(cls, data: Any, source: str, error: type[Exception], prefix: str = "", base: Path | None = None):
+    """Settings class ``cls`` (nested settings classes as sections) from the nested dict ``data`` read from ``source``
+    (a file, named in errors): unknown keys (with close matches), missing keys, values of the wrong type or out of
+    range and checks across fields are an ``error`` naming the source and the key. Path-valued fields are resolved
+    against ``base`` (a relative path; :data:`KEYWORDS` are kept)."""
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(data, dict):
+        raise error(f"{source}: {where} must be a table of keys, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else f" (known: {', '.join(fields)})"
+            raise error(f"{source}: unknown key '{prefix}{key}'{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise error(f"{source}: missing key '{key}'")
+            continue
+        value, hint = data[name], hints[name]
+        section = next((h for h in typing.get_args(hint) or (hint,) if dataclasses.is_dataclass(h)), None)
+        if section is not None:
+            kwargs[name] = None if value is None and section is not hint else build_settings(section, value, source, error,
+                                                                                               f"{key}.", base)
+            continue
+        if not accepts(value, hint):
+            raise error(f"{source}: '{key}' must be {describe_type(hint)}, got {value!r}")
+        problem = check_value(key, value, f)
+        if problem:
+            raise error(f"{source}: {problem}")
+        if f.metadata.get("path") and base is not None:
+            value = [resolve_path(v, base) for v in value] if isinstance(value, list) else resolve_path(value, base)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except error as e:
+        raise error(f"{source}: {e}") from None
+    except ValueError as e:  # a check of a settings class across fields, e.g. the damping
+        raise error(f"{source}: {prefix}{e}") from None
+
+
+#: Path-valued keys may hold these words instead of a path (``checkpoints``).
+KEYWORDS = ("auto", "base")
+
+
+def resolve_path(value: Any, base: Path) -> Any:
+    """A relative path resolved against ``base``; None and :data:`KEYWORDS` unchanged."""
+    if not isinstance(value, str) or value in KEYWORDS or Path(value).is_absolute():
+        return value
+    return str((base / value).resolve())

@@ -225,15 +225,6 @@ def test_rank_unset_is_the_largest_that_fits_the_budget(fitted, tmp_path):
     assert 2 * sum(min(rank + 1, m.shape[0]) * min(rank + 1, m.shape[1]) for m in maps) > 3000
 
 
-def test_command_line_choices_are_the_library_constants():
-    from concept_influence import cli_index
-    from concept_influence.index import PROJECTIONS, QUERY_CURVATURES
-    from concept_influence.index.store import STORAGE_DTYPES
-    from probes import REDUCTIONS
-
-    assert cli_index.PROJECTIONS == tuple(PROJECTIONS) and cli_index.QUERY_CURVATURES == QUERY_CURVATURES
-    assert cli_index.STORAGE_DTYPES == tuple(STORAGE_DTYPES) and set(cli_index.REDUCTIONS) == set(REDUCTIONS)
-
 
 def test_wide_rows_are_read_in_chunks_that_fit_the_buffer(fitted, tmp_path, monkeypatch):
     """Rows as wide as an uncompressed gradient are read a few at a time (the buffer stays under BUFFER_BYTES) and score

@@ -212,7 +212,7 @@ def plan_for_config(config, settings: PlanSettings | None = None, **changes: Any
     m = config.model
     weights, selection = parse_track(m.track)
     shape = model_shape(model_folder(m), dtype=m.dtype, track=weights, select=selection,
-                        max_block=block_of_hook(config.probe.hook), base=m.base)
+                        max_block=block_of_hook(config.concept_hook), base=m.base)
     base = settings or PlanSettings()
     s = replace(base, batch_size=config.factors.batch_size, max_length=config.data.max_length,
                 strategy=config.factors.strategy)

@@ -87,7 +87,7 @@ def run_stages(stages: Sequence[str], path: str | Path | None, config: RunConfig
         run, cfg = pipeline.run, pipeline.cfg
         out, report = run.path, run.path / "report" / "report.md"
         _preflight(pipeline, stages)
-        if "probe" in stages:
+        if "probe" in stages and cfg.probe is not None:
             pipeline.direction()
             out = run.direction_path
         if "check" in stages and cfg.checks_concept:

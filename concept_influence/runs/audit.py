@@ -10,34 +10,27 @@ Each runs on rank 0 while the other ranks wait; a finished stage is not run agai
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..data import tokenize_kept
-from ..fileio import atomic_write_text
 from ..scores import Scores
-from .shards import refuse_same_data
 
 __all__ = ["check_stage", "explain_stage", "filter_stage", "causal_warning"]
 
 
 def check_stage(pipeline) -> Path:
     """The concept check of the run's direction on its model; its verdict, effect sizes and plot are recorded."""
-    from ..concept_check import check_concept
+    from ..concept_check import check_concept_files
 
     run, cfg, ranks = pipeline.run, pipeline.cfg, pipeline.ranks
     out = run.path / "check"
     direction = pipeline.direction()
     if ranks.is_main and not run.is_done("check"):
         positive, negative = cfg.check_files
-        refuse_same_data(("concept.check_positive", positive), ("concept.check_negative", negative),
-                         "the check compares answers that show the behaviour with answers that do not")
-        examples = [pipeline._tokenize(path, cfg.concept.check_max_examples) for path in (positive, negative)]
-        check = check_concept(pipeline.adapter, direction, *examples, batch_size=cfg.scoring.batch_size)
-        record = {**check.to_dict(), "explanation": check.explanation(), "positive": positive, "negative": negative}
-        atomic_write_text(out / "concept_check.json", json.dumps(record, indent=1) + "\n")
-        check.plot(out / "concept_check.png")
-        print(check.format())
+        check = check_concept_files(pipeline.adapter, direction, positive, negative,
+                                    lambda path, _: pipeline._tokenize(path, cfg.concept.check_max_examples), out,
+                                    ("concept.check_positive", "concept.check_negative"),
+                                    batch_size=cfg.scoring.batch_size)
         run.finish_stage("check", ranks, verdict=check.verdict, explanation=check.explanation(),
                          first_order=check.first_order, first_order_se=check.first_order_se,
                          separation_auroc=check.separation_auroc, threshold=check.threshold,

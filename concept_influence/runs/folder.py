@@ -11,10 +11,10 @@ from typing import Callable
 
 from ..config import GATE_KEYS, RunConfig
 from ..distributed import Ranks
+from ..errors import ConceptInfluenceError
 from ..fileio import atomic_write_text, file_sha256
 from ..provenance import invocation, package_versions
 from ..settings import settings_diff
-from ..errors import ConceptInfluenceError
 
 __all__ = ["RunError", "Run", "Layout", "RUN_FORMAT", "RUN_FORMAT_VERSION", "write_or_explain"]
 
@@ -175,6 +175,14 @@ class Run(Layout):
     def direction_path(self) -> Path:
         """``probe/direction.safetensors``."""
         return self.path / "probe" / "direction.safetensors"
+
+    @property
+    def concept_spec(self):
+        """The run's concept (a :class:`~concept_influence.concept_spec.ConceptSpec`): ``[concept]``, with the probe's
+        direction (made by the probe stage) and evaluation texts when the run has a ``[probe]``."""
+        if self.config.probe is None:
+            return self.config.concept
+        return self.config.concept.replace(directions=[str(self.direction_path)], eval=self.config.concept_eval)
 
     def is_done(self, stage: str) -> bool:
         """Whether ``run.json`` notes ``stage`` as finished."""

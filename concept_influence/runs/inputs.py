@@ -9,9 +9,8 @@ from typing import Callable, Iterator, Sequence
 
 from ..config import RunConfig
 from ..data import ChatExample, DataError, Shard, TokenizedExample, iter_shards
-from ..fileio import path_sha256
+from ..fileio import path_sha256, refuse_same_data
 from .folder import RunError
-from .shards import refuse_same_data
 
 __all__ = ["RunData"]
 
@@ -50,7 +49,7 @@ class RunData:
             return f.max_examples, ()
         extra = self.extra_path
         refuse_same_data(("data.train", train), (EXTRA, extra), "the extra data is fitted on besides the training "
-                         "data: give a sample of what the model was trained on before the fine-tune")
+                         "data: give a sample of what the model was trained on before the fine-tune", RunError)
         n_train = sum(len(shard.examples) for shard in iter_shards(train, 1024, f.max_examples))
         if n_train == 0:
             raise RunError(f"{train}: the file has no examples")

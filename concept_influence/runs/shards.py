@@ -15,14 +15,7 @@ from ..provenance import combine_digests
 from ..scores import Scores
 from .folder import RunError
 
-__all__ = ["refuse_same_data", "concatenate", "finished_shard", "read_checkpoint", "resume_pass"]
-
-
-def refuse_same_data(a: tuple[str, str], b: tuple[str, str], why: str) -> None:
-    """A :class:`RunError` when the two ``(key, path)`` sources hold the same data (equal SHA-256; a missing file is
-    left to the reader, which names it)."""
-    if Path(a[1]).exists() and Path(b[1]).exists() and path_sha256(a[1]) == path_sha256(b[1]):
-        raise RunError(f"{a[0]} and {b[0]} are the same data ({a[1]} and {b[1]} have equal SHA-256); {why}")
+__all__ = ["concatenate", "finished_shard", "read_checkpoint", "resume_pass"]
 
 
 def concatenate(parts: Sequence[Scores], estimator: str) -> Scores:

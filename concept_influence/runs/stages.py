@@ -15,12 +15,11 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..config import MIN_PROBE_AUROC
 from ..curvature import Curvature, SumStats, fit_curvature
 from ..data import ChatExample, Shard, TokenizedExample, load_chats, tokenize_examples, tokenize_kept
 from ..distributed import Ranks
 from ..estimators import ESTIMATORS, GradientEstimator
-from ..fileio import atomic_write_text, path_sha256, save_tensors
+from ..fileio import path_sha256, save_tensors
 from ..models import MapSelectionError, ModelAdapter, block_of_hook, checkpointed_weights, load_model
 from ..models.hugging_face import parse_track
 from ..provenance import combine_digests
@@ -29,7 +28,7 @@ from .checkpoints import Point, describe_points, load_point, model_folder, parts
 from .folder import Run, RunError, write_or_explain
 from .inputs import RunData
 from .report import write_report
-from .shards import concatenate, finished_shard, read_checkpoint, refuse_same_data, resume_pass
+from .shards import concatenate, finished_shard, read_checkpoint, resume_pass
 
 __all__ = ["Pipeline"]
 
@@ -96,63 +95,22 @@ class Pipeline:
             raise RunError(f"{self.run.path}: the {stage} stage has not run yet; run `concept-influence {command} "
                            f"{self.run.path}` first (or `concept-influence run {self.run.path / 'config.json'}`)")
 
-    # ---- probe ---------------------------------------------------------------------------------
+    # ---- concept -------------------------------------------------------------------------------
     def direction(self):
-        """The concept direction: trained here (``probe.positive``/``negative``) or read from ``probe.direction``."""
-        from probes import ConceptDirection
+        """The concept direction: trained here (``probe.positive``/``negative``) or read from ``probe.direction``;
+        without a ``[probe]``, the direction the concept check steers along (:func:`~..concept_spec.steering_direction`)."""
+        from .probe import probe_stage
 
-        from ..concepts import check_direction_compatible
-
-        path = self.run.direction_path
-        if self.ranks.is_main and not self.run.is_done("probe"):
-            details = {}
-            if not path.is_file():  # (a direction saved just before a kill is kept)
-                details = self._make_direction(path)
-            self.run.finish_stage("probe", self.ranks, hook=self.cfg.probe.hook, **details)
-        self.ranks.barrier()
-        direction = ConceptDirection.load(path)
-        check_direction_compatible(direction, self.adapter)
-        return direction
-
-    def _make_direction(self, path: Path) -> dict:
-        from probes import ConceptDirection, train_probe
-
-        from ..activations import collect_activations
-        from ..concepts import check_direction_compatible
-
-        p = self.cfg.probe
-        if p.direction is not None:
-            direction, details = ConceptDirection.load(p.direction), {"source": p.direction}
-            if direction.hook_name != p.hook:
-                raise RunError(f"{p.direction}: the direction is for hook {direction.hook_name!r}, "
-                               f"the config says probe.hook = {p.hook!r}")
-            check_direction_compatible(direction, self.adapter)
-        else:
-            self.adapter.check_hook(p.hook)
-            refuse_same_data(("probe.positive", p.positive), ("probe.negative", p.negative),
-                             "the probe needs texts with and without the concept")
-            acts = [collect_activations(self.adapter, self._tokenize(f, p.max_examples), p.hook, p.reduction,
-                                        progress=self.progress) for f in (p.positive, p.negative)]
-            result = train_probe(p.kind, *acts, p.hook, seed=p.seed)
-            m = result.metrics
-            if m["roc_auc"] < MIN_PROBE_AUROC and not p.allow_weak:
-                raise RunError(f"the probe at {p.hook} is at chance: held-out AUROC {m['roc_auc']:.2f} (accuracy "
-                               f"{m['accuracy']:.2f}) between {p.positive} and {p.negative}, below {MIN_PROBE_AUROC}; "
-                               "check that the two files differ in the concept, or set probe.allow_weak = true "
-                               "(--allow-weak-probe) to go on. Nothing was written")
-            direction, details = result.direction, {"metrics": m}
-            atomic_write_text(path.parent / "metrics.json", json.dumps(m, indent=1) + "\n")
-        write_or_explain(path, lambda: direction.save(path), "Nothing else was written.")
-        return details
+        return probe_stage(self)
 
     def concept(self, with_eval: bool = True):
-        """f: the projection on the probe direction, averaged over the concept's evaluation texts
-        (``with_eval=False`` for the fast path, which measures each training example on itself)."""
-        from ..concepts import ConceptFunction
+        """f: the concept averaged over its evaluation texts (``with_eval=False`` for the fast path, which measures
+        each training example on itself)."""
+        from ..concept_spec import build_concept
 
-        self._require("probe", "probe train")
-        eval_examples = self._tokenize(self.cfg.concept_eval, self.cfg.concept.max_examples) if with_eval else None
-        return ConceptFunction.from_directions(self.direction(), eval_examples, self.cfg.concept.reduction)
+        if self.cfg.probe is not None:
+            self._require("probe", "probe train")
+        return build_concept(self.run.concept_spec, self.adapter, self._tokenize, with_eval)
 
     # ---- factors -------------------------------------------------------------------------------
     @property
@@ -187,11 +145,11 @@ class Pipeline:
         f, final = self.cfg.factors, point.factors_dir
         self.run.check_settings("factors", self.data.fit_settings, final)
         if not (final / "curvature.json").is_file():
-            self._require("probe", "probe train")
+            if self.cfg.probe is not None:
+                self._require("probe", "probe train")
             self.gate()
-            hook = self.direction().hook_name
             with self.at(point):
-                maps = self.adapter.linear_maps(max_block=block_of_hook(hook))
+                maps = self.adapter.linear_maps(max_block=block_of_hook(self.cfg.concept_hook))
                 self.data.fit_digests()  # (unusable data is refused before the settings are saved)
                 if self.ranks.is_main:
                     self.run.save_settings("factors", self.data.fit_settings, final)
