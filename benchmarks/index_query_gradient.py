@@ -23,8 +23,8 @@ from concept_influence.concepts import measurement_gradient
 from concept_influence.estimators import ConceptInfluence
 from concept_influence.index import IndexSettings
 from concept_influence.index.build import resolve_rank, start_index
-from concept_influence.index.projection import MapSpace
 from concept_influence.index.query import projected_measurement, query_matrix, stream_scores
+from concept_influence.index.subspace import MapSpace
 from concept_influence.provenance import machine_description
 from concept_influence_benchmarks.index_bench import IndexBenchConfig, synthetic_store
 from concept_influence_benchmarks.speed_size_stages import SizeConfig, random_concept, random_examples, size_model

@@ -36,8 +36,8 @@ _ON_FIRST_USE = {
 }
 
 __all__ = ["ConceptInfluenceError", "DataError", "load_chats", "tokenize_examples", "load_model", "as_adapter",
-           "collect_activations", "ConceptSpec", "build_concept", "ConceptFunction", "fit_curvature", "ConceptInfluence", "InfluenceFunction",
-           "SourceInfluence", "GradientIndex", "run_config", "Scores", "check_stability"]
+           "collect_activations", "ConceptSpec", "build_concept", "ConceptFunction", "fit_curvature", "ConceptInfluence",
+           "InfluenceFunction", "SourceInfluence", "GradientIndex", "run_config", "Scores", "check_stability"]
 
 
 def __getattr__(name: str) -> Any:

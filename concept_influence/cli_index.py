@@ -7,8 +7,8 @@ from pathlib import Path
 
 from .cli_common import EM_DATA, add_settings_options, given_settings, needs_benchmarks
 from .concept_spec import ConceptSpec
-from .index.projection import PROJECTIONS, QUERY_CURVATURES
 from .index.store import STORAGE_DTYPES
+from .index.subspace import PROJECTIONS, QUERY_CURVATURES
 
 __all__ = ["add_index_commands"]
 
@@ -17,7 +17,7 @@ def _build(args: argparse.Namespace) -> int:
     import os
 
     from .index import IndexSettings
-    from .index.runs import build_from_runs
+    from .index.from_runs import build_from_runs
 
     settings = IndexSettings(projection=args.projection, rank=args.rank, budget=args.budget, dtype=args.dtype,
                              shard_size=args.shard_size, batch_size=args.batch_size, seed=args.seed)
@@ -55,7 +55,7 @@ def _query(args: argparse.Namespace) -> int:
     from .data import DataError, read_chats
     from .fileio import path_sha256
     from .index import GradientIndex
-    from .index.runs import checkpoint_models, checkpoint_run
+    from .index.from_runs import checkpoint_models, checkpoint_run
 
     out = Path(args.out)
     if out.exists() and not args.force:

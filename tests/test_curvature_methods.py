@@ -14,7 +14,7 @@ from concept_influence.curvature import Curvature, CurvatureSettings, EKFACCurva
 from concept_influence.curvature.base import map_shapes
 from concept_influence.estimators import ConceptInfluence
 from concept_influence.index import GradientIndex
-from concept_influence.index.projection import make_spaces
+from concept_influence.index.subspace import make_spaces
 from concept_influence.plan import PlanError, PlanSettings
 from probes import ConceptDirection
 

@@ -16,8 +16,8 @@ from concept_influence.curvature import fit_curvature
 from concept_influence.data import collate
 from concept_influence.estimators import ConceptGradDot, ConceptInfluence, InfluenceFunction, OverCheckpoints
 from concept_influence.index import GradientIndex, GradientIndexError
-from concept_influence.index.projection import damped
 from concept_influence.index.query import empirical_moments, projected_measurement
+from concept_influence.index.subspace import damped
 from concept_influence.models import HFCausalLMAdapter
 from conftest import _hf_model
 from probes import ConceptDirection

@@ -17,7 +17,7 @@ from concept_influence.cli import main
 from concept_influence.config import RunConfig
 from concept_influence.fileio import file_sha256
 from concept_influence.index import GradientIndex, IndexSettings
-from concept_influence.index.runs import build_from_runs
+from concept_influence.index.from_runs import build_from_runs
 from concept_influence.models import load_model, save_model
 from concept_influence.runs import run_config, run_stages
 from concept_influence.scores import Scores

@@ -273,7 +273,7 @@ def test_the_index_scores_with_the_unrolled_curvature(tl_adapter, tokenized, tmp
     from concept_influence.curvature import fit_curvature
     from concept_influence.estimators import ConceptInfluence
     from concept_influence.index import GradientIndex
-    from concept_influence.index.projection import make_spaces
+    from concept_influence.index.subspace import make_spaces
 
     maps = tl_adapter.linear_maps(max_block=1)
     unrolled = fit_curvature(tl_adapter, tokenized, maps, batch_size=4, progress=False).unrolled(Horizon.constant(0.5, 20))

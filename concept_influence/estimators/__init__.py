@@ -3,8 +3,8 @@
 from .base import Estimator
 from .baselines import LengthBaseline, RandomBaseline, TfidfBaseline
 from .checkpoints import OverCheckpoints
+from .fast_path import ProbeProjection, ProjectionDifference
 from .gradient import ConceptGradDot, ConceptInfluence, GradDot, GradientEstimator, InfluenceFunction
-from .projection import ProbeProjection, ProjectionDifference
 from .unrolled import SourceInfluence
 
 ESTIMATORS = {

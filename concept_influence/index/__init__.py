@@ -1,8 +1,8 @@
 """A compressed gradient index: built once over the training data, queried many times.
 
 Building makes one forward+backward pass per checkpoint over the training data (the scoring engine's pipeline) and
-stores, for every example and tracked map, a Kronecker projection of its loss gradient (:mod:`.projection`), sharded
-on disk (:mod:`.store`), resumable and split over ``torchrun`` processes (:mod:`.build`, :mod:`.runs`). A query (a
+stores, for every example and tracked map, a Kronecker projection of its loss gradient (:mod:`.subspace`), sharded
+on disk (:mod:`.store`), resumable and split over ``torchrun`` processes (:mod:`.build`, :mod:`.from_runs`). A query (a
 concept, K of them at once, or test examples) computes its gradient on its own texts only, projects and
 preconditions it in the same space, and scores every stored example with one matrix product streamed over the shards,
 summed over the checkpoints (:mod:`.query`), writing the same :class:`~concept_influence.scores.Scores` that scoring
@@ -11,7 +11,7 @@ writes.
 
 from .build import IndexSettings
 from .gradient_index import GradientIndex
-from .projection import PROJECTIONS, QUERY_CURVATURES
 from .store import GradientIndexError
+from .subspace import PROJECTIONS, QUERY_CURVATURES
 
 __all__ = ["GradientIndex", "IndexSettings", "GradientIndexError", "PROJECTIONS", "QUERY_CURVATURES"]

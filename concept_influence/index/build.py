@@ -25,8 +25,8 @@ from ..gradients import captured_batches, check_finite
 from ..models import LinearMap, ModelAdapter
 from ..provenance import invocation, package_versions
 from ..settings import Settings, option, settings_diff
-from .projection import PROJECTIONS, MapSpace, make_spaces, space_ranks
 from .store import FORMAT, FORMAT_VERSION, STORAGE_DTYPES, GradientIndexError, IndexStore
+from .subspace import PROJECTIONS, MapSpace, make_spaces, space_ranks
 
 __all__ = ["IndexSettings", "ShardInput", "memory_shards", "check_existing", "start_index", "build_checkpoint"]
 

@@ -21,8 +21,8 @@ from ..fileio import load_tensors_and_metadata, save_tensors
 from ..models import LinearMap, ModelAdapter
 from ..provenance import combine_digests
 from ..scores import Scores
-from .projection import QUERY_CURVATURES, MapSpace, cholesky, damped
 from .store import GradientIndexError, IndexStore
+from .subspace import QUERY_CURVATURES, MapSpace, cholesky, damped
 
 __all__ = ["index_scores", "query_matrix", "projected_measurement", "stream_scores", "empirical_moments"]
 

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import ConceptInfluenceError
 from ..fileio import atomic_write_text, load_tensors_and_metadata, save_tensors
-from .projection import MapSpace, spaces_from_tensors, spaces_to_tensors
+from .subspace import MapSpace, spaces_from_tensors, spaces_to_tensors
 
 __all__ = ["GradientIndexError", "IndexStore", "FORMAT", "FORMAT_VERSION", "STORAGE_DTYPES", "BUFFER_BYTES"]
 

@@ -27,7 +27,7 @@ from ..activations import collect_activations
 from ..concepts import ConceptFunction
 from ..curvature import Curvature
 from ..data import TokenizedExample
-from ..estimators.projection import concept_readouts
+from ..estimators.fast_path import concept_readouts
 from ..evaluation import retrieval_metrics
 from ..models import ModelAdapter
 from ..scoring import gradient_norms, score_with_queries
