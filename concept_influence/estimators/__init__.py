@@ -2,9 +2,9 @@
 
 from .base import Estimator
 from .baselines import LengthBaseline, RandomBaseline, TfidfBaseline
-from .checkpoints import OverCheckpoints
 from .fast_path import ProbeProjection, ProjectionDifference
 from .gradient import ConceptGradDot, ConceptInfluence, GradDot, GradientEstimator, InfluenceFunction
+from .over_checkpoints import OverCheckpoints
 from .unrolled import SourceInfluence
 
 ESTIMATORS = {

@@ -25,7 +25,7 @@ from ..scores import Scores
 from ..scoring import score_with_queries
 from ..stability import StabilityReport, check_stability
 from .base import Estimator
-from .checkpoints import describe_checkpoint
+from .over_checkpoints import describe_checkpoint
 
 __all__ = ["SourceInfluence", "HORIZON_VARIANTS"]
 
