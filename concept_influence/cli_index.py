@@ -52,8 +52,7 @@ def _estimator(args: argparse.Namespace, index, adapter, run):
 
 
 def _query(args: argparse.Namespace) -> int:
-    from .data import DataError, read_chats
-    from .fileio import path_sha256
+    from .data import DataError
     from .index import GradientIndex
     from .index.from_runs import checkpoint_models, checkpoint_run
 
@@ -72,12 +71,7 @@ def _query(args: argparse.Namespace) -> int:
     if args.report:
         from .index.concept_map import concept_map, write_concept_report
 
-        data = index.store.manifest["data"]
-        if path_sha256(data["source"]) != data["sha256"]:
-            raise DataError(f"{data['source']}: the data changed since the index was built; the report's texts would "
-                            "not be the scored examples (the scores are saved)")
-        wanted = set(concept_map(scores, args.top).ids)
-        texts = {ex.id: (ex.prompt, ex.response) for ex in read_chats(data["source"]) if ex.id in wanted}
+        texts = index.texts(concept_map(scores, args.top).ids)  # (the scores are saved first)
         print(write_concept_report(scores, args.report, texts, args.top))
     return 0
 

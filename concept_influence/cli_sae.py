@@ -51,26 +51,17 @@ def _load(args: argparse.Namespace):
 
 def _sae_latents(args: argparse.Namespace) -> int:
     from probes.directions import ConceptDirection
-    from probes.sae import check_latents
-    from probes.sae_latents import LatentActivations, latent_separation
+    from probes.sae import sae_hooks
 
     from .fileio import atomic_write_text
-    from .sae_concepts import describe_latents, format_top_examples, latent_activations, top_activating_examples
+    from .sae_concepts import behaviour_latents, format_top_examples
 
     adapter, sae = _load(args)
-    show = args.latents or []
-    if show:
-        check_latents(sae, show)
     probe = ConceptDirection.load(args.probe) if args.probe else None
     pos, neg = (read_examples([p], adapter, args.max_length) for p in (args.positive, args.negative))
-    acts = [latent_activations(sae, adapter, x, progress=not args.no_progress) for x in (pos, neg)]
-    ranking = latent_separation(*acts, sae=sae, probe_direction=probe, sort_by=args.sort_by)
-    show = show or ranking.top(args.top)
-    both = pos + neg
-    all_acts = LatentActivations.concat(acts)
-    ranking.labels = describe_latents(all_acts, both, adapter.tokenizer, ranking.top(args.top) + show)
-    examples = {l: top_activating_examples(all_acts, both, adapter.tokenizer, l, args.examples) for l in show}
-    text = (f"# SAE latents of the behaviour\n\nSAE `{args.sae}` at `{acts[0].hook_name}` on model `{args.model}`; "
+    ranking, examples = behaviour_latents(sae, adapter, pos, neg, probe=probe, sort_by=args.sort_by, top=args.top,
+                                          show=args.latents, n_examples=args.examples, progress=not args.no_progress)
+    text = (f"# SAE latents of the behaviour\n\nSAE `{args.sae}` at `{sae_hooks(sae)[0]}` on model `{args.model}`; "
             f"{len(pos)} positive ({args.positive}) and {len(neg)} negative ({args.negative}) examples; ranked by "
             f"{args.sort_by}.\n\n{ranking.to_markdown(args.top)}\n\n## Top activating examples\n\n"
             f"{format_top_examples(examples, ranking.labels)}")

@@ -25,7 +25,7 @@ from .data import TokenizedExample, iter_batches
 from .models import ModelAdapter
 
 __all__ = ["check_sae_compatible", "latent_activations", "rank_latents", "top_activating_examples",
-           "describe_latents", "format_top_examples", "latent_concept", "LATENT_CONCEPT_KINDS"]
+           "describe_latents", "behaviour_latents", "format_top_examples", "latent_concept", "LATENT_CONCEPT_KINDS"]
 
 LATENT_CONCEPT_KINDS = ("activation", "decoder", "encoder")
 
@@ -152,6 +152,23 @@ def latent_concept(sae, latents: int | Sequence[int], eval_examples: Sequence[To
         d.metadata["name"] = f"sae_{kind}_{i}"
         directions.append(d)
     return ConceptFunction.from_directions(directions, eval_examples, reduction)
+
+
+def behaviour_latents(sae, adapter: ModelAdapter, positive: Sequence[TokenizedExample],
+                      negative: Sequence[TokenizedExample], *, probe: ConceptDirection | None = None,
+                      sort_by: str = "auroc", top: int = 20, show: Sequence[int] | None = None, n_examples: int = 5,
+                      progress: bool = False) -> tuple[LatentRanking, dict[int, list[dict]]]:
+    """The SAE's latents ranked by how well they separate ``positive`` from ``negative`` examples
+    (:func:`~probes.sae_latents.latent_separation`, labelled by :func:`describe_latents`), and the ``n_examples`` top
+    activating examples of each latent of ``show`` (default: the ``top`` of the ranking)."""
+    if show:
+        check_latents(sae, list(show))
+    acts = [latent_activations(sae, adapter, x, progress=progress) for x in (positive, negative)]
+    ranking = latent_separation(*acts, sae=sae, probe_direction=probe, sort_by=sort_by)
+    show = list(show or ranking.top(top))
+    both, all_acts = list(positive) + list(negative), LatentActivations.concat(acts)
+    ranking.labels = describe_latents(all_acts, both, adapter.tokenizer, ranking.top(top) + show)
+    return ranking, {i: top_activating_examples(all_acts, both, adapter.tokenizer, i, n_examples) for i in show}
 
 
 def format_top_examples(examples_by_latent: Mapping[int, list[dict]], labels: Mapping[int, str] | None = None) -> str:

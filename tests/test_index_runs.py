@@ -16,7 +16,7 @@ from runfolder import N_TRAIN, cli_env, make_project, start_and_kill
 from concept_influence.cli import main
 from concept_influence.config import RunConfig
 from concept_influence.fileio import file_sha256
-from concept_influence.index import GradientIndex, IndexSettings
+from concept_influence.index import GradientIndex, GradientIndexError, IndexSettings
 from concept_influence.index.from_runs import build_from_runs
 from concept_influence.models import load_model, save_model
 from concept_influence.runs import run_config, run_stages
@@ -128,6 +128,8 @@ def test_bad_input_is_one_line(project, tmp_path, capsys):
 
     lines = (project / "train.jsonl").read_text().splitlines(keepends=True)
     (other / "train.jsonl").write_text("".join(lines[:-1]))  # other data (one line less), in a new run
+    with pytest.raises(GradientIndexError, match="train.jsonl: the data changed since the index was built"):
+        GradientIndex(other / "index").texts(["0"])  # (what `index query --report` reads)
     run_stages(("probe",), other / "run2", RunConfig.read(other / "run.toml"), progress=False)
     err = _cli_error(capsys, "index", "build", str(other / "run2"), "--out", str(other / "index"), "--projection",
                      "random", "--rank", "4", "--shard-size", "16")

@@ -93,3 +93,19 @@ class GradientIndex:
         adapters = [adapters] if isinstance(adapters, ModelAdapter) else list(adapters)
         return index_scores(self.store, estimator, adapters, curvature=curvature, batch_size=batch_size,
                             progress=progress, **options)
+
+    def texts(self, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """``id -> (prompt, response)`` of the examples ``ids``, read from the data the index was built on (a file
+        built from run folders); a :class:`GradientIndexError` when that data changed since the build."""
+        from ..data import read_chats
+        from ..fileio import path_sha256
+
+        data = self.store.manifest["data"]
+        if "sha256" not in data:
+            raise GradientIndexError(f"{self.store.path}: the index was built from examples in memory; it records no "
+                                     "data file to read texts from")
+        if path_sha256(data["source"]) != data["sha256"]:
+            raise GradientIndexError(f"{data['source']}: the data changed since the index was built, so its texts "
+                                     "are not those of the indexed examples")
+        wanted = set(ids)
+        return {ex.id: (ex.prompt, ex.response) for ex in read_chats(data["source"]) if ex.id in wanted}
