@@ -2,10 +2,10 @@
 numbers whose product with a projected query approximates the index's score (issue 28; Influcoder-style).
 
 * **Features** (:mod:`.encoder_features`): at each of the example's loss tokens, the inputs ``a_t`` of the index's
-  maps projected on the index's own input bases ``P_in`` (the ``a`` side of a row ``Σ_t (P_outᵀ g_t)(P_inᵀ a_t)ᵀ``),
-  standardised; the example's features are their mean over the tokens and the mean of the token second moments in
-  their top principal components (a row is a sum over tokens of a product of two token quantities, which a linear map
-  of the means alone cannot express). The forward stops after the last indexed block.
+  maps (each distinct input once) projected on the index's own input bases ``P_in`` (the ``a`` side of a row
+  ``Σ_t (P_outᵀ g_t)(P_inᵀ a_t)ᵀ``), standardised; the example's features are their mean over the tokens and the mean
+  of the token second moments in their top principal components (a row is a sum over tokens of a product of two token
+  quantities, which a linear map of the means alone cannot express). The forward stops after the last block read.
 * **Code**: the centred rows of a training sample give their top-``m`` principal subspace ``B`` ``[D, m]`` and mean
   ``μ``; the code of ``z`` is a ridge regression (scikit-learn ``RidgeCV``, penalty by leave-one-out) of its
   coordinates ``Bᵀ(r_z − μ)`` on its features. The reconstruction ``μ + B·code`` lives in the index's space, so any
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .curvature.ekfac import DEFAULT_DAMPING_FACTOR
 from .data import TokenizedExample, iter_batches
-from .encoder_features import EncoderError, TokenFeatures, forward_tokens
+from .encoder_features import EncoderError, TokenFeatures, distinct_inputs, forward_tokens
 from .estimators import GradientEstimator
 from .fileio import load_tensors_and_metadata, save_tensors
 from .index import GradientIndex
@@ -91,12 +91,13 @@ class RowEncoder:
 
     @classmethod
     def fit(cls, index: GradientIndex | str | Path, adapter: ModelAdapter, examples: Sequence[TokenizedExample], *,
-            m: int = 64, sample: int | float = 0.25, token_rank: int = 32, seed: int = 0, checkpoint: int = 0,
-            alphas: Sequence[float] = ALPHAS, batch_size: int = 16, progress: bool = True) -> "RowEncoder":
+            m: int = 64, sample: int | float = 0.25, token_rank: int = 32, last_block: int | None = None, seed: int = 0,
+            checkpoint: int = 0, alphas: Sequence[float] = ALPHAS, batch_size: int = 16, progress: bool = True) -> "RowEncoder":
         """Fit on the rows of a uniform random ``sample`` (a count, or a fraction of the indexed examples) of the
         index's checkpoint ``checkpoint``: ``examples`` are the indexed examples (any order), ``adapter`` the model
         the checkpoint was indexed on; ``m`` the code's length, ``token_rank`` the principal components of a token
-        whose second moments are features."""
+        whose second moments are features; ``last_block``: only the inputs of the maps of blocks up to it are read, so
+        the forward stops there (default: the index's last block). ``info["sample_ids"]`` records the sample."""
         store = index.store if isinstance(index, GradientIndex) else IndexStore.open(index)
         entries = store.manifest["checkpoints"]
         if not 0 <= checkpoint < len(entries) or not entries[checkpoint].get("finished"):
@@ -115,8 +116,12 @@ class RowEncoder:
                                f"than the code has dimensions (m < sample <= {len(ids)}, m >= 1)")
         chosen = sorted(np.random.default_rng(seed).choice(len(ids), n, replace=False).tolist())
         rows = _rows_of(store, checkpoint, {ids[i] for i in chosen})
-        layout = store.manifest["maps"]
+        blocks = [e["block"] for e in store.manifest["maps"]]
+        last_block = max(blocks) if last_block is None else last_block
+        if not min(blocks) <= last_block <= max(blocks):
+            raise EncoderError(f"last_block={last_block}: the index's maps are in blocks {min(blocks)}..{max(blocks)}")
         spaces = store.load_spaces(checkpoint)
+        layout = distinct_inputs(adapter, [e for e in store.manifest["maps"] if e["block"] <= last_block], spaces)
         loss_tokens = store.manifest["settings"]["loss_tokens"]
         tokens = [t for part in _batches([by_id[ids[i]] for i in chosen], batch_size, adapter, "fit encoder", progress)
                   for t in forward_tokens(adapter, layout, spaces, part, loss_tokens)]
@@ -126,8 +131,10 @@ class RowEncoder:
                    **fit_linear_codes(features.pooled(tokens), y, m, alphas)}
         digest = hashlib.sha256(b"".join(tensors[k].numpy().tobytes() for k in _TENSORS)).hexdigest()[:16]
         info = {"format": FORMAT, "index": str(store.path.resolve()), "checkpoint": checkpoint,
-                "fingerprint": entries[checkpoint]["fingerprint"], "maps": layout, "loss_tokens": loss_tokens,
-                "sample": n, "indexed": len(ids), "seed": seed, "digest": digest}
+                "fingerprint": entries[checkpoint]["fingerprint"], "maps": store.manifest["maps"],
+                "feature_maps": layout, "loss_tokens": loss_tokens,
+                "sample": n, "indexed": len(ids), "seed": seed, "digest": digest,
+                "sample_ids": [ids[i] for i in chosen]}
         return cls(tensors, info)
 
     def encode(self, adapter: ModelAdapter, examples: Sequence[TokenizedExample], *, dtype: str = "float16",
@@ -140,7 +147,8 @@ class RowEncoder:
         t = self.tensors
         parts = []
         for batch in _batches(examples, batch_size, adapter, "encode", progress):
-            x = self.features.pooled(forward_tokens(adapter, self.info["maps"], spaces, batch, self.info["loss_tokens"]))
+            x = self.features.pooled(forward_tokens(adapter, self.info["feature_maps"], spaces, batch,
+                                                      self.info["loss_tokens"]))
             parts.append(((x - t["feature_mean"]) / t["feature_scale"]) @ t["coef"] + t["intercept"])
         values = torch.cat(parts) if parts else torch.zeros(0, self.m)
         return Codes([e.id for e in examples], values.to(STORAGE_DTYPES[dtype]), self.digest)
@@ -166,7 +174,7 @@ class RowEncoder:
         offset = self.tensors["row_mean"][:width] @ q
         values = -(codes.values.float() @ projected + offset)
         meta = {"index": self.info["index"], "encoder": self.digest, "m": self.m, "curvature": query_mode(estimator, curvature),
-                "maps": [m.name for m in used], "sample": self.info["sample"]}
+                "maps": [m.name for m in used], "sample": self.info["sample"], "indexed": self.info["indexed"]}
         return Scores(list(codes.ids), values.double().numpy(), f"{estimator.name}[encoder]", columns, meta)
 
     def save(self, path: str | Path) -> Path:
@@ -193,7 +201,8 @@ def fit_linear_codes(x: torch.Tensor, y: torch.Tensor, m: int, alphas: Sequence[
     feature_mean, feature_scale = x.mean(0), x.std(0).clamp_min(1e-12)
     row_mean = y.mean(0)
     basis = torch.linalg.svd(y - row_mean, full_matrices=False).Vh[:m].T
-    ridge = RidgeCV(alphas=np.asarray(alphas, dtype=float)).fit(((x - feature_mean) / feature_scale).numpy(), ((y - row_mean) @ basis).numpy())
+    ridge = RidgeCV(alphas=np.asarray(alphas, dtype=float))
+    ridge.fit(((x - feature_mean) / feature_scale).numpy(), ((y - row_mean) @ basis).numpy())
     out = {"feature_mean": feature_mean, "feature_scale": feature_scale, "coef": torch.from_numpy(ridge.coef_.T.copy()),
            "intercept": torch.from_numpy(np.asarray(ridge.intercept_, dtype=np.float64)).reshape(m), "basis": basis,
            "row_mean": row_mean}

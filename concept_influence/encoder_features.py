@@ -15,7 +15,7 @@ from .errors import ConceptInfluenceError
 from .index.subspace import MapSpace
 from .models import ModelAdapter
 
-__all__ = ["EncoderError", "TokenFeatures", "forward_tokens", "loss_positions"]
+__all__ = ["EncoderError", "TokenFeatures", "distinct_inputs", "forward_tokens", "loss_positions"]
 
 
 class EncoderError(ConceptInfluenceError, ValueError):
@@ -31,24 +31,45 @@ def loss_positions(batch: Batch, loss_tokens: str) -> torch.Tensor:
     return positions
 
 
+def _adapter_maps(adapter: ModelAdapter, layout: Sequence[dict]) -> dict:
+    held = {m.name: m for m in adapter.linear_maps()}
+    missing = [e["name"] for e in layout if e["name"] not in held]
+    if missing:
+        raise EncoderError(f"the model has no map {missing[0]} (the index's maps are {layout[0]['name']}.."
+                           f"{layout[-1]['name']})")
+    return held
+
+
+def distinct_inputs(adapter: ModelAdapter, layout: Sequence[dict], spaces: Sequence[MapSpace]) -> list[dict]:
+    """The entries of ``layout`` whose projected input is no earlier entry's: maps that read the same tensor with the
+    same basis (``W_Q``, ``W_K``, ``W_V`` share their input and its EK-FAC factor) would repeat each other's
+    features."""
+    held, by_name = _adapter_maps(adapter, layout), {s.name: s for s in spaces}
+    kept, seen = [], []
+    for e in layout:
+        m, basis = held[e["name"]], by_name[e["name"]].p_in
+        key = (id(m.input_module), m.input_from)
+        if not any(k == key and (b is None) == (basis is None) and (b is None or torch.equal(b, basis)) for k, b in seen):
+            seen.append((key, basis))
+            kept.append(e)
+    return kept
+
+
 @torch.no_grad()
 def forward_tokens(adapter: ModelAdapter, layout: Sequence[dict], spaces: Sequence[MapSpace], batch: Batch,
                    loss_tokens: str) -> list[torch.Tensor]:
     """Per example of ``batch``, ``[t_i, p]``: at each loss position, every map of ``layout`` (the index manifest's
-    ``maps``) has its input projected on its space's ``P_in``, side by side. One forward, stopped after the last of
-    the maps' blocks; nothing is differentiated."""
+    ``maps``, or the first of them) has its input projected on its space's ``P_in``, side by side. One forward,
+    stopped after the last of the maps' blocks; nothing is differentiated."""
     names = [e["name"] for e in layout]
-    held = {m.name: m for m in adapter.linear_maps()}
-    missing = [n for n in names if n not in held]
-    if missing:
-        raise EncoderError(f"the model has no map {missing[0]} (the index's maps are {names[0]}..{names[-1]})")
+    held = _adapter_maps(adapter, layout)
     by_name = {s.name: s for s in spaces}
     last = max(e["block"] for e in layout)
     with adapter.capture([held[n] for n in names]) as cap:
         adapter.activations(batch, f"blocks.{last}.hook_resid_post")
-    x = torch.cat([project_tokens(cap.inputs[n], by_name[n].p_in) for n in names], -1)
-    mask = loss_positions(batch, loss_tokens).to(x.device)
-    return [x[i][mask[i]].cpu() for i in range(len(batch))]
+    mask = loss_positions(batch, loss_tokens).to(cap.inputs[names[0]].device)
+    x = torch.cat([project_tokens(cap.inputs[n][mask], by_name[n].p_in) for n in names], -1).cpu()
+    return list(x.split(mask.sum(1).tolist()))
 
 
 @dataclass

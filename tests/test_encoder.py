@@ -64,7 +64,10 @@ def test_interpolating_encoder_gives_the_index_scores(setup):
 
 def test_save_load_round_trip_is_bit_exact(setup, tmp_path):
     adapter, examples, _, _ = setup
-    encoder = _fit(setup, sample=0.75, m=4, alphas=(1.0, 10.0))
+    encoder = _fit(setup, sample=0.75, m=4, alphas=(1.0, 10.0), last_block=0)  # features of block 0: a shorter forward
+    # block 0's distinct inputs: W_Q, W_K and W_V read the same tensor with the same basis, so only W_Q's is read
+    assert [e["name"] for e in encoder.info["feature_maps"]] == ["blocks.0.attn.W_Q", "blocks.0.attn.W_O",
+                                                                "blocks.0.mlp.W_in", "blocks.0.mlp.W_out"]
     loaded = RowEncoder.load(encoder.save(tmp_path / "encoder.safetensors"))
     assert loaded.info == encoder.info
     assert all(torch.equal(loaded.tensors[k], v) for k, v in encoder.tensors.items())
@@ -95,6 +98,7 @@ def test_bad_input_is_one_line_naming_the_problem(setup, tokenizer, tmp_path):
         (lambda: RowEncoder.fit(index, adapter, examples[:-1], progress=False), "the index holds 12"),
         (lambda: _fit(setup, checkpoint=1), "checkpoint 1 is not a finished checkpoint"),
         (lambda: _fit(setup, m=3, token_rank=0), "token_rank must be at least 1"),
+        (lambda: _fit(setup, m=3, last_block=2), "last_block=2: the index's maps are in blocks 0..1"),
         (lambda: encoder.encode(other, examples, progress=False), "fingerprint"),
         (lambda: encoder.encode(adapter, examples, dtype="int8", progress=False), "dtype 'int8'"),
         (lambda: encoder.score(estimator, adapter, Codes(codes.ids, codes.values, "0" * 16), progress=False),

@@ -24,7 +24,8 @@ from ..scores import Scores
 from .store import GradientIndexError, IndexStore
 from .subspace import QUERY_CURVATURES, MapSpace, cholesky, damped
 
-__all__ = ["index_scores", "query_mode", "checkpoint_query", "query_matrix", "projected_measurement", "stream_scores", "empirical_moments"]
+__all__ = ["index_scores", "query_mode", "checkpoint_query", "query_matrix", "projected_measurement", "stream_scores",
+           "empirical_moments"]
 
 
 def empirical_moments(store: IndexStore, c: int, chunk: int = 1024) -> dict[str, torch.Tensor]:
