@@ -104,6 +104,10 @@ class RowEncoder:
             raise EncoderError(f"{store.path}: checkpoint {checkpoint} is not a finished checkpoint of the index "
                                f"({len(entries)} checkpoints)")
         _check_model(store.path, entries[checkpoint], adapter, "the index's checkpoint was built on")
+        blocks = [e["block"] for e in store.manifest["maps"]]
+        last_block = max(blocks) if last_block is None else last_block
+        if not min(blocks) <= last_block <= max(blocks):
+            raise EncoderError(f"last_block={last_block}: the index's maps are in blocks {min(blocks)}..{max(blocks)}")
         by_id = {e.id: e for e in examples}
         ids = [i for shard in range(entries[checkpoint]["n_shards"]) for i in store.rows(checkpoint, shard)[0]]
         missing = [i for i in ids if i not in by_id]
@@ -116,10 +120,6 @@ class RowEncoder:
                                f"than the code has dimensions (m < sample <= {len(ids)}, m >= 1)")
         chosen = sorted(np.random.default_rng(seed).choice(len(ids), n, replace=False).tolist())
         rows = _rows_of(store, checkpoint, {ids[i] for i in chosen})
-        blocks = [e["block"] for e in store.manifest["maps"]]
-        last_block = max(blocks) if last_block is None else last_block
-        if not min(blocks) <= last_block <= max(blocks):
-            raise EncoderError(f"last_block={last_block}: the index's maps are in blocks {min(blocks)}..{max(blocks)}")
         spaces = store.load_spaces(checkpoint)
         layout = distinct_inputs(adapter, [e for e in store.manifest["maps"] if e["block"] <= last_block], spaces)
         loss_tokens = store.manifest["settings"]["loss_tokens"]
@@ -143,7 +143,7 @@ class RowEncoder:
         if dtype not in STORAGE_DTYPES:
             raise EncoderError(f"dtype {dtype!r}: expected one of {', '.join(STORAGE_DTYPES)}")
         _check_model(self.info["index"], self.info, adapter, "the encoder was fitted on")
-        spaces = IndexStore.open(self.info["index"]).load_spaces(self.info["checkpoint"])
+        spaces = self._index().load_spaces(self.info["checkpoint"])
         t = self.tensors
         parts = []
         for batch in _batches(examples, batch_size, adapter, "encode", progress):
@@ -164,9 +164,7 @@ class RowEncoder:
         if codes.values.ndim != 2 or codes.values.shape != (len(codes.ids), self.m):
             raise EncoderError(f"codes of shape {tuple(codes.values.shape)} for {len(codes.ids)} ids; this encoder's "
                                f"codes are [N, {self.m}]")
-        store = IndexStore.open(self.info["index"])
-        if store.manifest["maps"] != self.info["maps"]:
-            raise EncoderError(f"{store.path}: the index's maps changed since the encoder was fitted; fit it again")
+        store = self._index()
         q, columns, used = checkpoint_query(store, self.info["checkpoint"], estimator, adapter,
                                             query_mode(estimator, curvature), damping_factor, batch_size, progress)
         width = q.shape[0]
@@ -176,6 +174,18 @@ class RowEncoder:
         meta = {"index": self.info["index"], "encoder": self.digest, "m": self.m, "curvature": query_mode(estimator, curvature),
                 "maps": [m.name for m in used], "sample": self.info["sample"], "indexed": self.info["indexed"]}
         return Scores(list(codes.ids), values.double().numpy(), f"{estimator.name}[encoder]", columns, meta)
+
+    def _index(self) -> IndexStore:
+        """The index the encoder was fitted on, refused when it was rebuilt since (other maps, or another model at the
+        checkpoint): its projections are the features' and the query's."""
+        store = IndexStore.open(self.info["index"])
+        entries = store.manifest["checkpoints"]
+        c = self.info["checkpoint"]
+        if store.manifest["maps"] != self.info["maps"] or c >= len(entries) or \
+                entries[c]["fingerprint"] != self.info["fingerprint"]:
+            raise EncoderError(f"{store.path}: the index changed since the encoder was fitted (its maps or the model at "
+                               f"checkpoint {c}); fit the encoder again")
+        return store
 
     def save(self, path: str | Path) -> Path:
         """Write the encoder as one safetensors file (its settings in the header)."""

@@ -108,6 +108,8 @@ def test_bad_input_is_one_line_naming_the_problem(setup, tokenizer, tmp_path):
         (lambda: RowEncoder.load(codes.save(tmp_path / "codes.safetensors")), "not an encoder file"),
         (lambda: Codes.load(encoder.save(tmp_path / "enc.safetensors")), "not a codes file"),
     ]
+    changed = RowEncoder(encoder.tensors, {**encoder.info, "maps": encoder.info["maps"][:-1]})
+    cases.append((lambda: changed.encode(adapter, examples, progress=False), "the index changed since the encoder"))
     for call, phrase in cases:
         with pytest.raises(EncoderError) as err:
             call()
