@@ -14,10 +14,9 @@ import networkx  # (a dependency of torch)
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ("concept_influence", "probes")
 BENCHMARKS = "concept_influence_benchmarks"
-# Circles through imports deferred into functions, left to the items of issue 29 that rework these modules (curvature
-# methods that register themselves; the config walk): no other circle may appear.
+# Circles through imports deferred into functions, left to the items of issue 29 that rework these modules (the config
+# walk): no other circle may appear.
 KNOWN_CIRCLES = {
-    frozenset({"concept_influence.curvature.ekfac", "concept_influence.curvature.unrolled"}),
     frozenset({"concept_influence.config", "concept_influence.plan", "concept_influence.plan.memory",
                "concept_influence.runs.checkpoints", "concept_influence.runs.folder"}),
 }
