@@ -14,12 +14,6 @@ import networkx  # (a dependency of torch)
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ("concept_influence", "probes")
 BENCHMARKS = "concept_influence_benchmarks"
-# Circles through imports deferred into functions, left to the items of issue 29 that rework these modules (the config
-# walk): no other circle may appear.
-KNOWN_CIRCLES = {
-    frozenset({"concept_influence.config", "concept_influence.plan", "concept_influence.plan.memory",
-               "concept_influence.runs.checkpoints", "concept_influence.runs.folder"}),
-}
 
 
 def _built(tmp_path: Path, hook: str) -> zipfile.ZipFile:
@@ -89,8 +83,7 @@ def _imports(name: str, path: Path, modules) -> dict[str, bool]:
 def test_no_module_imports_another_that_imports_it_back():
     modules = _modules()
     graph = networkx.DiGraph([(name, target) for name, path in modules.items() for target in _imports(name, path, modules)])
-    circles = [sorted(c) for c in networkx.strongly_connected_components(graph)
-               if len(c) > 1 and frozenset(c) not in KNOWN_CIRCLES]
+    circles = [sorted(c) for c in networkx.strongly_connected_components(graph) if len(c) > 1]
     assert not circles
 
 
