@@ -61,9 +61,7 @@ def _open(path: str | Path | None, config: RunConfig | None, ranks: Ranks) -> Ru
     """Open (rank 0 creates) the run folder, then every rank reads it."""
     if path is None:
         raise ConfigError("no run folder: set `out` in the config or pass --out")
-    run = Run.open(path, config) if ranks.is_main else None
-    ranks.barrier()
-    return run or Run.open(path, config, create=False)
+    return ranks.main_first(lambda create: Run.open(path, config, create))
 
 
 def _device(path: str | Path | None, config: RunConfig | None) -> str:
