@@ -54,8 +54,7 @@ class ConceptSpec(Settings):
     reduction: str = option(DEFAULT_QUERY, "the tokens the concept is read at on the evaluation texts (the query)",
                             choices=REDUCTIONS)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check_together(self) -> None:
         hints = typing.get_type_hints(type(self))
         for name in ("directions", "latents"):
             value = getattr(self, name)

@@ -81,8 +81,7 @@ class ModelConfig(Settings):
     weights: str | list | None = option(None, "each checkpoint's multiplier in the sum: numbers, or \"lr\" (the "
                                               "learning rate at its step, from trainer_state.json); unset: 1 each")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check_together(self) -> None:
         # checked now, so a bad value is an error naming its key (models.hugging_face.parse_track reads `track`)
         _ = parse_track(self.track), parse_device_memory(self.device_memory)
         c, w = self.checkpoints, self.weights
@@ -162,8 +161,8 @@ class FactorsConfig(CurvatureSettings):
     extra_max_examples: int | None = option(None, "how many extra_data examples; unset: as many as the training "
                                                   "examples fitted on, so the two weigh equally", minimum=1)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check_together(self) -> None:
+        super().check_together()
         if self.extra_data is not None and self.path is not None:
             raise ValueError("extra_data is fitted on; path is a saved curvature that is not fitted: give one of them")
         if self.extra_max_examples is not None and self.extra_data is None:
@@ -275,11 +274,6 @@ class RunConfig:
         if source is None:
             raise ConfigError("concept.eval is needed when the concept is not a probe trained here (no positive texts)")
         return source
-
-    @property
-    def concept_hook(self) -> str:
-        """The hook the concept is read at."""
-        return self.probe.hook if self.probe is not None else self.concept.hook
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a nested JSON-ready dict (what ``config.json`` holds)."""

@@ -37,7 +37,14 @@ import torch
 
 from concept_influence.activations import collect_activations
 from concept_influence.concepts import ConceptFunction, measurement_gradient
-from concept_influence.curvature import CurvatureSettings, adam_step_scales, fisher_step_scales, fit_curvature, segment_horizons
+from concept_influence.curvature import (
+    CurvatureSettings,
+    UnrolledCurvature,
+    adam_step_scales,
+    fisher_step_scales,
+    fit_curvature,
+    segment_horizons,
+)
 from concept_influence.data import tokenize_examples
 from concept_influence.estimators import LengthBaseline, ProbeProjection, RandomBaseline, TfidfBaseline
 from concept_influence.estimators.baselines import response_texts
@@ -116,7 +123,7 @@ def _study(adapter, concept, test, pool, fit_sets, points, cfg, progress) -> dic
             for name, step_scales in (("adam", scales), ("fisher", fisher_step_scales(curvature, cfg.batch_size)),
                                       ("sgd", None)):
                 for h in HORIZONS if name != "sgd" else (1.0,):
-                    unrolled = curvature.unrolled(horizon.scaled(h), step_scales=step_scales)
+                    unrolled = UnrolledCurvature.from_curvature(curvature, horizon.scaled(h), step_scales=step_scales)
                     columns[f"unrolled[{name}]x{h:g}|{fit}"] = unrolled.precondition(grads)
                     if name == "adam":
                         key = f"source[adam]x{h:g}|{fit}"

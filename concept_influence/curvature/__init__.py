@@ -2,7 +2,8 @@
 
 ``fit_curvature(adapter, examples, maps, CurvatureSettings(strategy=...))`` returns a :class:`Curvature` whose
 ``precondition({map name: gradient [..., d_out, d_in]})`` applies ``(G + λI)⁻¹``; ``save``/``load`` use
-safetensors + JSON and check the model fingerprint. The pure-tensor mathematics is in :mod:`.core`. Each method is a
+safetensors + JSON and check the model fingerprint. The pure-tensor mathematics is in :mod:`.core`; the eigenbasis
+per map that EK-FAC, K-FAC and unrolled preconditioning keep, and how it is saved, in :mod:`.eigenbasis`. Each method is a
 :class:`Curvature` subclass that registers its strategy names and declares what it needs and provides
 (:mod:`.registry`); fitting, loading, run configs, the memory plan and the index read those declarations.
 """

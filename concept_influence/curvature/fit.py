@@ -54,8 +54,7 @@ class CurvatureSettings(Settings):
                              minimum=1)
     seed: int = option(0, "seed of the labels sampled for the true Fisher")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check_together(self) -> None:
         check_damping(self.damping, self.damping_factor)
 
 

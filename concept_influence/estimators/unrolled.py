@@ -18,7 +18,7 @@ import torch
 from scipy.stats import spearmanr
 
 from ..concepts import ConceptError, ConceptFunction
-from ..curvature import CurvatureSettings, Horizon, fisher_step_scales, fit_curvature
+from ..curvature import CurvatureSettings, Horizon, UnrolledCurvature, fisher_step_scales, fit_curvature
 from ..data import TokenizedExample
 from ..models import ModelAdapter, checkpointed_weights, load_checkpoint
 from ..scores import Scores
@@ -82,7 +82,7 @@ class SourceInfluence(Estimator):
                                       progress=progress)
                 scales = (fisher_step_scales(ekfac, self.train_batch_size) if self.step_scales == "fisher"
                           else None if self.step_scales is None else self.step_scales[i])
-                unrolled = ekfac.unrolled(self.horizons[i], step_scales=scales)
+                unrolled = UnrolledCurvature.from_curvature(ekfac, self.horizons[i], step_scales=scales)
                 columns = [unrolled.precondition(query)]
                 columns += [unrolled.with_horizon(scale=h).precondition(query) for h in HORIZON_VARIANTS]
                 columns.append(grads)

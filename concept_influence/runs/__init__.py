@@ -37,17 +37,22 @@ from __future__ import annotations
 
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from ..config import ConfigError, RunConfig
 from ..distributed import Ranks, process_group
+from ..models import block_of_hook
+from ..models.hugging_face import parse_track
+from ..plan import Plan, PlanSettings, format_bytes, model_shape, parse_bytes, plan_memory
 from .audit import causal_warning, check_stage, explain_stage, filter_stage
+from .checkpoints import model_folder
 from .folder import RUN_FORMAT, RUN_FORMAT_VERSION, Run, RunError
 from .stages import Pipeline
 
-__all__ = ["RunError", "Run", "Pipeline", "run_config", "run_stages", "check_memory_plan", "RUN_FORMAT",
-           "RUN_FORMAT_VERSION", "STAGES"]
+__all__ = ["RunError", "Run", "Pipeline", "run_config", "run_stages", "plan_for_config", "check_memory_plan",
+           "RUN_FORMAT", "RUN_FORMAT_VERSION", "STAGES"]
 
 STAGES = ("probe", "check", "factors", "scores", "report", "explain", "filter")
 
@@ -56,9 +61,7 @@ def _open(path: str | Path | None, config: RunConfig | None, ranks: Ranks) -> Ru
     """Open (rank 0 creates) the run folder, then every rank reads it."""
     if path is None:
         raise ConfigError("no run folder: set `out` in the config or pass --out")
-    run = Run.open(path, config) if ranks.is_main else None
-    ranks.barrier()
-    return run or Run.open(path, config, create=False)
+    return ranks.main_first(lambda create: Run.open(path, config, create))
 
 
 def _device(path: str | Path | None, config: RunConfig | None) -> str:
@@ -113,6 +116,20 @@ def run_stages(stages: Sequence[str], path: str | Path | None, config: RunConfig
         return report if report_path and ranks.is_main else out
 
 
+def plan_for_config(config: RunConfig, settings: PlanSettings | None = None, **changes: Any) -> Plan:
+    """The memory plan (:func:`concept_influence.plan.plan_memory`) of a run config: its model (built on the meta
+    device from the config of ``[model] path``), its tracked maps (``[model] track``, blocks up to the concept's hook),
+    batch size, strategy and lengths; ``settings`` and ``changes`` as :func:`~concept_influence.plan.plan_memory`
+    takes them."""
+    m = config.model
+    weights, selection = parse_track(m.track)
+    shape = model_shape(model_folder(m), dtype=m.dtype, track=weights, select=selection,
+                        max_block=block_of_hook((config.probe or config.concept).hook), base=m.base)
+    s = replace(settings or PlanSettings(), batch_size=config.factors.batch_size, max_length=config.data.max_length,
+                strategy=config.factors.strategy)
+    return plan_memory(shape, s, **changes)
+
+
 #: The plan's stages each run stage goes through (:mod:`concept_influence.plan`).
 _PLANNED = {"factors": ("load", "covariance pass", "eigendecomposition", "eigenvalue pass"),
             "scores": ("load", "query", "scoring")}
@@ -120,7 +137,7 @@ _PLANNED = {"factors": ("load", "covariance pass", "eigendecomposition", "eigenv
 
 def check_memory_plan(path: str | Path | None, config: RunConfig | None, stages: Sequence[str] = STAGES) -> None:
     """Before any work: the memory plan of the run as today's engine runs it (every tracked map at once, every
-    factor on each rank; :func:`concept_influence.plan.plan_for_config` with ``engine="current"``), checked against
+    factor on each rank; :func:`plan_for_config` with ``engine="current"``), checked against
     ``[model] device_memory`` (auto: a CUDA device's own memory, no check on the CPU). A stage of ``stages`` that
     does not fit is a :class:`RunError` in one line naming the plan's stage and its bytes; nothing is written."""
     if config is None and path is not None and (Path(path) / "config.json").is_file():
@@ -131,7 +148,6 @@ def check_memory_plan(path: str | Path | None, config: RunConfig | None, stages:
     if limit is None:
         return
     from ..estimators import ESTIMATORS
-    from ..plan import format_bytes, plan_for_config
 
     plan = plan_for_config(config, engine="current", device_memory=limit)
     checked = [name for stage in stages for name in _PLANNED.get(stage, ())
@@ -156,8 +172,6 @@ def _device_memory(config: RunConfig) -> int | None:
     if value == "none":
         return None
     if value != "auto":
-        from ..plan import parse_bytes
-
         return parse_bytes(value)
     import os
 

@@ -149,7 +149,7 @@ class Pipeline:
                 self._require("probe", "probe train")
             self.gate()
             with self.at(point):
-                maps = self.adapter.linear_maps(max_block=block_of_hook(self.cfg.concept_hook))
+                maps = self.adapter.linear_maps(max_block=block_of_hook((self.cfg.probe or self.cfg.concept).hook))
                 self.data.fit_digests()  # (unusable data is refused before the settings are saved)
                 if self.ranks.is_main:
                     self.run.save_settings("factors", self.data.fit_settings, final)
