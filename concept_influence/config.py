@@ -21,7 +21,7 @@ positive/negative texts at a hook, or a saved direction), the curvature, the est
 
 Relative paths are relative to the config file's folder. Unknown keys, wrong types and bad choices are
 errors that name the key. The ``[factors]`` and ``[scoring]`` sections are the fields of
-:class:`~concept_influence.curvature.CurvatureSettings` and :class:`~concept_influence.scoring.ScoringSettings`
+:class:`~concept_influence.curvature.CurvatureSettings` and :class:`~concept_influence.engine.ScoringSettings`
 plus the keys only a run folder needs; ``concept-influence run --help`` lists them with their help text.
 """
 
@@ -38,12 +38,12 @@ from probes import PROBE_KINDS, REDUCTIONS
 from .concept_spec import CONCEPT_TYPES, ConceptSpec
 from .curvature import CurvatureSettings
 from .curvature.registry import FITTED_FROM_DATA
+from .engine import ScoringSettings
 from .errors import ConceptInfluenceError
 from .estimators import RUN_ESTIMATORS
 from .models import MODEL_DTYPES
 from .models.hugging_face import parse_track
 from .plan import parse_device_memory
-from .scoring import ScoringSettings
 from .settings import Settings, build_settings, narrowed, option
 
 __all__ = ["ConfigError", "RunConfig", "FactorsConfig", "ScoringConfig", "settings_help", "MIN_PROBE_AUROC", "GATE_KEYS"]

@@ -1,7 +1,7 @@
 """Settings dataclasses: each field carries its help text and its checks, so an option is declared once.
 
 A stage's settings (:class:`~concept_influence.curvature.CurvatureSettings`,
-:class:`~concept_influence.scoring.ScoringSettings`) are taken by the Python API, make up the run config's
+:class:`~concept_influence.engine.ScoringSettings`) are taken by the Python API, make up the run config's
 ``[factors]`` and ``[scoring]`` sections (subclasses that add the keys only a run folder needs), give the CLI
 its help on those sections, and are saved next to a stage's output in a run folder and compared when the
 stage resumes (:meth:`concept_influence.runs.Run.check_settings`).

@@ -46,12 +46,12 @@ from concept_influence.curvature import (
     segment_horizons,
 )
 from concept_influence.data import tokenize_examples
+from concept_influence.engine import score_with_queries
 from concept_influence.estimators import LengthBaseline, ProbeProjection, RandomBaseline, TfidfBaseline
 from concept_influence.estimators.baselines import response_texts
 from concept_influence.filtering import removal_indices
 from concept_influence.models import checkpointed_weights, load_checkpoint
 from concept_influence.planted.behaviour import mean_answer_loss, planting_effect
-from concept_influence.scoring import score_with_queries
 from concept_influence.toy.small_model import build_small_model, seed_everything, train_bpe_tokenizer, train_model
 from probes import train_probe
 

@@ -20,13 +20,13 @@ from concept_influence.concepts import ConceptFunction
 from concept_influence.config import ConfigError, RunConfig
 from concept_influence.curvature import CurvatureSettings, fit_curvature
 from concept_influence.data import load_chat_jsonl, load_chats, tokenize_examples
+from concept_influence.engine import ScoringSettings
 from concept_influence.estimators import ConceptInfluence, ProbeProjection
 from concept_influence.fileio import file_sha256
 from concept_influence.filtering import sidecar_path
 from concept_influence.models import load_model
 from concept_influence.runs import RUN_FORMAT_VERSION, Run, RunError, run_config, run_stages
 from concept_influence.scores import Scores
-from concept_influence.scoring import ScoringSettings
 from probes import ConceptDirection
 
 

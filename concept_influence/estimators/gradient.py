@@ -2,7 +2,7 @@
 classic influence functions on the loss of test examples (EK-FAC or identity).
 
 All use one formula, score(z) = −∇f(θ)ᵀ (G + λI)⁻¹ ∇L(z), with f the concept function or minus the mean
-test loss, and the streaming engine :func:`concept_influence.scoring.score_with_queries`.
+test loss, and the streaming engine :func:`concept_influence.engine.score_with_queries`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import torch
 from ..concepts import ConceptError, ConceptFunction, Projection, measurement_gradient
 from ..curvature import Curvature, CurvatureSettings, fit_curvature
 from ..data import TokenizedExample
+from ..engine import Query, ScoringSettings, low_rank_queries, score_with_queries
 from ..models import LinearMap, ModelAdapter
 from ..scores import Scores
-from ..scoring import Query, ScoringSettings, low_rank_queries, score_with_queries
 from .base import Estimator
 
 __all__ = ["GradientEstimator", "ConceptInfluence", "ConceptGradDot", "InfluenceFunction", "GradDot"]

@@ -20,9 +20,9 @@ from scipy.stats import spearmanr
 from ..concepts import ConceptError, ConceptFunction
 from ..curvature import CurvatureSettings, Horizon, UnrolledCurvature, fisher_step_scales, fit_curvature
 from ..data import TokenizedExample
+from ..engine import score_with_queries
 from ..models import ModelAdapter, checkpointed_weights, load_checkpoint
 from ..scores import Scores
-from ..scoring import score_with_queries
 from ..stability import StabilityReport, check_stability
 from .base import Estimator
 from .over_checkpoints import describe_checkpoint
