@@ -24,8 +24,8 @@ from probes.directions import ConceptDirection
 from .concepts import DEFAULT_QUERY, ConceptError, ConceptFunction, check_direction_compatible
 from .data import TokenizedExample, load_chats, tokenize_examples
 from .models import ModelAdapter
+from .options import Settings, accepts, option
 from .sae_concepts import LATENT_CONCEPT_KINDS
-from .settings import Settings, accepts, option
 
 __all__ = ["ConceptSpec", "ConceptType", "CONCEPT_TYPES", "concept_type", "build_concept", "query_estimator",
            "steering_direction"]

@@ -43,8 +43,8 @@ from .errors import ConceptInfluenceError
 from .estimators import RUN_ESTIMATORS
 from .models import MODEL_DTYPES
 from .models.hugging_face import parse_track
+from .options import Settings, build_settings, narrowed, option
 from .plan import parse_device_memory
-from .settings import Settings, build_settings, narrowed, option
 
 __all__ = ["ConfigError", "RunConfig", "FactorsConfig", "ScoringConfig", "settings_help", "MIN_PROBE_AUROC", "GATE_KEYS"]
 

@@ -25,8 +25,8 @@ from .data import TokenizedExample
 from .errors import ConceptInfluenceError
 from .gradients import captured_batches, check_finite
 from .models import LinearMap, ModelAdapter
+from .options import Settings, option
 from .scores import Scores
-from .settings import Settings, option
 
 __all__ = ["ScoringError", "ScoringSettings", "LowRankQuery", "Query", "low_rank_queries", "score_with_queries",
            "token_query_scores", "example_query_scores", "gradient_norms"]

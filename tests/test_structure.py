@@ -173,7 +173,7 @@ def test_the_config_walk_climbs_back_up_at_most_five_times(tmp_path):
     A climb back up: a call of the walk whose caller module lies in a subpackage of ``concept_influence`` (the
     subpackage's ``__init__`` or a module in it: ``concept_influence.runs``, ``concept_influence.runs.folder``,
     ``concept_influence.curvature.fit``) and whose callee is a module of a package above the caller's
-    (``concept_influence.config``, ``concept_influence.settings``, ``concept_influence.distributed``). Each call
+    (``concept_influence.config``, ``concept_influence.options``, ``concept_influence.distributed``). Each call
     counts, a call made twice twice; calls within one package's modules, down into a subpackage or across into
     another subpackage are no climbs. On failure the message lists the climbs, then the walk (``^``: a climb; a call
     repeated in a row is shown once with its count)."""

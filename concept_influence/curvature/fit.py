@@ -20,7 +20,7 @@ import torch
 from ..data import TokenizedExample
 from ..gradients import captured_batches, check_finite
 from ..models import LinearMap, MapSelection, ModelAdapter
-from ..settings import Settings, option
+from ..options import Settings, option
 from . import registry
 from .base import Curvature, CurvatureError
 from .core import KroneckerEigen, SumStats, covariance_sums, rotated_square_sum

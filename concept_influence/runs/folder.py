@@ -15,7 +15,7 @@ from ..distributed import Ranks
 from ..errors import ConceptInfluenceError
 from ..fileio import atomic_write_text, file_sha256
 from ..provenance import invocation, package_versions
-from ..settings import settings_diff
+from ..options import settings_diff
 
 __all__ = ["RunError", "Run", "Layout", "RUN_FORMAT", "RUN_FORMAT_VERSION", "write_or_explain"]
 

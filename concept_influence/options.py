@@ -1,4 +1,5 @@
-"""Settings dataclasses: each field carries its help text and its checks, so an option is declared once.
+"""How an option is declared, once: settings dataclasses whose fields (:func:`option`) carry their help text and their
+checks, read from nested dicts (:func:`build_settings`: a run config's sections) and turned into command-line options.
 
 A stage's settings (:class:`~concept_influence.curvature.CurvatureSettings`,
 :class:`~concept_influence.engine.ScoringSettings`) are taken by the Python API, make up the run config's
