@@ -1,4 +1,5 @@
-"""Curvature approximations for influence: EK-FAC, K-FAC, identity and unrolled (SOURCE) preconditioning.
+"""Curvature approximations for influence: EK-FAC, K-FAC, identity, unrolled (SOURCE) preconditioning, and EK-FAC
+refined by conjugate gradient on the fit data's Fisher (:class:`RefinedCurvature`).
 
 ``fit_curvature(adapter, examples, maps, CurvatureSettings(strategy=...))`` returns a :class:`Curvature` whose
 ``precondition({map name: gradient [..., d_out, d_in]})`` applies ``(G + λI)⁻¹``; ``save``/``load`` use
@@ -12,8 +13,10 @@ from .base import Curvature, CurvatureError
 from .core import KroneckerEigen, SumStats, covariance_sums, rotated_square_sum
 from .ekfac import EKFACCurvature
 from .fit import CurvatureSettings, collect_covariance_stats, collect_eigenvalue_stats, fit_curvature, resolve_maps
+from .gauss_newton import GaussNewton
 from .identity import IdentityCurvature
 from .partitions import fit_partitioned, split_maps
+from .refined import RefinedCurvature
 from .unrolled import (
     Horizon,
     UnrolledCurvature,
@@ -30,6 +33,8 @@ __all__ = [
     "EKFACCurvature",
     "IdentityCurvature",
     "UnrolledCurvature",
+    "RefinedCurvature",
+    "GaussNewton",
     "Horizon",
     "segment_horizons",
     "learning_rates_from_trainer_state",
