@@ -7,6 +7,7 @@ safetensors + JSON and check the model fingerprint. The pure-tensor mathematics 
 per map that EK-FAC, K-FAC and unrolled preconditioning keep, and how it is saved, in :mod:`.eigenbasis`. Each method is a
 :class:`Curvature` subclass that registers its strategy names and declares what it needs and provides
 (:mod:`.registry`); fitting, loading, run configs, the memory plan and the index read those declarations.
+:func:`stability_variants` gives the variants of a curvature that the stability check compares it with (:mod:`.variants`).
 """
 
 from .base import Curvature, CurvatureError
@@ -25,6 +26,7 @@ from .unrolled import (
     learning_rates_from_trainer_state,
     segment_horizons,
 )
+from .variants import DAMPING_VARIANTS, HORIZON_VARIANTS, stability_variants, variant_kinds
 
 __all__ = [
     "Curvature",
@@ -50,4 +52,8 @@ __all__ = [
     "resolve_maps",
     "fit_partitioned",
     "split_maps",
+    "stability_variants",
+    "variant_kinds",
+    "DAMPING_VARIANTS",
+    "HORIZON_VARIANTS",
 ]
