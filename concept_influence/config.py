@@ -180,8 +180,8 @@ class ScoringConfig(ScoringSettings):
     estimator: str = option("concept_influence", "the estimator that scores the training data", choices=RUN_ESTIMATORS)
     shard_size: int = option(1024, "examples per score shard (one file each; a resumed run restarts at the first "
                                    "missing shard)", minimum=1)
-    require: str = option("none", "stable: stop after the scores (kept) unless every checkpoint's part of the sum "
-                                  "agrees on the top of the ranking (the stability check); none: warn",
+    require: str = option("none", "stable: stop after the scores (kept) unless the ranking's top is stable under damping "
+                                  "x0.01..x100 (or horizon x0.1, x10), identity curvature and each checkpoint; none: warn",
                           choices=("none", "stable"))
 
     def settings(self) -> ScoringSettings:

@@ -13,7 +13,9 @@ A run folder holds::
                          statistics/ the summed covariance and eigenvalue statistics of each pass; partial/ per-rank
                          checkpoints while fitting
     scores/              settings.json (the [scoring] settings); shards/shard-000000.safetensors + .json, one per
-                         `scoring.shard_size` examples; scores.* all shards merged in data order
+                         `scoring.shard_size` examples; scores.* all shards merged in data order (one column per
+                         concept); variants.* (and shards/variants-000000.*) the stability check's variants scored in
+                         the same pass: damping x0.01 ... x100 (or horizon x0.1, x10), identity (:mod:`.stability`)
     report/              report.md (the check's verdict, top and bottom examples with their text) and
                          score_distribution.png
     checkpoints/NN-name/ with [model] checkpoints: factors/ and scores/ at each checkpoint (scores/ above holds
@@ -30,7 +32,7 @@ shards are dealt to ranks and curvature statistics are summed over ranks (:mod:`
 Modules: :mod:`.folder` (the folder, its record, manifest and checks), :mod:`.stages` (the :class:`Pipeline`),
 :mod:`.checkpoints` (where factors and scores are computed), :mod:`.inputs` (the data in shards: the training data,
 and what the factors are fitted on), :mod:`.shards` (shard files), :mod:`.audit` (check, explain, filter),
-:mod:`.report` (``report.md``).
+:mod:`.report` (``report.md``), :mod:`.stability` (the stability check).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from ..models.hugging_face import parse_track
 from ..plan import Plan, PlanSettings, format_bytes, model_shape, parse_bytes, plan_memory
 from .audit import causal_warning, check_stage, explain_stage, filter_stage
 from .checkpoints import model_folder
-from .folder import RUN_FORMAT, RUN_FORMAT_VERSION, Run, RunError
+from .folder import RUN_FORMAT, RUN_FORMAT_VERSION, Run, RunError, read_json
 from .stages import Pipeline
 
 __all__ = ["RunError", "Run", "Pipeline", "run_config", "run_stages", "plan_for_config", "check_memory_plan",
@@ -139,7 +141,8 @@ def check_memory_plan(path: str | Path | None, config: RunConfig | None, stages:
     """Before any work: the memory plan of the run as today's engine runs it (every tracked map at once, every
     factor on each rank; :func:`plan_for_config` with ``engine="current"``), checked against
     ``[model] device_memory`` (auto: a CUDA device's own memory, no check on the CPU). A stage of ``stages`` that
-    does not fit is a :class:`RunError` in one line naming the plan's stage and its bytes; nothing is written."""
+    does not fit is a :class:`RunError` in one line naming the plan's stage and its bytes; nothing is written. The
+    queries of the stability variants scored beside the run's count as further concepts."""
     if config is None and path is not None and (Path(path) / "config.json").is_file():
         config = Run.open(path).config
     if config is None:
@@ -149,7 +152,7 @@ def check_memory_plan(path: str | Path | None, config: RunConfig | None, stages:
         return
     from ..estimators import ESTIMATORS
 
-    plan = plan_for_config(config, engine="current", device_memory=limit)
+    plan = plan_for_config(config, engine="current", device_memory=limit, concepts=_query_sets(config))
     checked = [name for stage in stages for name in _PLANNED.get(stage, ())
                if stage != "factors" or ("curvature" in ESTIMATORS[config.scoring.estimator].run_inputs
                                          and config.factors.path is None)]  # (a saved curvature is not fitted)
@@ -163,6 +166,17 @@ def check_memory_plan(path: str | Path | None, config: RunConfig | None, stages:
                            f"{format_bytes(limit)} ([model] device_memory = {config.model.device_memory!r}); nothing "
                            "was computed. `concept-influence plan` shows every stage; track fewer maps ([model] "
                            "track), lower [factors] batch_size, or set device_memory = \"none\" to run anyway")
+
+
+def _query_sets(config: RunConfig) -> int:
+    """The sets of queries the scoring holds: the run's own and one per stability variant of its curvature (that of
+    ``factors.path`` when given)."""
+    from ..curvature import variant_kinds
+
+    strategy, saved = config.factors.strategy, Path(config.factors.path or "") / "curvature.json"
+    if config.factors.path is not None and saved.is_file():
+        strategy = read_json(saved).get("strategy", strategy)
+    return 1 + len(variant_kinds(strategy))
 
 
 def _device_memory(config: RunConfig) -> int | None:

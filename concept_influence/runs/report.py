@@ -1,5 +1,6 @@
-"""The report stage: ``report/report.md`` (the concept check's verdict, the checkpoints and their weights, the top
-and bottom examples with their text and their score at each checkpoint) and the plot of the score distribution."""
+"""The report stage: ``report/report.md`` (the concept check's verdict, the checkpoints and their weights, the stability
+check, the top and bottom examples with their text and their score at each checkpoint) and the plot of the score
+distribution."""
 
 from __future__ import annotations
 
@@ -86,15 +87,20 @@ def _checkpoint_section(checkpoints: Sequence) -> list[str]:
 
 
 def _stability_section(info: dict) -> list[str]:
+    head = ["## Is the top of the ranking stable?", ""]
     stability = info["stages"].get("scores", {}).get("stability")
     if not stability:
-        return []
-    rows = [f"| {v} | {a:.2f} | {stability['spearman'][v]:.3f} |" for v, a in stability["agreement"].items()]
-    verdict = (f"**{stability['warning']}**" if stability["warning"] else
-               f"Stable: every checkpoint's part puts at least {stability['threshold']:.0%} of the sum's top "
-               f"{stability['top']} above its own median.")
-    return ["## Is the top of the ranking stable?", "", verdict, "",
-            "| part | agreement on the top | Spearman with the sum |", "|---|---:|---:|", *rows, ""]
+        return head + ["Not checked: the estimator has no curvature whose damping could change, and the run no "
+                       "checkpoints whose parts could disagree.", ""]
+    rows = [f"| {v} | {stability['kinds'].get(v, '')} | {a:.2f} | {stability['spearman'][v]:.3f} |"
+            for v, a in stability["agreement"].items()]
+    verdict = (f"**NOT stable.** {stability['warning']}." if stability["warning"] else
+               f"**Stable**: every variant agrees on at least {stability['threshold']:.0%} of the top "
+               f"{stability['top']}, each way (either ranking's top within the other's top {stability['reach']:.0%}).")
+    return head + [verdict, "", "The run's ranking against the same scores under other choices, scored in the same "
+                   "pass (`scores/variants.safetensors`): the damping × 0.01 … × 100 (or the horizon ÷ 10 and × 10), "
+                   "identity curvature (the plain concept gradient dot), and each checkpoint's part of the sum:", "",
+                   "| variant | kind | agreement on the top | Spearman with the run's |", "|---|---|---:|---:|", *rows, ""]
 
 
 def markdown_rows(rows: Sequence[tuple[str, float]], texts: dict[str, tuple[str, str]],

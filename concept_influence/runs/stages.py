@@ -24,11 +24,12 @@ from ..models import MapSelectionError, ModelAdapter, block_of_hook, checkpointe
 from ..models.hugging_face import parse_track
 from ..provenance import combine_digests
 from ..scores import Scores
-from .checkpoints import Point, describe_points, load_point, model_folder, parts_stability, require_stable, run_points
+from .checkpoints import Point, describe_points, load_point, model_folder, run_points
 from .folder import Run, RunError, write_or_explain
 from .inputs import RunData
 from .report import write_report
-from .shards import concatenate, finished_shard, read_checkpoint, resume_pass
+from .shards import read_checkpoint, resume_pass
+from .stability import merge_shards, require_stable, run_stability, save_shard, shard_done, summed_variants
 
 __all__ = ["Pipeline"]
 
@@ -207,7 +208,7 @@ class Pipeline:
         cls = ESTIMATORS[self.cfg.scoring.estimator]
         inputs = {"readout": lambda: self.concept(with_eval=False), "concept": self.concept,
                   "curvature": lambda: self._scoring_curvature(point or self.points[0])}
-        options = {"scoring": self.cfg.scoring.settings()} if issubclass(cls, GradientEstimator) else {}
+        options = {"scoring": self.cfg.scoring.settings(), "variants": True} if issubclass(cls, GradientEstimator) else {}
         return cls(*(inputs[name]() for name in cls.run_inputs), **options)
 
     def _scoring_curvature(self, point: Point) -> Curvature:
@@ -220,18 +221,17 @@ class Pipeline:
         """Score every training example at every point, shard by shard (resuming), merged in data order; with
         checkpoints, their weighted sum (what ``sum-scores`` writes) is the run's scores."""
         parts = [self._score_point(point) for point in self.points]
-        if self.points[0].name is None:
-            return parts[0]
         run, ranks = self.run, self.ranks
-        if ranks.is_main and not (run.scores_path.is_file() and run.is_done("scores")):
-            weights = [p.weight for p in self.points]
-            total = Scores.weighted_sum(parts, weights, estimator=f"{parts[0].estimator}[checkpoints]", metadata={
+        if self.points[0].name and ranks.is_main and not (run.scores_path.is_file() and run.is_done("scores")):
+            weights, name = [p.weight for p in self.points], f"{parts[0].estimator}[checkpoints]"
+            total = Scores.weighted_sum(parts, weights, estimator=name, metadata={
                 **parts[0].metadata, "summed": [str(p.scores_path) for p in self.points], "weights": weights})
+            variants = summed_variants(run, self.points, weights, name)  # (written before the scores)
             write_or_explain(run.scores_path, lambda: total.save(run.scores_path), "The scores at each checkpoint are intact.")
-            stability = parts_stability(total, self.points, parts)
+            stability = run_stability(total, variants, {p.name: part for p, part in zip(self.points, parts)})
             run.finish_stage("scores", ranks, estimator=total.estimator, n_examples=len(total),
                              checkpoints=describe_points(self.points), data_sha256=path_sha256(self.cfg.data.train),
-                             stability=stability.to_dict())
+                             stability=stability and stability.to_dict())
         ranks.barrier()
         require_stable(run, self.cfg.scoring.require, ranks.is_main)
         return Scores.load(run.scores_path)
@@ -255,41 +255,30 @@ class Pipeline:
                 for shard in self.data.shards(s.shard_size):
                     if not ranks.owns(shard.index):
                         continue
-                    path = point.shard_path(shard.index)
-                    if finished_shard(path, shard.digest) is None:
-                        result = self._score_shard(estimator, shard)
-                        write_or_explain(path, lambda: result.save(path),
-                                         f"The {written} shards this process finished before it are intact.")
+                    if not shard_done(point, shard.index, shard.digest, estimator.variants):
+                        save_shard(point, shard.index, *self._score_shard(estimator, shard),
+                                   f"The {written} shards this process finished before it are intact.")
                     written += 1
                     bar.update(1)
         ranks.barrier()
         if ranks.is_main:
-            merged = self._merge_shards(estimator.name, point)
-            write_or_explain(point.scores_path, lambda: merged.save(point.scores_path), "Every shard is intact.")
+            merged, variants = merge_shards(point, self.data.digests(s.shard_size), estimator.name, estimator.variants)
+            stability = run_stability(merged, variants)
             self.run.finish_stage(point.stage("scores"), ranks, estimator=estimator.name, n_examples=len(merged),
                                   n_shards=n_shards, n_skipped=merged.metadata["n_skipped"],
-                                  data_sha256=path_sha256(self.cfg.data.train))
+                                  data_sha256=path_sha256(self.cfg.data.train), stability=stability and stability.to_dict())
         ranks.barrier()
         return Scores.load(point.scores_path)
 
-    def _score_shard(self, estimator, shard: Shard) -> Scores:
-        """The scores of one shard's examples (none when all were skipped), tagged with the shard's digest."""
+    def _score_shard(self, estimator, shard: Shard) -> tuple[Scores, Scores | None]:
+        """The scores of one shard's examples (none when all were skipped), tagged with the shard's digest, and the
+        scores of the estimator's stability variants (none when all were skipped)."""
         examples = self._tokenize_kept(shard.examples)
         result = (estimator.score(self.adapter, examples, batch_size=self.cfg.scoring.batch_size, progress=False)
                   if examples else Scores([], np.zeros((0, estimator.concept.k)), estimator.name,
                                           estimator.concept.names))
         result.metadata.update(shard_digest=shard.digest, shard=shard.index, n_lines=len(shard.examples))
-        return result
-
-    def _merge_shards(self, estimator: str, point: Point) -> Scores:
-        parts = []
-        for index, digest in enumerate(self.data.digests(self.cfg.scoring.shard_size)):
-            path = point.shard_path(index)
-            part = finished_shard(path, digest)
-            if part is None:
-                raise RunError(f"{path}: missing or stale shard; run the same command again to compute it")
-            parts.append(part)
-        return concatenate(parts, estimator)
+        return result, estimator.variants_ if examples else None
 
     # ---- report --------------------------------------------------------------------------------
     def report(self, top_k: int | None = None) -> Path:
