@@ -97,10 +97,17 @@ def _stability_section(info: dict) -> list[str]:
     verdict = (f"**NOT stable.** {stability['warning']}." if stability["warning"] else
                f"**Stable**: every variant agrees on at least {stability['threshold']:.0%} of the top "
                f"{stability['top']}, each way (either ranking's top within the other's top {stability['reach']:.0%}).")
-    return head + [verdict, "", "The run's ranking against the same scores under other choices, scored in the same "
-                   "pass (`scores/variants.safetensors`): the damping × 0.01 … × 100 (or the horizon ÷ 10 and × 10), "
-                   "identity curvature (the plain concept gradient dot), and each checkpoint's part of the sum:", "",
+    kinds = set(stability["kinds"].values())
+    compared = ", ".join(what for kind, what in _VARIANT_KINDS.items() if kind in kinds)
+    where = "; the variants are scored in the run's one pass (`scores/variants.safetensors`)" if kinds - {"part"} else ""
+    return head + [verdict, "", f"The run's ranking compared with {compared}{where}.", "",
                    "| variant | kind | agreement on the top | Spearman with the run's |", "|---|---|---:|---:|", *rows, ""]
+
+
+#: How the report names each kind of variant the stability check compares (:mod:`.stability`).
+_VARIANT_KINDS = {"damping": "the same factors at damping × 0.01 … × 100", "horizon": "the horizon ÷ 10 and × 10",
+                  "identity": "identity curvature (the plain concept gradient dot)",
+                  "part": "each checkpoint's part of the sum alone"}
 
 
 def markdown_rows(rows: Sequence[tuple[str, float]], texts: dict[str, tuple[str, str]],
