@@ -20,6 +20,7 @@ from concept_influence.curvature import (
     DAMPING_VARIANTS,
     Curvature,
     Horizon,
+    UnrolledCurvature,
     fit_curvature,
     stability_variants,
     variant_kinds,
@@ -68,8 +69,8 @@ def test_damping_variants_equal_scoring_with_each_damping_and_identity(tl_adapte
 
 def test_horizon_variants_equal_scoring_with_each_horizon(tl_adapter, tokenized, concept):
     horizon = Horizon.constant(0.5, 20)
-    unrolled = fit_curvature(tl_adapter, tokenized, tl_adapter.linear_maps(max_block=1), batch_size=4,
-                             progress=False).unrolled(horizon)
+    ekfac = fit_curvature(tl_adapter, tokenized, tl_adapter.linear_maps(max_block=1), batch_size=4, progress=False)
+    unrolled = UnrolledCurvature.from_curvature(ekfac, horizon)
     estimator = ConceptInfluence(concept, unrolled, variants=True)
     estimator.score(tl_adapter, tokenized, batch_size=len(tokenized), progress=False)
     assert list(estimator.variants_.metadata["variants"]) == ["horizon x0.1", "horizon x10", "identity"]
