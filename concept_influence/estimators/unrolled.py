@@ -88,8 +88,8 @@ class SourceInfluence(Estimator):
                 unrolled = UnrolledCurvature.from_curvature(ekfac, self.horizons[i], step_scales=scales)
                 kinds = variant_kinds(unrolled)  # the horizon ÷ 10 and × 10, then identity: the gradient here itself
                 names = ["chosen", *kinds]
-                horizons = [c.precondition(query) for n, c in stability_variants(unrolled).items() if n != "identity"]
-                stacked = stack_queries([unrolled.precondition(query), *horizons, grads])
+                rescaled = [c.precondition(query) for n, c in stability_variants(unrolled).items() if n != "identity"]
+                stacked = stack_queries([unrolled.precondition(query), *rescaled, grads])
                 scored = score_with_queries(adapter, examples, maps, stacked, estimator=self.name,
                                             columns=[f"{n}:{k}" for n in names for k in self.concept.names], sign=-1.0,
                                             batch_size=batch_size, progress=progress)
