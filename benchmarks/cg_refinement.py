@@ -21,8 +21,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from concept_influence.curvature import CurvatureSettings, RefinedCurvature, fit_curvature
+from concept_influence.engine import score_with_queries
 from concept_influence.models import load_checkpoint
-from concept_influence.scoring import score_with_queries
 from concept_influence.toy.small_model import seed_everything
 from concept_influence_benchmarks.emergent_config import EmergentConfig
 from concept_influence_benchmarks.emergent_family import draw_design, emergent_testbed
