@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from runfolder import make_project
+from runfolder import make_project, run_reference
 
 from concept_influence.concepts import ConceptFunction
 from concept_influence.config import RunConfig
@@ -28,7 +28,7 @@ from concept_influence.curvature import (
 from concept_influence.data import load_chat_jsonl, tokenize_examples
 from concept_influence.estimators import ConceptGradDot, ConceptInfluence
 from concept_influence.models import load_model
-from concept_influence.runs import Run, RunError, run_config, run_stages
+from concept_influence.runs import Run, RunError, run_stages
 from concept_influence.scores import Scores
 from probes import ConceptDirection
 
@@ -97,9 +97,7 @@ def project(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def finished(project) -> Path:
-    torch.set_num_threads(1)
-    run_config(RunConfig.read(project / "run.toml"), project / "runs" / "reference", progress=False)
-    return project / "runs" / "reference"
+    return run_reference(project)
 
 
 def test_a_run_keeps_the_variants_apart_and_equal_to_scoring_with_each(finished, project):

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from runfolder import N_TRAIN, make_project, start_and_kill
+from runfolder import N_TRAIN, make_project, run_reference, start_and_kill
 
 from concept_influence.cli import main
 from concept_influence.concepts import ConceptFunction
@@ -37,10 +37,7 @@ def project(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def finished(project) -> Path:
-    """One uninterrupted run of the project's config (in-process, progress off)."""
-    torch.set_num_threads(1)
-    run_config(RunConfig.read(project / "run.toml"), project / "runs" / "reference", progress=False)
-    return project / "runs" / "reference"
+    return run_reference(project)
 
 
 def edited_config(project: Path, old: str, new: str, name: str) -> Path:
