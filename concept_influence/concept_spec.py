@@ -81,24 +81,27 @@ class ConceptSpec(Settings):
 @dataclass(frozen=True)
 class ConceptType:
     """A registered way to name a concept: the spec fields it ``needs``, how it is ``build``-t (from the spec, the
-    model and the evaluation or test examples), the gradient estimator that scores it (``estimator(built,
-    preconditioned)``) and the direction the concept check steers along (None: not checkable)."""
+    model and the examples of the spec's chat file ``examples``: the evaluation texts, or the test examples), the
+    gradient estimator that scores it (``estimator(built, preconditioned)``) and the direction the concept check steers
+    along (None: not checkable)."""
 
     needs: tuple[str, ...]
     build: Callable[[ConceptSpec, ModelAdapter, "list[TokenizedExample] | None"], Any]
     estimator: Callable[..., Any]
     direction: Callable[[ConceptSpec, ModelAdapter], ConceptDirection] | None = None
+    examples: str = "eval"
 
 
 CONCEPT_TYPES: dict[str, ConceptType] = {}
 
 
 def concept_type(name: str, needs: tuple[str, ...], estimator: Callable[..., Any],
-                 direction: Callable[[ConceptSpec, ModelAdapter], ConceptDirection] | None = None):
-    """Register the decorated ``build(spec, adapter, examples)`` as concept type ``name``."""
+                 direction: Callable[[ConceptSpec, ModelAdapter], ConceptDirection] | None = None,
+                 examples: str = "eval"):
+    """Register the decorated ``build(spec, adapter, examples)`` as concept type ``name`` (see :class:`ConceptType`)."""
 
     def register(build):
-        CONCEPT_TYPES[name] = ConceptType(needs, build, estimator, direction)
+        CONCEPT_TYPES[name] = ConceptType(needs, build, estimator, direction, examples)
         return build
 
     return register
@@ -157,7 +160,7 @@ def _latent_concept(spec: ConceptSpec, adapter: ModelAdapter, examples) -> Conce
                           hook_name=spec.hook, reduction=spec.reduction)
 
 
-@concept_type("test_examples", ("test",), _test_estimator)
+@concept_type("test_examples", ("test",), _test_estimator, examples="test")
 def _test_examples(spec: ConceptSpec, adapter: ModelAdapter, examples) -> list[TokenizedExample]:
     if not examples:
         raise ConceptError(f"{spec.test}: no test example to read")
@@ -177,17 +180,13 @@ def build_concept(spec: ConceptSpec, adapter: ModelAdapter, read: Reader | None 
     (none with ``with_eval=False``: the fast path reads each training example itself), or for ``test`` the tokenised
     test examples. ``read`` tokenises a chat file (default: for the model's context length, skipping examples whose
     response is cut away)."""
-    kind = spec.type
-    read = read or _reader(adapter)
-    if kind == "test_examples":
-        examples = read(spec.test, spec.max_examples)
-    elif with_eval:
-        if spec.eval is None:
-            raise ConceptError("the concept needs evaluation texts (eval): what the behaviour looks like")
-        examples = read(spec.eval, spec.max_examples)
-    else:
-        examples = None
-    return CONCEPT_TYPES[kind].build(spec, adapter, examples)
+    t = CONCEPT_TYPES[spec.type]
+    if not with_eval and t.examples == "eval":
+        return t.build(spec, adapter, None)
+    path = getattr(spec, t.examples)
+    if path is None:
+        raise ConceptError(f"the concept needs {t.examples}: the chat file it is measured on")
+    return t.build(spec, adapter, (read or _reader(adapter))(path, spec.max_examples))
 
 
 def query_estimator(spec: ConceptSpec, adapter: ModelAdapter, read: Reader | None = None, preconditioned: bool = True,
