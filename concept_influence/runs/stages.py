@@ -97,6 +97,12 @@ class Pipeline:
                            f"{self.run.path}` first (or `concept-influence run {self.run.path / 'config.json'}`)")
 
     # ---- concept -------------------------------------------------------------------------------
+    def _require_probe(self) -> None:
+        """A run whose concept is its ``[probe]``'s direction needs the probe stage first (one named by ``[concept]``
+        alone has none)."""
+        if self.cfg.probe is not None:
+            self._require("probe", "probe train")
+
     def direction(self):
         """The concept direction: trained here (``probe.positive``/``negative``) or read from ``probe.direction``;
         without a ``[probe]``, the direction the concept check steers along (:func:`~..concept_spec.steering_direction`)."""
@@ -109,8 +115,7 @@ class Pipeline:
         each training example on itself)."""
         from ..concept_spec import build_concept
 
-        if self.cfg.probe is not None:
-            self._require("probe", "probe train")
+        self._require_probe()
         return build_concept(self.run.concept_spec, self.adapter, self._tokenize, with_eval)
 
     # ---- factors -------------------------------------------------------------------------------
@@ -146,8 +151,7 @@ class Pipeline:
         f, final = self.cfg.factors, point.factors_dir
         self.run.check_settings("factors", self.data.fit_settings, final)
         if not (final / "curvature.json").is_file():
-            if self.cfg.probe is not None:
-                self._require("probe", "probe train")
+            self._require_probe()
             self.gate()
             with self.at(point):
                 maps = self.adapter.linear_maps(max_block=block_of_hook((self.cfg.probe or self.cfg.concept).hook))
