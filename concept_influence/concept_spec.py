@@ -22,7 +22,7 @@ from probes.activations import REDUCTIONS
 from probes.directions import ConceptDirection
 
 from .concepts import DEFAULT_QUERY, ConceptError, ConceptFunction, check_direction_compatible
-from .data import TokenizedExample, load_chats, tokenize_examples
+from .data import TokenizedExample, read_tokenized
 from .models import ModelAdapter
 from .options import Settings, accepts, option
 from .sae_concepts import LATENT_CONCEPT_KINDS
@@ -169,8 +169,7 @@ def _test_examples(spec: ConceptSpec, adapter: ModelAdapter, examples) -> list[T
 
 def _reader(adapter: ModelAdapter) -> Reader:
     def read(path: str, limit: int | None) -> list[TokenizedExample]:
-        return tokenize_examples(load_chats(path, limit), adapter.tokenizer, adapter.context_length or 512,
-                                 skip_truncated=True, source=path)
+        return read_tokenized([path], adapter.tokenizer, adapter.context_length or 512, limit)
 
     return read
 

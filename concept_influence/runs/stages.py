@@ -16,7 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..curvature import Curvature, SumStats, fit_curvature
-from ..data import ChatExample, Shard, TokenizedExample, load_chats, tokenize_examples, tokenize_kept
+from ..data import ChatExample, Shard, TokenizedExample, read_tokenized, tokenize_kept
 from ..distributed import Ranks
 from ..estimators import ESTIMATORS, GradientEstimator
 from ..fileio import path_sha256, save_tensors
@@ -83,8 +83,8 @@ class Pipeline:
             adapter.model.load_state_dict(own, strict=False)
 
     def _tokenize(self, path: str, limit: int | None) -> list[TokenizedExample]:
-        return tokenize_examples(load_chats(path, limit), self.adapter.tokenizer, self.cfg.data.max_length,
-                                 self.cfg.data.skip_truncated, source=path)
+        return read_tokenized([path], self.adapter.tokenizer, self.cfg.data.max_length, limit,
+                              self.cfg.data.skip_truncated)
 
     def _tokenize_kept(self, examples: Sequence[ChatExample]) -> list[TokenizedExample]:
         """The examples tokenised; those cut away at ``max_length`` are skipped (counted at the merge)."""
