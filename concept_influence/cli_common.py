@@ -56,11 +56,9 @@ def add_dtype_option(p: argparse.ArgumentParser) -> None:
 def read_examples(paths, adapter, max_length: int | None):
     """Tokenised chats of ``paths``; ``max_length`` defaults to the model's context length. Examples whose response
     is cut away are skipped; none left is a ``DataError`` naming the files."""
-    from .data import load_chats, tokenize_examples
+    from .data import read_tokenized
 
-    chats = [c for p in paths for c in load_chats(p)]
-    return tokenize_examples(chats, adapter.tokenizer, max_length or adapter.context_length or 512, skip_truncated=True,
-                             source=", ".join(map(str, paths)))
+    return read_tokenized(paths, adapter.tokenizer, max_length or adapter.context_length or 512)
 
 
 def read_scores(path):

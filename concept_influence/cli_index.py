@@ -42,9 +42,10 @@ def _estimator(args: argparse.Namespace, index, adapter, run):
     from .concept_spec import CONCEPT_TYPES, query_estimator
 
     given = given_settings(args, ConceptSpec)
+    naming = {name for t in CONCEPT_TYPES.values() for name in t.needs}  # the fields that say which concept
     spec = run.concept_spec.project(ConceptSpec)
-    if any(name in given for t in CONCEPT_TYPES.values() for name in t.needs):
-        spec = spec.replace(**{name: None for t in CONCEPT_TYPES.values() for name in t.needs})
+    if naming & set(given):
+        spec = spec.replace(**dict.fromkeys(naming))
     spec = spec.replace(**given)
     max_length = run.config.data.max_length
     return query_estimator(spec, adapter, lambda path, limit: _tokenized(path, adapter, max_length, limit),

@@ -69,8 +69,9 @@ def _plan(args: argparse.Namespace) -> int:
     if kind == "config":
         m = source.model
         weights, selection = parse_track(m.track)
+        hook = (source.probe or source.concept).hook
         shape = model_shape(model_folder(m), dtype=args.dtype or m.dtype, track=args.weights or weights,
-                            select=select or selection, max_block=block_of_hook(source.concept_hook), base=m.base)
+                            select=select or selection, max_block=block_of_hook(hook), base=m.base)
         settings = replace(settings, batch_size=source.factors.batch_size, max_length=source.data.max_length,
                            strategy=source.factors.strategy, query_rank=source.scoring.query_rank,
                            examples=_count_examples(source) or settings.examples)

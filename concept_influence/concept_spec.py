@@ -22,10 +22,10 @@ from probes.activations import REDUCTIONS
 from probes.directions import ConceptDirection
 
 from .concepts import DEFAULT_QUERY, ConceptError, ConceptFunction, check_direction_compatible
-from .data import TokenizedExample, load_chats, tokenize_examples
+from .data import TokenizedExample, read_tokenized
 from .models import ModelAdapter
+from .options import Settings, accepts, option
 from .sae_concepts import LATENT_CONCEPT_KINDS
-from .settings import Settings, accepts, option
 
 __all__ = ["ConceptSpec", "ConceptType", "CONCEPT_TYPES", "concept_type", "build_concept", "query_estimator",
            "steering_direction"]
@@ -54,8 +54,7 @@ class ConceptSpec(Settings):
     reduction: str = option(DEFAULT_QUERY, "the tokens the concept is read at on the evaluation texts (the query)",
                             choices=REDUCTIONS)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check_together(self) -> None:
         hints = typing.get_type_hints(type(self))
         for name in ("directions", "latents"):
             value = getattr(self, name)
@@ -82,24 +81,27 @@ class ConceptSpec(Settings):
 @dataclass(frozen=True)
 class ConceptType:
     """A registered way to name a concept: the spec fields it ``needs``, how it is ``build``-t (from the spec, the
-    model and the evaluation or test examples), the gradient estimator that scores it (``estimator(built,
-    preconditioned)``) and the direction the concept check steers along (None: not checkable)."""
+    model and the examples of the spec's chat file ``examples``: the evaluation texts, or the test examples), the
+    gradient estimator that scores it (``estimator(built, preconditioned)``) and the direction the concept check steers
+    along (None: not checkable)."""
 
     needs: tuple[str, ...]
     build: Callable[[ConceptSpec, ModelAdapter, "list[TokenizedExample] | None"], Any]
     estimator: Callable[..., Any]
     direction: Callable[[ConceptSpec, ModelAdapter], ConceptDirection] | None = None
+    examples: str = "eval"
 
 
 CONCEPT_TYPES: dict[str, ConceptType] = {}
 
 
 def concept_type(name: str, needs: tuple[str, ...], estimator: Callable[..., Any],
-                 direction: Callable[[ConceptSpec, ModelAdapter], ConceptDirection] | None = None):
-    """Register the decorated ``build(spec, adapter, examples)`` as concept type ``name``."""
+                 direction: Callable[[ConceptSpec, ModelAdapter], ConceptDirection] | None = None,
+                 examples: str = "eval"):
+    """Register the decorated ``build(spec, adapter, examples)`` as concept type ``name`` (see :class:`ConceptType`)."""
 
     def register(build):
-        CONCEPT_TYPES[name] = ConceptType(needs, build, estimator, direction)
+        CONCEPT_TYPES[name] = ConceptType(needs, build, estimator, direction, examples)
         return build
 
     return register
@@ -158,7 +160,7 @@ def _latent_concept(spec: ConceptSpec, adapter: ModelAdapter, examples) -> Conce
                           hook_name=spec.hook, reduction=spec.reduction)
 
 
-@concept_type("test_examples", ("test",), _test_estimator)
+@concept_type("test_examples", ("test",), _test_estimator, examples="test")
 def _test_examples(spec: ConceptSpec, adapter: ModelAdapter, examples) -> list[TokenizedExample]:
     if not examples:
         raise ConceptError(f"{spec.test}: no test example to read")
@@ -167,8 +169,7 @@ def _test_examples(spec: ConceptSpec, adapter: ModelAdapter, examples) -> list[T
 
 def _reader(adapter: ModelAdapter) -> Reader:
     def read(path: str, limit: int | None) -> list[TokenizedExample]:
-        return tokenize_examples(load_chats(path, limit), adapter.tokenizer, adapter.context_length or 512,
-                                 skip_truncated=True, source=path)
+        return read_tokenized([path], adapter.tokenizer, adapter.context_length or 512, limit)
 
     return read
 
@@ -178,17 +179,13 @@ def build_concept(spec: ConceptSpec, adapter: ModelAdapter, read: Reader | None 
     (none with ``with_eval=False``: the fast path reads each training example itself), or for ``test`` the tokenised
     test examples. ``read`` tokenises a chat file (default: for the model's context length, skipping examples whose
     response is cut away)."""
-    kind = spec.type
-    read = read or _reader(adapter)
-    if kind == "test_examples":
-        examples = read(spec.test, spec.max_examples)
-    elif with_eval:
-        if spec.eval is None:
-            raise ConceptError("the concept needs evaluation texts (eval): what the behaviour looks like")
-        examples = read(spec.eval, spec.max_examples)
-    else:
-        examples = None
-    return CONCEPT_TYPES[kind].build(spec, adapter, examples)
+    t = CONCEPT_TYPES[spec.type]
+    if not with_eval and t.examples == "eval":
+        return t.build(spec, adapter, None)
+    path = getattr(spec, t.examples)
+    if path is None:
+        raise ConceptError(f"the concept needs {t.examples}: the chat file it is measured on")
+    return t.build(spec, adapter, (read or _reader(adapter))(path, spec.max_examples))
 
 
 def query_estimator(spec: ConceptSpec, adapter: ModelAdapter, read: Reader | None = None, preconditioned: bool = True,

@@ -21,7 +21,7 @@ positive/negative texts at a hook, or a saved direction), the curvature, the est
 
 Relative paths are relative to the config file's folder. Unknown keys, wrong types and bad choices are
 errors that name the key. The ``[factors]`` and ``[scoring]`` sections are the fields of
-:class:`~concept_influence.curvature.CurvatureSettings` and :class:`~concept_influence.scoring.ScoringSettings`
+:class:`~concept_influence.curvature.CurvatureSettings` and :class:`~concept_influence.engine.ScoringSettings`
 plus the keys only a run folder needs; ``concept-influence run --help`` lists them with their help text.
 """
 
@@ -38,13 +38,13 @@ from probes import PROBE_KINDS, REDUCTIONS
 from .concept_spec import CONCEPT_TYPES, ConceptSpec
 from .curvature import CurvatureSettings
 from .curvature.registry import FITTED_FROM_DATA
+from .engine import ScoringSettings
 from .errors import ConceptInfluenceError
 from .estimators import RUN_ESTIMATORS
 from .models import MODEL_DTYPES
 from .models.hugging_face import parse_track
+from .options import Settings, build_settings, narrowed, option
 from .plan import parse_device_memory
-from .scoring import ScoringSettings
-from .settings import Settings, build_settings, narrowed, option
 
 __all__ = ["ConfigError", "RunConfig", "FactorsConfig", "ScoringConfig", "settings_help", "MIN_PROBE_AUROC", "GATE_KEYS"]
 
@@ -81,8 +81,7 @@ class ModelConfig(Settings):
     weights: str | list | None = option(None, "each checkpoint's multiplier in the sum: numbers, or \"lr\" (the "
                                               "learning rate at its step, from trainer_state.json); unset: 1 each")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check_together(self) -> None:
         # checked now, so a bad value is an error naming its key (models.hugging_face.parse_track reads `track`)
         _ = parse_track(self.track), parse_device_memory(self.device_memory)
         c, w = self.checkpoints, self.weights
@@ -162,8 +161,8 @@ class FactorsConfig(CurvatureSettings):
     extra_max_examples: int | None = option(None, "how many extra_data examples; unset: as many as the training "
                                                   "examples fitted on, so the two weigh equally", minimum=1)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check_together(self) -> None:
+        super().check_together()
         if self.extra_data is not None and self.path is not None:
             raise ValueError("extra_data is fitted on; path is a saved curvature that is not fitted: give one of them")
         if self.extra_max_examples is not None and self.extra_data is None:
@@ -181,8 +180,8 @@ class ScoringConfig(ScoringSettings):
     estimator: str = option("concept_influence", "the estimator that scores the training data", choices=RUN_ESTIMATORS)
     shard_size: int = option(1024, "examples per score shard (one file each; a resumed run restarts at the first "
                                    "missing shard)", minimum=1)
-    require: str = option("none", "stable: stop after the scores (kept) unless every checkpoint's part of the sum "
-                                  "agrees on the top of the ranking (the stability check); none: warn",
+    require: str = option("none", "stable: stop after the scores (kept) unless the ranking's top is stable under damping "
+                                  "x0.01..x100 (or horizon x0.1, x10), identity curvature and each checkpoint; none: warn",
                           choices=("none", "stable"))
 
     def settings(self) -> ScoringSettings:
@@ -275,11 +274,6 @@ class RunConfig:
         if source is None:
             raise ConfigError("concept.eval is needed when the concept is not a probe trained here (no positive texts)")
         return source
-
-    @property
-    def concept_hook(self) -> str:
-        """The hook the concept is read at."""
-        return self.probe.hook if self.probe is not None else self.concept.hook
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a nested JSON-ready dict (what ``config.json`` holds)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,8 @@ import torch.distributed as dist
 from .curvature import SumStats
 
 __all__ = ["Ranks", "process_group"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,13 @@ class Ranks:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+    def main_first(self, make: Callable[[bool], T]) -> T:
+        """``make(True)`` on rank 0, then, after a barrier, ``make(False)`` on the other ranks: for what rank 0 makes
+        and the others only read (a run folder that rank 0 creates)."""
+        made = make(True) if self.is_main else None
+        self.barrier()
+        return made if self.is_main else make(False)
 
     def all_reduce(self, stats: SumStats) -> SumStats:
         """Sum ``stats`` (sums and counts) over all ranks; every rank gets the same total. A rank that saw

@@ -2,7 +2,7 @@
 
 Per batch: one forward with the maps' inputs captured, the per-example loss (data labels, or labels
 sampled from the model for the true Fisher), and one backward of ``Σ_z L(z)`` so that each example's
-tokens carry the gradient of its own loss. Consumers: the scoring engine (:mod:`.scoring`) and the
+tokens carry the gradient of its own loss. Consumers: the scoring engine (:mod:`.engine`) and the
 curvature fitter (:mod:`.curvature.fit`).
 """
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -50,6 +50,15 @@ class Scores:
     def column(self, which: int | str = 0) -> np.ndarray:
         """One column of scores as a 1-D array (by index or name)."""
         return self.values[:, self.column_index(which)]
+
+    def select(self, columns: Sequence[str], *, shares: bool = True, **changes) -> "Scores":
+        """These ``columns`` (by name) as scores of their own, with their per-module and per-token shares (none when
+        ``shares`` is false); ``changes`` replace other fields (``estimator``, ``metadata``)."""
+        idx = [self.column_index(c) for c in columns]
+        per_module = {k: v[:, idx] for k, v in self.per_module.items()} if shares and self.per_module else None
+        per_token = {k: v[:, idx] for k, v in self.per_token.items()} if shares and self.per_token else None
+        return replace(self, **{"values": self.values[:, idx], "columns": list(columns), "metadata": dict(self.metadata),
+                                "per_module": per_module, "per_token": per_token, **changes})
 
     def ranked(self, which: int | str = 0) -> list[tuple[str, float]]:
         """``(id, score)`` pairs, highest first (ties keep file order)."""

@@ -18,10 +18,10 @@ import torch
 from concept_influence.concepts import ConceptFunction
 from concept_influence.curvature import fit_curvature
 from concept_influence.data import TokenizedExample, iter_batches
+from concept_influence.engine import ScoringSettings
 from concept_influence.estimators import ConceptInfluence, ProbeProjection
 from concept_influence.models import HFCausalLMAdapter, ModelAdapter, per_token_mean_loss
 from concept_influence.planted.experiment_config import BenchmarkError
-from concept_influence.scoring import ScoringSettings
 from concept_influence.toy.small_model import train_model
 from probes import ConceptDirection
 

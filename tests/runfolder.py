@@ -45,6 +45,18 @@ def make_project(root: Path, n_train: int = N_TRAIN) -> Path:
     return root
 
 
+def run_reference(project: Path) -> Path:
+    """One uninterrupted run of the project's config (in-process, progress off) in ``runs/reference``."""
+    import torch
+
+    from concept_influence.config import RunConfig
+    from concept_influence.runs import run_config
+
+    torch.set_num_threads(1)
+    run_config(RunConfig.read(project / "run.toml"), project / "runs" / "reference", progress=False)
+    return project / "runs" / "reference"
+
+
 def cli_env() -> dict[str, str]:
     """The environment for CLI subprocesses: offline, one torch thread (results are bitwise comparable only at
     the same thread count)."""

@@ -18,6 +18,7 @@ from test_peft import _tiny_llama, lora_model
 
 from concept_influence.cli import main
 from concept_influence.config import RunConfig
+from concept_influence.curvature import variant_kinds
 from concept_influence.data import load_chats
 from concept_influence.fileio import file_sha256
 from concept_influence.models import HFCausalLMAdapter, load_model, save_model
@@ -200,8 +201,14 @@ def test_require_causal_stops_before_the_factors_and_a_new_value_goes_on(audit, 
 
 
 def test_the_checkpoint_sum_carries_its_stability_check(audit):
-    stability = json.loads((audit / "run.json").read_text())["stages"]["scores"]["stability"]
-    assert set(stability["agreement"]) == {"part 00-base", "part 01-checkpoint-2", "part 02-checkpoint-4"}
+    record = json.loads((audit / "run.json").read_text())["stages"]["scores"]
+    stability = record["stability"]
+    parts = {"part 00-base", "part 01-checkpoint-2", "part 02-checkpoint-4"}
+    assert set(stability["agreement"]) == parts | set(variant_kinds("ekfac"))  # the checkpoints' parts and the variants
+    at = [Scores.load(audit / "checkpoints" / c["name"] / "scores" / "variants.safetensors") for c in record["checkpoints"]]
+    total = Scores.load(audit / "scores" / "variants.safetensors")  # the weighted sum of the checkpoints' variants
+    expected = sum(c["weight"] * part.values for c, part in zip(record["checkpoints"], at))
+    np.testing.assert_allclose(total.values, expected, rtol=1e-12)
     assert stability["stable"] == (stability["warning"] is None)
     assert "## Is the top of the ranking stable?" in (audit / "report" / "report.md").read_text()
 
@@ -209,8 +216,8 @@ def test_the_checkpoint_sum_carries_its_stability_check(audit):
 def test_require_stable_stops_with_one_line_and_keeps_the_scores(tmp_path, capsys):
     from types import SimpleNamespace
 
-    from concept_influence.runs.checkpoints import require_stable
     from concept_influence.runs.folder import RunError
+    from concept_influence.runs.stability import require_stable
 
     warning = "warning: the top 10 of ci is not stable: 1 of 3 variants put fewer than 80% of them above their median"
     run = SimpleNamespace(record={"stages": {"scores": {"stability": {"warning": warning}}}},

@@ -47,7 +47,7 @@ def runs(tmp_path_factory) -> Path:
 def test_two_ranks_dealt_uneven_shards(runs):
     record = (runs / "two" / "run.json").read_text()
     assert '"world_size": 2' in record
-    assert len(list((runs / "two" / "scores" / "shards").glob("*.safetensors"))) == 7
+    assert len(list((runs / "two" / "scores" / "shards").glob("shard-*.safetensors"))) == 7
     assert Scores.load(runs / "two" / "scores" / "shards" / "shard-000006.safetensors").values.shape == (4, 1)
 
 

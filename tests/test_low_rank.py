@@ -5,14 +5,12 @@ engine chooses between; the setting's checks and its record in a run folder."""
 import numpy as np
 import pytest
 import torch
-from test_scoring import explicit_scores, random_queries
+from test_engine import explicit_scores, random_queries
 
 from concept_influence.concepts import ConceptFunction
 from concept_influence.config import RunConfig
 from concept_influence.curvature import fit_curvature
-from concept_influence.estimators import ConceptInfluence
-from concept_influence.runs import Run, RunError
-from concept_influence.scoring import (
+from concept_influence.engine import (
     LowRankQuery,
     ScoringSettings,
     example_query_scores,
@@ -20,6 +18,8 @@ from concept_influence.scoring import (
     score_with_queries,
     token_query_scores,
 )
+from concept_influence.estimators import ConceptInfluence
+from concept_influence.runs import Run, RunError
 from probes import ConceptDirection
 
 HOOK = "blocks.1.hook_resid_post"
@@ -124,7 +124,7 @@ def test_both_contractions_equal_the_explicit_sum(k, rank, d_out, d_in, path, mo
     ref = torch.einsum("bto,koi,bti->btk", grad, dense, a)
     torch.testing.assert_close(token_query_scores(a, grad, query), ref, rtol=1e-5, atol=1e-5)
     calls = []
-    monkeypatch.setattr("concept_influence.scoring.token_query_scores", lambda *x: calls.append(1) or ref)
+    monkeypatch.setattr("concept_influence.engine.token_query_scores", lambda *x: calls.append(1) or ref)
     got = example_query_scores(a, grad, query)
     assert (calls == [1]) == (path == "token")
     torch.testing.assert_close(got, ref.sum(1), rtol=1e-5, atol=1e-5)

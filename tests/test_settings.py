@@ -10,9 +10,9 @@ import pytest
 from concept_influence.cli import main
 from concept_influence.config import ConfigError, FactorsConfig, RunConfig, ScoringConfig, settings_help
 from concept_influence.curvature import CurvatureSettings
+from concept_influence.engine import ScoringSettings
 from concept_influence.estimators import ESTIMATORS, RUN_ESTIMATORS
 from concept_influence.provenance import PACKAGES, combine_digests, machine_description, package_versions
-from concept_influence.scoring import ScoringSettings
 from probes import REDUCTIONS
 
 MINIMAL = {"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "probe": {"hook": "h", "direction": "d"}}

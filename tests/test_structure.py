@@ -1,8 +1,10 @@
 """The shape of the code: the wheel ships the library without the benchmarks, which the dev install has; no module
 imports another that imports it back; the library never imports the benchmarks but for the ``bench`` commands that
-run them; and without them the demo's command line still works."""
+run them; without them the demo's command line still works; and the config walk seldom climbs back up."""
 
 import ast
+import inspect
+import itertools
 import shutil
 import subprocess
 import sys
@@ -14,13 +16,6 @@ import networkx  # (a dependency of torch)
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ("concept_influence", "probes")
 BENCHMARKS = "concept_influence_benchmarks"
-# Circles through imports deferred into functions, left to the items of issue 29 that rework these modules (curvature
-# methods that register themselves; the config walk): no other circle may appear.
-KNOWN_CIRCLES = {
-    frozenset({"concept_influence.curvature.ekfac", "concept_influence.curvature.unrolled"}),
-    frozenset({"concept_influence.config", "concept_influence.plan", "concept_influence.plan.memory",
-               "concept_influence.runs.checkpoints", "concept_influence.runs.folder"}),
-}
 
 
 def _built(tmp_path: Path, hook: str) -> zipfile.ZipFile:
@@ -90,8 +85,7 @@ def _imports(name: str, path: Path, modules) -> dict[str, bool]:
 def test_no_module_imports_another_that_imports_it_back():
     modules = _modules()
     graph = networkx.DiGraph([(name, target) for name, path in modules.items() for target in _imports(name, path, modules)])
-    circles = [sorted(c) for c in networkx.strongly_connected_components(graph)
-               if len(c) > 1 and frozenset(c) not in KNOWN_CIRCLES]
+    circles = [sorted(c) for c in networkx.strongly_connected_components(graph) if len(c) > 1]
     assert not circles
 
 
@@ -118,3 +112,74 @@ def test_without_the_benchmarks_the_parser_builds_and_a_bench_command_says_what_
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and "concept-influence: error:" in done.stderr and "[dev]" in done.stderr
+
+
+def _package(module: str) -> str:
+    """The package ``module`` belongs to: itself for a package (its ``__init__``), else its parent."""
+    return module if hasattr(sys.modules.get(module), "__path__") else module.rpartition(".")[0]
+
+
+def _config_walk(root: Path) -> list[tuple[str, str, str, str]]:
+    """Every call, in order, from a function of one ``concept_influence`` module into a function of another while
+    ``RunConfig.read`` reads the project's config and ``run_stages((), ...)`` checks its memory plan, joins the
+    process group, creates the run folder, builds the :class:`Pipeline` and checks its inputs (no stage runs), as
+    ``(caller module, caller, callee module, callee)``."""
+    from runfolder import make_project
+
+    from concept_influence.config import RunConfig
+    from concept_influence.runs import run_stages
+
+    project = make_project(root)
+    text = (project / "run.toml").read_text()
+    (project / "run.toml").write_text(text.replace('path = "model"', 'path = "model"\ndevice = "cpu"\n'
+                                                   'device_memory = "1TiB"'))  # a size: the memory plan is made
+    walk, entered = [], set()
+
+    def record(frame, event, arg) -> None:
+        callee = frame.f_globals.get("__name__", "")
+        if event != "call" or not callee.startswith("concept_influence."):
+            return
+        if frame.f_code.co_flags & (inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR):
+            if frame in entered:  # a generator resumed: not a new call
+                return
+            entered.add(frame)
+        caller = frame.f_back  # the nearest concept_influence frame: a call made through the standard library
+        while caller is not None and not caller.f_globals.get("__name__", "").startswith("concept_influence."):
+            caller = caller.f_back  # (dataclasses.replace, contextlib) is that function's call
+        if caller is not None and caller.f_globals["__name__"] != callee:
+            walk.append((caller.f_globals["__name__"], caller.f_code.co_qualname, callee, frame.f_code.co_qualname))
+
+    for out, traced in (("warm-up", False), ("run", True)):  # the first walk imports and caches what it needs
+        sys.setprofile(record if traced else None)
+        try:
+            run_stages((), project / out, RunConfig.read(project / "run.toml"), progress=False)
+        finally:
+            sys.setprofile(None)
+    return walk
+
+
+def test_the_config_walk_climbs_back_up_at_most_five_times(tmp_path):
+    """The config walk climbs back up at most five times (nine times before issue 29's rework).
+
+    The walk: every call, in order, from a function of one ``concept_influence`` module into a function of another,
+    recorded with ``sys.setprofile`` (the caller is the nearest frame running ``concept_influence`` code, so a call
+    made through the standard library, e.g. ``dataclasses.replace`` or ``contextlib``, counts as its caller's; a
+    generator counts when first entered, not when resumed), while the run-folder tests' project config, with
+    ``[model] device = "cpu"`` and ``device_memory = "1TiB"`` (so that the memory plan is made), is read by
+    ``RunConfig.read`` and turned into a pipeline by ``run_stages((), out, config)``: the memory plan checked, the
+    process group joined, the run folder created, the ``Pipeline`` built and its inputs checked; no stage runs. The
+    walk recorded is the second of two alike, so that what the first imports and caches is not in it.
+
+    A climb back up: a call of the walk whose caller module lies in a subpackage of ``concept_influence`` (the
+    subpackage's ``__init__`` or a module in it: ``concept_influence.runs``, ``concept_influence.runs.folder``,
+    ``concept_influence.curvature.fit``) and whose callee is a module of a package above the caller's
+    (``concept_influence.config``, ``concept_influence.options``, ``concept_influence.distributed``). Each call
+    counts, a call made twice twice; calls within one package's modules, down into a subpackage or across into
+    another subpackage are no climbs. On failure the message lists the climbs, then the walk (``^``: a climb; a call
+    repeated in a row is shown once with its count)."""
+    walk = _config_walk(tmp_path)
+    is_climb = [_package(a).startswith(_package(b) + ".") for a, _, b, _ in walk]
+    climbs = [f"{a}.{f} -> {b}.{g}" for (a, f, b, g), climb in zip(walk, is_climb) if climb]
+    shown = [f"{'^' if climb else ' '} {len(list(same))} x {a}.{f} -> {b}.{g}"
+             for ((a, f, b, g), climb), same in itertools.groupby(zip(walk, is_climb))]
+    assert len(climbs) <= 5, "\n".join([f"{len(climbs)} climbs back up:", *climbs, "", "the walk:", *shown])

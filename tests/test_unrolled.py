@@ -111,13 +111,13 @@ def test_unrolled_save_load_and_scales(tmp_path):
     basis = _kronecker()
     ekfac = EKFACCurvature({"w": basis.__class__(*(t.float() for t in (basis.q_a, basis.lambda_a, basis.q_s,
                                                                         basis.lambda_s, basis.eigenvalues)))})
-    unrolled = ekfac.unrolled(Horizon.constant(0.02, 50), step_scales={"w": 3.0})
+    unrolled = UnrolledCurvature.from_curvature(ekfac, Horizon.constant(0.02, 50), step_scales={"w": 3.0})
     loaded = Curvature.load(unrolled.save(tmp_path / "c"))
     assert isinstance(loaded, UnrolledCurvature) and loaded.step_scales == {"w": 3.0}
     v = torch.randn(2, 5, 4)
     torch.testing.assert_close(loaded.precondition({"w": v})["w"], unrolled.precondition({"w": v})["w"])
     # a step scale multiplies the horizon: the same as scaling the learning rates
-    scaled = ekfac.unrolled(Horizon.constant(0.06, 50))
+    scaled = UnrolledCurvature.from_curvature(ekfac, Horizon.constant(0.06, 50))
     torch.testing.assert_close(scaled.precondition({"w": v})["w"], unrolled.precondition({"w": v})["w"], rtol=1e-5, atol=1e-7)
     assert fisher_step_scales(ekfac, 16)["w"] == pytest.approx((float(basis.eigenvalues.mean()) / 16) ** -0.5, rel=1e-5)
 
@@ -155,7 +155,8 @@ def test_source_at_one_checkpoint_is_concept_influence_with_the_unrolled_curvatu
     source = SourceInfluence(concept, [None], [horizon], step_scales=None).score(tl_adapter, tokenized, batch_size=4,
                                                                                    progress=False)
     maps = tl_adapter.linear_maps(max_block=1)
-    unrolled = fit_curvature(tl_adapter, tokenized, maps, batch_size=4, progress=False).unrolled(horizon)
+    unrolled = UnrolledCurvature.from_curvature(fit_curvature(tl_adapter, tokenized, maps, batch_size=4, progress=False),
+                                                horizon)
     direct = ConceptInfluence(concept, unrolled).score(tl_adapter, tokenized, batch_size=4, progress=False)
     np.testing.assert_allclose(source.values, direct.values, rtol=1e-4, atol=1e-6 * np.abs(direct.values).max())
     assert source.metadata["stability"]["chosen"] == "concept_influence[source]"
@@ -276,7 +277,8 @@ def test_the_index_scores_with_the_unrolled_curvature(tl_adapter, tokenized, tmp
     from concept_influence.index.subspace import make_spaces
 
     maps = tl_adapter.linear_maps(max_block=1)
-    unrolled = fit_curvature(tl_adapter, tokenized, maps, batch_size=4, progress=False).unrolled(Horizon.constant(0.5, 20))
+    unrolled = UnrolledCurvature.from_curvature(fit_curvature(tl_adapter, tokenized, maps, batch_size=4, progress=False),
+                                                Horizon.constant(0.5, 20))
     index = GradientIndex.build(tmp_path / "i", tl_adapter, tokenized, unrolled, projection=projection, rank=10**6,
                                 dtype="float32", progress=False)
     estimator = ConceptInfluence(_concept(tl_adapter, tokenized), unrolled)

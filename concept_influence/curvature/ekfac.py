@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import Curvature, CurvatureError, map_shapes
+from .base import CurvatureError
 from .core import KroneckerEigen
+from .eigenbasis import EigenbasisCurvature
 
 __all__ = ["EKFACCurvature", "DEFAULT_DAMPING_FACTOR"]
 
 DEFAULT_DAMPING_FACTOR = 0.1
-_BASIS_TENSORS = ("q_a", "lambda_a", "q_s", "lambda_s")
 
 
 def check_damping(damping: float | None, damping_factor: float) -> None:
@@ -26,11 +26,10 @@ def check_damping(damping: float | None, damping_factor: float) -> None:
         raise ValueError(f"damping_factor must be positive, got {damping_factor!r}")
 
 
-class EKFACCurvature(Curvature):
+class EKFACCurvature(EigenbasisCurvature):
     """EK-FAC (``strategy="ekfac"``) or K-FAC (``strategy="kfac"``) factors for a set of maps."""
 
     strategies = {"ekfac": ("covariance", "eigenvalues"), "kfac": ("covariance",)}
-    has_eigenbasis = True
     has_damping = True
 
     @classmethod
@@ -56,9 +55,7 @@ class EKFACCurvature(Curvature):
         if strategy not in self.strategies:
             raise ValueError(f"strategy must be one of {', '.join(self.strategies)}, got {strategy!r}")
         check_damping(damping, damping_factor)
-        shapes = {name: (f.q_s.shape[0], f.q_a.shape[0]) for name, f in factors.items()}
-        super().__init__(strategy, shapes, fisher, fingerprint, n_examples)
-        self.factors = dict(factors)
+        super().__init__(strategy, factors, fisher, fingerprint, n_examples)
         self.damping = None if damping is None else float(damping)
         self.damping_factor = float(damping_factor)
         self.dampings = {
@@ -72,14 +69,6 @@ class EKFACCurvature(Curvature):
             self.factors, self.strategy, damping=damping, damping_factor=damping_factor,
             fisher=self.fisher, fingerprint=self.fingerprint, n_examples=self.n_examples,
         )
-
-    def unrolled(self, horizon, *, step_scales=None, form: str = "continuous"):
-        """The same factors preconditioning with the unrolled filter of ``horizon`` instead of a damped inverse
-        (:class:`~concept_influence.curvature.unrolled.UnrolledCurvature`)."""
-        from .unrolled import UnrolledCurvature
-
-        return UnrolledCurvature(self.factors, horizon, step_scales=step_scales, form=form, fisher=self.fisher,
-                                 fingerprint=self.fingerprint, n_examples=self.n_examples)
 
     def eigen_weights(self, name: str, sigma: torch.Tensor) -> torch.Tensor:
         return 1.0 / (sigma + self.dampings[name])
@@ -96,25 +85,15 @@ class EKFACCurvature(Curvature):
     def _config(self) -> dict:
         return {"damping": self.damping, "damping_factor": self.damping_factor}
 
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        keys = _BASIS_TENSORS + (("eigenvalues",) if self.strategy == "ekfac" else ())
-        return {f"{name}/{k}": getattr(f, k) for name, f in self.factors.items() for k in keys}
+    @classmethod
+    def saves_eigenvalues(cls, strategy: str) -> bool:
+        """EK-FAC's eigenvalues are corrected; K-FAC's are the basis's own ``outer(λ_S, λ_A)``."""
+        return strategy == "ekfac"
 
     @classmethod
     def _restore(cls, config: dict, tensors: dict[str, torch.Tensor]) -> "EKFACCurvature":
-        factors = {}
-        for name, (d_out, d_in) in map_shapes(config).items():
-            expected = {"q_a": (d_in, d_in), "lambda_a": (d_in,), "q_s": (d_out, d_out), "lambda_s": (d_out,)}
-            if config["strategy"] == "ekfac":
-                expected["eigenvalues"] = (d_out, d_in)
-            for k, shape in expected.items():
-                t = tensors.get(f"{name}/{k}")
-                if t is None or tuple(t.shape) != shape:
-                    found = "missing" if t is None else f"shape {tuple(t.shape)}"
-                    raise CurvatureError(f"saved curvature: tensor {name}/{k} is {found}, expected shape {shape}")
-            basis = KroneckerEigen.from_eigen(*(tensors[f"{name}/{k}"] for k in _BASIS_TENSORS))
-            factors[name] = basis.with_eigenvalues(tensors[f"{name}/eigenvalues"]) if "eigenvalues" in expected else basis
         return cls(
-            factors, config["strategy"], damping=config["damping"], damping_factor=config["damping_factor"],
-            fisher=config["fisher"], fingerprint=config["fingerprint"], n_examples=config["n_examples"],
+            cls._restore_factors(config, tensors), config["strategy"], damping=config["damping"],
+            damping_factor=config["damping_factor"], fisher=config["fisher"], fingerprint=config["fingerprint"],
+            n_examples=config["n_examples"],
         )

@@ -20,7 +20,7 @@ import torch
 from ..data import TokenizedExample
 from ..gradients import captured_batches, check_finite
 from ..models import LinearMap, MapSelection, ModelAdapter
-from ..settings import Settings, option
+from ..options import Settings, option
 from . import registry
 from .base import Curvature, CurvatureError
 from .core import KroneckerEigen, SumStats, covariance_sums, rotated_square_sum
@@ -54,8 +54,7 @@ class CurvatureSettings(Settings):
                              minimum=1)
     seed: int = option(0, "seed of the labels sampled for the true Fisher")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check_together(self) -> None:
         check_damping(self.damping, self.damping_factor)
 
 

@@ -27,9 +27,9 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from .base import Curvature, CurvatureError, map_shapes
+from .base import CurvatureError
 from .core import KroneckerEigen
-from .ekfac import _BASIS_TENSORS
+from .eigenbasis import EigenbasisCurvature
 
 __all__ = ["Horizon", "UnrolledCurvature", "FORMS", "segment_horizons", "learning_rates_from_trainer_state",
            "adam_step_scales", "fisher_step_scales"]
@@ -157,7 +157,7 @@ def adam_step_scales(optimizer: torch.optim.Optimizer, maps, eps: float | None =
     return scales
 
 
-def fisher_step_scales(curvature: "UnrolledCurvature | Curvature", batch_size: int) -> dict[str, float]:
+def fisher_step_scales(curvature: EigenbasisCurvature, batch_size: int) -> dict[str, float]:
     """Adam's per-map scale estimated without its state: a mini-batch gradient's mean square per parameter is about
     the mean per-example one divided by the batch size, and the mean of the corrected eigenvalues is that per-example
     mean square (a rotation keeps the sum of squares), so ``1 / sqrt(mean Λ / batch_size)``."""
@@ -168,22 +168,28 @@ def fisher_step_scales(curvature: "UnrolledCurvature | Curvature", batch_size: i
     return out
 
 
-class UnrolledCurvature(Curvature):
+class UnrolledCurvature(EigenbasisCurvature):
     """EK-FAC factors whose preconditioner is the unrolled filter ``r(σ)`` of a :class:`Horizon` (see the module
     docstring), the horizon scaled per map by ``step_scales`` (default 1: SGD)."""
 
-    strategies = {"unrolled": None}  # built by EKFACCurvature.unrolled, not fitted
-    has_eigenbasis = True
+    strategies = {"unrolled": None}  # built from a fitted curvature (from_curvature), not fitted
 
     def __init__(self, factors: dict[str, KroneckerEigen], horizon: Horizon, *, step_scales: Mapping[str, float] | None = None,
                  form: str = "continuous", fisher: str | None = "true", fingerprint: str | None = None,
                  n_examples: int = 0) -> None:
         if form not in FORMS:
             raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
-        shapes = {name: (f.q_s.shape[0], f.q_a.shape[0]) for name, f in factors.items()}
-        super().__init__("unrolled", shapes, fisher, fingerprint, n_examples)
-        self.factors, self.horizon, self.form = dict(factors), horizon, form
+        super().__init__("unrolled", factors, fisher, fingerprint, n_examples)
+        self.horizon, self.form = horizon, form
         self.step_scales = {name: float((step_scales or {}).get(name, 1.0)) for name in factors}
+
+    @classmethod
+    def from_curvature(cls, curvature: EigenbasisCurvature, horizon: Horizon, *,
+                       step_scales: Mapping[str, float] | None = None, form: str = "continuous") -> "UnrolledCurvature":
+        """The factors of a fitted ``curvature`` (EK-FAC, K-FAC) preconditioning with the unrolled filter of
+        ``horizon`` instead of a damped inverse."""
+        return cls(curvature.factors, horizon, step_scales=step_scales, form=form, fisher=curvature.fisher,
+                   fingerprint=curvature.fingerprint, n_examples=curvature.n_examples)
 
     def with_horizon(self, horizon: Horizon | None = None, *, scale: float = 1.0,
                      step_scales: Mapping[str, float] | None = None) -> "UnrolledCurvature":
@@ -216,18 +222,8 @@ class UnrolledCurvature(Curvature):
     def _config(self) -> dict:
         return {"learning_rates": list(self.horizon.learning_rates), "step_scales": self.step_scales, "form": self.form}
 
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return {f"{name}/{k}": getattr(f, k) for name, f in self.factors.items() for k in (*_BASIS_TENSORS, "eigenvalues")}
-
     @classmethod
     def _restore(cls, config: dict, tensors: dict[str, torch.Tensor]) -> "UnrolledCurvature":
-        factors = {}
-        for name in map_shapes(config):
-            missing = [k for k in (*_BASIS_TENSORS, "eigenvalues") if f"{name}/{k}" not in tensors]
-            if missing:
-                raise CurvatureError(f"saved curvature: tensor {name}/{missing[0]} is missing")
-            basis = KroneckerEigen.from_eigen(*(tensors[f"{name}/{k}"] for k in _BASIS_TENSORS))
-            factors[name] = basis.with_eigenvalues(tensors[f"{name}/eigenvalues"])
-        return cls(factors, Horizon(tuple(config["learning_rates"])), step_scales=config["step_scales"],
-                   form=config["form"], fisher=config["fisher"], fingerprint=config["fingerprint"],
-                   n_examples=config["n_examples"])
+        return cls(cls._restore_factors(config, tensors), Horizon(tuple(config["learning_rates"])),
+                   step_scales=config["step_scales"], form=config["form"], fisher=config["fisher"],
+                   fingerprint=config["fingerprint"], n_examples=config["n_examples"])

@@ -9,9 +9,10 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import torch
 
 from .chats import EMPTY_ANSWER, ChatExample, DataError
+from .sources import load_chats
 
-__all__ = ["TokenizedExample", "plain_prompt_text", "tokenize_example", "tokenize_kept", "tokenize_examples", "Batch",
-           "collate", "iter_batches"]
+__all__ = ["TokenizedExample", "plain_prompt_text", "tokenize_example", "tokenize_kept", "tokenize_examples",
+           "read_tokenized", "Batch", "collate", "iter_batches"]
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,14 @@ def tokenize_examples(
                else "it has no examples")
         raise DataError(f"{where}: no usable examples ({why})" if where else "no examples were given")
     return out
+
+
+def read_tokenized(paths: Sequence, tokenizer, max_length: int, limit: int | None = None,
+                   skip_truncated: bool = True) -> list[TokenizedExample]:
+    """The chats of ``paths`` (data sources :func:`~.sources.load_chats` reads; at most ``limit`` from each),
+    tokenised as :func:`tokenize_examples` says; an error names the files."""
+    chats = [chat for path in paths for chat in load_chats(path, limit)]
+    return tokenize_examples(chats, tokenizer, max_length, skip_truncated, source=", ".join(map(str, paths)))
 
 
 @dataclass

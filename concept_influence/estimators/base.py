@@ -19,6 +19,11 @@ class Estimator:
     #: ``"readout"`` (the concept measured on each example itself), ``"concept"`` (the concept averaged over its
     #: evaluation texts), ``"curvature"`` (the run's factors). None: a run config cannot name this estimator.
     run_inputs: tuple[str, ...] | None = None
+    #: Whether :meth:`score` also scores the stability variants of the estimator's curvature (:func:`~concept_influence.
+    #: curvature.stability_variants`) in the same pass, into :attr:`variants_`; only gradient estimators can.
+    variants: bool = False
+    #: The variants' scores of the last :meth:`score` call (columns ``variant:column``), when :attr:`variants`.
+    variants_: Scores | None = None
 
     def score(self, adapter: ModelAdapter, examples: Sequence[TokenizedExample], *, batch_size: int = 8,
               progress: bool = True) -> Scores:

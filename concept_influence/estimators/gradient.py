@@ -2,7 +2,7 @@
 classic influence functions on the loss of test examples (EK-FAC or identity).
 
 All use one formula, score(z) = −∇f(θ)ᵀ (G + λI)⁻¹ ∇L(z), with f the concept function or minus the mean
-test loss, and the streaming engine :func:`concept_influence.scoring.score_with_queries`.
+test loss, and the streaming engine :func:`concept_influence.engine.score_with_queries`.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..concepts import ConceptError, ConceptFunction, Projection, measurement_gradient
-from ..curvature import Curvature, CurvatureSettings, fit_curvature
+from ..curvature import Curvature, CurvatureSettings, fit_curvature, stability_variants, variant_kinds
 from ..data import TokenizedExample
+from ..engine import Query, ScoringSettings, low_rank_queries, score_with_queries, stack_queries
 from ..models import LinearMap, ModelAdapter
 from ..scores import Scores
-from ..scoring import Query, ScoringSettings, low_rank_queries, score_with_queries
 from .base import Estimator
 
 __all__ = ["GradientEstimator", "ConceptInfluence", "ConceptGradDot", "InfluenceFunction", "GradDot"]
@@ -27,12 +27,20 @@ class GradientEstimator(Estimator):
     (``"identity"``), or a fitted :class:`Curvature`. When a strategy name is given, the curvature is
     fitted on ``fit_examples`` (default: the scored examples) as ``fit`` says (:class:`CurvatureSettings`; its
     strategy is ``curvature``) and kept in ``self.curvature_``. ``scoring`` (:class:`ScoringSettings`; single changes as keywords:
-    ``loss_tokens``, ``per_module``, ``per_token``, ``query_rank``) says how to score; ``score``'s ``batch_size`` wins."""
+    ``loss_tokens``, ``per_module``, ``per_token``, ``query_rank``) says how to score; ``score``'s ``batch_size`` wins.
+
+    ``variants=True``: ``score`` also scores, in the same pass over the examples, the query preconditioned by each
+    stability variant of the curvature (:func:`~concept_influence.curvature.stability_variants`: damping × 0.01 … ×
+    100 or horizon ÷ 10 and × 10, and identity) as extra query columns, returned apart in ``variants_`` (columns
+    ``variant:column``, no per-module or per-token shares; ``metadata["variants"]``: each variant's kind) for
+    :func:`~concept_influence.stability.check_stability`. The queries then take 1 + (number of variants) times the
+    memory; the pass costs little more (the engine contracts K queries through each example's gradient when K is
+    large), but with ``per_token`` each token is dotted with every column."""
 
     def __init__(self, curvature: str | Curvature = "ekfac", *, fit_examples: Sequence[TokenizedExample] | None = None,
-                 fit: CurvatureSettings | None = None, scoring: ScoringSettings | None = None,
+                 fit: CurvatureSettings | None = None, scoring: ScoringSettings | None = None, variants: bool = False,
                  **scoring_changes: Any):
-        self.curvature = curvature
+        self.curvature, self.variants = curvature, variants
         self.fit_examples = fit_examples
         self.fit = fit or CurvatureSettings()
         self.scoring = (scoring or ScoringSettings()).replace(**scoring_changes)
@@ -58,12 +66,20 @@ class GradientEstimator(Estimator):
     def preconditioned_queries(self, adapter: ModelAdapter, curvature: Curvature, maps: Sequence[LinearMap],
                                batch_size: int, progress: bool) -> tuple[dict[str, Query], list[str]]:
         """``(G + λI)⁻¹ ∇f`` per map (of rank ``scoring.query_rank``) and the column names, computed once per
-        model state, curvature and rank, so scoring a dataset shard by shard does not recompute them."""
+        model state, curvature and rank, so scoring a dataset shard by shard does not recompute them. With
+        ``variants``, each map's K queries are followed by the K of each stability variant (preconditioned map by
+        map, so no second full set of queries is held while they are stacked)."""
         rank = self.scoring.query_rank
-        key = (adapter.fingerprint(), id(curvature), tuple(m.name for m in maps), rank)
+        key = (adapter.fingerprint(), curvature, tuple(m.name for m in maps), rank, self.variants)
         if self._queries is None or self._queries[0] != key:
+            self._queries = None  # (the old queries are freed before the new ones are formed)
             grads, columns = self.measurement(adapter, maps, batch_size, progress)
-            self._queries = (key, low_rank_queries(curvature.precondition(grads), rank), columns)
+            curvatures = [curvature, *(stability_variants(curvature).values() if self.variants else ())]
+            queries = {}
+            for name in list(grads):
+                one = {name: grads.pop(name)}
+                queries[name] = stack_queries([low_rank_queries(c.precondition(one), rank) for c in curvatures])[name]
+            self._queries = (key, queries, columns)
         return self._queries[1], self._queries[2]
 
     def score(self, adapter: ModelAdapter, examples: Sequence[TokenizedExample], *, batch_size: int = 8,
@@ -73,8 +89,15 @@ class GradientEstimator(Estimator):
         curvature.check_model(adapter)
         queries, columns = self.preconditioned_queries(adapter, curvature, maps, batch_size, progress)
         meta = {"curvature": curvature.strategy, "maps": [m.name for m in maps], "fisher": curvature.fisher}
-        return score_with_queries(adapter, examples, maps, queries, self.scoring.replace(batch_size=batch_size),
-                                  estimator=self.name, columns=columns, sign=-1.0, metadata=meta, progress=progress)
+        kinds = variant_kinds(curvature) if self.variants else {}
+        extra = [f"{variant}:{column}" for variant in kinds for column in columns]
+        scored = score_with_queries(adapter, examples, maps, queries, self.scoring.replace(batch_size=batch_size),
+                                    estimator=self.name, columns=[*columns, *extra], sign=-1.0, metadata=meta,
+                                    progress=progress)
+        if not self.variants:
+            return scored
+        self.variants_ = scored.select(extra, shares=False, metadata={**scored.metadata, "variants": kinds})
+        return scored.select(columns)
 
 
 class ConceptInfluence(GradientEstimator):

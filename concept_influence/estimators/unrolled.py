@@ -14,23 +14,27 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import numpy as np
-import torch
 from scipy.stats import spearmanr
 
 from ..concepts import ConceptError, ConceptFunction
-from ..curvature import CurvatureSettings, Horizon, fisher_step_scales, fit_curvature
+from ..curvature import (
+    CurvatureSettings,
+    Horizon,
+    UnrolledCurvature,
+    fisher_step_scales,
+    fit_curvature,
+    stability_variants,
+    variant_kinds,
+)
 from ..data import TokenizedExample
+from ..engine import score_with_queries, stack_queries
 from ..models import ModelAdapter, checkpointed_weights, load_checkpoint
 from ..scores import Scores
-from ..scoring import score_with_queries
 from ..stability import StabilityReport, check_stability
 from .base import Estimator
 from .over_checkpoints import describe_checkpoint
 
-__all__ = ["SourceInfluence", "HORIZON_VARIANTS"]
-
-#: The horizon multipliers the stability check compares the chosen horizon with.
-HORIZON_VARIANTS = (0.1, 10.0)
+__all__ = ["SourceInfluence"]
 
 
 class SourceInfluence(Estimator):
@@ -68,7 +72,6 @@ class SourceInfluence(Estimator):
         self.concept.check(adapter)
         maps = adapter.linear_maps(max_block=self.concept.layer)
         own = checkpointed_weights(adapter)
-        names = ["chosen", *(f"horizon x{h:g}" for h in HORIZON_VARIANTS), "identity"]
         per_part: list[np.ndarray] = []
         query = None
         try:
@@ -82,11 +85,11 @@ class SourceInfluence(Estimator):
                                       progress=progress)
                 scales = (fisher_step_scales(ekfac, self.train_batch_size) if self.step_scales == "fisher"
                           else None if self.step_scales is None else self.step_scales[i])
-                unrolled = ekfac.unrolled(self.horizons[i], step_scales=scales)
-                columns = [unrolled.precondition(query)]
-                columns += [unrolled.with_horizon(scale=h).precondition(query) for h in HORIZON_VARIANTS]
-                columns.append(grads)
-                stacked = {m.name: torch.cat([c[m.name] for c in columns]) for m in maps}
+                unrolled = UnrolledCurvature.from_curvature(ekfac, self.horizons[i], step_scales=scales)
+                kinds = variant_kinds(unrolled)  # the horizon ÷ 10 and × 10, then identity: the gradient here itself
+                names = ["chosen", *kinds]
+                rescaled = [c.precondition(query) for n, c in stability_variants(unrolled).items() if n != "identity"]
+                stacked = stack_queries([unrolled.precondition(query), *rescaled, grads])
                 scored = score_with_queries(adapter, examples, maps, stacked, estimator=self.name,
                                             columns=[f"{n}:{k}" for n in names for k in self.concept.names], sign=-1.0,
                                             batch_size=batch_size, progress=progress)
@@ -98,8 +101,9 @@ class SourceInfluence(Estimator):
         labels = [describe_checkpoint(c) for c in self.checkpoints]
         self.parts_ = {f"{i:02d} {label}": p[:, 0, 0] for i, (label, p) in enumerate(zip(labels, per_part))}
         variants = {n: total[:, j, 0] for j, n in enumerate(names) if j}
-        variants.update({f"part {k}": v for k, v in self.parts_.items()} if len(per_part) > 1 else {})
-        kinds = {v: "part" if v.startswith("part") else "identity" if v == "identity" else "horizon" for v in variants}
+        if len(per_part) > 1:
+            variants.update({f"part {k}": v for k, v in self.parts_.items()})
+            kinds.update({f"part {k}": "part" for k in self.parts_})
         self.stability_ = check_stability(total[:, 0, 0], variants, name=self.name, kinds=kinds)
         agreement = {a: {b: float(spearmanr(pa, pb)[0]) for b, pb in self.parts_.items()} for a, pa in self.parts_.items()}
         metadata = {"curvature": "unrolled", "maps": [m.name for m in maps], "chain": self.chain,

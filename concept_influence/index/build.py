@@ -23,8 +23,8 @@ from ..data import TokenizedExample
 from ..distributed import Ranks
 from ..gradients import captured_batches, check_finite
 from ..models import LinearMap, ModelAdapter
+from ..options import Settings, option, settings_diff
 from ..provenance import invocation, package_versions
-from ..settings import Settings, option, settings_diff
 from .store import FORMAT, FORMAT_VERSION, STORAGE_DTYPES, GradientIndexError, IndexStore
 from .subspace import PROJECTIONS, MapSpace, make_spaces, space_ranks
 

@@ -37,9 +37,7 @@ def _open_run(source: str | Path, ranks: Ranks) -> Run:
     config = RunConfig.read(source)
     if config.out is None:
         raise RunError(f"{source}: no run folder; set `out` in the config (or pass the run folder)")
-    run = Run.open(config.out, config) if ranks.is_main else None
-    ranks.barrier()
-    return run or Run.open(config.out, config, create=False)
+    return ranks.main_first(lambda create: Run.open(config.out, config, create))
 
 
 def _shards(run: Run, adapter: ModelAdapter, shard_size: int):

@@ -26,7 +26,7 @@ Two engines are planned (``Plan.engine``):
   fits as well).
 """
 
-from .memory import QUERY_RANKS, activation_bytes, plan_for_config, plan_memory
+from .memory import QUERY_RANKS, activation_bytes, plan_memory
 from .report import Plan, PlanSettings, StageBytes
 from .shapes import (
     DTYPE_BYTES,
@@ -43,5 +43,5 @@ from .shapes import (
 )
 
 __all__ = ["PlanError", "MapShape", "ModelShape", "PlanSettings", "StageBytes", "Plan", "plan_memory", "parse_bytes",
-           "format_bytes", "STAGES", "DTYPE_BYTES", "model_shape", "plan_for_config", "PAPER_SHAPES", "paper_config",
+           "format_bytes", "STAGES", "DTYPE_BYTES", "model_shape", "PAPER_SHAPES", "paper_config",
            "activation_bytes", "QUERY_RANKS", "parse_device_memory"]

@@ -1,5 +1,5 @@
 """The plan itself: bytes per stage from the formulas of :mod:`concept_influence.plan`, the maps dealt to ranks and cut
-into partitions that fit the device, and the plan of a run config."""
+into partitions that fit the device."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from dataclasses import replace
 from typing import Any, Sequence
 
 from .report import Plan, PlanSettings, StageBytes
-from .shapes import DTYPE_BYTES, MapShape, ModelShape, PlanError, format_bytes, model_shape
+from .shapes import DTYPE_BYTES, MapShape, ModelShape, PlanError, format_bytes
 
-__all__ = ["plan_memory", "plan_for_config", "activation_bytes", "QUERY_RANKS"]
+__all__ = ["plan_memory", "activation_bytes", "QUERY_RANKS"]
 
 
 def activation_bytes(model: ModelShape, tokens: int) -> int:
@@ -198,22 +198,3 @@ def plan_memory(model: ModelShape, settings: PlanSettings | None = None, **chang
             failure = f"{over.stage}: {format_bytes(over.host)} on the host > {format_bytes(s.host_memory)}"
     names = [[[m.name for m in p] for p in parts] for parts in parts_by_rank]
     return Plan(model, s, stages, names, failure, totals, rank)
-
-
-# ---- from a run config ------------------------------------------------------------------------------------------------
-def plan_for_config(config, settings: PlanSettings | None = None, **changes: Any) -> Plan:
-    """The plan of a :class:`~concept_influence.config.RunConfig`: its model (built on the meta device from the
-    config of ``[model] path``), its tracked maps (``[model] track``, blocks up to the probe's hook), batch size,
-    strategy and lengths."""
-    from ..models import block_of_hook
-    from ..models.hugging_face import parse_track
-    from ..runs.checkpoints import model_folder
-
-    m = config.model
-    weights, selection = parse_track(m.track)
-    shape = model_shape(model_folder(m), dtype=m.dtype, track=weights, select=selection,
-                        max_block=block_of_hook(config.concept_hook), base=m.base)
-    base = settings or PlanSettings()
-    s = replace(base, batch_size=config.factors.batch_size, max_length=config.data.max_length,
-                strategy=config.factors.strategy)
-    return plan_memory(shape, s, **changes)

@@ -24,9 +24,9 @@ from probes import ConceptDirection
 from ..concepts import ConceptFunction
 from ..curvature import CurvatureSettings, fit_curvature
 from ..data import TokenizedExample
+from ..engine import score_with_queries
 from ..evaluation import retrieval_metrics
 from ..models import ModelAdapter, checkpointed_weights, load_checkpoint
-from ..scoring import score_with_queries
 
 __all__ = ["DAMPING_FACTORS", "run_curvature_study", "variant_name", "format_curvature_table"]
 

@@ -27,10 +27,10 @@ from ..activations import collect_activations
 from ..concepts import ConceptFunction
 from ..curvature import Curvature
 from ..data import TokenizedExample
+from ..engine import gradient_norms, score_with_queries
 from ..estimators.fast_path import concept_readouts
 from ..evaluation import retrieval_metrics
 from ..models import ModelAdapter
-from ..scoring import gradient_norms, score_with_queries
 
 __all__ = ["QUERIES", "StudyGrid", "query_concepts", "run_query_study", "format_query_table", "summarise_study"]
 

@@ -13,7 +13,9 @@ A run folder holds::
                          statistics/ the summed covariance and eigenvalue statistics of each pass; partial/ per-rank
                          checkpoints while fitting
     scores/              settings.json (the [scoring] settings); shards/shard-000000.safetensors + .json, one per
-                         `scoring.shard_size` examples; scores.* all shards merged in data order
+                         `scoring.shard_size` examples; scores.* all shards merged in data order (one column per
+                         concept); variants.* (and shards/variants-000000.*) the stability check's variants scored in
+                         the same pass: damping x0.01 ... x100 (or horizon x0.1, x10), identity (:mod:`.stability`)
     report/              report.md (the check's verdict, top and bottom examples with their text) and
                          score_distribution.png
     checkpoints/NN-name/ with [model] checkpoints: factors/ and scores/ at each checkpoint (scores/ above holds
@@ -30,24 +32,29 @@ shards are dealt to ranks and curvature statistics are summed over ranks (:mod:`
 Modules: :mod:`.folder` (the folder, its record, manifest and checks), :mod:`.stages` (the :class:`Pipeline`),
 :mod:`.checkpoints` (where factors and scores are computed), :mod:`.inputs` (the data in shards: the training data,
 and what the factors are fitted on), :mod:`.shards` (shard files), :mod:`.audit` (check, explain, filter),
-:mod:`.report` (``report.md``).
+:mod:`.report` (``report.md``), :mod:`.stability` (the stability check).
 """
 
 from __future__ import annotations
 
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from ..config import ConfigError, RunConfig
 from ..distributed import Ranks, process_group
+from ..models import block_of_hook
+from ..models.hugging_face import parse_track
+from ..plan import Plan, PlanSettings, format_bytes, model_shape, parse_bytes, plan_memory
 from .audit import causal_warning, check_stage, explain_stage, filter_stage
-from .folder import RUN_FORMAT, RUN_FORMAT_VERSION, Run, RunError
+from .checkpoints import model_folder
+from .folder import RUN_FORMAT, RUN_FORMAT_VERSION, Run, RunError, read_json
 from .stages import Pipeline
 
-__all__ = ["RunError", "Run", "Pipeline", "run_config", "run_stages", "check_memory_plan", "RUN_FORMAT",
-           "RUN_FORMAT_VERSION", "STAGES"]
+__all__ = ["RunError", "Run", "Pipeline", "run_config", "run_stages", "plan_for_config", "check_memory_plan",
+           "RUN_FORMAT", "RUN_FORMAT_VERSION", "STAGES"]
 
 STAGES = ("probe", "check", "factors", "scores", "report", "explain", "filter")
 
@@ -56,9 +63,7 @@ def _open(path: str | Path | None, config: RunConfig | None, ranks: Ranks) -> Ru
     """Open (rank 0 creates) the run folder, then every rank reads it."""
     if path is None:
         raise ConfigError("no run folder: set `out` in the config or pass --out")
-    run = Run.open(path, config) if ranks.is_main else None
-    ranks.barrier()
-    return run or Run.open(path, config, create=False)
+    return ranks.main_first(lambda create: Run.open(path, config, create))
 
 
 def _device(path: str | Path | None, config: RunConfig | None) -> str:
@@ -113,6 +118,20 @@ def run_stages(stages: Sequence[str], path: str | Path | None, config: RunConfig
         return report if report_path and ranks.is_main else out
 
 
+def plan_for_config(config: RunConfig, settings: PlanSettings | None = None, **changes: Any) -> Plan:
+    """The memory plan (:func:`concept_influence.plan.plan_memory`) of a run config: its model (built on the meta
+    device from the config of ``[model] path``), its tracked maps (``[model] track``, blocks up to the concept's hook),
+    batch size, strategy and lengths; ``settings`` and ``changes`` as :func:`~concept_influence.plan.plan_memory`
+    takes them."""
+    m = config.model
+    weights, selection = parse_track(m.track)
+    shape = model_shape(model_folder(m), dtype=m.dtype, track=weights, select=selection,
+                        max_block=block_of_hook((config.probe or config.concept).hook), base=m.base)
+    s = replace(settings or PlanSettings(), batch_size=config.factors.batch_size, max_length=config.data.max_length,
+                strategy=config.factors.strategy)
+    return plan_memory(shape, s, **changes)
+
+
 #: The plan's stages each run stage goes through (:mod:`concept_influence.plan`).
 _PLANNED = {"factors": ("load", "covariance pass", "eigendecomposition", "eigenvalue pass"),
             "scores": ("load", "query", "scoring")}
@@ -120,9 +139,10 @@ _PLANNED = {"factors": ("load", "covariance pass", "eigendecomposition", "eigenv
 
 def check_memory_plan(path: str | Path | None, config: RunConfig | None, stages: Sequence[str] = STAGES) -> None:
     """Before any work: the memory plan of the run as today's engine runs it (every tracked map at once, every
-    factor on each rank; :func:`concept_influence.plan.plan_for_config` with ``engine="current"``), checked against
+    factor on each rank; :func:`plan_for_config` with ``engine="current"``), checked against
     ``[model] device_memory`` (auto: a CUDA device's own memory, no check on the CPU). A stage of ``stages`` that
-    does not fit is a :class:`RunError` in one line naming the plan's stage and its bytes; nothing is written."""
+    does not fit is a :class:`RunError` in one line naming the plan's stage and its bytes; nothing is written. The
+    queries of the stability variants scored beside the run's count as further concepts."""
     if config is None and path is not None and (Path(path) / "config.json").is_file():
         config = Run.open(path).config
     if config is None:
@@ -131,9 +151,8 @@ def check_memory_plan(path: str | Path | None, config: RunConfig | None, stages:
     if limit is None:
         return
     from ..estimators import ESTIMATORS
-    from ..plan import format_bytes, plan_for_config
 
-    plan = plan_for_config(config, engine="current", device_memory=limit)
+    plan = plan_for_config(config, engine="current", device_memory=limit, concepts=_query_sets(config))
     checked = [name for stage in stages for name in _PLANNED.get(stage, ())
                if stage != "factors" or ("curvature" in ESTIMATORS[config.scoring.estimator].run_inputs
                                          and config.factors.path is None)]  # (a saved curvature is not fitted)
@@ -149,6 +168,17 @@ def check_memory_plan(path: str | Path | None, config: RunConfig | None, stages:
                            "track), lower [factors] batch_size, or set device_memory = \"none\" to run anyway")
 
 
+def _query_sets(config: RunConfig) -> int:
+    """The sets of queries the scoring holds: the run's own and one per stability variant of its curvature (that of
+    ``factors.path`` when given)."""
+    from ..curvature import variant_kinds
+
+    strategy, saved = config.factors.strategy, Path(config.factors.path or "") / "curvature.json"
+    if config.factors.path is not None and saved.is_file():
+        strategy = read_json(saved).get("strategy", strategy)
+    return 1 + len(variant_kinds(strategy))
+
+
 def _device_memory(config: RunConfig) -> int | None:
     """``[model] device_memory`` in bytes: a size as given, ``auto``: the memory of the CUDA device the run uses (none
     on the CPU), ``none``: None."""
@@ -156,8 +186,6 @@ def _device_memory(config: RunConfig) -> int | None:
     if value == "none":
         return None
     if value != "auto":
-        from ..plan import parse_bytes
-
         return parse_bytes(value)
     import os
 

@@ -21,11 +21,9 @@ import torch
 
 from ..config import ModelConfig
 from ..models import ModelAdapter, load_checkpoint
-from ..scores import Scores
-from ..stability import StabilityReport, check_stability
-from .folder import Layout, Run, RunError, read_json
+from .folder import Layout, RunError, read_json
 
-__all__ = ["Point", "run_points", "load_point", "describe_points", "model_folder", "parts_stability", "require_stable", "BASE"]
+__all__ = ["Point", "run_points", "load_point", "describe_points", "model_folder", "BASE"]
 
 BASE = "base"
 _STEP = re.compile(r"checkpoint-(\d+)$")
@@ -132,22 +130,3 @@ def describe_points(points: list[Point]) -> list[dict]:
     """What ``run.json`` records of the checkpoints."""
     return [{"name": p.name, "source": p.source, "step": p.step, "weight": p.weight} for p in points if p.name]
 
-
-def parts_stability(total: Scores, points: list[Point], parts: list[Scores]) -> StabilityReport:
-    """The stability check of a checkpoint sum: does each checkpoint's part agree with the sum on its top?"""
-    return check_stability(total.column(0), {f"part {p.name}": part.column(0) for p, part in zip(points, parts)},
-                           name=total.estimator, kinds={f"part {p.name}": "part" for p in points})
-
-
-def require_stable(run: Run, require: str, is_main: bool) -> None:
-    """Print the stability check's warning of the run's scores, or with ``require = "stable"`` stop with it (one
-    line; the scores stay on disk)."""
-    stability = run.record["stages"].get("scores", {}).get("stability")
-    warning = stability and stability["warning"]
-    if not warning:
-        return
-    if require == "stable":
-        raise RunError(f"{warning}; the scores are kept in {run.scores_path}. Compare each checkpoint's ranking in the "
-                       'report, or set scoring.require = "none" to go on')
-    if is_main:
-        print(warning)

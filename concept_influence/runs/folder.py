@@ -3,6 +3,7 @@ stage's files go."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import time
@@ -14,7 +15,7 @@ from ..distributed import Ranks
 from ..errors import ConceptInfluenceError
 from ..fileio import atomic_write_text, file_sha256
 from ..provenance import invocation, package_versions
-from ..settings import settings_diff
+from ..options import settings_diff
 
 __all__ = ["RunError", "Run", "Layout", "RUN_FORMAT", "RUN_FORMAT_VERSION", "write_or_explain"]
 
@@ -98,7 +99,7 @@ class Run(Layout):
                            "or pass --config CONFIG")
         if path.exists() and any(path.iterdir()):
             raise RunError(f"{path} exists and is not a run folder; choose an empty or new folder")
-        config = RunConfig.from_dict({**config.to_dict(), "out": str(path)}, "config")
+        config = dataclasses.replace(config, out=str(path))  # (its sections are checked already)
         _write_json(path / "config.json", config.to_dict())
         _write_json(path / "run.json", {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "created": _now(),
                                         "versions": package_versions(), "fingerprints": {}, "stages": {}, "log": []})

@@ -1,5 +1,6 @@
-"""The report stage: ``report/report.md`` (the concept check's verdict, the checkpoints and their weights, the top
-and bottom examples with their text and their score at each checkpoint) and the plot of the score distribution."""
+"""The report stage: ``report/report.md`` (the concept check's verdict, the checkpoints and their weights, the stability
+check, the top and bottom examples with their text and their score at each checkpoint) and the plot of the score
+distribution."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def write_report(run: Run, k: int, checkpoints: Sequence = ()) -> Path:
              f"{info['fingerprints'].get('model')}); data `{cfg.data.train}` ({len(scores)} examples scored, "
              f"{scores.metadata.get('n_skipped', 0)} skipped because their response was cut away at "
              f"max_length = {cfg.data.max_length}); "
-             f"concept: {'probe' if cfg.probe else cfg.concept.type} at `{cfg.concept_hook}`.{_factors_sentence(info)}", "",
+             f"concept: {'probe' if cfg.probe else cfg.concept.type} at `{(cfg.probe or cfg.concept).hook}`.{_factors_sentence(info)}", "",
              *_check_section(info), *_checkpoint_section(checkpoints), *_stability_section(info),
              f"## Top {k}: training on these pushes the concept up", "", *markdown_rows(scores.top(k), texts, at), "",
              f"## Bottom {k}: training on these pushes it down", "", *markdown_rows(scores.bottom(k), texts, at), "",
@@ -86,15 +87,27 @@ def _checkpoint_section(checkpoints: Sequence) -> list[str]:
 
 
 def _stability_section(info: dict) -> list[str]:
+    head = ["## Is the top of the ranking stable?", ""]
     stability = info["stages"].get("scores", {}).get("stability")
     if not stability:
-        return []
-    rows = [f"| {v} | {a:.2f} | {stability['spearman'][v]:.3f} |" for v, a in stability["agreement"].items()]
-    verdict = (f"**{stability['warning']}**" if stability["warning"] else
-               f"Stable: every checkpoint's part puts at least {stability['threshold']:.0%} of the sum's top "
-               f"{stability['top']} above its own median.")
-    return ["## Is the top of the ranking stable?", "", verdict, "",
-            "| part | agreement on the top | Spearman with the sum |", "|---|---:|---:|", *rows, ""]
+        return head + ["Not checked: the estimator has no curvature whose damping could change, and the run no "
+                       "checkpoints whose parts could disagree.", ""]
+    rows = [f"| {v} | {stability['kinds'].get(v, '')} | {a:.2f} | {stability['spearman'][v]:.3f} |"
+            for v, a in stability["agreement"].items()]
+    verdict = (f"**NOT stable.** {stability['warning']}." if stability["warning"] else
+               f"**Stable**: every variant agrees on at least {stability['threshold']:.0%} of the top "
+               f"{stability['top']}, each way (either ranking's top within the other's top {stability['reach']:.0%}).")
+    kinds = set(stability["kinds"].values())
+    compared = ", ".join(what for kind, what in _VARIANT_KINDS.items() if kind in kinds)
+    where = "; the variants are scored in the run's one pass (`scores/variants.safetensors`)" if kinds - {"part"} else ""
+    return head + [verdict, "", f"The run's ranking compared with {compared}{where}.", "",
+                   "| variant | kind | agreement on the top | Spearman with the run's |", "|---|---|---:|---:|", *rows, ""]
+
+
+#: How the report names each kind of variant the stability check compares (:mod:`.stability`).
+_VARIANT_KINDS = {"damping": "the same factors at damping × 0.01 … × 100", "horizon": "the horizon ÷ 10 and × 10",
+                  "identity": "identity curvature (the plain concept gradient dot)",
+                  "part": "each checkpoint's part of the sum alone"}
 
 
 def markdown_rows(rows: Sequence[tuple[str, float]], texts: dict[str, tuple[str, str]],

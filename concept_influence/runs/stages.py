@@ -16,7 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..curvature import Curvature, SumStats, fit_curvature
-from ..data import ChatExample, Shard, TokenizedExample, load_chats, tokenize_examples, tokenize_kept
+from ..data import ChatExample, Shard, TokenizedExample, read_tokenized, tokenize_kept
 from ..distributed import Ranks
 from ..estimators import ESTIMATORS, GradientEstimator
 from ..fileio import path_sha256, save_tensors
@@ -24,11 +24,12 @@ from ..models import MapSelectionError, ModelAdapter, block_of_hook, checkpointe
 from ..models.hugging_face import parse_track
 from ..provenance import combine_digests
 from ..scores import Scores
-from .checkpoints import Point, describe_points, load_point, model_folder, parts_stability, require_stable, run_points
+from .checkpoints import Point, describe_points, load_point, model_folder, run_points
 from .folder import Run, RunError, write_or_explain
 from .inputs import RunData
 from .report import write_report
-from .shards import concatenate, finished_shard, read_checkpoint, resume_pass
+from .shards import read_checkpoint, resume_pass
+from .stability import merge_shards, require_stable, run_stability, save_shard, shard_done, summed_variants
 
 __all__ = ["Pipeline"]
 
@@ -82,8 +83,8 @@ class Pipeline:
             adapter.model.load_state_dict(own, strict=False)
 
     def _tokenize(self, path: str, limit: int | None) -> list[TokenizedExample]:
-        return tokenize_examples(load_chats(path, limit), self.adapter.tokenizer, self.cfg.data.max_length,
-                                 self.cfg.data.skip_truncated, source=path)
+        return read_tokenized([path], self.adapter.tokenizer, self.cfg.data.max_length, limit,
+                              self.cfg.data.skip_truncated)
 
     def _tokenize_kept(self, examples: Sequence[ChatExample]) -> list[TokenizedExample]:
         """The examples tokenised; those cut away at ``max_length`` are skipped (counted at the merge)."""
@@ -96,6 +97,12 @@ class Pipeline:
                            f"{self.run.path}` first (or `concept-influence run {self.run.path / 'config.json'}`)")
 
     # ---- concept -------------------------------------------------------------------------------
+    def _require_probe(self) -> None:
+        """A run whose concept is its ``[probe]``'s direction needs the probe stage first (one named by ``[concept]``
+        alone has none)."""
+        if self.cfg.probe is not None:
+            self._require("probe", "probe train")
+
     def direction(self):
         """The concept direction: trained here (``probe.positive``/``negative``) or read from ``probe.direction``;
         without a ``[probe]``, the direction the concept check steers along (:func:`~..concept_spec.steering_direction`)."""
@@ -108,8 +115,7 @@ class Pipeline:
         each training example on itself)."""
         from ..concept_spec import build_concept
 
-        if self.cfg.probe is not None:
-            self._require("probe", "probe train")
+        self._require_probe()
         return build_concept(self.run.concept_spec, self.adapter, self._tokenize, with_eval)
 
     # ---- factors -------------------------------------------------------------------------------
@@ -145,11 +151,10 @@ class Pipeline:
         f, final = self.cfg.factors, point.factors_dir
         self.run.check_settings("factors", self.data.fit_settings, final)
         if not (final / "curvature.json").is_file():
-            if self.cfg.probe is not None:
-                self._require("probe", "probe train")
+            self._require_probe()
             self.gate()
             with self.at(point):
-                maps = self.adapter.linear_maps(max_block=block_of_hook(self.cfg.concept_hook))
+                maps = self.adapter.linear_maps(max_block=block_of_hook((self.cfg.probe or self.cfg.concept).hook))
                 self.data.fit_digests()  # (unusable data is refused before the settings are saved)
                 if self.ranks.is_main:
                     self.run.save_settings("factors", self.data.fit_settings, final)
@@ -207,7 +212,7 @@ class Pipeline:
         cls = ESTIMATORS[self.cfg.scoring.estimator]
         inputs = {"readout": lambda: self.concept(with_eval=False), "concept": self.concept,
                   "curvature": lambda: self._scoring_curvature(point or self.points[0])}
-        options = {"scoring": self.cfg.scoring.settings()} if issubclass(cls, GradientEstimator) else {}
+        options = {"scoring": self.cfg.scoring.settings(), "variants": True} if issubclass(cls, GradientEstimator) else {}
         return cls(*(inputs[name]() for name in cls.run_inputs), **options)
 
     def _scoring_curvature(self, point: Point) -> Curvature:
@@ -220,18 +225,17 @@ class Pipeline:
         """Score every training example at every point, shard by shard (resuming), merged in data order; with
         checkpoints, their weighted sum (what ``sum-scores`` writes) is the run's scores."""
         parts = [self._score_point(point) for point in self.points]
-        if self.points[0].name is None:
-            return parts[0]
         run, ranks = self.run, self.ranks
-        if ranks.is_main and not (run.scores_path.is_file() and run.is_done("scores")):
-            weights = [p.weight for p in self.points]
-            total = Scores.weighted_sum(parts, weights, estimator=f"{parts[0].estimator}[checkpoints]", metadata={
+        if self.points[0].name and ranks.is_main and not (run.scores_path.is_file() and run.is_done("scores")):
+            weights, name = [p.weight for p in self.points], f"{parts[0].estimator}[checkpoints]"
+            total = Scores.weighted_sum(parts, weights, estimator=name, metadata={
                 **parts[0].metadata, "summed": [str(p.scores_path) for p in self.points], "weights": weights})
+            variants = summed_variants(run, self.points, weights, name)  # (written before the scores)
             write_or_explain(run.scores_path, lambda: total.save(run.scores_path), "The scores at each checkpoint are intact.")
-            stability = parts_stability(total, self.points, parts)
+            stability = run_stability(total, variants, {p.name: part for p, part in zip(self.points, parts)})
             run.finish_stage("scores", ranks, estimator=total.estimator, n_examples=len(total),
                              checkpoints=describe_points(self.points), data_sha256=path_sha256(self.cfg.data.train),
-                             stability=stability.to_dict())
+                             stability=stability and stability.to_dict())
         ranks.barrier()
         require_stable(run, self.cfg.scoring.require, ranks.is_main)
         return Scores.load(run.scores_path)
@@ -255,41 +259,30 @@ class Pipeline:
                 for shard in self.data.shards(s.shard_size):
                     if not ranks.owns(shard.index):
                         continue
-                    path = point.shard_path(shard.index)
-                    if finished_shard(path, shard.digest) is None:
-                        result = self._score_shard(estimator, shard)
-                        write_or_explain(path, lambda: result.save(path),
-                                         f"The {written} shards this process finished before it are intact.")
+                    if not shard_done(point, shard.index, shard.digest, estimator.variants):
+                        save_shard(point, shard.index, *self._score_shard(estimator, shard),
+                                   f"The {written} shards this process finished before it are intact.")
                     written += 1
                     bar.update(1)
         ranks.barrier()
         if ranks.is_main:
-            merged = self._merge_shards(estimator.name, point)
-            write_or_explain(point.scores_path, lambda: merged.save(point.scores_path), "Every shard is intact.")
+            merged, variants = merge_shards(point, self.data.digests(s.shard_size), estimator.name, estimator.variants)
+            stability = run_stability(merged, variants)
             self.run.finish_stage(point.stage("scores"), ranks, estimator=estimator.name, n_examples=len(merged),
                                   n_shards=n_shards, n_skipped=merged.metadata["n_skipped"],
-                                  data_sha256=path_sha256(self.cfg.data.train))
+                                  data_sha256=path_sha256(self.cfg.data.train), stability=stability and stability.to_dict())
         ranks.barrier()
         return Scores.load(point.scores_path)
 
-    def _score_shard(self, estimator, shard: Shard) -> Scores:
-        """The scores of one shard's examples (none when all were skipped), tagged with the shard's digest."""
+    def _score_shard(self, estimator, shard: Shard) -> tuple[Scores, Scores | None]:
+        """The scores of one shard's examples (none when all were skipped), tagged with the shard's digest, and the
+        scores of the estimator's stability variants (none when all were skipped)."""
         examples = self._tokenize_kept(shard.examples)
         result = (estimator.score(self.adapter, examples, batch_size=self.cfg.scoring.batch_size, progress=False)
                   if examples else Scores([], np.zeros((0, estimator.concept.k)), estimator.name,
                                           estimator.concept.names))
         result.metadata.update(shard_digest=shard.digest, shard=shard.index, n_lines=len(shard.examples))
-        return result
-
-    def _merge_shards(self, estimator: str, point: Point) -> Scores:
-        parts = []
-        for index, digest in enumerate(self.data.digests(self.cfg.scoring.shard_size)):
-            path = point.shard_path(index)
-            part = finished_shard(path, digest)
-            if part is None:
-                raise RunError(f"{path}: missing or stale shard; run the same command again to compute it")
-            parts.append(part)
-        return concatenate(parts, estimator)
+        return result, estimator.variants_ if examples else None
 
     # ---- report --------------------------------------------------------------------------------
     def report(self, top_k: int | None = None) -> Path:

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from concept_influence.data import collate
+from concept_influence.engine import ScoringError, gradient_norms, score_with_queries, token_query_scores
 from concept_influence.scores import Scores
-from concept_influence.scoring import ScoringError, gradient_norms, score_with_queries, token_query_scores
 
 
 def explicit_scores(adapter, examples, maps, queries):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -25,11 +25,11 @@ from .data import TokenizedExample
 from .errors import ConceptInfluenceError
 from .gradients import captured_batches, check_finite
 from .models import LinearMap, ModelAdapter
+from .options import Settings, option
 from .scores import Scores
-from .settings import Settings, option
 
-__all__ = ["ScoringError", "ScoringSettings", "LowRankQuery", "Query", "low_rank_queries", "score_with_queries",
-           "token_query_scores", "example_query_scores", "gradient_norms"]
+__all__ = ["ScoringError", "ScoringSettings", "LowRankQuery", "Query", "low_rank_queries", "stack_queries",
+           "score_with_queries", "token_query_scores", "example_query_scores", "gradient_norms"]
 
 
 @dataclass
@@ -108,6 +108,23 @@ def low_rank_queries(queries: dict[str, Query], rank: int | None) -> dict[str, Q
         else:
             U, S, Vh = torch.linalg.svd(q.float(), full_matrices=False)
             out[name] = LowRankQuery(U[..., :rank] * S[..., None, :rank], Vh[..., :rank, :].contiguous())
+    return out
+
+
+def stack_queries(sets: Sequence[Mapping[str, Query]]) -> dict[str, Query]:
+    """Several sets of queries over the same maps as one: each map's ``K_1 + K_2 + …`` queries in order (rank-r
+    factors, as :func:`low_rank_queries` makes them for every set alike, stay factors), so that one pass of
+    :func:`score_with_queries` scores them all, e.g. one gradient preconditioned by several curvatures. One set is
+    returned as it is."""
+    if len(sets) == 1:
+        return dict(sets[0])
+    out: dict[str, Query] = {}
+    for name, first in sets[0].items():
+        queries = [s[name] for s in sets]
+        if isinstance(first, LowRankQuery):
+            out[name] = LowRankQuery(torch.cat([q.left for q in queries]), torch.cat([q.right for q in queries]))
+        else:
+            out[name] = torch.cat(queries)
     return out
 
 

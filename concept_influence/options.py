@@ -1,7 +1,8 @@
-"""Settings dataclasses: each field carries its help text and its checks, so an option is declared once.
+"""How an option is declared, once: settings dataclasses whose fields (:func:`option`) carry their help text and their
+checks, read from nested dicts (:func:`build_settings`: a run config's sections) and turned into command-line options.
 
 A stage's settings (:class:`~concept_influence.curvature.CurvatureSettings`,
-:class:`~concept_influence.scoring.ScoringSettings`) are taken by the Python API, make up the run config's
+:class:`~concept_influence.engine.ScoringSettings`) are taken by the Python API, make up the run config's
 ``[factors]`` and ``[scoring]`` sections (subclasses that add the keys only a run folder needs), give the CLI
 its help on those sections, and are saved next to a stage's output in a run folder and compared when the
 stage resumes (:meth:`concept_influence.runs.Run.check_settings`).
@@ -83,14 +84,20 @@ def settings_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 class Settings:
-    """Base of the settings dataclasses: checks each field on creation (``ValueError`` naming the field),
-    and converts to and from plain dicts."""
+    """Base of the settings dataclasses: checks each field on creation, then the fields together
+    (:meth:`check_together`), a ``ValueError`` naming the field; and converts to and from plain dicts."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             problem = check_value(f.name, getattr(self, f.name), f)
             if problem:
                 raise ValueError(problem)
+        self.check_together()
+
+    def check_together(self) -> None:
+        """Checks across fields, run on creation after each field's own. A subclass with any overrides this (calling
+        its base's when the base has checks) instead of ``__post_init__``, so that creating the settings of a
+        subpackage (:class:`~concept_influence.curvature.CurvatureSettings`) does not call back up into this module."""
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict."""
