@@ -183,6 +183,10 @@ class ScoringConfig(ScoringSettings):
     require: str = option("none", "stable: stop after the scores (kept) unless the ranking's top is stable under damping "
                                   "x0.01..x100 (or horizon x0.1, x10), identity curvature and each checkpoint; none: warn",
                           choices=("none", "stable"))
+    behaviour: str | None = option(None, "chats that show the behaviour (default: concept.check_positive, then "
+                                         "probe.positive): their own ranking (classic gradient-dot) is scored beside "
+                                         "the run's, compared in the stability check and, where it warns, is the "
+                                         "ranking the filter removes", path=True)
 
     def settings(self) -> ScoringSettings:
         """The settings the gradient estimators score with."""
@@ -219,6 +223,8 @@ class FilterConfig(Settings):
 
     remove_top: float | None = option(None, "a fraction in (0, 1) or a count of examples to remove from the top; "
                                             "unset: no filter stage")
+    ranking: str = option("guarded", "guarded: the run's ranking, or the behaviour's own where the stability check "
+                                     "found they disagree; scores: the run's ranking always", choices=("guarded", "scores"))
 
 
 @dataclass
@@ -260,6 +266,12 @@ class RunConfig:
     def checks_concept(self) -> bool:
         """Whether the run has a concept check stage: asked for, with the texts to steer on."""
         return self.concept.check and None not in self.check_files
+
+    @property
+    def behaviour_file(self) -> str | None:
+        """The chats whose own ranking the stability check compares the run's with: ``scoring.behaviour``, else the
+        check's positive file (None: no such comparison)."""
+        return self.scoring.behaviour or self.check_files[0]
 
     @property
     def check_files(self) -> tuple[str | None, str | None]:

@@ -6,6 +6,7 @@ stopping the run when a variant disagrees."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from concept_influence.curvature import (
     variant_kinds,
 )
 from concept_influence.data import load_chat_jsonl, tokenize_examples
-from concept_influence.estimators import ConceptGradDot, ConceptInfluence
+from concept_influence.estimators import ConceptGradDot, ConceptInfluence, GradDot
 from concept_influence.models import load_model
 from concept_influence.runs import Run, RunError, run_stages
 from concept_influence.scores import Scores
@@ -105,7 +106,7 @@ def test_a_run_keeps_the_variants_apart_and_equal_to_scoring_with_each(finished,
     variants = Scores.load(finished / "scores" / "variants.safetensors")
     concept_name = scores.columns[0]
     assert len(scores.columns) == 1 and variants.ids == scores.ids  # the run's scores: one column per concept
-    assert variants.columns == [f"{v}:{concept_name}" for v in variant_kinds("ekfac")]
+    assert variants.columns == [*(f"{v}:{concept_name}" for v in variant_kinds("ekfac")), "behaviour"]
     adapter = load_model(project / "model")
     cfg = RunConfig.read(project / "run.toml")
     train = tokenize_examples(load_chat_jsonl(cfg.data.train), adapter.tokenizer, cfg.data.max_length, True)
@@ -115,11 +116,37 @@ def test_a_run_keeps_the_variants_apart_and_equal_to_scoring_with_each(finished,
     for name, curvature in stability_variants(factors).items():
         expected = ConceptInfluence(concept, curvature).score(adapter, train, progress=False)
         _close(variants.column(f"{name}:{concept_name}"), expected.column(0), 1e-4)  # (x0.01: 4e-5, cancellation)
+    # the behaviour's own ranking: classic gradient-dot on the probe's positive chats, over the concept's maps
+    behaviour = tokenize_examples(load_chat_jsonl(cfg.behaviour_file), adapter.tokenizer, cfg.data.max_length, True)
+    _close(variants.column("behaviour"), _MapsGradDot(behaviour, concept.layer).score(adapter, train, progress=False).column(0))
     stability = json.loads((finished / "run.json").read_text())["stages"]["scores"]["stability"]
-    assert set(stability["agreement"]) == set(variant_kinds("ekfac")) and stability["kinds"]["identity"] == "identity"
+    assert set(stability["agreement"]) == {*variant_kinds("ekfac"), "behaviour"}
+    assert stability["kinds"]["identity"] == "identity" and stability["kinds"]["behaviour"] == "behaviour"
     report = (finished / "report" / "report.md").read_text()
     assert "## Is the top of the ranking stable?" in report and "| damping x0.01 | damping |" in report
     assert ("**NOT stable.**" in report) == bool(stability["warning"])
+
+
+class _MapsGradDot(GradDot):
+    """Classic gradient-dot over the maps of blocks up to ``max_block`` only (a concept's maps)."""
+
+    def __init__(self, examples, max_block: int):
+        super().__init__(examples)
+        self.max_block = max_block
+
+    def tracked_maps(self, adapter):
+        return adapter.linear_maps(max_block=self.max_block)
+
+
+def test_the_behaviour_column_is_classic_gradient_dot_and_needs_the_variants(tl_adapter, tokenized, concept):
+    estimator = ConceptGradDot(concept, variants=True, behaviour=tokenized[:4])
+    estimator.score(tl_adapter, tokenized, progress=False)
+    assert estimator.variants_.columns == ["behaviour"] and estimator.variants_.metadata["variants"] == {
+        "behaviour": "behaviour"}
+    _close(estimator.variants_.column("behaviour"),
+           _MapsGradDot(tokenized[:4], concept.layer).score(tl_adapter, tokenized, progress=False).column(0))
+    with pytest.raises(ValueError, match="variants=True"):
+        ConceptGradDot(concept, behaviour=tokenized[:4])
 
 
 def test_resuming_reuses_the_variants_and_recomputes_a_lost_one(finished, tmp_path):
@@ -140,9 +167,9 @@ def test_resuming_reuses_the_variants_and_recomputes_a_lost_one(finished, tmp_pa
         assert a.ids == b.ids and np.array_equal(a.values, b.values)
 
 
-def _rescore_with_variants(run: Path, variant_values) -> None:
-    """Replace the variants' scores of every shard with ``variant_values(the shard's own scores)``, then merge the
-    scores again with ``scoring.require = "stable"`` (no shard is scored again)."""
+def _rescore_with_variants(run: Path, variant_values, require: str = "stable", filtered: bool = False) -> None:
+    """Replace the variants' scores of every shard with ``variant_values(the shard's own scores, column name)``, then
+    merge the scores again with ``scoring.require`` (and, ``filtered``, remove the top 10; no shard is scored again)."""
     for path in sorted((run / "scores" / "shards").glob("variants-*.safetensors")):
         shard = Scores.load(path)
         own = Scores.load(path.with_name(path.name.replace("variants", "shard")))
@@ -150,8 +177,12 @@ def _rescore_with_variants(run: Path, variant_values) -> None:
         shard.save(path)
     Run.open(run).update_record(lambda info: info["stages"].pop("scores"))
     config = json.loads((run / "config.json").read_text())
-    config["scoring"]["require"] = "stable"
-    run_stages(("scores", "report"), run, RunConfig.from_dict(config, "config"), progress=False)
+    config["scoring"]["require"] = require
+    if filtered:  # (as if the run had been configured with a filter stage from the start)
+        config["filter"]["remove_top"] = 10
+        (run / "config.json").write_text(json.dumps(config))
+    run_stages(("scores", "report", "filter") if filtered else ("scores", "report"), run,
+               RunConfig.from_dict(config, "config"), progress=False)
 
 
 def test_require_stable_stops_when_a_variant_disagrees_and_goes_on_when_all_agree(finished, tmp_path):
@@ -167,3 +198,22 @@ def test_require_stable_stops_when_a_variant_disagrees_and_goes_on_when_all_agre
     shutil.copytree(finished, stable)
     _rescore_with_variants(stable, lambda own, name: 2 * own + 1)  # every variant a monotone copy of the ranking
     assert "**Stable**: every variant agrees" in (stable / "report" / "report.md").read_text()
+
+
+def test_where_the_behaviour_disagrees_the_report_and_the_filter_answer_with_its_ranking(finished, tmp_path):
+    run = tmp_path / "guarded"
+    shutil.copytree(finished, run)
+    _rescore_with_variants(run, lambda own, name: -own if name == "behaviour" else own, "none", filtered=True)
+    record = json.loads((run / "run.json").read_text())["stages"]
+    assert "behaviour (behaviour: 0.00)" in record["scores"]["stability"]["warning"]
+    assert record["filter"]["ranking"] == "behaviour"
+    behaviour_top = Scores.load(run / "scores" / "variants.safetensors").top(10, "behaviour")
+    removed = json.loads(next((run / "filter").glob("*.filter.json")).read_text())
+    assert {r["id"] for r in removed["removed_examples"]} == {i for i, _ in behaviour_top}
+    report = (run / "report" / "report.md").read_text()
+    assert re.search(r"## Top \d+ by the behaviour's own ranking", report) and behaviour_top[0][0] in report
+    agreed = tmp_path / "agreed"  # every variant a monotone copy: the run's own ranking is the answer
+    shutil.copytree(finished, agreed)
+    _rescore_with_variants(agreed, lambda own, name: 2 * own + 1, "none", filtered=True)
+    assert json.loads((agreed / "run.json").read_text())["stages"]["filter"]["ranking"] == "scores"
+    assert not re.search(r"## Top \d+ by the behaviour's own ranking", (agreed / "report" / "report.md").read_text())

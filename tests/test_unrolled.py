@@ -188,6 +188,35 @@ def test_source_over_checkpoints_chains_and_reports_its_parts(tl_adapter, tokeni
         SourceInfluence(concept, [earlier, None], horizons[:1])
 
 
+def test_source_scores_the_behaviours_own_ranking_over_the_checkpoints_and_answers_with_it_when_they_disagree(
+        tl_adapter, tokenized):
+    from concept_influence.estimators import GradDot, SourceInfluence
+    from concept_influence.models import load_checkpoint
+
+    concept = _concept(tl_adapter, tokenized)
+    gen = torch.Generator().manual_seed(5)
+    own = {k: v.clone() for k, v in tl_adapter.model.state_dict().items()}
+    earlier = {k: v + 0.05 * torch.randn(v.shape, generator=gen) * v.std()
+               for k, v in own.items() if v.is_floating_point() and v.ndim == 2}
+    horizons = segment_horizons([0, 10], [0.1] * 20)
+    estimator = SourceInfluence(concept, [earlier, None], horizons, behaviour=tokenized[:3])
+    scores = estimator.score(tl_adapter, tokenized, batch_size=4, progress=False)
+
+    class ConceptMapsGradDot(GradDot):  # classic gradient-dot over the concept's maps
+        def tracked_maps(self, adapter):
+            return adapter.linear_maps(max_block=concept.layer)
+
+    expected = ConceptMapsGradDot(tokenized[:3]).score(tl_adapter, tokenized, progress=False).column(0)
+    load_checkpoint(tl_adapter, earlier)
+    expected = expected + ConceptMapsGradDot(tokenized[:3]).score(tl_adapter, tokenized, progress=False).column(0)
+    tl_adapter.model.load_state_dict(own)
+    np.testing.assert_allclose(estimator.behaviour_, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+    report = estimator.stability_
+    assert report.kinds["behaviour"] == "behaviour"
+    assert estimator.answer_ == ("scores" if report.stable else "behaviour")
+    assert scores.metadata["stability"]["agreement"]["behaviour"] == report.agreement["behaviour"]
+
+
 def _bergson_source_scores(run, adapter, examples, checkpoint_dirs, lr_times_steps, query):
     """Bergson's ``approx_unrolling_pipeline`` end to end, in process (world size 1, CPU): EK-FAC (empirical Fisher)
     per segment of one checkpoint, ``query`` (``{Bergson module: [d_out, d_in]}``, at the last checkpoint) walked

@@ -22,6 +22,15 @@ from .base import Estimator
 __all__ = ["GradientEstimator", "ConceptInfluence", "ConceptGradDot", "InfluenceFunction", "GradDot"]
 
 
+def test_loss_gradient(adapter: ModelAdapter, examples: Sequence[TokenizedExample], maps: Sequence[LinearMap],
+                       loss_tokens: str, batch_size: int, progress: bool, what: str,
+                       projections: Mapping[str, Projection] | None = None) -> dict[str, torch.Tensor]:
+    """The gradient of minus the mean loss of ``examples`` at each map (``[1, d_out, d_in]``): classic influence's
+    measurement, for test examples or the behaviour's own."""
+    return measurement_gradient(adapter, examples, maps, lambda b: -adapter.per_example_loss(b, loss_tokens)[:, None],
+                                1, what, batch_size, progress, projections)
+
+
 class GradientEstimator(Estimator):
     """``−∇fᵀ P ∇L(z)`` with P the damped inverse curvature (``"ekfac"``, ``"kfac"``), none
     (``"identity"``), or a fitted :class:`Curvature`. When a strategy name is given, the curvature is
@@ -35,12 +44,18 @@ class GradientEstimator(Estimator):
     ``variant:column``, no per-module or per-token shares; ``metadata["variants"]``: each variant's kind) for
     :func:`~concept_influence.stability.check_stability`. The queries then take 1 + (number of variants) times the
     memory; the pass costs little more (the engine contracts K queries through each example's gradient when K is
-    large), but with ``per_token`` each token is dotted with every column."""
+    large), but with ``per_token`` each token is dotted with every column. ``behaviour`` (with ``variants``): examples
+    that show the behaviour; their own ranking, classic gradient-dot on their loss (:class:`GradDot` over the same
+    maps), is one more column of ``variants_`` (``behaviour``, kind ``behaviour``), the comparison that catches a
+    concept which does not follow the behaviour."""
 
     def __init__(self, curvature: str | Curvature = "ekfac", *, fit_examples: Sequence[TokenizedExample] | None = None,
                  fit: CurvatureSettings | None = None, scoring: ScoringSettings | None = None, variants: bool = False,
-                 **scoring_changes: Any):
+                 behaviour: Sequence[TokenizedExample] | None = None, **scoring_changes: Any):
+        if behaviour is not None and not variants:
+            raise ValueError("behaviour examples are compared in the stability check: pass variants=True with them")
         self.curvature, self.variants = curvature, variants
+        self.behaviour = list(behaviour) if behaviour else None
         self.fit_examples = fit_examples
         self.fit = fit or CurvatureSettings()
         self.scoring = (scoring or ScoringSettings()).replace(**scoring_changes)
@@ -68,17 +83,22 @@ class GradientEstimator(Estimator):
         """``(G + λI)⁻¹ ∇f`` per map (of rank ``scoring.query_rank``) and the column names, computed once per
         model state, curvature and rank, so scoring a dataset shard by shard does not recompute them. With
         ``variants``, each map's K queries are followed by the K of each stability variant (preconditioned map by
-        map, so no second full set of queries is held while they are stacked)."""
+        map, so no second full set of queries is held while they are stacked), then the behaviour's gradient."""
         rank = self.scoring.query_rank
-        key = (adapter.fingerprint(), curvature, tuple(m.name for m in maps), rank, self.variants)
+        key = (adapter.fingerprint(), curvature, tuple(m.name for m in maps), rank, self.variants, self.behaviour is None)
         if self._queries is None or self._queries[0] != key:
             self._queries = None  # (the old queries are freed before the new ones are formed)
             grads, columns = self.measurement(adapter, maps, batch_size, progress)
             curvatures = [curvature, *(stability_variants(curvature).values() if self.variants else ())]
+            behaviour = (test_loss_gradient(adapter, self.behaviour, maps, self.scoring.loss_tokens, batch_size,
+                                            progress, "the behaviour's loss") if self.behaviour else {})
             queries = {}
             for name in list(grads):
                 one = {name: grads.pop(name)}
-                queries[name] = stack_queries([low_rank_queries(c.precondition(one), rank) for c in curvatures])[name]
+                sets = [low_rank_queries(c.precondition(one), rank) for c in curvatures]
+                if behaviour:
+                    sets.append(low_rank_queries({name: behaviour.pop(name)}, rank))
+                queries[name] = stack_queries(sets)[name]
             self._queries = (key, queries, columns)
         return self._queries[1], self._queries[2]
 
@@ -91,6 +111,8 @@ class GradientEstimator(Estimator):
         meta = {"curvature": curvature.strategy, "maps": [m.name for m in maps], "fisher": curvature.fisher}
         kinds = variant_kinds(curvature) if self.variants else {}
         extra = [f"{variant}:{column}" for variant in kinds for column in columns]
+        if self.behaviour:
+            kinds, extra = {**kinds, "behaviour": "behaviour"}, [*extra, "behaviour"]
         scored = score_with_queries(adapter, examples, maps, queries, self.scoring.replace(batch_size=batch_size),
                                     estimator=self.name, columns=[*columns, *extra], sign=-1.0, metadata=meta,
                                     progress=progress)
@@ -152,9 +174,8 @@ class InfluenceFunction(GradientEstimator):
         return adapter.linear_maps()
 
     def measurement(self, adapter, maps, batch_size, progress, projections=None):
-        grads = measurement_gradient(
-            adapter, self.test_examples, maps, lambda b: -adapter.per_example_loss(b, self.scoring.loss_tokens)[:, None],
-            1, "the test loss", batch_size, progress, projections)
+        grads = test_loss_gradient(adapter, self.test_examples, maps, self.scoring.loss_tokens, batch_size, progress,
+                                   "the test loss", projections)
         return grads, ["test_loss"]
 
 

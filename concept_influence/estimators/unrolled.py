@@ -32,6 +32,7 @@ from ..models import ModelAdapter, checkpointed_weights, load_checkpoint
 from ..scores import Scores
 from ..stability import StabilityReport, check_stability
 from .base import Estimator
+from .gradient import test_loss_gradient
 from .over_checkpoints import describe_checkpoint
 
 __all__ = ["SourceInfluence"]
@@ -46,14 +47,19 @@ class SourceInfluence(Estimator):
     ``{map: scale}`` per checkpoint (e.g. :func:`~concept_influence.curvature.adam_step_scales` of the optimizer saved
     with it); ``train_batch_size`` is the fine-tune's batch size, which the ``"fisher"`` estimate needs. Factors are
     fitted at each checkpoint on ``fit_examples`` (default: the scored examples). For a TRL run, the horizons are
-    ``segment_horizons([0, *checkpoint_steps], learning_rates_from_trainer_state(".../trainer_state.json"))``."""
+    ``segment_horizons([0, *checkpoint_steps], learning_rates_from_trainer_state(".../trainer_state.json"))``.
+
+    ``behaviour``: examples that show the behaviour; their own ranking (classic gradient-dot on their loss, summed over
+    the checkpoints like the concept's) is scored in the same passes into :attr:`behaviour_` and compared in
+    :attr:`stability_`. Where the check warns, rank by :attr:`behaviour_` (:attr:`answer_` says which): over the
+    emergent family the concept's ranking fell below AUROC 0.8 only where the two disagreed."""
 
     name = "concept_influence[source]"
 
     def __init__(self, concept: ConceptFunction, checkpoints: Sequence, horizons: Sequence[Horizon], *,
                  fit_examples: Sequence[TokenizedExample] | None = None, fit: CurvatureSettings | None = None,
                  step_scales: str | Sequence[Mapping[str, float]] | None = "fisher", train_batch_size: int = 8,
-                 chain: bool = True):
+                 chain: bool = True, behaviour: Sequence[TokenizedExample] | None = None):
         if not checkpoints or len(horizons) != len(checkpoints):
             raise ValueError(f"SourceInfluence needs one horizon per checkpoint; got {len(horizons)} horizons for "
                              f"{len(checkpoints)} checkpoints")
@@ -64,8 +70,11 @@ class SourceInfluence(Estimator):
         self.concept, self.checkpoints, self.horizons = concept, list(checkpoints), list(horizons)
         self.fit_examples, self.fit = fit_examples, (fit or CurvatureSettings()).replace(strategy="ekfac")
         self.step_scales, self.train_batch_size, self.chain = step_scales, int(train_batch_size), chain
+        self.behaviour = list(behaviour) if behaviour else None
         self.parts_: dict[str, np.ndarray] = {}
         self.stability_: StabilityReport | None = None
+        self.behaviour_: np.ndarray | None = None
+        self.answer_: str = "scores"
 
     def score(self, adapter: ModelAdapter, examples: Sequence[TokenizedExample], *, batch_size: int = 8,
               progress: bool = True) -> Scores:
@@ -73,6 +82,7 @@ class SourceInfluence(Estimator):
         maps = adapter.linear_maps(max_block=self.concept.layer)
         own = checkpointed_weights(adapter)
         per_part: list[np.ndarray] = []
+        per_behaviour: list[np.ndarray] = []
         query = None
         try:
             for i in reversed(range(len(self.checkpoints))):
@@ -89,11 +99,16 @@ class SourceInfluence(Estimator):
                 kinds = variant_kinds(unrolled)  # the horizon ÷ 10 and × 10, then identity: the gradient here itself
                 names = ["chosen", *kinds]
                 rescaled = [c.precondition(query) for n, c in stability_variants(unrolled).items() if n != "identity"]
-                stacked = stack_queries([unrolled.precondition(query), *rescaled, grads])
-                scored = score_with_queries(adapter, examples, maps, stacked, estimator=self.name,
-                                            columns=[f"{n}:{k}" for n in names for k in self.concept.names], sign=-1.0,
-                                            batch_size=batch_size, progress=progress)
-                per_part.insert(0, scored.values.reshape(len(examples), len(names), self.concept.k))
+                behaviour = ([test_loss_gradient(adapter, self.behaviour, maps, "response", batch_size, progress,
+                                                 "the behaviour's loss")] if self.behaviour else [])
+                stacked = stack_queries([unrolled.precondition(query), *rescaled, grads, *behaviour])
+                columns = [f"{n}:{k}" for n in names for k in self.concept.names] + ["behaviour"] * len(behaviour)
+                scored = score_with_queries(adapter, examples, maps, stacked, estimator=self.name, columns=columns,
+                                            sign=-1.0, batch_size=batch_size, progress=progress)
+                values = scored.values[:, : len(names) * self.concept.k]
+                per_part.insert(0, values.reshape(len(examples), len(names), self.concept.k))
+                if behaviour:
+                    per_behaviour.insert(0, scored.values[:, -1])
                 query = unrolled.propagate(query)
         finally:
             adapter.model.load_state_dict(own, strict=False)
@@ -104,7 +119,11 @@ class SourceInfluence(Estimator):
         if len(per_part) > 1:
             variants.update({f"part {k}": v for k, v in self.parts_.items()})
             kinds.update({f"part {k}": "part" for k in self.parts_})
+        if per_behaviour:
+            self.behaviour_ = variants["behaviour"] = sum(per_behaviour)
+            kinds["behaviour"] = "behaviour"
         self.stability_ = check_stability(total[:, 0, 0], variants, name=self.name, kinds=kinds)
+        self.answer_ = "behaviour" if per_behaviour and not self.stability_.stable else "scores"
         agreement = {a: {b: float(spearmanr(pa, pb)[0]) for b, pb in self.parts_.items()} for a, pa in self.parts_.items()}
         metadata = {"curvature": "unrolled", "maps": [m.name for m in maps], "chain": self.chain,
                     "checkpoints": labels, "horizons": [h.total for h in self.horizons],

@@ -12,6 +12,7 @@ from ..fileio import atomic_write_text
 from ..scores import Scores
 from .folder import Run
 from .inputs import describe_fit
+from .stability import guarded_ranking
 
 __all__ = ["write_report", "markdown_rows"]
 
@@ -24,7 +25,9 @@ def write_report(run: Run, k: int, checkpoints: Sequence = ()) -> Path:
 
     cfg = run.config
     scores = Scores.load(run.scores_path)
-    wanted = {i for i, _ in scores.top(k)} | {i for i, _ in scores.bottom(k)}
+    answer_path, column, answer = guarded_ranking(run)
+    behaviour_top = Scores.load(answer_path).top(k, column) if answer == "behaviour" else []
+    wanted = {i for i, _ in scores.top(k)} | {i for i, _ in scores.bottom(k)} | {i for i, _ in behaviour_top}
     texts = {ex.id: (ex.prompt, ex.response) for ex in read_chats(cfg.data.train) if ex.id in wanted}
     at = {p.name: dict(zip(part.ids, part.column(0))) for p in checkpoints for part in [Scores.load(p.scores_path)]}
     out = run.path / "report"
@@ -37,6 +40,7 @@ def write_report(run: Run, k: int, checkpoints: Sequence = ()) -> Path:
              f"max_length = {cfg.data.max_length}); "
              f"concept: {'probe' if cfg.probe else cfg.concept.type} at `{(cfg.probe or cfg.concept).hook}`.{_factors_sentence(info)}", "",
              *_check_section(info), *_checkpoint_section(checkpoints), *_stability_section(info),
+             *_behaviour_section(behaviour_top, texts, k),
              f"## Top {k}: training on these pushes the concept up", "", *markdown_rows(scores.top(k), texts, at), "",
              f"## Bottom {k}: training on these pushes it down", "", *markdown_rows(scores.bottom(k), texts, at), "",
              "![score distribution](score_distribution.png)", ""]
@@ -104,10 +108,23 @@ def _stability_section(info: dict) -> list[str]:
                    "| variant | kind | agreement on the top | Spearman with the run's |", "|---|---|---:|---:|", *rows, ""]
 
 
+def _behaviour_section(rows: Sequence[tuple[str, float]], texts: dict, k: int) -> list[str]:
+    """The behaviour's own top ``k`` where the stability check found the run's ranking disagrees with it."""
+    if not rows:
+        return []
+    return [f"## Top {k} by the behaviour's own ranking", "",
+            "The run's ranking disagrees with the ranking of the behaviour's own examples (classic gradient-dot on "
+            "`scoring.behaviour`), so the concept may not be what moved the behaviour. Over a family of emergent "
+            "designs the concept's ranking fell below AUROC 0.8 only where the two disagreed, and the behaviour's "
+            "ranking was then the better answer: it is the one `[filter] ranking = \"guarded\"` removes.", "",
+            *markdown_rows(rows, texts), ""]
+
+
 #: How the report names each kind of variant the stability check compares (:mod:`.stability`).
 _VARIANT_KINDS = {"damping": "the same factors at damping × 0.01 … × 100", "horizon": "the horizon ÷ 10 and × 10",
                   "identity": "identity curvature (the plain concept gradient dot)",
-                  "part": "each checkpoint's part of the sum alone"}
+                  "part": "each checkpoint's part of the sum alone",
+                  "behaviour": "the behaviour's own ranking (classic gradient-dot on its examples)"}
 
 
 def markdown_rows(rows: Sequence[tuple[str, float]], texts: dict[str, tuple[str, str]],

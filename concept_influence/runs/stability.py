@@ -23,7 +23,7 @@ from .folder import Layout, Run, RunError, write_or_explain
 from .shards import concatenate, finished_shard
 
 __all__ = ["variants_path", "shard_done", "save_shard", "merge_shards", "summed_variants", "run_stability",
-           "require_stable"]
+           "require_stable", "guarded_ranking"]
 
 _SHARD_KEYS = ("shard_digest", "shard", "n_lines")
 
@@ -100,7 +100,7 @@ def run_stability(scores: Scores, variants: Scores | None,
     if variants is not None and variants.ids != scores.ids:
         raise RunError(f"the variants' scores ({len(variants)} examples) and the run's ({len(scores)}) are not of "
                        "the same examples; delete scores/ and score again")
-    compared = {v: variants.column(f"{v}:{scores.columns[0]}") for v in kinds}
+    compared = {v: variants.column(v if kind == "behaviour" else f"{v}:{scores.columns[0]}") for v, kind in kinds.items()}
     for name, part in (parts or {}).items():
         compared[f"part {name}"], kinds[f"part {name}"] = part.column(0), "part"
     if not compared or len(scores) < 2:
@@ -120,3 +120,14 @@ def require_stable(run: Run, require: str, is_main: bool) -> None:
                        'report, or set scoring.require = "none" to go on')
     if is_main:
         print(warning)
+
+
+def guarded_ranking(run: Run) -> tuple[Path, str | int, str]:
+    """The ranking a run answers with: ``(scores file, column, which)``: its own scores (``"scores"``), or, where its
+    stability check warned and the behaviour's own ranking is among the variants, that ranking (``"behaviour"``). On
+    the emergent family the concept's ranking fell below AUROC 0.8 only where the two disagreed, and the behaviour's
+    ranking was then the better one (``benchmarks/family``)."""
+    stability = run.record["stages"].get("scores", {}).get("stability") or {}
+    if stability.get("warning") and "behaviour" in stability.get("kinds", {}).values():
+        return variants_path(run), "behaviour", "behaviour"
+    return run.scores_path, 0, "scores"

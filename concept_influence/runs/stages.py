@@ -208,11 +208,16 @@ class Pipeline:
     # ---- scores --------------------------------------------------------------------------------
     def estimator(self, point: Point | None = None):
         """The estimator ``scoring.estimator`` names, made from what its registry entry says a run passes it (the
-        curvature of ``point``, default the model's own)."""
+        curvature of ``point``, default the model's own); a gradient estimator also scores its stability variants and
+        the ranking of the behaviour's own examples (``cfg.behaviour_file``)."""
         cls = ESTIMATORS[self.cfg.scoring.estimator]
         inputs = {"readout": lambda: self.concept(with_eval=False), "concept": self.concept,
                   "curvature": lambda: self._scoring_curvature(point or self.points[0])}
-        options = {"scoring": self.cfg.scoring.settings(), "variants": True} if issubclass(cls, GradientEstimator) else {}
+        options = {}
+        if issubclass(cls, GradientEstimator):
+            behaviour = self.cfg.behaviour_file
+            options = {"scoring": self.cfg.scoring.settings(), "variants": True,
+                       "behaviour": behaviour and self._tokenize(behaviour, self.cfg.concept.check_max_examples)}
         return cls(*(inputs[name]() for name in cls.run_inputs), **options)
 
     def _scoring_curvature(self, point: Point) -> Curvature:
