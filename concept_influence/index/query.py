@@ -24,7 +24,8 @@ from ..scores import Scores
 from .store import GradientIndexError, IndexStore
 from .subspace import QUERY_CURVATURES, MapSpace, cholesky, damped
 
-__all__ = ["index_scores", "query_matrix", "projected_measurement", "stream_scores", "empirical_moments"]
+__all__ = ["index_scores", "query_mode", "checkpoint_query", "query_matrix", "projected_measurement", "stream_scores",
+           "empirical_moments"]
 
 
 def empirical_moments(store: IndexStore, c: int, chunk: int = 1024) -> dict[str, torch.Tensor]:
@@ -105,6 +106,31 @@ def stream_scores(store: IndexStore, c: int, q: torch.Tensor, chunk: int = 1024)
     return ids, np.concatenate(parts) if parts else np.zeros((0, q.shape[1]))
 
 
+def query_mode(estimator: GradientEstimator, curvature: str) -> str:
+    """The curvature a query of ``estimator`` uses in the projected space: ``curvature`` (one of
+    :data:`QUERY_CURVATURES`, checked), or ``identity`` whenever the estimator's own curvature is the identity."""
+    if curvature not in QUERY_CURVATURES:
+        raise ValueError(f"unknown curvature {curvature!r}; expected one of {', '.join(QUERY_CURVATURES)}")
+    return "identity" if estimator.curvature == "identity" else curvature
+
+
+def checkpoint_query(store: IndexStore, c: int, estimator: GradientEstimator, adapter: ModelAdapter, mode: str,
+                     damping_factor: float = DEFAULT_DAMPING_FACTOR, batch_size: int = 8, progress: bool = False
+                     ) -> tuple[torch.Tensor, list[str], list[LinearMap]]:
+    """The query matrix ``[columns, K]`` of ``estimator`` at checkpoint ``c`` (``adapter``: the model there, checked by
+    fingerprint; ``mode`` from :func:`query_mode`), its column names and the maps it reads: a stored row of that
+    checkpoint (or anything in its space, such as an encoder's reconstruction) times it is the estimator's score."""
+    entry = store.manifest["checkpoints"][c]
+    if adapter.fingerprint() != entry["fingerprint"]:
+        raise GradientIndexError(f"{store.path}: checkpoint {c} ({entry['source']}) was indexed on model "
+                                 f"{entry['fingerprint']}, this model's fingerprint is {adapter.fingerprint()}; "
+                                 "query with the model the index was built on")
+    used = _used_maps(store, estimator, adapter)
+    spaces = store.load_spaces(c)
+    grads, columns = projected_measurement(estimator, adapter, used, spaces, batch_size, progress)
+    return query_matrix(store, c, spaces, grads, mode, damping_factor), columns, used
+
+
 def index_scores(store: IndexStore, estimator: GradientEstimator, adapters: Sequence[ModelAdapter], *,
                  curvature: str = "ekfac", damping_factor: float = DEFAULT_DAMPING_FACTOR, batch_size: int = 8,
                  progress: bool = True, chunk: int = 1024) -> Scores:
@@ -114,8 +140,7 @@ def index_scores(store: IndexStore, estimator: GradientEstimator, adapters: Sequ
     (``ekfac``), the damped second moment of the stored rows (``empirical``, damping ``damping_factor`` × mean
     eigenvalue), or none (``identity``; also whenever the estimator's curvature is the identity, e.g.
     ``ConceptGradDot``)."""
-    if curvature not in QUERY_CURVATURES:
-        raise ValueError(f"unknown curvature {curvature!r}; expected one of {', '.join(QUERY_CURVATURES)}")
+    mode = query_mode(estimator, curvature)
     checkpoints = store.manifest["checkpoints"]
     unfinished = [c for c, entry in enumerate(checkpoints) if not entry.get("finished")]
     if not checkpoints or unfinished:
@@ -127,19 +152,11 @@ def index_scores(store: IndexStore, estimator: GradientEstimator, adapters: Sequ
     for c, entry in enumerate(checkpoints):  # every shard readable before any gradient is computed
         for index in range(entry["n_shards"]):
             store.rows(c, index)
-    mode = "identity" if estimator.curvature == "identity" else curvature
     total, ids, columns, used = None, None, None, []
     for c, (entry, adapter) in enumerate(zip(checkpoints, adapters)):
-        if adapter.fingerprint() != entry["fingerprint"]:
-            raise GradientIndexError(f"{store.path}: checkpoint {c} ({entry['source']}) was indexed on model "
-                                     f"{entry['fingerprint']}, this model's fingerprint is {adapter.fingerprint()}; "
-                                     "query with the model the index was built on")
         if entry["digests"] != checkpoints[0]["digests"]:
             raise GradientIndexError(f"{store.path}: checkpoint {c} indexes other data than checkpoint 0")
-        used = _used_maps(store, estimator, adapter)
-        spaces = store.load_spaces(c)
-        grads, columns = projected_measurement(estimator, adapter, used, spaces, batch_size, progress)
-        q = query_matrix(store, c, spaces, grads, mode, damping_factor)
+        q, columns, used = checkpoint_query(store, c, estimator, adapter, mode, damping_factor, batch_size, progress)
         part_ids, values = stream_scores(store, c, q, chunk)
         values = entry["weight"] * values
         total, ids = (values, part_ids) if total is None else (total + values, ids)
