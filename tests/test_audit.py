@@ -23,6 +23,7 @@ from concept_influence.data import load_chats
 from concept_influence.fileio import file_sha256
 from concept_influence.models import HFCausalLMAdapter, load_model, save_model
 from concept_influence.runs import Run, run_config
+from concept_influence.runs.stability import guarded_ranking
 from concept_influence.scores import Scores
 
 peft = pytest.importorskip("peft")
@@ -151,7 +152,9 @@ def test_explain_and_filter_follow_the_summed_ranking(audit, project):
     assert explained["top_ids"] == [i for i, _ in scores.top(6)]
     assert json.loads((audit / "run.json").read_text())["stages"]["explain"]["examples"] >= 20
     removed = {r["id"] for r in json.loads((audit / "filter" / "train.jsonl.filter.json").read_text())["removed_examples"]}
-    assert removed == {i for i, _ in scores.top(6)}
+    path, column, ranking = guarded_ranking(Run.open(audit))  # the run's, or the behaviour's where the check warned
+    assert removed == {i for i, _ in Scores.load(path).top(6, column)}
+    assert json.loads((audit / "run.json").read_text())["stages"]["filter"]["ranking"] == ranking
     kept = [e.messages for e in load_chats(project / "train.jsonl") if e.id not in removed]
     assert [e.messages for e in load_chats(audit / "filter" / "train.jsonl")] == kept
 
@@ -204,7 +207,7 @@ def test_the_checkpoint_sum_carries_its_stability_check(audit):
     record = json.loads((audit / "run.json").read_text())["stages"]["scores"]
     stability = record["stability"]
     parts = {"part 00-base", "part 01-checkpoint-2", "part 02-checkpoint-4"}
-    assert set(stability["agreement"]) == parts | set(variant_kinds("ekfac"))  # the checkpoints' parts and the variants
+    assert set(stability["agreement"]) == parts | {*variant_kinds("ekfac"), "behaviour"}  # parts, variants, behaviour
     at = [Scores.load(audit / "checkpoints" / c["name"] / "scores" / "variants.safetensors") for c in record["checkpoints"]]
     total = Scores.load(audit / "scores" / "variants.safetensors")  # the weighted sum of the checkpoints' variants
     expected = sum(c["weight"] * part.values for c, part in zip(record["checkpoints"], at))
