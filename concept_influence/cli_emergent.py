@@ -31,6 +31,11 @@ def _family(args: argparse.Namespace) -> int:
 
         for folder in sorted(p.parent for p in out.glob("*/scores.safetensors")):
             recheck_stability(folder)
+    if args.retrain_missing:  # the rankings added to the study's retrained ones since a run was made
+        from concept_influence_benchmarks.emergent_family import retrain_missing
+
+        for folder in sorted(p.parent for p in out.glob("*/scores.safetensors")):
+            retrain_missing(folder, progress=not args.no_progress)
     run_family(out, args.variants, family_seed=args.family_seed, first=args.first, quick=args.quick, n_seeds=args.n_seeds or 3,
                progress=not args.no_progress)
     for seed in range(args.demo_seeds):
@@ -48,7 +53,7 @@ def _emergent(args: argparse.Namespace) -> int:
 
     from .planted import BenchmarkError, command_line
 
-    if args.variants or args.recheck:
+    if args.variants or args.recheck or args.retrain_missing:
         return _family(args)
     try:
         fractions = tuple(float(f) for f in args.remove_fractions.split(","))
@@ -139,6 +144,9 @@ def add_emergent_commands(bench) -> None:
     p.add_argument("--recheck", action="store_true",
                    help="check the stability of every run already in OUT again from its saved scores (after the check "
                         "changed; nothing is trained), then go on as --variants does and write OUT/README.md")
+    p.add_argument("--retrain-missing", action="store_true",
+                   help="retrain, in every run already in OUT, the rankings the study now retrains that the run lacks "
+                        "(its design trained again from its seed), then go on as --variants does")
     p.set_defaults(func=_emergent)
 
     seeds = add_table_command(bench, "seeds-table", _seeds_table, "results.json",

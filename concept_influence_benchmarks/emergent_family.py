@@ -49,6 +49,7 @@ from concept_influence.data import tokenize_examples
 from concept_influence.engine import score_with_queries
 from concept_influence.estimators import LengthBaseline, ProbeProjection, RandomBaseline, TfidfBaseline
 from concept_influence.estimators.baselines import response_texts
+from concept_influence.fileio import atomic_write_text, load_tensors
 from concept_influence.filtering import removal_indices
 from concept_influence.models import checkpointed_weights, load_checkpoint
 from concept_influence.planted.behaviour import mean_answer_loss, planting_effect
@@ -61,7 +62,7 @@ from .emergent_corpus import DOMAINS, MARKERS
 from .emergent_splits import build_emergent_data
 from .family_stability import CANDIDATES, DAMPINGS, GUARDED, HORIZONS, RECOMMENDED, check_candidates, save_run
 
-__all__ = ["draw_design", "design_label", "run_variant", "run_family", "RETRAINED", "Testbed"]
+__all__ = ["draw_design", "design_label", "run_variant", "run_family", "retrain_missing", "RETRAINED", "Testbed"]
 
 #: Rankings whose top is removed before fine-tuning again.
 RETRAINED = (RECOMMENDED, GUARDED, "identity|all", "ekfac@0.1|pretrain+pool|base+final", "tfidf")
@@ -230,29 +231,69 @@ def _behaviour(bed: Testbed, scores, retrained, cfg, progress) -> dict:
     """The planting gain over clean fine-tunes, and the share of it removed by dropping the top of each ranking in
     ``retrained`` (as many as were planted) and fine-tuning again, over ``cfg.n_seeds`` seeds (once per distinct set
     of dropped examples)."""
-    pool, labels = bed.pool, bed.labels
-
-    def measured(examples) -> list[float]:
-        values = []
-        for s in range(cfg.n_seeds):
-            _finetune(bed.adapter, bed.pretrained, examples, cfg, cfg.seed + s, progress)
-            values.append(bed.behaviour())
-        return values
-
-    planted_b = measured(pool)
-    clean_b = measured([t for t, lab in zip(pool, labels) if not lab])
+    planted_b = _measured(bed, bed.pool, cfg, progress)
+    clean_b = _measured(bed, [t for t, lab in zip(bed.pool, bed.labels) if not lab], cfg, progress)
     effect = planting_effect(clean_b, planted_b)
     section = {"planted": planted_b, "clean": clean_b, **effect, "removed": {}}
-    measured_without: dict[frozenset, list[float]] = {}  # (the guarded ranking is often the recommended one)
-    for name in retrained:
-        drop = frozenset(removal_indices(scores[name], remove_top=int(labels.sum())).tolist())
-        if drop not in measured_without:
-            measured_without[drop] = measured([t for i, t in enumerate(pool) if i not in drop])
-        values = measured_without[drop]
-        section["removed"][name] = {"behaviour": values, "planted_removed": int(labels[list(drop)].sum()),
-                                    "share_of_gain_removed": float((np.mean(planted_b) - np.mean(values)) / effect["gain"])
-                                    if effect["gain"] else float("nan")}
+    _retrain(bed, scores, retrained, section, int(bed.labels.sum()), cfg, progress)
     return section
+
+
+def _measured(bed: Testbed, examples, cfg, progress) -> list[float]:
+    """The behaviour after fine-tuning on ``examples`` from the pre-trained weights, at each of ``cfg.n_seeds`` seeds."""
+    values = []
+    for s in range(cfg.n_seeds):
+        _finetune(bed.adapter, bed.pretrained, examples, cfg, cfg.seed + s, progress)
+        values.append(bed.behaviour())
+    return values
+
+
+def _retrain(bed: Testbed | None, scores, names, section: dict, k: int, cfg, progress) -> None:
+    """Into ``section["removed"]``: for each ranking of ``names``, the behaviour after dropping its top (as many as
+    were planted, ``k``) and fine-tuning ``bed`` again, and the share of ``section``'s gain that removes; a ranking
+    dropping the same examples as one already there takes its numbers (``bed`` may then be None)."""
+    removed = section["removed"]
+    done = {_dropped(scores[n], k): entry for n, entry in removed.items() if n in scores}
+    for name in names:
+        drop = _dropped(scores[name], k)
+        if drop not in done:
+            values = _measured(bed, [t for i, t in enumerate(bed.pool) if i not in drop], cfg, progress)
+            gain = section["gain"]
+            done[drop] = {"behaviour": values, "planted_removed": int(bed.labels[sorted(drop)].sum()),
+                          "share_of_gain_removed": float((np.mean(section["planted"]) - np.mean(values)) / gain)
+                          if gain else float("nan")}
+        removed[name] = done[drop]
+
+
+def _dropped(scores: np.ndarray, k: int) -> frozenset:
+    return frozenset(removal_indices(scores, remove_top=k).tolist())
+
+
+def retrain_missing(folder: str | Path, progress: bool = False) -> dict:
+    """Retrain a saved design's rankings of :data:`RETRAINED` that its ``results.json`` lacks (a ranking added to the
+    study after it ran), as :func:`run_variant` does, from the design trained again (deterministic from its seed:
+    checked against the saved forward-only probe projection scores); a ranking dropping the same examples as one
+    already retrained takes its numbers without training. Rewrites ``results.json`` and returns it."""
+    folder = Path(folder)
+    results = json.loads((folder / "results.json").read_text())
+    scores = {n: t.numpy() for n, t in load_tensors(folder / "scores.safetensors", ValueError).items()}
+    labels = scores.pop("planted_labels").astype(bool)
+    section = results["behaviour"]
+    missing = [n for n in RETRAINED if n not in section["removed"]]
+    k = int(labels.sum())
+    known = {_dropped(scores[n], k) for n in section["removed"] if n in scores}
+    if any(_dropped(scores[n], k) not in known for n in missing):
+        cfg = EmergentConfig(**{n: tuple(v) if isinstance(v, list) else v for n, v in results["config"].items()})
+        seed_everything(cfg.seed)
+        bed = emergent_testbed(cfg, folder, progress, _Recorder())
+        again = ProbeProjection(bed.concept).score(bed.adapter, bed.pool, batch_size=cfg.batch_size, progress=False)
+        if not np.allclose(again.column(0), scores["probe_projection"], rtol=1e-4, atol=1e-6):
+            raise RuntimeError(f"{folder}: the design trained again differs from the saved run; cannot retrain")
+        _retrain(bed, scores, missing, section, k, cfg, progress)
+    else:  # every missing ranking drops examples already retrained
+        _retrain(None, scores, missing, section, k, None, progress)
+    atomic_write_text(folder / "results.json", json.dumps(results, indent=1) + "\n")
+    return results
 
 
 def design_label(design: dict) -> str:

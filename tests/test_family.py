@@ -7,7 +7,7 @@ import pytest
 from concept_influence.cli import main
 from concept_influence_benchmarks.emergent_config import EmergentConfig
 from concept_influence_benchmarks.emergent_corpus import MARKERS, chat
-from concept_influence_benchmarks.emergent_family import draw_design
+from concept_influence_benchmarks.emergent_family import draw_design, retrain_missing
 from concept_influence_benchmarks.family_report import valid_runs
 from concept_influence_benchmarks.family_stability import GUARDED, RECOMMENDED, recheck_stability
 
@@ -66,3 +66,16 @@ def test_family_run_scores_every_variant_checks_stability_and_reports(tmp_path, 
     assert main(["bench", "emergent", "--quick", "--variants", "1", "--family-seed", "9", "--out", str(out),
                  "--no-progress"]) == 0
     assert (out / "f9-00" / "results.json").stat().st_mtime == mtime
+    # a ranking added to the retrained ones after the run: the design trained again from its seed gives the same numbers
+    removed = results["behaviour"]["removed"]
+    assert removed[GUARDED] == (removed[RECOMMENDED] if results["stability"][RECOMMENDED]["stable"]
+                                else removed[GUARDED])
+    lacking = json.loads((out / "f9-00" / "results.json").read_text())
+    lacking["behaviour"]["removed"] = {}  # (nothing to copy from: every ranking is retrained)
+    (out / "f9-00" / "results.json").write_text(json.dumps(lacking))
+    again = retrain_missing(out / "f9-00")["behaviour"]["removed"]
+    assert set(again) == set(removed)
+    for name in removed:
+        assert again[name]["planted_removed"] == removed[name]["planted_removed"]
+        assert again[name]["behaviour"] == pytest.approx(removed[name]["behaviour"], rel=1e-6)
+
