@@ -183,6 +183,12 @@ class ScoringConfig(ScoringSettings):
     require: str = option("none", "stable: stop after the scores (kept) unless the ranking's top is stable under damping "
                                   "x0.01..x100 (or horizon x0.1, x10), identity curvature and each checkpoint; none: warn",
                           choices=("none", "stable"))
+    unrolled: bool = option(False, "precondition with the unrolled filter of the optimizer steps each checkpoint "
+                                   "stands for (SOURCE: learning rates from trainer_state.json, Adam's per-map scale "
+                                   "estimated from the factors) instead of the damped inverse; needs [model] "
+                                   "checkpoints. The recommended estimator")
+    train_batch_size: int | None = option(None, "the fine-tune's batch size, for unrolled's Adam scale (unset: "
+                                                "trainer_state.json's train_batch_size)", minimum=1)
     behaviour: str | None = option(None, "chats that show the behaviour (default: concept.check_positive, then "
                                          "probe.positive): their own ranking (classic gradient-dot) is scored beside "
                                          "the run's, compared in the stability check and, where it warns, is the "
@@ -253,6 +259,9 @@ class RunConfig:
         if p is None and (len(named) != 1 or named == ["test_examples"] or c.hook is None):
             raise ConfigError("name the concept: a [probe] section, or concept.directions or concept.sae + "
                               "concept.latents with concept.hook (test examples are scored with `index query --test`)")
+        if self.scoring.unrolled and self.model.checkpoints is None:
+            raise ConfigError("scoring.unrolled preconditions each checkpoint with the steps it stands for: give "
+                              '[model] checkpoints (e.g. "auto" on a TRL output folder)')
         if c.require == "causal" and (not c.check or None in self.check_files):
             raise ConfigError('concept.require = "causal" needs the check: concept.check = true, and with a saved '
                               "direction concept.check_positive and check_negative")

@@ -17,12 +17,12 @@ from runfolder import cli, make_project, start_and_kill, torchrun
 from test_peft import _tiny_llama, lora_model
 
 from concept_influence.cli import main
-from concept_influence.config import RunConfig
+from concept_influence.config import ConfigError, RunConfig
 from concept_influence.curvature import variant_kinds
 from concept_influence.data import load_chats
 from concept_influence.fileio import file_sha256
 from concept_influence.models import HFCausalLMAdapter, load_model, save_model
-from concept_influence.runs import Run, run_config
+from concept_influence.runs import Run, RunError, run_config
 from concept_influence.runs.stability import guarded_ranking
 from concept_influence.scores import Scores
 
@@ -232,3 +232,48 @@ def test_require_stable_stops_with_one_line_and_keeps_the_scores(tmp_path, capsy
     assert "\n" not in str(e.value)
     run.record["stages"]["scores"]["stability"]["warning"] = None
     require_stable(run, "stable", True)  # stable: nothing to say
+
+
+def test_unrolled_scoring_preconditions_each_checkpoint_with_the_steps_it_stands_for(audit, project, tmp_path):
+    """``scoring.unrolled``: at each checkpoint the run's own factors with the unrolled filter of the steps the
+    checkpoint stands for (trapezoid over trainer_state.json's learning rates) and Adam's scale estimated from them:
+    ConceptInfluence with that curvature at that checkpoint, to 1e-4."""
+    from concept_influence.concepts import ConceptFunction
+    from concept_influence.curvature import Curvature, UnrolledCurvature, fisher_step_scales, segment_horizons
+    from concept_influence.data import read_tokenized
+    from concept_influence.estimators import ConceptInfluence
+    from concept_influence.models import checkpointed_weights
+    from concept_influence.runs.checkpoints import load_point, run_points
+    from probes import ConceptDirection
+
+    config = json.loads((audit / "config.json").read_text())
+    config["scoring"].update(unrolled=True, train_batch_size=4)
+    config["model"]["weights"] = None  # (each part is bounded by its own steps: summed with weight 1)
+    config["explain"]["sae"], config["filter"]["remove_top"] = None, None
+    cfg = RunConfig.from_dict(config)
+    out = tmp_path / "unrolled"
+    run_config(cfg, out, progress=False)
+    adapter = load_model(project / "trl" / "checkpoint-4")
+    own = checkpointed_weights(adapter)
+    train = read_tokenized([cfg.data.train], adapter.tokenizer, cfg.data.max_length)
+    evals = read_tokenized([cfg.concept_eval], adapter.tokenizer, cfg.data.max_length, cfg.concept.max_examples)
+    concept = ConceptFunction.from_directions(ConceptDirection.load(out / "probe" / "direction.safetensors"), evals)
+    horizons = segment_horizons([0, *STEPS], [LEARNING_RATES[s] for s in sorted(LEARNING_RATES)])
+    for point, horizon in zip(run_points(out, cfg.model), horizons):
+        load_point(adapter, point, cfg.model, own)
+        ekfac = Curvature.load(point.factors_dir, adapter)
+        unrolled = UnrolledCurvature.from_curvature(ekfac, horizon, step_scales=fisher_step_scales(ekfac, 4))
+        expected = ConceptInfluence(concept, unrolled).score(adapter, train, progress=False).values
+        got = Scores.load(point.scores_path)
+        assert _relative(got.values, expected) < 1e-4, point.name
+        assert set(Scores.load(point.root / "scores" / "variants.safetensors").metadata["variants"]) == {
+            "horizon x0.1", "horizon x10", "identity", "behaviour"}
+    assert not np.allclose(Scores.load(out / "scores" / "scores.safetensors").values,
+                           Scores.load(audit / "scores" / "scores.safetensors").values)
+    with pytest.raises(RunError, match="train_batch_size"):  # trainer_state.json here records none
+        config["scoring"]["train_batch_size"] = None
+        run_config(RunConfig.from_dict(config), tmp_path / "no-batch", progress=False)
+    del config["model"]["checkpoints"]
+    with pytest.raises(ConfigError, match=r"scoring.unrolled .*\[model\] checkpoints"):
+        RunConfig.from_dict(config)
+

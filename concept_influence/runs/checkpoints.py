@@ -20,10 +20,11 @@ from typing import Mapping
 import torch
 
 from ..config import ModelConfig
+from ..curvature import CurvatureError, Horizon, learning_rates_from_trainer_state, segment_horizons
 from ..models import ModelAdapter, load_checkpoint
 from .folder import Layout, RunError, read_json
 
-__all__ = ["Point", "run_points", "load_point", "describe_points", "model_folder", "BASE"]
+__all__ = ["Point", "run_points", "point_horizons", "load_point", "describe_points", "model_folder", "BASE"]
 
 BASE = "base"
 _STEP = re.compile(r"checkpoint-(\d+)$")
@@ -71,24 +72,43 @@ def model_folder(model: ModelConfig) -> Path:
     return path
 
 
-def _learning_rates(model: ModelConfig, sources: list[str]) -> list[float]:
-    """The learning rate logged nearest each checkpoint's step, from the ``trainer_state.json`` of the last
-    checkpoint (else of ``[model] path``)."""
-    steps = [_step(s) for s in sources]
-    missing = [s for s, n in zip(sources, steps) if n is None]
+def _trainer_state(model: ModelConfig, sources: list[str], why: str) -> tuple[Path, dict]:
+    """The ``trainer_state.json`` of the last checkpoint (else of ``[model] path``) and its contents; every checkpoint
+    needs its step from its folder name (``checkpoint-N``)."""
+    missing = [s for s in sources if _step(s) is None]
     if missing:
-        raise RunError(f'{missing[0]}: model.weights = "lr" needs each checkpoint\'s step from its folder name '
-                       "(checkpoint-N, as TRL writes); give the weights as numbers instead")
+        raise RunError(f"{missing[0]}: {why} needs each checkpoint's step from its folder name (checkpoint-N, as TRL "
+                       "writes)")
     last = max((s for s in sources if s != BASE), key=_step, default=model.path)
     candidates = [Path(last) / "trainer_state.json", Path(model.path) / "trainer_state.json"]
     state = next((p for p in candidates if p.is_file()), None)
     if state is None:
-        raise RunError(f'model.weights = "lr" reads trainer_state.json; none in {candidates[0].parent} or {model.path}')
-    logged = [(int(e["step"]), float(e["learning_rate"])) for e in read_json(state).get("log_history", [])
+        raise RunError(f"{why} reads trainer_state.json; none in {candidates[0].parent} or {model.path}")
+    return state, read_json(state)
+
+
+def _learning_rates(model: ModelConfig, sources: list[str]) -> list[float]:
+    """The learning rate logged nearest each checkpoint's step, from the ``trainer_state.json`` of the last
+    checkpoint (else of ``[model] path``)."""
+    state, info = _trainer_state(model, sources, 'model.weights = "lr" (else give the weights as numbers)')
+    logged = [(int(e["step"]), float(e["learning_rate"])) for e in info.get("log_history", [])
               if isinstance(e, dict) and "learning_rate" in e and "step" in e]
     if not logged:
         raise RunError(f"{state}: no learning rate in its log_history (TrainingArguments(logging_steps=...) logs one)")
-    return [min(logged, key=lambda entry: (abs(entry[0] - n), entry[0]))[1] for n in steps]
+    return [min(logged, key=lambda entry: (abs(entry[0] - n), entry[0]))[1] for n in map(_step, sources)]
+
+
+def point_horizons(points: list[Point], model: ModelConfig) -> tuple[list[Horizon], int]:
+    """The optimizer steps each checkpoint stands for (:func:`~concept_influence.curvature.segment_horizons` of the
+    checkpoints' steps and every step's learning rate in ``trainer_state.json``) and the fine-tune's batch size it
+    records (``train_batch_size``), for unrolled preconditioning."""
+    sources = [p.source for p in points if p.name]  # (the config refuses scoring.unrolled without checkpoints)
+    state, info = _trainer_state(model, sources, "scoring.unrolled")
+    try:
+        return (segment_horizons([_step(s) for s in sources], learning_rates_from_trainer_state(state)),
+                int(info.get("train_batch_size") or 0))
+    except (CurvatureError, ValueError) as e:
+        raise RunError(f"scoring.unrolled: {e}") from None
 
 
 def run_points(root: Path, model: ModelConfig) -> list[Point]:

@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..curvature import Curvature, SumStats, fit_curvature
+from ..curvature import Curvature, SumStats, UnrolledCurvature, fisher_step_scales, fit_curvature
 from ..data import ChatExample, Shard, TokenizedExample, read_tokenized, tokenize_kept
 from ..distributed import Ranks
 from ..estimators import ESTIMATORS, GradientEstimator
@@ -24,7 +24,7 @@ from ..models import MapSelectionError, ModelAdapter, block_of_hook, checkpointe
 from ..models.hugging_face import parse_track
 from ..provenance import combine_digests
 from ..scores import Scores
-from .checkpoints import Point, describe_points, load_point, model_folder, run_points
+from .checkpoints import Point, describe_points, load_point, model_folder, point_horizons, run_points
 from .folder import Run, RunError, write_or_explain
 from .inputs import RunData
 from .report import write_report
@@ -222,9 +222,19 @@ class Pipeline:
 
     def _scoring_curvature(self, point: Point) -> Curvature:
         if self.cfg.factors.path is not None:
-            return Curvature.load(self.cfg.factors.path, self.adapter)
-        self._require(point.stage("factors"), "fit-factors")
-        return Curvature.load(point.factors_dir, self.adapter)
+            curvature = Curvature.load(self.cfg.factors.path, self.adapter)
+        else:
+            self._require(point.stage("factors"), "fit-factors")
+            curvature = Curvature.load(point.factors_dir, self.adapter)
+        if not self.cfg.scoring.unrolled:
+            return curvature
+        horizons, batch_size = point_horizons(self.points, self.cfg.model)
+        batch_size = self.cfg.scoring.train_batch_size or batch_size
+        if not batch_size:
+            raise RunError("scoring.unrolled: trainer_state.json records no train_batch_size; give "
+                           "scoring.train_batch_size")
+        return UnrolledCurvature.from_curvature(curvature, horizons[self.points.index(point)],
+                                                step_scales=fisher_step_scales(curvature, batch_size))
 
     def scores(self) -> Scores:
         """Score every training example at every point, shard by shard (resuming), merged in data order; with
