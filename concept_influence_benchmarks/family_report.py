@@ -41,27 +41,29 @@ def format_family_table(runs: Mapping[str, dict], estimators: Sequence[str] | No
                    if name in r["behaviour"]["removed"]]
         warned = {True: [], False: []}
         for r in runs.values():
-            if name in r["stability"]:
-                warned[bool(r["auroc"][name] < 0.8)].append(not r["stability"][name]["stable"])
+            check = r["stability"].get(RECOMMENDED if name == GUARDED else name)  # (guarded: by the recommended's check)
+            if check is not None:
+                warned[bool(r["auroc"][name] < 0.8)].append(not check["stable"])
         cells = [f"{np.median(values):.3f}", f"{values.min():.3f}", f"{np.ptp(values):.3f}", f"{(values < 0.8).mean():.0%}",
                  f"{np.median(removed):.0%}" if removed else "-", f"{min(removed):.0%}" if removed else "-",
                  *(f"{sum(w)}/{len(w)}" if w else "-" for w in (warned[True], warned[False]))]
-        lines.append(f"| {'**' + name + '**' if name == RECOMMENDED else name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {'**' + name + '**' if name in (RECOMMENDED, GUARDED) else name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def format_design_table(runs: Mapping[str, dict]) -> str:
     """Markdown: one row per run: its design, planting gain and the recommended and old estimators' AUROC."""
     old = "ekfac@0.1|pretrain+pool|base+final"
-    lines = ["| run | design | planting gain (seed sd) | p | recommended AUROC | stable | old default AUROC | tfidf |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | design | planting gain (seed sd) | p | source AUROC | stable | guarded AUROC | old default AUROC | "
+             "tfidf |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
         c, b = r["config"], r["behaviour"]
         design = (f"{c.get('source', 'demo')}→{c.get('target', 'demo')}, {c.get('marker', '-')}, "
                   f"{len(c.get('domains') or []) or '-'} domains, {c['lr_schedule']} lr {c['finetune_lr']:g} × "
                   f"{c['finetune_epochs']} ep, vocab {c['vocab_size']}, rate {c['rate']:g}, pool {c['n_pool']}")
         lines.append(f"| {name} | {design} | {b['effect_size']:.1f} | {b['p_value']:.2g} | {r['auroc'][RECOMMENDED]:.3f} | "
-                     f"{'yes' if r['stability'][RECOMMENDED]['stable'] else 'NO'} | {r['auroc'][old]:.3f} | "
+                     f"{'yes' if r['stability'][RECOMMENDED]['stable'] else 'NO'} | {r['auroc'][GUARDED]:.3f} | "
+                     f"{r['auroc'][old]:.3f} | "
                      f"{r['auroc']['tfidf']:.3f} |")
     return "\n".join(lines)
 
