@@ -1,5 +1,6 @@
 """Curvature approximations for influence: EK-FAC, K-FAC, identity, unrolled (SOURCE) preconditioning, and EK-FAC
-refined by conjugate gradient on the fit data's Fisher (:class:`RefinedCurvature`).
+refined by conjugate gradient on the fit data's Fisher (:class:`RefinedCurvature`), and TrackStar's element-wise Adam
+correction from a fine-tune's optimizer state (:class:`AdamStateCurvature`).
 
 ``fit_curvature(adapter, examples, maps, CurvatureSettings(strategy=...))`` returns a :class:`Curvature` whose
 ``precondition({map name: gradient [..., d_out, d_in]})`` applies ``(G + λI)⁻¹``; ``save``/``load`` use
@@ -16,6 +17,7 @@ from .ekfac import EKFACCurvature
 from .fit import CurvatureSettings, collect_covariance_stats, collect_eigenvalue_stats, fit_curvature, resolve_maps
 from .gauss_newton import GaussNewton
 from .identity import IdentityCurvature
+from .optimizer_state import AdamStateCurvature
 from .partitions import fit_partitioned, split_maps
 from .refined import RefinedCurvature
 from .unrolled import (
@@ -34,6 +36,7 @@ __all__ = [
     "CurvatureSettings",
     "EKFACCurvature",
     "IdentityCurvature",
+    "AdamStateCurvature",
     "UnrolledCurvature",
     "RefinedCurvature",
     "GaussNewton",

@@ -5,7 +5,8 @@ A :class:`~concept_influence.curvature.Curvature` subclass registers itself when
 
 * ``strategies = {name: passes}``: the names it implements, each with the passes over the data that
   :func:`~concept_influence.curvature.fit_curvature` makes for it (``"covariance"``, then ``"eigenvalues"``; ``()``
-  for none), or ``None`` for a method built from a fitted curvature rather than fitted (unrolled preconditioning);
+  for none), or ``None`` for a method built from something else rather than fitted (unrolled preconditioning from a
+  fitted curvature, the Adam correction from an optimizer's state);
 * ``has_eigenbasis``: it holds a Kronecker eigenbasis per map (``factors``) and preconditions by a weight per
   eigen-direction (``eigen_weights``), which the index's ``eigen`` projection needs;
 * ``has_damping``: that weight is the damped inverse ``1 / (σ + λ)`` with ``dampings`` per map, which the ``random``
