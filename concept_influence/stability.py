@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
-from scipy.stats import spearmanr
+from scipy.stats import rankdata, spearmanr
 
-__all__ = ["StabilityReport", "check_stability", "DEFAULT_AGREEMENT", "DEFAULT_REACH"]
+__all__ = ["StabilityReport", "check_stability", "union_ranking", "DEFAULT_AGREEMENT", "DEFAULT_REACH"]
 
 #: The agreement every variant must reach (see :class:`StabilityReport`).
 DEFAULT_AGREEMENT = 0.7
@@ -110,3 +110,18 @@ def _top_and_ranks(scores: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray
     rank = np.empty(len(scores), dtype=int)
     rank[order] = np.arange(len(scores))
     return order[:top], rank
+
+
+def union_ranking(*rankings: np.ndarray) -> np.ndarray:
+    """Scores ``[N]`` that rank each example by its best place in any of ``rankings`` (each ``[N]``, higher first):
+    the largest of its rank fractions (1 = top of one of them), ties broken by its smallest. The top of the union holds
+    the top of every ranking, so what either one finds is found: the concept's ranking where the behaviour's own
+    examples are too narrow, the behaviour's where the concept is not what the data moved."""
+    if not rankings:
+        raise ValueError("union_ranking needs at least one ranking")
+    values = [np.asarray(r, dtype=float) for r in rankings]
+    n = len(values[0])
+    if any(v.shape != (n,) for v in values):
+        raise ValueError(f"every ranking needs one score per example; got shapes {[v.shape for v in values]}")
+    fractions = np.stack([rankdata(v) / n for v in values])  # (average ranks for ties: steps of at least 1/(2N))
+    return fractions.max(axis=0) + fractions.min(axis=0) / (4 * n)

@@ -60,12 +60,12 @@ from .emergent import EMBEDDINGS
 from .emergent_config import EmergentConfig
 from .emergent_corpus import DOMAINS, MARKERS
 from .emergent_splits import build_emergent_data
-from .family_stability import CANDIDATES, DAMPINGS, GUARDED, HORIZONS, RECOMMENDED, check_candidates, save_run
+from .family_stability import CANDIDATES, DAMPINGS, GUARDED, HORIZONS, RECOMMENDED, UNION, check_candidates, save_run
 
 __all__ = ["draw_design", "design_label", "run_variant", "run_family", "retrain_missing", "RETRAINED", "Testbed"]
 
 #: Rankings whose top is removed before fine-tuning again.
-RETRAINED = (RECOMMENDED, GUARDED, "identity|all", "ekfac@0.1|pretrain+pool|base+final", "tfidf")
+RETRAINED = (RECOMMENDED, UNION, GUARDED, "identity|all", "ekfac@0.1|pretrain+pool|base+final", "tfidf")
 
 
 def draw_design(index: int, family_seed: int = 0) -> dict:

@@ -13,9 +13,9 @@ import torch
 
 from concept_influence.evaluation import retrieval_metrics
 from concept_influence.fileio import atomic_write_text, load_tensors, save_tensors
-from concept_influence.stability import check_stability
+from concept_influence.stability import check_stability, union_ranking
 
-__all__ = ["DAMPINGS", "HORIZONS", "RECOMMENDED", "CANDIDATES", "GUARDED", "check_candidates", "recheck_stability",
+__all__ = ["DAMPINGS", "HORIZONS", "RECOMMENDED", "CANDIDATES", "GUARDED", "UNION", "check_candidates", "recheck_stability",
            "save_run"]
 
 #: The study's dampings (x the mean eigenvalue) and horizons (x the fine-tune's own): a candidate is checked against
@@ -30,14 +30,18 @@ CANDIDATES = (RECOMMENDED, "source[adam]x1|pretrain+pool|all", "unrolled[adam]x1
 #: The recommended ranking where its stability check passes, else the behaviour's own ranking (classic gradient-dot on
 #: target-domain bad answers): what a user who heeds the check's warning looks at.
 GUARDED = f"{RECOMMENDED}, grad_dot|all when warned"
+#: Each example's best place in the recommended ranking or the behaviour's own (:func:`~concept_influence.stability.
+#: union_ranking`), fixed after family 3 as the recommendation and checked on family 4, drawn afterwards.
+UNION = f"union of {RECOMMENDED} and grad_dot|all"
 
 
 def check_candidates(results: dict, scores: dict, labels: np.ndarray) -> None:
-    """Every candidate's stability check, the guarded ranking (:data:`GUARDED`, added to ``scores``) and every
-    ranking's AUROC, into ``results``."""
+    """Every candidate's stability check, the guarded and union rankings (:data:`GUARDED`, :data:`UNION`, added to
+    ``scores``) and every ranking's AUROC, into ``results``."""
     results["stability"] = {name: _stability(name, scores).to_dict() for name in CANDIDATES}
     warned = not results["stability"][RECOMMENDED]["stable"]
     scores[GUARDED] = np.array(scores["grad_dot|all" if warned else RECOMMENDED])
+    scores[UNION] = union_ranking(scores[RECOMMENDED], scores["grad_dot|all"])
     results["auroc"] = {n: retrieval_metrics(s, labels)["auroc"] for n, s in scores.items()}
 
 

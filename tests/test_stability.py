@@ -53,3 +53,20 @@ def test_bad_input_names_the_problem():
         check_stability(np.arange(10.0), {}, top=0)
     with pytest.raises(ValueError, match="reach must be"):
         check_stability(np.arange(10.0), {}, reach=0)
+
+
+def test_the_union_ranks_each_example_by_its_best_place_in_either_ranking():
+    from concept_influence.stability import union_ranking
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=200), rng.normal(size=200)
+    union = union_ranking(a, b)
+    top = set(np.argsort(-union)[:20])
+    assert set(np.argsort(-a)[:10]) | set(np.argsort(-b)[:10]) <= top  # each ranking's top 10 within the union's 20
+    assert len(set(union.tolist())) == 200  # ties in the best place broken by the other place
+    order = np.argsort(-union)
+    best = np.maximum(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))
+    assert (np.diff(best[order]) <= 0).all()  # ordered by the best place
+    np.testing.assert_array_equal(np.argsort(union_ranking(a)), np.argsort(a))  # one ranking: itself
+    with pytest.raises(ValueError, match="one score per example"):
+        union_ranking(a, b[:10])
