@@ -8,7 +8,7 @@ import torch
 from norms import assert_close_in_norm
 
 from concept_influence.concepts import ConceptFunction
-from concept_influence.curvature import CurvatureError, fit_curvature
+from concept_influence.curvature import Curvature, CurvatureError, fit_curvature
 from concept_influence.curvature.partitions import fit_partitioned, split_maps
 from concept_influence.estimators import ConceptInfluence, InfluenceFunction
 from concept_influence.plan import ModelShape, plan_memory
@@ -76,3 +76,18 @@ def test_partitioned_scores_equal_unpartitioned(tl_adapter, tokenized):
     assert kfac.strategy == "kfac" and list(kfac.shapes) == [m.name for m in maps]
     ident = fit_partitioned(tl_adapter, tokenized, maps, 2, strategy="identity", progress=False)
     assert ident.strategy == "identity"
+
+
+def test_partitions_written_to_disk_per_map_stream_as_the_unpartitioned_fit(any_adapter, tokenized, whole, tmp_path):
+    part = fit_partitioned(any_adapter, tokenized[:6], None, 3, strategy="ekfac", batch_size=3, progress=False,
+                           directory=tmp_path / "c")
+    assert part.streams and list(part.shapes) == list(whole.shapes) and part.n_examples == whole.n_examples
+    assert len(list((tmp_path / "c" / "maps").iterdir())) == len(whole.shapes)
+    loaded = Curvature.load(tmp_path / "c", any_adapter)
+    for name in whole.shapes:
+        assert loaded.dampings[name] == pytest.approx(whole.dampings[name], rel=1e-5)
+    g = torch.Generator().manual_seed(0)
+    grads = {n: torch.randn(2, *s, generator=g) for n, s in whole.shapes.items()}
+    got, want = loaded.precondition(grads), whole.precondition(grads)
+    for n in grads:
+        assert_close_in_norm(got[n], want[n], 1e-6)
