@@ -12,6 +12,7 @@ safetensors only, never unpickled; a missing or wrong tensor is an error naming 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -29,6 +30,7 @@ MAPS_DIR = "maps"
 #: ``curvature.json``'s ``storage`` for a folder of factors per map (absent: one ``curvature.safetensors``)
 STORAGE = "maps"
 BASIS_TENSORS = ("q_a", "lambda_a", "q_s", "lambda_s")
+_HEADER = "concept_influence_map"
 
 
 def map_file(name: str) -> str:
@@ -50,7 +52,9 @@ def write_map(directory: str | Path, name: str, basis: KroneckerEigen, with_eige
              "eigenvalue_mean": mean}
     header = {"format": FORMAT, "map": name, "shape": f"{entry['shape'][0]}x{entry['shape'][1]}",
               "eigenvalue_mean": repr(mean), **(metadata or {})}
-    save_tensors(Path(directory) / entry["file"], {k: getattr(basis, k) for k in keys}, header)
+    # one key holding sorted JSON: safetensors writes several keys in no fixed order, and equal fits give equal files
+    save_tensors(Path(directory) / entry["file"], {k: getattr(basis, k) for k in keys},
+                 {_HEADER: json.dumps(header, sort_keys=True)})
     return entry
 
 
@@ -62,9 +66,10 @@ def read_map_metadata(path: str | Path) -> dict[str, str] | None:
         return None
     try:
         with safe_open(path, "pt") as f:
-            return dict(f.metadata() or {})
+            header = json.loads((f.metadata() or {}).get(_HEADER, "null"))
     except (SafetensorError, OSError, ValueError):
         return None
+    return header if isinstance(header, dict) else None
 
 
 def basis_from_tensors(tensors: Mapping[str, torch.Tensor], name: str, shape: tuple[int, int], with_eigenvalues: bool,
