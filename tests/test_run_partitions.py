@@ -61,6 +61,8 @@ def test_partitioned_run_scores_equal_the_unpartitioned_run(reference, parts, pr
     recorded = json.loads((factors / "partitions.json").read_text())["partitions"]
     assert len(recorded) == 3 and [n for g in recorded for n in g] == names
     assert json.loads((reference / "factors" / "partitions.json").read_text())["partitions"] is None  # auto on the CPU
+    assert json.loads((factors / "settings.json").read_text())["partitions"] == 3
+    assert "partitions" not in json.loads((reference / "factors" / "settings.json").read_text())  # (a default added later)
     saved = json.loads((factors / "curvature.json").read_text())
     assert saved["storage"] == "maps" and [m["name"] for m in saved["maps"]] == names
     assert len(list((factors / "maps").glob("*.safetensors"))) == len(names)

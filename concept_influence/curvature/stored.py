@@ -110,6 +110,7 @@ class StoredFactors(Mapping[str, KroneckerEigen]):
 
     @property
     def shapes(self) -> dict[str, tuple[int, int]]:
+        """``{name: (d_out, d_in)}`` of the maps, in order."""
         return {name: tuple(e["shape"]) for name, e in self._entries.items()}
 
     @property
@@ -122,6 +123,7 @@ class StoredFactors(Mapping[str, KroneckerEigen]):
         return float(self._entries[name]["eigenvalue_mean"])
 
     def path(self, name: str) -> Path:
+        """The file of map ``name``."""
         return self.directory / self._entries[name]["file"]
 
     def __getitem__(self, name: str) -> KroneckerEigen:

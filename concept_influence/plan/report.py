@@ -153,4 +153,5 @@ class Plan:
 
 
 def name_span(names: list[str]) -> str:
+    """``first .. last`` of a partition's map names (the name alone for one)."""
     return names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"

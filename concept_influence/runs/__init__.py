@@ -9,9 +9,10 @@ A run folder holds::
     probe/               direction.safetensors + .json (and metrics.json when trained here)
     check/               concept_check.json and .png: is the concept causal? (verdict, effect sizes)
     factors/             settings.json (the [factors] settings of the fit, with the SHA-256 of factors.extra_data
-                         when given); curvature.safetensors + curvature.json;
-                         statistics/ the summed covariance and eigenvalue statistics of each pass; partial/ per-rank
-                         checkpoints while fitting
+                         when given); partitions.json (the groups of maps fitted apart, or null); curvature.json with
+                         curvature.safetensors, or with [factors] partitions maps/<map>.safetensors, one per map;
+                         statistics/ the summed covariance and eigenvalue statistics of each pass (of each partition:
+                         covariance-p00, ...); partial/ per-rank checkpoints while fitting
     scores/              settings.json (the [scoring] settings); shards/shard-000000.safetensors + .json, one per
                          `scoring.shard_size` examples; scores.* all shards merged in data order (one column per
                          concept); variants.* (and shards/variants-000000.*) the stability check's variants scored in
@@ -32,7 +33,8 @@ shards are dealt to ranks and curvature statistics are summed over ranks (:mod:`
 Modules: :mod:`.folder` (the folder, its record, manifest and checks), :mod:`.stages` (the :class:`Pipeline`),
 :mod:`.checkpoints` (where factors and scores are computed), :mod:`.inputs` (the data in shards: the training data,
 and what the factors are fitted on), :mod:`.shards` (shard files), :mod:`.audit` (check, explain, filter),
-:mod:`.report` (``report.md``), :mod:`.stability` (the stability check).
+:mod:`.report` (``report.md``), :mod:`.stability` (the stability check), :mod:`.plans` (the memory plan and the
+partitions of maps), :mod:`.partitioned` (factors fitted in partitions).
 """
 
 from __future__ import annotations
