@@ -56,16 +56,20 @@ def _count_examples(config) -> int | None:
 def _plan(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from .curvature import split_maps
     from .models import block_of_hook
     from .models.hugging_face import parse_track
-    from .plan import PlanSettings, model_shape, parse_bytes, plan_memory
+    from .plan import PlanSettings, model_shape, parse_bytes, parse_device_memory, plan_memory
     from .runs.checkpoints import model_folder
+    from .runs.plans import factor_dtype
 
     kind, source = plan_source(args.source)
     select = _selection_args(args)
-    settings = PlanSettings(device_memory=parse_bytes(args.device_memory), host_memory=parse_bytes(args.host_memory),
+    limit = parse_bytes(args.device_memory) if args.device_memory or kind != "config" else \
+        parse_device_memory(source.model.device_memory)
+    settings = PlanSettings(device_memory=limit, host_memory=parse_bytes(args.host_memory),
                             world_size=args.world_size, margin=args.margin, concepts=args.concepts,
-                            factor_dtype=args.factor_dtype, engine=args.engine)
+                            factor_dtype=args.factor_dtype or "float32", engine=args.engine or "partitioned")
     if kind == "config":
         m = source.model
         weights, selection = parse_track(m.track)
@@ -75,6 +79,13 @@ def _plan(args: argparse.Namespace) -> int:
         settings = replace(settings, batch_size=source.factors.batch_size, max_length=source.data.max_length,
                            strategy=source.factors.strategy, query_rank=source.scoring.query_rank,
                            examples=_count_examples(source) or settings.examples)
+        if args.factor_dtype is None:
+            settings = replace(settings, factor_dtype=factor_dtype(source))
+        p = source.factors.partitions  # the engine and partitions the run fits its factors with
+        if args.engine is None and p == "none":
+            settings = replace(settings, engine="current")
+        elif args.engine is None and isinstance(p, int) and args.world_size == 1:
+            settings = replace(settings, partitions=tuple(tuple(x.name for x in g) for g in split_maps(shape.maps, p)))
     else:
         shape = model_shape(source, dtype=args.dtype, track=args.weights or "auto", select=select,
                             max_block=args.max_block, lora_rank=args.lora_rank)
@@ -84,7 +95,7 @@ def _plan(args: argparse.Namespace) -> int:
     plan = plan_memory(shape, replace(settings, **changes))
     print(plan.describe())
     if plan.engine == "partitioned" and plan.settings.device_memory is not None:
-        today = plan_memory(shape, plan.settings, engine="current")
+        today = plan_memory(shape, plan.settings, engine="current", partitions=None)
         print("\nthe current engine (one partition, every factor on each rank): "
               + ("fits" if today.fits else f"does not fit: {today.failure}"))
     return 0 if plan.fits else 1
@@ -102,13 +113,14 @@ def add_plan_command(sub) -> None:
             "formulas and the two engines.", 100))
     p.add_argument("source", metavar="RUN_OR_CONFIG", help="run folder, run config (.toml/.json), model folder or "
                                                            "config.json")
-    p.add_argument("--device-memory", metavar="SIZE", help="memory of one device, e.g. 80GB or 80GiB (default: no limit)")
+    p.add_argument("--device-memory", metavar="SIZE", help="memory of one device, e.g. 80GB or 80GiB (default: a run "
+                                                           "config's [model] device_memory when a size, else no limit)")
     p.add_argument("--host-memory", metavar="SIZE", help="memory of the host (default: no limit)")
     p.add_argument("--world-size", type=int, default=1, metavar="N", help="ranks, one device each (default 1)")
     p.add_argument("--margin", type=float, default=0.1, help="fraction of the device kept free (default 0.1)")
-    p.add_argument("--engine", choices=("partitioned", "current"), default="partitioned",
+    p.add_argument("--engine", choices=("partitioned", "current"),
                    help="partitioned: partitions of maps, owner ranks, sharded weights (issue 27 items 3-4); current: "
-                        "what `run` does today (default partitioned)")
+                        "every map at once (default: as a run config's [factors] partitions says, else partitioned)")
     p.add_argument("--batch-size", type=int, help="examples per forward/backward (default: [factors] batch_size, or 8)")
     p.add_argument("--max-length", type=int, help="tokens per example (default: [data] max_length, or 512)")
     p.add_argument("--concepts", type=int, default=1, help="concepts queried at once (default 1)")
@@ -116,8 +128,9 @@ def add_plan_command(sub) -> None:
     p.add_argument("--query-rank", type=int, help="rank-r queries (default: full size, or the largest rank that fits)")
     p.add_argument("--strategy", help="a curvature strategy fitted in passes over the data, as [factors] strategy "
                                       "(default: the config's, or ekfac)")
-    p.add_argument("--factor-dtype", choices=("float32", "bfloat16", "float64"), default="float32",
-                   help="dtype of covariances, eigenvectors and eigenvalues (default float32)")
+    p.add_argument("--factor-dtype", choices=("float32", "bfloat16", "float64"),
+                   help="dtype of covariances, eigenvectors and eigenvalues (default: float64 for a run config whose "
+                        "[factors] covariance_dtype is float64, else float32)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
                    help="the model's compute dtype (default: the run config's, or the model config's)")
     p.add_argument("--weights", choices=("auto", "lora", "full"), help="of a LoRA model: its factors or the full "

@@ -160,9 +160,16 @@ class FactorsConfig(CurvatureSettings):
               "fine-tune alone is largest along the directions its own data moves, and discounts them", path=True)
     extra_max_examples: int | None = option(None, "how many extra_data examples; unset: as many as the training "
                                                   "examples fitted on, so the two weigh equally", minimum=1)
+    partitions: str | int = option(
+        "auto", "fit the maps in N groups, one covariance and one eigenvalue pass over the data each, factors saved per "
+                "map and read one map at a time when scoring; auto: the memory plan's partitions when every factor at "
+                "once does not fit [model] device_memory, else none; none: every map in one pass, one factor file")
 
     def check_together(self) -> None:
         super().check_together()
+        p = self.partitions
+        if isinstance(p, str) and p not in ("auto", "none") or isinstance(p, int) and not isinstance(p, bool) and p < 1:
+            raise ValueError(f'partitions must be "auto", "none" or a number of partitions >= 1, got {p!r}')
         if self.extra_data is not None and self.path is not None:
             raise ValueError("extra_data is fitted on; path is a saved curvature that is not fitted: give one of them")
         if self.extra_max_examples is not None and self.extra_data is None:

@@ -77,6 +77,18 @@ def test_two_ranks_scores_equal_single_process(runs):
     assert _relative(two.values, one.values) < 1e-5
 
 
+def test_two_ranks_fitting_in_partitions_score_as_single_process(runs):
+    """[factors] partitions under torchrun: rank 0 writes each partition's factors per map, every rank scores with
+    them streamed."""
+    config = runs / "parts.toml"
+    config.write_text((runs / "uneven.toml").read_text().replace("[factors]\n", "[factors]\npartitions = 2\n"))
+    torchrun("run", "parts.toml", "--out", "two-parts", "--no-progress", cwd=runs)
+    assert len(list((runs / "two-parts" / "factors" / "statistics").iterdir())) == 4  # 2 partitions x 2 passes
+    one = Scores.load(runs / "single" / "scores" / "scores.safetensors")
+    two = Scores.load(runs / "two-parts" / "scores" / "scores.safetensors")
+    assert two.ids == one.ids and _relative(two.values, one.values) < 1e-5
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,7 +8,7 @@ import torch
 from norms import assert_close_in_norm
 
 from concept_influence.concepts import ConceptFunction
-from concept_influence.curvature import CurvatureError, fit_curvature
+from concept_influence.curvature import Curvature, CurvatureError, fit_curvature
 from concept_influence.curvature.partitions import fit_partitioned, split_maps
 from concept_influence.estimators import ConceptInfluence, InfluenceFunction
 from concept_influence.plan import ModelShape, plan_memory
@@ -45,11 +45,16 @@ def test_split_maps_by_count_names_and_plan(tl_adapter):
     assert [[m.name for m in g] for g in split_maps(maps, plan)] == plan.partitions[0]
 
 
-@pytest.mark.parametrize("partitions", [2, 5])
-def test_partitioned_factors_equal_unpartitioned(any_adapter, tokenized, whole, partitions):
+@pytest.mark.parametrize("partitions, kept", [(2, "offload"), (5, "offload"), (3, "directory")])
+def test_partitioned_factors_equal_unpartitioned(any_adapter, tokenized, whole, tmp_path, partitions, kept):
+    """Factors moved off the device per partition, or written to disk per map and streamed back."""
+    where = {"offload": "cpu"} if kept == "offload" else {"directory": tmp_path / "c"}
     part = fit_partitioned(any_adapter, tokenized[:6], None, partitions, strategy="ekfac", batch_size=3,
-                           progress=False, offload="cpu")
+                           progress=False, **where)
     assert list(part.shapes) == list(whole.shapes) and part.n_examples == whole.n_examples
+    if kept == "directory":
+        assert part.streams and len(list((tmp_path / "c" / "maps").iterdir())) == len(whole.shapes)
+        part = Curvature.load(tmp_path / "c", any_adapter)
     for name in whole.shapes:
         a, b = whole.factors[name], part.factors[name]
         torch.testing.assert_close(b.eigenvalues, a.eigenvalues, rtol=1e-5, atol=1e-7 * float(a.eigenvalues.max()))

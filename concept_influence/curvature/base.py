@@ -5,6 +5,9 @@ A saved curvature is a folder with two files, each written atomically (temporary
 * ``curvature.safetensors`` — the tensors (never pickle);
 * ``curvature.json`` — format and version, strategy, Fisher type, damping, the fitted maps with their
   ``(d_out, d_in)`` shapes, the number of examples, and the fingerprint of the model it was fitted on.
+
+A curvature with an eigenbasis per map may instead keep each map's factors in its own file (format version 2,
+``"storage": "maps"``: :mod:`.stored`), read back one map at a time; folders of version 1 are read as before.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from ..errors import ConceptInfluenceError
 from ..fileio import atomic_write_text, load_tensors, save_tensors
 from . import registry
 
-__all__ = ["Curvature", "CurvatureError", "CONFIG_FILE", "TENSOR_FILE", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["Curvature", "CurvatureError", "CONFIG_FILE", "TENSOR_FILE", "FORMAT", "FORMAT_VERSION", "MAPS_FORMAT_VERSION"]
 
 CONFIG_FILE = "curvature.json"
 TENSOR_FILE = "curvature.safetensors"
 FORMAT = "concept-influence-curvature"
 FORMAT_VERSION = 1
+#: the format version of a folder of factors per map (:mod:`.stored`); both are read
+MAPS_FORMAT_VERSION = 2
 
 
 class CurvatureError(ConceptInfluenceError, ValueError):
@@ -109,11 +114,28 @@ class Curvature:
     def _restore(cls, config: dict, tensors: dict[str, torch.Tensor]) -> "Curvature":
         raise NotImplementedError
 
-    # ---- persistence ---------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
-        """Write ``curvature.safetensors`` then ``curvature.json`` into ``directory`` (created if needed)."""
-        directory = Path(directory)
+    def _write(self, directory: Path, per_map: bool | None) -> dict:
+        """Write the tensors into ``directory``; return the JSON fields that say how (none: one tensor file)."""
+        if per_map:
+            raise CurvatureError(f"a {self.strategy} curvature has no factors per map to save one file each")
         save_tensors(directory / TENSOR_FILE, self._tensors(), metadata={"format": FORMAT})
+        return {}
+
+    @classmethod
+    def _read(cls, directory: Path, config: dict, device: str) -> "Curvature":
+        """The curvature of a folder whose JSON is ``config``, its tensors on ``device``."""
+        if config.get("format_version") != FORMAT_VERSION:
+            raise CurvatureError(f"{directory / CONFIG_FILE}: format version {config.get('format_version')} keeps "
+                                 f"factors per map, which a {cls.__name__} has not")
+        return cls._restore(config, load_tensors(directory / TENSOR_FILE, CurvatureError, device))
+
+    # ---- persistence ---------------------------------------------------------------------------
+    def save(self, directory: str | Path, *, per_map: bool | None = None) -> Path:
+        """Write the tensors, then ``curvature.json``, into ``directory`` (created if needed): one
+        ``curvature.safetensors``, or with ``per_map`` each map's factors in its own file (:mod:`.stored`; None: per
+        map when the factors are themselves read from files per map, so saving never holds more than one map's)."""
+        directory = Path(directory)
+        written = self._write(directory, per_map)
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -123,6 +145,7 @@ class Curvature:
             "n_examples": self.n_examples,
             "maps": [{"name": n, "shape": list(s)} for n, s in self.shapes.items()],
             **self._config(),
+            **written,
         }
         atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
         return directory
@@ -131,19 +154,20 @@ class Curvature:
     def load(cls, directory: str | Path, adapter=None) -> "Curvature":
         """Load a saved curvature. With ``adapter``, refuse factors fitted on a different model (by
         fingerprint) and put the tensors on the adapter's device (else CPU). Tensors are read with
-        safetensors only; anything else in their place is refused, never unpickled."""
+        safetensors only; anything else in their place is refused, never unpickled. Factors saved per map are not
+        read now but one map at a time when used (:class:`~.stored.StoredFactors`)."""
         directory = Path(directory)
-        config_path, tensor_path = directory / CONFIG_FILE, directory / TENSOR_FILE
+        config_path = directory / CONFIG_FILE
         if not config_path.is_file():
             raise CurvatureError(f"{directory}: no {CONFIG_FILE}, so not a saved curvature")
         try:
             config = json.loads(config_path.read_text())
         except json.JSONDecodeError as e:
             raise CurvatureError(f"{config_path}: invalid JSON ({e.msg})") from None
-        if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+        if config.get("format") != FORMAT or config.get("format_version") not in (FORMAT_VERSION, MAPS_FORMAT_VERSION):
             raise CurvatureError(
                 f"{config_path}: format {config.get('format')!r} version {config.get('format_version')!r}; "
-                f"expected {FORMAT!r} version {FORMAT_VERSION}"
+                f"expected {FORMAT!r} version {FORMAT_VERSION} or {MAPS_FORMAT_VERSION}"
             )
         target = registry.method(config.get("strategy"))
         if target is None:
@@ -154,8 +178,7 @@ class Curvature:
                                  "use Curvature.load")
         if adapter is not None:
             _check_fingerprint(config["fingerprint"], adapter, str(directory))
-        tensors = load_tensors(tensor_path, CurvatureError, str(adapter.device if adapter is not None else "cpu"))
-        return target._restore(config, tensors)
+        return target._read(directory, config, str(adapter.device if adapter is not None else "cpu"))
 
 
 def _check_fingerprint(fitted_on: str | None, adapter, what: str) -> None:

@@ -73,18 +73,22 @@ class SumStats:
         return stats
 
 
-def covariance_sums(a: torch.Tensor, g: torch.Tensor, token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def covariance_sums(a: torch.Tensor, g: torch.Tensor, token_mask: torch.Tensor, dtype: torch.dtype | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``Σ a aᵀ`` ``[d_in, d_in]`` and ``Σ g gᵀ`` ``[d_out, d_out]`` over the real tokens of a batch.
 
     ``a`` ``[B, T, d_in]``, ``g`` ``[B, T, d_out]``, ``token_mask`` ``[B, T]`` bool. Tokens outside the mask
-    (padding) are dropped; their ``g`` is zero anyway, their ``a`` is not. The sums are at least float32."""
-    a_real, g_real = _upcast(a[token_mask]), _upcast(g[token_mask])
-    return a_real.T @ a_real, g_real.T @ g_real
+    (padding) are dropped; their ``g`` is zero anyway, their ``a`` is not. The products are taken in at least float32
+    (float64 when ``dtype`` is), and the sums returned in ``dtype`` (default: that product dtype)."""
+    a_real, g_real = _upcast(a[token_mask], dtype), _upcast(g[token_mask], dtype)
+    a_sum, s_sum = a_real.T @ a_real, g_real.T @ g_real
+    return (a_sum, s_sum) if dtype is None else (a_sum.to(dtype), s_sum.to(dtype))
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in float32 when its dtype is narrower (a bfloat16 or float16 model's activations and gradients)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+def _upcast(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x`` in float32 when its dtype is narrower (a bfloat16 or float16 model's activations and gradients), in
+    ``dtype`` when that is wider."""
+    return x.to(torch.promote_types(torch.promote_types(x.dtype, torch.float32), dtype or torch.float32))
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,7 @@ class KroneckerEigen:
 
     @classmethod
     def from_covariances(cls, a_cov: torch.Tensor, s_cov: torch.Tensor) -> "KroneckerEigen":
-        """Eigendecompose ``A`` and ``S`` in float64 (results in the covariances' dtype); K-FAC eigenvalues.
+        """Eigendecompose ``A`` and ``S`` in float64 (results in the covariances' dtype, at least float32); K-FAC eigenvalues.
         Rounding-negative eigenvalues of these positive semi-definite matrices are clipped to zero."""
         lambda_a, q_a = _eigh(a_cov)
         lambda_s, q_s = _eigh(s_cov)
@@ -125,9 +129,10 @@ class KroneckerEigen:
 
 
 def _eigh(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    sym = cov.double()
+    """Eigenvalues and eigenvectors in at least float32 (covariances kept in bfloat16 give a float32 basis)."""
+    sym, dtype = cov.double(), torch.promote_types(cov.dtype, torch.float32)
     values, vectors = torch.linalg.eigh((sym + sym.T) / 2)
-    return values.clamp_min(0).to(cov.dtype), vectors.to(cov.dtype)
+    return values.clamp_min(0).to(dtype), vectors.to(dtype)
 
 
 def rotated_square_sum(a: torch.Tensor, g: torch.Tensor, token_mask: torch.Tensor, basis: KroneckerEigen) -> torch.Tensor:

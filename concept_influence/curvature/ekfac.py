@@ -7,6 +7,8 @@ as in Grosse et al. (2023); a float ``damping`` is one absolute ``λ`` for every
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 
 from .base import CurvatureError
@@ -43,7 +45,7 @@ class EKFACCurvature(EigenbasisCurvature):
 
     def __init__(
         self,
-        factors: dict[str, KroneckerEigen],
+        factors: Mapping[str, KroneckerEigen],
         strategy: str = "ekfac",
         *,
         damping: float | None = None,
@@ -59,8 +61,8 @@ class EKFACCurvature(EigenbasisCurvature):
         self.damping = None if damping is None else float(damping)
         self.damping_factor = float(damping_factor)
         self.dampings = {
-            name: self.damping if damping is not None else self.damping_factor * float(f.eigenvalues.mean())
-            for name, f in self.factors.items()
+            name: self.damping if damping is not None else self.damping_factor * self.eigenvalue_mean(name)
+            for name in self.shapes
         }
 
     def with_damping(self, damping: float | None = None, damping_factor: float = DEFAULT_DAMPING_FACTOR) -> "EKFACCurvature":

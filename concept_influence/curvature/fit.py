@@ -35,6 +35,7 @@ __all__ = ["CurvatureSettings", "Fitting", "fit_curvature", "collect_covariance_
 Accumulate = Callable[[str, Callable[[Sequence[TokenizedExample]], SumStats]], SumStats]
 
 FISHERS = ("true", "empirical")
+COVARIANCE_DTYPES = ("float32", "float64", "bfloat16")
 
 
 @dataclass
@@ -53,6 +54,10 @@ class CurvatureSettings(Settings):
     batch_size: int = option(8, "examples per forward/backward (results do not depend on it, up to rounding)",
                              minimum=1)
     seed: int = option(0, "seed of the labels sampled for the true Fisher")
+    covariance_dtype: str = option("float32", "dtype the Kronecker covariances are summed and kept in (each batch's "
+                                              "products are taken in float32 or wider); bfloat16 halves their memory, "
+                                              "float64 also gives float64 eigenbases and eigenvalues",
+                                   choices=COVARIANCE_DTYPES)
 
     def check_together(self) -> None:
         check_damping(self.damping, self.damping_factor)
@@ -114,16 +119,19 @@ def collect_covariance_stats(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
+    covariance_dtype: str = "float32",
 ) -> SumStats:
     """Pass 1: per map, ``<name>/a`` = Σ over real tokens of ``a aᵀ`` (count: tokens) and ``<name>/s`` =
-    Σ over examples of ``Σ_t g gᵀ`` (count: examples)."""
-    maps = resolve_maps(adapter, maps)
+    Σ over examples of ``Σ_t g gᵀ`` (count: examples), kept in ``covariance_dtype``."""
+    if covariance_dtype not in COVARIANCE_DTYPES:
+        raise ValueError(f"covariance_dtype must be one of {', '.join(COVARIANCE_DTYPES)}; got {covariance_dtype!r}")
+    maps, dtype = resolve_maps(adapter, maps), getattr(torch, covariance_dtype)
     stats = SumStats()
     for token_mask, captured in _captured_batches(adapter, examples, maps, fisher, batch_size, seed,
                                                   "curvature: covariances", progress):
         n_tokens, n_examples = int(token_mask.sum()), token_mask.shape[0]
         for name, (a, g) in captured.items():
-            a_sum, s_sum = covariance_sums(a, g, token_mask)
+            a_sum, s_sum = covariance_sums(a, g, token_mask, dtype)
             stats.add(f"{name}/a", a_sum, n_tokens)
             stats.add(f"{name}/s", s_sum, n_examples)
     return stats
@@ -172,12 +180,17 @@ class Fitting:
         return dict(fisher=s.fisher, batch_size=s.batch_size, seed=s.seed, progress=self.progress)
 
     def kronecker_factors(self) -> tuple[dict[str, KroneckerEigen], int]:
-        """Pass ``"covariance"``, then each map's eigendecomposition (K-FAC); and the number of examples."""
+        """Pass ``"covariance"``, then each map's eigendecomposition (K-FAC), one map at a time, its covariances
+        dropped once decomposed (so covariances and eigenbases together take the room of the covariances); and the
+        number of examples."""
+        dtype = self.settings.covariance_dtype
         cov = self.accumulate("covariance", lambda ex: collect_covariance_stats(self.adapter, ex, self.maps,
-                                                                                **self._common()))
-        factors = {m.name: KroneckerEigen.from_covariances(cov.mean(f"{m.name}/a"), cov.mean(f"{m.name}/s"))
-                   for m in self.maps}
-        return factors, cov.counts[f"{self.maps[0].name}/s"]
+                                                                                **self._common(), covariance_dtype=dtype))
+        n_examples, factors = cov.counts[f"{self.maps[0].name}/s"], {}
+        for m in self.maps:
+            factors[m.name] = KroneckerEigen.from_covariances(cov.mean(f"{m.name}/a"), cov.mean(f"{m.name}/s"))
+            del cov.sums[f"{m.name}/a"], cov.sums[f"{m.name}/s"]
+        return factors, n_examples
 
     def corrected(self, factors: dict[str, KroneckerEigen]) -> dict[str, KroneckerEigen]:
         """Pass ``"eigenvalues"``: ``factors`` with the EK-FAC eigenvalue correction."""

@@ -7,12 +7,18 @@ A map's factors depend on its own inputs and output gradients only (the labels s
 the model and the seed, not on which maps are tracked), so a partitioned fit equals the unpartitioned one up to float
 rounding. The partitions come from a count, from lists of map names, or from a memory plan
 (:class:`concept_influence.plan.Plan`, whose partitions fit a device).
+
+With ``directory``, each partition's factors are written there map by map (:mod:`.stored`) as soon as it is fitted and
+freed before the next, and the curvature returned reads them back one map at a time: neither the fit nor
+preconditioning ever holds more than one partition's factors (:func:`save_partition`, :func:`stored_curvature`; a run
+folder resumes with :func:`partition_done`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -22,8 +28,9 @@ from . import registry
 from .base import Curvature, CurvatureError
 from .ekfac import EKFACCurvature
 from .fit import CurvatureSettings, fit_curvature, resolve_maps
+from .stored import StoredFactors, map_file, read_map_metadata, write_map
 
-__all__ = ["split_maps", "fit_partitioned"]
+__all__ = ["split_maps", "fit_partitioned", "save_partition", "stored_curvature", "partition_done"]
 
 
 def split_maps(maps: Sequence[LinearMap], partitions) -> list[list[LinearMap]]:
@@ -77,27 +84,77 @@ def fit_partitioned(
     settings: CurvatureSettings | None = None,
     *,
     offload: str | torch.device | None = None,
+    directory: str | Path | None = None,
     progress: bool = True,
     **changes: Any,
 ) -> Curvature:
     """:func:`~concept_influence.curvature.fit_curvature` one partition of ``maps`` at a time (see
     :func:`split_maps`), each with its own passes over ``examples``; the factors merged into one curvature.
     ``offload`` (e.g. ``"cpu"``) moves each partition's factors there once fitted, so the device holds one
-    partition's at a time (preconditioning then runs where the factors are, and returns to the query's device)."""
+    partition's at a time (preconditioning then runs where the factors are, and returns to the query's device).
+    ``directory``: each partition's factors written there per map and freed; the curvature returned streams them
+    (see the module docstring)."""
     s = (settings or CurvatureSettings()).replace(**changes)
     maps = resolve_maps(adapter, maps)
     groups = split_maps(maps, partitions)
-    if not registry.passes(s.strategy) or len(groups) == 1 and offload is None:  # (no pass: nothing to partition)
-        return fit_curvature(adapter, examples, maps, s, progress=progress)
+    if not registry.passes(s.strategy) or len(groups) == 1 and offload is None and directory is None:
+        return fit_curvature(adapter, examples, maps, s, progress=progress)  # (no pass: nothing to partition)
     factors, first = {}, None
     for group in groups:
-        part = fit_curvature(adapter, examples, group, s, progress=progress)
-        if not isinstance(part, EKFACCurvature):
-            raise CurvatureError(f"partitions merge EK-FAC and K-FAC factors; a {s.strategy} curvature has none")
-        first = first or part
-        for name, f in part.factors.items():
-            factors[name] = f if offload is None else _moved(f, offload)
-        del part
-    return EKFACCurvature({m.name: factors[m.name] for m in maps}, first.strategy, damping=s.damping,
-                          damping_factor=s.damping_factor, fisher=first.fisher, fingerprint=first.fingerprint,
-                          n_examples=first.n_examples)
+        part = _eigenbasis(fit_curvature(adapter, examples, group, s, progress=progress))
+        if directory is not None:
+            save_partition(directory, part)
+        else:
+            first = first or (part.strategy, part.fisher, part.fingerprint, part.n_examples)  # (not the factors)
+            for name, f in part.factors.items():
+                factors[name] = f if offload is None else _moved(f, offload)
+        del part  # (before the next partition is fitted)
+    if directory is not None:
+        return stored_curvature(directory, [m.name for m in maps], s)
+    strategy, fisher, fingerprint, n_examples = first
+    return EKFACCurvature({m.name: factors[m.name] for m in maps}, strategy, damping=s.damping,
+                          damping_factor=s.damping_factor, fisher=fisher, fingerprint=fingerprint, n_examples=n_examples)
+
+
+def _eigenbasis(part: Curvature) -> EKFACCurvature:
+    if not isinstance(part, EKFACCurvature):
+        raise CurvatureError(f"partitions merge EK-FAC and K-FAC factors; a {part.strategy} curvature has none")
+    return part
+
+
+def save_partition(directory: str | Path, part: Curvature, metadata: Mapping[str, str] | None = None) -> None:
+    """Write a fitted partition's factors into ``directory/maps/``, one file per map, one map at a time; each file's
+    header keeps the model's fingerprint, the number of examples and ``metadata``."""
+    part = _eigenbasis(part)
+    header = {"fingerprint": part.fingerprint or "", "n_examples": str(part.n_examples), **(metadata or {})}
+    for name, basis in part.factors.items():
+        write_map(directory, name, basis, part.saves_eigenvalues(part.strategy), header)
+
+
+def partition_done(directory: str | Path, names: Sequence[str], metadata: Mapping[str, str]) -> bool:
+    """Whether every map of ``names`` has its file in ``directory`` with ``metadata`` in its header (a partition
+    written before a stop, from the same data)."""
+    headers = [read_map_metadata(Path(directory) / map_file(n)) for n in names]
+    return all(h is not None and all(h.get(k) == v for k, v in metadata.items()) for h in headers)
+
+
+def stored_curvature(directory: str | Path, names: Sequence[str], settings: CurvatureSettings) -> EKFACCurvature:
+    """The curvature of the maps ``names`` whose files :func:`save_partition` wrote in ``directory``, fitted as
+    ``settings`` say, reading them one map at a time; its ``curvature.json`` is written (no factor is read: each
+    entry comes from its file's header)."""
+    directory, entries, headers = Path(directory), [], []
+    for name in names:
+        path = directory / map_file(name)
+        header = read_map_metadata(path)
+        if header is None or not {"shape", "eigenvalue_mean", "n_examples"} <= set(header):
+            raise CurvatureError(f"{path}: missing, unreadable or not written by save_partition")
+        d_out, d_in = (int(x) for x in header["shape"].split("x"))
+        entries.append({"name": name, "shape": [d_out, d_in], "file": map_file(name),
+                        "eigenvalue_mean": float(header["eigenvalue_mean"])})
+        headers.append(header)
+    s = settings
+    stored = StoredFactors(directory, entries, EKFACCurvature.saves_eigenvalues(s.strategy))
+    curvature = EKFACCurvature(stored, s.strategy, damping=s.damping, damping_factor=s.damping_factor, fisher=s.fisher,
+                               fingerprint=headers[0]["fingerprint"] or None, n_examples=int(headers[0]["n_examples"]))
+    curvature.save(directory)
+    return curvature

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Sequence
 
-from .report import Plan, PlanSettings, StageBytes
+from .report import Plan, PlanSettings, StageBytes, name_span
 from .shapes import DTYPE_BYTES, MapShape, ModelShape, PlanError, format_bytes
 
 __all__ = ["plan_memory", "activation_bytes", "QUERY_RANKS"]
@@ -102,8 +102,27 @@ class _Costs:
 QUERY_RANKS = (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
 
 
+def _given(maps: list[MapShape], c: _Costs, limit: float | None) -> tuple[list[list[MapShape]], str | None]:
+    """``settings.partitions`` as maps, and the first pass of a partition that does not fit ``limit``."""
+    by_name = {m.name: m for m in maps}
+    named = [n for names in c.s.partitions for n in names]
+    if sorted(named) != sorted(by_name):
+        raise PlanError("partitions must name every tracked map once; they name "
+                        f"{', '.join(sorted(set(named) ^ set(by_name))[:3])} wrongly")
+    parts = [[by_name[n] for n in names] for names in c.s.partitions]
+    for i, part in enumerate(parts):
+        over = [(st, b) for st, b, _ in c.passes(part) if limit is not None and b > limit]
+        if over:
+            return parts, (f"{over[0][0]}: {format_bytes(over[0][1])} on the device for partition {i} ({len(part)} "
+                           f"maps, {name_span([m.name for m in part])}) > {format_bytes(limit)} usable: more partitions "
+                           "leave more room")
+    return parts, None
+
+
 def _partition(maps: list[MapShape], c: _Costs, limit: float | None) -> tuple[list[list[MapShape]], str | None]:
     """Greedy, in order: a map joins the current partition while every pass of the partition fits ``limit``."""
+    if c.s.partitions is not None:
+        return _given(maps, c, limit)
     if limit is None or c.s.engine == "current":
         return ([list(maps)] if maps else []), None
     parts: list[list[MapShape]] = []

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from .shapes import DTYPE_BYTES, ModelShape, PlanError, format_bytes
 
-__all__ = ["PlanSettings", "StageBytes", "Plan"]
+__all__ = ["PlanSettings", "StageBytes", "Plan", "name_span"]
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,8 @@ class PlanSettings:
     eigenvectors and eigenvalues; ``strategy``: a curvature strategy fitted in passes over the data (ekfac: two, kfac:
     one); ``index_bytes``: an index's bytes per example; ``engine``: current or partitioned (module docstring);
     ``query_rank``: rank-r queries (None: full size, or with the partitioned engine the largest rank that fits when
-    full-size ones do not)."""
+    full-size ones do not); ``partitions``: the partitioned engine's groups of map names as a run fits them (``[factors]
+    partitions = N``), planned as given on one rank (None: the plan chooses them)."""
 
     device_memory: int | None = None
     host_memory: int | None = None
@@ -33,10 +34,14 @@ class PlanSettings:
     index_bytes: int = 65536
     engine: str = "partitioned"
     query_rank: int | None = None
+    partitions: tuple[tuple[str, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.engine not in ("current", "partitioned"):
             raise PlanError(f"engine must be current or partitioned, got {self.engine!r}")
+        if self.partitions is not None and (self.engine != "partitioned" or self.world_size != 1):
+            raise PlanError("partitions are given for the partitioned engine on one rank (with more ranks the plan "
+                            "deals the maps itself)")
         if self.factor_dtype not in DTYPE_BYTES:
             raise PlanError(f"factor_dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.factor_dtype!r}")
         if self.world_size < 1 or self.batch_size < 1 or self.max_length < 1 or self.concepts < 1:
@@ -143,9 +148,10 @@ class Plan:
         for rank, parts in enumerate(self.partitions[:1] if len(self.partitions) > 1 else self.partitions):
             who = "rank 0's maps" if len(self.partitions) > 1 else "maps"
             for i, names in enumerate(parts):
-                head.append(f"partition {i} ({who}): {len(names)} maps, {_span(names)}")
+                head.append(f"partition {i} ({who}): {len(names)} maps, {name_span(names)}")
         return "\n".join(head)
 
 
-def _span(names: list[str]) -> str:
+def name_span(names: list[str]) -> str:
+    """``first .. last`` of a partition's map names (the name alone for one)."""
     return names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"

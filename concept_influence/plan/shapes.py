@@ -69,6 +69,11 @@ class MapShape:
     d_out: int
     d_in: int
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(d_out, d_in)``, as a :class:`~concept_influence.models.LinearMap` has it."""
+        return self.d_out, self.d_in
+
     def covariance_elements(self) -> int:
         return self.d_in**2 + self.d_out**2
 

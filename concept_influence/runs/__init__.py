@@ -9,9 +9,10 @@ A run folder holds::
     probe/               direction.safetensors + .json (and metrics.json when trained here)
     check/               concept_check.json and .png: is the concept causal? (verdict, effect sizes)
     factors/             settings.json (the [factors] settings of the fit, with the SHA-256 of factors.extra_data
-                         when given); curvature.safetensors + curvature.json;
-                         statistics/ the summed covariance and eigenvalue statistics of each pass; partial/ per-rank
-                         checkpoints while fitting
+                         when given); partitions.json (the groups of maps fitted apart, or null); curvature.json with
+                         curvature.safetensors, or with [factors] partitions maps/<map>.safetensors, one per map;
+                         statistics/ the summed covariance and eigenvalue statistics of each pass (of each partition:
+                         covariance-p00, ...); partial/ per-rank checkpoints while fitting
     scores/              settings.json (the [scoring] settings); shards/shard-000000.safetensors + .json, one per
                          `scoring.shard_size` examples; scores.* all shards merged in data order (one column per
                          concept); variants.* (and shards/variants-000000.*) the stability check's variants scored in
@@ -32,25 +33,22 @@ shards are dealt to ranks and curvature statistics are summed over ranks (:mod:`
 Modules: :mod:`.folder` (the folder, its record, manifest and checks), :mod:`.stages` (the :class:`Pipeline`),
 :mod:`.checkpoints` (where factors and scores are computed), :mod:`.inputs` (the data in shards: the training data,
 and what the factors are fitted on), :mod:`.shards` (shard files), :mod:`.audit` (check, explain, filter),
-:mod:`.report` (``report.md``), :mod:`.stability` (the stability check).
+:mod:`.report` (``report.md``), :mod:`.stability` (the stability check), :mod:`.plans` (the memory plan and the
+partitions of maps), :mod:`.partitioned` (factors fitted in partitions).
 """
 
 from __future__ import annotations
 
 import sys
 import textwrap
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from ..config import ConfigError, RunConfig
 from ..distributed import Ranks, process_group
-from ..models import block_of_hook
-from ..models.hugging_face import parse_track
-from ..plan import Plan, PlanSettings, format_bytes, model_shape, parse_bytes, plan_memory
 from .audit import causal_warning, check_stage, explain_stage, filter_stage
-from .checkpoints import model_folder
-from .folder import RUN_FORMAT, RUN_FORMAT_VERSION, Run, RunError, read_json
+from .folder import RUN_FORMAT, RUN_FORMAT_VERSION, Run, RunError
+from .plans import check_memory_plan, plan_for_config
 from .stages import Pipeline
 
 __all__ = ["RunError", "Run", "Pipeline", "run_config", "run_stages", "plan_for_config", "check_memory_plan",
@@ -116,84 +114,6 @@ def run_stages(stages: Sequence[str], path: str | Path | None, config: RunConfig
         if "report" in stages:
             _warn_unless_causal(run, ranks)
         return report if report_path and ranks.is_main else out
-
-
-def plan_for_config(config: RunConfig, settings: PlanSettings | None = None, **changes: Any) -> Plan:
-    """The memory plan (:func:`concept_influence.plan.plan_memory`) of a run config: its model (built on the meta
-    device from the config of ``[model] path``), its tracked maps (``[model] track``, blocks up to the concept's hook),
-    batch size, strategy and lengths; ``settings`` and ``changes`` as :func:`~concept_influence.plan.plan_memory`
-    takes them."""
-    m = config.model
-    weights, selection = parse_track(m.track)
-    shape = model_shape(model_folder(m), dtype=m.dtype, track=weights, select=selection,
-                        max_block=block_of_hook((config.probe or config.concept).hook), base=m.base)
-    s = replace(settings or PlanSettings(), batch_size=config.factors.batch_size, max_length=config.data.max_length,
-                strategy=config.factors.strategy)
-    return plan_memory(shape, s, **changes)
-
-
-#: The plan's stages each run stage goes through (:mod:`concept_influence.plan`).
-_PLANNED = {"factors": ("load", "covariance pass", "eigendecomposition", "eigenvalue pass"),
-            "scores": ("load", "query", "scoring")}
-
-
-def check_memory_plan(path: str | Path | None, config: RunConfig | None, stages: Sequence[str] = STAGES) -> None:
-    """Before any work: the memory plan of the run as today's engine runs it (every tracked map at once, every
-    factor on each rank; :func:`plan_for_config` with ``engine="current"``), checked against
-    ``[model] device_memory`` (auto: a CUDA device's own memory, no check on the CPU). A stage of ``stages`` that
-    does not fit is a :class:`RunError` in one line naming the plan's stage and its bytes; nothing is written. The
-    queries of the stability variants scored beside the run's count as further concepts."""
-    if config is None and path is not None and (Path(path) / "config.json").is_file():
-        config = Run.open(path).config
-    if config is None:
-        return
-    limit = _device_memory(config)
-    if limit is None:
-        return
-    from ..estimators import ESTIMATORS
-
-    plan = plan_for_config(config, engine="current", device_memory=limit, concepts=_query_sets(config))
-    checked = [name for stage in stages for name in _PLANNED.get(stage, ())
-               if stage != "factors" or ("curvature" in ESTIMATORS[config.scoring.estimator].run_inputs
-                                         and config.factors.path is None)]  # (a saved curvature is not fitted)
-    if "scores" in stages and config.scoring.estimator != "concept_influence":
-        checked = [name for name in checked if name not in ("query", "scoring")]  # (the plan's scoring is EK-FAC's)
-    usable = plan.settings.device_limit
-    for st in plan.stages:
-        if st.stage in checked and st.device > usable:
-            raise RunError(f"{config.model.path}: the run does not fit the device: {st.stage} needs "
-                           f"{format_bytes(st.device)} on the device, {format_bytes(usable)} usable of "
-                           f"{format_bytes(limit)} ([model] device_memory = {config.model.device_memory!r}); nothing "
-                           "was computed. `concept-influence plan` shows every stage; track fewer maps ([model] "
-                           "track), lower [factors] batch_size, or set device_memory = \"none\" to run anyway")
-
-
-def _query_sets(config: RunConfig) -> int:
-    """The sets of queries the scoring holds: the run's own and one per stability variant of its curvature (that of
-    ``factors.path`` when given)."""
-    from ..curvature import variant_kinds
-
-    strategy, saved = config.factors.strategy, Path(config.factors.path or "") / "curvature.json"
-    if config.factors.path is not None and saved.is_file():
-        strategy = read_json(saved).get("strategy", strategy)
-    return 1 + len(variant_kinds(strategy))
-
-
-def _device_memory(config: RunConfig) -> int | None:
-    """``[model] device_memory`` in bytes: a size as given, ``auto``: the memory of the CUDA device the run uses (none
-    on the CPU), ``none``: None."""
-    value = config.model.device_memory
-    if value == "none":
-        return None
-    if value != "auto":
-        return parse_bytes(value)
-    import os
-
-    import torch
-
-    if config.model.device == "cpu" or not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
 
 
 def _preflight(pipeline: Pipeline, stages: Sequence[str]) -> None:

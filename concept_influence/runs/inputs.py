@@ -15,6 +15,9 @@ from .folder import RunError
 __all__ = ["RunData"]
 
 EXTRA = "factors.extra_data"
+#: ``[factors]`` keys added after run folders were first written, with their defaults: left out of ``settings.json``
+#: at these values, so that a folder written before them resumes (a key missing there reads as unset)
+LATER_KEYS = {"covariance_dtype": "float32", "partitions": "auto"}
 
 
 class RunData:
@@ -89,7 +92,7 @@ class RunData:
         """The ``[factors]`` settings saved with the factors and compared when they resume
         (:meth:`~.folder.Run.check_settings`); with ``extra_data``, its SHA-256 too, so a changed file is refused as a
         changed setting."""
-        settings = self.cfg.factors.to_dict()
+        settings = {k: v for k, v in self.cfg.factors.to_dict().items() if LATER_KEYS.get(k, ...) != v}
         if self.cfg.factors.extra_data is not None:
             settings["extra_data_sha256"] = path_sha256(self.extra_path)
         return settings

@@ -27,6 +27,7 @@ from ..scores import Scores
 from .checkpoints import Point, describe_points, load_point, model_folder, point_horizons, run_points
 from .folder import Run, RunError, write_or_explain
 from .inputs import RunData
+from .partitioned import fit_partitions, run_partitions
 from .report import write_report
 from .shards import read_checkpoint, resume_pass
 from .stability import merge_shards, require_stable, run_stability, save_shard, shard_done, summed_variants
@@ -158,10 +159,15 @@ class Pipeline:
                 self.data.fit_digests()  # (unusable data is refused before the settings are saved)
                 if self.ranks.is_main:
                     self.run.save_settings("factors", self.data.fit_settings, final)
-                curvature = fit_curvature(self.adapter, [], maps, f.settings(), progress=False,
-                                          accumulate=partial(self._accumulate, point))
+                groups = run_partitions(self, point, maps)
+                if groups is not None:
+                    fit_partitions(self, point, maps, groups)
+                else:
+                    curvature = fit_curvature(self.adapter, [], maps, f.settings(), progress=False,
+                                              accumulate=partial(self._accumulate, point))
             if self.ranks.is_main:
-                write_or_explain(final, lambda: curvature.save(final), "The finished passes are kept in factors/statistics/.")
+                if groups is None:
+                    write_or_explain(final, lambda: curvature.save(final), "The finished passes are kept in factors/statistics/.")
                 for p in (final / "partial").glob("*"):
                     p.unlink()
         if self.ranks.is_main and not self.run.is_done(point.stage("factors")):  # (also one saved just before a kill)
@@ -171,9 +177,11 @@ class Pipeline:
                                   data_sha256=path_sha256(self.cfg.data.train), **self.data.fitted_on)
         self.ranks.barrier()
 
-    def _accumulate(self, point: Point, name: str, collect: Callable[[Sequence[TokenizedExample]], SumStats]) -> SumStats:
-        """One curvature pass over this rank's shards, checkpointed after each shard, summed over ranks."""
-        ranks = self.ranks
+    def _accumulate(self, point: Point, name: str, collect: Callable[[Sequence[TokenizedExample]], SumStats],
+                    part: int | None = None) -> SumStats:
+        """One curvature pass (of partition ``part``) over this rank's shards, checkpointed after each shard, summed
+        over ranks."""
+        ranks, name = self.ranks, name if part is None else f"{name}-p{part:02d}"
         done_path = point.factors_dir / "statistics" / f"{name}.safetensors"
         digests = self.data.fit_digests()
         data_digest = combine_digests(digests)
