@@ -14,8 +14,8 @@ from ..config import GATE_KEYS, RunConfig
 from ..distributed import Ranks
 from ..errors import ConceptInfluenceError
 from ..fileio import atomic_write_text, file_sha256
-from ..provenance import invocation, package_versions
 from ..options import settings_diff
+from ..provenance import invocation, package_versions
 
 __all__ = ["RunError", "Run", "Layout", "RUN_FORMAT", "RUN_FORMAT_VERSION", "write_or_explain"]
 

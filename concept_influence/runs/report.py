@@ -38,7 +38,8 @@ def write_report(run: Run, k: int, checkpoints: Sequence = ()) -> Path:
              f"{info['fingerprints'].get('model')}); data `{cfg.data.train}` ({len(scores)} examples scored, "
              f"{scores.metadata.get('n_skipped', 0)} skipped because their response was cut away at "
              f"max_length = {cfg.data.max_length}); "
-             f"concept: {'probe' if cfg.probe else cfg.concept.type} at `{(cfg.probe or cfg.concept).hook}`.{_factors_sentence(info)}", "",
+             f"concept: {'probe' if cfg.probe else cfg.concept.type} at `{(cfg.probe or cfg.concept).hook}`."
+             f"{_factors_sentence(info)}", "",
              *_check_section(info), *_checkpoint_section(checkpoints), *_stability_section(info),
              *_behaviour_section(behaviour_top, texts, k),
              f"## Top {k}: training on these pushes the concept up", "", *markdown_rows(scores.top(k), texts, at), "",

@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from ..curvature import SumStats
-from ..fileio import load_tensors_and_metadata, path_sha256
+from ..fileio import load_tensors_and_metadata
 from ..provenance import combine_digests
 from ..scores import Scores
 from .folder import RunError
