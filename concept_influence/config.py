@@ -198,7 +198,7 @@ class ScoringConfig(ScoringSettings):
                                                 "trainer_state.json's train_batch_size)", minimum=1)
     behaviour: str | None = option(None, "chats that show the behaviour (default: concept.check_positive, then "
                                          "probe.positive): their own ranking (classic gradient-dot) is scored beside "
-                                         "the run's, compared in the stability check and, where it warns, is the "
+                                         "the run's, compared in the stability check, and joined with it in the "
                                          "ranking the filter removes", path=True)
 
     def settings(self) -> ScoringSettings:
@@ -236,8 +236,9 @@ class FilterConfig(Settings):
 
     remove_top: float | None = option(None, "a fraction in (0, 1) or a count of examples to remove from the top; "
                                             "unset: no filter stage")
-    ranking: str = option("guarded", "guarded: the run's ranking, or the behaviour's own where the stability check "
-                                     "found they disagree; scores: the run's ranking always", choices=("guarded", "scores"))
+    ranking: str = option("union", "union: each example by its best place in the run's ranking or the behaviour's "
+                                   "own (scoring.behaviour), where that was scored; scores: the run's ranking",
+                          choices=("union", "scores"))
 
 
 @dataclass

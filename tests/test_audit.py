@@ -23,7 +23,7 @@ from concept_influence.data import load_chats
 from concept_influence.fileio import file_sha256
 from concept_influence.models import HFCausalLMAdapter, load_model, save_model
 from concept_influence.runs import Run, RunError, run_config
-from concept_influence.runs.stability import guarded_ranking
+from concept_influence.runs.stability import answer_ranking
 from concept_influence.scores import Scores
 
 peft = pytest.importorskip("peft")
@@ -146,14 +146,14 @@ def test_equal_to_separate_runs_plus_sum_scores(audit, project, tmp_path):
     assert _relative(got.values, summed.values) < 1e-5
 
 
-def test_explain_and_filter_follow_the_summed_ranking(audit, project):
+def test_explain_follows_the_summed_ranking_and_the_filter_its_union_with_the_behaviour(audit, project):
     scores = Scores.load(audit / "scores" / "scores.safetensors")
     explained = json.loads((audit / "explain" / "explain.json").read_text())
     assert explained["top_ids"] == [i for i, _ in scores.top(6)]
     assert json.loads((audit / "run.json").read_text())["stages"]["explain"]["examples"] >= 20
     removed = {r["id"] for r in json.loads((audit / "filter" / "train.jsonl.filter.json").read_text())["removed_examples"]}
-    path, column, ranking = guarded_ranking(Run.open(audit))  # the run's, or the behaviour's where the check warned
-    assert removed == {i for i, _ in Scores.load(path).top(6, column)}
+    answer, ranking = answer_ranking(Run.open(audit))  # the union with the behaviour's own ranking
+    assert ranking == "union" and removed == {i for i, _ in answer.top(6)}
     assert json.loads((audit / "run.json").read_text())["stages"]["filter"]["ranking"] == ranking
     kept = [e.messages for e in load_chats(project / "train.jsonl") if e.id not in removed]
     assert [e.messages for e in load_chats(audit / "filter" / "train.jsonl")] == kept

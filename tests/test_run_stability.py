@@ -31,6 +31,7 @@ from concept_influence.estimators import ConceptGradDot, ConceptInfluence, GradD
 from concept_influence.models import load_model
 from concept_influence.runs import Run, RunError, run_stages
 from concept_influence.scores import Scores
+from concept_influence.stability import union_ranking
 from probes import ConceptDirection
 
 HOOK = "blocks.1.hook_resid_post"
@@ -167,9 +168,10 @@ def test_resuming_reuses_the_variants_and_recomputes_a_lost_one(finished, tmp_pa
         assert a.ids == b.ids and np.array_equal(a.values, b.values)
 
 
-def _rescore_with_variants(run: Path, variant_values, require: str = "stable", filtered: bool = False) -> None:
+def _rescore_with_variants(run: Path, variant_values, require: str = "stable", filtered: str | None = None) -> None:
     """Replace the variants' scores of every shard with ``variant_values(the shard's own scores, column name)``, then
-    merge the scores again with ``scoring.require`` (and, ``filtered``, remove the top 10; no shard is scored again)."""
+    merge the scores again with ``scoring.require`` (and with ``filtered``, a ``filter.ranking``, remove the top 10; no
+    shard is scored again)."""
     for path in sorted((run / "scores" / "shards").glob("variants-*.safetensors")):
         shard = Scores.load(path)
         own = Scores.load(path.with_name(path.name.replace("variants", "shard")))
@@ -179,7 +181,7 @@ def _rescore_with_variants(run: Path, variant_values, require: str = "stable", f
     config = json.loads((run / "config.json").read_text())
     config["scoring"]["require"] = require
     if filtered:  # (as if the run had been configured with a filter stage from the start)
-        config["filter"]["remove_top"] = 10
+        config["filter"].update(remove_top=10, ranking=filtered)
         (run / "config.json").write_text(json.dumps(config))
     run_stages(("scores", "report", "filter") if filtered else ("scores", "report"), run,
                RunConfig.from_dict(config, "config"), progress=False)
@@ -200,20 +202,24 @@ def test_require_stable_stops_when_a_variant_disagrees_and_goes_on_when_all_agre
     assert "**Stable**: every variant agrees" in (stable / "report" / "report.md").read_text()
 
 
-def test_where_the_behaviour_disagrees_the_report_and_the_filter_answer_with_its_ranking(finished, tmp_path):
-    run = tmp_path / "guarded"
+def test_the_report_and_the_filter_answer_with_the_union_of_the_run_and_the_behaviours_ranking(finished, tmp_path):
+    run = tmp_path / "union"
     shutil.copytree(finished, run)
-    _rescore_with_variants(run, lambda own, name: -own if name == "behaviour" else own, "none", filtered=True)
+    _rescore_with_variants(run, lambda own, name: -own if name == "behaviour" else own, "none", filtered="union")
     record = json.loads((run / "run.json").read_text())["stages"]
     assert "behaviour (behaviour: 0.00)" in record["scores"]["stability"]["warning"]
-    assert record["filter"]["ranking"] == "behaviour"
-    behaviour_top = Scores.load(run / "scores" / "variants.safetensors").top(10, "behaviour")
-    removed = json.loads(next((run / "filter").glob("*.filter.json")).read_text())
-    assert {r["id"] for r in removed["removed_examples"]} == {i for i, _ in behaviour_top}
+    assert record["filter"]["ranking"] == "union"
+    own, variants = Scores.load(run / "scores" / "scores.safetensors"), Scores.load(run / "scores" / "variants.safetensors")
+    union = union_ranking(own.column(0), variants.column("behaviour"))
+    top = {own.ids[i] for i in np.argsort(-union)[:10]}
+    removed = {r["id"] for r in json.loads(next((run / "filter").glob("*.filter.json")).read_text())["removed_examples"]}
+    assert removed == top
+    assert top & {i for i, _ in own.top(5)} and top & {i for i, _ in variants.top(5, "behaviour")}  # both tops in it
     report = (run / "report" / "report.md").read_text()
-    assert re.search(r"## Top \d+ by the behaviour's own ranking", report) and behaviour_top[0][0] in report
-    agreed = tmp_path / "agreed"  # every variant a monotone copy: the run's own ranking is the answer
-    shutil.copytree(finished, agreed)
-    _rescore_with_variants(agreed, lambda own, name: 2 * own + 1, "none", filtered=True)
-    assert json.loads((agreed / "run.json").read_text())["stages"]["filter"]["ranking"] == "scores"
-    assert not re.search(r"## Top \d+ by the behaviour's own ranking", (agreed / "report" / "report.md").read_text())
+    assert re.search(r"## Top \d+ of the union with the behaviour's own ranking", report)
+    plain = tmp_path / "scores-only"  # filter.ranking = "scores": the run's own top
+    shutil.copytree(finished, plain)
+    _rescore_with_variants(plain, lambda own, name: -own if name == "behaviour" else own, "none", filtered="scores")
+    assert json.loads((plain / "run.json").read_text())["stages"]["filter"]["ranking"] == "scores"
+    removed = {r["id"] for r in json.loads(next((plain / "filter").glob("*.filter.json")).read_text())["removed_examples"]}
+    assert removed == {i for i, _ in own.top(10)}

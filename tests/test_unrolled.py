@@ -188,10 +188,11 @@ def test_source_over_checkpoints_chains_and_reports_its_parts(tl_adapter, tokeni
         SourceInfluence(concept, [earlier, None], horizons[:1])
 
 
-def test_source_scores_the_behaviours_own_ranking_over_the_checkpoints_and_answers_with_it_when_they_disagree(
+def test_source_scores_the_behaviours_own_ranking_over_the_checkpoints_and_its_union_with_the_concepts(
         tl_adapter, tokenized):
     from concept_influence.estimators import GradDot, SourceInfluence
     from concept_influence.models import load_checkpoint
+    from concept_influence.stability import union_ranking
 
     concept = _concept(tl_adapter, tokenized)
     gen = torch.Generator().manual_seed(5)
@@ -213,7 +214,7 @@ def test_source_scores_the_behaviours_own_ranking_over_the_checkpoints_and_answe
     np.testing.assert_allclose(estimator.behaviour_, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
     report = estimator.stability_
     assert report.kinds["behaviour"] == "behaviour"
-    assert estimator.answer_ == ("scores" if report.stable else "behaviour")
+    np.testing.assert_array_equal(estimator.union_, union_ranking(scores.column(0), estimator.behaviour_))
     assert scores.metadata["stability"]["agreement"]["behaviour"] == report.agreement["behaviour"]
 
 

@@ -30,7 +30,7 @@ from ..data import TokenizedExample
 from ..engine import score_with_queries, stack_queries
 from ..models import ModelAdapter, checkpointed_weights, load_checkpoint
 from ..scores import Scores
-from ..stability import StabilityReport, check_stability
+from ..stability import StabilityReport, check_stability, union_ranking
 from .base import Estimator
 from .gradient import test_loss_gradient
 from .over_checkpoints import describe_checkpoint
@@ -50,9 +50,10 @@ class SourceInfluence(Estimator):
     ``segment_horizons([0, *checkpoint_steps], learning_rates_from_trainer_state(".../trainer_state.json"))``.
 
     ``behaviour``: examples that show the behaviour; their own ranking (classic gradient-dot on their loss, summed over
-    the checkpoints like the concept's) is scored in the same passes into :attr:`behaviour_` and compared in
-    :attr:`stability_`. Where the check warns, rank by :attr:`behaviour_` (:attr:`answer_` says which): over the
-    emergent family the concept's ranking fell below AUROC 0.8 only where the two disagreed."""
+    the checkpoints like the concept's) is scored in the same passes into :attr:`behaviour_`, compared in
+    :attr:`stability_`, and joined with the concept's in :attr:`union_` (each example by its best place in either,
+    :func:`~concept_influence.stability.union_ranking`): the recommended ranking, which over the emergent family fell
+    below AUROC 0.8 on no run where either alone did."""
 
     name = "concept_influence[source]"
 
@@ -74,7 +75,7 @@ class SourceInfluence(Estimator):
         self.parts_: dict[str, np.ndarray] = {}
         self.stability_: StabilityReport | None = None
         self.behaviour_: np.ndarray | None = None
-        self.answer_: str = "scores"
+        self.union_: np.ndarray | None = None
 
     def score(self, adapter: ModelAdapter, examples: Sequence[TokenizedExample], *, batch_size: int = 8,
               progress: bool = True) -> Scores:
@@ -123,7 +124,8 @@ class SourceInfluence(Estimator):
             self.behaviour_ = variants["behaviour"] = sum(per_behaviour)
             kinds["behaviour"] = "behaviour"
         self.stability_ = check_stability(total[:, 0, 0], variants, name=self.name, kinds=kinds)
-        self.answer_ = "behaviour" if per_behaviour and not self.stability_.stable else "scores"
+        if per_behaviour:
+            self.union_ = union_ranking(total[:, 0, 0], self.behaviour_)
         agreement = {a: {b: float(spearmanr(pa, pb)[0]) for b, pb in self.parts_.items()} for a, pa in self.parts_.items()}
         metadata = {"curvature": "unrolled", "maps": [m.name for m in maps], "chain": self.chain,
                     "checkpoints": labels, "horizons": [h.total for h in self.horizons],

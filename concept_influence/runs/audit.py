@@ -83,11 +83,11 @@ def explain_stage(pipeline) -> Path:
 
 
 def filter_stage(pipeline) -> Path:
-    """``filter/<training file>``: the training data without the top ``filter.remove_top`` of the run's ranking (its
-    scores, or with ``filter.ranking = "guarded"`` the behaviour's own where the stability check found they disagree:
-    :func:`~concept_influence.runs.stability.guarded_ranking`) and its ``.filter.json`` record."""
+    """``filter/<training file>``: the training data without the top ``filter.remove_top`` of the run's ranking (with
+    ``filter.ranking = "union"``, the default, its union with the behaviour's own ranking where that was scored:
+    :func:`~concept_influence.runs.stability.answer_ranking`) and its ``.filter.json`` record."""
     from ..filtering import filter_training_file
-    from .stability import guarded_ranking
+    from .stability import answer_ranking
 
     run, cfg, ranks = pipeline.run, pipeline.cfg, pipeline.ranks
     train = Path(cfg.data.train)
@@ -95,11 +95,9 @@ def filter_stage(pipeline) -> Path:
     if ranks.is_main and not run.is_done("filter"):
         pipeline._require("scores", "score")
         r = cfg.filter.remove_top
-        scores, column, ranking = (guarded_ranking(run) if cfg.filter.ranking == "guarded"
-                                   else (run.scores_path, 0, "scores"))
-        record = filter_training_file(scores, train, out, remove_top=int(r) if r >= 1 else r, column=column,
-                                      overwrite=True)
-        by = "" if ranking == "scores" else " by the behaviour's own ranking (the stability check warned)"
+        scores, ranking = answer_ranking(run) if cfg.filter.ranking == "union" else (run.scores_path, "scores")
+        record = filter_training_file(scores, train, out, remove_top=int(r) if r >= 1 else r, overwrite=True)
+        by = "" if ranking == "scores" else " by the union of the run's ranking and the behaviour's own"
         print(f"filter: removed {record['removed']} of {record['examples']} examples{by}; kept {record['kept']} in {out}")
         run.finish_stage("filter", ranks, remove_top=r, ranking=ranking, removed=record["removed"], kept=record["kept"],
                          out=str(out.relative_to(run.path)))

@@ -12,7 +12,7 @@ from ..fileio import atomic_write_text
 from ..scores import Scores
 from .folder import Run
 from .inputs import describe_fit
-from .stability import guarded_ranking
+from .stability import answer_ranking
 
 __all__ = ["write_report", "markdown_rows"]
 
@@ -25,9 +25,9 @@ def write_report(run: Run, k: int, checkpoints: Sequence = ()) -> Path:
 
     cfg = run.config
     scores = Scores.load(run.scores_path)
-    answer_path, column, answer = guarded_ranking(run)
-    behaviour_top = Scores.load(answer_path).top(k, column) if answer == "behaviour" else []
-    wanted = {i for i, _ in scores.top(k)} | {i for i, _ in scores.bottom(k)} | {i for i, _ in behaviour_top}
+    answer, which = answer_ranking(run)
+    union_top = answer.top(k) if which == "union" else []
+    wanted = {i for i, _ in scores.top(k)} | {i for i, _ in scores.bottom(k)} | {i for i, _ in union_top}
     texts = {ex.id: (ex.prompt, ex.response) for ex in read_chats(cfg.data.train) if ex.id in wanted}
     at = {p.name: dict(zip(part.ids, part.column(0))) for p in checkpoints for part in [Scores.load(p.scores_path)]}
     out = run.path / "report"
@@ -41,7 +41,7 @@ def write_report(run: Run, k: int, checkpoints: Sequence = ()) -> Path:
              f"concept: {'probe' if cfg.probe else cfg.concept.type} at `{(cfg.probe or cfg.concept).hook}`."
              f"{_factors_sentence(info)}", "",
              *_check_section(info), *_checkpoint_section(checkpoints), *_stability_section(info),
-             *_behaviour_section(behaviour_top, texts, k),
+             *_union_section(union_top, texts, k),
              f"## Top {k}: training on these pushes the concept up", "", *markdown_rows(scores.top(k), texts, at), "",
              f"## Bottom {k}: training on these pushes it down", "", *markdown_rows(scores.bottom(k), texts, at), "",
              "![score distribution](score_distribution.png)", ""]
@@ -109,16 +109,16 @@ def _stability_section(info: dict) -> list[str]:
                    "| variant | kind | agreement on the top | Spearman with the run's |", "|---|---|---:|---:|", *rows, ""]
 
 
-def _behaviour_section(rows: Sequence[tuple[str, float]], texts: dict, k: int) -> list[str]:
-    """The behaviour's own top ``k`` where the stability check found the run's ranking disagrees with it."""
+def _union_section(rows: Sequence[tuple[str, float]], texts: dict, k: int) -> list[str]:
+    """The top ``k`` of the union of the run's ranking and the behaviour's own (where that was scored)."""
     if not rows:
         return []
-    return [f"## Top {k} by the behaviour's own ranking", "",
-            "The run's ranking disagrees with the ranking of the behaviour's own examples (classic gradient-dot on "
-            "`scoring.behaviour`), so the concept may not be what moved the behaviour. Over a family of emergent "
-            "designs the concept's ranking fell below AUROC 0.8 only where the two disagreed, and the behaviour's "
-            "ranking was then the better answer: it is the one `[filter] ranking = \"guarded\"` removes.", "",
-            *markdown_rows(rows, texts), ""]
+    return [f"## Top {k} of the union with the behaviour's own ranking", "",
+            "Each example by its best place in the run's ranking or in the ranking of the behaviour's own examples "
+            "(classic gradient-dot on `scoring.behaviour`; the score is that place as a fraction, 1 = the top). Over "
+            "a family of emergent designs either ranking alone fell below AUROC 0.8 on some (the concept's where it "
+            "is not what the data moved, the behaviour's where its examples are narrow), their union on none; it is "
+            "the ranking `[filter] ranking = \"union\"` removes.", "", *markdown_rows(rows, texts), ""]
 
 
 #: How the report names each kind of variant the stability check compares (:mod:`.stability`).

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..scores import Scores
-from ..stability import StabilityReport, check_stability
+from ..stability import StabilityReport, check_stability, union_ranking
 from .folder import Layout, Run, RunError, write_or_explain
 from .shards import concatenate, finished_shard
 
 __all__ = ["variants_path", "shard_done", "save_shard", "merge_shards", "summed_variants", "run_stability",
-           "require_stable", "guarded_ranking"]
+           "require_stable", "answer_ranking"]
 
 _SHARD_KEYS = ("shard_digest", "shard", "n_lines")
 
@@ -122,12 +122,19 @@ def require_stable(run: Run, require: str, is_main: bool) -> None:
         print(warning)
 
 
-def guarded_ranking(run: Run) -> tuple[Path, str | int, str]:
-    """The ranking a run answers with: ``(scores file, column, which)``: its own scores (``"scores"``), or, where its
-    stability check warned and the behaviour's own ranking is among the variants, that ranking (``"behaviour"``). On
-    the emergent family the concept's ranking fell below AUROC 0.8 only where the two disagreed, and the behaviour's
-    ranking was then the better one (``benchmarks/family``)."""
-    stability = run.record["stages"].get("scores", {}).get("stability") or {}
-    if stability.get("warning") and "behaviour" in stability.get("kinds", {}).values():
-        return variants_path(run), "behaviour", "behaviour"
-    return run.scores_path, 0, "scores"
+def answer_ranking(run: Run) -> tuple[Scores, str]:
+    """The ranking a run answers with, and which it is: where the behaviour's own ranking was scored beside the run's
+    (``scoring.behaviour``), their union (:func:`~concept_influence.stability.union_ranking`: each example by its best
+    place in either, ``"union"``), else the run's own scores (``"scores"``). Over the emergent family the concept's
+    ranking fell below AUROC 0.8 on 6 of 43 runs and the behaviour's on 1; their union on none
+    (``benchmarks/family``)."""
+    scores = Scores.load(run.scores_path)
+    path = variants_path(run)
+    variants = Scores.load(path) if path.is_file() else None
+    if variants is None or "behaviour" not in variants.columns:
+        return scores, "scores"
+    if variants.ids != scores.ids:
+        raise RunError(f"{path} and {run.scores_path} are not of the same examples; delete scores/ and score again")
+    union = union_ranking(scores.column(0), variants.column("behaviour"))
+    return Scores(scores.ids, union[:, None], f"union of {scores.estimator} and the behaviour's own ranking",
+                  [f"union:{scores.columns[0]}"], metadata={"union_of": [scores.columns[0], "behaviour"]}), "union"
