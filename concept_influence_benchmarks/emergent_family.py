@@ -271,7 +271,8 @@ def _dropped(scores: np.ndarray, k: int) -> frozenset:
 
 def retrain_missing(folder: str | Path, progress: bool = False) -> dict:
     """Retrain a saved design's rankings of :data:`RETRAINED` that its ``results.json`` lacks (a ranking added to the
-    study after it ran), as :func:`run_variant` does, from the design trained again (deterministic from its seed:
+    study after it ran; runs where planting did not raise the behaviour are left), as :func:`run_variant` does, from
+    the design (or demo seed) trained again (deterministic from its seed:
     checked against the saved forward-only probe projection scores); a ranking dropping the same examples as one
     already retrained takes its numbers without training. Rewrites ``results.json`` and returns it."""
     folder = Path(folder)
@@ -282,10 +283,19 @@ def retrain_missing(folder: str | Path, progress: bool = False) -> dict:
     missing = [n for n in RETRAINED if n not in section["removed"]]
     k = int(labels.sum())
     known = {_dropped(scores[n], k) for n in section["removed"] if n in scores}
+    if not section["raised"]:  # (no behaviour to attribute: not in the tables)
+        return results
     if any(_dropped(scores[n], k) not in known for n in missing):
-        cfg = EmergentConfig(**{n: tuple(v) if isinstance(v, list) else v for n, v in results["config"].items()})
+        config = {n: tuple(v) if isinstance(v, list) else v for n, v in results["config"].items()}
+        if "source" in config:  # an emergent design
+            cfg, testbed = EmergentConfig(**config), emergent_testbed
+        else:  # a demo seed
+            from concept_influence.planted.experiment_config import PlantedConfig
+
+            from .demo_family import demo_testbed
+            cfg, testbed = PlantedConfig(**config), demo_testbed
         seed_everything(cfg.seed)
-        bed = emergent_testbed(cfg, folder, progress, _Recorder())
+        bed = testbed(cfg, folder, progress, _Recorder())
         again = ProbeProjection(bed.concept).score(bed.adapter, bed.pool, batch_size=cfg.batch_size, progress=False)
         if not np.allclose(again.column(0), scores["probe_projection"], rtol=1e-4, atol=1e-6):
             raise RuntimeError(f"{folder}: the design trained again differs from the saved run; cannot retrain")
