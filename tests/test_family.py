@@ -72,6 +72,7 @@ def test_family_run_scores_every_variant_checks_stability_and_reports(tmp_path, 
                                 else removed[GUARDED])
     lacking = json.loads((out / "f9-00" / "results.json").read_text())
     lacking["behaviour"]["removed"] = {}  # (nothing to copy from: every ranking is retrained)
+    lacking["behaviour"]["raised"] = True  # (a run where planting did not raise the behaviour is left as it is)
     (out / "f9-00" / "results.json").write_text(json.dumps(lacking))
     again = retrain_missing(out / "f9-00")["behaviour"]["removed"]
     assert set(again) == set(removed)
