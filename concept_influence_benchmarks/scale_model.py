@@ -81,6 +81,9 @@ class ScaleConfig:
         if self.device not in ("cpu", "cuda"):
             raise BenchmarkError(f"device must be cpu or cuda, got {self.device!r}")
         self.preset = SCALE_SIZES[self.size]
+        if self.device == "cpu" and self.size != "tiny":
+            raise BenchmarkError(f"--size {self.size} on the CPU would allocate the whole model on the host; the CPU runs "
+                                 "--size tiny (the same code)")
         for name in ("examples", "fit_examples", "seq_len", "batch_size", "n_eval", "compare_examples", "time_budget"):
             if getattr(self, name) is None:
                 setattr(self, name, self.preset[name])
