@@ -222,9 +222,9 @@ def run_scale_check(cfg: ScaleConfig, out_dir: str | Path = "benchmarks", *, log
             concept = random_concept_at(adapter, cfg.concept_layer, evals, cfg.seed + 2)
             scores = fit_and_score(adapter, concept, plan, train, train[: cfg.fit_examples], settings, meter,
                                    "cpu" if device.type == "cuda" else None)
-        except Exception as e:  # (reported, with the stage it stopped in: the check's own failure)
+        except Exception as e:  # (reported, with the stage it stopped in and that stage's peak: the check's failure)
             error = f"{meter.current[0] if meter.current else 'setup'}: {type(e).__name__}: {str(e).splitlines()[0]}"
-            meter.current = None
+            meter.stop()
             if log:
                 print(f"stopped: {error}", flush=True)
         meta = adapter = concept = None
