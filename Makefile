@@ -115,7 +115,7 @@ bench-lora: install
 
 # The GPU check (issue 27, item 5; docs/scale.md): Concept Influence on a Qwen2.5-7B-shape model (random bf16 weights,
 # LoRA r = 16 on all 7 linear maps), planned for the device's memory and then run: each stage's time and peak memory
-# beside the plan's, and bf16 on CUDA against fp32 on the CPU at 1/8 width; writes benchmarks/gpu-check.md and .json and
+# beside the plan's, and bf16 on CUDA against fp32 on the CPU at reduced width; writes benchmarks/gpu-check.md and .json and
 # exits with status 1 when a check fails. Sized for one 80 GB H100 in under 8 minutes (an estimate: it has not run on a
 # GPU yet). It needs torch with CUDA, transformers and peft, not `make install`: on a lent GPU machine, which has them
 # but no network, `make gpu-check GPU_PY=python3`. The same code at a tiny size on the CPU is tests/test_gpu_check.py.

@@ -147,7 +147,7 @@ def _add_gpu_check(bench) -> None:
                     "on the meta device, plan its memory for the device, give it its weights on the device, fit EK-FAC "
                     "in the plan's partitions, precondition a random concept's gradient and score random-token "
                     "examples; print each stage's time and peak memory beside the plan's, compare the low-precision "
-                    "scores with float32 on the CPU at a reduced width, write DIR/gpu-check.json and .md "
+                    "scores with float32 on the CPU at reduced widths, write DIR/gpu-check.json and .md "
                     "(gpu-check-SIZE-DEVICE for other sizes or devices). Exit status 1 when a check fails. `make "
                     "gpu-check` runs it on CUDA; --size tiny --device cpu is the same code at a tiny size.")
     p.add_argument("--size", choices=("qwen2.5-7b", "tiny"), default="qwen2.5-7b", help="preset (default qwen2.5-7b)")
@@ -171,7 +171,7 @@ def _add_gpu_check(bench) -> None:
                                                                         "at qwen2.5-7b, none at tiny)")
     p.add_argument("--peak-tolerance", type=float, default=0.15, help="largest |measured / planned - 1| of the peak on "
                                                                       "CUDA (default 0.15)")
-    p.add_argument("--no-compare", action="store_true", help="skip the low-precision comparison")
+    p.add_argument("--no-compare", action="store_true", help="skip the low-precision comparisons")
     p.add_argument("--quiet", action="store_true", help="print only the checks")
     p.set_defaults(func=_bench_gpu_check)
 

@@ -41,9 +41,16 @@ def _stage_rows(plan, meter) -> list[dict]:
     return rows
 
 
-def check_result(cfg, device: torch.device, plan, meter, scores, error: str | None, comparison: dict | None,
-                 seconds: float, command: str | None) -> dict:
-    """Everything the check found, as the JSON it writes; ``passed``: every enforced check passed."""
+def _agreement(c: dict) -> str:
+    return c.get("error") or (f"{c['compared']} at d_model {c['d_model']}: relative error {c['relative_error']:.4f} "
+                              f"(≤ {c['tolerance']}), Spearman {c['spearman']:.4f} (≥ {c['min_spearman']})")
+
+
+def check_result(cfg, device: torch.device, plan, meter, scores, error: str | None,
+                 comparisons: tuple[dict | None, dict | None], seconds: float, command: str | None) -> dict:
+    """Everything the check found, as the JSON it writes; ``passed``: every enforced check passed. ``comparisons``: the
+    enforced low-precision comparison and the reported wide one (None: not run)."""
+    comparison, wide = comparisons
     rows = _stage_rows(plan, meter)
     ran = [r for r in rows if r["runs"]]
     checks = [_check("the plan fits", plan.fits, True, plan.summary())]
@@ -66,10 +73,10 @@ def check_result(cfg, device: torch.device, plan, meter, scores, error: str | No
                                                        "a device; the RSS of a small run is mostly the allocator's and "
                                                        "the libraries')")))
         if comparison is not None:
-            detail = comparison.get("error") or (
-                f"{comparison['compared']}: relative error {comparison['relative_error']:.4f} (≤ "
-                f"{comparison['tolerance']}), Spearman {comparison['spearman']:.4f} (≥ {comparison['min_spearman']})")
-            checks.append(_check("low precision agrees with float32", comparison["passed"], True, detail))
+            checks.append(_check("low precision agrees with float32", comparison["passed"], True, _agreement(comparison)))
+        if wide is not None:
+            checks.append(_check("low precision agrees with float32 at the wider width", wide["passed"], False,
+                                 _agreement(wide)))
     if cfg.time_budget is not None:
         checks.append(_check(f"within {cfg.time_budget:.0f} s", seconds <= cfg.time_budget, True, f"{seconds:.0f} s"))
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "preset"}
@@ -90,7 +97,7 @@ def check_result(cfg, device: torch.device, plan, meter, scores, error: str | No
         "scores": None if scores is None else {"n": len(scores), "mean": float(np.mean(scores)),
                                                "std": float(np.std(scores)), "min": float(np.min(scores)),
                                                "max": float(np.max(scores))},
-        "comparison": comparison, "checks": checks, "seconds": seconds,
+        "comparison": comparison, "comparison_wide": wide, "checks": checks, "seconds": seconds,
         "passed": all(c["passed"] for c in checks if c["enforced"]),
     }
 
@@ -125,7 +132,7 @@ def markdown(result: dict) -> str:
              f"`{m['concept_hook']}`, read at the last prompt token of {s['n_eval']} examples. Data: {s['examples']} "
              f"random-token examples of {s['seq_len']} tokens scored (the second half the response), the first "
              f"{s['fit_examples']} fitting EK-FAC ({s['fisher']} Fisher), {s['batch_size']} per batch.", "",
-             f"Plan ({_bytes(p['device_memory'])} device): {p['summary']}", "",
+             f"Plan, made on the meta device before any weight existed: {p['summary']}", "",
              "| stage | seconds | runs | measured peak | planned | measured / planned |", "|---|---:|---:|---:|---:|---:|"]
     for r in result["stages"]:
         seconds = "not run" if r["seconds"] is None else f"{r['seconds']:.1f}"
@@ -133,11 +140,11 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['stage']} | {seconds} | {r['runs']} | {_bytes(r['measured_bytes'])} | "
                      f"{_bytes(r['planned_bytes'])} | {ratio} |")
     lines += ["", f"Measured peak: {result['memory_measured_as']}. Runs: a pass is run once per partition.", ""]
-    c = result["comparison"]
-    if c and "error" not in c:
-        lines += [f"Low precision at reduced width (d_model {c['d_model']}, d_mlp {c['d_mlp']}, {c['blocks']} blocks, "
-                  f"{c['examples']} examples of {c['seq_len']} tokens, empirical Fisher): {c['compared']}, relative "
-                  f"error {c['relative_error']:.4f}, Spearman {c['spearman']:.4f}.", ""]
+    for c, what in ((result["comparison"], "enforced"), (result.get("comparison_wide"), "reported")):
+        if c and "error" not in c:
+            lines += [f"Low precision at reduced width ({what}; d_model {c['d_model']}, d_mlp {c['d_mlp']}, {c['blocks']} "
+                      f"blocks, {c['examples']} examples of {c['seq_len']} tokens, empirical Fisher): {c['compared']}, "
+                      f"relative error {c['relative_error']:.4f}, Spearman {c['spearman']:.4f}.", ""]
     lines += ["Checks (enforced ones decide the exit status):", ""]
     for ch in result["checks"]:
         mark = "passed" if ch["passed"] else "FAILED"
