@@ -191,9 +191,13 @@ def _comparisons(cfg: ScaleConfig, device: torch.device) -> tuple[dict | None, d
         try:
             out.append(compare_low_precision(cfg, device, *cfg.preset[key]))
         except Exception as e:  # (reported: the check's own failure)
-            out.append({"passed": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"})
+            out.append({"passed": False, "error": _first_line(e)})
         _free(device)
     return out[0], out[1]
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
 
 
 def _device(cfg: ScaleConfig) -> torch.device:
@@ -238,7 +242,7 @@ def run_scale_check(cfg: ScaleConfig, out_dir: str | Path = "benchmarks", *, log
             scores = fit_and_score(adapter, concept, plan, train, train[: cfg.fit_examples], settings, meter,
                                    "cpu" if device.type == "cuda" else None)
         except Exception as e:  # (reported, with the stage it stopped in and that stage's peak: the check's failure)
-            error = f"{meter.current[0] if meter.current else 'setup'}: {type(e).__name__}: {str(e).splitlines()[0]}"
+            error = f"{meter.current[0] if meter.current else 'between stages'}: {_first_line(e)}"
             meter.stop()
             if log:
                 print(f"stopped: {error}", flush=True)
