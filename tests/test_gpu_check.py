@@ -98,3 +98,28 @@ def test_a_stage_that_fails_is_reported_with_its_name_and_the_check_fails(tmp_pa
     assert not checks["the scores are finite and not all zero"]["passed"] and result["comparison"] is None
     rows = {r["stage"]: r for r in result["stages"]}
     assert rows["load"]["runs"] == 1 and rows["covariance pass"]["runs"] == 1 and rows["scoring"]["runs"] == 0
+
+
+def test_the_stage_meter_on_cuda_reads_the_peak_reset_per_stage(monkeypatch):
+    """The CUDA branch of the meter, with torch.cuda's counters replaced (no device here): the peak is reset at each
+    stage's start and read at its end; a stage run once per partition adds its seconds and keeps its largest peak; the
+    fit's passes and the eigendecomposition between them are stages of their own."""
+    from concept_influence_benchmarks.scale_check import StageMeter
+
+    peaks, calls = iter([5, 50, 7, 70, 3, 30, 9, 90, 6, 60, 4, 40]), []  # (allocated, reserved) per stage run
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: next(peaks))
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: next(peaks))
+    meter = StageMeter(torch.device("cuda", 0))
+    assert meter.baseline is None
+    seen = []
+    run = meter.accumulate(["a", "b"])
+    for _ in range(2):  # two partitions
+        assert run("covariance", lambda ex: seen.append(("covariance", list(ex))) or "stats") == "stats"
+        run("eigenvalues", lambda ex: seen.append(("eigenvalues", meter.current[0])))
+    assert seen == [("covariance", ["a", "b"]), ("eigenvalues", "eigenvalue pass")] * 2
+    assert list(meter.stages) == ["covariance pass", "eigendecomposition", "eigenvalue pass"]
+    cov = meter.stages["covariance pass"]
+    assert cov["runs"] == 2 and cov["measured_bytes"] == cov["peak_bytes"] == 9 and cov["reserved_bytes"] == 90
+    assert meter.stages["eigendecomposition"]["measured_bytes"] == 7 and calls.count("reset") == 6
