@@ -12,7 +12,8 @@ paper's scale, planned before it runs, with the plan's bytes beside what each st
 3. Per stage: the time, and the peak memory beside the plan's figure. On CUDA, ``torch.cuda.max_memory_allocated``,
    reset at the start of each stage (what the plan counts: tensors, not the allocator's cache or the CUDA context). On
    the CPU, the process's peak RSS, reset at the start of each stage through ``/proc/self/clear_refs`` (Linux), less
-   the RSS before the model was built (interpreter, torch, the libraries): one process, no fresh process per stage.
+   the RSS just before the model was given its weights (interpreter, torch, the libraries): one process, no fresh
+   process per stage.
 4. At a reduced width (Qwen2.5-7B's structure at 1/32 width, 4 blocks), the same pipeline in float32 on the CPU and in
    the low precision on the device, from the same weights and data, with the empirical Fisher (the tolerances are for
    it: :mod:`.lowprecision`); relative error and Spearman of the Concept Influence scores against those tolerances.

@@ -19,8 +19,9 @@ __all__ = ["RUN_STAGES", "check_result", "report_stem", "write_report", "markdow
 #: The stages the check runs, in order (the plan's ``index build`` is planned, not run).
 RUN_STAGES = ("load", "covariance pass", "eigendecomposition", "eigenvalue pass", "query", "scoring")
 
-_CPU_MEMORY = ("peak RSS of the process, reset at the start of each stage (/proc/self/clear_refs), less its RSS before "
-               "the model was built (interpreter, torch, libraries); one process, no fresh process per stage")
+_CPU_MEMORY = ("peak RSS of the process, reset at the start of each stage (/proc/self/clear_refs), less its RSS just "
+               "before the model was given its weights (interpreter, torch, libraries); one process, no fresh process "
+               "per stage")
 _CUDA_MEMORY = "torch.cuda.max_memory_allocated, reset at the start of each stage (tensors; no allocator cache or context)"
 
 
@@ -147,6 +148,6 @@ def markdown(result: dict) -> str:
                       f"relative error {c['relative_error']:.4f}, Spearman {c['spearman']:.4f}.", ""]
     lines += ["Checks (enforced ones decide the exit status):", ""]
     for ch in result["checks"]:
-        mark = "passed" if ch["passed"] else "FAILED"
+        mark = "passed" if ch["passed"] else "FAILED" if ch["enforced"] else "missed"
         lines.append(f"- {ch['name']}: {mark}{'' if ch['enforced'] else ' (not enforced)'} — {ch['detail']}")
     return "\n".join(lines) + "\n"
