@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo demo-quick test lint docs notebooks bench bench-gpt2 bench-queries bench-causal bench-memory bench-medical bench-medical-sae bench-index bench-lora clean
+.PHONY: install demo demo-quick test lint docs notebooks bench bench-gpt2 bench-queries bench-causal bench-memory bench-medical bench-medical-sae bench-index bench-lora gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -112,6 +112,16 @@ bench-lora: install
 	$(VENV)/bin/concept-influence bench medical --data $(EM_DATA) --rate 0.1 --model $(MODEL) --lora-rank 8 \
 		--dtype bfloat16 --device cuda --n-pool 400 --n-probe 100 --n-eval 64 --n-seeds 2 --finetune-epochs 1 \
 		--finetune-lr 2e-4 --max-length 256 --compare-query none --out runs/medical-lora
+
+# The GPU check (issue 27, item 5; docs/scale.md): Concept Influence on a Qwen2.5-7B-shape model (random bf16 weights,
+# LoRA r = 16 on all 7 linear maps), planned for the device's memory and then run: each stage's time and peak memory
+# beside the plan's, and bf16 on CUDA against fp32 on the CPU at reduced width; writes benchmarks/gpu-check.md and .json and
+# exits with status 1 when a check fails. Sized for one 80 GB H100 in under 8 minutes (an estimate: it has not run on a
+# GPU yet). It needs torch with CUDA, transformers and peft, not `make install`: on a lent GPU machine, which has them
+# but no network, `make gpu-check GPU_PY=python3`. The same code at a tiny size on the CPU is tests/test_gpu_check.py.
+GPU_PY ?= $(PY)
+gpu-check:
+	PYTHONPATH=. PYTHONUNBUFFERED=1 $(GPU_PY) -m concept_influence bench gpu-check --size qwen2.5-7b --device cuda --out benchmarks
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,6 +1,7 @@
 """Command line: ``concept-influence demo``; the run-folder pipeline ``run``, ``probe train``, ``fit-factors``,
 ``score``, ``report``; ``concept check`` and ``filter``; benchmarks ``bench planted``, ``bench medical``,
-``bench speed``, ``bench memory``, ``bench query-table``; ``sae ...`` (cli_sae.py); ``index ...`` (cli_index.py)."""
+``bench speed``, ``bench memory``, ``bench gpu-check``, ``bench query-table``; ``sae ...`` (cli_sae.py); ``index ...``
+(cli_index.py)."""
 
 from __future__ import annotations
 
@@ -149,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipeline_commands(sub)
     add_plan_command(sub)  # plan RUN_OR_CONFIG: memory per stage before a run (concept_influence/cli_plan.py)
 
-    bench = add_bench_commands(sub)  # bench planted | medical | speed | memory (concept_influence/cli_bench.py)
+    bench = add_bench_commands(sub)  # bench planted | medical | speed | memory | gpu-check (concept_influence/cli_bench.py)
     add_concept_commands(sub, bench)  # concept check, filter, bench query-table (concept_influence/cli_concept.py)
     add_emergent_commands(bench)  # bench emergent, seeds-table, curvature-table (concept_influence/cli_emergent.py)
     add_index_commands(sub, bench)  # index build, index query, bench index (concept_influence/cli_index.py)

@@ -1,4 +1,4 @@
-"""``concept-influence bench planted|medical|speed|memory``: the benchmarks from the command line (``bench
+"""``concept-influence bench planted|medical|speed|memory|gpu-check``: the benchmarks from the command line (``bench
 check-table`` and ``query-table`` are in :mod:`.cli_concept`). The planted benchmarks train a small model, or with
 ``--model DIR`` fine-tune LoRA adapters on the user's Hugging Face model."""
 
@@ -120,8 +120,64 @@ def _bench_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+@needs_benchmarks
+def _bench_gpu_check(args: argparse.Namespace) -> int:
+    from concept_influence_benchmarks.scale_check import run_scale_check
+    from concept_influence_benchmarks.scale_model import ScaleConfig
+
+    from .plan import parse_bytes
+    from .planted import command_line
+
+    given = {k: getattr(args, k) for k in ("examples", "fit_examples", "seq_len", "batch_size", "concept_layer", "blocks",
+                                           "time_budget")}
+    cfg = ScaleConfig(size=args.size, device=args.device, dtype=args.dtype, fisher=args.fisher, seed=args.seed,
+                      device_memory=parse_bytes(args.device_memory), compare=not args.no_compare,
+                      peak_tolerance=args.peak_tolerance, **given)
+    result = run_scale_check(cfg, args.out, log=not args.quiet, command=command_line())
+    for check in result["checks"]:
+        status = "ok" if check["passed"] else "FAILED" if check["enforced"] else "missed (not enforced)"
+        print(f"{status}: {check['name']}: {check['detail']}")
+    return 0 if result["passed"] else 1
+
+
+def _add_gpu_check(bench) -> None:
+    p = bench.add_parser(
+        "gpu-check", help="Concept Influence at Qwen2.5-7B shape (LoRA r = 16), planned, run and measured per stage",
+        description="Build a Qwen2.5-7B-shape model with random bfloat16 weights and LoRA r = 16 on its 7 linear maps "
+                    "on the meta device, plan its memory for the device, give it its weights on the device, fit EK-FAC "
+                    "in the plan's partitions, precondition a random concept's gradient and score random-token "
+                    "examples; print each stage's time and peak memory beside the plan's, compare the low-precision "
+                    "scores with float32 on the CPU at reduced widths, write DIR/gpu-check.json and .md "
+                    "(gpu-check-SIZE-DEVICE for other sizes or devices). Exit status 1 when a check fails. `make "
+                    "gpu-check` runs it on CUDA; --size tiny --device cpu is the same code at a tiny size.")
+    p.add_argument("--size", choices=("qwen2.5-7b", "tiny"), default="qwen2.5-7b", help="preset (default qwen2.5-7b)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where the model runs (default cuda)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16",
+                   help="the model's dtype, compared with float32 on the CPU (default bfloat16)")
+    p.add_argument("--out", default="benchmarks", help="output folder (default benchmarks)")
+    p.add_argument("--examples", type=int, help="random-token examples scored (preset: 256 at qwen2.5-7b)")
+    p.add_argument("--fit-examples", type=int, help="the first N of them fit EK-FAC (preset: 64)")
+    p.add_argument("--seq-len", type=int, help="tokens per example, the second half the response (preset: 512)")
+    p.add_argument("--batch-size", type=int, help="examples per forward/backward (preset: 8)")
+    p.add_argument("--concept-layer", type=int, help="block whose residual stream the concept reads (default: the middle)")
+    p.add_argument("--blocks", metavar="RANGES", help="blocks whose LoRA factors are tracked, e.g. 10-14 (preset: the "
+                                                      "concept's block and the two before it; all at tiny)")
+    p.add_argument("--device-memory", metavar="SIZE", help="plan for this much device memory, e.g. 40GB (default: the "
+                                                            "CUDA device's own; no limit on the CPU)")
+    p.add_argument("--fisher", choices=("true", "empirical"), default="true", help="Fisher of the fit (default true; "
+                                                                                   "the comparison uses empirical)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, data and concept (default 0)")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="fail when the check takes longer (preset: 480 "
+                                                                        "at qwen2.5-7b, none at tiny)")
+    p.add_argument("--peak-tolerance", type=float, default=0.15, help="largest |measured / planned - 1| of the peak on "
+                                                                      "CUDA (default 0.15)")
+    p.add_argument("--no-compare", action="store_true", help="skip the low-precision comparisons")
+    p.add_argument("--quiet", action="store_true", help="print only the checks")
+    p.set_defaults(func=_bench_gpu_check)
+
+
 def add_bench_commands(sub) -> argparse._SubParsersAction:
-    """Add ``bench planted``, ``medical``, ``speed`` and ``memory``; returns the ``bench`` subparsers."""
+    """Add ``bench planted``, ``medical``, ``speed``, ``memory`` and ``gpu-check``; returns the ``bench`` subparsers."""
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="benchmark", required=True)
     planted = bench.add_parser(
         "planted", help="planted-data benchmark over any two chat JSONL files",
@@ -172,4 +228,5 @@ def add_bench_commands(sub) -> argparse._SubParsersAction:
     memory.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     memory.add_argument("--seed", type=int, default=0, help="seed for the corpus and model (default 0)")
     memory.set_defaults(func=_bench_memory)
+    _add_gpu_check(bench)
     return bench

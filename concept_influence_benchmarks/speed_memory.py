@@ -24,7 +24,7 @@ from .bergson_bridge import bergson_concept_scores, import_bergson
 from .kronfluence_bridge import DAMPING_FACTOR, KRONFLUENCE_MODES, kronfluence_concept_scores, ours_fit_and_score
 from .speed_setup import STAGES_A, SpeedConfig, llama_speed_adapter, prepare_speed_data, tl_speed_adapter
 
-__all__ = ["peak_memory", "memory_stage", "measure_peak", "run_child"]
+__all__ = ["peak_memory", "memory_stage", "measure_peak", "reset_peak_rss", "peak_rss", "run_child"]
 
 T = TypeVar("T")
 
@@ -35,19 +35,32 @@ def _rss_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in fh if line.startswith(f"{field}:"))
 
 
-def measure_peak(run: Callable[[], T]) -> tuple[T, dict]:
-    """``run()`` with this process's peak RSS reset just before it: its value and ``{"peak_mib", "rise_mib"}`` (the
-    peak during the call and its rise over the RSS before it), or ``{}`` without Linux ``/proc``."""
+def reset_peak_rss() -> int | None:
+    """Reset this process's peak RSS (``VmHWM``) to its current RSS (after a garbage collection); the current RSS in
+    bytes, or None without Linux ``/proc``."""
     gc.collect()
     try:
         with open("/proc/self/clear_refs", "w") as fh:  # "5": reset the peak RSS (VmHWM) to the current RSS
             fh.write("5")
-        before = _rss_kib("VmRSS")
+        return _rss_kib("VmRSS") * 1024
     except OSError:
+        return None
+
+
+def peak_rss() -> int:
+    """This process's peak RSS in bytes since it started or since :func:`reset_peak_rss` (Linux)."""
+    return _rss_kib("VmHWM") * 1024
+
+
+def measure_peak(run: Callable[[], T]) -> tuple[T, dict]:
+    """``run()`` with this process's peak RSS reset just before it: its value and ``{"peak_mib", "rise_mib"}`` (the
+    peak during the call and its rise over the RSS before it), or ``{}`` without Linux ``/proc``."""
+    before = reset_peak_rss()
+    if before is None:
         return run(), {}
     value = run()
-    peak = _rss_kib("VmHWM")
-    return value, {"peak_mib": peak / 1024, "rise_mib": (peak - before) / 1024}
+    peak = peak_rss()
+    return value, {"peak_mib": peak / 2**20, "rise_mib": (peak - before) / 2**20}
 
 
 def run_child(code: str, what: str) -> dict:

@@ -29,8 +29,8 @@ from .bergson_bridge import bergson_concept_scores, bergson_unavailable
 from .kronfluence_bridge import DAMPING_FACTOR, kronfluence_concept_scores
 from .speed_memory import measure_peak
 
-__all__ = ["SIZES", "SizeConfig", "COMPARED_LIBRARIES", "size_model", "random_examples", "random_concept",
-           "floor_pass", "size_stages", "libraries", "compared", "selected", "memory_child"]
+__all__ = ["SIZES", "SizeConfig", "COMPARED_LIBRARIES", "size_model", "random_examples", "random_token_examples",
+           "random_concept", "floor_pass", "size_stages", "libraries", "compared", "selected", "memory_child"]
 
 # Llama-style shapes (hidden, MLP, blocks, heads, key-value heads, vocabulary); "tiny" is for tests and smoke runs.
 SIZES = {
@@ -82,9 +82,15 @@ def size_model(cfg: SizeConfig) -> HFCausalLMAdapter:
 
 def random_examples(n: int, cfg: SizeConfig, prefix: str, seed: int) -> list[TokenizedExample]:
     """``n`` random token sequences of ``seq_len`` tokens, the second half being the response."""
+    return random_token_examples(n, SIZES[cfg.size]["vocab_size"], cfg.seq_len, prefix, seed)
+
+
+def random_token_examples(n: int, vocab_size: int, seq_len: int, prefix: str, seed: int) -> list[TokenizedExample]:
+    """``n`` sequences of ``seq_len`` tokens drawn uniformly from ``1 .. vocab_size - 1`` (0 is the padding), the second
+    half being the response; ids ``prefix:1`` .. ``prefix:n``."""
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, SIZES[cfg.size]["vocab_size"], (n, cfg.seq_len), generator=gen)
-    return [TokenizedExample(f"{prefix}:{i + 1}", tuple(row.tolist()), cfg.seq_len // 2) for i, row in enumerate(ids)]
+    ids = torch.randint(1, vocab_size, (n, seq_len), generator=gen)
+    return [TokenizedExample(f"{prefix}:{i + 1}", tuple(row.tolist()), seq_len // 2) for i, row in enumerate(ids)]
 
 
 def random_concept(adapter: ModelAdapter, cfg: SizeConfig, k: int, evals: Sequence[TokenizedExample]) -> ConceptFunction:

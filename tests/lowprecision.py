@@ -1,18 +1,8 @@
 """Shared by the bfloat16 / float16 tests (tests/test_dtype.py on CPU, tests/test_gpu.py on CUDA): a model cast to a
 low-precision dtype, the scores compared with the float32 model's, and the tolerances they must meet.
 
-Tolerances. bfloat16 keeps 8 significant bits (unit roundoff 2^-8 ≈ 0.4 %), float16 11 bits (≈ 0.05 %). The low-
-precision model differs from the float32 one by its rounded weights and by every activation and gradient rounded
-through the forward and backward (~0.5-1 % for bf16 on these 2-block models); covariances, eigenvectors, eigenvalue
-corrections, queries and scores are then exact in float32. EK-FAC preconditioning with relative damping 0.1 can
-amplify the error in the directions of small eigenvalues. Measured on the tiny models of tests/conftest.py
-(TransformerLens, GPT-2, Llama; 32 examples, empirical Fisher): relative error of Concept Influence ≤ 1.8 % (bf16)
-and ≤ 0.2 % (fp16), of probe_projection ≤ 0.4 % and ≤ 0.07 %, Spearman ≥ 0.998. The bounds below leave ~2.5x margin.
-
-The true Fisher (labels sampled from the model) is compared separately: the low-precision model's distribution
-differs in the third digit, so a few of the labels drawn with the same uniforms differ (4 % of them on the
-TransformerLens model), which on a 32-example fit moves Concept Influence by up to ~15 %. That is Monte-Carlo noise
-of the Fisher estimate, not lost precision (it shrinks with more fitting data: 4 % at 512 examples)."""
+The tolerances, their reasons and the two measures are in concept_influence_benchmarks/lowprecision.py (the GPU
+check, `make gpu-check`, applies them too)."""
 
 from __future__ import annotations
 
@@ -20,35 +10,27 @@ import copy
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 
 from concept_influence.concepts import ConceptFunction
 from concept_influence.curvature import fit_curvature
 from concept_influence.estimators import ConceptInfluence, ProbeProjection
+from concept_influence_benchmarks.lowprecision import (  # noqa: F401  (the tests import them from here)
+    FAST_TOLERANCE,
+    INFLUENCE_TOLERANCE,
+    MIN_SPEARMAN,
+    relative_error,
+    spearman,
+)
 from probes import ConceptDirection
 
 HOOK = "blocks.1.hook_resid_post"
 LOW_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-#: Largest relative error ‖s − s_fp32‖ / ‖s_fp32‖ allowed for Concept Influence (EK-FAC) scores.
-INFLUENCE_TOLERANCE = {"bfloat16": 0.05, "float16": 0.005}
-#: The same for the fast path (probe_projection: a forward and one fp32 projection, no curvature).
-FAST_TOLERANCE = {"bfloat16": 0.01, "float16": 0.002}
-#: Smallest Spearman correlation with the float32 scores (empirical Fisher).
-MIN_SPEARMAN = 0.99
 
 
 def cast(adapter, dtype: torch.dtype, device: str | torch.device | None = None):
     """A copy of ``adapter``'s model converted to ``dtype`` (and moved to ``device``), in a new adapter."""
     model = copy.deepcopy(adapter.model).to(dtype)
     return type(adapter)(model.to(device) if device is not None else model, adapter.tokenizer)
-
-
-def relative_error(x: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
-
-
-def spearman(x: np.ndarray, ref: np.ndarray) -> float:
-    return float(spearmanr(x, ref).statistic)
 
 
 def random_concept(d_model: int, eval_examples) -> ConceptFunction:

@@ -49,8 +49,15 @@ def test_split_maps_by_count_names_and_plan(tl_adapter):
 def test_partitioned_factors_equal_unpartitioned(any_adapter, tokenized, whole, tmp_path, partitions, kept):
     """Factors moved off the device per partition, or written to disk per map and streamed back."""
     where = {"offload": "cpu"} if kept == "offload" else {"directory": tmp_path / "c"}
-    part = fit_partitioned(any_adapter, tokenized[:6], None, partitions, strategy="ekfac", batch_size=3,
-                           progress=False, **where)
+    passes = []
+
+    def accumulate(name, collect):  # each partition's passes go through it (the examples too: none are passed)
+        passes.append(name)
+        return collect(tokenized[:6])
+
+    part = fit_partitioned(any_adapter, [], None, partitions, strategy="ekfac", batch_size=3, progress=False,
+                           accumulate=accumulate, **where)
+    assert passes == ["covariance", "eigenvalues"] * min(partitions, len(whole.shapes))
     assert list(part.shapes) == list(whole.shapes) and part.n_examples == whole.n_examples
     if kept == "directory":
         assert part.streams and len(list((tmp_path / "c" / "maps").iterdir())) == len(whole.shapes)

@@ -27,7 +27,7 @@ from ..models import LinearMap, ModelAdapter
 from . import registry
 from .base import Curvature, CurvatureError
 from .ekfac import EKFACCurvature
-from .fit import CurvatureSettings, fit_curvature, resolve_maps
+from .fit import Accumulate, CurvatureSettings, fit_curvature, resolve_maps
 from .stored import StoredFactors, map_file, read_map_metadata, write_map
 
 __all__ = ["split_maps", "fit_partitioned", "save_partition", "stored_curvature", "partition_done"]
@@ -86,6 +86,7 @@ def fit_partitioned(
     offload: str | torch.device | None = None,
     directory: str | Path | None = None,
     progress: bool = True,
+    accumulate: Accumulate | None = None,
     **changes: Any,
 ) -> Curvature:
     """:func:`~concept_influence.curvature.fit_curvature` one partition of ``maps`` at a time (see
@@ -93,15 +94,18 @@ def fit_partitioned(
     ``offload`` (e.g. ``"cpu"``) moves each partition's factors there once fitted, so the device holds one
     partition's at a time (preconditioning then runs where the factors are, and returns to the query's device).
     ``directory``: each partition's factors written there per map and freed; the curvature returned streams them
-    (see the module docstring)."""
+    (see the module docstring). ``accumulate`` is passed to each partition's fit
+    (:data:`~concept_influence.curvature.fit.Accumulate`: how each pass covers the data; the GPU check times and
+    measures each pass through it)."""
     s = (settings or CurvatureSettings()).replace(**changes)
     maps = resolve_maps(adapter, maps)
     groups = split_maps(maps, partitions)
     if not registry.passes(s.strategy) or len(groups) == 1 and offload is None and directory is None:
-        return fit_curvature(adapter, examples, maps, s, progress=progress)  # (no pass: nothing to partition)
+        return fit_curvature(adapter, examples, maps, s, progress=progress,  # (no pass: nothing to partition)
+                             accumulate=accumulate)
     factors, first = {}, None
     for group in groups:
-        part = _eigenbasis(fit_curvature(adapter, examples, group, s, progress=progress))
+        part = _eigenbasis(fit_curvature(adapter, examples, group, s, progress=progress, accumulate=accumulate))
         if directory is not None:
             save_partition(directory, part)
         else:
