@@ -32,10 +32,11 @@ def _family(args: argparse.Namespace) -> int:
         for folder in sorted(p.parent for p in out.glob("*/scores.safetensors")):
             recheck_stability(folder)
     if args.retrain_missing:  # the rankings added to the study's retrained ones since a run was made
+        from concept_influence_benchmarks.demo_family import retrain_missing_demo
         from concept_influence_benchmarks.emergent_family import retrain_missing
 
         for folder in sorted(p.parent for p in out.glob("*/scores.safetensors")):
-            retrain_missing(folder, progress=not args.no_progress)
+            (retrain_missing_demo if folder.name.startswith("demo-") else retrain_missing)(folder, not args.no_progress)
     run_family(out, args.variants, family_seed=args.family_seed, first=args.first, quick=args.quick, n_seeds=args.n_seeds or 3,
                progress=not args.no_progress)
     for seed in range(args.demo_seeds):

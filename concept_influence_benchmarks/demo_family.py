@@ -18,9 +18,9 @@ from concept_influence.planted.splits import split_planted, tokenize_splits
 from concept_influence.toy.demo_corpus import make_paired_demo_corpus
 from concept_influence.toy.small_model import build_small_model, train_bpe_tokenizer, train_model
 
-from .emergent_family import Testbed, _finetune, run_variant
+from .emergent_family import Testbed, _finetune, retrain_missing, run_variant
 
-__all__ = ["demo_testbed", "run_demo_seed"]
+__all__ = ["demo_testbed", "run_demo_seed", "retrain_missing_demo"]
 
 
 def demo_testbed(cfg: PlantedConfig, out: Path, progress: bool, on_step) -> Testbed:
@@ -56,3 +56,9 @@ def run_demo_seed(out: str | Path, seed: int, *, quick: bool = False, n_seeds: i
 
     cfg = replace(demo_config(quick=quick, seed=seed), n_seeds=n_seeds)
     return run_variant(cfg, out, testbed=demo_testbed, progress=progress)
+
+
+def retrain_missing_demo(folder: str | Path, progress: bool = False) -> dict:
+    """:func:`~.emergent_family.retrain_missing` for a demo seed's run."""
+    return retrain_missing(folder, progress, testbed=demo_testbed, config_class=PlantedConfig)
+

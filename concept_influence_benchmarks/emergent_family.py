@@ -269,10 +269,11 @@ def _dropped(scores: np.ndarray, k: int) -> frozenset:
     return frozenset(removal_indices(scores, remove_top=k).tolist())
 
 
-def retrain_missing(folder: str | Path, progress: bool = False) -> dict:
+def retrain_missing(folder: str | Path, progress: bool = False, *, testbed=emergent_testbed,
+                    config_class=EmergentConfig) -> dict:
     """Retrain a saved design's rankings of :data:`RETRAINED` that its ``results.json`` lacks (a ranking added to the
     study after it ran; runs where planting did not raise the behaviour are left), as :func:`run_variant` does, from
-    the design (or demo seed) trained again (deterministic from its seed:
+    the design trained again by ``testbed`` from its ``config_class`` settings (deterministic from its seed:
     checked against the saved forward-only probe projection scores); a ranking dropping the same examples as one
     already retrained takes its numbers without training. Rewrites ``results.json`` and returns it."""
     folder = Path(folder)
@@ -286,14 +287,7 @@ def retrain_missing(folder: str | Path, progress: bool = False) -> dict:
     if not section["raised"]:  # (no behaviour to attribute: not in the tables)
         return results
     if any(_dropped(scores[n], k) not in known for n in missing):
-        config = {n: tuple(v) if isinstance(v, list) else v for n, v in results["config"].items()}
-        if "source" in config:  # an emergent design
-            cfg, testbed = EmergentConfig(**config), emergent_testbed
-        else:  # a demo seed
-            from concept_influence.planted.experiment_config import PlantedConfig
-
-            from .demo_family import demo_testbed
-            cfg, testbed = PlantedConfig(**config), demo_testbed
+        cfg = config_class(**{n: tuple(v) if isinstance(v, list) else v for n, v in results["config"].items()})
         seed_everything(cfg.seed)
         bed = testbed(cfg, folder, progress, _Recorder())
         again = ProbeProjection(bed.concept).score(bed.adapter, bed.pool, batch_size=cfg.batch_size, progress=False)
