@@ -3,7 +3,8 @@
 Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) :func:`process_group` joins the process group
 (NCCL when CUDA is available, gloo on CPU) and each rank uses ``cuda:LOCAL_RANK`` or the CPU. Shards of the
 data are dealt to ranks in turn (shard ``i`` to rank ``i mod world_size``); curvature statistics are summed
-over ranks with ``all_reduce``; files are written by the rank that owns them, shared files by rank 0.
+over ranks with ``all_reduce``, or each map's onto the rank that owns it (:meth:`Ranks.reduce_to_owners`, run
+folders' owner ranks: :mod:`.runs.owners`); files are written by the rank that owns them, shared files by rank 0.
 When one rank fails, ``torchrun`` stops the others; every shard already written stays valid for a resume.
 Without ``torchrun`` everything runs in one process and the same code paths apply with world size 1.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, Mapping, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -52,25 +53,68 @@ class Ranks:
         self.barrier()
         return made if self.is_main else make(False)
 
-    def all_reduce(self, stats: SumStats) -> SumStats:
-        """Sum ``stats`` (sums and counts) over all ranks; every rank gets the same total. A rank that saw
-        no data (more ranks than shards) contributes zeros."""
+    def agree(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every rank (so that all ranks take the same collective path)."""
         if self.world_size == 1:
-            return stats
+            return flag
+        t = torch.tensor([int(bool(flag))], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
+    def gather(self, obj: T) -> list[T]:
+        """``obj`` of every rank, in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _union(self, stats: SumStats) -> tuple[list[str], dict, list[int]]:
+        """The keys of ``stats`` on any rank (sorted), their shape and dtype, and their counts summed over ranks."""
         shapes = [None] * self.world_size
         dist.all_gather_object(shapes, {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in stats.sums.items()})
         union = {k: spec for rank_shapes in shapes for k, spec in rank_shapes.items()}
         keys = sorted(union)
         counts = torch.tensor([stats.counts.get(k, 0) for k in keys], dtype=torch.int64, device=self.device)
         dist.all_reduce(counts)
+        return keys, union, counts.tolist()
+
+    def _local(self, stats: SumStats, key: str, spec: tuple) -> torch.Tensor:
+        local = stats.sums.get(key)
+        return (local.to(self.device) if local is not None
+                else torch.zeros(spec[0], dtype=getattr(torch, spec[1]), device=self.device))
+
+    def all_reduce(self, stats: SumStats) -> SumStats:
+        """Sum ``stats`` (sums and counts) over all ranks; every rank gets the same total. A rank that saw
+        no data (more ranks than shards) contributes zeros."""
+        if self.world_size == 1:
+            return stats
+        keys, union, counts = self._union(stats)
         out = SumStats()
-        for key, count in zip(keys, counts.tolist()):
-            shape, dtype = union[key]
+        for key, count in zip(keys, counts):
             local = stats.sums.get(key)
-            total = (local.to(self.device).clone() if local is not None
-                     else torch.zeros(shape, dtype=getattr(torch, dtype), device=self.device))
+            total = self._local(stats, key, union[key]).clone()
             dist.all_reduce(total)
             out.sums[key], out.counts[key] = total.cpu() if local is None else total.to(local.device), int(count)
+        return out
+
+    def reduce_to_owners(self, stats: SumStats, owner: Mapping[str, int]) -> SumStats:
+        """Sum ``stats`` over all ranks, each sum onto its owner only (``torch.distributed.reduce``): ``owner`` maps a
+        map's name to its rank, and a key is a map's name or ``<map>/<side>``. Returns the sums this rank owns and the
+        counts of every key. ``stats`` is consumed (each local sum is dropped once sent, and may be overwritten)."""
+        if self.world_size == 1:
+            return stats
+        keys, union, counts = self._union(stats)
+        out = SumStats()
+        for key, count in zip(keys, counts):
+            dst = owner[key] if key in owner else owner[key.rsplit("/", 1)[0]]
+            home = stats.sums[key].device if key in stats.sums else torch.device("cpu")
+            total = self._local(stats, key, union[key])
+            stats.sums.pop(key, None)
+            dist.reduce(total, dst=dst)
+            if dst == self.rank:
+                out.sums[key] = total.to(home)
+            out.counts[key] = int(count)
         return out
 
 

@@ -3,6 +3,7 @@ with uneven shards; statistics sum over ranks, including a rank that saw no data
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -51,10 +52,17 @@ def test_two_ranks_dealt_uneven_shards(runs):
     assert Scores.load(runs / "two" / "scores" / "shards" / "shard-000006.safetensors").values.shape == (4, 1)
 
 
+def _owned_statistics(folder: Path, name: str) -> SumStats:
+    """A pass's sums as the two owner ranks kept them, merged (each map's sums on one rank only)."""
+    parts = [SumStats.from_state_dict(load_tensors(folder / f"{name}-rank{r}of2.safetensors")) for r in (0, 1)]
+    assert parts[0].sums and parts[1].sums and not parts[0].sums.keys() & parts[1].sums.keys()
+    return parts[0].merge(parts[1])
+
+
 def test_two_ranks_statistics_equal_single_process(runs):
     for name in ("covariance", "eigenvalues"):
         one = SumStats.from_state_dict(load_tensors(runs / "single" / "factors" / "statistics" / f"{name}.safetensors"))
-        two = SumStats.from_state_dict(load_tensors(runs / "two" / "factors" / "statistics" / f"{name}.safetensors"))
+        two = _owned_statistics(runs / "two" / "factors" / "statistics", name)
         assert one.counts == two.counts
         per_example = [c for k, c in one.counts.items() if name == "eigenvalues" or k.endswith("/s")]
         assert set(per_example) == {40}  # factors.max_examples
@@ -83,10 +91,51 @@ def test_two_ranks_fitting_in_partitions_score_as_single_process(runs):
     config = runs / "parts.toml"
     config.write_text((runs / "uneven.toml").read_text().replace("[factors]\n", "[factors]\npartitions = 2\n"))
     torchrun("run", "parts.toml", "--out", "two-parts", "--no-progress", cwd=runs)
-    assert len(list((runs / "two-parts" / "factors" / "statistics").iterdir())) == 4  # 2 partitions x 2 passes
+    assert len(list((runs / "two-parts" / "factors" / "statistics").iterdir())) == 8  # 2 partitions x 2 passes x 2 owners
     one = Scores.load(runs / "single" / "scores" / "scores.safetensors")
     two = Scores.load(runs / "two-parts" / "scores" / "scores.safetensors")
     assert two.ids == one.ids and _relative(two.values, one.values) < 1e-5
+
+
+def _factor_bytes(curvature: Curvature) -> dict[str, int]:
+    """Per map, the bytes an owner holds: summed covariances, eigenbasis and corrected eigenvalues (float32)."""
+    return {name: 4 * (2 * (d_in**2 + d_out**2) + d_in + d_out + d_out * d_in)
+            for name, (d_out, d_in) in curvature.shapes.items()}
+
+
+def test_two_ranks_own_half_the_factor_bytes(runs):
+    """Each map's sums went to one owner rank, which eigendecomposed it and wrote its file: the maps are dealt
+    between the ranks and each rank's factor bytes are half the total, up to the dealing's imbalance."""
+    owners = json.loads((runs / "two" / "run.json").read_text())["stages"]["factors"]["owners"]
+    per_map = _factor_bytes(Curvature.load(runs / "two" / "factors"))
+    assert sorted(owners[0]["maps"] + owners[1]["maps"]) == sorted(per_map) and owners[0]["maps"] and owners[1]["maps"]
+    total = sum(per_map.values())
+    for held in owners:
+        assert held["owned_bytes"] == sum(per_map[m] for m in held["maps"])  # (what the rank kept, measured)
+        assert abs(held["owned_bytes"] - total / 2) <= max(per_map.values()) and held["owned_bytes"] <= 0.6 * total
+        assert held["pass_bytes"] > held["owned_bytes"] / 2  # (a pass's sums cover every map: it does not fall)
+    saved = json.loads((runs / "two" / "factors" / "curvature.json").read_text())
+    assert saved["storage"] == "maps" and len(list((runs / "two" / "factors" / "maps").iterdir())) == len(per_map)
+
+
+def test_two_owner_ranks_resume_a_pass_one_rank_had_not_finished(runs):
+    """A stop after rank 0 kept its eigenvalue sums but before rank 1 did: both ranks sum that pass again, the
+    covariances are read back from the owners' files (and eigendecomposed again), and the factors are the same."""
+    import shutil
+
+    folder = runs / "two-resumed"
+    shutil.copytree(runs / "two", folder)
+    factors = folder / "factors"
+    before = {p.name: load_tensors(p) for p in (factors / "maps").iterdir()}
+    for p in [factors / "curvature.json", factors / "statistics" / "eigenvalues-rank1of2.safetensors",
+              *(factors / "maps").iterdir()]:
+        p.unlink()
+    torchrun("run", "uneven.toml", "--out", "two-resumed", "--no-progress", cwd=runs)
+    after = {p.name: load_tensors(p) for p in (factors / "maps").iterdir()}
+    assert after.keys() == before.keys()
+    for name in before:
+        for k in before[name]:
+            torch.testing.assert_close(after[name][k], before[name][k], rtol=1e-6, atol=1e-9)
 
 
 def _free_port() -> int:

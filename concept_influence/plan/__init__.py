@@ -23,7 +23,9 @@ Two engines are planned (``Plan.engine``):
   device with ``margin`` to spare; each partition costs one covariance and one eigenvalue pass over the data. With
   more than one rank the weights are sharded (FSDP: a rank holds 1/N of them and one whole block at a time) and each
   map's activations go to its owner. ``concept-influence plan`` prints this plan (and says whether the current engine
-  fits as well).
+  fits as well). Run folders under ``torchrun`` deal the owners the same way (:func:`deal`) but shard no weights and
+  route no activations: each rank's passes hold the whole partition's sums, so ``run`` checks the plan of one rank
+  (docs/scale.md, "Owner ranks").
 """
 
 from .memory import QUERY_RANKS, activation_bytes, plan_memory
@@ -35,6 +37,7 @@ from .shapes import (
     MapShape,
     ModelShape,
     PlanError,
+    deal,
     format_bytes,
     model_shape,
     paper_config,
@@ -44,4 +47,4 @@ from .shapes import (
 
 __all__ = ["PlanError", "MapShape", "ModelShape", "PlanSettings", "StageBytes", "Plan", "plan_memory", "parse_bytes",
            "format_bytes", "STAGES", "DTYPE_BYTES", "model_shape", "PAPER_SHAPES", "paper_config",
-           "activation_bytes", "QUERY_RANKS", "parse_device_memory"]
+           "activation_bytes", "QUERY_RANKS", "parse_device_memory", "deal"]

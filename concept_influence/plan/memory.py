@@ -7,7 +7,7 @@ from dataclasses import replace
 from typing import Any, Sequence
 
 from .report import Plan, PlanSettings, StageBytes, name_span
-from .shapes import DTYPE_BYTES, MapShape, ModelShape, PlanError, format_bytes
+from .shapes import DTYPE_BYTES, MapShape, ModelShape, PlanError, deal, format_bytes
 
 __all__ = ["plan_memory", "activation_bytes", "QUERY_RANKS"]
 
@@ -23,13 +23,7 @@ def activation_bytes(model: ModelShape, tokens: int) -> int:
 
 def _deal(maps: Sequence[MapShape], ranks: int) -> list[list[MapShape]]:
     """Maps dealt to ranks, largest eigendecomposition cost first to the least loaded; each rank's in model order."""
-    load = [0] * ranks
-    owned: list[list[int]] = [[] for _ in range(ranks)]
-    for i in sorted(range(len(maps)), key=lambda i: -maps[i].eig_cost()):
-        r = min(range(ranks), key=lambda r: load[r])
-        owned[r].append(i)
-        load[r] += maps[i].eig_cost()
-    return [[maps[i] for i in sorted(idx)] for idx in owned]
+    return [[maps[i] for i in idx] for idx in deal([m.eig_cost() for m in maps], ranks)]
 
 
 class _Costs:

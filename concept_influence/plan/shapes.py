@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from ..errors import ConceptInfluenceError
 
 __all__ = ["PlanError", "MapShape", "ModelShape", "model_shape", "parse_bytes", "parse_device_memory", "format_bytes",
-           "STAGES", "DTYPE_BYTES",
+           "deal", "STAGES", "DTYPE_BYTES",
            "PAPER_SHAPES", "paper_config"]
 
 STAGES = ("load", "covariance pass", "eigendecomposition", "eigenvalue pass", "query", "scoring", "index build")
@@ -57,6 +57,18 @@ def format_bytes(n: int | float) -> str:
         if abs(n) >= size:
             return f"{n / size:.1f} {unit}"
     return f"{int(n)} B"
+
+
+def deal(costs: Sequence[float], ranks: int) -> list[list[int]]:
+    """Items of ``costs`` dealt to ``ranks`` ranks: the costliest first, each to the least loaded rank (the lowest on a
+    tie); each rank's indices in order. Deterministic, so every rank deals the same (the plan's owner ranks and the
+    run's, :mod:`concept_influence.runs.owners`)."""
+    load, owned = [0.0] * ranks, [[] for _ in range(ranks)]
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        r = min(range(ranks), key=lambda r: load[r])
+        owned[r].append(i)
+        load[r] += costs[i]
+    return [sorted(idx) for idx in owned]
 
 
 # ---- shapes -----------------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import json
 from contextlib import contextmanager
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -27,6 +27,7 @@ from ..scores import Scores
 from .checkpoints import Point, describe_points, load_point, model_folder, point_horizons, run_points
 from .folder import Run, RunError, write_or_explain
 from .inputs import RunData
+from .owners import fit_owned, uses_owners
 from .partitioned import fit_partitions, run_partitions
 from .report import write_report
 from .shards import read_checkpoint, resume_pass
@@ -149,7 +150,7 @@ class Pipeline:
         return None if self.points[0].name else Curvature.load(self.run.factors_dir, self.adapter)
 
     def _fit(self, point: Point) -> None:
-        f, final = self.cfg.factors, point.factors_dir
+        f, final, held = self.cfg.factors, point.factors_dir, None
         self.run.check_settings("factors", self.data.fit_settings, final)
         if not (final / "curvature.json").is_file():
             self._require_probe()
@@ -159,14 +160,16 @@ class Pipeline:
                 self.data.fit_digests()  # (unusable data is refused before the settings are saved)
                 if self.ranks.is_main:
                     self.run.save_settings("factors", self.data.fit_settings, final)
-                groups = run_partitions(self, point, maps)
-                if groups is not None:
+                groups, owned = run_partitions(self, point, maps), uses_owners(self)
+                if owned:
+                    held = self.ranks.gather(fit_owned(self, point, maps, groups))
+                elif groups is not None:
                     fit_partitions(self, point, maps, groups)
                 else:
                     curvature = fit_curvature(self.adapter, [], maps, f.settings(), progress=False,
                                               accumulate=partial(self._accumulate, point))
             if self.ranks.is_main:
-                if groups is None:
+                if groups is None and not owned:
                     write_or_explain(final, lambda: curvature.save(final), "The finished passes are kept in factors/statistics/.")
                 for p in (final / "partial").glob("*"):
                     p.unlink()
@@ -174,19 +177,25 @@ class Pipeline:
             saved = json.loads((final / "curvature.json").read_text())
             self.run.finish_stage(point.stage("factors"), self.ranks, strategy=saved["strategy"],
                                   n_examples=saved["n_examples"], maps=[m["name"] for m in saved["maps"]],
-                                  data_sha256=path_sha256(self.cfg.data.train), **self.data.fitted_on)
+                                  data_sha256=path_sha256(self.cfg.data.train), **self.data.fitted_on,
+                                  **({} if held is None else {"owners": held}))
         self.ranks.barrier()
 
     def _accumulate(self, point: Point, name: str, collect: Callable[[Sequence[TokenizedExample]], SumStats],
-                    part: int | None = None) -> SumStats:
+                    part: int | None = None, owner: Mapping[str, int] | None = None) -> SumStats:
         """One curvature pass (of partition ``part``) over this rank's shards, checkpointed after each shard, summed
-        over ranks."""
+        over ranks: onto every rank, or with ``owner`` (``{map: rank}``) each map's sums onto its owner only
+        (:mod:`.owners`), each rank keeping its own sums (and every count)."""
         ranks, name = self.ranks, name if part is None else f"{name}-p{part:02d}"
-        done_path = point.factors_dir / "statistics" / f"{name}.safetensors"
+        owned = "" if owner is None else f"-rank{ranks.rank}of{ranks.world_size}"
+        done_path = point.factors_dir / "statistics" / f"{name}{owned}.safetensors"
         digests = self.data.fit_digests()
         data_digest = combine_digests(digests)
         done = read_checkpoint(done_path, ranks.device)
-        if done is not None and done[1].get("data") == data_digest:
+        finished = done is not None and done[1].get("data") == data_digest
+        if ranks.agree(finished) if owner is not None else finished:
+            if owner is not None:
+                done[0].counts.update({k: int(v) for k, v in json.loads(done[1]["counts"]).items()})
             return done[0]
         ckpt = point.factors_dir / "partial" / f"{name}-rank{ranks.rank}of{ranks.world_size}.safetensors"
         total, start = resume_pass(ckpt, name, digests, ranks.device)
@@ -204,11 +213,12 @@ class Pipeline:
                 write_or_explain(ckpt, lambda: save_tensors(ckpt, total.state_dict(), meta),
                                  f"The checkpoint before shard {shard.index} is intact.")
                 bar.update(1)
-        total = ranks.all_reduce(total)
-        if not total.sums:
+        total = ranks.all_reduce(total) if owner is None else ranks.reduce_to_owners(total, owner)
+        if not total.counts:
             raise RunError(f"{self.data.fit_source}: every example was skipped; nothing to fit the curvature on")
-        if ranks.is_main:
-            write_or_explain(done_path, lambda: save_tensors(done_path, total.state_dict(), {"data": data_digest}),
+        if ranks.is_main or owner is not None:
+            meta = {"data": data_digest, **({} if owner is None else {"counts": json.dumps(total.counts)})}
+            write_or_explain(done_path, lambda: save_tensors(done_path, total.state_dict(), meta),
                              "The per-rank checkpoints are intact.")
         ranks.barrier()
         return total
