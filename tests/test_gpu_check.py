@@ -53,7 +53,8 @@ def test_gpu_check_runs_every_stage_at_tiny_size_on_the_cpu(tmp_path, capsys):
         r = rows[stage]
         assert r["runs"] == (partitions if stage in ("covariance pass", "eigendecomposition", "eigenvalue pass") else 1)
         assert r["seconds"] >= 0 and r["measured_bytes"] is not None and r["planned_bytes"] > 0
-        assert math.isclose(r["ratio"], r["measured_bytes"] / r["planned_bytes"]) and r["ratio"] > 0
+        # (peak RSS above the process's own: a small stage can stay within pages the process already holds, 0 bytes)
+        assert math.isclose(r["ratio"], r["measured_bytes"] / r["planned_bytes"]) and r["ratio"] >= 0
     assert rows["index build"]["runs"] == 0 and rows["index build"]["ratio"] is None
     assert result["scores"]["n"] == 16 and result["scores"]["std"] > 0
     assert result["model"]["tracked_maps"] == 2 * 14  # 7 LoRA-adapted maps x (lora_A, lora_B) x 2 blocks

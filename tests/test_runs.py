@@ -60,7 +60,7 @@ def test_config_resolves_relative_paths_against_its_folder(project):
 
 
 @pytest.mark.parametrize("old, new, message", [
-    ("[scoring]\n", "[scoring]\nbatchsize = 4\n", "unknown key 'scoring.batchsize' (did you mean batch_size?)"),
+    ("[scoring]\n", "[scoring]\nbatchsize = 4\n", "unknown key 'scoring.batchsize' (did you mean batch_size"),
     ("[concept]\n", "[reprot]\ntop_k = 3\n[concept]\n", "unknown key 'reprot' (did you mean report?)"),
 ])
 def test_config_unknown_key(project, old, new, message):

@@ -26,7 +26,8 @@ from .base import Curvature, CurvatureError
 from .core import KroneckerEigen, SumStats, covariance_sums, rotated_square_sum
 from .ekfac import DEFAULT_DAMPING_FACTOR, check_damping
 
-__all__ = ["CurvatureSettings", "Fitting", "fit_curvature", "collect_covariance_stats", "collect_eigenvalue_stats",
+__all__ = ["CurvatureSettings", "Fitting", "fit_curvature", "collect_covariance_stats", "covariance_torch_dtype",
+           "collect_eigenvalue_stats",
            "resolve_maps", "Accumulate"]
 
 #: ``accumulate(pass_name, collect)`` runs ``collect(examples) -> SumStats`` over the data and returns the
@@ -35,7 +36,7 @@ __all__ = ["CurvatureSettings", "Fitting", "fit_curvature", "collect_covariance_
 Accumulate = Callable[[str, Callable[[Sequence[TokenizedExample]], SumStats]], SumStats]
 
 FISHERS = ("true", "empirical")
-COVARIANCE_DTYPES = ("float32", "float64", "bfloat16")
+COVARIANCE_DTYPES = ("auto", "float32", "float64", "bfloat16")
 
 
 @dataclass
@@ -54,9 +55,10 @@ class CurvatureSettings(Settings):
     batch_size: int = option(8, "examples per forward/backward (results do not depend on it, up to rounding)",
                              minimum=1)
     seed: int = option(0, "seed of the labels sampled for the true Fisher")
-    covariance_dtype: str = option("float32", "dtype the Kronecker covariances are summed and kept in (each batch's "
-                                              "products are taken in float32 or wider); bfloat16 halves their memory, "
-                                              "float64 also gives float64 eigenbases and eigenvalues",
+    covariance_dtype: str = option("auto", "dtype the Kronecker covariances are summed and kept in (each batch's "
+                                           "products are taken in float32 or wider); auto: the model's, at least "
+                                           "float32; bfloat16 halves their memory, float64 also gives float64 "
+                                           "eigenbases and eigenvalues",
                                    choices=COVARIANCE_DTYPES)
 
     def check_together(self) -> None:
@@ -111,6 +113,13 @@ def _captured_batches(
         yield batch.attention_mask.bool(), out
 
 
+def covariance_torch_dtype(covariance_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype covariances are kept in for ``[factors] covariance_dtype`` on a model of ``model_dtype``."""
+    if covariance_dtype == "auto":
+        return torch.promote_types(model_dtype, torch.float32)
+    return getattr(torch, covariance_dtype)
+
+
 def collect_covariance_stats(
     adapter: ModelAdapter,
     examples: Sequence[TokenizedExample],
@@ -119,13 +128,13 @@ def collect_covariance_stats(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
-    covariance_dtype: str = "float32",
+    covariance_dtype: str = "auto",
 ) -> SumStats:
     """Pass 1: per map, ``<name>/a`` = Σ over real tokens of ``a aᵀ`` (count: tokens) and ``<name>/s`` =
     Σ over examples of ``Σ_t g gᵀ`` (count: examples), kept in ``covariance_dtype``."""
     if covariance_dtype not in COVARIANCE_DTYPES:
         raise ValueError(f"covariance_dtype must be one of {', '.join(COVARIANCE_DTYPES)}; got {covariance_dtype!r}")
-    maps, dtype = resolve_maps(adapter, maps), getattr(torch, covariance_dtype)
+    maps, dtype = resolve_maps(adapter, maps), covariance_torch_dtype(covariance_dtype, adapter.dtype)
     stats = SumStats()
     for token_mask, captured in _captured_batches(adapter, examples, maps, fisher, batch_size, seed,
                                                   "curvature: covariances", progress):

@@ -25,6 +25,7 @@ from typing import Sequence
 
 from ..curvature import EKFACCurvature, collect_covariance_stats, collect_eigenvalue_stats
 from ..curvature.core import KroneckerEigen
+from ..curvature.fit import covariance_torch_dtype
 from ..curvature.partitions import partition_done, stored_curvature
 from ..curvature.stored import BASIS_TENSORS, basis_from_tensors, map_file, write_map
 from ..fileio import load_tensors_and_metadata, save_tensors
@@ -78,7 +79,8 @@ def fit_owned(pipeline, point: Point, maps: Sequence[LinearMap], groups: list[li
         if partition_done(final, [m.name for m in group], data):
             continue
         mine = [m for m in group if owner[m.name] == ranks.rank]
-        pass_bytes = max(pass_bytes, sum(_covariance_bytes(m, s.covariance_dtype) for m in group))
+        kept_in = covariance_torch_dtype(s.covariance_dtype, adapter.dtype)
+        pass_bytes = max(pass_bytes, sum(_covariance_bytes(m, kept_in) for m in group))
         cov = pipeline._accumulate(point, "covariance", lambda ex, group=group: collect_covariance_stats(
             adapter, ex, group, **common, covariance_dtype=s.covariance_dtype), part, owner)
         n_examples = cov.counts[f"{group[0].name}/s"]
@@ -121,9 +123,7 @@ def fit_owned(pipeline, point: Point, maps: Sequence[LinearMap], groups: list[li
             "owned_bytes": owned_bytes, "pass_bytes": pass_bytes}
 
 
-def _covariance_bytes(m: LinearMap, dtype: str) -> int:
-    """The bytes of map ``m``'s two covariance sums."""
-    import torch
-
+def _covariance_bytes(m: LinearMap, dtype) -> int:
+    """The bytes of map ``m``'s two covariance sums kept in ``dtype`` (a torch dtype)."""
     d_out, d_in = m.shape
-    return (d_in**2 + d_out**2) * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    return (d_in**2 + d_out**2) * dtype.itemsize
