@@ -49,7 +49,6 @@ from concept_influence.data import tokenize_examples
 from concept_influence.engine import score_with_queries
 from concept_influence.estimators import LengthBaseline, ProbeProjection, RandomBaseline, TfidfBaseline
 from concept_influence.estimators.baselines import response_texts
-from concept_influence.fileio import atomic_write_text, load_tensors
 from concept_influence.filtering import removal_indices
 from concept_influence.models import checkpointed_weights, load_checkpoint
 from concept_influence.planted.behaviour import mean_answer_loss, planting_effect
@@ -60,7 +59,18 @@ from .emergent import EMBEDDINGS
 from .emergent_config import EmergentConfig
 from .emergent_corpus import DOMAINS, MARKERS
 from .emergent_splits import build_emergent_data
-from .family_stability import CANDIDATES, DAMPINGS, GUARDED, HORIZONS, RECOMMENDED, UNION, check_candidates, save_run
+from .family_stability import (
+    CANDIDATES,
+    DAMPINGS,
+    GUARDED,
+    HORIZONS,
+    RECOMMENDED,
+    UNION,
+    check_candidates,
+    load_run,
+    save_results,
+    save_run,
+)
 
 __all__ = ["draw_design", "design_label", "run_variant", "run_family", "retrain_missing", "RETRAINED", "Testbed"]
 
@@ -277,15 +287,13 @@ def retrain_missing(folder: str | Path, progress: bool = False, *, testbed=emerg
     checked against the saved forward-only probe projection scores); a ranking dropping the same examples as one
     already retrained takes its numbers without training. Rewrites ``results.json`` and returns it."""
     folder = Path(folder)
-    results = json.loads((folder / "results.json").read_text())
-    scores = {n: t.numpy() for n, t in load_tensors(folder / "scores.safetensors", ValueError).items()}
-    labels = scores.pop("planted_labels").astype(bool)
+    results, scores, labels = load_run(folder)
     section = results["behaviour"]
-    missing = [n for n in RETRAINED if n not in section["removed"]]
-    k = int(labels.sum())
-    known = {_dropped(scores[n], k) for n in section["removed"] if n in scores}
     if not section["raised"]:  # (no behaviour to attribute: not in the tables)
         return results
+    missing, k = [n for n in RETRAINED if n not in section["removed"]], int(labels.sum())
+    known = {_dropped(scores[n], k) for n in section["removed"] if n in scores}
+    bed = cfg = None  # (trained again only when a missing ranking drops examples no retrained one did)
     if any(_dropped(scores[n], k) not in known for n in missing):
         cfg = config_class(**{n: tuple(v) if isinstance(v, list) else v for n, v in results["config"].items()})
         seed_everything(cfg.seed)
@@ -293,10 +301,8 @@ def retrain_missing(folder: str | Path, progress: bool = False, *, testbed=emerg
         again = ProbeProjection(bed.concept).score(bed.adapter, bed.pool, batch_size=cfg.batch_size, progress=False)
         if not np.allclose(again.column(0), scores["probe_projection"], rtol=1e-4, atol=1e-6):
             raise RuntimeError(f"{folder}: the design trained again differs from the saved run; cannot retrain")
-        _retrain(bed, scores, missing, section, k, cfg, progress)
-    else:  # every missing ranking drops examples already retrained
-        _retrain(None, scores, missing, section, k, None, progress)
-    atomic_write_text(folder / "results.json", json.dumps(results, indent=1) + "\n")
+    _retrain(bed, scores, missing, section, k, cfg, progress)
+    save_results(folder, results)
     return results
 
 

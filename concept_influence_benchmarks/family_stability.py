@@ -15,8 +15,8 @@ from concept_influence.evaluation import retrieval_metrics
 from concept_influence.fileio import atomic_write_text, load_tensors, save_tensors
 from concept_influence.stability import check_stability, union_ranking
 
-__all__ = ["DAMPINGS", "HORIZONS", "RECOMMENDED", "CANDIDATES", "GUARDED", "UNION", "check_candidates", "recheck_stability",
-           "save_run"]
+__all__ = ["DAMPINGS", "HORIZONS", "RECOMMENDED", "CANDIDATES", "GUARDED", "UNION", "check_candidates",
+           "recheck_stability", "load_run", "save_run", "save_results"]
 
 #: The study's dampings (x the mean eigenvalue) and horizons (x the fine-tune's own): a candidate is checked against
 #: the others.
@@ -49,12 +49,19 @@ def recheck_stability(folder: str | Path) -> dict:
     """Check a finished run's candidates again from its saved scores (after the check itself changed): rewrites
     ``folder/results.json`` (and the guarded column of its scores) and returns it; nothing is trained or scored."""
     folder = Path(folder)
-    results = json.loads((folder / "results.json").read_text())
-    scores = {n: t.numpy() for n, t in load_tensors(folder / "scores.safetensors", ValueError).items()}
-    labels = _labels(scores, results)
+    results, scores, labels = load_run(folder)
     check_candidates(results, scores, labels)
     save_run(folder, results, scores, labels)
     return results
+
+
+def load_run(folder: str | Path) -> tuple[dict, dict, np.ndarray]:
+    """A saved run's ``results.json``, its rankings ``{name: scores}`` and its planted labels (what :func:`save_run`
+    wrote)."""
+    folder = Path(folder)
+    results = json.loads((folder / "results.json").read_text())
+    scores = {n: t.numpy() for n, t in load_tensors(folder / "scores.safetensors", ValueError).items()}
+    return results, scores, _labels(scores, results)
 
 
 def save_run(folder: Path, results: dict, scores: dict, labels: np.ndarray) -> None:
@@ -62,6 +69,11 @@ def save_run(folder: Path, results: dict, scores: dict, labels: np.ndarray) -> N
     folder.mkdir(parents=True, exist_ok=True)
     save_tensors(folder / "scores.safetensors", {n: torch.from_numpy(np.asarray(v, dtype=np.float64))
                                                  for n, v in {**scores, "planted_labels": labels}.items()})
+    save_results(folder, results)
+
+
+def save_results(folder: Path, results: dict) -> None:
+    """``folder/results.json`` alone (the scores unchanged)."""
     atomic_write_text(folder / "results.json", json.dumps(results, indent=1) + "\n")
 
 
