@@ -25,7 +25,7 @@ def write_report(run: Run, k: int, checkpoints: Sequence = ()) -> Path:
 
     cfg = run.config
     scores = Scores.load(run.scores_path)
-    answer, which = answer_ranking(run)
+    answer, which = answer_ranking(run, scores)
     union_top = answer.top(k) if which == "union" else []
     wanted = {i for i, _ in scores.top(k)} | {i for i, _ in scores.bottom(k)} | {i for i, _ in union_top}
     texts = {ex.id: (ex.prompt, ex.response) for ex in read_chats(cfg.data.train) if ex.id in wanted}

@@ -97,9 +97,8 @@ def run_stability(scores: Scores, variants: Scores | None,
     """The stability check of the ranking by ``scores``' first column against the same column of each variant and
     against each checkpoint's part (``{name: scores}``) of a sum; None when there is nothing to compare it with."""
     kinds = dict(variants.metadata["variants"]) if variants is not None else {}
-    if variants is not None and variants.ids != scores.ids:
-        raise RunError(f"the variants' scores ({len(variants)} examples) and the run's ({len(scores)}) are not of "
-                       "the same examples; delete scores/ and score again")
+    if variants is not None:
+        _same_examples(scores, variants)
     compared = {v: variants.column(v if kind == "behaviour" else f"{v}:{scores.columns[0]}") for v, kind in kinds.items()}
     for name, part in (parts or {}).items():
         compared[f"part {name}"], kinds[f"part {name}"] = part.column(0), "part"
@@ -122,19 +121,24 @@ def require_stable(run: Run, require: str, is_main: bool) -> None:
         print(warning)
 
 
-def answer_ranking(run: Run) -> tuple[Scores, str]:
+def _same_examples(scores: Scores, variants: Scores) -> None:
+    if variants.ids != scores.ids:
+        raise RunError(f"the variants' scores ({len(variants)} examples) and the run's ({len(scores)}) are not of "
+                       "the same examples; delete scores/ and score again")
+
+
+def answer_ranking(run: Run, scores: Scores | None = None) -> tuple[Scores, str]:
     """The ranking a run answers with, and which it is: where the behaviour's own ranking was scored beside the run's
     (``scoring.behaviour``), their union (:func:`~concept_influence.stability.union_ranking`: each example by its best
     place in either, ``"union"``), else the run's own scores (``"scores"``). Over the emergent family the concept's
     ranking fell below AUROC 0.8 on 6 of 43 runs and the behaviour's on 1; their union on none
-    (``benchmarks/family``)."""
-    scores = Scores.load(run.scores_path)
+    (``benchmarks/family``). ``scores``: the run's own, when already read."""
+    scores = Scores.load(run.scores_path) if scores is None else scores
     path = variants_path(run)
     variants = Scores.load(path) if path.is_file() else None
     if variants is None or "behaviour" not in variants.columns:
         return scores, "scores"
-    if variants.ids != scores.ids:
-        raise RunError(f"{path} and {run.scores_path} are not of the same examples; delete scores/ and score again")
+    _same_examples(scores, variants)
     union = union_ranking(scores.column(0), variants.column("behaviour"))
     return Scores(scores.ids, union[:, None], f"union of {scores.estimator} and the behaviour's own ranking",
                   [f"union:{scores.columns[0]}"], metadata={"union_of": [scores.columns[0], "behaviour"]}), "union"

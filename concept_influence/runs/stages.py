@@ -231,12 +231,25 @@ class Pipeline:
         cls = ESTIMATORS[self.cfg.scoring.estimator]
         inputs = {"readout": lambda: self.concept(with_eval=False), "concept": self.concept,
                   "curvature": lambda: self._scoring_curvature(point or self.points[0])}
-        options = {}
-        if issubclass(cls, GradientEstimator):
-            behaviour = self.cfg.behaviour_file
-            options = {"scoring": self.cfg.scoring.settings(), "variants": True,
-                       "behaviour": behaviour and self._tokenize(behaviour, self.cfg.concept.check_max_examples)}
+        options = {"scoring": self.cfg.scoring.settings(), "variants": True,
+                   "behaviour": self._behaviour_examples} if issubclass(cls, GradientEstimator) else {}
         return cls(*(inputs[name]() for name in cls.run_inputs), **options)
+
+    @cached_property
+    def _behaviour_examples(self) -> list[TokenizedExample] | None:
+        """The behaviour's own examples (``cfg.behaviour_file``), read once for every checkpoint."""
+        path = self.cfg.behaviour_file
+        return path and self._tokenize(path, self.cfg.concept.check_max_examples)
+
+    @cached_property
+    def _horizons(self) -> tuple[list, int]:
+        """Each checkpoint's horizon and the fine-tune's batch size, read once from ``trainer_state.json``."""
+        horizons, batch_size = point_horizons(self.points, self.cfg.model)
+        batch_size = self.cfg.scoring.train_batch_size or batch_size
+        if not batch_size:
+            raise RunError("scoring.unrolled: trainer_state.json records no train_batch_size; give "
+                           "scoring.train_batch_size")
+        return horizons, batch_size
 
     def _scoring_curvature(self, point: Point) -> Curvature:
         if self.cfg.factors.path is not None:
@@ -246,11 +259,7 @@ class Pipeline:
             curvature = Curvature.load(point.factors_dir, self.adapter)
         if not self.cfg.scoring.unrolled:
             return curvature
-        horizons, batch_size = point_horizons(self.points, self.cfg.model)
-        batch_size = self.cfg.scoring.train_batch_size or batch_size
-        if not batch_size:
-            raise RunError("scoring.unrolled: trainer_state.json records no train_batch_size; give "
-                           "scoring.train_batch_size")
+        horizons, batch_size = self._horizons
         return UnrolledCurvature.from_curvature(curvature, horizons[self.points.index(point)],
                                                 step_scales=fisher_step_scales(curvature, batch_size))
 
