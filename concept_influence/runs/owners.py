@@ -26,8 +26,8 @@ from typing import Sequence
 from ..curvature import EKFACCurvature, collect_covariance_stats, collect_eigenvalue_stats
 from ..curvature.core import KroneckerEigen
 from ..curvature.fit import covariance_torch_dtype
-from ..curvature.partitions import partition_done, stored_curvature
-from ..curvature.stored import BASIS_TENSORS, basis_from_tensors, map_file, write_map
+from ..curvature.partitions import partition_done, save_partition, stored_curvature
+from ..curvature.stored import BASIS_TENSORS, basis_from_tensors, map_file
 from ..fileio import load_tensors_and_metadata, save_tensors
 from ..models import LinearMap
 from ..plan import deal
@@ -74,12 +74,12 @@ def fit_owned(pipeline, point: Point, maps: Sequence[LinearMap], groups: list[li
     common = dict(fisher=s.fisher, batch_size=s.batch_size, seed=s.seed, progress=False)
     ekfac, fingerprint = s.strategy == "ekfac", adapter.fingerprint()
     owned_bytes = pass_bytes = 0
+    kept_in = covariance_torch_dtype(s.covariance_dtype, adapter.dtype)
     for i, group in enumerate(groups or [list(maps)]):
         part = None if groups is None else i
         if partition_done(final, [m.name for m in group], data):
             continue
         mine = [m for m in group if owner[m.name] == ranks.rank]
-        kept_in = covariance_torch_dtype(s.covariance_dtype, adapter.dtype)
         pass_bytes = max(pass_bytes, sum(_covariance_bytes(m, kept_in) for m in group))
         cov = pipeline._accumulate(point, "covariance", lambda ex, group=group: collect_covariance_stats(
             adapter, ex, group, **common, covariance_dtype=s.covariance_dtype), part, owner)
@@ -110,9 +110,9 @@ def fit_owned(pipeline, point: Point, maps: Sequence[LinearMap], groups: list[li
             del every
             bases = {name: b.with_eigenvalues(eig.mean(name)) for name, b in bases.items()}
             owned_bytes += _bytes(*eig.sums.values())
-        header = {"fingerprint": fingerprint or "", "n_examples": str(n_examples), **data}
-        for name, basis in bases.items():
-            write_or_explain(final / "maps", lambda name=name, basis=basis: write_map(final, name, basis, ekfac, header),
+        if bases:
+            owned = EKFACCurvature(bases, s.strategy, fingerprint=fingerprint, n_examples=n_examples)
+            write_or_explain(final / "maps", lambda owned=owned: save_partition(final, owned, data),
                              "The factors of the maps written before it are intact.")
         del bases
         ranks.barrier()
