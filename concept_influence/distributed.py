@@ -79,10 +79,13 @@ class Ranks:
         dist.all_reduce(counts)
         return keys, union, counts.tolist()
 
-    def _local(self, stats: SumStats, key: str, spec: tuple) -> torch.Tensor:
+    def _local(self, stats: SumStats, key: str, spec: tuple) -> tuple[torch.Tensor, torch.device]:
+        """This rank's sum of ``key`` on the collective's device (zeros where it has none), and the device the result
+        goes back to (the local sum's, else the CPU)."""
         local = stats.sums.get(key)
-        return (local.to(self.device) if local is not None
-                else torch.zeros(spec[0], dtype=getattr(torch, spec[1]), device=self.device))
+        if local is None:
+            return torch.zeros(spec[0], dtype=getattr(torch, spec[1]), device=self.device), torch.device("cpu")
+        return local.to(self.device), local.device
 
     def all_reduce(self, stats: SumStats) -> SumStats:
         """Sum ``stats`` (sums and counts) over all ranks; every rank gets the same total. A rank that saw
@@ -92,10 +95,10 @@ class Ranks:
         keys, union, counts = self._union(stats)
         out = SumStats()
         for key, count in zip(keys, counts):
-            local = stats.sums.get(key)
-            total = self._local(stats, key, union[key]).clone()
+            total, home = self._local(stats, key, union[key])
+            total = total.clone()
             dist.all_reduce(total)
-            out.sums[key], out.counts[key] = total.cpu() if local is None else total.to(local.device), int(count)
+            out.sums[key], out.counts[key] = total.to(home), int(count)
         return out
 
     def reduce_to_owners(self, stats: SumStats, owner: Mapping[str, int]) -> SumStats:
@@ -108,8 +111,7 @@ class Ranks:
         out = SumStats()
         for key, count in zip(keys, counts):
             dst = owner[key] if key in owner else owner[key.rsplit("/", 1)[0]]
-            home = stats.sums[key].device if key in stats.sums else torch.device("cpu")
-            total = self._local(stats, key, union[key])
+            total, home = self._local(stats, key, union[key])
             stats.sums.pop(key, None)
             dist.reduce(total, dst=dst)
             if dst == self.rank:

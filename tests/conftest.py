@@ -80,3 +80,20 @@ def any_adapter(request, tokenizer):
     if request.param == "tl":
         return build_small_model(tokenizer, n_layers=2, d_model=32, n_heads=4, n_ctx=64, seed=0)
     return HFCausalLMAdapter(_hf_model(request.param, len(tokenizer)), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """The run-folder project of tests/runfolder.py (a saved tiny model, chat files, ``run.toml``), one per module;
+    a module that needs another project defines its own ``project``."""
+    from runfolder import make_project
+
+    return make_project(tmp_path_factory.mktemp("project"))
+
+
+@pytest.fixture(scope="module")
+def finished(project):
+    """One uninterrupted run of ``project``'s config (``runs/reference``)."""
+    from runfolder import run_reference
+
+    return run_reference(project)

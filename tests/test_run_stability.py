@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from runfolder import make_project, run_reference
 
 from concept_influence.concepts import ConceptFunction
 from concept_influence.config import RunConfig
@@ -91,17 +90,7 @@ def test_identity_has_no_variants(tl_adapter, tokenized, concept):
     assert stability_variants(estimator.curvature_) == {}
 
 
-# ---- a run folder ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    return make_project(tmp_path_factory.mktemp("stability"))
-
-
-@pytest.fixture(scope="module")
-def finished(project) -> Path:
-    return run_reference(project)
-
-
+# ---- a run folder (the fixtures project and finished: tests/conftest.py) -----------------------------------------
 def test_a_run_keeps_the_variants_apart_and_equal_to_scoring_with_each(finished, project):
     scores = Scores.load(finished / "scores" / "scores.safetensors")
     variants = Scores.load(finished / "scores" / "variants.safetensors")

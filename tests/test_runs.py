@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from runfolder import N_TRAIN, make_project, run_reference, start_and_kill
+from runfolder import N_TRAIN, start_and_kill
 
 from concept_influence.cli import main
 from concept_influence.concepts import ConceptFunction
@@ -30,16 +30,7 @@ from concept_influence.runs.inputs import LATER_KEYS
 from concept_influence.scores import Scores
 from probes import ConceptDirection
 
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    return make_project(tmp_path_factory.mktemp("project"))
-
-
-@pytest.fixture(scope="module")
-def finished(project) -> Path:
-    return run_reference(project)
-
+# (the fixtures project and finished, a run-folder project and its reference run: tests/conftest.py)
 
 def edited_config(project: Path, old: str, new: str, name: str) -> Path:
     """The project's config with ``old`` replaced by ``new``, written as ``name``."""

@@ -27,8 +27,7 @@ from .core import KroneckerEigen, SumStats, covariance_sums, rotated_square_sum
 from .ekfac import DEFAULT_DAMPING_FACTOR, check_damping
 
 __all__ = ["CurvatureSettings", "Fitting", "fit_curvature", "collect_covariance_stats", "covariance_torch_dtype",
-           "collect_eigenvalue_stats",
-           "resolve_maps", "Accumulate"]
+           "collect_eigenvalue_stats", "resolve_maps", "Accumulate"]
 
 #: ``accumulate(pass_name, collect)`` runs ``collect(examples) -> SumStats`` over the data and returns the
 #: total. The default calls it once on all examples; a run folder calls it per shard (resumable, and summed

@@ -37,9 +37,7 @@ _NO_DECAY = [re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\
 def load_optimizer_state(path: str | Path) -> dict:
     """An optimizer's ``state_dict`` from ``path`` (a checkpoint folder or its ``optimizer.pt``), read with
     ``torch.load(weights_only=True)``; a :class:`CurvatureError` naming the file when it cannot be read that way."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / OPTIMIZER_FILE
+    path = _optimizer_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -52,6 +50,12 @@ def load_optimizer_state(path: str | Path) -> dict:
             or not isinstance(state.get("param_groups"), list):
         raise CurvatureError(f"{path}: not an optimizer state_dict (expected 'state' and 'param_groups')")
     return state
+
+
+def _optimizer_file(path: str | Path) -> Path:
+    """``path`` itself, or a checkpoint folder's ``optimizer.pt``."""
+    path = Path(path)
+    return path / OPTIMIZER_FILE if path.is_dir() else path
 
 
 def _trained(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -139,8 +143,7 @@ class AdamStateCurvature(Curvature):
         (the weights at that checkpoint), for ``maps`` (default: every tracked map). ``eps``: the optimizer's own
         unless given. ``param_names``: the optimizer's parameters by name, in its order, when neither of the Trainer's
         orders is it."""
-        path = Path(checkpoint)
-        path = path / OPTIMIZER_FILE if path.is_dir() else path
+        path = _optimizer_file(checkpoint)
         return cls.from_state_dict(adapter, load_optimizer_state(path), maps, power=power, eps=eps,
                                    param_names=param_names, source=str(path))
 
