@@ -32,6 +32,7 @@ from probes import ConceptDirection
 
 # (the fixtures project and finished, a run-folder project and its reference run: tests/conftest.py)
 
+
 def edited_config(project: Path, old: str, new: str, name: str) -> Path:
     """The project's config with ``old`` replaced by ``new``, written as ``name``."""
     path = project / name
