@@ -85,7 +85,7 @@ class GradientEstimator(Estimator):
         ``variants``, each map's K queries are followed by the K of each stability variant (preconditioned map by
         map, so no second full set of queries is held while they are stacked), then the behaviour's gradient."""
         rank = self.scoring.query_rank
-        key = (adapter.fingerprint(), curvature, tuple(m.name for m in maps), rank, self.variants, self.behaviour is None)
+        key = (adapter.fingerprint(), curvature, tuple(m.name for m in maps), rank)  # (variants, behaviour: fixed)
         if self._queries is None or self._queries[0] != key:
             self._queries = None  # (the old queries are freed before the new ones are formed)
             grads, columns = self.measurement(adapter, maps, batch_size, progress)
