@@ -132,13 +132,16 @@ def make_plan(adapter: HFCausalLMAdapter, layer: int, device_memory: int | None,
 
 
 def fit_and_score(adapter: HFCausalLMAdapter, concept: ConceptFunction, plan: Plan, examples, fit_examples,
-                  settings: CurvatureSettings, meter: StageMeter, offload: str | None) -> np.ndarray:
+                  settings: CurvatureSettings, meter: StageMeter, offload: str | None,
+                  directory: str | Path | None = None) -> np.ndarray:
     """EK-FAC fitted in the plan's partitions, the concept's query preconditioned, ``examples`` scored: the Concept
-    Influence scores, each stage measured by ``meter``."""
+    Influence scores, each stage measured by ``meter``. ``offload`` or ``directory``: where each partition's factors
+    go once fitted (:func:`~concept_influence.curvature.fit_partitioned`; a directory on the CPU, where the host is
+    the device)."""
     concept.check(adapter)
     maps = adapter.linear_maps(max_block=concept.layer)
-    curvature = fit_partitioned(adapter, [], maps, plan, settings, offload=offload, progress=False,
-                                accumulate=meter.accumulate(fit_examples))
+    curvature = fit_partitioned(adapter, [], maps, plan, settings, offload=offload, directory=directory,
+                                progress=False, accumulate=meter.accumulate(fit_examples))
     meter.stop()  # (an eigendecomposition still open: a strategy without an eigenvalue pass)
     bs = settings.batch_size
     estimator = ConceptInfluence(concept, curvature, scoring=ScoringSettings(batch_size=bs))

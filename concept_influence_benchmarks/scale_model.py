@@ -154,9 +154,10 @@ def materialise(model, device: str | torch.device, seed: int):
     return model.eval()
 
 
-def scale_adapter(model, selection: MapSelection) -> HFCausalLMAdapter:
-    """The adapter of a LoRA model (its LoRA factors tracked), restricted to ``selection``; no tokenizer, padding 0."""
-    return HFCausalLMAdapter(model, SimpleNamespace(pad_token_id=0), track="lora").select(selection)
+def scale_adapter(model, selection: MapSelection, track: str = "lora") -> HFCausalLMAdapter:
+    """The adapter of a LoRA model (its LoRA factors tracked, or its full weights with ``track="full"``), restricted to
+    ``selection``; no tokenizer, padding 0."""
+    return HFCausalLMAdapter(model, SimpleNamespace(pad_token_id=0), track=track).select(selection)
 
 
 def random_concept_at(adapter: HFCausalLMAdapter, layer: int, eval_examples, seed: int) -> ConceptFunction:

@@ -29,7 +29,7 @@ def _check(name: str, passed: bool, enforced: bool, detail: str) -> dict:
     return {"name": name, "passed": bool(passed), "enforced": enforced, "detail": detail}
 
 
-def _stage_rows(plan, meter) -> list[dict]:
+def stage_rows(plan, meter) -> list[dict]:
     planned = {st.stage: st.device for st in plan.stages}
     rows = []
     for stage in STAGES:
@@ -52,7 +52,7 @@ def check_result(cfg, device: torch.device, plan, meter, scores, error: str | No
     """Everything the check found, as the JSON it writes; ``passed``: every enforced check passed. ``comparisons``: the
     enforced low-precision comparison and the reported wide one (None: not run)."""
     comparison, wide = comparisons
-    rows = _stage_rows(plan, meter)
+    rows = stage_rows(plan, meter)
     ran = [r for r in rows if r["runs"]]
     checks = [_check("the plan fits", plan.fits, True, plan.summary())]
     if plan.fits:

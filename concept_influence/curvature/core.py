@@ -129,9 +129,12 @@ class KroneckerEigen:
 
 
 def _eigh(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues and eigenvectors in at least float32 (covariances kept in bfloat16 give a float32 basis)."""
-    sym, dtype = cov.double(), torch.promote_types(cov.dtype, torch.float32)
-    values, vectors = torch.linalg.eigh((sym + sym.T) / 2)
+    """Eigenvalues and eigenvectors in at least float32 (covariances kept in bfloat16 give a float32 basis), computed
+    in float64. Symmetrised before the float64 copy, which is the only float64 temporary besides the eigenvectors and
+    LAPACK's workspace (the plan's :meth:`~concept_influence.plan.MapShape.workspace_bytes`)."""
+    dtype = torch.promote_types(cov.dtype, torch.float32)
+    wide = cov.to(dtype)
+    values, vectors = torch.linalg.eigh(((wide + wide.T) / 2).double())
     return values.clamp_min(0).to(dtype), vectors.to(dtype)
 
 

@@ -96,8 +96,10 @@ class MapShape:
         return self.d_in**3 + self.d_out**3
 
     def workspace_bytes(self) -> int:
-        """The eigendecomposition's float64 copy and eigenvectors of the larger side."""
-        return 16 * max(self.d_in, self.d_out) ** 2
+        """The eigendecomposition's float64 temporaries on the larger side: its input, its eigenvectors and LAPACK
+        ``syevd``'s work array of 2n² (32 n² bytes; 34.6 n² measured on the CPU at n = 3000 with the float32 result,
+        :func:`concept_influence.curvature.core._eigh`)."""
+        return 32 * max(self.d_in, self.d_out) ** 2
 
 
 @dataclass(frozen=True)
