@@ -1,4 +1,4 @@
-"""``concept-influence bench planted|medical|speed|memory|gpu-check``: the benchmarks from the command line (``bench
+"""``concept-influence bench planted|medical|speed|memory|gpu-check|block-width``: the benchmarks from the command line (``bench
 check-table`` and ``query-table`` are in :mod:`.cli_concept`). The planted benchmarks train a small model, or with
 ``--model DIR`` fine-tune LoRA adapters on the user's Hugging Face model."""
 
@@ -140,6 +140,34 @@ def _bench_gpu_check(args: argparse.Namespace) -> int:
     return 0 if result["passed"] else 1
 
 
+@needs_benchmarks
+def _bench_block_width(args: argparse.Namespace) -> int:
+    from concept_influence_benchmarks.block_width import run_block_width
+
+    results = run_block_width(args.out, args.widths.split(","), args.weights.split(","), args.memory, args.force)
+    for key, r in results.items():
+        if "peak_ratio" in r:
+            print(f"{key}: measured peak / planned {r['peak_ratio']:.2f}")
+    return 0
+
+
+def _add_block_width(bench) -> None:
+    p = bench.add_parser(
+        "block-width", help="one Qwen2.5-7B-width block on the CPU, planned and measured per stage (fresh processes)",
+        description="For each width and each of LoRA r = 16 and the full weights, in a fresh process: plan a one-block "
+                    "Qwen2 model for --memory of host memory, fit EK-FAC in the plan's partitions (factors per map on "
+                    "disk), precondition a random concept and score random-token examples; each stage's time and peak "
+                    "RSS beside the plan's bytes. Writes DIR/block-width.json and .md; configurations already in the "
+                    "JSON are kept (run again to resume).")
+    p.add_argument("--out", default="benchmarks", help="output folder (default benchmarks)")
+    p.add_argument("--widths", default="1/8,1/2,1", help="widths of Qwen2.5-7B's, of 1/64, 1/8, 1/2, 1 (default "
+                                                          "1/8,1/2,1; 1 has three 18944² eigendecompositions)")
+    p.add_argument("--weights", default="lora,full", help="lora, full or both (default)")
+    p.add_argument("--memory", default="17GiB", help="host memory each plan is made for (default 17GiB)")
+    p.add_argument("--force", action="store_true", help="measure configurations already in the JSON again")
+    p.set_defaults(func=_bench_block_width)
+
+
 def _add_gpu_check(bench) -> None:
     p = bench.add_parser(
         "gpu-check", help="Concept Influence at Qwen2.5-7B shape (LoRA r = 16), planned, run and measured per stage",
@@ -177,7 +205,7 @@ def _add_gpu_check(bench) -> None:
 
 
 def add_bench_commands(sub) -> argparse._SubParsersAction:
-    """Add ``bench planted``, ``medical``, ``speed``, ``memory`` and ``gpu-check``; returns the ``bench`` subparsers."""
+    """Add ``bench planted``, ``medical``, ``speed``, ``memory``, ``gpu-check`` and ``block-width``; returns the ``bench`` subparsers."""
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="benchmark", required=True)
     planted = bench.add_parser(
         "planted", help="planted-data benchmark over any two chat JSONL files",
@@ -229,4 +257,5 @@ def add_bench_commands(sub) -> argparse._SubParsersAction:
     memory.add_argument("--seed", type=int, default=0, help="seed for the corpus and model (default 0)")
     memory.set_defaults(func=_bench_memory)
     _add_gpu_check(bench)
+    _add_block_width(bench)
     return bench

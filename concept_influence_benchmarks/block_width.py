@@ -1,5 +1,6 @@
 """One transformer block at Qwen2.5-7B's width on the CPU, planned, run and measured (issue 27, item 6;
-``concept-influence bench block-width``).
+``concept-influence bench block-width``; ``python -m
+concept_influence_benchmarks.block_width --one WIDTH ...`` is one configuration, as the benchmark starts it).
 
 Each configuration (a width, and LoRA r = 16 factors or the full weights tracked) runs in a fresh process: a one-block
 Qwen2 model with random float32 weights is built on the ``meta`` device and planned for ``memory`` bytes of host
@@ -39,10 +40,12 @@ from .scale_model import lora_model_on_meta, materialise, qwen2_config, random_c
 from .scale_report import stage_rows
 from .speed_size_stages import random_token_examples
 
-__all__ = ["WIDTHS", "run_one", "run_block_width", "markdown"]
+__all__ = ["WIDTHS", "BENCH_WIDTHS", "run_one", "run_block_width", "markdown"]
 
-#: Qwen2.5-7B's block (d_model 3584, MLP 18944, 28 query and 4 key-value heads of 128) and two narrower ones.
+#: Qwen2.5-7B's block (d_model 3584, MLP 18944, 28 query and 4 key-value heads of 128) and narrower ones (1/64: the
+#: test's, in seconds).
 WIDTHS = {
+    "1/64": dict(hidden_size=56, intermediate_size=296, num_attention_heads=7, num_key_value_heads=1),
     "1/8": dict(hidden_size=448, intermediate_size=2368, num_attention_heads=7, num_key_value_heads=1),
     "1/2": dict(hidden_size=1792, intermediate_size=9472, num_attention_heads=14, num_key_value_heads=2),
     "1": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4),
@@ -68,7 +71,7 @@ def run_one(width: str, weights: str, memory: int) -> dict:
                      d["examples"], name)
     result = {"width": width, "weights": weights, "d_model": keys["hidden_size"], "d_mlp": keys["intermediate_size"],
               "memory": memory, "plan": plan.describe(), "fits": plan.fits,
-              "partitions": sum(len(p) for p in plan.partitions), "machine": machine_description()}
+              "partitions": plan.n_partitions, "machine": machine_description()}
     if not plan.fits:
         return result
     train = random_token_examples(d["examples"], d["vocab_size"], d["seq_len"], "train", d["seed"])
@@ -146,7 +149,11 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run_block_width(out_dir: str | Path, widths=tuple(WIDTHS), weights=("lora", "full"), memory: str = "17GiB",
+#: The widths the benchmark runs by default.
+BENCH_WIDTHS = ("1/8", "1/2", "1")
+
+
+def run_block_width(out_dir: str | Path, widths=BENCH_WIDTHS, weights=("lora", "full"), memory: str = "17GiB",
                     force: bool = False) -> dict:
     """Each configuration not yet in ``out_dir/block-width.json`` (all of them with ``force``) in a fresh process,
     the JSON updated after each; the markdown written; the results returned."""
@@ -160,8 +167,9 @@ def run_block_width(out_dir: str | Path, widths=tuple(WIDTHS), weights=("lora", 
             if key in results and not force:
                 continue
             with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-                subprocess.run([sys.executable, "-m", "concept_influence_benchmarks.block_width", "--one", width, "--weights", kind, "--memory", memory,
-                                "--json", tmp.name], check=True, env={**os.environ, **CHILD_ENV})
+                command = [sys.executable, "-m", "concept_influence_benchmarks.block_width", "--one", width,
+                           "--weights", kind, "--memory", memory, "--json", tmp.name]
+                subprocess.run(command, check=True, env={**os.environ, **CHILD_ENV})
                 results[key] = json.loads(Path(tmp.name).read_text())
             atomic_write_text(path, json.dumps(results, indent=1))
             atomic_write_text(out / "block-width.md", markdown(results))
@@ -169,20 +177,14 @@ def run_block_width(out_dir: str | Path, widths=tuple(WIDTHS), weights=("lora", 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--one", choices=tuple(WIDTHS), help="run one width in this process")
-    p.add_argument("--weights", default="lora", help="lora or full (with --one), or both comma-separated")
-    p.add_argument("--widths", default=",".join(WIDTHS))
-    p.add_argument("--memory", default="17GiB", help="host memory the plan is made for")
-    p.add_argument("--json", help="with --one: where to write its result")
-    p.add_argument("--out", default="benchmarks")
-    p.add_argument("--force", action="store_true", help="run configurations already measured again")
+    """One configuration in this process (what :func:`run_block_width` starts): its result written to ``--json``."""
+    p = argparse.ArgumentParser(description="one configuration of the block-width benchmark, in this process")
+    p.add_argument("--one", required=True, choices=tuple(WIDTHS), help="the width")
+    p.add_argument("--weights", required=True, choices=("lora", "full"))
+    p.add_argument("--memory", required=True, help="host memory the plan is made for")
+    p.add_argument("--json", required=True, help="where to write the result")
     args = p.parse_args(argv)
-    if args.one:
-        result = run_one(args.one, args.weights, parse_bytes(args.memory))
-        Path(args.json).write_text(json.dumps(result))
-        return 0
-    run_block_width(args.out, args.widths.split(","), args.weights.split(","), args.memory, args.force)
+    Path(args.json).write_text(json.dumps(run_one(args.one, args.weights, parse_bytes(args.memory))))
     return 0
 
 
