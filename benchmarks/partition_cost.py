@@ -29,12 +29,11 @@ from concept_influence.curvature import CurvatureSettings, fit_curvature, fit_pa
 from concept_influence.engine import ScoringSettings  # noqa: E402
 from concept_influence.estimators import ConceptInfluence  # noqa: E402
 from concept_influence.provenance import machine_description  # noqa: E402
+from concept_influence_benchmarks import speed_size_stages as sizes  # noqa: E402
 from concept_influence_benchmarks.kronfluence_bridge import DAMPING_FACTOR  # noqa: E402
-from concept_influence_benchmarks.speed_size_stages import (SIZES, SizeConfig, random_concept, random_examples,  # noqa: E402
-                                                            size_model)
 
 
-def _pipeline(adapter, cfg: SizeConfig, train, concept, stored: bool):
+def _pipeline(adapter, cfg: sizes.SizeConfig, train, concept, stored: bool):
     """Fit, then score ``train`` with one concept: (fit seconds, scoring seconds incl. the query, scores)."""
     settings = CurvatureSettings(strategy="ekfac", fisher="true", batch_size=cfg.batch_size, damping=None,
                                  damping_factor=DAMPING_FACTOR, seed=cfg.seed)
@@ -57,12 +56,12 @@ def main() -> None:
     p.add_argument("--size", default="gpt2-small")
     p.add_argument("--examples", type=int, default=32)
     args = p.parse_args()
-    cfg = SizeConfig(size=args.size, n_examples=args.examples, kronfluence=False,
-                     concept_layer=min(3, SIZES[args.size]["num_hidden_layers"] - 1))
+    cfg = sizes.SizeConfig(size=args.size, n_examples=args.examples, kronfluence=False,
+                     concept_layer=min(3, sizes.SIZES[args.size]["num_hidden_layers"] - 1))
     torch.set_num_threads(cfg.threads)
-    adapter = size_model(cfg)
-    train = random_examples(cfg.n_examples, cfg, "train", cfg.seed)
-    concept = random_concept(adapter, cfg, 1, random_examples(cfg.n_eval, cfg, "eval", cfg.seed + 1))
+    adapter = sizes.size_model(cfg)
+    train = sizes.random_examples(cfg.n_examples, cfg, "train", cfg.seed)
+    concept = sizes.random_concept(adapter, cfg, 1, sizes.random_examples(cfg.n_eval, cfg, "eval", cfg.seed + 1))
     times = {False: [], True: []}
     scores = {}
     for r in range(args.rounds):

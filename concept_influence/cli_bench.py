@@ -205,7 +205,8 @@ def _add_gpu_check(bench) -> None:
 
 
 def add_bench_commands(sub) -> argparse._SubParsersAction:
-    """Add ``bench planted``, ``medical``, ``speed``, ``memory``, ``gpu-check`` and ``block-width``; returns the ``bench`` subparsers."""
+    """Add ``bench planted``, ``medical``, ``speed``, ``memory``, ``gpu-check`` and ``block-width``; returns the
+    ``bench`` subparsers."""
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="benchmark", required=True)
     planted = bench.add_parser(
         "planted", help="planted-data benchmark over any two chat JSONL files",
