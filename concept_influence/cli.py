@@ -118,7 +118,9 @@ def _add_pipeline_commands(sub) -> None:
     train.add_argument("--allow-weak-probe", action="store_true", help=WEAK_PROBE_HELP)
     stage(sub, "fit-factors", "fit the run's EK-FAC factors (resumable)",
           "Fit the curvature (EK-FAC or K-FAC) of the maps up to the probe's block on the training data, shard by "
-          "shard with a checkpoint after each; writes RUN/factors/. Needs the probe stage.", ("factors",))
+          "shard with a checkpoint after each; writes RUN/factors/. Needs the probe stage. With [factors] strategy = "
+          "\"adam_state\", reads TrackStar's correction from the fine-tune's optimizer.pt instead (no pass over the "
+          "data).", ("factors",))
     stage(sub, "score", "score the run's training data (resumable)",
           "Score every training example with scoring.estimator, one file per shard under RUN/scores/shards/, then "
           "merge them in data order into RUN/scores/scores.safetensors. Needs the probe stage (and the factors for "

@@ -107,7 +107,8 @@ def add_index_commands(sub, bench) -> None:
     build.add_argument("sources", nargs="+", metavar="RUN_OR_CONFIG", help="run folders or run configs, one per checkpoint")
     build.add_argument("--out", required=True, help="the index folder (outside the run folders)")
     build.add_argument("--projection", choices=PROJECTIONS, default="eigen",
-                       help="eigen: top EK-FAC eigenvectors (default); random: LoGra; identity: uncompressed")
+                       help="eigen: top EK-FAC eigenvectors (default); random: LoGra; identity: uncompressed (takes "
+                            "any curvature, e.g. a run's [factors] strategy = \"adam_state\")")
     build.add_argument("--rank", type=int, help="dimensions per side of each map (default: the largest that fits in "
                                                 "--budget)")
     build.add_argument("--budget", type=int, default=65536,
@@ -132,8 +133,9 @@ def add_index_commands(sub, bench) -> None:
     query.add_argument("--out", required=True, help="scores file to write (.safetensors + .json)")
     add_settings_options(query, ConceptSpec)
     query.add_argument("--curvature", choices=QUERY_CURVATURES, default="ekfac",
-                       help="ekfac: the run's EK-FAC in the projected space (default); empirical: fitted on the stored "
-                            "rows; identity: gradient dot products")
+                       help="ekfac: the run's curvature in the projected space (default; EK-FAC, or the run's "
+                            "[factors] strategy with the identity projection); empirical: fitted on the stored rows; "
+                            "identity: gradient dot products")
     query.add_argument("--report", metavar="DIR", help="also write DIR/report.md and DIR/concept_map.png: the concept "
                                                        "x data map and each concept's top examples")
     query.add_argument("--top", type=int, default=5, help="with --report: top examples per concept (default 5)")

@@ -61,7 +61,7 @@ def _plan(args: argparse.Namespace) -> int:
     from .models.hugging_face import parse_track
     from .plan import PlanSettings, model_shape, parse_bytes, parse_device_memory, plan_memory
     from .runs.checkpoints import model_folder
-    from .runs.plans import factor_dtype
+    from .runs.plans import factor_dtype, planned_strategy
 
     kind, source = plan_source(args.source)
     select = _selection_args(args)
@@ -70,6 +70,7 @@ def _plan(args: argparse.Namespace) -> int:
     settings = PlanSettings(device_memory=limit, host_memory=parse_bytes(args.host_memory),
                             world_size=args.world_size, margin=args.margin, concepts=args.concepts,
                             factor_dtype=args.factor_dtype or "float32", engine=args.engine or "partitioned")
+    read = False  # whether a run config's factors are read from a file (adam_state), not fitted
     if kind == "config":
         m = source.model
         weights, selection = parse_track(m.track)
@@ -77,12 +78,13 @@ def _plan(args: argparse.Namespace) -> int:
         shape = model_shape(model_folder(m), dtype=args.dtype or m.dtype, track=args.weights or weights,
                             select=select or selection, max_block=block_of_hook(hook), base=m.base)
         settings = replace(settings, batch_size=source.factors.batch_size, max_length=source.data.max_length,
-                           strategy=source.factors.strategy, query_rank=source.scoring.query_rank,
+                           strategy=planned_strategy(source), query_rank=source.scoring.query_rank,
                            examples=_count_examples(source) or settings.examples)
         if args.factor_dtype is None:
             settings = replace(settings, factor_dtype=factor_dtype(source))
         p = source.factors.partitions  # the engine and partitions the run fits its factors with
-        if args.engine is None and p == "none":
+        read = planned_strategy(source) != source.factors.strategy  # (every map's scales at once)
+        if args.engine is None and (p == "none" or read):
             settings = replace(settings, engine="current")
         elif args.engine is None and isinstance(p, int) and args.world_size == 1:
             settings = replace(settings, partitions=tuple(tuple(x.name for x in g) for g in split_maps(shape.maps, p)))
@@ -94,6 +96,9 @@ def _plan(args: argparse.Namespace) -> int:
                                  ("strategy", args.strategy)) if v is not None}
     plan = plan_memory(shape, replace(settings, **changes))
     print(plan.describe())
+    if kind == "config" and read:
+        print(f"\n[factors] strategy = {source.factors.strategy!r} is read from a file, not fitted: the run makes none of "
+              "the factor stages above; its query and scoring are planned as EK-FAC's (an upper bound)")
     if plan.engine == "partitioned" and plan.settings.device_memory is not None:
         today = plan_memory(shape, plan.settings, engine="current", partitions=None)
         print("\nthe current engine (one partition, every factor on each rank): "

@@ -37,7 +37,8 @@ from probes import PROBE_KINDS, REDUCTIONS
 
 from .concept_spec import CONCEPT_TYPES, ConceptSpec
 from .curvature import CurvatureSettings
-from .curvature.registry import FITTED_FROM_DATA
+from .curvature.optimizer_state import POWERS
+from .curvature.registry import RUN_STRATEGIES
 from .engine import ScoringSettings
 from .errors import ConceptInfluenceError
 from .estimators import RUN_ESTIMATORS
@@ -148,9 +149,10 @@ class ConceptConfig(ConceptSpec):
 @dataclass
 class FactorsConfig(CurvatureSettings):
     """``[factors]``: the curvature for ``concept_influence``, fitted in passes over the training data streamed in shards
-    (then ``extra_data``, in the same shards) as :class:`CurvatureSettings` say, or read from ``path``."""
+    (then ``extra_data``, in the same shards) as :class:`CurvatureSettings` say, read from ``path``, or (``strategy =
+    "adam_state"``) TrackStar's correction read from the fine-tune's ``optimizer.pt``, nothing fitted."""
 
-    strategy: str = narrowed(CurvatureSettings, "strategy", FITTED_FROM_DATA)
+    strategy: str = narrowed(CurvatureSettings, "strategy", RUN_STRATEGIES)
     max_examples: int | None = option(None, "fit on the first max_examples training examples; unset: all")
     shard_size: int = option(1024, "examples per shard; a checkpoint is written after each", minimum=1)
     path: str | None = option(None, "a saved curvature folder to use instead of fitting one", path=True)
@@ -164,9 +166,20 @@ class FactorsConfig(CurvatureSettings):
         "auto", "fit the maps in N groups, one covariance and one eigenvalue pass over the data each, factors saved per "
                 "map and read one map at a time when scoring; auto: the memory plan's partitions when every factor at "
                 "once does not fit [model] device_memory, else none; none: every map in one pass, one factor file")
+    optimizer_state: str | None = option(
+        None, 'adam_state: the Trainer checkpoint folder (or its optimizer.pt) read at every point; unset: each '
+              "[model] checkpoints folder's own, else the [model] path folder's (or its last checkpoint-N)", path=True)
+    power: int = option(2, "adam_state: the query times D^power, D = 1/(sqrt(v_hat)+eps) from the optimizer; 2: "
+                           "TrackStar (both sides), 1: the training side only (Adam's step)", choices=POWERS)
 
     def check_together(self) -> None:
         super().check_together()
+        if self.strategy != "adam_state" and (self.optimizer_state is not None or self.power != 2):
+            raise ValueError(f'optimizer_state and power are read with strategy = "adam_state", not {self.strategy}')
+        fitted = [f.name for f in dataclasses.fields(self) if f.name not in ("strategy", "optimizer_state", "power")
+                  and getattr(self, f.name) != f.default]
+        if self.strategy == "adam_state" and fitted:
+            raise ValueError(f"{fitted[0]}: adam_state reads the optimizer state, it fits nothing; remove {', '.join(fitted)}")
         p = self.partitions
         if isinstance(p, str) and p not in ("auto", "none") or isinstance(p, int) and not isinstance(p, bool) and p < 1:
             raise ValueError(f'partitions must be "auto", "none" or a number of partitions >= 1, got {p!r}')
@@ -275,6 +288,8 @@ class RunConfig:
                               "direction concept.check_positive and check_negative")
         if self.model.checkpoints is not None and self.factors.path is not None:
             raise ConfigError("factors.path is one curvature; with model.checkpoints the factors are fitted at each")
+        if self.factors.strategy == "adam_state" and self.scoring.unrolled:
+            raise ConfigError('scoring.unrolled unrolls a fitted EK-FAC; factors.strategy = "adam_state" fits none')
         r = self.filter.remove_top
         if r is not None and not (0 < r < 1 or (r >= 1 and r == int(r))):
             raise ConfigError(f"filter.remove_top must be a fraction in (0, 1) or a whole count, got {r}")

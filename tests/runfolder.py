@@ -57,6 +57,23 @@ def run_reference(project: Path) -> Path:
     return project / "runs" / "reference"
 
 
+def in_memory_inputs(project: Path, run: Path):
+    """``(adapter, train, concept)`` as the project's run makes them, in memory: its model, its tokenised training
+    examples, and the concept on the direction of ``run``'s probe averaged over the first 24 positive texts."""
+    from concept_influence.concepts import ConceptFunction
+    from concept_influence.config import RunConfig
+    from concept_influence.data import load_chat_jsonl, tokenize_examples
+    from concept_influence.models import load_model
+    from probes import ConceptDirection
+
+    adapter = load_model(project / "model")
+    cfg = RunConfig.read(project / "run.toml")
+    train = tokenize_examples(load_chat_jsonl(cfg.data.train), adapter.tokenizer, cfg.data.max_length, True)
+    eval_examples = tokenize_examples(load_chat_jsonl(cfg.concept_eval, 24), adapter.tokenizer, cfg.data.max_length, True)
+    direction = ConceptDirection.load(run / "probe" / "direction.safetensors")
+    return adapter, train, ConceptFunction.from_directions(direction, eval_examples)
+
+
 def cli_env() -> dict[str, str]:
     """The environment for CLI subprocesses: offline, one torch thread (results are bitwise comparable only at
     the same thread count)."""

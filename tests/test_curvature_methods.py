@@ -96,7 +96,8 @@ def test_settings_run_configs_and_plans_accept_a_registered_method(scaled_identi
         CurvatureSettings(strategy="diagonal")
     config = RunConfig.from_dict({**MINIMAL, "factors": {"strategy": "scaled_identity"}}, "test.toml")
     assert config.factors.settings().strategy == "scaled_identity"
-    with pytest.raises(ConfigError, match="'factors.strategy' must be one of ekfac, kfac, scaled_identity; got 'identity'"):
+    with pytest.raises(ConfigError, match="'factors.strategy' must be one of ekfac, kfac, adam_state, scaled_identity; "
+                                          "got 'identity'"):
         RunConfig.from_dict({**MINIMAL, "factors": {"strategy": "identity"}}, "test.toml")
     assert PlanSettings(strategy="scaled_identity").passes == ("covariance",)
     with pytest.raises(PlanError, match="strategy must be one of ekfac, kfac, scaled_identity"):

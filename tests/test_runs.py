@@ -13,10 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from runfolder import N_TRAIN, start_and_kill
+from runfolder import N_TRAIN, in_memory_inputs, start_and_kill
 
 from concept_influence.cli import main
-from concept_influence.concepts import ConceptFunction
 from concept_influence.config import ConfigError, RunConfig
 from concept_influence.curvature import CurvatureSettings, fit_curvature
 from concept_influence.data import load_chat_jsonl, load_chats, tokenize_examples
@@ -28,7 +27,6 @@ from concept_influence.models import load_model
 from concept_influence.runs import RUN_FORMAT_VERSION, Run, RunError, run_config, run_stages
 from concept_influence.runs.inputs import LATER_KEYS
 from concept_influence.scores import Scores
-from probes import ConceptDirection
 
 # (the fixtures project and finished, a run-folder project and its reference run: tests/conftest.py)
 
@@ -112,19 +110,10 @@ def test_report_shows_top_examples_with_text(finished, project):
     assert " ".join(texts[top_id].split())[:30] in " ".join(report.split())
 
 
-def _in_memory_inputs(project: Path, finished: Path):
-    adapter = load_model(project / "model")
-    cfg = RunConfig.read(project / "run.toml")
-    train = tokenize_examples(load_chat_jsonl(cfg.data.train), adapter.tokenizer, cfg.data.max_length, True)
-    eval_examples = tokenize_examples(load_chat_jsonl(cfg.concept_eval, 24), adapter.tokenizer, cfg.data.max_length, True)
-    direction = ConceptDirection.load(finished / "probe" / "direction.safetensors")
-    return adapter, train, ConceptFunction.from_directions(direction, eval_examples)
-
-
 def test_sharded_run_equals_in_memory_scoring(finished, project):
     """Shards (16 examples, the last 4), checkpointed passes and the merge give the scores of one
     in-memory fit and one in-memory scoring pass."""
-    adapter, train, concept = _in_memory_inputs(project, finished)
+    adapter, train, concept = in_memory_inputs(project, finished)
     curvature = fit_curvature(adapter, train, maps=adapter.linear_maps(max_block=0), progress=False)
     expected = ConceptInfluence(concept, curvature).score(adapter, train, progress=False)
     got = Scores.load(finished / "scores" / "scores.safetensors")
@@ -136,7 +125,7 @@ def test_sharded_run_equals_in_memory_scoring(finished, project):
 def test_fast_path_run_equals_in_memory(project, finished, tmp_path):
     path = edited_config(project, "[scoring]\n", '[scoring]\nestimator = "probe_projection"\n', "fast.toml")
     run_config(RunConfig.read(path), tmp_path / "fast", progress=False)
-    adapter, train, concept = _in_memory_inputs(project, finished)
+    adapter, train, concept = in_memory_inputs(project, finished)
     expected = ProbeProjection(concept).score(adapter, train, progress=False)
     got = Scores.load(tmp_path / "fast" / "scores" / "scores.safetensors")
     assert got.ids == expected.ids

@@ -50,7 +50,7 @@ def test_config_sections_are_the_settings_plus_run_keys():
 
 
 @pytest.mark.parametrize("sections, message", [
-    ({"factors": {"strategy": "identity"}}, "'factors.strategy' must be one of ekfac, kfac; got 'identity'"),
+    ({"factors": {"strategy": "identity"}}, "'factors.strategy' must be one of ekfac, kfac, adam_state; got 'identity'"),
     ({"factors": {"damping": 0}}, "factors.damping must be a positive"),
     ({"factors": {"batch_size": 0}}, "factors.batch_size must be >= 1, got 0"),
     ({"scoring": {"loss_tokens": "prompt"}}, "'scoring.loss_tokens' must be one of response, all; got 'prompt'"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -26,7 +27,8 @@ from torch import nn
 
 from .base import Curvature, CurvatureError, map_shapes
 
-__all__ = ["AdamStateCurvature", "OPTIMIZER_FILE", "load_optimizer_state", "trainer_parameter_order"]
+__all__ = ["AdamStateCurvature", "OPTIMIZER_FILE", "POWERS", "load_optimizer_state", "optimizer_file",
+           "check_optimizer_state", "trainer_parameter_order"]
 
 OPTIMIZER_FILE = "optimizer.pt"
 POWERS = (1, 2)
@@ -34,12 +36,13 @@ POWERS = (1, 2)
 _NO_DECAY = [re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")]
 
 
-def load_optimizer_state(path: str | Path) -> dict:
+def load_optimizer_state(path: str | Path, mmap: bool = False) -> dict:
     """An optimizer's ``state_dict`` from ``path`` (a checkpoint folder or its ``optimizer.pt``), read with
-    ``torch.load(weights_only=True)``; a :class:`CurvatureError` naming the file when it cannot be read that way."""
-    path = _optimizer_file(path)
+    ``torch.load(weights_only=True)``; a :class:`CurvatureError` naming the file when it cannot be read that way.
+    ``mmap``: the tensors are memory-mapped, read only when used (a file in torch.save's zip format)."""
+    path = optimizer_file(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except FileNotFoundError:
         raise CurvatureError(f"{path}: no such file (a Trainer checkpoint folder holds {OPTIMIZER_FILE})") from None
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, TypeError, AttributeError) as e:
@@ -52,7 +55,7 @@ def load_optimizer_state(path: str | Path) -> dict:
     return state
 
 
-def _optimizer_file(path: str | Path) -> Path:
+def optimizer_file(path: str | Path) -> Path:
     """``path`` itself, or a checkpoint folder's ``optimizer.pt``."""
     path = Path(path)
     return path / OPTIMIZER_FILE if path.is_dir() else path
@@ -120,6 +123,35 @@ def _group_of(state: dict, position: int) -> dict:
     return next(g for g in state["param_groups"] if position in g.get("params", []))
 
 
+def _moments(adapter, state: dict, maps, param_names: Sequence[str] | None, where: str) -> list[tuple]:
+    """``(map, second moments, parameter group, step)`` of each of ``maps`` (default: every tracked map) in an
+    optimizer's ``state``; a :class:`CurvatureError` naming the map when its parameter is not matched or has no
+    moments."""
+    maps = adapter.linear_maps() if maps is None else list(maps)
+    matched = _match(state, adapter.model, param_names, where, {id(m.weight): m.name for m in adapter.linear_maps()})
+    out = []
+    for m in maps:
+        if id(m.weight) not in matched:
+            raise CurvatureError(f"{where}: map {m.name}'s weight is not among the parameters the optimizer trained; "
+                                 "build the curvature for the trained maps (e.g. a LoRA fine-tune's factors)")
+        name, i = matched[id(m.weight)]
+        s, group = state["state"].get(i, {}), _group_of(state, i)
+        key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
+        if key not in s or "step" not in s or float(s["step"]) < 1:
+            raise CurvatureError(f"{where}: no Adam second moments ({key}) after a step for map {m.name} (parameter "
+                                 f"{name}); an Adam(W) optimizer's state after at least one step is needed")
+        out.append((m, s[key], group, float(s["step"])))
+    return out
+
+
+def check_optimizer_state(adapter, checkpoint: str | Path, maps=None, param_names: Sequence[str] | None = None) -> Path:
+    """The :class:`CurvatureError` :meth:`AdamStateCurvature.from_checkpoint` would raise, found without computing
+    (the file memory-mapped: its moments are not read); returns the ``optimizer.pt`` path."""
+    path = optimizer_file(checkpoint)
+    _moments(adapter, load_optimizer_state(path, mmap=True), maps, param_names, str(path))
+    return path
+
+
 class AdamStateCurvature(Curvature):
     """``precondition`` multiplies each map's gradient element-wise by ``D^power``, ``D = 1 / (sqrt(v̂) + ε)`` from an
     Adam(W) optimizer's state (see the module docstring); ``scales[name]`` is ``D`` ``[d_out, d_in]`` (float32)."""
@@ -143,7 +175,7 @@ class AdamStateCurvature(Curvature):
         (the weights at that checkpoint), for ``maps`` (default: every tracked map). ``eps``: the optimizer's own
         unless given. ``param_names``: the optimizer's parameters by name, in its order, when neither of the Trainer's
         orders is it."""
-        path = _optimizer_file(checkpoint)
+        path = optimizer_file(checkpoint)
         return cls.from_state_dict(adapter, load_optimizer_state(path), maps, power=power, eps=eps,
                                    param_names=param_names, source=str(path))
 
@@ -151,21 +183,9 @@ class AdamStateCurvature(Curvature):
     def from_state_dict(cls, adapter, state: dict, maps=None, *, power: int = 2, eps: float | None = None,
                         param_names: Sequence[str] | None = None, source: str | None = None) -> "AdamStateCurvature":
         """From an optimizer's ``state_dict()`` (``source`` names it in errors)."""
-        where = source or "the optimizer state"
-        maps = adapter.linear_maps() if maps is None else list(maps)
-        matched = _match(state, adapter.model, param_names, where, {id(m.weight): m.name for m in adapter.linear_maps()})
         scales = {}
-        for m in maps:
-            if id(m.weight) not in matched:
-                raise CurvatureError(f"{where}: map {m.name}'s weight is not among the parameters the optimizer trained; "
-                                     "build the curvature for the trained maps (e.g. a LoRA fine-tune's factors)")
-            name, i = matched[id(m.weight)]
-            s, group = state["state"].get(i, {}), _group_of(state, i)
-            key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
-            if key not in s or "step" not in s or float(s["step"]) < 1:
-                raise CurvatureError(f"{where}: no Adam second moments ({key}) after a step for map {m.name} (parameter "
-                                     f"{name}); an Adam(W) optimizer's state after at least one step is needed")
-            v_hat = s[key].double() / (1 - group["betas"][1] ** float(s["step"]))
+        for m, v, group, step in _moments(adapter, state, maps, param_names, source or "the optimizer state"):
+            v_hat = v.double() / (1 - group["betas"][1] ** step)
             d = 1 / (v_hat.sqrt() + (group["eps"] if eps is None else eps))
             scales[m.name] = m.to_matrix(d).float().contiguous().to(m.weight.device)
         return cls(scales, power=power, eps=eps, source=source, fingerprint=adapter.fingerprint())

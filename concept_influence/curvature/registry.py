@@ -22,7 +22,8 @@ import pkgutil
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["register", "method", "passes", "StrategyNames", "STRATEGIES", "FITTED", "FITTED_FROM_DATA"]
+__all__ = ["register", "method", "passes", "StrategyNames", "STRATEGIES", "FITTED", "FITTED_FROM_DATA",
+           "RUN_STRATEGIES"]
 
 _METHODS: dict[str, type] = {}
 _discovered = False
@@ -89,3 +90,6 @@ STRATEGIES = StrategyNames()
 FITTED = StrategyNames(lambda cls, passes: passes is not None)
 #: those fitted from at least one pass over the data (a run folder's ``[factors]``, the memory plan)
 FITTED_FROM_DATA = StrategyNames(lambda cls, passes: bool(passes))
+#: a run folder's ``[factors] strategy``: those fitted from the data, and ``adam_state``, which a run reads from the
+#: fine-tune's ``optimizer.pt`` (:mod:`concept_influence.runs.optimizer`)
+RUN_STRATEGIES = StrategyNames(lambda cls, passes: bool(passes) or "adam_state" in cls.strategies)

@@ -3,7 +3,8 @@ from the command line.
 
 Building first runs the run's probe and factors stages where they have not run (resumable and distributed as run
 folders are); the index then covers the maps of the run's factors (blocks up to the probe's) and projects them with the
-run's EK-FAC. A run with ``[model] checkpoints`` gives one index checkpoint per point, weighted as the run weights it.
+run's EK-FAC (a run whose ``[factors] strategy = "adam_state"``: the identity projection only, exact). A run with
+``[model] checkpoints`` gives one index checkpoint per point, weighted as the run weights it.
 Every run of one index must score the same data.
 """
 
@@ -17,14 +18,16 @@ import torch
 
 from ..config import RunConfig
 from ..curvature import Curvature
+from ..curvature.registry import method
 from ..data import iter_shards, tokenize_kept
 from ..distributed import Ranks, process_group
 from ..fileio import path_sha256
 from ..models import ModelAdapter
-from ..runs import Pipeline, Run, RunError
+from ..runs import Pipeline, Run, RunError, preflight
 from .build import IndexSettings, ShardInput, check_existing
 from .gradient_index import GradientIndex, add_checkpoint
 from .store import GradientIndexError
+from .subspace import check_projection
 
 __all__ = ["build_from_runs", "checkpoint_models", "checkpoint_run"]
 
@@ -67,7 +70,9 @@ def build_from_runs(sources: Sequence[str | Path], out: str | Path, settings: In
             data = {"source": str(cfg.data.train), "sha256": path_sha256(cfg.data.train),
                     "max_length": cfg.data.max_length, "skip_truncated": cfg.data.skip_truncated}
             check_existing(out, settings, data)  # before the run's stages: another index's data is refused at once
+            _check_projection(run, settings.projection)
             pipeline = Pipeline(run, ranks, progress)
+            preflight(pipeline, ("probe", "factors"))  # (each input named, before any stage computes)
             pipeline.direction()
             pipeline.curvature()  # fits (or resumes) the factors at every point of the run
             for point in pipeline.points:  # the run's model, or each of its [model] checkpoints
@@ -78,6 +83,18 @@ def build_from_runs(sources: Sequence[str | Path], out: str | Path, settings: In
                                    str(run.path) + (f"#{point.name}" if point.name else ""), weight * point.weight,
                                    {"run": str(run.path), "point": point.name}, ranks, progress)
     return GradientIndex(out)
+
+
+def _check_projection(run: Run, projection: str) -> None:
+    """Before any work: the run's ``[factors] strategy`` has what ``projection`` needs (a saved ``factors.path`` is
+    checked when read)."""
+    strategy = run.config.factors.strategy
+    if run.config.factors.path is None:
+        try:
+            check_projection(projection, method(strategy), strategy)
+        except ValueError as e:
+            raise GradientIndexError(f"{run.path}: [factors] strategy = {strategy!r}: {e}; the identity projection "
+                                     "takes any curvature") from None
 
 
 def _device(source: str | Path) -> str:

@@ -34,7 +34,7 @@ from ..curvature import Curvature, KroneckerEigen
 from ..curvature.registry import StrategyNames
 from ..models import LinearMap
 
-__all__ = ["PROJECTIONS", "QUERY_CURVATURES", "MapSpace", "make_spaces", "space_ranks", "spaces_to_tensors",
+__all__ = ["PROJECTIONS", "QUERY_CURVATURES", "MapSpace", "check_projection", "make_spaces", "space_ranks", "spaces_to_tensors",
            "spaces_from_tensors", "cholesky", "damped"]
 
 #: each projection and the capabilities (:class:`Curvature` attributes) it needs of the curvature
@@ -161,16 +161,22 @@ def space_ranks(projection: str, rank: int, shape: Sequence[int]) -> tuple[int, 
     return tuple(d if projection == "identity" else min(rank, d) for d in shape)
 
 
-def make_spaces(projection: str, rank: int, maps: Sequence[LinearMap], curvature: Curvature, seed: int = 0) -> list[MapSpace]:
-    """Each map's :class:`MapSpace` for ``projection`` (see the module docstring) with ``r = min(rank, d)`` per side,
-    from the map's factors in ``curvature``, which must have what :data:`PROJECTIONS` says the projection needs."""
+def check_projection(projection: str, method: type, strategy: str) -> None:
+    """Refuse the curvature method ``method`` (registered as ``strategy``) when it lacks what ``projection`` needs
+    (:data:`PROJECTIONS`): a ``ValueError`` naming the methods that have it."""
     if projection not in PROJECTIONS:
         raise ValueError(f"unknown projection {projection!r}; expected one of {', '.join(PROJECTIONS)}")
     needs = PROJECTIONS[projection]
-    if not all(getattr(curvature, need) for need in needs):
+    if not all(getattr(method, need) for need in needs):
         able = StrategyNames(lambda cls, passes: all(getattr(cls, need) for need in needs))
         raise ValueError(f"the {projection} projection needs a curvature method declaring {' and '.join(needs)} "
-                         f"({', '.join(able)}); {curvature.strategy} does not")
+                         f"({', '.join(able)}); {strategy} does not")
+
+
+def make_spaces(projection: str, rank: int, maps: Sequence[LinearMap], curvature: Curvature, seed: int = 0) -> list[MapSpace]:
+    """Each map's :class:`MapSpace` for ``projection`` (see the module docstring) with ``r = min(rank, d)`` per side,
+    from the map's factors in ``curvature``, which must have what :data:`PROJECTIONS` says the projection needs."""
+    check_projection(projection, type(curvature), curvature.strategy)
     spaces = []
     for m in maps:
         (d_out, d_in), (r_out, r_in) = m.shape, space_ranks(projection, rank, m.shape)

@@ -34,7 +34,8 @@ Modules: :mod:`.folder` (the folder, its record, manifest and checks), :mod:`.st
 :mod:`.checkpoints` (where factors and scores are computed), :mod:`.inputs` (the data in shards: the training data,
 and what the factors are fitted on), :mod:`.shards` (shard files), :mod:`.audit` (check, explain, filter),
 :mod:`.report` (``report.md``), :mod:`.stability` (the stability check), :mod:`.plans` (the memory plan and the
-partitions of maps), :mod:`.partitioned` (factors fitted in partitions).
+partitions of maps), :mod:`.partitioned` (factors fitted in partitions), :mod:`.optimizer` (``[factors] strategy =
+"adam_state"``: the factors read from the fine-tune's ``optimizer.pt``, not fitted).
 """
 
 from __future__ import annotations
@@ -48,10 +49,11 @@ from ..config import ConfigError, RunConfig
 from ..distributed import Ranks, process_group
 from .audit import causal_warning, check_stage, explain_stage, filter_stage
 from .folder import RUN_FORMAT, RUN_FORMAT_VERSION, Run, RunError
+from .optimizer import check_optimizer_states
 from .plans import check_memory_plan, plan_for_config
 from .stages import Pipeline
 
-__all__ = ["RunError", "Run", "Pipeline", "run_config", "run_stages", "plan_for_config", "check_memory_plan",
+__all__ = ["RunError", "Run", "Pipeline", "run_config", "run_stages", "preflight", "plan_for_config", "check_memory_plan",
            "RUN_FORMAT", "RUN_FORMAT_VERSION", "STAGES"]
 
 STAGES = ("probe", "check", "factors", "scores", "report", "explain", "filter")
@@ -89,7 +91,7 @@ def run_stages(stages: Sequence[str], path: str | Path | None, config: RunConfig
         pipeline = Pipeline(_open(path, config, ranks), ranks, progress)
         run, cfg = pipeline.run, pipeline.cfg
         out, report = run.path, run.path / "report" / "report.md"
-        _preflight(pipeline, stages)
+        preflight(pipeline, stages)
         if "probe" in stages and cfg.probe is not None:
             pipeline.direction()
             out = run.direction_path
@@ -116,9 +118,10 @@ def run_stages(stages: Sequence[str], path: str | Path | None, config: RunConfig
         return report if report_path and ranks.is_main else out
 
 
-def _preflight(pipeline: Pipeline, stages: Sequence[str]) -> None:
-    """Inputs that late stages read, checked before the early ones compute: the checkpoints (found and weighed), and
-    the files of the scores and explain stages; a missing one is a :class:`RunError` naming its key."""
+def preflight(pipeline: Pipeline, stages: Sequence[str]) -> None:
+    """Inputs that late stages read, checked before the early ones compute: the checkpoints (found and weighed), the
+    files of the factors, scores and explain stages, and with ``adam_state`` each point's optimizer state (read
+    memory-mapped and matched to the model); a missing or unusable one is a :class:`RunError` naming its key."""
     run, cfg = pipeline.run, pipeline.cfg
     if not pipeline.points:
         raise RunError(f"{run.path}: nothing to score")
@@ -127,6 +130,8 @@ def _preflight(pipeline: Pipeline, stages: Sequence[str]) -> None:
     for stage, key, path in late:
         if stage in stages and not run.is_done(stage) and path() is not None and not Path(path()).exists():
             raise RunError(f"{path()}: no such file or folder ({key})")
+    if "factors" in stages:
+        check_optimizer_states(pipeline)
 
 
 def _warn_unless_causal(run: Run, ranks: Ranks) -> None:

@@ -17,7 +17,7 @@ __all__ = ["RunData"]
 EXTRA = "factors.extra_data"
 #: ``[factors]`` keys added after run folders were first written, with their defaults: left out of ``settings.json``
 #: at these values, so that a folder written before them resumes (a key missing there reads as unset)
-LATER_KEYS = {"covariance_dtype": "auto", "partitions": "auto"}
+LATER_KEYS = {"covariance_dtype": "auto", "partitions": "auto", "optimizer_state": None, "power": 2}
 
 
 class RunData:

@@ -18,13 +18,15 @@ from typing import Any, Sequence
 
 from ..config import RunConfig
 from ..curvature import split_maps
+from ..curvature.registry import FITTED_FROM_DATA
 from ..models import block_of_hook
 from ..models.hugging_face import parse_track
 from ..plan import Plan, PlanSettings, format_bytes, model_shape, parse_bytes, plan_memory
 from .checkpoints import model_folder
 from .folder import Run, RunError, read_json
 
-__all__ = ["plan_for_config", "run_plan", "factor_partitions", "check_memory_plan", "device_memory", "factor_dtype"]
+__all__ = ["plan_for_config", "planned_strategy", "run_plan", "factor_partitions", "check_memory_plan", "device_memory",
+           "factor_dtype"]
 
 
 def plan_for_config(config: RunConfig, settings: PlanSettings | None = None, **changes: Any) -> Plan:
@@ -39,8 +41,14 @@ def plan_for_config(config: RunConfig, settings: PlanSettings | None = None, **c
     if isinstance(changes.get("partitions"), int):
         changes["partitions"] = tuple(tuple(x.name for x in g) for g in split_maps(shape.maps, changes["partitions"]))
     s = replace(settings or PlanSettings(), batch_size=config.factors.batch_size, max_length=config.data.max_length,
-                strategy=config.factors.strategy, factor_dtype=factor_dtype(config))
+                strategy=planned_strategy(config), factor_dtype=factor_dtype(config))
     return plan_memory(shape, s, **changes)
+
+
+def planned_strategy(config: RunConfig) -> str:
+    """The strategy the plan counts: ``[factors] strategy`` when fitted from the data, else EK-FAC, whose scoring
+    bounds the run's (``adam_state`` is read, not fitted: its scales are the size of EK-FAC's eigenvalues)."""
+    return config.factors.strategy if config.factors.strategy in FITTED_FROM_DATA else "ekfac"
 
 
 def factor_dtype(config: RunConfig) -> str:
@@ -59,8 +67,8 @@ def run_plan(config: RunConfig, limit: int | None, **changes: Any) -> Plan:
         saved = Path(config.factors.path) / "curvature.json"
         streams = saved.is_file() and read_json(saved).get("storage") == "maps"
         return plan_for_config(config, engine="partitioned" if streams else "current", **common)
-    if p == "none" or p == "auto" and limit is None:
-        return plan_for_config(config, engine="current", **common)
+    if p == "none" or p == "auto" and limit is None or planned_strategy(config) != config.factors.strategy:
+        return plan_for_config(config, engine="current", **common)  # (adam_state: one file, every map's scales)
     if p == "auto":
         current = plan_for_config(config, engine="current", **common)
         if current.fits:
@@ -105,9 +113,9 @@ def check_memory_plan(path: str | Path | None, config: RunConfig | None, stages:
     from ..estimators import ESTIMATORS
 
     plan = run_plan(config, limit)
+    fitted = config.factors.path is None and config.factors.strategy in FITTED_FROM_DATA  # (not: read from a file)
     checked = [name for stage in stages for name in _PLANNED.get(stage, ())
-               if stage != "factors" or ("curvature" in ESTIMATORS[config.scoring.estimator].run_inputs
-                                         and config.factors.path is None)]  # (a saved curvature is not fitted)
+               if stage != "factors" or ("curvature" in ESTIMATORS[config.scoring.estimator].run_inputs and fitted)]
     if "scores" in stages and config.scoring.estimator != "concept_influence":
         checked = [name for name in checked if name not in ("query", "scoring")]  # (the plan's scoring is EK-FAC's)
     usable = plan.settings.device_limit

@@ -27,6 +27,7 @@ from ..scores import Scores
 from .checkpoints import Point, describe_points, load_point, model_folder, point_horizons, run_points
 from .folder import Run, RunError, write_or_explain
 from .inputs import RunData
+from .optimizer import ADAM, read_optimizer_state
 from .owners import fit_owned, uses_owners
 from .partitioned import fit_partitions, run_partitions
 from .report import write_report
@@ -149,14 +150,20 @@ class Pipeline:
         self.ranks.barrier()
         return None if self.points[0].name else Curvature.load(self.run.factors_dir, self.adapter)
 
+    def tracked_maps(self) -> list:
+        """The maps the run's factors cover: the tracked maps of the blocks up to the concept's hook."""
+        return self.adapter.linear_maps(max_block=block_of_hook((self.cfg.probe or self.cfg.concept).hook))
+
     def _fit(self, point: Point) -> None:
+        if self.cfg.factors.strategy == ADAM:  # read from the fine-tune's optimizer.pt, not fitted
+            return read_optimizer_state(self, point)
         f, final, held = self.cfg.factors, point.factors_dir, None
         self.run.check_settings("factors", self.data.fit_settings, final)
         if not (final / "curvature.json").is_file():
             self._require_probe()
             self.gate()
             with self.at(point):
-                maps = self.adapter.linear_maps(max_block=block_of_hook((self.cfg.probe or self.cfg.concept).hook))
+                maps = self.tracked_maps()
                 self.data.fit_digests()  # (unusable data is refused before the settings are saved)
                 if self.ranks.is_main:
                     self.run.save_settings("factors", self.data.fit_settings, final)
