@@ -93,6 +93,18 @@ def test_sum_stats_merge_and_state_dict_equal_one_pass():
     assert SumStats.from_state_dict(summed).counts == whole.counts
 
 
+def test_sum_stats_keeps_a_fresh_first_sum_without_a_copy_and_never_aliases_a_merged_shard():
+    fresh, shard = torch.ones(3, 3), SumStats()
+    stats = SumStats()
+    stats.add("s", fresh, 2, fresh=True)
+    assert stats.sums["s"].data_ptr() == fresh.data_ptr()  # (one matrix less at the peak of a pass)
+    shard.add("s", torch.ones(3, 3), 1)
+    merged = SumStats().merge(shard)
+    merged.add("s", torch.ones(3, 3), 1)
+    torch.testing.assert_close(shard.sums["s"], torch.ones(3, 3))  # the merged shard's sum is untouched
+    assert merged.counts["s"] == 2 and float(merged.sums["s"][0, 0]) == 2.0
+
+
 def test_padding_is_ignored_even_when_not_finite():
     torch.manual_seed(0)
     a, g = torch.randn(3, 5, 4, dtype=torch.float64), torch.randn(3, 5, 2, dtype=torch.float64)

@@ -35,12 +35,13 @@ class SumStats:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
 
-    def add(self, key: str, value: torch.Tensor, count: int) -> None:
-        """Add ``value`` to the sum ``key`` and ``count`` to its count."""
+    def add(self, key: str, value: torch.Tensor, count: int, fresh: bool = False) -> None:
+        """Add ``value`` to the sum ``key`` and ``count`` to its count. ``fresh``: ``value`` is a new tensor no one
+        else holds (a batch's sum), kept as the first sum without a copy (one matrix less at the peak of a pass)."""
         if key in self.sums:
             self.sums[key] += value
         else:
-            self.sums[key] = value.detach().clone()
+            self.sums[key] = value.detach() if fresh else value.detach().clone()
         self.counts[key] = self.counts.get(key, 0) + int(count)
 
     def mean(self, key: str) -> torch.Tensor:

@@ -140,8 +140,8 @@ def collect_covariance_stats(
         n_tokens, n_examples = int(token_mask.sum()), token_mask.shape[0]
         for name, (a, g) in captured.items():
             a_sum, s_sum = covariance_sums(a, g, token_mask, dtype)
-            stats.add(f"{name}/a", a_sum, n_tokens)
-            stats.add(f"{name}/s", s_sum, n_examples)
+            stats.add(f"{name}/a", a_sum, n_tokens, fresh=True)
+            stats.add(f"{name}/s", s_sum, n_examples, fresh=True)
     return stats
 
 
@@ -162,7 +162,7 @@ def collect_eigenvalue_stats(
     for token_mask, captured in _captured_batches(adapter, examples, maps, fisher, batch_size, seed,
                                                   "curvature: eigenvalues", progress):
         for name, (a, g) in captured.items():
-            stats.add(name, rotated_square_sum(a, g, token_mask, bases[name]), token_mask.shape[0])
+            stats.add(name, rotated_square_sum(a, g, token_mask, bases[name]), token_mask.shape[0], fresh=True)
     return stats
 
 
