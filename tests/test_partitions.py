@@ -1,5 +1,6 @@
 """Partitions of maps (issue 27, item 3): the curvature fitted one group of maps at a time equals the unpartitioned
-fit, and so do Concept Influence and classic influence scores with it; groups from a count, names or a memory plan."""
+fit, and so do Concept Influence and classic influence scores with it, and the gradient index built from it; groups
+from a count, names or a memory plan."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from concept_influence.concepts import ConceptFunction
 from concept_influence.curvature import Curvature, CurvatureError, fit_curvature
 from concept_influence.curvature.partitions import fit_partitioned, split_maps
 from concept_influence.estimators import ConceptInfluence, InfluenceFunction
+from concept_influence.index import GradientIndex
 from concept_influence.plan import ModelShape, plan_memory
 from probes import ConceptDirection
 
@@ -73,7 +75,7 @@ def test_partitioned_factors_equal_unpartitioned(any_adapter, tokenized, whole, 
         assert_close_in_norm(got[n], want[n], 1e-6)
 
 
-def test_partitioned_scores_equal_unpartitioned(tl_adapter, tokenized):
+def test_partitioned_scores_equal_unpartitioned(tl_adapter, tokenized, tmp_path):
     direction = ConceptDirection(torch.randn(tl_adapter.d_model, generator=torch.Generator().manual_seed(1)), HOOK,
                                  kind="custom")
     concept = ConceptFunction.from_directions(direction, eval_examples=tokenized[:3])
@@ -83,6 +85,14 @@ def test_partitioned_scores_equal_unpartitioned(tl_adapter, tokenized):
     for make in (lambda c: ConceptInfluence(concept, c), lambda c: InfluenceFunction(tokenized[:2], c)):
         a = make(whole).score(tl_adapter, tokenized, progress=False).values
         b = make(part).score(tl_adapter, tokenized, progress=False).values
+        assert_close_in_norm(b, a, 1e-6)
+    # the gradient index (eigen projection, compressed) from factors stored per map and streamed, as from the whole fit
+    stored = fit_partitioned(tl_adapter, tokenized, maps, 3, strategy="ekfac", directory=tmp_path / "f", progress=False)
+    built = {name: GradientIndex.build(tmp_path / name, tl_adapter, tokenized, c, projection="eigen", rank=8,
+                                       dtype="float32", progress=False) for name, c in (("whole", whole), ("p", stored))}
+    for make in (lambda c: ConceptInfluence(concept, c), lambda c: InfluenceFunction(tokenized[:2], c)):
+        a = built["whole"].score(make(whole), tl_adapter, progress=False).values
+        b = built["p"].score(make(stored), tl_adapter, progress=False).values
         assert_close_in_norm(b, a, 1e-6)
     kfac = fit_partitioned(tl_adapter, tokenized, maps, 2, strategy="kfac", progress=False)
     assert kfac.strategy == "kfac" and list(kfac.shapes) == [m.name for m in maps]
