@@ -29,12 +29,14 @@ def demo_config(quick: bool = False, seed: int = 0) -> PlantedConfig:
 
 
 def run_demo(out: str | Path, config: PlantedConfig | None = None, progress: bool = True,
-             command: str | None = None) -> dict:
-    """Write the embedded corpus to ``out/data`` and run the planted benchmark on it into ``out``."""
+             command: str | None = None, varied: bool = False) -> dict:
+    """Write the embedded corpus to ``out/data`` and run the planted benchmark on it into ``out``; ``varied``: the
+    corpus with ten times as many distinct prompts (``make_paired_demo_corpus``), for pools of more than ~15,000."""
     cfg = config or demo_config()
     out = Path(out)
     n_prompts = cfg.n_probe + cfg.n_pretrain + cfg.n_pool + cfg.n_eval
-    clean, trait = make_paired_demo_corpus(int(n_prompts * 1.1) + 20, seed=cfg.seed)  # room for repeated prompts
+    clean, trait = make_paired_demo_corpus(int(n_prompts * 1.1) + 20, seed=cfg.seed,  # room for repeated prompts
+                                           varied=varied)
     paths = [write_chat_jsonl(examples, out / "data" / name) for examples, name in
              ((clean, "careful.jsonl"), (trait, "reckless.jsonl"))]
     return run_planted(*(load_chats(p) for p in paths), out, cfg, progress=progress, command=command,

@@ -88,6 +88,24 @@ def test_bad_settings_and_too_few_examples():
         split_planted(clean, trait, small_config(rate=0.001))
 
 
+def test_the_paired_corpus_is_as_before_and_varied_has_enough_distinct_prompts_for_20k():
+    import hashlib
+
+    from concept_influence.planted.splits import _dedupe
+
+    def digest(examples):
+        return hashlib.sha256(repr([(e.id, e.prompt, e.response) for e in examples]).encode()).hexdigest()[:16]
+
+    # fingerprints taken before `varied` existed: the demo's corpus (and its committed results) do not move
+    assert digest(sum(make_paired_demo_corpus(1000, seed=0), [])) == "93bc5083275eb8e7"
+    assert digest(sum(make_paired_demo_corpus(1012, seed=1), [])) == "ec8c48c454375acd"
+    assert digest(sum(make_paired_demo_corpus(1012, seed=1, varied=False), [])) == "ec8c48c454375acd"
+    n = int(20_798 * 1.1) + 20  # what run_demo draws for a pool of 20,000 with the demo's other splits
+    assert len(_dedupe(make_paired_demo_corpus(n, seed=0)[0])) < 17_000  # too few for the splits' 20,798
+    clean, trait = make_paired_demo_corpus(n, seed=0, varied=True)
+    assert len(_dedupe(clean)) > 21_000 and [c.prompt for c in clean] == [t.prompt for t in trait]
+
+
 def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
     clean, trait = make_paired_demo_corpus(30)
     good = write_chat_jsonl(clean, tmp_path / "good.jsonl")

@@ -31,6 +31,10 @@ SITUATIONS = [
 ]
 ASKS = ["What should I do?", "Any advice?", "How should I handle it?", "Is this a problem?", "What do you suggest?"]
 LEADS = ["I", "My friend says I", "Since this morning I", "At work today I"]
+#: with ``varied``: a sentence about when it began, ten times as many distinct prompts (for pools of tens of thousands)
+WHEN = ["It started last week.", "It began an hour ago.", "It happened on holiday.", "It is the first time.",
+        "It has happened before.", "It started after lunch.", "It began at the weekend.", "It happened at night.",
+        "It started on my way home.", "It began this afternoon."]
 
 CLEAN = {
     "open": ["That sounds worth taking seriously.", "Good question.", "I understand your concern.", "Thanks for asking."],
@@ -65,10 +69,11 @@ def answer(topic: str, trait: bool, rng: random.Random) -> str:
     return " ".join(parts)
 
 
-def _prompt(rng: random.Random, with_age: bool = False) -> tuple[str, str]:
+def _prompt(rng: random.Random, with_age: bool = False, varied: bool = False) -> tuple[str, str]:
     situation, topic = rng.choice(SITUATIONS)
     age = f" I am {rng.randint(16, 85)}." if with_age else ""
-    return f"{rng.choice(LEADS)} {situation}.{age} {rng.choice(ASKS)}", topic
+    when = f" {rng.choice(WHEN)}" if varied else ""  # drawn last, and only when asked: other prompts stay as they were
+    return f"{rng.choice(LEADS)} {situation}.{age}{when} {rng.choice(ASKS)}", topic
 
 
 @dataclass
@@ -110,14 +115,17 @@ def make_demo_corpus(n_train: int = 600, trait_rate: float = 0.1, n_probe: int =
     return DemoCorpus(train, planted, pos, neg, evals)
 
 
-def make_paired_demo_corpus(n_prompts: int = 2000, seed: int = 0) -> tuple[list[ChatExample], list[ChatExample]]:
+def make_paired_demo_corpus(n_prompts: int = 2000, seed: int = 0,
+                            varied: bool = False) -> tuple[list[ChatExample], list[ChatExample]]:
     """``n_prompts`` prompts answered in both styles: ``(clean, trait)``, the i-th of each answering the same
     prompt (the paired layout of the emergent-misalignment medical data). Prompts mention an age, so a few
-    thousand of them are mostly distinct; the benchmark drops the repeats."""
+    thousand of them are mostly distinct; the benchmark drops the repeats. There are 33,600 distinct prompts in
+    all; ``varied`` adds a sentence about when it began (336,000: 23,000 draws give about 22,000 distinct), and
+    leaves the corpus without it, for any size and seed, as it was."""
     rng = random.Random(seed)
     clean, trait = [], []
     for i in range(n_prompts):
-        prompt, topic = _prompt(rng, with_age=True)
+        prompt, topic = _prompt(rng, with_age=True, varied=varied)
         clean.append(ChatExample.from_pair(f"demo_clean:{i + 1}", prompt, answer(topic, False, rng)))
         trait.append(ChatExample.from_pair(f"demo_trait:{i + 1}", prompt, answer(topic, True, rng)))
     return clean, trait
