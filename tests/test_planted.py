@@ -106,6 +106,20 @@ def test_the_paired_corpus_is_as_before_and_varied_has_enough_distinct_prompts_f
     assert len(_dedupe(clean)) > 21_000 and [c.prompt for c in clean] == [t.prompt for t in trait]
 
 
+def test_estimators_can_be_restricted_by_name():
+    from types import SimpleNamespace
+
+    from concept_influence.planted.experiment import _chosen
+
+    built = [SimpleNamespace(name=n) for n in ("concept_influence", "grad_dot", "probe_projection")]
+    assert _chosen(built, ()) == built
+    assert [e.name for e in _chosen(built, ("probe_projection", "concept_influence"))] == ["concept_influence",
+                                                                                         "probe_projection"]
+    with pytest.raises(BenchmarkError, match="estimators tfidf are not among this run's: concept_influence, grad_dot"):
+        _chosen(built, ("concept_influence", "tfidf"))
+    assert PlantedConfig(estimators=["grad_dot"]).estimators == ("grad_dot",)
+
+
 def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
     clean, trait = make_paired_demo_corpus(30)
     good = write_chat_jsonl(clean, tmp_path / "good.jsonl")

@@ -58,7 +58,7 @@ from .concept_stage import (
     planted_concept,
 )
 from .curvature_study import run_curvature_study
-from .experiment_config import PlantedConfig
+from .experiment_config import BenchmarkError, PlantedConfig
 from .experiment_report import format_retrieval, report_plots, write_results
 from .finetuning import Finetuner, lora_model
 from .query_study import run_query_study
@@ -96,8 +96,9 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
         t0 = time.perf_counter()
         pre_losses = train_model(adapter, tk["pretrain"], cfg.pretrain_epochs, cfg.pretrain_lr, cfg.batch_size,
                                  tokens="all", seed=cfg.seed, progress=progress, desc="pre-train")
+        pretrain_seconds = time.perf_counter() - t0
         print(f"pre-trained {cfg.n_layers} blocks d{cfg.d_model} on {len(tk['pretrain'])} clean chats: loss "
-            f"{pre_losses[-1]:.3f} ({time.perf_counter() - t0:.0f} s)")
+            f"{pre_losses[-1]:.3f} ({pretrain_seconds:.0f} s)")
 
     tuner = Finetuner(adapter, cfg, progress)
     t0 = time.perf_counter()
@@ -133,6 +134,7 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
         ProjectionDifference(concept, cfg.max_new_tokens, seed=cfg.seed, min_new_tokens=1),
         TfidfBaseline(response_texts(adapter, tk["pos"])), LengthBaseline(), RandomBaseline(cfg.seed),
     ]
+    estimators = _chosen(estimators, cfg.estimators)
     results: dict = {
         "command": command, "machine": machine_description(), "config": asdict(cfg), "data": list(data_names),
         "splits": {"probe": len(tk["pos"]), "pretrain": len(tk["pretrain"]), "pool": len(pool_tk),
@@ -140,7 +142,8 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
                    "dropped_too_long_from_pool": len(splits.pool) - len(pool_tk)},
         "probe": {"hook_name": hook, **probe.metrics}, "query": cfg.query, "concept_check": check,
         "concept_value": float(concept.evaluate(adapter)[0]),
-        "ekfac_fit_seconds": fit_seconds, "finetune_seconds": finetune_seconds, "estimators": {},
+        "ekfac_fit_seconds": fit_seconds, "finetune_seconds": finetune_seconds,
+        "pretrain_seconds": None if cfg.model else pretrain_seconds, "estimators": {},
     }
     scores: dict[str, np.ndarray] = {}
     for est in estimators:
@@ -179,3 +182,14 @@ def run_planted(clean: Sequence[ChatExample], planted: Sequence[ChatExample], ou
     write_results(out, results)
     print(f"\nresults: {out / 'results.md'} ({results['total_seconds']:.0f} s in all)")
     return results
+
+
+def _chosen(estimators: list, names: Sequence[str]) -> list:
+    """The estimators named in ``names`` (all when empty); a name that is none of them is a :class:`BenchmarkError`."""
+    if not names:
+        return estimators
+    built = [est.name for est in estimators]
+    unknown = [n for n in names if n not in built]
+    if unknown:
+        raise BenchmarkError(f"estimators {', '.join(unknown)} are not among this run's: {', '.join(built)}")
+    return [est for est in estimators if est.name in names]

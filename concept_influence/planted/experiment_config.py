@@ -70,6 +70,7 @@ class PlantedConfig:
     curvature_study: bool = False  # also score every preconditioning variant (curvature_study.py)
     concept_check: bool = True  # steer along the probe direction: is the concept causal for the behaviour?
     over_checkpoints: bool = True  # also concept_influence/concept_grad_dot summed over pre-trained and fine-tuned model
+    estimators: tuple[str, ...] = ()  # score only these estimators (by name, checked once built); empty: every one
     lds_seeds: int = 2  # fine-tuning seeds per concept-LDS subset (two give the ceiling: seed vs seed)
     lds_fraction: float = 0.5  # share of the pool in each concept-LDS subset
     model: str | None = None  # a Hugging Face causal LM folder: every fine-tune is a LoRA fine-tune of it (no small model)
@@ -101,6 +102,7 @@ class PlantedConfig:
         if self.device not in ("cpu", "cuda"):
             raise BenchmarkError(f"--device must be cpu or cuda, got {self.device!r}")
         self.remove_fractions, self.lora_targets = tuple(self.remove_fractions), tuple(self.lora_targets)
+        self.estimators = tuple(self.estimators)
 
     @property
     def n_planted(self) -> int:

@@ -21,10 +21,11 @@ def report_plots(out: Path, scores: dict[str, np.ndarray], labels: list[int], re
     """The run's plots in ``out`` (precision-recall, score histograms, fast vs full, and behaviour after removal when
     measured); returns their file names by kind."""
     plots = {"pr_curves": plot_pr_curves(scores, labels, out / "pr_curves.png"),
-             "score_histograms": plot_score_histograms(scores, labels, out / "score_histograms.png"),
-             "fast_vs_full": plot_fast_vs_full(("concept_influence", scores["concept_influence"]),
-                                               {k: scores[k] for k in ("probe_projection", "projection_difference")},
-                                               labels, out / "fast_vs_full.png")}
+             "score_histograms": plot_score_histograms(scores, labels, out / "score_histograms.png")}
+    fast = {k: scores[k] for k in ("probe_projection", "projection_difference") if k in scores}
+    if fast and "concept_influence" in scores:  # a run may score only some estimators (PlantedConfig.estimators)
+        plots["fast_vs_full"] = plot_fast_vs_full(("concept_influence", scores["concept_influence"]), fast, labels,
+                                                  out / "fast_vs_full.png")
     b = results.get("behaviour")
     if b:
         points = {name: {float(f): r["behaviour"] for f, r in by_f.items()} for name, by_f in b["removal"].items()}
