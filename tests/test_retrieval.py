@@ -238,3 +238,31 @@ def test_cli_with_a_run_folder_scores_only_the_chosen_examples(tmp_path, capsys)
     got = Scores.load(tmp_path / "out" / "exact.safetensors")
     assert len(got) == 12
     np.testing.assert_allclose(got.column(0), full.aligned(got.ids)[:, 0], rtol=1e-4, atol=1e-8)
+
+
+def _script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_large_pool_script_builds_a_run_folder_the_coverage_benchmark_reads(tmp_path):
+    large, coverage = _script("retrieval_large_pool"), _script("retrieval_coverage")
+    results = large.build_pool(tmp_path / "pool", n_pool=60, rate=0.1, quick=True, progress=False, n_probe=20,
+                               n_pretrain=40, n_eval=8, n_test=8)
+    assert results["splits"]["pool"] == 60 and results["splits"]["planted"] == 6
+    assert set(results["estimators"]) == set(large.ESTIMATORS)
+    assert sorted(p.name for p in (tmp_path / "pool" / "scores").glob("*.safetensors")) == [
+        "concept_influence.safetensors", "probe_projection.safetensors"]
+    stages = large.stage_seconds(results)
+    assert all(v >= 0 for v in stages.values()) and stages["total"] == pytest.approx(sum(stages.values()) / 2)
+    (name, first, exact), = coverage._real_pairs(tmp_path / "pool")
+    assert name == "pool: concept_influence" and first.shape == exact.shape == (60,)
+    assert np.isfinite(first).all() and np.isfinite(exact).all() and np.ptp(exact) > 0
+    r = coverage._run(lambda rng: (first, exact), 5, 1, 6, seed=1)
+    assert 0 <= r["coverage"] <= 1 and 0 <= r["recall"] <= 1
