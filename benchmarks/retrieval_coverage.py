@@ -148,7 +148,8 @@ def _family_table(folder: Path, reps: int) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=200)
-    p.add_argument("--sizes", type=int, nargs="+", default=[20_000, 100_000])
+    p.add_argument("--sizes", type=int, nargs="*", default=[20_000, 100_000],
+                   help="sizes of the synthetic pools (none: the real pools alone)")
     p.add_argument("--sweep-reps", type=int, default=40, help="repetitions per cell of the budget and split sweeps")
     p.add_argument("--real-reps", type=int, default=2000, help="repetitions on a real (fixed, small) pool")
     p.add_argument("--real", type=Path, action="append", default=[], help="a planted-data run folder (repeatable)")

@@ -8,10 +8,11 @@ stage), into ``FOLDER/scores/*.safetensors``. No behaviour measurement, filter-a
 compared query. The stage times go to stdout. Usage, from the repository root:
 
     OMP_NUM_THREADS=1 python benchmarks/retrieval_large_pool.py runs/retrieval-pool-20k
-    OMP_NUM_THREADS=1 python benchmarks/retrieval_coverage.py --real runs/retrieval-pool-20k --reps 200 \\
+    OMP_NUM_THREADS=1 python benchmarks/retrieval_coverage.py --real runs/retrieval-pool-20k --sizes \\
         > benchmarks/retrieval-large-pool.md
 
-(the second runs the synthetic tables too, ~10 minutes, and gives the real pool ``--real-reps``, 2,000 by default).
+(``--sizes`` with no size: the real pool alone, ``--real-reps`` repetitions, 2,000 by default; without it the
+synthetic tables run too, about 10 minutes).
 
 Measured on one thread of a 2-core machine busy with another benchmark (load ~2.5): N = 1,000 in 23 s, 2,000 in
 37-46 s, 4,000 in 64 s (peak RSS 0.76 GB at 2,000; the same scores to the bit when run again). Per 1,000 pool
