@@ -4,7 +4,7 @@ streamed when the query is preconditioned (``fit_partitioned(..., partitions=1, 
 with ``[factors] partitions = 1`` does), in alternating order over several rounds of one run; the median of each and
 their ratio (goal: within 5 %), and the largest relative difference of the scores. Usage, from the repository root:
 
-    OMP_NUM_THREADS=2 python benchmarks/partition_cost.py --rounds 3 > benchmarks/partition-cost.md
+    OMP_NUM_THREADS=2 python benchmarks/partition_cost.py --rounds 2 > benchmarks/partition-cost.md
 
 The model, data, concept and settings are the size benchmark's (``concept_influence_benchmarks.speed_size_stages``,
 ``concept-influence bench speed --size gpt2-small``).
