@@ -14,7 +14,7 @@ from concept_influence.fileio import atomic_write_text
 from concept_influence.plan import STAGES, format_bytes
 from concept_influence.provenance import machine_description
 
-__all__ = ["RUN_STAGES", "check_result", "report_stem", "write_report", "markdown"]
+__all__ = ["RUN_STAGES", "stage_rows", "check_result", "report_stem", "write_report", "markdown"]
 
 #: The stages the check runs, in order (the plan's ``index build`` is planned, not run).
 RUN_STAGES = ("load", "covariance pass", "eigendecomposition", "eigenvalue pass", "query", "scoring")
