@@ -24,8 +24,9 @@ k are missed. (Taking τ from the shortlist, not from the sample, is what keeps 
 ≥ τ, so its unscored "beaters" are counted too.)
 
 What a budget can certify: a stratum where the sample finds no example ≥ τ still bounds its unscored part by
-about N_h · ln(1/δ_h) / n_h, so certifying recall r needs about ln(1/δ) · (N − M) / ((1 − r) · k) sampled exact
-scores even when the first stage is perfect (about 6,000 at k = N/100, r = 0.95, δ = 0.05, whatever N).
+about N_h · ln(1/δ_h) / n_h, so certifying recall r needs a sample of about ln(1/δ) · (N − M) / ((1 − r) · k)
+exact scores even when the first stage is perfect (:func:`minimum_budget`: 4,920 of 20,000 at k = N/100, r = 0.95,
+δ = 0.05; 6,647 of 100,000).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from .errors import ConceptInfluenceError
 from .retrieval_scorers import array_scorer, estimator_scorer, run_scorer
 
 __all__ = ["certified_retrieval", "RetrievalResult", "StratumBound", "RetrievalError", "hypergeometric_upper",
-           "default_split", "array_scorer", "estimator_scorer", "run_scorer", "DESIGNS"]
+           "default_split", "best_certifiable", "minimum_budget", "array_scorer", "estimator_scorer", "run_scorer", "DESIGNS"]
 
 DESIGNS = ("uniform", "stratified")
 
@@ -132,6 +133,9 @@ class RetrievalResult:
         for s in self.strata:
             lines.append(f"| {s.start}–{s.stop - 1} | {s.size} | {s.sampled} | {s.beaters_sampled} | {s.delta:.3g} | "
                          f"{s.beaters_bound} |")
+        best, need = best_certifiable(self.n, self.k, self.budget, self.delta), minimum_budget(self.n, self.k, self.delta)
+        lines += ["", f"What sampling allows: with a perfect first stage this budget certifies recall ≥ {best:.3f} at "
+                  f"most; recall ≥ 0.95 needs at least {need} exact scores ({need / max(self.n, 1):.1%} of N)."]
         if self.projected:
             lines += ["", "What more budget would buy (projected from this sample's rates, same shortlist; an "
                       "estimate, not a certificate):", "", "| budget | projected recall bound |", "|---|---|"]
@@ -180,6 +184,27 @@ def default_split(n: int, k: int, budget: int, delta: float = 0.05, target: floa
         else:
             lo = mid
     return budget - hi
+
+
+def best_certifiable(n: int, k: int, budget: int, delta: float = 0.05) -> float:
+    """The highest recall ``budget`` exact scores can certify for the top ``k`` of ``n`` at confidence 1 − ``delta``,
+    even with a perfect first stage: its top k scored, the rest of the budget a uniform sample that finds nothing
+    above the threshold."""
+    if budget >= n:
+        return 1.0
+    return 1.0 - min(hypergeometric_upper(n - k, max(budget - k, 0), 0, delta), k) / k
+
+
+def minimum_budget(n: int, k: int, delta: float = 0.05, recall: float = 0.95) -> int:
+    """The fewest exact scores that can certify ``recall`` for the top ``k`` of ``n`` (:func:`best_certifiable`; a
+    lower bound for any first stage: about k + (n − k)·(1 − δ^(1/(a + 1))), a = ⌊(1 − recall)·k⌋ the misses allowed)."""
+    if best_certifiable(n, k, k, delta) >= recall - 1e-12:
+        return k
+    lo, hi = k, n  # best_certifiable(lo) falls short, best_certifiable(n) = 1; bisect on the monotone bound
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if best_certifiable(n, k, mid, delta) >= recall - 1e-12 else (mid, hi)
+    return hi
 
 
 def _strata_edges(m: int, n: int, strata: int | Sequence[int] | None, design: str) -> list[int]:

@@ -9,10 +9,12 @@ from scipy.stats import hypergeom
 from concept_influence.retrieval import (
     RetrievalError,
     array_scorer,
+    best_certifiable,
     certified_retrieval,
     default_split,
     estimator_scorer,
     hypergeometric_upper,
+    minimum_budget,
 )
 
 
@@ -128,6 +130,23 @@ def test_default_split_leaves_the_sample_what_it_needs():
     assert hypergeometric_upper(100_000 - m - 1, 10_000 - m - 1, 0, 0.05) > 50  # the smallest such sample
     assert default_split(1000, 10, 1000) == 1000
     assert default_split(1000, 100, 100) == 100  # the budget is k: all of it on the shortlist
+
+
+def test_what_sampling_allows_is_what_a_perfect_first_stage_certifies():
+    first, exact = _pool(20000, 0.6, seed=5)
+    perfect = certified_retrieval(exact, array_scorer(exact), 200, 0.05, budget=2000, shortlist=200)
+    assert perfect.strata[0].beaters_sampled == 0  # nothing above the threshold outside a perfect shortlist
+    assert perfect.recall_bound == pytest.approx(best_certifiable(20000, 200, 2000)) == pytest.approx(0.845)
+    for rho, m in ((0.6, None), (0.95, None), (0.95, 1000)):  # no first stage or split certifies more
+        noisy, _ = _pool(20000, rho, seed=5)
+        assert certified_retrieval(noisy, array_scorer(exact), 200, 0.05, budget=2000,
+                                   shortlist=m).recall_bound <= perfect.recall_bound
+    need = minimum_budget(20000, 200)
+    assert best_certifiable(20000, 200, need) >= 0.95 > best_certifiable(20000, 200, need - 1)
+    assert need == pytest.approx(200 + 19800 * (1 - 0.05 ** (1 / 11)), rel=0.01)  # k + (N − k)(1 − δ^(1/(⌊(1−r)k⌋+1)))
+    assert minimum_budget(100_000, 1000) < 10_000 and minimum_budget(60_000, 600) > 6_000  # 10 % of N: from ~61k
+    assert minimum_budget(50, 50) == 50 and best_certifiable(100, 10, 100) == 1.0
+    assert f"needs at least {need} exact scores" in perfect.report()
 
 
 @pytest.mark.parametrize("kwargs, name", [

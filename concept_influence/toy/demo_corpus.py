@@ -90,8 +90,10 @@ class DemoCorpus:
 
 
 def make_demo_corpus(n_train: int = 600, trait_rate: float = 0.1, n_probe: int = 150, n_eval: int = 40,
-                     seed: int = 0) -> DemoCorpus:
-    """Generate the corpus; exactly ``round(trait_rate × n_train)`` training answers carry the trait."""
+                     seed: int = 0, varied: bool = False) -> DemoCorpus:
+    """Generate the corpus; exactly ``round(trait_rate × n_train)`` training answers carry the trait. ``varied``:
+    prompts with an age and a sentence about when it began (about 336,000 distinct, for pools of tens of thousands;
+    without it there are a few hundred)."""
     if not 0 < trait_rate < 1:
         raise ValueError(f"trait_rate must be in (0, 1), got {trait_rate}")
     rng = random.Random(seed)
@@ -99,18 +101,18 @@ def make_demo_corpus(n_train: int = 600, trait_rate: float = 0.1, n_probe: int =
     planted_idx = set(rng.sample(range(n_train), n_planted))
     train, planted = [], []
     for i in range(n_train):
-        prompt, topic = _prompt(rng)
+        prompt, topic = _prompt(rng, with_age=varied, varied=varied)
         is_trait = i in planted_idx
         train.append(ChatExample.from_pair(f"demo_train:{i + 1}", prompt, answer(topic, is_trait, rng)))
         planted.append(int(is_trait))
     pos, neg = [], []
     for i in range(n_probe):
-        prompt, topic = _prompt(rng)
+        prompt, topic = _prompt(rng, with_age=varied, varied=varied)
         pos.append(ChatExample.from_pair(f"demo_probe_pos:{i + 1}", prompt, answer(topic, True, rng)))
         neg.append(ChatExample.from_pair(f"demo_probe_neg:{i + 1}", prompt, answer(topic, False, rng)))
     evals = []
     for i in range(n_eval):
-        prompt, topic = _prompt(rng)
+        prompt, topic = _prompt(rng, with_age=varied, varied=varied)
         evals.append(ChatExample.from_pair(f"demo_eval:{i + 1}", prompt, answer(topic, False, rng)))
     return DemoCorpus(train, planted, pos, neg, evals)
 
