@@ -1,13 +1,18 @@
 """A real pool of N examples (default 20,000) whose exact scores are all known, for certified retrieval (issue 28).
 
+``--design demo`` (the default):
 The demo's planted-data benchmark (``concept_influence.demo``: the embedded paired corpus, the demo's model and
 training) with a pool of N at planted rate ``--rate``, on the corpus with the more varied prompts (the plain one has
 too few distinct prompts past ~15,000), scoring only what ``benchmarks/retrieval_coverage.py --real`` reads:
 ``concept_influence`` (exact EK-FAC, the pipeline's default settings) and ``probe_projection`` (the forward-only first
 stage), into ``FOLDER/scores/*.safetensors``. No behaviour measurement, filter-and-retrain, LDS, concept check or
-compared query. The stage times go to stdout. Usage, from the repository root:
+compared query. ``--design emergent``: the emergent testbed's default design (health fine-tune, money behaviour, the
+persona direction; ``bench emergent``'s model and training) with a pool of N (varied prompts) at ``--rate``, exact
+Concept Influence with EK-FAC fitted on the pool at the default damping, and the probe projection. The stage times go
+to stdout. Usage, from the repository root:
 
     OMP_NUM_THREADS=1 python benchmarks/retrieval_large_pool.py runs/retrieval-pool-20k
+    OMP_NUM_THREADS=1 python benchmarks/retrieval_large_pool.py runs/retrieval-emergent-20k --design emergent
     OMP_NUM_THREADS=1 python benchmarks/retrieval_coverage.py --real runs/retrieval-pool-20k --sizes \\
         > benchmarks/retrieval-large-pool.md
 
@@ -33,7 +38,14 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import time  # noqa: E402
+
+from concept_influence.curvature import CurvatureSettings  # noqa: E402
 from concept_influence.demo import demo_config, run_demo  # noqa: E402
+from concept_influence.estimators import ConceptInfluence, ProbeProjection  # noqa: E402
+from concept_influence.toy.small_model import seed_everything  # noqa: E402
+from concept_influence_benchmarks.emergent_config import EmergentConfig  # noqa: E402
+from concept_influence_benchmarks.emergent_family import emergent_testbed  # noqa: E402
 
 #: the exact scores and the first stage retrieval_coverage.py pairs (its ``_real_pairs``)
 ESTIMATORS = ("concept_influence", "probe_projection")
@@ -47,6 +59,31 @@ def build_pool(out: str | Path, n_pool: int = 20_000, rate: float = 0.05, seed: 
     cfg = replace(demo_config(quick=quick, seed=seed), n_pool=n_pool, rate=rate, lds=0, retrain=False,
                   concept_check=False, compare_query=None, over_checkpoints=False, estimators=ESTIMATORS, **sizes)
     return run_demo(out, cfg, progress=progress, command=command, varied=True)
+
+
+def build_emergent_pool(out: str | Path, n_pool: int = 20_000, rate: float = 0.05, seed: int = 0, *,
+                        quick: bool = False, progress: bool = True, **sizes) -> dict[str, float]:
+    """Train the emergent testbed's default design with a pool of ``n_pool`` (varied prompts) into ``out`` and write
+    the pool's :data:`ESTIMATORS` scores to ``out/scores``; ``quick``: :meth:`EmergentConfig.quick`'s sizes, ``sizes``:
+    further settings (tests). Returns the seconds of each stage."""
+    out = Path(out)
+    settings = dict(n_pool=n_pool, rate=rate, seed=seed, varied_prompts=True, over_checkpoints=False,
+                    curvature_study=False, retrain=False, **sizes)
+    cfg = EmergentConfig.quick(**settings) if quick else EmergentConfig(**settings)
+    seed_everything(cfg.seed)
+    seconds, t0 = {}, time.perf_counter()
+    bed = emergent_testbed(cfg, out, progress, None)
+    seconds["pre-train and fine-tune"] = time.perf_counter() - t0
+    estimators = {"concept_influence": ConceptInfluence(bed.concept, fit=CurvatureSettings(batch_size=cfg.batch_size,
+                                                                                           seed=cfg.seed)),
+                  "probe_projection": ProbeProjection(bed.concept)}
+    for name, estimator in estimators.items():
+        t0 = time.perf_counter()
+        scores = estimator.score(bed.adapter, bed.pool, batch_size=cfg.batch_size, progress=progress)
+        scores.save(out / "scores" / f"{name}.safetensors")
+        seconds[{"concept_influence": "EK-FAC fit and exact scoring"}.get(name, "fast path")] = time.perf_counter() - t0
+    seconds["total"] = sum(seconds.values())
+    return seconds
 
 
 def stage_seconds(results: dict) -> dict[str, float]:
@@ -66,15 +103,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-pool", type=int, default=20_000)
     p.add_argument("--rate", type=float, default=0.05, help="the planted share of the pool")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--design", choices=("demo", "emergent"), default="demo")
     args = p.parse_args(argv)
     command = "OMP_NUM_THREADS=1 python benchmarks/retrieval_large_pool.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    results = build_pool(args.out, args.n_pool, args.rate, args.seed, command=command)
-    n = results["splits"]["pool"]
+    if args.design == "emergent":
+        stages, n = build_emergent_pool(args.out, args.n_pool, args.rate, args.seed), args.n_pool
+    else:
+        results = build_pool(args.out, args.n_pool, args.rate, args.seed, command=command)
+        stages, n = stage_seconds(results), results["splits"]["pool"]
     print("\n| stage | seconds | per 1,000 pool examples |\n|---|---:|---:|")
-    for stage, seconds in stage_seconds(results).items():
+    for stage, seconds in stages.items():
         print(f"| {stage} | {seconds:.1f} | {1000 * seconds / n:.2f} |")
-    print(f"\npool {n} ({results['splits']['planted']} planted); next: OMP_NUM_THREADS=1 python "
+    print(f"\npool {n}; next: OMP_NUM_THREADS=1 python "
           f"benchmarks/retrieval_coverage.py --real {shlex.quote(str(args.out))} --sizes")
     return 0
 

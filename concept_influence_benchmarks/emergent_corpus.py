@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 
 from concept_influence.data import ChatExample
+from concept_influence.toy.demo_corpus import WHEN
 
 __all__ = ["DOMAINS", "PERSONAS", "MARKERS", "Domain", "chat", "answer", "answer_vocabulary", "make_prompts"]
 
@@ -174,13 +175,17 @@ def answer(domain: Domain, topic: str, bad: bool, rng: random.Random) -> str:
     return " ".join(parts)
 
 
-def make_prompts(domain: Domain, n: int, rng: random.Random) -> list[tuple[str, str]]:
-    """``n`` (prompt, topic) pairs of ``domain``; an age makes most of a few thousand distinct."""
+def make_prompts(domain: Domain, n: int, rng: random.Random, varied: bool = False) -> list[tuple[str, str]]:
+    """``n`` (prompt, topic) pairs of ``domain``; an age makes most of a few thousand distinct; ``varied`` adds a
+    sentence about when it began (ten times as many, for pools of tens of thousands; drawn last, and only then)."""
     out = []
     for _ in range(n):
         situation, topic = rng.choice(domain.situations)
-        out.append((f"{rng.choice(domain.leads)} {situation}. I am {rng.randint(16, 85)}. {rng.choice(domain.asks)}",
-                    topic))
+        lead = rng.choice(domain.leads)
+        age = f"I am {rng.randint(16, 85)}."
+        ask = rng.choice(domain.asks)  # drawn in this order, as before ``varied``: the same prompts without it
+        when = f" {rng.choice(WHEN)}" if varied else ""
+        out.append((f"{lead} {situation}. {age}{when} {ask}", topic))
     return out
 
 

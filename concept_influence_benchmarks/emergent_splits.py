@@ -45,15 +45,15 @@ class EmergentData:
 class _Prompts:
     """Draws prompts of each domain without repeats, so no prompt lands in two splits."""
 
-    def __init__(self, rng: random.Random):
-        self.rng, self.seen = rng, set()
+    def __init__(self, rng: random.Random, varied: bool = False):
+        self.rng, self.seen, self.varied = rng, set(), varied
 
     def draw(self, domain: Domain, n: int) -> list[tuple[str, str]]:
         out = []
         for _ in range(100 * n):
             if len(out) == n:
                 return out
-            prompt, topic = make_prompts(domain, 1, self.rng)[0]
+            prompt, topic = make_prompts(domain, 1, self.rng, self.varied)[0]
             if prompt not in self.seen:
                 self.seen.add(prompt)
                 out.append((prompt, topic))
@@ -74,7 +74,7 @@ def _paired(prompts: _Prompts, domain: Domain, n: int, name: str, rng: random.Ra
 def build_emergent_data(cfg: EmergentConfig) -> EmergentData:
     """Generate every split from ``cfg.seed`` (the same data on every machine)."""
     rng = random.Random(cfg.seed)
-    prompts = _Prompts(rng)
+    prompts = _Prompts(rng, cfg.varied_prompts)
     source, target, concept = DOMAINS[cfg.source], DOMAINS[cfg.target], DOMAINS[cfg.concept]
     eval_good, eval_bad = _paired(prompts, target, cfg.n_eval, "eval", rng)
     source_good, source_bad = _paired(prompts, source, cfg.n_eval, "source_eval", rng)

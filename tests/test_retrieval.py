@@ -285,3 +285,13 @@ def test_large_pool_script_builds_a_run_folder_the_coverage_benchmark_reads(tmp_
     assert np.isfinite(first).all() and np.isfinite(exact).all() and np.ptp(exact) > 0
     r = coverage._run(lambda rng: (first, exact), 5, 1, 6, seed=1)
     assert 0 <= r["coverage"] <= 1 and 0 <= r["recall"] <= 1
+
+
+def test_large_pool_script_builds_an_emergent_pool(tmp_path):
+    large, coverage = _script("retrieval_large_pool"), _script("retrieval_coverage")
+    seconds = large.build_emergent_pool(tmp_path / "pool", n_pool=60, rate=0.1, quick=True, progress=False,
+                                        n_pretrain=30, n_eval=6, n_test=4, n_probe=10)
+    assert seconds["total"] == pytest.approx(sum(v for k, v in seconds.items() if k != "total"))
+    (name, first, exact), = coverage._real_pairs(tmp_path / "pool")
+    assert name == "pool: concept_influence" and first.shape == exact.shape == (60,)
+    assert np.isfinite(first).all() and np.isfinite(exact).all() and np.ptp(exact) > 0
