@@ -21,10 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.stats import spearmanr
-from torch.utils.flop_counter import FlopCounterMode
 
 from concept_influence.curvature import CurvatureSettings
-from concept_influence.data import iter_batches
 from concept_influence.encoder import RowEncoder
 from concept_influence.estimators import ConceptInfluence, ProbeProjection
 from concept_influence.evaluation import retrieval_metrics
@@ -33,6 +31,7 @@ from concept_influence.provenance import machine_description
 from concept_influence.toy.small_model import seed_everything
 from concept_influence_benchmarks.emergent_config import EmergentConfig
 from concept_influence_benchmarks.emergent_family import design_label, draw_design, emergent_testbed
+from concept_influence_benchmarks.pass_costs import cost, floor, train_step_pass
 
 #: (family seed, design index): designs whose probe projection ranked below AUROC 0.8 in benchmarks/family, then
 #: two where it did not
@@ -41,48 +40,6 @@ SHARES = (0.1, 0.25, 0.5)
 #: (m, last block whose maps give the features: None for every indexed block, 0 for the first: half the forward)
 CODES = ((16, None), (64, None), (64, 0))
 SAMPLE_SEEDS = (0, 1)
-
-
-def _cost(run, repeats: int = 3) -> dict:
-    """The fastest of ``repeats`` runs of ``run()`` after a warm-up (seconds) and its FLOPs (torch's counter: matrix
-    products and attention)."""
-    with FlopCounterMode(display=False) as counter:
-        run()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return {"seconds": min(times), "flops": int(counter.get_total_flops())}
-
-
-def _floor(adapter, pool, batch_size: int) -> None:
-    """One forward plus a backward to the activations only (no weight gradient): the gradient floor."""
-    leaves = []
-
-    def leaf(act: torch.Tensor) -> torch.Tensor:  # not a leaf itself: torch's FLOP counter cannot differentiate one
-        leaves.append(act.detach().requires_grad_() * 1.0)
-        return leaves[-1]
-
-    params = [p for p in adapter.model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        with adapter.edit_activation("blocks.0.hook_resid_pre", leaf):
-            for batch in iter_batches(pool, batch_size, adapter.pad_token_id):
-                leaves.clear()
-                torch.autograd.grad(adapter.per_example_loss(batch).sum(), leaves)
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
-def _train_step_pass(adapter, pool, batch_size: int) -> None:
-    """One forward plus a backward with the weights' gradients, as training computes them."""
-    for batch in iter_batches(pool, batch_size, adapter.pad_token_id):
-        adapter.model.zero_grad(set_to_none=True)
-        adapter.per_example_loss(batch).sum().backward()
-    adapter.model.zero_grad(set_to_none=True)
 
 
 def _ranking(scores: np.ndarray, labels: np.ndarray, exact: np.ndarray, held: np.ndarray, index: np.ndarray) -> dict:
@@ -134,9 +91,9 @@ def run_design(family: int, number: int, work: Path) -> dict:
     passes = {f"encode{'' if last is None else f' (blocks 0..{last})'}":
               lambda e=e: e.encode(adapter, pool, batch_size=bs, progress=False) for last, e in encoders.items()}
     passes.update({"fast_path": lambda: ProbeProjection(bed.concept).score(adapter, pool, batch_size=bs, progress=False),
-                   "floor": lambda: _floor(adapter, pool, bs),
-                   "forward_backward": lambda: _train_step_pass(adapter, pool, bs)})
-    out["cost_per_example"] = {k: {unit: v / len(pool) for unit, v in _cost(run).items()} for k, run in passes.items()}
+                   "floor": lambda: floor(adapter, pool, bs),
+                   "forward_backward": lambda: train_step_pass(adapter, pool, bs)})
+    out["cost_per_example"] = {k: {unit: v / len(pool) for unit, v in cost(run).items()} for k, run in passes.items()}
     out["cost_per_example"]["index_build"] = {"seconds": build_seconds / len(pool)}
     out["cost_per_example"]["exact_with_fit"] = {"seconds": exact_seconds / len(pool)}
     out["seconds"] = time.perf_counter() - started

@@ -81,8 +81,9 @@ class ExactAtShape:
     facts: dict
 
 
-def exact_at_shape(cfg: IndexBenchConfig) -> ExactAtShape:
-    """Build the real-shape setting of ``cfg``, fit the EK-FAC and score both queries exactly."""
+def exact_at_shape(cfg: IndexBenchConfig, influence_function: bool = True) -> ExactAtShape:
+    """Build the real-shape setting of ``cfg``, fit the EK-FAC and score both queries exactly (only Concept Influence
+    when not ``influence_function``)."""
     sc = SizeConfig(size=cfg.size, n_examples=cfg.n_examples, seq_len=cfg.seq_len, concept_layer=cfg.concept_layer,
                     n_eval=cfg.n_eval)
     adapter = size_model(sc)
@@ -98,8 +99,9 @@ def exact_at_shape(cfg: IndexBenchConfig) -> ExactAtShape:
     print(f"[index bench] {cfg.size}: EK-FAC fit on {cfg.n_examples} examples ...", flush=True)
     curvature, out["fit_seconds"] = _timed(lambda: fit_curvature(adapter, train, maps, batch_size=8, progress=False))
     concept = random_concept(adapter, sc, cfg.n_concepts, evals)
-    queries = {"concept_influence": ConceptInfluence(concept, curvature),
-               "influence_function": _BlocksInfluence(test, curvature, cfg.concept_layer)}
+    queries = {"concept_influence": ConceptInfluence(concept, curvature)}
+    if influence_function:
+        queries["influence_function"] = _BlocksInfluence(test, curvature, cfg.concept_layer)
     exact = {}
     for name, est in queries.items():
         est.score(adapter, train[:1], progress=False)  # the preconditioned queries, computed once and kept
