@@ -34,8 +34,7 @@ from concept_influence.estimators import ProbeProjection  # noqa: E402
 from concept_influence.index import GradientIndex, IndexSettings  # noqa: E402
 from concept_influence.provenance import machine_description  # noqa: E402
 from concept_influence_benchmarks.index_bench import IndexBenchConfig, exact_at_shape  # noqa: E402
-from concept_influence_benchmarks.pass_costs import count_flops, floor, interleaved_costs  # noqa: E402
-from concept_influence_benchmarks.speed_size_stages import floor_pass  # noqa: E402
+from concept_influence_benchmarks.pass_costs import floor, interleaved_costs  # noqa: E402
 
 GOAL = 0.2
 QUICK = dict(size="tiny", examples=24, seq_len=32, concept_block=1, blocks="1,0", m=8, budget=4096, repeats=2)
@@ -107,7 +106,6 @@ def measure(args: argparse.Namespace) -> dict:
         passes["exact Concept Influence"] = lambda ex: exact.score(adapter, ex, progress=False)
         _log(f"{len(passes)} passes, {args.repeats} interleaved rounds over {len(train)} examples ...")
         costs = interleaved_costs(passes, train, args.repeats, train[:bs], _log)
-    facts["speed_floor_pass_flops"] = count_flops(lambda: floor_pass(adapter, train[:bs], bs)) / bs
     return {"config": {k: v for k, v in vars(args).items() if k != "out"}, "facts": facts, "encoder_fits": fits,
             "costs": costs}
 
@@ -149,8 +147,8 @@ def report(results: dict) -> str:
                      f"| **{f:.3f}** | {goal} |")
     lines += ["", f"Index build (one run, not interleaved): {facts['index_build_seconds'] / cfg['examples'] * 1e3:.0f} ms "
               f"per example, {facts['index_build_seconds'] / cfg['examples'] / fl['seconds']:.2f}× the floor. EK-FAC fit: "
-              f"{facts['fit_seconds']:.0f} s. The speed benchmark's floor (`floor_pass`, a backward to the input "
-              f"embeddings) counts {facts['speed_floor_pass_flops'] / fl['flops']:.3f}× these floor FLOPs.", "",
+              f"{facts['fit_seconds']:.0f} s. The speed benchmark times the same floor "
+              "(`concept_influence_benchmarks.pass_costs.floor`).", "",
               "What the encoder adds to the forward it stops (encode − forward to the same block; its captures, "
               "projections, pooling and code):", ""]
     for block, fit in results["encoder_fits"].items():

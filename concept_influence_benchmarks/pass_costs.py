@@ -1,6 +1,6 @@
 """What a pass over examples costs, against the gradient floor: the floor itself (a forward and a backward to the
 activations only), a training step's forward and backward, and the timing and FLOP counting of passes that the
-encoder benchmarks (``benchmarks/encoder_study.py``, ``benchmarks/encoder_cost.py``) share.
+encoder benchmarks (``benchmarks/encoder_study.py``, ``benchmarks/encoder_cost.py``) and the speed benchmark share.
 
 FLOPs are torch's counter (:class:`torch.utils.flop_counter.FlopCounterMode`: matrix products and attention)."""
 

@@ -17,20 +17,21 @@ import torch
 
 from concept_influence.concepts import ConceptFunction
 from concept_influence.curvature import fit_curvature
-from concept_influence.data import TokenizedExample, iter_batches
+from concept_influence.data import TokenizedExample
 from concept_influence.engine import ScoringSettings
 from concept_influence.estimators import ConceptInfluence, ProbeProjection
-from concept_influence.models import HFCausalLMAdapter, ModelAdapter, per_token_mean_loss
+from concept_influence.models import HFCausalLMAdapter, ModelAdapter
 from concept_influence.planted.experiment_config import BenchmarkError
 from concept_influence.toy.small_model import train_model
 from probes import ConceptDirection
 
 from .bergson_bridge import bergson_concept_scores, bergson_unavailable
 from .kronfluence_bridge import DAMPING_FACTOR, kronfluence_concept_scores
+from .pass_costs import floor
 from .speed_memory import measure_peak
 
 __all__ = ["SIZES", "SizeConfig", "COMPARED_LIBRARIES", "size_model", "random_examples", "random_token_examples",
-           "random_concept", "floor_pass", "size_stages", "libraries", "compared", "selected", "memory_child"]
+           "random_concept", "size_stages", "libraries", "compared", "selected", "memory_child"]
 
 # Llama-style shapes (hidden, MLP, blocks, heads, key-value heads, vocabulary); "tiny" is for tests and smoke runs.
 SIZES = {
@@ -101,23 +102,6 @@ def random_concept(adapter: ModelAdapter, cfg: SizeConfig, k: int, evals: Sequen
     return ConceptFunction.from_directions(directions, eval_examples=evals)
 
 
-def floor_pass(adapter: HFCausalLMAdapter, examples: Sequence[TokenizedExample], batch_size: int) -> None:
-    """Forward plus a backward to the input embeddings only: no weight requires grad, so no weight gradient is formed."""
-    model = adapter.model
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        for batch in iter_batches(examples, batch_size, adapter.pad_token_id):
-            # a non-leaf copy: torch's FLOP counter cannot differentiate with respect to a leaf tensor
-            embeds = model.get_input_embeddings()(batch.input_ids).detach().requires_grad_(True) * 1.0
-            logits = model(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False).logits
-            torch.autograd.grad(per_token_mean_loss(logits, batch).sum(), embeds)
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
 def size_stages(cfg: SizeConfig, adapter: HFCausalLMAdapter, evals: list, work: Path, state: dict) -> dict[str, Callable]:
     """Each stage as ``examples -> value`` (run on all examples for the time, on one batch for the FLOP count);
     ``state`` receives the fitted curvature and the seconds each query took to compute."""
@@ -161,7 +145,7 @@ def size_stages(cfg: SizeConfig, adapter: HFCausalLMAdapter, evals: list, work: 
                                                        DAMPING_FACTOR)
 
     stages = {
-        "floor": lambda examples: floor_pass(adapter, examples, bs),
+        "floor": lambda examples: floor(adapter, examples, bs),
         "train_step": train_step,
         "ekfac_fit": fit,
         "concept_influence_k1": score(one, None),
