@@ -145,6 +145,39 @@ def _family_table(folder: Path, reps: int) -> list[str]:
     return out
 
 
+def _sweeps(args) -> list[str]:
+    """The synthetic sweeps' tables: what a budget certifies, and how the split of a budget matters."""
+    out = ["", "## What a budget certifies (uniform design, default split)", "",
+           f"Mean certified recall over {args.sweep_reps} repetitions per cell, k = 1 % of N, δ = {DELTA}; the budget as a "
+           "fraction of N.", "",
+           "| pool | N | Spearman | 5 % | 10 % | 20 % | 40 % |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for kind in KINDS:
+        for n in args.sizes:
+            for rho in SPEARMAN:
+                cells = [_run(_synthetic(kind, n, rho), args.sweep_reps, n // 100, int(f * n), seed=2)["bound"]
+                         for f in (0.05, 0.1, 0.2, 0.4)]
+                out.append(f"| {kind} | {n} | {rho} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+                print(out[-1], file=sys.stderr, flush=True)
+
+    fracs = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    out += ["", "## The split of the budget (uniform design)", "",
+            f"Mean certified recall over {args.sweep_reps} repetitions by the shortlist's share of a budget of 10 % of N "
+            "(k = 1 % of N); `default` is `default_split`'s choice. Pools with Spearman 0.3 certify nothing at this "
+            "budget and are left out.", "",
+            "| pool | N | Spearman | " + " | ".join(f"M = {f:.0%}" for f in fracs) + " | default |",
+            "|---|---:|---:|" + "---:|" * (len(fracs) + 1)]
+    for kind in KINDS:
+        for n in args.sizes:
+            for rho in (0.6, 0.9):
+                cells = [_run(_synthetic(kind, n, rho), args.sweep_reps, n // 100, n // 10, seed=3,
+                              shortlist=max(n // 100, int(f * n // 10)))["bound"] for f in fracs]
+                m = default_split(n, n // 100, n // 10, DELTA)
+                out.append(f"| {kind} | {n} | {rho} | " + " | ".join(f"{c:.3f}" for c in cells)
+                           + f" | M = {m / (n // 10):.0%} |")
+                print(out[-1], file=sys.stderr, flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=200)
@@ -207,34 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(out[-1], file=sys.stderr, flush=True)
 
     if args.sizes:  # the sweeps are over synthetic pools alone
-        out += ["", "## What a budget certifies (uniform design, default split)", "",
-                f"Mean certified recall over {args.sweep_reps} repetitions per cell, k = 1 % of N, δ = {DELTA}; the budget as a "
-                "fraction of N.", "",
-                "| pool | N | Spearman | 5 % | 10 % | 20 % | 40 % |", "|---|---:|---:|---:|---:|---:|---:|"]
-        for kind in KINDS:
-            for n in args.sizes:
-                for rho in SPEARMAN:
-                    cells = [_run(_synthetic(kind, n, rho), args.sweep_reps, n // 100, int(f * n), seed=2)["bound"]
-                             for f in (0.05, 0.1, 0.2, 0.4)]
-                    out.append(f"| {kind} | {n} | {rho} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
-                    print(out[-1], file=sys.stderr, flush=True)
-
-        fracs = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-        out += ["", "## The split of the budget (uniform design)", "",
-                f"Mean certified recall over {args.sweep_reps} repetitions by the shortlist's share of a budget of 10 % of N "
-                "(k = 1 % of N); `default` is `default_split`'s choice. Pools with Spearman 0.3 certify nothing at this "
-                "budget and are left out.", "",
-                "| pool | N | Spearman | " + " | ".join(f"M = {f:.0%}" for f in fracs) + " | default |",
-                "|---|---:|---:|" + "---:|" * (len(fracs) + 1)]
-        for kind in KINDS:
-            for n in args.sizes:
-                for rho in (0.6, 0.9):
-                    cells = [_run(_synthetic(kind, n, rho), args.sweep_reps, n // 100, n // 10, seed=3,
-                                  shortlist=max(n // 100, int(f * n // 10)))["bound"] for f in fracs]
-                    m = default_split(n, n // 100, n // 10, DELTA)
-                    out.append(f"| {kind} | {n} | {rho} | " + " | ".join(f"{c:.3f}" for c in cells)
-                               + f" | M = {m / (n // 10):.0%} |")
-                    print(out[-1], file=sys.stderr, flush=True)
+        out += _sweeps(args)
     out += ["", f"Wall time: {time.time() - start:.0f} s on one thread."]
     print("\n".join(out))
     return 0
