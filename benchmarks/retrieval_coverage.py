@@ -27,7 +27,8 @@ import numpy as np
 from scipy.stats import norm, spearmanr
 from scipy.stats import t as student_t
 
-from concept_influence.retrieval import array_scorer, certified_retrieval, default_split
+from concept_influence.evaluation import top_k_recall
+from concept_influence.retrieval import array_scorer, best_certifiable, certified_retrieval, default_split
 
 SPEARMAN = (0.3, 0.6, 0.9)
 KINDS = ("copula", "additive")
@@ -62,11 +63,6 @@ def _additive(n: int, rho_s: float, rng: np.random.Generator) -> tuple[np.ndarra
     return y + _noise_for(rho_s) * rng.standard_normal(n), y
 
 
-def _recall(found: np.ndarray, exact: np.ndarray, k: int) -> float:
-    true_top = np.argpartition(-exact, k - 1)[:k]
-    return len(np.intersect1d(found, true_top)) / k
-
-
 def _run(make, reps: int, k: int, budget: int, seed: int, **kwargs) -> dict:
     rng = np.random.default_rng(seed)
     rows = []
@@ -75,7 +71,7 @@ def _run(make, reps: int, k: int, budget: int, seed: int, **kwargs) -> dict:
         res = certified_retrieval(first, array_scorer(exact), k, DELTA, budget, seed=rng, project=(2.0,), **kwargs)
         unscored = np.ones(len(exact), dtype=bool)
         unscored[res.scored] = False
-        rows.append((res.recall_bound, _recall(res.top, exact, k), res.spent / len(exact),
+        rows.append((res.recall_bound, top_k_recall(res.top, exact, k), res.spent / len(exact),
                      res.projected[int(round(budget * 2))], res.shortlist,
                      (exact[unscored] >= res.threshold).sum() <= res.beaters_bound))
     a = np.array(rows)
@@ -91,19 +87,35 @@ def _synthetic(kind: str, n: int, rho: float):
     return lambda rng: gen(n, rho, rng)
 
 
-def _real_pairs(folder: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(name, first stage, exact) from a planted-data run folder: each gradient estimator's scores paired with
-    probe_projection's."""
+#: first stages a real pool folder may hold (``scores/<name>.safetensors``), with the stages of its ``seconds.json``
+#: (retrieval_large_pool.py --design emergent) that make up each one's own cost
+FIRST_STAGES = {"probe_projection": ("fast path",),
+                "encoder": ("encoder: index of the sample", "encoder: fit and codes"),
+                "encoder[block 0]": ("encoder: index of the sample", "encoder[block 0]: fit and codes")}
+
+
+def _real_pairs(folder: Path) -> list[tuple[str, np.ndarray, np.ndarray, float | None]]:
+    """(name, first stage, exact, the first stage's cost / exact scoring of all N or None) from a planted-data run
+    folder: each gradient estimator's scores paired with each first stage there (``FIRST_STAGES``; the costs from
+    ``seconds.json`` where the folder has one, the EK-FAC fit shared and charged to neither)."""
+    import json
+
     from concept_influence.scores import Scores
 
     scores = folder / "scores"
-    fast = Scores.load(scores / "probe_projection.safetensors")
+    seconds = json.loads((folder / "seconds.json").read_text()) if (folder / "seconds.json").exists() else None
     pairs = []
     for name in ("concept_influence", "concept_influence[checkpoints]", "concept_influence[pretrain+pool][checkpoints]"):
         path = scores / f"{name}.safetensors"
-        if path.exists():
-            exact = Scores.load(path)
-            pairs.append((f"{folder.name}: {name}", fast.aligned(exact.ids)[:, 0], exact.column(0)))
+        if not path.exists():
+            continue
+        exact = Scores.load(path)
+        for stage, parts in FIRST_STAGES.items():
+            if (scores / f"{stage}.safetensors").exists():
+                first = Scores.load(scores / f"{stage}.safetensors")
+                cost = sum(seconds[s] for s in parts) / seconds["exact scoring"] if seconds else None
+                label = name if stage == "probe_projection" else f"{name}, first stage {stage}"
+                pairs.append((f"{folder.name}: {label}", first.aligned(exact.ids)[:, 0], exact.column(0), cost))
     return pairs
 
 
@@ -212,7 +224,10 @@ def main(argv: list[str] | None = None) -> int:
            "sample alone is random) and gets 2,000 repetitions. Real pools: the score files of a planted-data run "
            "(`runs/retrieval-demo-quick` is `concept-influence demo --quick --out runs/retrieval-demo-quick`: "
            "240 pool examples, seed 0), each Concept Influence variant as exact score and `probe_projection` as "
-           "first stage. "
+           "first stage, and where the folder has them the encoders (`encoder`: the inputs of every block's maps, "
+           "`encoder[block 0]`: block 0's alone; fitted on the index of a 5 % sample); \"+ x first stage\": the first "
+           "stage's own cost over exact scoring of all N, measured in the same run (`seconds.json`; the EK-FAC fit is "
+           "shared and charged to neither). The limit row: the bound a perfect first stage gets (`best_certifiable`). "
            "Projected 2×: what the report says twice the budget would certify, from the sample's rates.", "",
            "| pool | N | first stage Spearman | design | budget | M | reps | coverage | count coverage | "
            "certified recall, mean (p10) | share certifying ≥ 0.95 | true recall of the k found | cost | projected bound at 2× |",
@@ -227,17 +242,25 @@ def main(argv: list[str] | None = None) -> int:
                                f"{r['certified95']:.2f} | {r['recall']:.3f} | {r['cost']:.3f} | {r['projected2x']:.3f} |")
                     print(out[-1], file=sys.stderr, flush=True)
     for folder in args.real:
-        for name, first, exact in _real_pairs(folder):
+        pairs = _real_pairs(folder)
+        for name, first, exact, first_cost in pairs:
             n = len(exact)
             for k, budget in ((max(1, n // 100), max(n // 10, max(1, n // 100))), (max(1, n // 20), n // 2)):
                 rng_pool = (lambda f, e: (lambda rng: (f, e)))(first, exact)
                 r = _run(rng_pool, args.real_reps, k, budget, seed=1)
                 rho = spearmanr(first, exact)[0]
+                cost = f"{r['cost']:.3f}" + ("" if first_cost is None else f" + {first_cost:.3f} first stage")
                 out.append(f"| real ({name}; k = {k}) | {n} | {rho:.2f} | uniform | {budget / n:.0%} | {r['shortlist']} | "
                            f"{args.real_reps} | **{r['coverage']:.3f}** | {r['count_coverage']:.3f} | "
                            f"{r['bound']:.3f} ({r['bound_p10']:.3f}) | "
-                           f"{r['certified95']:.2f} | {r['recall']:.3f} | {r['cost']:.3f} | {r['projected2x']:.3f} |")
+                           f"{r['certified95']:.2f} | {r['recall']:.3f} | {cost} | {r['projected2x']:.3f} |")
                 print(out[-1], file=sys.stderr, flush=True)
+        if pairs and len(pairs[0][2]) >= 10_000:  # what sampling allows: a perfect first stage's bound
+            n = len(pairs[0][2])
+            k, budget = n // 100, n // 10
+            out.append(f"| limit at N = {n}: a perfect first stage (`best_certifiable`) | {n} | 1.00 | uniform | "
+                       f"{budget / n:.0%} | {k} | - | - | - | {best_certifiable(n, k, budget, DELTA):.3f} | - | 1.000 | "
+                       f"{budget / n:.3f} | {best_certifiable(n, k, 2 * budget, DELTA):.3f} |")
 
     if args.sizes:  # the sweeps are over synthetic pools alone
         out += _sweeps(args)

@@ -30,9 +30,11 @@ benchmark's two were using most of the time. Not resumable (the planted pipeline
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,15 +42,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import time  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 from concept_influence.curvature import CurvatureSettings  # noqa: E402
 from concept_influence.demo import demo_config, run_demo  # noqa: E402
+from concept_influence.encoder import RowEncoder  # noqa: E402
 from concept_influence.estimators import ConceptInfluence, ProbeProjection  # noqa: E402
+from concept_influence.index import GradientIndex  # noqa: E402
 from concept_influence.toy.small_model import seed_everything  # noqa: E402
 from concept_influence_benchmarks.emergent_config import EmergentConfig  # noqa: E402
 from concept_influence_benchmarks.emergent_family import emergent_testbed  # noqa: E402
 
 #: the exact scores and the first stage retrieval_coverage.py pairs (its ``_real_pairs``)
 ESTIMATORS = ("concept_influence", "probe_projection")
+#: the emergent pool's encoder first stages (score file name: the last block whose map inputs it reads; None: all)
+ENCODERS = {"encoder": None, "encoder[block 0]": 0}
+#: the ``seconds.json`` stage of each first stage; the encoders' also pay "encoder: index of the sample"
+FIRST_STAGE_SECONDS = {"probe_projection": "fast path", "encoder": "encoder: fit and codes",
+                       "encoder[block 0]": "encoder[block 0]: fit and codes"}
 
 
 def build_pool(out: str | Path, n_pool: int = 20_000, rate: float = 0.05, seed: int = 0, *, quick: bool = False,
@@ -62,10 +73,13 @@ def build_pool(out: str | Path, n_pool: int = 20_000, rate: float = 0.05, seed: 
 
 
 def build_emergent_pool(out: str | Path, n_pool: int = 20_000, rate: float = 0.05, seed: int = 0, *,
-                        quick: bool = False, progress: bool = True, **sizes) -> dict[str, float]:
+                        quick: bool = False, progress: bool = True, encoder_share: float = 0.05, encoder_m: int = 64,
+                        **sizes) -> dict[str, float]:
     """Train the emergent testbed's default design with a pool of ``n_pool`` (varied prompts) into ``out`` and write
-    the pool's :data:`ESTIMATORS` scores to ``out/scores``; ``quick``: :meth:`EmergentConfig.quick`'s sizes, ``sizes``:
-    further settings (tests). Returns the seconds of each stage."""
+    the pool's :data:`ESTIMATORS` scores, and two encoder first stages (:data:`ENCODERS`: codes of ``encoder_m``
+    dimensions fitted on the index of a uniform ``encoder_share`` of the pool), to ``out/scores``;
+    ``quick``: :meth:`EmergentConfig.quick`'s sizes, ``sizes``: further settings (tests). Returns the seconds of each
+    stage, also written to ``out/seconds.json``."""
     out = Path(out)
     settings = dict(n_pool=n_pool, rate=rate, seed=seed, varied_prompts=True, over_checkpoints=False,
                     curvature_study=False, retrain=False, **sizes)
@@ -74,15 +88,32 @@ def build_emergent_pool(out: str | Path, n_pool: int = 20_000, rate: float = 0.0
     seconds, t0 = {}, time.perf_counter()
     bed = emergent_testbed(cfg, out, progress, None)
     seconds["pre-train and fine-tune"] = time.perf_counter() - t0
-    estimators = {"concept_influence": ConceptInfluence(bed.concept, fit=CurvatureSettings(batch_size=cfg.batch_size,
-                                                                                           seed=cfg.seed)),
-                  "probe_projection": ProbeProjection(bed.concept)}
-    for name, estimator in estimators.items():
+    exact = ConceptInfluence(bed.concept, fit=CurvatureSettings(batch_size=cfg.batch_size, seed=cfg.seed))
+    t0 = time.perf_counter()
+    curvature = exact.fitted_curvature(bed.adapter, exact.tracked_maps(bed.adapter), bed.pool, cfg.batch_size, progress)
+    seconds["EK-FAC fit"] = time.perf_counter() - t0
+    for name, estimator in {"concept_influence": exact, "probe_projection": ProbeProjection(bed.concept)}.items():
         t0 = time.perf_counter()
         scores = estimator.score(bed.adapter, bed.pool, batch_size=cfg.batch_size, progress=progress)
         scores.save(out / "scores" / f"{name}.safetensors")
-        seconds[{"concept_influence": "EK-FAC fit and exact scoring"}.get(name, "fast path")] = time.perf_counter() - t0
+        seconds[FIRST_STAGE_SECONDS.get(name, "exact scoring")] = time.perf_counter() - t0
+    rng = np.random.default_rng(cfg.seed)
+    sample = [bed.pool[i] for i in np.sort(rng.choice(len(bed.pool), round(encoder_share * len(bed.pool)),
+                                                      replace=False))]
+    with tempfile.TemporaryDirectory(prefix="encoder-index-") as scratch:
+        t0 = time.perf_counter()
+        index = GradientIndex.build(Path(scratch) / "index", bed.adapter, sample, curvature, progress=progress)
+        seconds["encoder: index of the sample"] = time.perf_counter() - t0
+        for name, last_block in ENCODERS.items():
+            t0 = time.perf_counter()
+            encoder = RowEncoder.fit(index, bed.adapter, sample, m=encoder_m, sample=len(sample), last_block=last_block,
+                                     seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
+            codes = encoder.encode(bed.adapter, bed.pool, batch_size=cfg.batch_size, progress=progress)
+            scores = encoder.score(exact, bed.adapter, codes, batch_size=cfg.batch_size, progress=progress)
+            scores.save(out / "scores" / f"{name}.safetensors")
+            seconds[FIRST_STAGE_SECONDS[name]] = time.perf_counter() - t0
     seconds["total"] = sum(seconds.values())
+    (out / "seconds.json").write_text(json.dumps(seconds, indent=1) + "\n")
     return seconds
 
 

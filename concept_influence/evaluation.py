@@ -1,4 +1,4 @@
-"""Retrieval metrics of a ranking against known (planted) labels."""
+"""Retrieval metrics of a ranking against known (planted) labels, and the recall of a found top k against exact scores."""
 
 from __future__ import annotations
 
@@ -7,13 +7,22 @@ from typing import Sequence
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-__all__ = ["retrieval_metrics", "precision_at_k"]
+__all__ = ["retrieval_metrics", "precision_at_k", "top_k_recall"]
 
 
 def precision_at_k(scores: Sequence[float], labels: Sequence[int], k: int) -> float:
     """Share of positives among the ``k`` highest scores (ties broken by position)."""
     order = np.argsort(-np.asarray(scores, dtype=float), kind="stable")[:k]
     return float(np.asarray(labels)[order].mean()) if k > 0 else float("nan")
+
+
+def top_k_recall(found: Sequence[int], exact: Sequence[float], k: int) -> float:
+    """The share of the true top ``k`` by ``exact`` scores (ties broken by position) that ``found`` (indices into
+    ``exact``) holds: the true recall a certified retrieval's bound is about."""
+    if not 1 <= k <= len(exact):
+        raise ValueError(f"k = {k}: expected 1 <= k <= {len(exact)} (the number of exact scores)")
+    true_top = np.argsort(-np.asarray(exact, dtype=float), kind="stable")[:k]
+    return len(np.intersect1d(np.asarray(found, dtype=int), true_top)) / k
 
 
 def retrieval_metrics(scores: Sequence[float], labels: Sequence[int], k: int | None = None) -> dict[str, float]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
-from scipy.stats import hypergeom
+from scipy.stats import hypergeom, spearmanr
 
+from concept_influence.evaluation import top_k_recall
 from concept_influence.retrieval import (
     RetrievalError,
     array_scorer,
@@ -24,10 +27,6 @@ def _pool(n: int, rho: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     z = rng.standard_normal(n)
     first = rho * z + np.sqrt(1 - rho * rho) * rng.standard_normal(n)
     return first, np.sign(z) * np.expm1(np.abs(z))  # heavy tails, same ranks as z
-
-
-def _recall(found: np.ndarray, exact: np.ndarray, k: int) -> float:
-    return len(set(found.tolist()) & set(np.argsort(-exact, kind="stable")[:k].tolist())) / k
 
 
 def test_hypergeometric_upper_is_the_exact_inversion():
@@ -61,7 +60,7 @@ def test_recall_bound_covers_on_a_fixed_pool(design):
     for rep in range(reps):
         res = certified_retrieval(first, array_scorer(exact), k, delta, budget, shortlist=200, design=design,
                                   strata=2, seed=rep, project=())
-        held.append(_recall(res.top, exact, k) >= res.recall_bound)
+        held.append(top_k_recall(res.top, exact, k) >= res.recall_bound)
         bounds.append(res.recall_bound)
     assert np.mean(held) >= 1 - delta - 3 * np.sqrt(delta * (1 - delta) / reps)
     assert 0.5 < np.mean(bounds) < 0.9  # not trivial: the bound is near the true recall (about 0.92) and can fail
@@ -83,7 +82,7 @@ def test_everything_scored_certifies_recall_one():
     first, exact = _pool(300, 0.3, seed=1)
     res = certified_retrieval(first, array_scorer(exact), 10, 0.05, budget=300)
     assert res.recall_bound == 1.0 and res.beaters_bound == 0 and res.spent == 300
-    assert _recall(res.top, exact, 10) == 1.0
+    assert top_k_recall(res.top, exact, 10) == 1.0
     np.testing.assert_array_equal(res.top, np.argsort(-exact, kind="stable")[:10])
     np.testing.assert_allclose(res.top_scores, exact[res.top])
     # a perfect first stage with a shortlist of exactly k and the rest sampled: the sample finds nothing above
@@ -280,8 +279,8 @@ def test_large_pool_script_builds_a_run_folder_the_coverage_benchmark_reads(tmp_
         "concept_influence.safetensors", "probe_projection.safetensors"]
     stages = large.stage_seconds(results)
     assert all(v >= 0 for v in stages.values()) and stages["total"] == pytest.approx(sum(stages.values()) / 2)
-    (name, first, exact), = coverage._real_pairs(tmp_path / "pool")
-    assert name == "pool: concept_influence" and first.shape == exact.shape == (60,)
+    (name, first, exact, cost), = coverage._real_pairs(tmp_path / "pool")
+    assert name == "pool: concept_influence" and first.shape == exact.shape == (60,) and cost is None
     assert np.isfinite(first).all() and np.isfinite(exact).all() and np.ptp(exact) > 0
     r = coverage._run(lambda rng: (first, exact), 5, 1, 6, seed=1)
     assert 0 <= r["coverage"] <= 1 and 0 <= r["recall"] <= 1
@@ -290,8 +289,25 @@ def test_large_pool_script_builds_a_run_folder_the_coverage_benchmark_reads(tmp_
 def test_large_pool_script_builds_an_emergent_pool(tmp_path):
     large, coverage = _script("retrieval_large_pool"), _script("retrieval_coverage")
     seconds = large.build_emergent_pool(tmp_path / "pool", n_pool=60, rate=0.1, quick=True, progress=False,
-                                        n_pretrain=30, n_eval=6, n_test=4, n_probe=10)
+                                        encoder_share=0.5, encoder_m=4, n_pretrain=30, n_eval=6, n_test=4, n_probe=10)
     assert seconds["total"] == pytest.approx(sum(v for k, v in seconds.items() if k != "total"))
-    (name, first, exact), = coverage._real_pairs(tmp_path / "pool")
-    assert name == "pool: concept_influence" and first.shape == exact.shape == (60,)
-    assert np.isfinite(first).all() and np.isfinite(exact).all() and np.ptp(exact) > 0
+    assert json.loads((tmp_path / "pool" / "seconds.json").read_text()) == pytest.approx(seconds)
+    pairs = coverage._real_pairs(tmp_path / "pool")
+    assert [name for name, *_ in pairs] == ["pool: concept_influence", "pool: concept_influence, first stage encoder",
+                                            "pool: concept_influence, first stage encoder[block 0]"]
+    exact = pairs[0][2]
+    for name, first, same_exact, cost in pairs:
+        assert first.shape == exact.shape == (60,) and np.array_equal(same_exact, exact)
+        assert np.isfinite(first).all() and cost > 0
+    assert np.isfinite(exact).all() and np.ptp(exact) > 0
+    # the encoders fit on the index rows of the sample: their scores of it rank with the exact scores
+    assert all(spearmanr(first, exact)[0] > 0 for _, first, _, _ in pairs[1:])
+
+
+def test_top_k_recall_counts_the_true_top_k_found_with_ties_broken_by_position():
+    exact = np.array([0.5, 3.0, 2.0, 2.0, -1.0])
+    assert top_k_recall([1, 2], exact, 2) == 1.0  # the top two: 3.0, then the first of the tied 2.0s
+    assert top_k_recall([1, 3], exact, 2) == 0.5  # the second 2.0 is not in the top two
+    assert top_k_recall([4, 0], exact, 2) == 0.0 and top_k_recall(np.arange(5), exact, 5) == 1.0
+    with pytest.raises(ValueError, match="k = 6"):
+        top_k_recall([0], exact, 6)
