@@ -311,3 +311,33 @@ def test_top_k_recall_counts_the_true_top_k_found_with_ties_broken_by_position()
     assert top_k_recall([4, 0], exact, 2) == 0.0 and top_k_recall(np.arange(5), exact, 5) == 1.0
     with pytest.raises(ValueError, match="k = 6"):
         top_k_recall([0], exact, 6)
+
+
+def test_coverage_benchmark_reads_a_large_real_pool_with_its_first_stages_costs(tmp_path, capsys):
+    from concept_influence.scores import Scores
+
+    coverage = _script("retrieval_coverage")
+    n, rng = 70_000, np.random.default_rng(0)
+    exact = rng.standard_t(2, n)
+    ids = [f"pool:{i}" for i in range(n)]
+    firsts = {"concept_influence": exact, "probe_projection": exact + rng.standard_normal(n), "encoder": exact}
+    for name, values in firsts.items():
+        order = rng.permutation(n)  # stored in another order: the pairs are aligned by id
+        Scores([ids[i] for i in order], values[order, None], name).save(tmp_path / "pool" / "scores" / f"{name}.safetensors")
+    seconds = {"exact scoring": 100.0, "fast path": 30.0, "encoder: index of the sample": 5.0,
+               "encoder: fit and codes": 20.0}
+    (tmp_path / "pool" / "seconds.json").write_text(json.dumps(seconds))
+    assert coverage.main(["--real", str(tmp_path / "pool"), "--sizes", "--real-reps", "20"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [line.split(" | ") for line in out if line.startswith("| real (")]
+    assert len(rows) == 6  # two first stages x (10 %, 50 %, 10 % with the shortlist for 0.95)
+    by_stage = {("encoder" if "first stage encoder" in r[0] else "fast path", r[3], r[4]): r for r in rows}
+    assert by_stage["fast path", "uniform", "10%"][12] == "0.100 + 0.300 first stage"
+    assert by_stage["encoder", "uniform", "10%"][12] == "0.100 + 0.250 first stage"
+    perfect = by_stage["encoder", "uniform, M for 0.95", "10%"]  # a perfect first stage, its shortlist the rest
+    m = 7000 - minimum_budget(n, 700) + 700
+    assert int(perfect[5]) == m and perfect[7] == "**1.000**" and perfect[11] == "1.000"
+    assert float(perfect[9].split()[0]) == pytest.approx(
+        1 - hypergeometric_upper(n - m, 7000 - m, 0, 0.05) / 700)  # the sample finds nothing above the threshold
+    limit, = [line.split(" | ") for line in out if line.startswith("| limit at N = 70000")]
+    assert float(limit[9]) == pytest.approx(best_certifiable(n, 700, 7000), abs=5e-4)
