@@ -7,9 +7,12 @@ too few distinct prompts past ~15,000), scoring only what ``benchmarks/retrieval
 ``concept_influence`` (exact EK-FAC, the pipeline's default settings) and ``probe_projection`` (the forward-only first
 stage), into ``FOLDER/scores/*.safetensors``. No behaviour measurement, filter-and-retrain, LDS, concept check or
 compared query. ``--design emergent``: the emergent testbed's default design (health fine-tune, money behaviour, the
-persona direction; ``bench emergent``'s model and training) with a pool of N (varied prompts) at ``--rate``, exact
-Concept Influence with EK-FAC fitted on the pool at the default damping, and the probe projection. The stage times go
-to stdout. Usage, from the repository root:
+persona direction; ``bench emergent``'s model and training) with a pool of N (varied prompts, at most about 83,000:
+the health domain has 84,000 distinct prompts) at ``--rate``, exact Concept Influence with EK-FAC fitted on the pool
+at the default damping, the probe projection, and two row encoders (:data:`ENCODERS`) fitted on the gradient index of
+a 5 % sample, whose scores of the pool are first stages too; each stage's seconds go to ``FOLDER/seconds.json``
+(retrieval_coverage.py states each first stage's own cost from it). The stage times go to stdout. Usage, from the
+repository root:
 
     OMP_NUM_THREADS=1 python benchmarks/retrieval_large_pool.py runs/retrieval-pool-20k
     OMP_NUM_THREADS=1 python benchmarks/retrieval_large_pool.py runs/retrieval-emergent-20k --design emergent
