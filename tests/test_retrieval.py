@@ -127,6 +127,13 @@ def test_default_split_leaves_the_sample_what_it_needs():
     assert 4000 <= m <= 5000
     assert hypergeometric_upper(100_000 - m, 10_000 - m, 0, 0.05) <= 50
     assert hypergeometric_upper(100_000 - m - 1, 10_000 - m - 1, 0, 0.05) > 50  # the smallest such sample
+    # 80k, k = 800, budget 10 %: a sample of 60 % finding nothing certifies 0.943 < 0.95; the sample gets more
+    # because the shortlist still keeps twice k
+    assert hypergeometric_upper(80_000 - 3200, 4800, 0, 0.05) > 40
+    m = default_split(80_000, 800, 8000)
+    assert 1600 <= m < 3200 and hypergeometric_upper(80_000 - m, 8000 - m, 0, 0.05) <= 40
+    assert hypergeometric_upper(80_000 - m - 1, 8000 - m - 1, 0, 0.05) > 40
+    assert default_split(20_000, 200, 2000) == 800  # out of reach even so: 40 % / 60 %
     assert default_split(1000, 10, 1000) == 1000
     assert default_split(1000, 100, 100) == 100  # the budget is k: all of it on the shortlist
 
