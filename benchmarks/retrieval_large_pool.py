@@ -26,8 +26,9 @@ Measured on one thread of a 2-core machine busy with another benchmark (load ~2.
 37-46 s, 4,000 in 64 s (peak RSS 0.76 GB at 2,000; the same scores to the bit when run again). Per 1,000 pool
 examples: fine-tune 4.4 s, EK-FAC fit 6.2 s, exact scoring 2.3 s, fast path 0.7 s; pre-training (600 chats) and the
 rest about 8 s in all. N = 20,000 extrapolates to about 5 minutes (fine-tune 1.5, fit 2.1, exact scoring 0.8, fast
-path 0.25 min) and a folder of ~20 MB; measured at 20,000: 40 minutes, on one thread that the block-width
-benchmark's two were using most of the time. Not resumable (the planted pipeline is not): a run starts again from scratch.
+path 0.25 min) and a folder of ~20 MB; measured at 20,000: 6.5 minutes on one thread of an idle machine (40 on one
+that the block-width benchmark's two threads were using). ``--design emergent`` at 80,000: 42 minutes, 6.9 GB.
+Not resumable (the planted pipeline is not): a run starts again from scratch.
 """
 
 from __future__ import annotations
