@@ -9,7 +9,7 @@ import torch
 
 from concept_influence.concepts import ConceptFunction
 from concept_influence.curvature import fit_curvature
-from concept_influence.encoder import Codes, EncoderError, RowEncoder, fit_linear_codes
+from concept_influence.encoder import Codes, EncoderError, RowEncoder, _principal_directions, fit_linear_codes
 from concept_influence.estimators import ConceptInfluence
 from concept_influence.index import GradientIndex
 from concept_influence.retrieval import array_scorer, certified_retrieval
@@ -46,6 +46,20 @@ def test_linear_codes_recover_rows_the_features_determine():
     got = codes @ (t["basis"].T @ q) + t["row_mean"] @ q
     want = y[100:].float() @ q
     assert torch.allclose(got, want, atol=1e-3 * float(want.abs().max()))
+
+
+def test_principal_directions_are_the_svd_s_from_either_side():
+    """Wide (rows of a sample: n < D) and tall inputs: the same top right singular vectors as a full SVD, up to sign;
+    beyond the rank, zero columns."""
+    g = torch.Generator().manual_seed(1)
+    for n, d in ((60, 400), (400, 60)):
+        a = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.logspace(0, -2, d, dtype=torch.float64)
+        want = torch.linalg.svd(a, full_matrices=False).Vh[:10].T
+        got = _principal_directions(a, 10)
+        assert torch.allclose((got.T @ want).abs(), torch.eye(10, dtype=torch.float64), atol=1e-8)
+    low = torch.randn(30, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 100, generator=g, dtype=torch.float64)
+    norms = _principal_directions(low, 6).norm(dim=0)
+    assert torch.allclose(norms, torch.tensor([1.0, 1, 1, 0, 0, 0], dtype=torch.float64), atol=1e-10)
 
 
 def test_interpolating_encoder_gives_the_index_scores(setup):
