@@ -18,6 +18,7 @@ Usage, from the repository root (about 10 minutes on one thread):
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -98,24 +99,22 @@ def _real_pairs(folder: Path) -> list[tuple[str, np.ndarray, np.ndarray, float |
     """(name, first stage, exact, the first stage's cost / exact scoring of all N or None) from a planted-data run
     folder: each gradient estimator's scores paired with each first stage there (``FIRST_STAGES``; the costs from
     ``seconds.json`` where the folder has one, the EK-FAC fit shared and charged to neither)."""
-    import json
-
     from concept_influence.scores import Scores
 
     scores = folder / "scores"
     seconds = json.loads((folder / "seconds.json").read_text()) if (folder / "seconds.json").exists() else None
+    firsts = {stage: Scores.load(scores / f"{stage}.safetensors") for stage in FIRST_STAGES
+              if (scores / f"{stage}.safetensors").exists()}
     pairs = []
     for name in ("concept_influence", "concept_influence[checkpoints]", "concept_influence[pretrain+pool][checkpoints]"):
         path = scores / f"{name}.safetensors"
         if not path.exists():
             continue
         exact = Scores.load(path)
-        for stage, parts in FIRST_STAGES.items():
-            if (scores / f"{stage}.safetensors").exists():
-                first = Scores.load(scores / f"{stage}.safetensors")
-                cost = sum(seconds[s] for s in parts) / seconds["exact scoring"] if seconds else None
-                label = name if stage == "probe_projection" else f"{name}, first stage {stage}"
-                pairs.append((f"{folder.name}: {label}", first.aligned(exact.ids)[:, 0], exact.column(0), cost))
+        for stage, first in firsts.items():
+            cost = sum(seconds[s] for s in FIRST_STAGES[stage]) / seconds["exact scoring"] if seconds else None
+            label = name if stage == "probe_projection" else f"{name}, first stage {stage}"
+            pairs.append((f"{folder.name}: {label}", first.aligned(exact.ids)[:, 0], exact.column(0), cost))
     return pairs
 
 
@@ -123,8 +122,6 @@ def _family_table(folder: Path, reps: int) -> list[str]:
     """Coverage on the real pools of a family study (``bench emergent --variants``, each run's ``scores.safetensors``
     of the runs where planting raised the behaviour): the forward-only probe projection as first stage, and as exact
     scores SOURCE's ranking and the recommended union; per setting, the pools' coverage summarised."""
-    import json
-
     from concept_influence.fileio import load_tensors
 
     runs = [p.parent for p in sorted(folder.glob("*/results.json"))
@@ -246,17 +243,15 @@ def main(argv: list[str] | None = None) -> int:
                     print(out[-1], file=sys.stderr, flush=True)
     for folder in args.real:
         pairs = _real_pairs(folder)
+        n = len(pairs[0][2]) if pairs else 0  # one pool: every pair scores the same examples
+        settings = [(max(1, n // 100), max(n // 10, max(1, n // 100)), None), (max(1, n // 20), n // 2, None)]
+        if n >= 10_000:  # 10 %, the sample as large as a perfect first stage's needs for 0.95, the shortlist the rest
+            shortlist = n // 10 - minimum_budget(n, n // 100, DELTA) + n // 100
+            settings += [(n // 100, n // 10, shortlist)] if shortlist >= n // 100 else []
         for name, first, exact, first_cost in pairs:
-            n = len(exact)
-            settings = [(max(1, n // 100), max(n // 10, max(1, n // 100)), None), (max(1, n // 20), n // 2, None)]
-            if n >= 10_000:  # 10 %, the sample as large as a perfect first stage's needs for 0.95, the shortlist the rest
-                settings.append((n // 100, n // 10, n // 10 - minimum_budget(n, n // 100, DELTA) + n // 100))
+            rho = spearmanr(first, exact)[0]
             for k, budget, shortlist in settings:
-                if shortlist is not None and shortlist < k:
-                    continue
-                rng_pool = (lambda f, e: (lambda rng: (f, e)))(first, exact)
-                r = _run(rng_pool, args.real_reps, k, budget, seed=1, shortlist=shortlist)
-                rho = spearmanr(first, exact)[0]
+                r = _run(lambda rng: (first, exact), args.real_reps, k, budget, seed=1, shortlist=shortlist)
                 cost = f"{r['cost']:.3f}" + ("" if first_cost is None else f" + {first_cost:.3f} first stage")
                 design = "uniform" if shortlist is None else "uniform, M for 0.95"
                 out.append(f"| real ({name}; k = {k}) | {n} | {rho:.2f} | {design} | {budget / n:.0%} | {r['shortlist']} | "
@@ -264,8 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                            f"{r['bound']:.3f} ({r['bound_p10']:.3f}) | "
                            f"{r['certified95']:.2f} | {r['recall']:.3f} | {cost} | {r['projected2x']:.3f} |")
                 print(out[-1], file=sys.stderr, flush=True)
-        if pairs and len(pairs[0][2]) >= 10_000:  # what sampling allows: a perfect first stage's bound
-            n = len(pairs[0][2])
+        if n >= 10_000:  # what sampling allows: a perfect first stage's bound
             k, budget = n // 100, n // 10
             out.append(f"| limit at N = {n}: a perfect first stage (`best_certifiable`) | {n} | 1.00 | uniform | "
                        f"{budget / n:.0%} | {k} | - | - | - | {best_certifiable(n, k, budget, DELTA):.3f} | - | 1.000 | "

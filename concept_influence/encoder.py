@@ -222,10 +222,11 @@ def fit_linear_codes(x: torch.Tensor, y: torch.Tensor, m: int, alphas: Sequence[
 def _principal_directions(a: torch.Tensor, m: int) -> torch.Tensor:
     """The top-``m`` right singular vectors of ``a`` ``[n, D]`` as columns ``[D, m]``, from the eigenvectors of the
     smaller of ``a aᵀ`` and ``aᵀ a`` (exact up to rounding, in double; a full SVD of a sample's rows, 4,000 × 16,224,
-    took 184 s on one thread, most of an encoder's fit). Directions beyond the rank of ``a`` are zero."""
+    took 184 s on one thread, most of an encoder's fit). With ``a aᵀ`` (n < D), directions beyond the rank of ``a``
+    are zero."""
     n, d = a.shape
     if n >= d:
-        return torch.linalg.eigh(a.T @ a).eigenvectors.flip(1)[:, :m].contiguous()
+        return torch.linalg.eigh(a.T @ a).eigenvectors.flip(1)[:, :m]
     values, vectors = torch.linalg.eigh(a @ a.T)
     values, vectors = values.flip(0)[:m], vectors.flip(1)[:, :m]
     singular = values.clamp_min(0).sqrt()
