@@ -23,6 +23,10 @@ its score is ≥ the k-th of the corpus ≥ τ (the shortlist alone holds k scor
 k are missed. (Taking τ from the shortlist, not from the sample, is what keeps D_h fixed; the k-th best found is
 ≥ τ, so its unscored "beaters" are counted too.)
 
+Examples scored before the call (``prescored``: e.g. the uniform sample a learned first stage
+(:mod:`.retrieval_learned`) was fitted on) join the shortlist: the argument needs only that the shortlist and τ are
+fixed before the sample is drawn, and the sample is then drawn from the examples that neither holds.
+
 What a budget can certify: a stratum where the sample finds no example ≥ τ still bounds its unscored part by
 about N_h · ln(1/δ_h) / n_h, so certifying recall r needs a sample of about ln(1/δ) · (N − M) / ((1 − r) · k)
 exact scores even when the first stage is perfect (:func:`minimum_budget`: 4,920 of 20,000 at k = N/100, r = 0.95,
@@ -40,10 +44,11 @@ import numpy as np
 from scipy.stats import hypergeom
 
 from .errors import ConceptInfluenceError
-from .retrieval_scorers import array_scorer, estimator_scorer, run_scorer
+from .retrieval_scorers import array_scorer, estimator_scorer, run_examples, run_scorer
 
 __all__ = ["certified_retrieval", "RetrievalResult", "StratumBound", "RetrievalError", "hypergeometric_upper",
-           "default_split", "best_certifiable", "minimum_budget", "array_scorer", "estimator_scorer", "run_scorer", "DESIGNS"]
+           "default_split", "default_budget", "best_certifiable", "minimum_budget", "array_scorer", "estimator_scorer",
+           "run_scorer", "run_examples", "DESIGNS"]
 
 DESIGNS = ("uniform", "stratified")
 
@@ -75,7 +80,8 @@ def hypergeometric_upper(population: int, sample: int, found: int, delta: float)
 
 @dataclass
 class StratumBound:
-    """One stratum of the examples outside the shortlist: first-stage ranks ``[start, stop)`` (0 = best)."""
+    """One stratum of the examples outside the shortlist (and the prescored): first-stage ranks ``[start, stop)``
+    among the examples that were not prescored (0 = best)."""
 
     start: int
     stop: int
@@ -100,13 +106,14 @@ class RetrievalResult:
     k: int
     delta: float
     budget: int
-    shortlist: int  # M
+    shortlist: int  # M (taken from the examples that were not prescored)
     design: str
     threshold: float  # tau: the k-th best exact score within the shortlist
     strata: list[StratumBound]
     beaters_bound: int  # U: upper bound on unscored examples with exact score >= tau
     recall_bound: float  # 1 - min(U, k) / k, with confidence 1 - delta
     projected: dict[int, float] = field(default_factory=dict)  # budget -> projected recall bound (same rates)
+    prescored: int = 0  # exact scores given to the call (they join the shortlist; see certified_retrieval)
 
     @property
     def spent(self) -> int:
@@ -114,7 +121,7 @@ class RetrievalResult:
 
     @property
     def n(self) -> int:
-        return sum(s.size for s in self.strata) + self.shortlist
+        return sum(s.size for s in self.strata) + self.shortlist + self.prescored
 
     def summary(self) -> str:
         """One sentence: the recall statement."""
@@ -125,9 +132,12 @@ class RetrievalResult:
     def report(self) -> str:
         """A markdown report: the statement, the budget spent, each stratum, and what more budget would buy."""
         lines = [f"**Certified retrieval**: {self.summary()}.", "",
-                 f"- budget {self.budget} exact scores, spent {self.spent}: shortlist (top {self.shortlist} of the "
-                 f"first stage) + {self.spent - self.shortlist} sampled ({self.design})",
-                 f"- threshold τ (k-th best exact score in the shortlist): {self.threshold:.6g}",
+                 f"- budget {self.budget} exact scores, spent {self.spent}: "
+                 + (f"{self.prescored} prescored (the first stage's own sample) + " if self.prescored else "")
+                 + f"shortlist (top {self.shortlist} of the first stage) + "
+                 f"{self.spent - self.shortlist - self.prescored} sampled ({self.design})",
+                 "- threshold τ (k-th best exact score in the shortlist"
+                 + (" and the prescored" if self.prescored else "") + f"): {self.threshold:.6g}",
                  "", "| first-stage ranks | size | sampled | sampled ≥ τ | δ share | unsampled ≥ τ, bound |",
                  "|---|---|---|---|---|---|"]
         for s in self.strata:
@@ -144,7 +154,8 @@ class RetrievalResult:
 
     def to_json(self) -> dict:
         return {"k": self.k, "delta": self.delta, "budget": self.budget, "spent": self.spent, "n": self.n,
-                "shortlist": self.shortlist, "design": self.design, "threshold": self.threshold,
+                "shortlist": self.shortlist, "prescored": self.prescored, "design": self.design,
+                "threshold": self.threshold,
                 "beaters_bound": self.beaters_bound, "recall_bound": self.recall_bound,
                 "strata": [asdict(s) for s in self.strata],
                 "projected": {str(b): r for b, r in self.projected.items()},
@@ -156,6 +167,11 @@ class RetrievalResult:
         from .fileio import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_json(), indent=1))
+
+
+def default_budget(n: int, k: int) -> int:
+    """The default budget of exact scores: 10 % of N, at least k, at most N."""
+    return min(n, max(k, int(math.ceil(0.1 * n))))
 
 
 def default_split(n: int, k: int, budget: int, delta: float = 0.05, target: float = 0.95) -> int:
@@ -259,7 +275,8 @@ def certified_retrieval(first_stage, exact_scorer: Callable[[np.ndarray], Sequen
                         delta: float = 0.05, budget: int | None = None, *, shortlist: int | None = None,
                         design: str = "uniform", strata: int | Sequence[int] | None = None,
                         target: float = 0.95, seed: int | np.random.Generator | None = 0,
-                        project: Sequence[float] = (1.5, 2.0, 4.0)) -> RetrievalResult:
+                        project: Sequence[float] = (1.5, 2.0, 4.0),
+                        prescored: tuple[Sequence[int], Sequence[float]] | None = None) -> RetrievalResult:
     """Find the top ``k`` of N examples by exact score with at most ``budget`` exact scores, and certify their recall.
 
     ``first_stage``: N cheap scores (higher = more likely high), a 1-D array or a :class:`Scores` (column 0).
@@ -270,7 +287,11 @@ def certified_retrieval(first_stage, exact_scorer: Callable[[np.ndarray], Sequen
     ``"stratified"`` (by first-stage rank; ``strata`` = a count or the rank boundaries; default 2; the union bound
     over strata and a stratum with no example above τ costing about N_h·ln(H/δ)/n_h make it looser unless the
     examples above τ crowd into one small stratum). ``target``: the recall the default split aims to certify.
-    ``project``: budget multiples for the projection of what more budget would buy."""
+    ``project``: budget multiples for the projection of what more budget would buy. ``prescored``: (indices, exact
+    scores) already computed and chosen without looking at this call's sample (e.g. the uniform sample a
+    :class:`~concept_influence.retrieval_learned.LearnedFirstStage` was fitted on): they count in the budget, join the
+    shortlist (τ is the k-th best of both) and are never sampled or scored again; the shortlist M and the strata are
+    taken from the other examples."""
     from .scores import Scores
 
     values = first_stage.column(0) if isinstance(first_stage, Scores) else first_stage
@@ -287,22 +308,29 @@ def certified_retrieval(first_stage, exact_scorer: Callable[[np.ndarray], Sequen
     if not 0 < target < 1:
         raise RetrievalError(f"target must be in (0, 1), got {target!r}")
     if budget is None:
-        budget = min(n, max(k, int(math.ceil(0.1 * n))))
+        budget = default_budget(n, k)
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or not k <= budget:
         raise RetrievalError(f"budget must be an integer >= k = {k} (exact scores; the top k need k), got {budget!r}")
     budget = int(min(budget, n))
     if design not in DESIGNS:
         raise RetrievalError(f"design must be one of {', '.join(DESIGNS)}, got {design!r}")
-    m = default_split(n, k, budget, delta, target) if shortlist is None else shortlist
-    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or not k <= m <= budget:
-        raise RetrievalError(f"shortlist must be an integer in [k = {k}, budget = {budget}], got {m!r}")
+    known, known_exact = _prescored(prescored, n, budget, k)
+    rest = np.setdiff1d(np.arange(n), known)  # the examples the shortlist and the sample are taken from
+    n_rest, budget_rest, k_rest = len(rest), budget - len(known), max(k - len(known), 1)
+    if n_rest == 0:
+        raise RetrievalError(f"prescored holds all {n} examples: nothing is left to retrieve from")
+    m = default_split(n_rest, k, budget_rest, delta, target) if shortlist is None else shortlist
+    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or not k_rest <= m <= budget_rest:
+        raise RetrievalError(f"shortlist must be an integer in [{k_rest}, {budget_rest}] (k = {k}, budget {budget}, "
+                             f"{len(known)} prescored), got {m!r}")
     m = int(m)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
-    order = np.argsort(-values, kind="stable")  # first-stage rank -> index
+    order = rest[np.argsort(-values[rest], kind="stable")]  # first-stage rank among the rest -> index
+    n = n_rest
     edges = _strata_edges(m, n, strata, design)
     sizes = [b - a for a, b in zip(edges[:-1], edges[1:])]
-    alloc = _allocate(sizes, budget - m)
+    alloc = _allocate(sizes, budget_rest - m)
     picks = [np.sort(rng.choice(size, size=s, replace=False)) + a if s else np.zeros(0, dtype=np.int64)
              for a, size, s in zip(edges[:-1], sizes, alloc)]
     ranks = np.concatenate([np.arange(m), *picks]).astype(np.int64)  # first-stage ranks scored exactly
@@ -315,9 +343,11 @@ def certified_retrieval(first_stage, exact_scorer: Callable[[np.ndarray], Sequen
         raise RetrievalError(f"exact_scorer returned {int((~np.isfinite(got)).sum())} non-finite scores")
     exact = np.empty_like(got)
     exact[call_order] = got  # aligned with `chosen` (shortlist first, then each stratum's sample)
+    # the prescored join the shortlist: `chosen` = prescored, shortlist, then each stratum's sample
+    chosen, exact, m_known = np.concatenate([known, chosen]), np.concatenate([known_exact, exact]), len(known) + m
 
-    tau = float(np.sort(exact[:m])[::-1][k - 1])
-    found, start = [], m
+    tau = float(np.sort(exact[:m_known])[::-1][k - 1])
+    found, start = [], m_known
     for p in picks:
         found.append(int((exact[start:start + len(p)] >= tau).sum()))
         start += len(p)
@@ -326,7 +356,7 @@ def certified_retrieval(first_stage, exact_scorer: Callable[[np.ndarray], Sequen
     best = np.argsort(-exact, kind="stable")[:k]
     result = RetrievalResult(
         top=chosen[best], top_scores=exact[best], scored=chosen, exact=exact, k=k, delta=float(delta), budget=budget,
-        shortlist=m, design=design, threshold=tau,
+        shortlist=m, design=design, threshold=tau, prescored=len(known),
         strata=[StratumBound(a, b, s, c, d, u) for a, b, s, c, d, u in zip(edges[:-1], edges[1:], alloc, found,
                                                                             deltas, ub)],
         beaters_bound=beaters, recall_bound=1.0 - min(beaters, k) / k)
@@ -334,6 +364,27 @@ def certified_retrieval(first_stage, exact_scorer: Callable[[np.ndarray], Sequen
         more = int(round(budget * factor))
         result.projected[more] = _projected_recall(sizes, alloc, found, k, delta, more - budget)
     return result
+
+
+def _prescored(prescored, n: int, budget: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``prescored`` as (indices [p], exact scores [p]), checked: distinct indices in [0, N), finite scores, and
+    room in the budget for at least one more exact score."""
+    if prescored is None:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    indices, scores = (np.asarray(a) for a in prescored)
+    if indices.ndim != 1 or scores.shape != indices.shape:
+        raise RetrievalError(f"prescored must be (indices, exact scores) of one length, got shapes {indices.shape} "
+                             f"and {scores.shape}")
+    if len(indices) and (not np.issubdtype(indices.dtype, np.integer) or indices.min() < 0 or indices.max() >= n):
+        raise RetrievalError(f"prescored indices must be integers in [0, N = {n})")
+    if len(np.unique(indices)) != len(indices):
+        raise RetrievalError(f"prescored has {len(indices) - len(np.unique(indices))} repeated indices")
+    if not np.all(np.isfinite(scores)):
+        raise RetrievalError(f"prescored has {int((~np.isfinite(scores)).sum())} non-finite exact scores")
+    if len(indices) >= budget:
+        raise RetrievalError(f"prescored holds {len(indices)} exact scores, the whole budget of {budget}; raise "
+                             f"the budget above it (k = {k})")
+    return indices.astype(np.int64), scores.astype(np.float64)
 
 
 def _projected_recall(sizes, alloc, found, k, delta, extra: int) -> float:

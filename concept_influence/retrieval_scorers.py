@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["array_scorer", "estimator_scorer", "run_scorer"]
+__all__ = ["array_scorer", "estimator_scorer", "run_scorer", "run_examples"]
 
 
 def array_scorer(values, counter: list | None = None) -> Callable[[np.ndarray], np.ndarray]:
@@ -72,6 +72,20 @@ def run_scorer(run, ids: Sequence[str], column: int | str = 0, progress: bool = 
         return total
 
     return score
+
+
+def run_examples(run, progress: bool = False) -> list:
+    """The chats of a run folder's training data that its scoring keeps (those cut away at ``max_length`` skipped), in
+    the data's order: what :func:`run_scorer` can score, e.g. for a learned first stage's text features."""
+    from .distributed import Ranks
+    from .runs import Pipeline, Run
+
+    pipeline = Pipeline(Run.open(run, create=False), Ranks(device=_run_device(run)), progress)
+    kept = []
+    for shard in pipeline.data.shards(pipeline.cfg.scoring.shard_size):
+        ids = {ex.id for ex in pipeline._tokenize_kept(shard.examples)}
+        kept += [e for e in shard.examples if e.id in ids]
+    return kept
 
 
 def _run_device(run) -> str:

@@ -263,6 +263,17 @@ def test_cli_with_a_run_folder_scores_only_the_chosen_examples(tmp_path, capsys)
     got = Scores.load(tmp_path / "out" / "exact.safetensors")
     assert len(got) == 12
     np.testing.assert_allclose(got.column(0), full.aligned(got.ids)[:, 0], rtol=1e-4, atol=1e-8)
+    # the learned text first stage: its sample of 10 is scored by the run too and counts in the budget
+    assert main(["retrieve", "text", "--run", str(run), "--k", "4", "--budget", "20", "--learn-sample", "10",
+                 "--out", str(tmp_path / "text"), "--no-progress"]) == 0
+    got = Scores.load(tmp_path / "text" / "exact.safetensors")
+    assert len(got) == 20 == len(set(got.ids))
+    np.testing.assert_allclose(got.column(0), full.aligned(got.ids)[:, 0], rtol=1e-4, atol=1e-8)
+    report = (tmp_path / "text" / "retrieval.md").read_text()
+    assert "Learned first stage (`text`)" in report and "10 prescored" in report
+    assert main(["retrieve", "text", "--exact", str(tmp_path / "first.safetensors"), "--k", "4",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "give --run" in capsys.readouterr().err
 
 
 def _script(name: str):
