@@ -11,7 +11,10 @@ persona direction; ``bench emergent``'s model and training) with a pool of N (va
 the health domain has 84,000 distinct prompts) at ``--rate``, exact Concept Influence with EK-FAC fitted on the pool
 at the default damping, the probe projection, and two row encoders (:data:`ENCODERS`) fitted on the gradient index of
 a 5 % sample, whose scores of the pool are first stages too; each stage's seconds go to ``FOLDER/seconds.json``
-(retrieval_coverage.py states each first stage's own cost from it). The stage times go to stdout. Usage, from the
+(retrieval_coverage.py states each first stage's own cost from it). ``--design audit``: notebook 07's audit (the
+unpaired demo corpus with varied prompts, about 336,000 distinct, so pools past 100,000; its model trained on the
+pool; EK-FAC on a 10 % sample) with exact Concept Influence and the probe projection, ``seconds.json`` and
+``pool.json`` (the settings that rebuild the texts, for ``retrieval_learned.py``). The stage times go to stdout. Usage, from the
 repository root:
 
     OMP_NUM_THREADS=1 python benchmarks/retrieval_large_pool.py runs/retrieval-pool-20k
@@ -121,6 +124,76 @@ def build_emergent_pool(out: str | Path, n_pool: int = 20_000, rate: float = 0.0
     return seconds
 
 
+#: notebook 07's full-size settings, for ``--design audit``
+AUDIT = dict(n_probe=150, n_eval=24, vocab_size=1024, d_model=64, max_length=128, max_new_tokens=40, n_layers=2,
+             n_heads=4, epochs=2, lr=2e-3, batch_size=16, fit_share=0.1)
+
+
+def audit_corpus(n_pool: int, rate: float = 0.05, seed: int = 0, n_probe: int = AUDIT["n_probe"],
+                 n_eval: int = AUDIT["n_eval"]):
+    """The ``--design audit`` corpus (``make_demo_corpus`` with varied prompts, as notebook 07)."""
+    from concept_influence.toy import make_demo_corpus
+
+    return make_demo_corpus(n_pool, rate, n_probe, n_eval, seed, varied=True)
+
+
+def build_audit_pool(out: str | Path, n_pool: int = 20_000, rate: float = 0.05, seed: int = 0, *,
+                     progress: bool = True, **sizes) -> dict[str, float]:
+    """Notebook 07's audit at ``n_pool`` chats (the demo corpus with varied prompts, about 336,000 distinct: pools
+    past the paired corpus's ~110,000): train its model on the pool, fit EK-FAC on a 10 % sample, and write exact
+    Concept Influence and the probe projection of every chat to ``out/scores``, each stage's seconds to
+    ``out/seconds.json`` and the settings to ``out/pool.json`` (what rebuilds the texts). ``sizes``: overrides of
+    :data:`AUDIT` (tests)."""
+    import torch
+
+    from concept_influence.activations import collect_activations
+    from concept_influence.concepts import ConceptFunction
+    from concept_influence.curvature import fit_curvature
+    from concept_influence.data import tokenize_examples
+    from concept_influence.generation import sample_responses
+    from concept_influence.toy import build_small_model, train_bpe_tokenizer, train_model
+    from probes import train_diff_means_probe
+
+    cfg = AUDIT | sizes
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    seed_everything(seed)
+    seconds, t0 = {}, time.perf_counter()
+    corpus = audit_corpus(n_pool, rate, seed, cfg["n_probe"], cfg["n_eval"])
+    texts = [f"{c.prompt}\n{c.response}" for c in corpus.train[:4000] + corpus.probe_positive + corpus.probe_negative]
+    tokenizer = train_bpe_tokenizer(texts, out / "tokenizer", cfg["vocab_size"])
+    train, pos, neg, evals = (tokenize_examples(x, tokenizer, cfg["max_length"]) for x in
+                              (corpus.train, corpus.probe_positive, corpus.probe_negative, corpus.eval_prompts))
+    adapter = build_small_model(tokenizer, cfg["n_layers"], cfg["d_model"], cfg["n_heads"], n_ctx=cfg["max_length"],
+                                seed=seed)
+    train_model(adapter, train, cfg["epochs"], cfg["lr"], cfg["batch_size"], tokens="all", seed=seed, progress=progress)
+    hook = f"blocks.{cfg['n_layers'] - 1}.hook_resid_post"
+    direction = train_diff_means_probe(*(collect_activations(adapter, x, hook, progress=False) for x in (pos, neg)),
+                                       hook, seed=seed).direction
+    own = sample_responses(adapter, evals, cfg["max_new_tokens"], seed=seed, progress=False)
+    concept = ConceptFunction.from_directions([direction], eval_examples=own)
+    seconds["train"] = time.perf_counter() - t0
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    fit_set = [train[i] for i in np.sort(rng.choice(len(train), round(cfg["fit_share"] * len(train)), replace=False))]
+    curvature = fit_curvature(adapter, fit_set, adapter.linear_maps(), batch_size=cfg["batch_size"], seed=seed,
+                              progress=progress)
+    seconds["EK-FAC fit"] = time.perf_counter() - t0
+    for name, estimator in {"concept_influence": ConceptInfluence(concept, curvature),
+                            "probe_projection": ProbeProjection(concept)}.items():
+        t0 = time.perf_counter()
+        scores = estimator.score(adapter, train, batch_size=cfg["batch_size"], progress=progress)
+        scores.save(out / "scores" / f"{name}.safetensors")
+        seconds[FIRST_STAGE_SECONDS.get(name, "exact scoring")] = time.perf_counter() - t0
+    seconds["total"] = sum(seconds.values())
+    (out / "seconds.json").write_text(json.dumps(seconds, indent=1) + "\n")
+    (out / "pool.json").write_text(json.dumps({"design": "audit", "n_pool": n_pool, "rate": rate, "seed": seed,
+                                               "corpus": [cfg["n_probe"], cfg["n_eval"]],
+                                               "planted": [int(p) for p in corpus.planted]}) + "\n")
+    return seconds
+
+
 def stage_seconds(results: dict) -> dict[str, float]:
     """Wall seconds per stage of a run: pre-train, fine-tune, EK-FAC fit, exact scoring, fast path, the rest."""
     n = results["splits"]["pool"]
@@ -138,12 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-pool", type=int, default=20_000)
     p.add_argument("--rate", type=float, default=0.05, help="the planted share of the pool")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--design", choices=("demo", "emergent"), default="demo")
+    p.add_argument("--design", choices=("demo", "emergent", "audit"), default="demo")
     args = p.parse_args(argv)
     command = "OMP_NUM_THREADS=1 python benchmarks/retrieval_large_pool.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     if args.design == "emergent":
         stages, n = build_emergent_pool(args.out, args.n_pool, args.rate, args.seed), args.n_pool
+    elif args.design == "audit":
+        stages, n = build_audit_pool(args.out, args.n_pool, args.rate, args.seed), args.n_pool
     else:
         results = build_pool(args.out, args.n_pool, args.rate, args.seed, command=command)
         stages, n = stage_seconds(results), results["splits"]["pool"]

@@ -4,7 +4,8 @@ counts in the budget; its features and fit are timed against exact scoring of al
 a new training sample and a new retrieval sample (issue 28, criterion 2).
 
 Pools: folders written by ``benchmarks/retrieval_large_pool.py`` (``--design demo``: the paired demo corpus in
-``FOLDER/data``; ``--design emergent``: the emergent testbed's default design, rebuilt from its seed). The texts are
+``FOLDER/data``; ``--design emergent``: the emergent testbed's default design; ``--design audit``: notebook 07's
+corpus and model; the last two rebuilt from their seeds). The texts are
 rebuilt from the same seeds and checked against the score file's ids. Usage, from the repository root:
 
     OMP_NUM_THREADS=1 python benchmarks/retrieval_learned.py runs/retrieval-pool-20k runs/retrieval-emergent-20k \\
@@ -37,9 +38,15 @@ SHARES = (0.1, 0.2, 0.3)
 
 
 def pool_examples(folder: Path, ids: list[str]) -> list:
-    """The pool's chats in the order of ``ids``, rebuilt from the builder's seed (a demo pool's ``data`` folder, or
-    the emergent testbed's default design at seed 0, 5 % planted)."""
-    if (folder / "data").is_dir():
+    """The pool's chats in the order of ``ids``, rebuilt from the builder's seed (an audit pool's ``pool.json``, a demo
+    pool's ``data`` folder, or the emergent testbed's default design at seed 0, 5 % planted)."""
+    settings = json.loads((folder / "pool.json").read_text()) if (folder / "pool.json").exists() else {}
+    if settings.get("design") == "audit":
+        from concept_influence.toy import make_demo_corpus  # as retrieval_large_pool.audit_corpus
+
+        pool = make_demo_corpus(settings["n_pool"], settings["rate"], *settings["corpus"], settings["seed"],
+                                varied=True).train
+    elif (folder / "data").is_dir():
         from concept_influence.data import load_chats
         from concept_influence.demo import demo_config
         from concept_influence.planted.splits import split_planted

@@ -20,10 +20,14 @@ from scipy.stats import spearmanr
 
 from .retrieval import RetrievalError, RetrievalResult, best_certifiable, certified_retrieval
 
-__all__ = ["LearnedFirstStage", "fit_first_stage", "text_features", "default_sample", "ALPHAS"]
+__all__ = ["LearnedFirstStage", "fit_first_stage", "text_features", "default_sample", "ALPHAS", "LESS_SHRINKAGE"]
 
-#: the ridge penalties RidgeCV chooses from (efficient leave-one-out on the sample)
+#: the ridge penalties leave-one-out chooses from (scikit-learn's efficient RidgeCV on the sample)
 ALPHAS = tuple(np.logspace(-3, 3, 13))
+#: the penalty used is the leave-one-out choice over this (one step of :data:`ALPHAS`): leave-one-out error is the
+#: bulk's, and the top needs less shrinkage. On three real pools (20k demo, 20k and 80k emergent; 30 samples each) it
+#: put more of the true top k in the shortlist on average (0.96 instead of 0.93 at 80k; worst 0.71 instead of 0.38)
+LESS_SHRINKAGE = float(np.sqrt(10))
 
 
 def _texts(examples: Sequence) -> list[list[str]]:
@@ -100,8 +104,8 @@ def fit_first_stage(features, exact_scorer: Callable[[np.ndarray], Sequence[floa
                     seed: int | np.random.Generator | None = 0, folds: int = 5) -> LearnedFirstStage:
     """Score a uniform random ``sample`` of the N rows of ``features`` (``[N, F]``, dense or sparse; e.g.
     :func:`text_features`) exactly with ``exact_scorer`` (called once, with sorted indices), fit a ridge regression
-    (penalty chosen by leave-one-out among :data:`ALPHAS`) from their features to their exact scores, and predict
-    every example. ``folds``: the k-fold split that measures the held-out Spearman."""
+    (penalty: the leave-one-out choice among :data:`ALPHAS` over :data:`LESS_SHRINKAGE`) from their features to their
+    exact scores, and predict every example. ``folds``: the k-fold split that measures the held-out Spearman."""
     from sklearn.linear_model import Ridge, RidgeCV
     from sklearn.model_selection import KFold, cross_val_predict
 
@@ -119,10 +123,11 @@ def fit_first_stage(features, exact_scorer: Callable[[np.ndarray], Sequence[floa
         raise RetrievalError(f"exact_scorer returned {int((~np.isfinite(exact)).sum())} non-finite scores")
     t0 = time.perf_counter()
     x, y = features[chosen], _target(exact)
-    model = RidgeCV(alphas=ALPHAS).fit(x, y)
-    heldout = cross_val_predict(Ridge(alpha=model.alpha_), x, y,
+    alpha = RidgeCV(alphas=ALPHAS).fit(x, y).alpha_ / LESS_SHRINKAGE
+    model = Ridge(alpha=alpha).fit(x, y)
+    heldout = cross_val_predict(Ridge(alpha=alpha), x, y,
                                 cv=KFold(folds, shuffle=True, random_state=int(rng.integers(2**31))))
     rho = float(spearmanr(heldout, exact)[0]) if np.ptp(exact) > 0 else float("nan")
     scores = np.asarray(model.predict(features), dtype=np.float64).reshape(-1)
-    return LearnedFirstStage(scores, chosen, exact, float(model.alpha_), rho,
+    return LearnedFirstStage(scores, chosen, exact, float(alpha), rho,
                              {"exact scores of the sample": scoring, "fit and predict": time.perf_counter() - t0})

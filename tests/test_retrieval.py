@@ -322,6 +322,27 @@ def test_large_pool_script_builds_an_emergent_pool(tmp_path):
     assert all(spearmanr(first, exact)[0] > 0 for _, first, _, _ in pairs[1:])
 
 
+def test_audit_pool_and_the_learned_stage_benchmark(tmp_path):
+    """`--design audit` (notebook 07's corpus and model) writes a pool whose chats the learned-stage benchmark
+    rebuilds from pool.json; the benchmark's rows hold a coverage and an end-to-end cost for every sample share."""
+    large, learned = _script("retrieval_large_pool"), _script("retrieval_learned")
+    seconds = large.build_audit_pool(tmp_path / "pool", 1000, 0.1, progress=False, n_probe=20, n_eval=6,
+                                     vocab_size=300, d_model=32, max_new_tokens=8)
+    assert set(seconds) == {"train", "EK-FAC fit", "exact scoring", "fast path", "total"}
+    settings = json.loads((tmp_path / "pool" / "pool.json").read_text())
+    assert settings["design"] == "audit" and sum(settings["planted"]) == 100
+    from concept_influence.scores import Scores
+
+    ids = Scores.load(tmp_path / "pool" / "scores" / "concept_influence.safetensors").ids
+    assert [c.id for c in learned.pool_examples(tmp_path / "pool", list(ids))] == list(ids)
+    rows = learned.study(tmp_path / "pool", reps=3)
+    assert len(rows) == len(learned.SHARES) and sum("**default**" in r for r in rows) == 1
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[:3] == ["pool", "1000", "10"] and 0 <= float(cells[9].strip("*")) <= 1
+        assert cells[10].startswith("0.100 + ")  # 10 % of N in exact scores, the stage's own share on top
+
+
 def test_top_k_recall_counts_the_true_top_k_found_with_ties_broken_by_position():
     exact = np.array([0.5, 3.0, 2.0, 2.0, -1.0])
     assert top_k_recall([1, 2], exact, 2) == 1.0  # the top two: 3.0, then the first of the tied 2.0s
