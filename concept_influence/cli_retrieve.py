@@ -31,17 +31,16 @@ def _learned_stage(args: argparse.Namespace, n_of: Callable[[int], tuple[int, in
     scores of a uniform sample (``--learn-sample``, default :func:`default_sample`)."""
     import numpy as np
 
-    from .retrieval import RetrievalError, default_budget, run_examples, run_scorer
+    from .retrieval import RetrievalError, default_budget, run_examples_scorer
     from .retrieval_learned import default_sample, fit_first_stage, text_features
 
     if args.run is None:
         raise RetrievalError("the text first stage reads the chats and scores them with a run folder: give --run")
-    chats = run_examples(args.run, progress=not args.no_progress)
+    chats, scorer = run_examples_scorer(args.run, args.exact_column, progress=not args.no_progress)
     ids = [c.id for c in chats]
     k, budget = n_of(len(ids))
     budget = default_budget(len(ids), k) if budget is None else budget
     sample = args.learn_sample or default_sample(len(ids), k, budget, args.delta, args.target)
-    scorer = run_scorer(args.run, ids, args.exact_column, progress=not args.no_progress)
     rng = np.random.default_rng(args.seed)
     stage = fit_first_stage(text_features(chats), scorer, sample, seed=rng)
     result = stage.retrieve(scorer, k, args.delta, budget, shortlist=args.shortlist, design=args.design,

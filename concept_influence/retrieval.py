@@ -49,11 +49,11 @@ from .retrieval_bounds import (
     hypergeometric_upper,
     minimum_budget,
 )
-from .retrieval_scorers import array_scorer, estimator_scorer, run_examples, run_scorer
+from .retrieval_scorers import array_scorer, estimator_scorer, run_examples_scorer, run_scorer
 
 __all__ = ["certified_retrieval", "RetrievalResult", "StratumBound", "RetrievalError", "hypergeometric_upper",
            "default_split", "default_budget", "best_certifiable", "minimum_budget", "array_scorer", "estimator_scorer",
-           "run_scorer", "run_examples", "DESIGNS"]
+           "run_scorer", "run_examples_scorer", "DESIGNS"]
 
 DESIGNS = ("uniform", "stratified")
 

@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["array_scorer", "estimator_scorer", "run_scorer", "run_examples"]
+__all__ = ["array_scorer", "estimator_scorer", "run_scorer", "run_examples_scorer"]
 
 
 def array_scorer(values, counter: list | None = None) -> Callable[[np.ndarray], np.ndarray]:
@@ -42,16 +42,44 @@ def run_scorer(run, ids: Sequence[str], column: int | str = 0, progress: bool = 
     """An exact scorer from a run folder: its ``scoring.estimator`` (at each of its ``[model] checkpoints``,
     weighted as the run sums them) on the chosen examples only. Position i of the first stage is the example with
     id ``ids[i]`` (e.g. the ids of a first-stage :class:`Scores` file of the same data: the run's fast path, an index
-    query); the run's probe (and factors, for a gradient estimator) must be there. One pass over the data reads and
-    tokenises, then only the chosen examples are scored."""
-    from .distributed import Ranks
-    from .runs import Pipeline, Run, RunError
+    query); the run's probe (and factors, for a gradient estimator) must be there. Each call makes one pass over the
+    data to read and tokenise the chosen examples, then scores only them."""
+    return _pipeline_scorer(_run_pipeline(run, progress), ids, column, progress)
 
-    pipeline = Pipeline(Run.open(run, create=False), Ranks(device=_run_device(run)), progress)
+
+def run_examples_scorer(run, column: int | str = 0, progress: bool = False
+                        ) -> tuple[list, Callable[[np.ndarray], np.ndarray]]:
+    """The chats of a run folder's training data that its scoring keeps (those cut away at ``max_length`` skipped), in
+    the data's order (e.g. for a learned first stage's text features), and an exact scorer of them by position, as
+    :func:`run_scorer`'s: one pipeline, so the data is read once and the model loaded once, and each call tokenises
+    only the chosen chats."""
+    pipeline = _run_pipeline(run, progress)
+    kept = []
+    for shard in pipeline.data.shards(pipeline.cfg.scoring.shard_size):
+        ids = {ex.id for ex in pipeline._tokenize_kept(shard.examples)}
+        kept += [e for e in shard.examples if e.id in ids]
+    return kept, _pipeline_scorer(pipeline, [c.id for c in kept], column, progress, chats=kept)
+
+
+def _run_pipeline(run, progress: bool):
+    from .distributed import Ranks
+    from .runs import Pipeline, Run
+
+    return Pipeline(Run.open(run, create=False), Ranks(device=_run_device(run)), progress)
+
+
+def _pipeline_scorer(pipeline, ids: Sequence[str], column: int | str, progress: bool,
+                     chats: Sequence | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """The scorer of :func:`run_scorer`; with ``chats`` (the kept chats of ``ids``, in order) the chosen ones are
+    tokenised directly instead of found by a pass over the data."""
+    from .runs import RunError
+
     cfg = pipeline.cfg
     ids = list(ids)
 
-    def score(indices: np.ndarray) -> np.ndarray:
+    def tokenized(indices: np.ndarray) -> list:
+        if chats is not None:
+            return pipeline._tokenize_kept([chats[int(i)] for i in indices])
         wanted = {ids[int(i)] for i in indices}
         found = {}
         for shard in pipeline.data.shards(cfg.scoring.shard_size):
@@ -61,7 +89,10 @@ def run_scorer(run, ids: Sequence[str], column: int | str = 0, progress: bool = 
         if missing:
             raise RunError(f"{pipeline.run.path}: {len(missing)} chosen examples are not in the run's training data "
                            f"(first: {missing[0]}); the first stage must score the run's data")
-        examples = [found[ids[int(i)]] for i in indices]
+        return [found[ids[int(i)]] for i in indices]
+
+    def score(indices: np.ndarray) -> np.ndarray:
+        examples = tokenized(indices)
         pipeline.gate()
         total = np.zeros(len(examples))
         for point in pipeline.points:
@@ -72,20 +103,6 @@ def run_scorer(run, ids: Sequence[str], column: int | str = 0, progress: bool = 
         return total
 
     return score
-
-
-def run_examples(run, progress: bool = False) -> list:
-    """The chats of a run folder's training data that its scoring keeps (those cut away at ``max_length`` skipped), in
-    the data's order: what :func:`run_scorer` can score, e.g. for a learned first stage's text features."""
-    from .distributed import Ranks
-    from .runs import Pipeline, Run
-
-    pipeline = Pipeline(Run.open(run, create=False), Ranks(device=_run_device(run)), progress)
-    kept = []
-    for shard in pipeline.data.shards(pipeline.cfg.scoring.shard_size):
-        ids = {ex.id for ex in pipeline._tokenize_kept(shard.examples)}
-        kept += [e for e in shard.examples if e.id in ids]
-    return kept
 
 
 def _run_device(run) -> str:
