@@ -30,6 +30,7 @@ from scipy.stats import t as student_t
 
 from concept_influence.evaluation import top_k_recall
 from concept_influence.retrieval import array_scorer, best_certifiable, certified_retrieval, default_split, minimum_budget
+from concept_influence_benchmarks.retrieval_pools import FIRST_STAGES
 
 SPEARMAN = (0.3, 0.6, 0.9)
 KINDS = ("copula", "additive")
@@ -88,11 +89,6 @@ def _synthetic(kind: str, n: int, rho: float):
     return lambda rng: gen(n, rho, rng)
 
 
-#: first stages a real pool folder may hold (``scores/<name>.safetensors``), with the stages of its ``seconds.json``
-#: (retrieval_large_pool.py --design emergent) that make up each one's own cost
-FIRST_STAGES = {"probe_projection": ("fast path",),
-                "encoder": ("encoder: index of the sample", "encoder: fit and codes"),
-                "encoder[block 0]": ("encoder: index of the sample", "encoder[block 0]: fit and codes")}
 
 
 def _real_pairs(folder: Path) -> list[tuple[str, np.ndarray, np.ndarray, float | None]]:

@@ -59,14 +59,12 @@ from concept_influence.index import GradientIndex  # noqa: E402
 from concept_influence.toy.small_model import seed_everything  # noqa: E402
 from concept_influence_benchmarks.emergent_config import EmergentConfig  # noqa: E402
 from concept_influence_benchmarks.emergent_family import emergent_testbed  # noqa: E402
+from concept_influence_benchmarks.retrieval_pools import AUDIT, ENCODER_INDEX, FIRST_STAGES, audit_corpus  # noqa: E402
 
 #: the exact scores and the first stage retrieval_coverage.py pairs (its ``_real_pairs``)
 ESTIMATORS = ("concept_influence", "probe_projection")
 #: the emergent pool's encoder first stages (score file name: the last block whose map inputs it reads; None: all)
 ENCODERS = {"encoder": None, "encoder[block 0]": 0}
-#: the ``seconds.json`` stage of each first stage; the encoders' also pay "encoder: index of the sample"
-FIRST_STAGE_SECONDS = {"probe_projection": "fast path", "encoder": "encoder: fit and codes",
-                       "encoder[block 0]": "encoder[block 0]: fit and codes"}
 
 
 def build_pool(out: str | Path, n_pool: int = 20_000, rate: float = 0.05, seed: int = 0, *, quick: bool = False,
@@ -99,18 +97,14 @@ def build_emergent_pool(out: str | Path, n_pool: int = 20_000, rate: float = 0.0
     t0 = time.perf_counter()
     curvature = exact.fitted_curvature(bed.adapter, exact.tracked_maps(bed.adapter), bed.pool, cfg.batch_size, progress)
     seconds["EK-FAC fit"] = time.perf_counter() - t0
-    for name, estimator in {"concept_influence": exact, "probe_projection": ProbeProjection(bed.concept)}.items():
-        t0 = time.perf_counter()
-        scores = estimator.score(bed.adapter, bed.pool, batch_size=cfg.batch_size, progress=progress)
-        scores.save(out / "scores" / f"{name}.safetensors")
-        seconds[FIRST_STAGE_SECONDS.get(name, "exact scoring")] = time.perf_counter() - t0
+    _score_pool(out, bed.adapter, bed.pool, exact, ProbeProjection(bed.concept), cfg.batch_size, progress, seconds)
     rng = np.random.default_rng(cfg.seed)
     sample = [bed.pool[i] for i in np.sort(rng.choice(len(bed.pool), round(encoder_share * len(bed.pool)),
                                                       replace=False))]
     with tempfile.TemporaryDirectory(prefix="encoder-index-") as scratch:
         t0 = time.perf_counter()
         index = GradientIndex.build(Path(scratch) / "index", bed.adapter, sample, curvature, progress=progress)
-        seconds["encoder: index of the sample"] = time.perf_counter() - t0
+        seconds[ENCODER_INDEX] = time.perf_counter() - t0
         for name, last_block in ENCODERS.items():
             t0 = time.perf_counter()
             encoder = RowEncoder.fit(index, bed.adapter, sample, m=encoder_m, sample=len(sample), last_block=last_block,
@@ -118,23 +112,8 @@ def build_emergent_pool(out: str | Path, n_pool: int = 20_000, rate: float = 0.0
             codes = encoder.encode(bed.adapter, bed.pool, batch_size=cfg.batch_size, progress=progress)
             scores = encoder.score(exact, bed.adapter, codes, batch_size=cfg.batch_size, progress=progress)
             scores.save(out / "scores" / f"{name}.safetensors")
-            seconds[FIRST_STAGE_SECONDS[name]] = time.perf_counter() - t0
-    seconds["total"] = sum(seconds.values())
-    (out / "seconds.json").write_text(json.dumps(seconds, indent=1) + "\n")
-    return seconds
-
-
-#: notebook 07's full-size settings, for ``--design audit``
-AUDIT = dict(n_probe=150, n_eval=24, vocab_size=1024, d_model=64, max_length=128, max_new_tokens=40, n_layers=2,
-             n_heads=4, epochs=2, lr=2e-3, batch_size=16, fit_share=0.1)
-
-
-def audit_corpus(n_pool: int, rate: float = 0.05, seed: int = 0, n_probe: int = AUDIT["n_probe"],
-                 n_eval: int = AUDIT["n_eval"]):
-    """The ``--design audit`` corpus (``make_demo_corpus`` with varied prompts, as notebook 07)."""
-    from concept_influence.toy import make_demo_corpus
-
-    return make_demo_corpus(n_pool, rate, n_probe, n_eval, seed, varied=True)
+            seconds[FIRST_STAGES[name][-1]] = time.perf_counter() - t0
+    return _write_seconds(out, seconds)
 
 
 def build_audit_pool(out: str | Path, n_pool: int = 20_000, rate: float = 0.05, seed: int = 0, *,
@@ -180,17 +159,29 @@ def build_audit_pool(out: str | Path, n_pool: int = 20_000, rate: float = 0.05, 
     curvature = fit_curvature(adapter, fit_set, adapter.linear_maps(), batch_size=cfg["batch_size"], seed=seed,
                               progress=progress)
     seconds["EK-FAC fit"] = time.perf_counter() - t0
-    for name, estimator in {"concept_influence": ConceptInfluence(concept, curvature),
-                            "probe_projection": ProbeProjection(concept)}.items():
-        t0 = time.perf_counter()
-        scores = estimator.score(adapter, train, batch_size=cfg["batch_size"], progress=progress)
-        scores.save(out / "scores" / f"{name}.safetensors")
-        seconds[FIRST_STAGE_SECONDS.get(name, "exact scoring")] = time.perf_counter() - t0
-    seconds["total"] = sum(seconds.values())
-    (out / "seconds.json").write_text(json.dumps(seconds, indent=1) + "\n")
+    _score_pool(out, adapter, train, ConceptInfluence(concept, curvature), ProbeProjection(concept),
+                cfg["batch_size"], progress, seconds)
+    _write_seconds(out, seconds)
     (out / "pool.json").write_text(json.dumps({"design": "audit", "n_pool": n_pool, "rate": rate, "seed": seed,
                                                "corpus": [cfg["n_probe"], cfg["n_eval"]],
                                                "planted": [int(p) for p in corpus.planted]}) + "\n")
+    return seconds
+
+
+def _score_pool(out: Path, adapter, pool, exact, fast, batch_size: int, progress: bool, seconds: dict) -> None:
+    """Score the pool with exact Concept Influence and the probe projection into ``out/scores``, timing each."""
+    for name, estimator, stage in (("concept_influence", exact, "exact scoring"),
+                                   ("probe_projection", fast, FIRST_STAGES["probe_projection"][-1])):
+        t0 = time.perf_counter()
+        estimator.score(adapter, pool, batch_size=batch_size, progress=progress).save(
+            out / "scores" / f"{name}.safetensors")
+        seconds[stage] = time.perf_counter() - t0
+
+
+def _write_seconds(out: Path, seconds: dict[str, float]) -> dict[str, float]:
+    """Add the total and write ``out/seconds.json`` (retrieval_coverage.py reads each first stage's cost from it)."""
+    seconds["total"] = sum(seconds.values())
+    (out / "seconds.json").write_text(json.dumps(seconds, indent=1) + "\n")
     return seconds
 
 

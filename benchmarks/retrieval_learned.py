@@ -32,6 +32,7 @@ from concept_influence.evaluation import top_k_recall  # noqa: E402
 from concept_influence.retrieval import array_scorer, best_certifiable  # noqa: E402
 from concept_influence.retrieval_learned import default_sample, fit_first_stage, text_features  # noqa: E402
 from concept_influence.scores import Scores  # noqa: E402
+from concept_influence_benchmarks.retrieval_pools import audit_corpus  # noqa: E402
 
 #: the learned stage's sample, as a share of the budget
 SHARES = (0.1, 0.2, 0.3)
@@ -42,10 +43,7 @@ def pool_examples(folder: Path, ids: list[str]) -> list:
     pool's ``data`` folder, or the emergent testbed's default design at seed 0, 5 % planted)."""
     settings = json.loads((folder / "pool.json").read_text()) if (folder / "pool.json").exists() else {}
     if settings.get("design") == "audit":
-        from concept_influence.toy import make_demo_corpus  # as retrieval_large_pool.audit_corpus
-
-        pool = make_demo_corpus(settings["n_pool"], settings["rate"], *settings["corpus"], settings["seed"],
-                                varied=True).train
+        pool = audit_corpus(settings["n_pool"], settings["rate"], settings["seed"], *settings["corpus"]).train
     elif (folder / "data").is_dir():
         from concept_influence.data import load_chats
         from concept_influence.demo import demo_config
@@ -83,9 +81,10 @@ def study(folder: Path, reps: int, budget_share: float = 0.1) -> list[str]:
     y, ids = exact_scores.column(0).astype(np.float64), list(exact_scores.ids)
     n = len(y)
     k, budget = n // 100, int(round(budget_share * n))
+    all_exact = exact_seconds(folder, n)
     t0 = time.perf_counter()
     features = text_features(pool_examples(folder, ids))
-    feature_share = (time.perf_counter() - t0) / exact_seconds(folder, n)
+    feature_share = (time.perf_counter() - t0) / all_exact
     rows = []
     for share in SHARES:
         sample = int(round(share * budget))
@@ -94,7 +93,7 @@ def study(folder: Path, reps: int, budget_share: float = 0.1) -> list[str]:
             rng = np.random.default_rng(1000 * rep + sample)
             t0 = time.perf_counter()
             stage = fit_first_stage(features, array_scorer(y), sample, seed=rng)
-            fit_share = stage.seconds["fit and predict"] / exact_seconds(folder, n)
+            fit_share = stage.seconds["fit and predict"] / all_exact
             res = stage.retrieve(array_scorer(y), k, budget=budget, seed=rng, project=())
             rest = np.setdiff1d(np.arange(n), stage.sample)
             recall = top_k_recall(res.top, y, k)
