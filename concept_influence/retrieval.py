@@ -240,8 +240,6 @@ def certified_retrieval(first_stage, exact_scorer: Callable[[np.ndarray], Sequen
     known, known_exact = _prescored(prescored, n, budget, k)
     rest = np.setdiff1d(np.arange(n), known)  # the examples the shortlist and the sample are taken from
     n_rest, budget_rest, k_rest = len(rest), budget - len(known), max(k - len(known), 1)
-    if n_rest == 0:
-        raise RetrievalError(f"prescored holds all {n} examples: nothing is left to retrieve from")
     m = default_split(n_rest, k, budget_rest, delta, target) if shortlist is None else shortlist
     if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or not k_rest <= m <= budget_rest:
         raise RetrievalError(f"shortlist must be an integer in [{k_rest}, {budget_rest}] (k = {k}, budget {budget}, "
@@ -250,8 +248,7 @@ def certified_retrieval(first_stage, exact_scorer: Callable[[np.ndarray], Sequen
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
     order = rest[np.argsort(-values[rest], kind="stable")]  # first-stage rank among the rest -> index
-    n = n_rest
-    edges = _strata_edges(m, n, strata, design)
+    edges = _strata_edges(m, n_rest, strata, design)
     sizes = [b - a for a, b in zip(edges[:-1], edges[1:])]
     alloc = _allocate(sizes, budget_rest - m)
     picks = [np.sort(rng.choice(size, size=s, replace=False)) + a if s else np.zeros(0, dtype=np.int64)
@@ -300,8 +297,9 @@ def _prescored(prescored, n: int, budget: int, k: int) -> tuple[np.ndarray, np.n
                              f"and {scores.shape}")
     if len(indices) and (not np.issubdtype(indices.dtype, np.integer) or indices.min() < 0 or indices.max() >= n):
         raise RetrievalError(f"prescored indices must be integers in [0, N = {n})")
-    if len(np.unique(indices)) != len(indices):
-        raise RetrievalError(f"prescored has {len(indices) - len(np.unique(indices))} repeated indices")
+    repeated = len(indices) - len(np.unique(indices))
+    if repeated:
+        raise RetrievalError(f"prescored has {repeated} repeated indices")
     if not np.all(np.isfinite(scores)):
         raise RetrievalError(f"prescored has {int((~np.isfinite(scores)).sum())} non-finite exact scores")
     if len(indices) >= budget:
