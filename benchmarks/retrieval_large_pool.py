@@ -14,7 +14,8 @@ a 5 % sample, whose scores of the pool are first stages too; each stage's second
 (retrieval_coverage.py states each first stage's own cost from it). ``--design audit``: notebook 07's audit (the
 unpaired demo corpus with varied prompts, about 336,000 distinct, so pools past 100,000; its model trained on the
 pool; EK-FAC on a 10 % sample) with exact Concept Influence and the probe projection, ``seconds.json`` and
-``pool.json`` (the settings that rebuild the texts, for ``retrieval_learned.py``). The stage times go to stdout. Usage, from the
+``pool.json``. Every design writes ``pool.json``, the settings that rebuild the chats (for ``retrieval_learned.py``).
+The stage times go to stdout. Usage, from the
 repository root:
 
     OMP_NUM_THREADS=1 python benchmarks/retrieval_large_pool.py runs/retrieval-pool-20k
@@ -52,14 +53,21 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 from concept_influence.curvature import CurvatureSettings  # noqa: E402
-from concept_influence.demo import demo_config, run_demo  # noqa: E402
+from concept_influence.demo import run_demo  # noqa: E402
 from concept_influence.encoder import RowEncoder  # noqa: E402
 from concept_influence.estimators import ConceptInfluence, ProbeProjection  # noqa: E402
 from concept_influence.index import GradientIndex  # noqa: E402
 from concept_influence.toy.small_model import seed_everything  # noqa: E402
-from concept_influence_benchmarks.emergent_config import EmergentConfig  # noqa: E402
 from concept_influence_benchmarks.emergent_family import emergent_testbed  # noqa: E402
-from concept_influence_benchmarks.retrieval_pools import AUDIT, ENCODER_INDEX, FIRST_STAGES, audit_corpus  # noqa: E402
+from concept_influence_benchmarks.retrieval_pools import (  # noqa: E402
+    AUDIT,
+    ENCODER_INDEX,
+    FIRST_STAGES,
+    audit_corpus,
+    demo_pool_config,
+    emergent_pool_config,
+    write_pool_settings,
+)
 
 #: the exact scores and the first stage retrieval_coverage.py pairs (its ``_real_pairs``)
 ESTIMATORS = ("concept_influence", "probe_projection")
@@ -72,9 +80,10 @@ def build_pool(out: str | Path, n_pool: int = 20_000, rate: float = 0.05, seed: 
     """Run the demo benchmark into ``out`` with a pool of ``n_pool`` scored by :data:`ESTIMATORS` only; ``quick``:
     the quick demo's model, ``sizes``: further :class:`~concept_influence.planted.PlantedConfig` settings (tests).
     Returns the run's results."""
-    cfg = replace(demo_config(quick=quick, seed=seed), n_pool=n_pool, rate=rate, lds=0, retrain=False,
-                  concept_check=False, compare_query=None, over_checkpoints=False, estimators=ESTIMATORS, **sizes)
-    return run_demo(out, cfg, progress=progress, command=command, varied=True)
+    cfg = replace(demo_pool_config(n_pool, rate, seed, quick, **sizes), estimators=ESTIMATORS)
+    results = run_demo(out, cfg, progress=progress, command=command, varied=True)
+    write_pool_settings(out, "demo", n_pool, rate, seed, quick, **sizes)
+    return results
 
 
 def build_emergent_pool(out: str | Path, n_pool: int = 20_000, rate: float = 0.05, seed: int = 0, *,
@@ -86,9 +95,7 @@ def build_emergent_pool(out: str | Path, n_pool: int = 20_000, rate: float = 0.0
     ``quick``: :meth:`EmergentConfig.quick`'s sizes, ``sizes``: further settings (tests). Returns the seconds of each
     stage, also written to ``out/seconds.json``."""
     out = Path(out)
-    settings = dict(n_pool=n_pool, rate=rate, seed=seed, varied_prompts=True, over_checkpoints=False,
-                    curvature_study=False, retrain=False, **sizes)
-    cfg = EmergentConfig.quick(**settings) if quick else EmergentConfig(**settings)
+    cfg = emergent_pool_config(n_pool, rate, seed, quick, **sizes)
     seed_everything(cfg.seed)
     seconds, t0 = {}, time.perf_counter()
     bed = emergent_testbed(cfg, out, progress, None)
@@ -113,6 +120,7 @@ def build_emergent_pool(out: str | Path, n_pool: int = 20_000, rate: float = 0.0
             scores = encoder.score(exact, bed.adapter, codes, batch_size=cfg.batch_size, progress=progress)
             scores.save(out / "scores" / f"{name}.safetensors")
             seconds[FIRST_STAGES[name][-1]] = time.perf_counter() - t0
+    write_pool_settings(out, "emergent", n_pool, rate, seed, quick, **sizes)
     return _write_seconds(out, seconds)
 
 
@@ -161,11 +169,8 @@ def build_audit_pool(out: str | Path, n_pool: int = 20_000, rate: float = 0.05, 
     seconds["EK-FAC fit"] = time.perf_counter() - t0
     _score_pool(out, adapter, train, ConceptInfluence(concept, curvature), ProbeProjection(concept),
                 cfg["batch_size"], progress, seconds)
-    _write_seconds(out, seconds)
-    (out / "pool.json").write_text(json.dumps({"design": "audit", "n_pool": n_pool, "rate": rate, "seed": seed,
-                                               "corpus": [cfg["n_probe"], cfg["n_eval"]],
-                                               "planted": [int(p) for p in corpus.planted]}) + "\n")
-    return seconds
+    write_pool_settings(out, "audit", n_pool, rate, seed, planted=[int(p) for p in corpus.planted], **sizes)
+    return _write_seconds(out, seconds)
 
 
 def _score_pool(out: Path, adapter, pool, exact, fast, batch_size: int, progress: bool, seconds: dict) -> None:

@@ -3,10 +3,8 @@ certified recall, true recall and coverage at 10 % of N in exact scores **end to
 counts in the budget; its features and fit are timed against exact scoring of all N), over repetitions that each draw
 a new training sample and a new retrieval sample (issue 28, criterion 2).
 
-Pools: folders written by ``benchmarks/retrieval_large_pool.py`` (``--design demo``: the paired demo corpus in
-``FOLDER/data``; ``--design emergent``: the emergent testbed's default design; ``--design audit``: notebook 07's
-corpus and model; the last two rebuilt from their seeds). The texts are
-rebuilt from the same seeds and checked against the score file's ids. Usage, from the repository root:
+Pools: folders written by ``benchmarks/retrieval_large_pool.py`` (any ``--design``); the chats are rebuilt from
+their ``pool.json`` and checked against the score file's ids. Usage, from the repository root:
 
     OMP_NUM_THREADS=1 python benchmarks/retrieval_learned.py runs/retrieval-pool-20k runs/retrieval-emergent-20k \\
         runs/retrieval-emergent-80k > benchmarks/retrieval-learned.md
@@ -20,7 +18,6 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,39 +29,10 @@ from concept_influence.evaluation import top_k_recall  # noqa: E402
 from concept_influence.retrieval import array_scorer, best_certifiable  # noqa: E402
 from concept_influence.retrieval_learned import default_sample, fit_first_stage, text_features  # noqa: E402
 from concept_influence.scores import Scores  # noqa: E402
-from concept_influence_benchmarks.retrieval_pools import audit_corpus  # noqa: E402
+from concept_influence_benchmarks.retrieval_pools import pool_examples  # noqa: E402
 
 #: the learned stage's sample, as a share of the budget
 SHARES = (0.1, 0.2, 0.3)
-
-
-def pool_examples(folder: Path, ids: list[str]) -> list:
-    """The pool's chats in the order of ``ids``, rebuilt from the builder's seed (an audit pool's ``pool.json``, a demo
-    pool's ``data`` folder, or the emergent testbed's default design at seed 0, 5 % planted)."""
-    settings = json.loads((folder / "pool.json").read_text()) if (folder / "pool.json").exists() else {}
-    if settings.get("design") == "audit":
-        pool = audit_corpus(settings["n_pool"], settings["rate"], settings["seed"], *settings["corpus"]).train
-    elif (folder / "data").is_dir():
-        from concept_influence.data import load_chats
-        from concept_influence.demo import demo_config
-        from concept_influence.planted.splits import split_planted
-
-        cfg = json.loads((folder / "results.json").read_text())["config"]
-        splits = split_planted(load_chats(folder / "data" / "careful.jsonl"),
-                               load_chats(folder / "data" / "reckless.jsonl"),
-                               replace(demo_config(seed=0), n_pool=cfg["n_pool"], rate=cfg["rate"]))
-        pool = splits.pool
-    else:
-        from concept_influence_benchmarks.emergent_config import EmergentConfig
-        from concept_influence_benchmarks.emergent_splits import build_emergent_data
-
-        pool = build_emergent_data(EmergentConfig(n_pool=len(ids), rate=0.05, seed=0, varied_prompts=True)).pool
-    by_id = {c.id: c for c in pool}
-    missing = [i for i in ids if i not in by_id]
-    if missing or len(by_id) != len(ids):
-        raise SystemExit(f"{folder}: the rebuilt pool does not match its score file ({len(missing)} ids missing, "
-                         f"first {missing[:1]}; {len(by_id)} rebuilt for {len(ids)} scored)")
-    return [by_id[i] for i in ids]
 
 
 def exact_seconds(folder: Path, n: int) -> float:

@@ -1,10 +1,15 @@
 """What the retrieval benchmarks' pool builder (``benchmarks/retrieval_large_pool.py``) writes and its readers
 (``retrieval_coverage.py``, ``retrieval_learned.py``) read back: the ``seconds.json`` stages that make up each first
-stage's own cost, and the ``--design audit`` corpus."""
+stage's own cost, each design's configuration, and ``pool.json``, the settings that rebuild a pool's chats."""
 
 from __future__ import annotations
 
-__all__ = ["ENCODER_INDEX", "FIRST_STAGES", "AUDIT", "audit_corpus"]
+import json
+from dataclasses import replace
+from pathlib import Path
+
+__all__ = ["ENCODER_INDEX", "FIRST_STAGES", "AUDIT", "audit_corpus", "demo_pool_config", "emergent_pool_config",
+           "write_pool_settings", "pool_examples"]
 
 #: the ``seconds.json`` stage of the encoders' shared sample index (charged to each encoder)
 ENCODER_INDEX = "encoder: index of the sample"
@@ -25,3 +30,58 @@ def audit_corpus(n_pool: int, rate: float = 0.05, seed: int = 0, n_probe: int = 
     from concept_influence.toy import make_demo_corpus
 
     return make_demo_corpus(n_pool, rate, n_probe, n_eval, seed, varied=True)
+
+
+def demo_pool_config(n_pool: int, rate: float, seed: int, quick: bool = False, **sizes):
+    """``--design demo``'s :class:`~concept_influence.planted.PlantedConfig`: the demo's, at ``n_pool`` and
+    ``rate``, with no behaviour measurement, LDS, concept check or compared query."""
+    from concept_influence.demo import demo_config
+
+    return replace(demo_config(quick=quick, seed=seed), n_pool=n_pool, rate=rate, lds=0, retrain=False,
+                   concept_check=False, compare_query=None, over_checkpoints=False, **sizes)
+
+
+def emergent_pool_config(n_pool: int, rate: float, seed: int, quick: bool = False, **sizes):
+    """``--design emergent``'s :class:`EmergentConfig`: the default design with varied prompts (``quick``: its
+    quick sizes)."""
+    from .emergent_config import EmergentConfig
+
+    settings = dict(n_pool=n_pool, rate=rate, seed=seed, varied_prompts=True, over_checkpoints=False,
+                    curvature_study=False, retrain=False, **sizes)
+    return EmergentConfig.quick(**settings) if quick else EmergentConfig(**settings)
+
+
+def write_pool_settings(out: Path, design: str, n_pool: int, rate: float, seed: int, quick: bool = False,
+                        planted: list[int] | None = None, **sizes) -> None:
+    """``out/pool.json``: the design and the arguments that rebuild the pool's chats (:func:`pool_examples`), and the
+    planted labels where the builder has them at hand."""
+    settings = {"design": design, "n_pool": n_pool, "rate": rate, "seed": seed, "quick": quick, "sizes": sizes}
+    Path(out, "pool.json").write_text(json.dumps(settings | ({"planted": planted} if planted is not None else {}))
+                                      + "\n")
+
+
+def pool_examples(folder: Path, ids: list[str]) -> list:
+    """The pool's chats in the order of ``ids`` (a score file's), rebuilt from ``folder/pool.json``; a pool that does
+    not match its score file's ids is refused."""
+    folder = Path(folder)
+    s = json.loads((folder / "pool.json").read_text())
+    args = (s["n_pool"], s["rate"], s["seed"])
+    if s["design"] == "audit":
+        sizes = {key: s["sizes"][key] for key in ("n_probe", "n_eval") if key in s["sizes"]}
+        pool = audit_corpus(*args, **sizes).train
+    elif s["design"] == "demo":
+        from concept_influence.data import load_chats
+        from concept_influence.planted.splits import split_planted
+
+        pool = split_planted(load_chats(folder / "data" / "careful.jsonl"), load_chats(folder / "data" / "reckless.jsonl"),
+                             demo_pool_config(*args, s["quick"], **s["sizes"])).pool
+    else:
+        from .emergent_splits import build_emergent_data
+
+        pool = build_emergent_data(emergent_pool_config(*args, s["quick"], **s["sizes"])).pool
+    by_id = {c.id: c for c in pool}
+    missing = [i for i in ids if i not in by_id]
+    if missing or len(by_id) != len(ids):
+        raise ValueError(f"{folder}: the rebuilt pool does not match its score file ({len(missing)} ids missing, "
+                         f"first {missing[:1]}; {len(by_id)} rebuilt for {len(ids)} scored)")
+    return [by_id[i] for i in ids]
