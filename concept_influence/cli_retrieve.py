@@ -40,14 +40,22 @@ def _learned_stage(args: argparse.Namespace, n_of: Callable[[int], tuple[int, in
     ids = [c.id for c in chats]
     k, budget = n_of(len(ids))
     budget = default_budget(len(ids), k) if budget is None else budget
-    sample = args.learn_sample or default_sample(len(ids), k, budget, args.delta, args.target)
+    sample = args.learn_sample or default_sample(budget)
+    if args.shortlist is not None and not args.single_fit:
+        raise RetrievalError("--shortlist fixes M for the first fit's ranking; the text stage builds its shortlist in "
+                             "rounds: add --single-fit to give M")
     rng = np.random.default_rng(args.seed)
     stage = fit_first_stage(text_features(chats), scorer, sample, seed=rng)
-    result = stage.retrieve(scorer, k, args.delta, budget, shortlist=args.shortlist, design=args.design,
-                            strata=args.strata, target=args.target, seed=rng)
+    options = dict(refine=False, shortlist=args.shortlist) if args.single_fit else {}
+    result = stage.retrieve(scorer, k, args.delta, budget, design=args.design, strata=args.strata, target=args.target,
+                            seed=rng, **options)
+    rounds = "" if args.single_fit else (
+        f" The shortlist was built in {len(stage.rounds)} rounds (score the best-predicted batch, refit on every exact "
+        f"score so far): {', '.join(f'{above} of {size}' for size, above in stage.rounds)} above the k-th best found "
+        f"before them.")
     note = (f"Learned first stage (`text`): a ridge regression (α = {stage.alpha:.3g}) from the chats' TF-IDF words "
             f"to the exact scores of a uniform sample of {sample}, which count in the budget as prescored examples; "
-            f"held-out Spearman on the sample {stage.heldout_spearman:.2f}.")
+            f"held-out Spearman on the sample {stage.heldout_spearman:.2f}.{rounds}")
     return ids, stage.scores, result, note
 
 
@@ -114,7 +122,7 @@ def add_retrieve_command(sub) -> None:
         description=textwrap.fill(
             "Score exactly the top M of FIRST_STAGE (a scores file: the fast path, an index query, any ranking; or "
             "`text`: a ridge regression from the words of the run's chats, fitted on the exact scores of a uniform "
-            "sample that then counts as scored) and a "
+            "sample that then counts as scored and refitted as the shortlist is scored in rounds) and a "
             "uniform random sample of the rest, return the top k by exact score and a lower bound on their recall of "
             "the true top k that holds with confidence 1 - delta (an exact hypergeometric bound on the unscored "
             "examples at or above the shortlist's k-th exact score). The exact scores come from a run folder's "
@@ -140,7 +148,9 @@ def add_retrieve_command(sub) -> None:
     p.add_argument("--column", type=_column, default=0, help="first-stage column (index or name; default 0)")
     p.add_argument("--exact-column", type=_column, default=0, help="exact column (index or name; default 0)")
     p.add_argument("--learn-sample", type=int, help="the text first stage's sample of exact scores (default: 10 %% of "
-                                                    "the budget where 0.95 stays certifiable, else 30 %%)")
+                                                    "the budget)")
+    p.add_argument("--single-fit", action="store_true",
+                   help="text first stage: shortlist the first fit's top M at once instead of in refitted rounds")
     p.add_argument("--seed", type=int, default=0, help="seed of the random samples (default 0)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

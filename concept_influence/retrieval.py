@@ -239,7 +239,7 @@ def certified_retrieval(first_stage, exact_scorer: Callable[[np.ndarray], Sequen
         raise RetrievalError(f"design must be one of {', '.join(DESIGNS)}, got {design!r}")
     known, known_exact = _prescored(prescored, n, budget, k)
     rest = np.setdiff1d(np.arange(n), known)  # the examples the shortlist and the sample are taken from
-    n_rest, budget_rest, k_rest = len(rest), budget - len(known), max(k - len(known), 1)
+    n_rest, budget_rest, k_rest = len(rest), budget - len(known), max(k - len(known), 0)
     m = default_split(n_rest, k, budget_rest, delta, target) if shortlist is None else shortlist
     if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or not k_rest <= m <= budget_rest:
         raise RetrievalError(f"shortlist must be an integer in [{k_rest}, {budget_rest}] (k = {k}, budget {budget}, "
@@ -256,11 +256,7 @@ def certified_retrieval(first_stage, exact_scorer: Callable[[np.ndarray], Sequen
     ranks = np.concatenate([np.arange(m), *picks]).astype(np.int64)  # first-stage ranks scored exactly
     chosen = order[ranks]
     call_order = np.argsort(chosen, kind="stable")
-    got = np.asarray(exact_scorer(chosen[call_order]), dtype=np.float64).reshape(-1)
-    if got.shape != (len(chosen),):
-        raise RetrievalError(f"exact_scorer returned {got.shape[0]} scores for {len(chosen)} indices")
-    if not np.all(np.isfinite(got)):
-        raise RetrievalError(f"exact_scorer returned {int((~np.isfinite(got)).sum())} non-finite scores")
+    got = call_exact_scorer(exact_scorer, chosen[call_order])
     exact = np.empty_like(got)
     exact[call_order] = got  # aligned with `chosen` (shortlist first, then each stratum's sample)
     # the prescored join the shortlist: `chosen` = prescored, shortlist, then each stratum's sample
@@ -284,6 +280,16 @@ def certified_retrieval(first_stage, exact_scorer: Callable[[np.ndarray], Sequen
         more = int(round(budget * factor))
         result.projected[more] = _projected_recall(sizes, alloc, found, k, delta, more - budget)
     return result
+
+
+def call_exact_scorer(exact_scorer: Callable[[np.ndarray], Sequence[float]], indices: np.ndarray) -> np.ndarray:
+    """``exact_scorer`` on sorted ``indices``, checked: one finite score each."""
+    exact = np.asarray(exact_scorer(indices), dtype=np.float64).reshape(-1)
+    if exact.shape != (len(indices),):
+        raise RetrievalError(f"exact_scorer returned {exact.shape[0]} scores for {len(indices)} indices")
+    if not np.all(np.isfinite(exact)):
+        raise RetrievalError(f"exact_scorer returned {int((~np.isfinite(exact)).sum())} non-finite scores")
+    return exact
 
 
 def _prescored(prescored, n: int, budget: int, k: int) -> tuple[np.ndarray, np.ndarray]:

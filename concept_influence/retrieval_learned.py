@@ -2,14 +2,16 @@
 its words, so no forward pass at all) to the exact score, fitted on the exact scores of a uniform random sample.
 
 The sample's exact scores are part of the retrieval budget and are not wasted: they are handed to
-:func:`~concept_influence.retrieval.certified_retrieval` as ``prescored`` examples, which join the shortlist. The bound
-stays exact because the first stage, the shortlist and the threshold are all fixed before the retrieval's own sample
-is drawn. What the stage costs beyond exact scores is reading the texts and one sparse ridge fit (seconds for 80,000
-chats), against a forward pass of every example for the fast path or the row encoder.
+:func:`~concept_influence.retrieval.certified_retrieval` as ``prescored`` examples, which join the shortlist. By
+default the shortlist is then built in rounds (score the best-predicted batch, refit on every exact score so far),
+prescored too. The bound stays exact because the first stage, the shortlist and the threshold are all fixed before the
+retrieval's own sample is drawn. What the stage costs beyond exact scores is reading the texts and a few sparse ridge
+fits (seconds for 80,000 chats), against a forward pass of every example for the fast path or the row encoder.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -18,9 +20,17 @@ import numpy as np
 from scipy import sparse
 from scipy.stats import spearmanr
 
-from .retrieval import RetrievalError, RetrievalResult, best_certifiable, certified_retrieval
+from .retrieval import (
+    RetrievalError,
+    RetrievalResult,
+    call_exact_scorer,
+    certified_retrieval,
+    default_budget,
+    default_split,
+)
 
-__all__ = ["LearnedFirstStage", "fit_first_stage", "text_features", "default_sample", "ALPHAS", "LESS_SHRINKAGE"]
+__all__ = ["LearnedFirstStage", "fit_first_stage", "text_features", "default_sample", "ALPHAS", "LESS_SHRINKAGE",
+           "REFINE_STOP"]
 
 #: the ridge penalties leave-one-out chooses from (scikit-learn's efficient RidgeCV on the sample)
 ALPHAS = tuple(np.logspace(-3, 3, 13))
@@ -28,6 +38,8 @@ ALPHAS = tuple(np.logspace(-3, 3, 13))
 #: bulk's, and the top needs less shrinkage. On three real pools (20k demo, 20k and 80k emergent; 30 samples each) it
 #: put more of the true top k in the shortlist on average (0.96 instead of 0.93 at 80k; worst 0.71 instead of 0.38)
 LESS_SHRINKAGE = float(np.sqrt(10))
+#: refinement stops after a batch that puts at most this share of its examples above the k-th best exact score
+REFINE_STOP = 0.05
 
 
 def _texts(examples: Sequence) -> list[list[str]]:
@@ -62,15 +74,12 @@ def text_features(examples: Sequence) -> sparse.csr_matrix:
     return sparse.hstack(blocks).tocsr()
 
 
-def default_sample(n: int, k: int, budget: int, delta: float = 0.05, target: float = 0.95) -> int:
-    """How many of ``budget`` exact scores the learned stage's sample takes by default: 10 % of the budget when the
-    other 90 % could still certify recall ``target`` with a perfect ranking (every exact score it spends on the
-    sample is one fewer for the certificate), else 30 % (nothing certifies the target; a better ranking raises the
-    true recall). Of 10 / 20 / 30 % on real pools (benchmarks/retrieval-learned.md): at 80,000 chats only 10 %
-    certified 0.95 (in 40 % of repetitions; more caps the certificate at 0.929), at 120,000 all three did (80–85 %),
-    at 20,000 30 % found the most of the true top k. At least 10."""
-    low, high = max(10, round(0.1 * budget)), max(10, round(0.3 * budget))
-    return low if best_certifiable(n - low, k, budget - low, delta) >= target else high
+def default_sample(budget: int) -> int:
+    """How many of ``budget`` exact scores the learned stage's uniform sample takes by default: 10 % (at least 10).
+    With the refined shortlist of :meth:`LearnedFirstStage.retrieve` a first fit only has to start the rounds, and
+    every exact score the sample spends is one fewer for the certificate: of 5 / 10 / 20 / 30 % on four real pools
+    (benchmarks/retrieval-learned.md) 10 % was within 0.005 of the best median certificate on each."""
+    return max(10, round(0.1 * budget))
 
 
 def _target(values: np.ndarray) -> np.ndarray:
@@ -92,13 +101,64 @@ class LearnedFirstStage:
     alpha: float
     heldout_spearman: float
     seconds: dict[str, float] = field(default_factory=dict)
+    features: object = field(default=None, repr=False)  # [N, F], for the refits of ``retrieve(refine=True)``
+    rounds: list[tuple[int, int]] = field(default_factory=list)  # the last refined retrieval's rounds
 
     def retrieve(self, exact_scorer: Callable[[np.ndarray], Sequence[float]], k: int, delta: float = 0.05,
-                 budget: int | None = None, **options) -> RetrievalResult:
+                 budget: int | None = None, *, refine: bool = True, batch: int | None = None,
+                 stop: float = REFINE_STOP, target: float = 0.95, **options) -> RetrievalResult:
         """:func:`certified_retrieval` with this stage's scores and its sample as prescored examples; ``budget``
-        counts the sample (default 10 % of N)."""
-        return certified_retrieval(self.scores, exact_scorer, k, delta, budget,
-                                   prescored=(self.sample, self.exact), **options)
+        counts the sample (default 10 % of N).
+
+        ``refine`` (the default) builds the shortlist in rounds instead of taking the first fit's top M at once: the
+        ``batch`` best-predicted examples not yet scored are scored exactly, the ridge is refitted on every exact
+        score so far (the penalty stays the sample's), and so on, until the shortlist has the size
+        :func:`default_split` would give it or a batch puts at most ``stop`` of its examples above the k-th best
+        exact score found before it; what is left of the budget goes to the uniform sample of the rest. ``batch``:
+        default k/4, and at least 2/``stop``, so that a batch that stops the rounds has seen enough examples to
+        mean it (a batch of seven holding none is no evidence). The rounds are all decided before that sample is
+        drawn, so they are prescored examples and the bound is unchanged. They are recorded in :attr:`rounds`
+        (examples scored, how many beat the k-th best before them)."""
+        if refine and self.features is None:
+            raise RetrievalError("refine=True refits on the stage's features, and this stage has none: fit it with "
+                                 "fit_first_stage, or pass refine=False")
+        if refine and "shortlist" in options:
+            raise RetrievalError("the refined shortlist is built in rounds; pass refine=False to give M")
+        if not refine:
+            return certified_retrieval(self.scores, exact_scorer, k, delta, budget,
+                                       prescored=(self.sample, self.exact), target=target, **options)
+        n = len(self.scores)
+        budget = default_budget(n, k) if budget is None else budget
+        if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or not len(self.sample) < budget:
+            raise RetrievalError(f"budget must be an integer above the stage's sample of {len(self.sample)}, "
+                                 f"got {budget!r}")
+        batch = max(k // 4, math.ceil(2 / stop) if stop > 0 else 1) if batch is None else batch
+        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+            raise RetrievalError(f"batch must be a positive integer, got {batch!r}")
+        budget = int(min(budget, n))
+        known, exact, scores = self.sample, self.exact, self.scores
+        allowance = default_split(n - len(known), k, budget - len(known), delta, target)
+        self.rounds = []
+        while allowance > 0:
+            unscored = np.setdiff1d(np.arange(n), known)
+            chosen = np.sort(unscored[np.argsort(-scores[unscored], kind="stable")[:min(batch, allowance)]])
+            got = call_exact_scorer(exact_scorer, chosen)
+            kth = np.sort(exact)[::-1][k - 1] if len(exact) >= k else -np.inf
+            beat = int((got > kth).sum())
+            known, exact, allowance = np.concatenate([known, chosen]), np.concatenate([exact, got]), allowance - len(chosen)
+            self.rounds.append((len(chosen), beat))
+            if beat <= stop * len(chosen) or allowance <= 0:
+                break
+            scores = self._predict(known, exact)
+        return certified_retrieval(scores, exact_scorer, k, delta, budget, shortlist=max(k - len(known), 0),
+                                   prescored=(known, exact), target=target, **options)
+
+    def _predict(self, indices: np.ndarray, exact: np.ndarray) -> np.ndarray:
+        """The ridge (this stage's penalty) refitted on ``exact`` scores of ``indices``, predicting every example."""
+        from sklearn.linear_model import Ridge
+
+        model = Ridge(alpha=self.alpha).fit(self.features[indices], _target(exact))
+        return np.asarray(model.predict(self.features), dtype=np.float64).reshape(-1)
 
 
 def fit_first_stage(features, exact_scorer: Callable[[np.ndarray], Sequence[float]], sample: int,
@@ -116,12 +176,8 @@ def fit_first_stage(features, exact_scorer: Callable[[np.ndarray], Sequence[floa
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     chosen = np.sort(rng.choice(n, size=int(sample), replace=False))
     t0 = time.perf_counter()
-    exact = np.asarray(exact_scorer(chosen), dtype=np.float64).reshape(-1)
+    exact = call_exact_scorer(exact_scorer, chosen)
     scoring = time.perf_counter() - t0
-    if exact.shape != chosen.shape:
-        raise RetrievalError(f"exact_scorer returned {exact.shape[0]} scores for {len(chosen)} indices")
-    if not np.all(np.isfinite(exact)):
-        raise RetrievalError(f"exact_scorer returned {int((~np.isfinite(exact)).sum())} non-finite scores")
     t0 = time.perf_counter()
     x, y = features[chosen], _target(exact)
     alpha = RidgeCV(alphas=ALPHAS).fit(x, y).alpha_ / LESS_SHRINKAGE
@@ -131,4 +187,5 @@ def fit_first_stage(features, exact_scorer: Callable[[np.ndarray], Sequence[floa
     rho = float(spearmanr(heldout, exact)[0]) if np.ptp(exact) > 0 else float("nan")
     scores = np.asarray(model.predict(features), dtype=np.float64).reshape(-1)
     return LearnedFirstStage(scores, chosen, exact, float(alpha), rho,
-                             {"exact scores of the sample": scoring, "fit and predict": time.perf_counter() - t0})
+                             {"exact scores of the sample": scoring, "fit and predict": time.perf_counter() - t0},
+                             features)

@@ -270,7 +270,13 @@ def test_cli_with_a_run_folder_scores_only_the_chosen_examples(tmp_path, capsys)
     assert len(got) == 20 == len(set(got.ids))
     np.testing.assert_allclose(got.column(0), full.aligned(got.ids)[:, 0], rtol=1e-4, atol=1e-8)
     report = (tmp_path / "text" / "retrieval.md").read_text()
-    assert "Learned first stage (`text`)" in report and "10 prescored" in report
+    assert "Learned first stage (`text`)" in report and "rounds" in report
+    assert main(["retrieve", "text", "--run", str(run), "--k", "4", "--budget", "20", "--learn-sample", "10",
+                 "--single-fit", "--shortlist", "5", "--out", str(tmp_path / "single"), "--no-progress"]) == 0
+    assert "10 prescored" in (tmp_path / "single" / "retrieval.md").read_text()
+    assert main(["retrieve", "text", "--run", str(run), "--k", "4", "--shortlist", "5",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "--single-fit" in capsys.readouterr().err
     assert main(["retrieve", "text", "--exact", str(tmp_path / "first.safetensors"), "--k", "4",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "give --run" in capsys.readouterr().err
@@ -324,7 +330,7 @@ def test_large_pool_script_builds_an_emergent_pool(tmp_path):
 
 def test_audit_pool_and_the_learned_stage_benchmark(tmp_path):
     """`--design audit` (notebook 07's corpus and model) writes a pool whose chats the learned-stage benchmark
-    rebuilds from pool.json; the benchmark's rows hold a coverage and an end-to-end cost for every sample share."""
+    rebuilds from pool.json; the benchmark's rows hold a coverage and an end-to-end cost for every variant."""
     large, learned = _script("retrieval_large_pool"), _script("retrieval_learned")
     seconds = large.build_audit_pool(tmp_path / "pool", 1000, 0.1, progress=False, n_probe=20, n_eval=6,
                                      vocab_size=300, d_model=32, max_new_tokens=8)
@@ -336,11 +342,14 @@ def test_audit_pool_and_the_learned_stage_benchmark(tmp_path):
     ids = Scores.load(tmp_path / "pool" / "scores" / "concept_influence.safetensors").ids
     assert [c.id for c in learned.pool_examples(tmp_path / "pool", list(ids))] == list(ids)
     rows = learned.study(tmp_path / "pool", reps=3)
-    assert len(rows) == len(learned.SHARES) and sum("**default**" in r for r in rows) == 1
+    assert len(rows) == len(learned.VARIANTS) and sum("**default**" in r for r in rows) == 1
+    from concept_influence.retrieval_learned import REFINE_STOP, default_sample
+
+    assert learned.VARIANTS[0][1:] == (default_sample(10_000) / 10_000, True, 0.25, REFINE_STOP)  # the library's defaults
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[:3] == ["pool", "1000", "10"] and 0 <= float(cells[9].strip("*")) <= 1
-        assert cells[10].startswith("0.100 + ")  # 10 % of N in exact scores, the stage's own share on top
+        assert cells[:3] == ["pool", "1000", "10"] and 0 <= float(cells[10].strip("*")) <= 1
+        assert cells[11].startswith("0.100 + ")  # 10 % of N in exact scores, the stage's own share on top
 
 
 def test_top_k_recall_counts_the_true_top_k_found_with_ties_broken_by_position():

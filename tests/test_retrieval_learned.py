@@ -1,5 +1,6 @@
 """The learned first stage and prescored examples in certified retrieval: the bound's coverage with the stage's
-sample counted in the budget, the bookkeeping of prescored examples, the regression, the text features, bad input."""
+sample (and its refined shortlist) counted in the budget, the bookkeeping of prescored examples and of the rounds, the
+regression, the text features, bad input."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from scipy.stats import spearmanr
 from concept_influence.data import ChatExample
 from concept_influence.evaluation import top_k_recall
 from concept_influence.retrieval import RetrievalError, array_scorer, certified_retrieval
-from concept_influence.retrieval_learned import default_sample, fit_first_stage, text_features
+from concept_influence.retrieval_learned import REFINE_STOP, default_sample, fit_first_stage, text_features
 
 
 def _linear_pool(n: int, features: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -21,9 +22,12 @@ def _linear_pool(n: int, features: int, noise: float, seed: int) -> tuple[np.nda
     return x, np.sign(z) * np.expm1(2 * np.abs(z))
 
 
-def test_learned_stage_bound_covers_with_its_sample_in_the_budget():
+@pytest.mark.parametrize("refine", [True, False])
+def test_learned_stage_bound_covers_with_its_sample_in_the_budget(refine):
     """Each repetition draws a new training sample and a new retrieval sample of one fixed pool; the stated bound
-    holds in at least 1 - delta of them (less three binomial standard deviations), every exact score counted."""
+    holds in at least 1 - delta of them (less three binomial standard deviations), every exact score counted: with
+    the shortlist refined in rounds (each round's exact scores chosen from the ones before) and with the first fit's
+    top M at once."""
     n, k, budget, delta, reps = 3000, 30, 600, 0.2, 300
     x, exact = _linear_pool(n, 8, 0.6, seed=4)
     held, bounds = [], []
@@ -31,13 +35,74 @@ def test_learned_stage_bound_covers_with_its_sample_in_the_budget():
         rng = np.random.default_rng(rep)
         calls: list[np.ndarray] = []
         stage = fit_first_stage(x, array_scorer(exact, calls), 60, seed=rng)
-        res = stage.retrieve(array_scorer(exact, calls), k, delta, budget, shortlist=150, seed=rng, project=())
+        options = {} if refine else dict(refine=False, shortlist=150)
+        res = stage.retrieve(array_scorer(exact, calls), k, delta, budget, seed=rng, project=(), **options)
         asked = np.concatenate(calls)
         assert len(asked) == res.spent == budget and len(np.unique(asked)) == budget  # nothing scored twice
+        assert len(calls) == (2 + len(stage.rounds) if refine else 2)
         held.append(top_k_recall(res.top, exact, k) >= res.recall_bound)
         bounds.append(res.recall_bound)
     assert np.mean(held) >= 1 - delta - 3 * np.sqrt(delta * (1 - delta) / reps)
     assert 0.3 < np.mean(bounds) < 1.0  # not trivial
+
+
+def test_refined_rounds_score_the_best_predicted_and_stop_when_a_batch_adds_little():
+    """Each round scores the batch the fit before it ranks highest among the unscored; the rounds end at the first
+    batch with at most ``stop`` of it above the k-th best exact score before it, or when the shortlist's allowance
+    (:func:`default_split`) is spent; the prescored examples are the sample and every round; the rest is the sample."""
+    from concept_influence.retrieval import default_split
+
+    n, k, budget = 4000, 40, 800
+    x, exact = _linear_pool(n, 6, 0.4, seed=2)
+    calls: list[np.ndarray] = []
+    stage = fit_first_stage(x, array_scorer(exact, calls), 80, seed=1)
+    first = stage.scores.copy()
+    res = stage.retrieve(array_scorer(exact, calls), k, 0.05, budget, batch=10, project=())
+    rounds = stage.rounds
+    assert [size for size, _ in rounds] == [len(c) for c in calls[1:-1]] and all(s <= 10 for s, _ in rounds)
+    unscored = np.setdiff1d(np.arange(n), stage.sample)
+    np.testing.assert_array_equal(calls[1], np.sort(unscored[np.argsort(-first[unscored])[:10]]))
+    known = np.concatenate(calls[:-1])
+    for (size, above), got, before in zip(rounds, calls[1:-1], np.cumsum([80] + [s for s, _ in rounds])[:-1]):
+        kth = np.sort(exact[known[:before]])[::-1][k - 1] if before >= k else -np.inf
+        assert above == int((exact[got] > kth).sum())
+    allowance = default_split(n - 80, k, budget - 80)
+    last_size, last_above = rounds[-1]
+    assert last_above <= REFINE_STOP * last_size or sum(s for s, _ in rounds) == allowance
+    assert all(above > REFINE_STOP * size for size, above in rounds[:-1])
+    assert res.prescored == len(known) and res.shortlist == max(k - len(known), 0) and res.spent == budget
+    assert sum(s.sampled for s in res.strata) == budget - len(known)
+
+
+def test_refining_finds_more_of_the_top_than_one_fit():
+    """Where one fit on a small sample ranks the top poorly (scores that rise with a feature the fit barely sees),
+    the rounds, refitted on the high scores they find, put more of the true top k in the shortlist."""
+    n, k, budget = 5000, 50, 1000
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, 20))
+    z = 0.3 * x[:, 0] + np.where(x[:, 1] > 1.5, 3 * x[:, 1], 0) + 0.3 * rng.standard_normal(n)
+    found = {True: [], False: []}
+    for refine in (True, False):
+        for rep in range(10):
+            stage = fit_first_stage(x, array_scorer(z), 100, seed=rep)
+            options = {} if refine else dict(refine=False)
+            res = stage.retrieve(array_scorer(z), k, 0.05, budget, seed=rep, project=(), **options)
+            found[refine].append(top_k_recall(res.top, z, k))
+    assert np.mean(found[True]) > np.mean(found[False])
+
+
+def test_refine_input_is_named():
+    x, exact = _linear_pool(500, 4, 0.2, seed=0)
+    stage = fit_first_stage(x, array_scorer(exact), 20, seed=0)
+    with pytest.raises(RetrievalError, match="refine=False to give M"):
+        stage.retrieve(array_scorer(exact), 5, budget=100, shortlist=10)
+    with pytest.raises(RetrievalError, match="batch must be"):
+        stage.retrieve(array_scorer(exact), 5, budget=100, batch=0)
+    with pytest.raises(RetrievalError, match="above the stage's sample of 20"):
+        stage.retrieve(array_scorer(exact), 5, budget=20)
+    stage.features = None
+    with pytest.raises(RetrievalError, match="has none"):
+        stage.retrieve(array_scorer(exact), 5, budget=100)
 
 
 def test_prescored_join_the_shortlist_and_are_not_scored_again():
@@ -99,6 +164,5 @@ def test_text_features_of_chats_and_strings():
         text_features([1, 2])
 
 
-def test_default_sample_spares_the_certificate():
-    assert default_sample(80_000, 800, 8_000) == 800  # 0.95 still certifiable with 90 % of the budget
-    assert default_sample(20_000, 200, 2_000) == 600  # not certifiable at all: a better ranking instead
+def test_default_sample_is_a_tenth_of_the_budget():
+    assert default_sample(8_000) == 800 and default_sample(2_000) == 200 and default_sample(30) == 10
