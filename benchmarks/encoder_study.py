@@ -47,10 +47,11 @@ def _ranking(scores: np.ndarray, labels: np.ndarray, exact: np.ndarray, held: np
             "spearman_index": float(spearmanr(scores[held], index[held])[0])}
 
 
-def run_design(family: int, number: int, work: Path) -> dict:
-    """Train one design, score it every way, fit the encoders; the design's entry of the results."""
+def run_design(family: int, number: int, work: Path, n_layers: int = 2) -> dict:
+    """Train one design (with ``n_layers`` blocks), score it every way, fit the encoders; the design's entry of the
+    results."""
     design = draw_design(number, family)
-    cfg = EmergentConfig(**design)
+    cfg = EmergentConfig(**design, n_layers=n_layers)
     seed_everything(cfg.seed)
     started = time.perf_counter()
     bed = emergent_testbed(cfg, work, False, None)
@@ -67,7 +68,8 @@ def run_design(family: int, number: int, work: Path) -> dict:
     indexed = index.score(query, adapter, progress=False).column(0)
     fast = ProbeProjection(bed.concept).score(adapter, pool, batch_size=bs, progress=False).column(0)
     every = np.ones(len(pool), bool)
-    out = {"design": design, "label": design_label(design), "n_pool": len(pool), "planted": int(labels.sum()),
+    out = {"design": design, "n_layers": n_layers, "label": design_label(design), "n_pool": len(pool),
+           "planted": int(labels.sum()),
            "exact": _ranking(exact, labels, exact, every, indexed), "index": _ranking(indexed, labels, exact, every, indexed),
            "fast_path": _ranking(fast, labels, exact, every, indexed), "index_bytes": index.bytes_per_example,
            "encoders": []}
@@ -120,7 +122,9 @@ def report(results: dict) -> str:
     runs = results["designs"]
     hard = [r for r in runs if r["fast_path"]["auroc"] < 0.8]
     m = results["machine"]
-    lines = ["# The row encoder on the emergent family (issue 28, item 2)", "",
+    depth = runs[0].get("n_layers", 2)
+    lines = [f"# The row encoder on the emergent family (issue 28, item 2){'' if depth == 2 else f': {depth} blocks'}",
+             "",
              f"Command: `{results['command']}` ({results['seconds']:.0f} s on {m['cpu']}, torch threads "
              f"{m['torch_threads']}, load average at start {m['load_average_start'][0]:.1f}).", "",
              f"Encoders are fitted on {len(SAMPLE_SEEDS)} random samples (seeds {SAMPLE_SEEDS}) per share of the pool and "
@@ -191,6 +195,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks/encoder.md")
     parser.add_argument("--designs", type=int, default=len(DESIGNS), help="the first N of the designs")
+    parser.add_argument("--n-layers", type=int, default=2, help="blocks of every design's model (default 2, as the "
+                                                                "family; the concept is read after the last)")
     parser.add_argument("--report-only", action="store_true", help="write the markdown again from the .json beside it")
     args = parser.parse_args()
     out = Path(args.out)
@@ -202,9 +208,12 @@ def main() -> None:
     designs = []
     for family, number in DESIGNS[: args.designs]:
         with tempfile.TemporaryDirectory() as work:
-            designs.append(run_design(family, number, Path(work)))
+            designs.append(run_design(family, number, Path(work), args.n_layers))
         print(f"{designs[-1]['label']}: {designs[-1]['seconds']:.0f} s", flush=True)
-    results = {"command": "python benchmarks/encoder_study.py --out " + args.out, "machine": machine_description(),
+    command = f"python benchmarks/encoder_study.py --out {args.out}" + (
+        f" --designs {args.designs}" if args.designs != len(DESIGNS) else "") + (
+        f" --n-layers {args.n_layers}" if args.n_layers != 2 else "")
+    results = {"command": command, "machine": machine_description(),
                "seconds": time.perf_counter() - started, "designs": designs}
     out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     out.write_text(report(results))

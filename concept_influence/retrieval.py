@@ -149,10 +149,10 @@ class RetrievalResult:
         atomic_write_text(Path(path), json.dumps(self.to_json(), indent=1))
 
 
-def _strata_edges(m: int, n: int, strata: int | Sequence[int] | None, design: str) -> list[int]:
+def _strata_edges(m: int, n: int, strata: int | Sequence[int] | None, design: str, k: int = 1) -> list[int]:
     """First-stage rank boundaries of the strata of [m, n): one for uniform; for stratified, ``strata`` as
-    rank boundaries, or a count H: the first stratum the size of the shortlist, each next one 4× the one before,
-    the last taking what remains."""
+    rank boundaries, or a count H: the first stratum the size of the shortlist (at least k: a refined shortlist of
+    prescored examples leaves M = 0), each next one 4× the one before, the last taking what remains."""
     if design == "uniform":
         return [m, n]
     if strata is None:
@@ -160,7 +160,7 @@ def _strata_edges(m: int, n: int, strata: int | Sequence[int] | None, design: st
     if isinstance(strata, (int, np.integer)):
         if strata < 1:
             raise RetrievalError(f"strata must be >= 1, got {strata}")
-        edges, size = [m], max(m, 1)
+        edges, size = [m], max(m, k, 1)
         for _ in range(int(strata) - 1):
             if edges[-1] + size >= n:
                 break
@@ -248,7 +248,7 @@ def certified_retrieval(first_stage, exact_scorer: Callable[[np.ndarray], Sequen
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
     order = rest[np.argsort(-values[rest], kind="stable")]  # first-stage rank among the rest -> index
-    edges = _strata_edges(m, n_rest, strata, design)
+    edges = _strata_edges(m, n_rest, strata, design, k)
     sizes = [b - a for a, b in zip(edges[:-1], edges[1:])]
     alloc = _allocate(sizes, budget_rest - m)
     picks = [np.sort(rng.choice(size, size=s, replace=False)) + a if s else np.zeros(0, dtype=np.int64)

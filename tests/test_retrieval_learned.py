@@ -91,6 +91,15 @@ def test_refining_finds_more_of_the_top_than_one_fit():
     assert np.mean(found[True]) > np.mean(found[False])
 
 
+def test_refined_stratified_sample_starts_with_a_stratum_of_k():
+    """A refined shortlist leaves M = 0 of the rest; the stratified design's first stratum is then k ranks, not 1."""
+    x, exact = _linear_pool(3000, 6, 0.3, seed=5)
+    stage = fit_first_stage(x, array_scorer(exact), 60, seed=0)
+    res = stage.retrieve(array_scorer(exact), 30, 0.05, 600, design="stratified", project=())
+    assert res.shortlist == 0 and res.strata[0].stop - res.strata[0].start == 30
+    assert res.spent == 600 and 0 <= res.recall_bound <= 1
+
+
 def test_refine_input_is_named():
     x, exact = _linear_pool(500, 4, 0.2, seed=0)
     stage = fit_first_stage(x, array_scorer(exact), 20, seed=0)
