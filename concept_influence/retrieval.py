@@ -113,7 +113,8 @@ class RetrievalResult:
         """A markdown report: the statement, the budget spent, each stratum, and what more budget would buy."""
         lines = [f"**Certified retrieval**: {self.summary()}.", "",
                  f"- budget {self.budget} exact scores, spent {self.spent}: "
-                 + (f"{self.prescored} prescored (the first stage's own sample) + " if self.prescored else "")
+                 + (f"{self.prescored} prescored (scored before the sample: a learned stage's sample and rounds) + "
+                    if self.prescored else "")
                  + f"shortlist (top {self.shortlist} of the first stage) + "
                  f"{self.spent - self.shortlist - self.prescored} sampled ({self.design})",
                  "- threshold τ (k-th best exact score in the shortlist"
