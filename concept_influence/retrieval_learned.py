@@ -77,8 +77,9 @@ def text_features(examples: Sequence) -> sparse.csr_matrix:
 def default_sample(budget: int) -> int:
     """How many of ``budget`` exact scores the learned stage's uniform sample takes by default: 10 % (at least 10).
     With the refined shortlist of :meth:`LearnedFirstStage.retrieve` a first fit only has to start the rounds, and
-    every exact score the sample spends is one fewer for the certificate: of 5 / 10 / 20 / 30 % on four real pools
-    (benchmarks/retrieval-learned.md) 10 % was within 0.005 of the best median certificate on each."""
+    every exact score the sample spends is one fewer for the certificate: of 5 / 10 / 20 % on four real pools
+    (benchmarks/retrieval-learned.md) 10 % was within 0.015 of the best median certificate on each, and 5 % failed
+    badly more often."""
     return max(10, round(0.1 * budget))
 
 
