@@ -120,14 +120,14 @@ class LearnedFirstStage:
         mean it (a batch of seven holding none is no evidence). The rounds are all decided before that sample is
         drawn, so they are prescored examples and the bound is unchanged. They are recorded in :attr:`rounds`
         (examples scored, how many beat the k-th best before them)."""
-        if refine and self.features is None:
-            raise RetrievalError("refine=True refits on the stage's features, and this stage has none: fit it with "
-                                 "fit_first_stage, or pass refine=False")
-        if refine and "shortlist" in options:
-            raise RetrievalError("the refined shortlist is built in rounds; pass refine=False to give M")
         if not refine:
             return certified_retrieval(self.scores, exact_scorer, k, delta, budget,
                                        prescored=(self.sample, self.exact), target=target, **options)
+        if self.features is None:
+            raise RetrievalError("refine=True refits on the stage's features, and this stage has none: fit it with "
+                                 "fit_first_stage, or pass refine=False")
+        if "shortlist" in options:
+            raise RetrievalError("the refined shortlist is built in rounds; pass refine=False to give M")
         n = len(self.scores)
         budget = default_budget(n, k) if budget is None else budget
         if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or not len(self.sample) < budget:

@@ -51,14 +51,15 @@ def run_examples_scorer(run, column: int | str = 0, progress: bool = False
                         ) -> tuple[list, Callable[[np.ndarray], np.ndarray]]:
     """The chats of a run folder's training data that its scoring keeps (those cut away at ``max_length`` skipped), in
     the data's order (e.g. for a learned first stage's text features), and an exact scorer of them by position, as
-    :func:`run_scorer`'s: one pipeline, so the data is read once and the model loaded once, and each call tokenises
-    only the chosen chats."""
+    :func:`run_scorer`'s: one pipeline, so the data is read and tokenised once and the model loaded once."""
     pipeline = _run_pipeline(run, progress)
-    kept = []
+    kept, tokenized = [], []
     for shard in pipeline.data.shards(pipeline.cfg.scoring.shard_size):
-        ids = {ex.id for ex in pipeline._tokenize_kept(shard.examples)}
-        kept += [e for e in shard.examples if e.id in ids]
-    return kept, _pipeline_scorer(pipeline, [c.id for c in kept], column, progress, chats=kept)
+        shard_tokenized = pipeline._tokenize_kept(shard.examples)
+        by_id = {e.id: e for e in shard.examples}
+        kept += [by_id[ex.id] for ex in shard_tokenized]
+        tokenized += shard_tokenized
+    return kept, _pipeline_scorer(pipeline, [c.id for c in kept], column, progress, tokenized=tokenized)
 
 
 def _run_pipeline(run, progress: bool):
@@ -69,17 +70,17 @@ def _run_pipeline(run, progress: bool):
 
 
 def _pipeline_scorer(pipeline, ids: Sequence[str], column: int | str, progress: bool,
-                     chats: Sequence | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """The scorer of :func:`run_scorer`; with ``chats`` (the kept chats of ``ids``, in order) the chosen ones are
-    tokenised directly instead of found by a pass over the data."""
+                     tokenized: Sequence | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """The scorer of :func:`run_scorer`; with ``tokenized`` (the kept examples of ``ids``, tokenised, in order) the
+    chosen ones are taken from it instead of found by a pass over the data."""
     from .runs import RunError
 
     cfg = pipeline.cfg
     ids = list(ids)
 
-    def tokenized(indices: np.ndarray) -> list:
-        if chats is not None:
-            return pipeline._tokenize_kept([chats[int(i)] for i in indices])
+    def chosen(indices: np.ndarray) -> list:
+        if tokenized is not None:
+            return [tokenized[int(i)] for i in indices]
         wanted = {ids[int(i)] for i in indices}
         found = {}
         for shard in pipeline.data.shards(cfg.scoring.shard_size):
@@ -92,7 +93,7 @@ def _pipeline_scorer(pipeline, ids: Sequence[str], column: int | str, progress: 
         return [found[ids[int(i)]] for i in indices]
 
     def score(indices: np.ndarray) -> np.ndarray:
-        examples = tokenized(indices)
+        examples = chosen(indices)
         pipeline.gate()
         total = np.zeros(len(examples))
         for point in pipeline.points:
