@@ -114,12 +114,12 @@ class LearnedFirstStage:
         ``refine`` (the default) builds the shortlist in rounds instead of taking the first fit's top M at once: the
         ``batch`` best-predicted examples not yet scored are scored exactly, the ridge is refitted on every exact
         score so far (the penalty stays the sample's), and so on, until the shortlist has the size
-        :func:`default_split` would give it or a batch puts at most ``stop`` of its examples above the k-th best
-        exact score found before it; what is left of the budget goes to the uniform sample of the rest. ``batch``:
-        default k/4, and at least 2/``stop``, so that a batch that stops the rounds has seen enough examples to
-        mean it (a batch of seven holding none is no evidence). The rounds are all decided before that sample is
-        drawn, so they are prescored examples and the bound is unchanged. They are recorded in :attr:`rounds`
-        (examples scored, how many beat the k-th best before them)."""
+        :func:`default_split` would give it (leaving at least one exact score to the sample) or a batch puts at most
+        ``stop`` of its examples above the k-th best exact score found before it; what is left of the budget goes to
+        the uniform sample of the rest. ``batch``: default k/4, and at least 2/``stop``, so that a batch that stops
+        the rounds has seen enough examples to mean it (a batch of seven holding none is no evidence). The rounds are
+        all decided before that sample is drawn, so they are prescored examples and the bound is unchanged. They are
+        recorded in :attr:`rounds` (examples scored, how many beat the k-th best before them)."""
         if not refine:
             return certified_retrieval(self.scores, exact_scorer, k, delta, budget,
                                        prescored=(self.sample, self.exact), target=target, **options)
@@ -138,7 +138,9 @@ class LearnedFirstStage:
             raise RetrievalError(f"batch must be a positive integer, got {batch!r}")
         budget = int(min(budget, n))
         known, exact, scores = self.sample, self.exact, self.scores
-        allowance = default_split(n - len(known), k, budget - len(known), delta, target)
+        # at least one exact score is left to the certificate's sample: a budget of N (or one that k alone fills)
+        # would otherwise let the rounds prescore the whole budget, which certified_retrieval refuses
+        allowance = min(default_split(n - len(known), k, budget - len(known), delta, target), budget - len(known) - 1)
         self.rounds = []
         while allowance > 0:
             unscored = np.setdiff1d(np.arange(n), known)

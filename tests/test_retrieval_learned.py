@@ -100,6 +100,23 @@ def test_refined_stratified_sample_starts_with_a_stratum_of_k():
     assert res.spent == 600 and 0 <= res.recall_bound <= 1
 
 
+@pytest.mark.parametrize("budget", [3000, 5000, 35])
+def test_refined_rounds_leave_the_sample_at_least_one_score(budget):
+    """A budget of N or more (the rounds could prescore everything) or one that k alone nearly fills: the rounds stop
+    one exact score short of the budget (one batch of N takes the whole allowance), so the certificate still runs;
+    with every example scored it is exact."""
+    n, k = 3000, 30
+    x, exact = _linear_pool(n, 6, 0.3, seed=7)
+    calls: list[np.ndarray] = []
+    stage = fit_first_stage(x, array_scorer(exact, calls), 20, seed=0)
+    res = stage.retrieve(array_scorer(exact, calls), k, 0.05, budget, batch=n, project=())
+    asked = np.concatenate(calls)
+    assert len(np.unique(asked)) == len(asked) == res.spent == min(budget, n)
+    assert sum(s for s, _ in stage.rounds) == min(budget, n) - 20 - 1
+    if budget >= n:
+        assert res.recall_bound == 1.0 and top_k_recall(res.top, exact, k) == 1.0
+
+
 def test_refine_input_is_named():
     x, exact = _linear_pool(500, 4, 0.2, seed=0)
     stage = fit_first_stage(x, array_scorer(exact), 20, seed=0)
