@@ -73,14 +73,19 @@ def _retrieve(args: argparse.Namespace) -> int:
         return k, None if args.budget is None else (math.ceil(args.budget * n) if args.budget < 1 else int(args.budget))
 
     note = ""
+    run_source = f"the estimator of run {args.run}" + (" and the behaviour's own ranking (their union: each one's top k)"
+                                                        if args.exact_column == "union" else "")
     if args.first_stage == "text":
         ids, values, result, note = _learned_stage(args, n_of)
-        source = f"the estimator of run {args.run}"
+        source = run_source
     else:
         first = Scores.load(args.first_stage)
         ids, values = first.ids, first.column(args.column)
         k, budget = n_of(len(first))
         if args.exact is not None:
+            if args.exact_column == "union":
+                raise RetrievalError("--exact-column union scores the behaviour's own ranking beside the run's: give "
+                                     "--run")
             exact = Scores.load(args.exact)
             try:
                 known = exact.aligned(first.ids)[:, exact.column_index(args.exact_column)]
@@ -88,28 +93,30 @@ def _retrieve(args: argparse.Namespace) -> int:
                 raise RetrievalError(f"--exact {args.exact}: {e.args[0]}") from None
             scorer, source = array_scorer(known), f"{args.exact} (column {args.exact_column})"
         else:
-            scorer, source = run_scorer(args.run, first.ids, args.exact_column, progress=not args.no_progress), \
-                f"the estimator of run {args.run}"
+            scorer, source = run_scorer(args.run, first.ids, args.exact_column, progress=not args.no_progress), run_source
         result = certified_retrieval(values, scorer, k, args.delta, budget, shortlist=args.shortlist,
                                      design=args.design, strata=args.strata, target=args.target, seed=args.seed)
     n = len(ids)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    Scores([ids[i] for i in result.scored], result.exact, "exact", ["score"],
+    union = result.rankings > 1
+    Scores([ids[i] for i in result.scored], result.exact, "exact", ["score", "behaviour"] if union else ["score"],
            {"retrieval": "exactly scored examples (prescored, shortlist, then sample)",
             "first_stage": str(args.first_stage),
             "exact": source}).save(out / "exact.safetensors")
     data = result.to_json() | {"ids": [ids[i] for i in result.top], "first_stage": str(args.first_stage),
                                "first_stage_column": args.column, "exact": source}
     atomic_write_text(out / "retrieval.json", json.dumps(data, indent=1))
-    rows = ["| rank | exact score | id | first-stage rank |", "|---:|---:|---|---:|"]
+    rows = [f"| rank | exact score{' (run / behaviour)' if union else ''} | id | first-stage rank |",
+            "|---:|---:|---|---:|"]
     rank_of = np.empty(n, dtype=np.int64)
     rank_of[np.argsort(-values, kind="stable")] = np.arange(n)
-    rows += [f"| {r} | {s:.6g} | {ids[i]} | {rank_of[i] + 1} |"
+    rows += [f"| {r} | {' / '.join(f'{v:.6g}' for v in np.atleast_1d(s))} | {ids[i]} | {rank_of[i] + 1} |"
              for r, (i, s) in enumerate(zip(result.top, result.top_scores), start=1)]
     text = (f"# Certified retrieval\n\nFirst stage: `{args.first_stage}` (column {args.column}); exact: {source}.\n\n"
             + (note + "\n\n" if note else "")
-            + result.report() + "\n\n## The top k found\n\n" + "\n".join(rows) + "\n")
+            + result.report() + "\n\n## The top k found" + (" (the union of each ranking's top k, best rank first)"
+                                                             if union else "") + "\n\n" + "\n".join(rows) + "\n")
     atomic_write_text(out / "retrieval.md", text)
     print(result.summary())
     print(out / "retrieval.md")
@@ -146,7 +153,9 @@ def add_retrieve_command(sub) -> None:
     p.add_argument("--strata", type=int, help="strata of the stratified design (default 2)")
     p.add_argument("--target", type=float, default=0.95, help="the recall the default split aims to certify")
     p.add_argument("--column", type=_column, default=0, help="first-stage column (index or name; default 0)")
-    p.add_argument("--exact-column", type=_column, default=0, help="exact column (index or name; default 0)")
+    p.add_argument("--exact-column", type=_column, default=0,
+                   help="exact column (index or name; default 0); with --run, `union`: the run's scores and the "
+                        "behaviour's own ranking at once (the union the run answers with: each one's top k)")
     p.add_argument("--learn-sample", type=int, help="the text first stage's sample of exact scores (default: 10 %% of "
                                                     "the budget)")
     p.add_argument("--single-fit", action="store_true",

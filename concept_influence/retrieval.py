@@ -27,6 +27,12 @@ Examples scored before the call (``prescored``: e.g. the uniform sample a learne
 (:mod:`.retrieval_learned`) was fitted on) join the shortlist: the argument needs only that the shortlist and τ are
 fixed before the sample is drawn, and the sample is then drawn from the examples that neither holds.
 
+Several rankings at once (an exact scorer that returns ``[m, C]``: e.g. a run's Concept Influence and the
+behaviour's own ranking, whose union the audit answers with): each ranking has its threshold τ_c (its k-th best in
+the shortlist), an unscored example "beats" when it reaches any τ_c, one sample bounds the beaters of all C, and the
+answer is the union of each ranking's top k among the scored, with a bound on its recall of the union of the true
+top k's (:func:`~.retrieval_bounds.union_recall_bound`).
+
 What a budget can certify: a stratum where the sample finds no example ≥ τ still bounds its unscored part by
 about N_h · ln(1/δ_h) / n_h, so certifying recall r needs a sample of about ln(1/δ) · (N − M) / ((1 − r) · k)
 exact scores even when the first stage is perfect (:func:`minimum_budget`: 4,920 of 20,000 at k = N/100, r = 0.95,
@@ -43,17 +49,24 @@ import numpy as np
 
 from .retrieval_bounds import (
     RetrievalError,
+    _allocate,
+    _beats,
+    _bounds,
+    _projected_draws,
+    _strata_edges,
     best_certifiable,
     default_budget,
     default_split,
     hypergeometric_upper,
     minimum_budget,
+    union_recall_bound,
+    union_top,
 )
 from .retrieval_scorers import array_scorer, estimator_scorer, run_examples_scorer, run_scorer
 
 __all__ = ["certified_retrieval", "RetrievalResult", "StratumBound", "RetrievalError", "hypergeometric_upper",
            "default_split", "default_budget", "best_certifiable", "minimum_budget", "array_scorer", "estimator_scorer",
-           "run_scorer", "run_examples_scorer", "DESIGNS"]
+           "run_scorer", "run_examples_scorer", "union_recall_bound", "union_top", "DESIGNS"]
 
 DESIGNS = ("uniform", "stratified")
 
@@ -79,19 +92,20 @@ class StratumBound:
 class RetrievalResult:
     """What :func:`certified_retrieval` found and certified. Indices are positions in the first-stage array."""
 
-    top: np.ndarray  # [k] indices of the top k by exact score among the scored, best first
-    top_scores: np.ndarray  # [k] their exact scores
+    top: np.ndarray  # [k] indices of the top k by exact score among the scored, best first (C rankings: the union
+    # of each one's top k, by best rank)
+    top_scores: np.ndarray  # [k] their exact scores ([len(top), C] with C rankings)
     scored: np.ndarray  # every index scored exactly (shortlist, then sample)
-    exact: np.ndarray  # their exact scores, aligned with `scored`
+    exact: np.ndarray  # their exact scores, aligned with `scored` ([spent, C] with C rankings)
     k: int
     delta: float
     budget: int
     shortlist: int  # M (taken from the examples that were not prescored)
     design: str
-    threshold: float  # tau: the k-th best exact score within the shortlist
+    threshold: float | list[float]  # tau: the k-th best exact score within the shortlist (C rankings: each one's)
     strata: list[StratumBound]
-    beaters_bound: int  # U: upper bound on unscored examples with exact score >= tau
-    recall_bound: float  # 1 - min(U, k) / k, with confidence 1 - delta
+    beaters_bound: int  # U: upper bound on unscored examples with exact score >= tau (any ranking's)
+    recall_bound: float  # 1 - min(U, k) / k, with confidence 1 - delta (C rankings: union_recall_bound)
     projected: dict[int, float] = field(default_factory=dict)  # budget -> projected recall bound (same rates)
     prescored: int = 0  # exact scores given to the call (they join the shortlist; see certified_retrieval)
 
@@ -103,11 +117,19 @@ class RetrievalResult:
     def n(self) -> int:
         return sum(s.size for s in self.strata) + self.shortlist + self.prescored
 
+    @property
+    def rankings(self) -> int:
+        """How many exact rankings were retrieved at once (the columns of :attr:`exact`)."""
+        return 1 if self.exact.ndim == 1 else self.exact.shape[1]
+
     def summary(self) -> str:
         """One sentence: the recall statement."""
-        return (f"the top {self.k} found have recall >= {self.recall_bound:.3f} with confidence {1 - self.delta:.3g} "
-                f"(at most {self.beaters_bound} of the true top {self.k} missed; {self.spent} exact scores of "
-                f"{self.n}, {self.spent / max(self.n, 1):.1%})")
+        what, of = ((f"the top {self.k} found", f"of the true top {self.k}") if self.rankings == 1 else
+                    (f"the union of {self.rankings} rankings' top {self.k} found ({len(self.top)} examples)",
+                     "of their true union"))
+        return (f"{what} have recall >= {self.recall_bound:.3f} with confidence {1 - self.delta:.3g} (at most "
+                f"{self.beaters_bound} {of} missed; {self.spent} exact scores of {self.n}, "
+                f"{self.spent / max(self.n, 1):.1%})")
 
     def report(self) -> str:
         """A markdown report: the statement, the budget spent, each stratum, and what more budget would buy."""
@@ -118,7 +140,9 @@ class RetrievalResult:
                  + f"shortlist (top {self.shortlist} of the first stage) + "
                  f"{self.spent - self.shortlist - self.prescored} sampled ({self.design})",
                  "- threshold τ (k-th best exact score in the shortlist"
-                 + (" and the prescored" if self.prescored else "") + f"): {self.threshold:.6g}",
+                 + (" and the prescored" if self.prescored else "") + "): "
+                 + ", ".join(f"{t:.6g}" for t in np.atleast_1d(self.threshold))
+                 + ("" if self.rankings == 1 else " (one per ranking; an example beats when it reaches any)"),
                  "", "| first-stage ranks | size | sampled | sampled ≥ τ | δ share | unsampled ≥ τ, bound |",
                  "|---|---|---|---|---|---|"]
         for s in self.strata:
@@ -140,7 +164,7 @@ class RetrievalResult:
                 "beaters_bound": self.beaters_bound, "recall_bound": self.recall_bound,
                 "strata": [asdict(s) for s in self.strata],
                 "projected": {str(b): r for b, r in self.projected.items()},
-                "top": [int(i) for i in self.top], "top_scores": [float(v) for v in self.top_scores]}
+                "top": [int(i) for i in self.top], "top_scores": self.top_scores.tolist()}
 
     def save_json(self, path) -> None:
         from pathlib import Path
@@ -148,51 +172,6 @@ class RetrievalResult:
         from .fileio import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_json(), indent=1))
-
-
-def _strata_edges(m: int, n: int, strata: int | Sequence[int] | None, design: str, k: int = 1) -> list[int]:
-    """First-stage rank boundaries of the strata of [m, n): one for uniform; for stratified, ``strata`` as
-    rank boundaries, or a count H: the first stratum the size of the shortlist (at least k: a refined shortlist of
-    prescored examples leaves M = 0), each next one 4× the one before, the last taking what remains."""
-    if design == "uniform":
-        return [m, n]
-    if strata is None:
-        strata = 2
-    if isinstance(strata, (int, np.integer)):
-        if strata < 1:
-            raise RetrievalError(f"strata must be >= 1, got {strata}")
-        edges, size = [m], max(m, k, 1)
-        for _ in range(int(strata) - 1):
-            if edges[-1] + size >= n:
-                break
-            edges.append(edges[-1] + size)
-            size *= 4
-        return edges + [n]
-    inner = sorted(int(e) for e in strata)
-    if any(e <= m or e >= n for e in inner):
-        raise RetrievalError(f"strata boundaries must lie strictly between the shortlist size {m} and N = {n}: {inner}")
-    return [m, *inner, n]
-
-
-def _allocate(sizes: Sequence[int], total: int) -> list[int]:
-    """Proportional allocation of ``total`` draws over strata (largest remainders; at most a stratum's size)."""
-    sizes = np.asarray(sizes, dtype=np.int64)
-    if total >= sizes.sum():
-        return [int(s) for s in sizes]
-    raw = total * sizes / sizes.sum()
-    alloc = np.floor(raw).astype(np.int64)
-    for i in np.argsort(-(raw - alloc), kind="stable")[: total - int(alloc.sum())]:
-        alloc[i] += 1
-    return [int(a) for a in np.minimum(alloc, sizes)]
-
-
-def _bounds(sizes, sampled, found, delta) -> tuple[list[float], list[int]]:
-    partial = [0 < s < z for z, s in zip(sizes, sampled)]
-    share = delta / max(sum(partial), 1)
-    deltas = [share if p else 0.0 for p in partial]
-    ub = [hypergeometric_upper(z, s, c, share if p else delta) - c
-          for z, s, c, p in zip(sizes, sampled, found, partial)]
-    return deltas, ub
 
 
 def certified_retrieval(first_stage, exact_scorer: Callable[[np.ndarray], Sequence[float]], k: int,
@@ -260,34 +239,43 @@ def certified_retrieval(first_stage, exact_scorer: Callable[[np.ndarray], Sequen
     got = call_exact_scorer(exact_scorer, chosen[call_order])
     exact = np.empty_like(got)
     exact[call_order] = got  # aligned with `chosen` (shortlist first, then each stratum's sample)
+    if len(known) == 0:
+        known_exact = known_exact.reshape(0, *exact.shape[1:])
+    elif known_exact.shape[1:] != exact.shape[1:]:
+        raise RetrievalError(f"prescored exact scores have shape {known_exact.shape[1:]} per example, the exact "
+                             f"scorer returned {exact.shape[1:]}: one score per ranking in both")
     # the prescored join the shortlist: `chosen` = prescored, shortlist, then each stratum's sample
     chosen, exact, m_known = np.concatenate([known, chosen]), np.concatenate([known_exact, exact]), len(known) + m
 
-    tau = float(np.sort(exact[:m_known])[::-1][k - 1])
+    tau = np.sort(exact[:m_known], axis=0)[::-1][k - 1]  # each ranking's k-th best in the shortlist
     found, start = [], m_known
     for p in picks:
-        found.append(int((exact[start:start + len(p)] >= tau).sum()))
+        found.append(int(_beats(exact[start:start + len(p)], tau).sum()))
         start += len(p)
     deltas, ub = _bounds(sizes, alloc, found, delta)
-    beaters = int(sum(ub))
-    best = np.argsort(-exact, kind="stable")[:k]
+    beaters, best, rankings = int(sum(ub)), union_top(exact, k), 1 if exact.ndim == 1 else exact.shape[1]
     result = RetrievalResult(
         top=chosen[best], top_scores=exact[best], scored=chosen, exact=exact, k=k, delta=float(delta), budget=budget,
-        shortlist=m, design=design, threshold=tau, prescored=len(known),
-        strata=[StratumBound(a, b, s, c, d, u) for a, b, s, c, d, u in zip(edges[:-1], edges[1:], alloc, found,
-                                                                            deltas, ub)],
-        beaters_bound=beaters, recall_bound=1.0 - min(beaters, k) / k)
+        shortlist=m, design=design, threshold=float(tau) if exact.ndim == 1 else [float(t) for t in tau],
+        prescored=len(known), strata=[StratumBound(a, b, s, c, d, u) for a, b, s, c, d, u in zip(
+            edges[:-1], edges[1:], alloc, found, deltas, ub)],
+        beaters_bound=beaters, recall_bound=union_recall_bound(beaters, k, len(best), rankings))
     for factor in project:
         more = int(round(budget * factor))
-        result.projected[more] = _projected_recall(sizes, alloc, found, k, delta, more - budget)
+        _, projected = _bounds(*_projected_draws(sizes, alloc, found, more - budget), delta)
+        result.projected[more] = union_recall_bound(int(sum(projected)), k, len(best), rankings)
     return result
 
 
 def call_exact_scorer(exact_scorer: Callable[[np.ndarray], Sequence[float]], indices: np.ndarray) -> np.ndarray:
-    """``exact_scorer`` on sorted ``indices``, checked: one finite score each."""
-    exact = np.asarray(exact_scorer(indices), dtype=np.float64).reshape(-1)
-    if exact.shape != (len(indices),):
-        raise RetrievalError(f"exact_scorer returned {exact.shape[0]} scores for {len(indices)} indices")
+    """``exact_scorer`` on sorted ``indices``, checked: one finite score each (``[m]``), or one per ranking
+    (``[m, C]``; a single column is returned as ``[m]``)."""
+    exact = np.asarray(exact_scorer(indices), dtype=np.float64)
+    if exact.ndim != 2 or exact.shape[1] == 1:
+        exact = exact.reshape(-1)
+    if exact.shape[0] != len(indices) or exact.ndim == 2 and exact.shape[1] == 0:
+        raise RetrievalError(f"exact_scorer returned scores of shape {exact.shape} for {len(indices)} indices (one "
+                             f"score each, or one per ranking)")
     if not np.all(np.isfinite(exact)):
         raise RetrievalError(f"exact_scorer returned {int((~np.isfinite(exact)).sum())} non-finite scores")
     return exact
@@ -299,7 +287,7 @@ def _prescored(prescored, n: int, budget: int, k: int) -> tuple[np.ndarray, np.n
     if prescored is None:
         return np.zeros(0, dtype=np.int64), np.zeros(0)
     indices, scores = (np.asarray(a) for a in prescored)
-    if indices.ndim != 1 or scores.shape != indices.shape:
+    if indices.ndim != 1 or scores.shape[:1] != indices.shape or scores.ndim not in (1, 2):
         raise RetrievalError(f"prescored must be (indices, exact scores) of one length, got shapes {indices.shape} "
                              f"and {scores.shape}")
     if len(indices) and (not np.issubdtype(indices.dtype, np.integer) or indices.min() < 0 or indices.max() >= n):
@@ -313,13 +301,3 @@ def _prescored(prescored, n: int, budget: int, k: int) -> tuple[np.ndarray, np.n
         raise RetrievalError(f"prescored holds {len(indices)} exact scores, the whole budget of {budget}; raise "
                              f"the budget above it (k = {k})")
     return indices.astype(np.int64), scores.astype(np.float64)
-
-
-def _projected_recall(sizes, alloc, found, k, delta, extra: int) -> float:
-    """The recall bound if ``extra`` more draws were added (proportionally to each stratum's size) and they found
-    examples above the threshold at this sample's rate: an estimate of what more budget would buy."""
-    more = _allocate([z - s for z, s in zip(sizes, alloc)], max(extra, 0))
-    new = [s + e for s, e in zip(alloc, more)]
-    hits = [min(int(round(c / s * t)) if s else 0, t) for c, s, t in zip(found, alloc, new)]
-    _, ub = _bounds(sizes, new, hits, delta)
-    return 1.0 - min(sum(ub), k) / k

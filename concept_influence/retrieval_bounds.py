@@ -1,16 +1,19 @@
 """The sampling arithmetic of certified retrieval (:mod:`.retrieval`): the exact hypergeometric upper bound, the
-default budget and split, and what a budget can certify with a perfect first stage."""
+default budget and split, what a budget can certify with a perfect first stage, the strata and their bounds, and the
+union of several rankings' top k with its recall bound."""
 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
+import numpy as np
 from scipy.stats import hypergeom
 
 from .errors import ConceptInfluenceError
 
 __all__ = ["RetrievalError", "hypergeometric_upper", "default_budget", "default_split", "best_certifiable",
-           "minimum_budget"]
+           "minimum_budget", "union_recall_bound", "union_top"]
 
 
 class RetrievalError(ConceptInfluenceError, ValueError):
@@ -74,6 +77,18 @@ def default_split(n: int, k: int, budget: int, delta: float = 0.05, target: floa
     return budget - hi
 
 
+def union_recall_bound(beaters: int, k: int, found: int, rankings: int = 1) -> float:
+    """The recall bound on the union of each of ``rankings`` rankings' true top ``k`` when at most ``beaters``
+    unscored examples reach any ranking's threshold and the union of each ranking's top k among the scored holds
+    ``found`` examples. Every true member missed is such a beater (at most U), and each ranking's top k found holds
+    as many examples outside its true top k as it misses of it (at most U), so at least h = max(k − U, found −
+    rankings·U) of the found are true members and recall ≥ h / (h + U). One ranking: 1 − min(U, k) / k."""
+    if rankings == 1:
+        return 1.0 - min(beaters, k) / k
+    held = max(k - beaters, found - rankings * beaters, 0)
+    return held / (held + beaters) if held else 0.0
+
+
 def best_certifiable(n: int, k: int, budget: int, delta: float = 0.05) -> float:
     """The highest recall ``budget`` exact scores can certify for the top ``k`` of ``n`` at confidence 1 − ``delta``,
     even with a perfect first stage: its top k scored, the rest of the budget a uniform sample that finds nothing
@@ -93,3 +108,75 @@ def minimum_budget(n: int, k: int, delta: float = 0.05, recall: float = 0.95) ->
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if best_certifiable(n, k, mid, delta) >= recall - 1e-12 else (mid, hi)
     return hi
+
+
+def _strata_edges(m: int, n: int, strata: int | Sequence[int] | None, design: str, k: int = 1) -> list[int]:
+    """First-stage rank boundaries of the strata of [m, n): one for uniform; for stratified, ``strata`` as
+    rank boundaries, or a count H: the first stratum the size of the shortlist (at least k: a refined shortlist of
+    prescored examples leaves M = 0), each next one 4× the one before, the last taking what remains."""
+    if design == "uniform":
+        return [m, n]
+    if strata is None:
+        strata = 2
+    if isinstance(strata, (int, np.integer)):
+        if strata < 1:
+            raise RetrievalError(f"strata must be >= 1, got {strata}")
+        edges, size = [m], max(m, k, 1)
+        for _ in range(int(strata) - 1):
+            if edges[-1] + size >= n:
+                break
+            edges.append(edges[-1] + size)
+            size *= 4
+        return edges + [n]
+    inner = sorted(int(e) for e in strata)
+    if any(e <= m or e >= n for e in inner):
+        raise RetrievalError(f"strata boundaries must lie strictly between the shortlist size {m} and N = {n}: {inner}")
+    return [m, *inner, n]
+
+
+def _allocate(sizes: Sequence[int], total: int) -> list[int]:
+    """Proportional allocation of ``total`` draws over strata (largest remainders; at most a stratum's size)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if total >= sizes.sum():
+        return [int(s) for s in sizes]
+    raw = total * sizes / sizes.sum()
+    alloc = np.floor(raw).astype(np.int64)
+    for i in np.argsort(-(raw - alloc), kind="stable")[: total - int(alloc.sum())]:
+        alloc[i] += 1
+    return [int(a) for a in np.minimum(alloc, sizes)]
+
+
+def _bounds(sizes, sampled, found, delta) -> tuple[list[float], list[int]]:
+    partial = [0 < s < z for z, s in zip(sizes, sampled)]
+    share = delta / max(sum(partial), 1)
+    deltas = [share if p else 0.0 for p in partial]
+    ub = [hypergeometric_upper(z, s, c, share if p else delta) - c
+          for z, s, c, p in zip(sizes, sampled, found, partial)]
+    return deltas, ub
+
+
+def _beats(exact: np.ndarray, tau) -> np.ndarray:
+    """Which rows reach the threshold: ``[m]`` against τ, or ``[m, C]`` reaching any ranking's τ_c."""
+    reach = exact >= tau
+    return reach if reach.ndim == 1 else reach.any(axis=1)
+
+
+def union_top(exact: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the top ``k`` of ``exact`` ``[m]``, best first; of ``[m, C]``: the union of each column's top k,
+    ordered by the best rank in any column (then the worst)."""
+    if exact.ndim == 1:
+        return np.argsort(-exact, kind="stable")[:k]
+    ranks = np.empty(exact.shape, dtype=np.int64)
+    for c in range(exact.shape[1]):
+        ranks[np.argsort(-exact[:, c], kind="stable"), c] = np.arange(len(exact))
+    members = np.flatnonzero(ranks.min(axis=1) < k)
+    return members[np.lexsort((ranks[members].max(axis=1), ranks[members].min(axis=1)))]
+
+
+def _projected_draws(sizes, alloc, found, extra: int) -> tuple[list[int], list[int], list[int]]:
+    """(sizes, draws, beaters found) if ``extra`` more draws were added (proportionally to each stratum's size) and
+    they found examples above the threshold at this sample's rate: the bound on them estimates what more budget
+    would buy."""
+    more = _allocate([z - s for z, s in zip(sizes, alloc)], max(extra, 0))
+    new = [s + e for s, e in zip(alloc, more)]
+    return sizes, new, [min(int(round(c / s * t)) if s else 0, t) for c, s, t in zip(found, alloc, new)]

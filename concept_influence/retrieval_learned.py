@@ -84,17 +84,29 @@ def default_sample(budget: int) -> int:
 
 
 def _target(values: np.ndarray) -> np.ndarray:
-    """The regression target: asinh of the scores over their median magnitude (influence scores are heavy-tailed;
-    the transform is monotone, so the ranking is the exact scores')."""
-    scale = float(np.median(np.abs(values)))
-    return np.arcsinh(values / (scale if scale > 0 else 1.0))
+    """The regression target: asinh of the scores over their median magnitude, per ranking (influence scores are
+    heavy-tailed; the transform is monotone, so the ranking is the exact scores')."""
+    scale = np.median(np.abs(values), axis=0)
+    return np.arcsinh(values / np.where(scale > 0, scale, 1.0))
+
+
+def _ranking(predicted: np.ndarray) -> np.ndarray:
+    """The first stage's scores from the ridge's predictions: ``[N]``, or for ``[N, C]`` (several rankings) their
+    union (:func:`~concept_influence.stability.union_ranking`: each example by its best place in any)."""
+    from .stability import union_ranking
+
+    predicted = np.asarray(predicted, dtype=np.float64)
+    if predicted.ndim == 2 and predicted.shape[1] > 1:
+        return union_ranking(*predicted.T)
+    return predicted.reshape(-1)
 
 
 @dataclass
 class LearnedFirstStage:
-    """A fitted learned first stage: ``scores`` [N] (higher = predicted higher exact score), the uniform ``sample``
-    it was fitted on with its ``exact`` scores, the ridge penalty chosen, and the Spearman correlation of held-out
-    predictions with the exact scores on the sample (k-fold): what to expect of its ranking of the rest."""
+    """A fitted learned first stage: ``scores`` [N] (higher = predicted higher exact score; with several exact
+    rankings, the union of the predicted ones), the uniform ``sample`` it was fitted on with its ``exact`` scores
+    ([s] or [s, C]), the ridge penalty chosen, and the Spearman correlation of held-out predictions with the exact
+    scores on the sample (k-fold; the lowest over the rankings): what to expect of its ranking of the rest."""
 
     scores: np.ndarray
     sample: np.ndarray
@@ -146,8 +158,8 @@ class LearnedFirstStage:
             unscored = np.setdiff1d(np.arange(n), known)
             chosen = np.sort(unscored[np.argsort(-scores[unscored], kind="stable")[:min(batch, allowance)]])
             got = call_exact_scorer(exact_scorer, chosen)
-            kth = np.sort(exact)[::-1][k - 1] if len(exact) >= k else -np.inf
-            beat = int((got > kth).sum())
+            kth = np.sort(exact, axis=0)[::-1][k - 1] if len(exact) >= k else -np.inf  # each ranking's
+            beat = int(np.any((got > kth).reshape(len(got), -1), axis=1).sum())
             known, exact, allowance = np.concatenate([known, chosen]), np.concatenate([exact, got]), allowance - len(chosen)
             self.rounds.append((len(chosen), beat))
             if beat <= stop * len(chosen) or allowance <= 0:
@@ -160,8 +172,7 @@ class LearnedFirstStage:
         """The ridge (this stage's penalty) refitted on ``exact`` scores of ``indices``, predicting every example."""
         from sklearn.linear_model import Ridge
 
-        model = Ridge(alpha=self.alpha).fit(self.features[indices], _target(exact))
-        return np.asarray(model.predict(self.features), dtype=np.float64).reshape(-1)
+        return _ranking(Ridge(alpha=self.alpha).fit(self.features[indices], _target(exact)).predict(self.features))
 
 
 def fit_first_stage(features, exact_scorer: Callable[[np.ndarray], Sequence[float]], sample: int,
@@ -169,7 +180,9 @@ def fit_first_stage(features, exact_scorer: Callable[[np.ndarray], Sequence[floa
     """Score a uniform random ``sample`` of the N rows of ``features`` (``[N, F]``, dense or sparse; e.g.
     :func:`text_features`) exactly with ``exact_scorer`` (called once, with sorted indices), fit a ridge regression
     (penalty: the leave-one-out choice among :data:`ALPHAS` over :data:`LESS_SHRINKAGE`) from their features to their
-    exact scores, and predict every example. ``folds``: the k-fold split that measures the held-out Spearman."""
+    exact scores, and predict every example. An exact scorer that returns ``[m, C]`` (several rankings retrieved at
+    once) gets one ridge output per ranking and the union of the predicted rankings. ``folds``: the k-fold split that
+    measures the held-out Spearman."""
     from sklearn.linear_model import Ridge, RidgeCV
     from sklearn.model_selection import KFold, cross_val_predict
 
@@ -187,8 +200,9 @@ def fit_first_stage(features, exact_scorer: Callable[[np.ndarray], Sequence[floa
     model = Ridge(alpha=alpha).fit(x, y)
     heldout = cross_val_predict(Ridge(alpha=alpha), x, y,
                                 cv=KFold(folds, shuffle=True, random_state=int(rng.integers(2**31))))
-    rho = float(spearmanr(heldout, exact)[0]) if np.ptp(exact) > 0 else float("nan")
-    scores = np.asarray(model.predict(features), dtype=np.float64).reshape(-1)
+    columns = zip(heldout.reshape(len(exact), -1).T, exact.reshape(len(exact), -1).T)
+    rho = min((float(spearmanr(h, e)[0]) if np.ptp(e) > 0 else float("nan") for h, e in columns), default=np.nan)
+    scores = _ranking(model.predict(features))
     return LearnedFirstStage(scores, chosen, exact, float(alpha), rho,
                              {"exact scores of the sample": scoring, "fit and predict": time.perf_counter() - t0},
                              features)

@@ -40,10 +40,13 @@ def estimator_scorer(estimator, adapter, examples: Sequence, column: int | str =
 def run_scorer(run, ids: Sequence[str], column: int | str = 0, progress: bool = False
                ) -> Callable[[np.ndarray], np.ndarray]:
     """An exact scorer from a run folder: its ``scoring.estimator`` (at each of its ``[model] checkpoints``,
-    weighted as the run sums them) on the chosen examples only. Position i of the first stage is the example with
-    id ``ids[i]`` (e.g. the ids of a first-stage :class:`Scores` file of the same data: the run's fast path, an index
-    query); the run's probe (and factors, for a gradient estimator) must be there. Each call makes one pass over the
-    data to read and tokenise the chosen examples, then scores only them."""
+    weighted as the run sums them) on the chosen examples only; ``column="union"``: two columns, the run's scores
+    (column 0) and the behaviour's own ranking scored in the same pass (``[scoring] behaviour``), whose union the
+    run answers with (:func:`~concept_influence.runs.stability.answer_ranking`), for
+    :func:`~concept_influence.retrieval.certified_retrieval` to retrieve both at once. Position i of the first
+    stage is the example with id ``ids[i]`` (e.g. the ids of a first-stage :class:`Scores` file of the same data: the
+    run's fast path, an index query); the run's probe (and factors, for a gradient estimator) must be there. Each
+    call makes one pass over the data to read and tokenise the chosen examples, then scores only them."""
     return _pipeline_scorer(_run_pipeline(run, progress), ids, column, progress)
 
 
@@ -92,16 +95,26 @@ def _pipeline_scorer(pipeline, ids: Sequence[str], column: int | str, progress: 
                            f"(first: {missing[0]}); the first stage must score the run's data")
         return [found[ids[int(i)]] for i in indices]
 
+    def columns(estimator, scores) -> np.ndarray:
+        if column != "union":
+            return scores.column(column)
+        variants = estimator.variants_
+        if variants is None or "behaviour" not in variants.columns:
+            raise RunError(f"{pipeline.run.path}: the union needs the behaviour's own ranking, and this run scores no "
+                           f"behaviour examples ([scoring] behaviour, by default the concept check's positive file)")
+        return np.stack([scores.column(0), variants.column("behaviour")], axis=1)
+
     def score(indices: np.ndarray) -> np.ndarray:
         examples = chosen(indices)
         pipeline.gate()
-        total = np.zeros(len(examples))
+        total = 0.0
         for point in pipeline.points:
             with pipeline.at(point):
-                values = pipeline.estimator(point).score(pipeline.adapter, examples, batch_size=cfg.scoring.batch_size,
-                                                         progress=progress).column(column)
-            total += values if point.name is None else point.weight * values
-        return total
+                estimator = pipeline.estimator(point)
+                values = columns(estimator, estimator.score(pipeline.adapter, examples,
+                                                            batch_size=cfg.scoring.batch_size, progress=progress))
+            total = total + (values if point.name is None else point.weight * values)
+        return np.asarray(total, dtype=np.float64)
 
     return score
 

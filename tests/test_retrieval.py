@@ -175,7 +175,7 @@ def test_bad_first_stage_and_scorer_output():
         certified_retrieval(np.array([1.0, np.nan, 2.0]), array_scorer(np.zeros(3)), 1, budget=2)
     with pytest.raises(RetrievalError, match="first_stage"):
         certified_retrieval(np.zeros((3, 2)), array_scorer(np.zeros(3)), 1, budget=2)
-    with pytest.raises(RetrievalError, match="exact_scorer returned 1 scores for 5"):
+    with pytest.raises(RetrievalError, match=r"exact_scorer returned scores of shape \(1,\) for 5 indices"):
         certified_retrieval(np.arange(10.0), lambda idx: np.zeros(1), 2, budget=5)
 
 
