@@ -11,7 +11,9 @@ persona direction; ``bench emergent``'s model and training) with a pool of N (va
 the health domain has 84,000 distinct prompts) at ``--rate``, exact Concept Influence with EK-FAC fitted on the pool
 at the default damping, the probe projection, and two row encoders (:data:`ENCODERS`) fitted on the gradient index of
 a 5 % sample, whose scores of the pool are first stages too; each stage's seconds go to ``FOLDER/seconds.json``
-(retrieval_coverage.py states each first stage's own cost from it). ``--design audit``: notebook 07's audit (the
+(retrieval_coverage.py states each first stage's own cost from it); with ``--behaviour`` the exact pass also scores
+the behaviour's own ranking (``scores/behaviour.safetensors``: the union's second ranking, for
+``retrieval_learned.py --union``). ``--design audit``: notebook 07's audit (the
 unpaired demo corpus with varied prompts, about 336,000 distinct, so pools past 100,000; its model trained on the
 pool; EK-FAC on a 10 % sample) with exact Concept Influence and the probe projection, ``seconds.json`` and
 ``pool.json``. Every design writes ``pool.json``, the settings that rebuild the chats (for ``retrieval_learned.py``).
@@ -88,23 +90,28 @@ def build_pool(out: str | Path, n_pool: int = 20_000, rate: float = 0.05, seed: 
 
 def build_emergent_pool(out: str | Path, n_pool: int = 20_000, rate: float = 0.05, seed: int = 0, *,
                         quick: bool = False, progress: bool = True, encoder_share: float = 0.05, encoder_m: int = 64,
-                        **sizes) -> dict[str, float]:
+                        behaviour: bool = False, **sizes) -> dict[str, float]:
     """Train the emergent testbed's default design with a pool of ``n_pool`` (varied prompts) into ``out`` and write
     the pool's :data:`ESTIMATORS` scores, and two encoder first stages (:data:`ENCODERS`: codes of ``encoder_m``
-    dimensions fitted on the index of a uniform ``encoder_share`` of the pool), to ``out/scores``;
-    ``quick``: :meth:`EmergentConfig.quick`'s sizes, ``sizes``: further settings (tests). Returns the seconds of each
-    stage, also written to ``out/seconds.json``."""
+    dimensions fitted on the index of a uniform ``encoder_share`` of the pool), to ``out/scores``; ``behaviour``:
+    the exact pass also scores the behaviour's own ranking (classic gradient-dot on the testbed's target-domain bad
+    answers, as a run's ``[scoring] behaviour``) into ``out/scores/behaviour.safetensors``, the second ranking of the
+    union a run answers with. ``quick``: :meth:`EmergentConfig.quick`'s sizes, ``sizes``: further settings (tests).
+    Returns the seconds of each stage, also written to ``out/seconds.json``."""
     out = Path(out)
     cfg = emergent_pool_config(n_pool, rate, seed, quick, **sizes)
     seed_everything(cfg.seed)
     seconds, t0 = {}, time.perf_counter()
     bed = emergent_testbed(cfg, out, progress, None)
     seconds["pre-train and fine-tune"] = time.perf_counter() - t0
-    exact = ConceptInfluence(bed.concept, fit=CurvatureSettings(batch_size=cfg.batch_size, seed=cfg.seed))
+    exact = ConceptInfluence(bed.concept, fit=CurvatureSettings(batch_size=cfg.batch_size, seed=cfg.seed),
+                             **(dict(variants=True, behaviour=bed.test) if behaviour else {}))
     t0 = time.perf_counter()
     curvature = exact.fitted_curvature(bed.adapter, exact.tracked_maps(bed.adapter), bed.pool, cfg.batch_size, progress)
     seconds["EK-FAC fit"] = time.perf_counter() - t0
     _score_pool(out, bed.adapter, bed.pool, exact, ProbeProjection(bed.concept), cfg.batch_size, progress, seconds)
+    if behaviour:
+        exact.variants_.select(["behaviour"]).save(out / "scores" / "behaviour.safetensors")
     rng = np.random.default_rng(cfg.seed)
     sample = [bed.pool[i] for i in np.sort(rng.choice(len(bed.pool), round(encoder_share * len(bed.pool)),
                                                       replace=False))]
@@ -208,11 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=0.05, help="the planted share of the pool")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--design", choices=("demo", "emergent", "audit"), default="demo")
+    p.add_argument("--behaviour", action="store_true", help="emergent: also the behaviour's own ranking (the union's "
+                                                            "second ranking; retrieval_learned.py --union)")
     args = p.parse_args(argv)
     command = "OMP_NUM_THREADS=1 python benchmarks/retrieval_large_pool.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     if args.design == "emergent":
-        stages, n = build_emergent_pool(args.out, args.n_pool, args.rate, args.seed), args.n_pool
+        stages, n = build_emergent_pool(args.out, args.n_pool, args.rate, args.seed, behaviour=args.behaviour), \
+            args.n_pool
     elif args.design == "audit":
         stages, n = build_audit_pool(args.out, args.n_pool, args.rate, args.seed), args.n_pool
     else:

@@ -311,9 +311,12 @@ def test_large_pool_script_builds_a_run_folder_the_coverage_benchmark_reads(tmp_
 
 
 def test_large_pool_script_builds_an_emergent_pool(tmp_path):
-    large, coverage = _script("retrieval_large_pool"), _script("retrieval_coverage")
-    seconds = large.build_emergent_pool(tmp_path / "pool", n_pool=60, rate=0.1, quick=True, progress=False,
-                                        encoder_share=0.5, encoder_m=4, n_pretrain=30, n_eval=6, n_test=4, n_probe=10)
+    """`--design emergent --behaviour`: exact Concept Influence, the behaviour's own ranking from the same pass, the
+    first stages and their costs; the learned-stage benchmark retrieves the union of the two rankings."""
+    large, coverage, learned = _script("retrieval_large_pool"), _script("retrieval_coverage"), _script("retrieval_learned")
+    seconds = large.build_emergent_pool(tmp_path / "pool", n_pool=200, rate=0.1, quick=True, progress=False,
+                                        encoder_share=0.25, encoder_m=4, behaviour=True, n_pretrain=30, n_eval=6,
+                                        n_test=4, n_probe=10)
     assert seconds["total"] == pytest.approx(sum(v for k, v in seconds.items() if k != "total"))
     assert json.loads((tmp_path / "pool" / "seconds.json").read_text()) == pytest.approx(seconds)
     pairs = coverage._real_pairs(tmp_path / "pool")
@@ -321,11 +324,20 @@ def test_large_pool_script_builds_an_emergent_pool(tmp_path):
                                             "pool: concept_influence, first stage encoder[block 0]"]
     exact = pairs[0][2]
     for name, first, same_exact, cost in pairs:
-        assert first.shape == exact.shape == (60,) and np.array_equal(same_exact, exact)
+        assert first.shape == exact.shape == (200,) and np.array_equal(same_exact, exact)
         assert np.isfinite(first).all() and cost > 0
     assert np.isfinite(exact).all() and np.ptp(exact) > 0
     # the encoders fit on the index rows of the sample: their scores of it rank with the exact scores
     assert all(spearmanr(first, exact)[0] > 0 for _, first, _, _ in pairs[1:])
+    from concept_influence.scores import Scores
+
+    behaviour = Scores.load(tmp_path / "pool" / "scores" / "behaviour.safetensors")
+    assert behaviour.columns == ["behaviour"] and behaviour.ids == Scores.load(
+        tmp_path / "pool" / "scores" / "concept_influence.safetensors").ids and np.ptp(behaviour.column(0)) > 0
+    row, = learned.study(tmp_path / "pool", reps=3, union=True)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:3] == ["pool", "200", "2"] and "union with the behaviour's ranking" in cells[3]
+    assert 0 <= float(cells[10].strip("*")) <= 1 and cells[11].startswith("0.100 + ") and 0 <= float(cells[12]) <= 1
 
 
 def test_audit_pool_and_the_learned_stage_benchmark(tmp_path):
