@@ -124,10 +124,10 @@ class RetrievalResult:
 
     def summary(self) -> str:
         """One sentence: the recall statement."""
-        what, of = ((f"the top {self.k} found", f"of the true top {self.k}") if self.rankings == 1 else
-                    (f"the union of {self.rankings} rankings' top {self.k} found ({len(self.top)} examples)",
+        what, of = ((f"the top {self.k} found have", f"of the true top {self.k}") if self.rankings == 1 else
+                    (f"the union of {self.rankings} rankings' top {self.k} found ({len(self.top)} examples) has",
                      "of their true union"))
-        return (f"{what} have recall >= {self.recall_bound:.3f} with confidence {1 - self.delta:.3g} (at most "
+        return (f"{what} recall >= {self.recall_bound:.3f} with confidence {1 - self.delta:.3g} (at most "
                 f"{self.beaters_bound} {of} missed; {self.spent} exact scores of {self.n}, "
                 f"{self.spent / max(self.n, 1):.1%})")
 
@@ -148,9 +148,17 @@ class RetrievalResult:
         for s in self.strata:
             lines.append(f"| {s.start}–{s.stop - 1} | {s.size} | {s.sampled} | {s.beaters_sampled} | {s.delta:.3g} | "
                          f"{s.beaters_bound} |")
-        best, need = best_certifiable(self.n, self.k, self.budget, self.delta), minimum_budget(self.n, self.k, self.delta)
-        lines += ["", f"What sampling allows: with a perfect first stage this budget certifies recall ≥ {best:.3f} at "
-                  f"most; recall ≥ 0.95 needs at least {need} exact scores ({need / max(self.n, 1):.1%} of N)."]
+        if self.rankings == 1:
+            best, need = best_certifiable(self.n, self.k, self.budget, self.delta), minimum_budget(self.n, self.k,
+                                                                                                 self.delta)
+            lines += ["", f"What sampling allows: with a perfect first stage this budget certifies recall ≥ {best:.3f} "
+                      f"at most; recall ≥ 0.95 needs at least {need} exact scores ({need / max(self.n, 1):.1%} of N)."]
+        else:
+            t = len(self.top)  # the union found, for the true union's size
+            free = hypergeometric_upper(self.n - t, max(self.budget - t, 0), 0, self.delta) if self.budget < self.n else 0
+            lines += ["", f"What sampling allows: with a perfect first stage (its shortlist the true union, taken as the "
+                      f"{t} found) this budget certifies recall ≥ "
+                      f"{union_recall_bound(free, self.k, t, self.rankings):.3f} at most."]
         if self.projected:
             lines += ["", "What more budget would buy (projected from this sample's rates, same shortlist; an "
                       "estimate, not a certificate):", "", "| budget | projected recall bound |", "|---|---|"]

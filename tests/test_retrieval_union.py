@@ -104,6 +104,7 @@ def test_everything_scored_returns_the_true_union():
     assert res.recall_bound == 1.0 and set(res.top.tolist()) == _true_union(exact, 10) and res.rankings == 2
     assert len(res.threshold) == 2 and res.top_scores.shape == (len(res.top), 2)
     assert "union of 2 rankings' top 10 found" in res.summary() and "one per ranking" in res.report()
+    assert "its shortlist the true union" in res.report()
 
 
 def test_prescored_must_have_one_score_per_ranking():
