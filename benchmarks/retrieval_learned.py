@@ -9,8 +9,8 @@ their ``pool.json`` and checked against the score file's ids. Usage, from the re
     OMP_NUM_THREADS=1 python benchmarks/retrieval_learned.py runs/retrieval-pool-20k runs/retrieval-emergent-20k \\
         runs/retrieval-emergent-80k > benchmarks/retrieval-learned.md
 
-``--union``: pools with ``scores/behaviour.safetensors`` (``retrieval_large_pool.py --design emergent --behaviour``)
-are retrieved as the union a run answers with: the exact scores are two rankings (Concept Influence and the
+``--union``: instead, pools with ``scores/behaviour.safetensors`` (``retrieval_large_pool.py --design emergent
+--behaviour``) are retrieved as the union a run answers with: the exact scores are two rankings (Concept Influence and the
 behaviour's own), the answer is the union of each one's top k, recall is of the true union, the learned stage fits
 one ridge output per ranking; the library's default variant only.
 """
@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+", type=Path, help="pool folders of retrieval_large_pool.py")
     p.add_argument("--reps", type=int, default=200, help="repetitions per row (default 200)")
-    p.add_argument("--union", action="store_true", help="also the union with the behaviour's ranking, where a pool "
-                                                        "has it (scores/behaviour.safetensors)")
+    p.add_argument("--union", action="store_true", help="the union with the behaviour's ranking instead (pools with "
+                                                        "scores/behaviour.safetensors)")
     args = p.parse_args(argv)
     command = "OMP_NUM_THREADS=1 python benchmarks/retrieval_learned.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
@@ -157,15 +157,20 @@ def main(argv: list[str] | None = None) -> int:
           f"N, measured on this machine against the pool builder's exact-scoring seconds; **default**: the library's "
           f"defaults (`default_sample`, batch k/4, stop {REFINE_STOP}). Limit: what a perfect free first stage "
           f"certifies at 10 % (`best_certifiable`).\n")
+    if args.union:
+        print("**Union** (`--union`): the exact scores are two rankings, exact Concept Influence and the behaviour's "
+              "own (classic gradient-dot on the behaviour's examples, scored in the same pass), retrieved together as "
+              "the union a run answers with: each ranking's threshold, one sample for both, the answer the union of "
+              "each one's top k found, the bound `union_recall_bound`; certified and true recall are of the true "
+              "union of each ranking's top k (between k and 2k examples). The ridge has one output per ranking and "
+              "ranks by their union; Spearman: the lower of the two. Limit: a perfect free first stage whose "
+              "shortlist is the true union.\n")
     print("| pool | N | k | variant | sample | scored before the sample (rounds) | Spearman held-out / pool | "
           "certified | P(≥ 0.95) | true recall (worst) | coverage | cost (exact + first stage) | limit |")
     print("|---|---:|---:|---|---:|---|---|---|---:|---|---:|---|---:|")
     for folder in args.folders:
-        for row in study(folder, args.reps):
+        for row in study(folder, args.reps, union=args.union):
             print(row, flush=True)
-        if args.union and (folder / "scores" / "behaviour.safetensors").exists():
-            for row in study(folder, args.reps, union=True):
-                print(row, flush=True)
     return 0
 
 
