@@ -46,7 +46,8 @@ def default_budget(n: int, k: int) -> int:
     return min(n, max(k, int(math.ceil(0.1 * n))))
 
 
-def default_split(n: int, k: int, budget: int, delta: float = 0.05, target: float = 0.95) -> int:
+def default_split(n: int, k: int, budget: int, delta: float = 0.05, target: float = 0.95, *, rankings: int = 1,
+                  union: int | None = None) -> int:
     """The default shortlist size M for a budget: the sample gets what a sample that finds *no* example above the
     threshold needs to certify recall ``target`` (uniform design, exact hypergeometric bound), up to 60 % of the
     budget, or more when the shortlist still keeps twice k (without it, a budget that a perfect first stage could
@@ -54,16 +55,21 @@ def default_split(n: int, k: int, budget: int, delta: float = 0.05, target: floa
     every one of the top k found); the shortlist gets the rest (at least k). When the budget cannot certify the target
     even if the sample finds nothing above the threshold, the split is 40 % shortlist / 60 % sample (the best shortlist
     fraction, or within 0.05 of it, on synthetic pools of 20k and 100k at first-stage Spearman 0.6 to 0.97; the
-    grid is in benchmarks/retrieval.md)."""
+    grid is in benchmarks/retrieval.md). Several rankings retrieved at once: ``union``, the expected size of the union
+    of their top k's (default k), takes k's place, and the target is the union's bound (:func:`union_recall_bound`)."""
     if budget >= n:
         return n
-    share = max(0, min(budget - k, (budget * 3) // 5))  # the sample's 60 %
-    cap = max(share, budget - 2 * k)
+    union = k if union is None else union
+    share = max(0, min(budget - union, (budget * 3) // 5))  # the sample's 60 %
+    cap = max(share, budget - 2 * union)
     allowed = int(math.floor((1 - target) * k))
 
     def certifies(m: int) -> bool:
         s = budget - m
-        return s > 0 and hypergeometric_upper(n - m, s, 0, delta) <= allowed
+        if s <= 0:
+            return False
+        beaters = hypergeometric_upper(n - m, s, 0, delta)
+        return beaters <= allowed if rankings == 1 else union_recall_bound(beaters, k, union, rankings) >= target
 
     lo, hi = 0, cap  # the smallest sample size that certifies, if any, by bisection (monotone in the sample size)
     if not certifies(budget - cap):

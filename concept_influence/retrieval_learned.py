@@ -152,7 +152,8 @@ class LearnedFirstStage:
         known, exact, scores = self.sample, self.exact, self.scores
         # at least one exact score is left to the certificate's sample: a budget of N (or one that k alone fills)
         # would otherwise let the rounds prescore the whole budget, which certified_retrieval refuses
-        allowance = min(default_split(n - len(known), k, budget - len(known), delta, target), budget - len(known) - 1)
+        allowance = min(default_split(n - len(known), k, budget - len(known), delta, target,
+                                      **self._union_size(k, n)), budget - len(known) - 1)
         self.rounds = []
         while allowance > 0:
             unscored = np.setdiff1d(np.arange(n), known)
@@ -167,6 +168,16 @@ class LearnedFirstStage:
             scores = self._predict(known, exact)
         return certified_retrieval(scores, exact_scorer, k, delta, budget, shortlist=max(k - len(known), 0),
                                    prescored=(known, exact), target=target, **options)
+
+    def _union_size(self, k: int, n: int) -> dict:
+        """With several rankings, the split's view of the union of their top k's: its size estimated from the
+        uniform sample (the share of it above any ranking's top-k/N quantile there, times N; between k and C·k)."""
+        if self.exact.ndim == 1:
+            return {}
+        quantiles = np.quantile(self.exact, 1 - k / n, axis=0)
+        share = float(np.mean((self.exact >= quantiles).any(axis=1)))
+        rankings = self.exact.shape[1]
+        return {"rankings": rankings, "union": int(min(max(round(share * n), k), rankings * k))}
 
     def _predict(self, indices: np.ndarray, exact: np.ndarray) -> np.ndarray:
         """The ridge (this stage's penalty) refitted on ``exact`` scores of ``indices``, predicting every example."""

@@ -152,3 +152,26 @@ def test_run_folder_union_of_its_scores_and_the_behaviours_ranking(tmp_path, cap
     assert main(["retrieve", str(tmp_path / "first.safetensors"), "--exact", str(tmp_path / "first.safetensors"),
                  "--exact-column", "union", "--k", "3", "--out", str(tmp_path / "bad")]) == 2
     assert "give --run" in capsys.readouterr().err
+
+
+def test_default_split_for_a_union_leaves_the_sample_what_the_union_bound_needs():
+    """With several rankings the split sizes the sample for the union's bound (its size given): the smallest sample
+    that certifies the target when it finds nothing, which leaves the rounds more room than one ranking's split."""
+    from concept_influence.retrieval import default_split, hypergeometric_upper
+
+    n, k, budget, union = 80_000, 800, 8_000, 1_500
+    one, both = default_split(n, k, budget), default_split(n, k, budget, rankings=2, union=union)
+    assert default_split(n, k, budget, rankings=1, union=k) == one and both > one
+
+    def certified(m: int) -> float:
+        return union_recall_bound(hypergeometric_upper(n - m, budget - m, 0, 0.05), k, union, 2)
+
+    assert certified(both) >= 0.95 > certified(both + 1)
+
+
+def test_learned_stage_estimates_the_unions_size_from_its_sample():
+    x, exact, _ = _two_rankings(20_000, 0.0, seed=4)
+    stage = fit_first_stage(x, array_scorer(exact), 2_000, seed=0)
+    size = stage._union_size(200, 20_000)
+    assert size["rankings"] == 2 and abs(size["union"] - len(union_top(exact, 200))) < 120
+    assert fit_first_stage(x, array_scorer(exact[:, 0]), 200, seed=0)._union_size(200, 20_000) == {}
