@@ -142,7 +142,9 @@ class RetrievalResult:
                  "- threshold τ (k-th best exact score in the shortlist"
                  + (" and the prescored" if self.prescored else "") + "): "
                  + ", ".join(f"{t:.6g}" for t in np.atleast_1d(self.threshold))
-                 + ("" if self.rankings == 1 else " (one per ranking; an example beats when it reaches any)"),
+                 + ("" if self.rankings == 1 else " (one per ranking; an example beats when it reaches any)"
+                    + f"\n- each ranking's own top {self.k}, found among the scored: recall ≥ "
+                    f"{1 - min(self.beaters_bound, self.k) / self.k:.3f} too (each one's misses are beaters)"),
                  "", "| first-stage ranks | size | sampled | sampled ≥ τ | δ share | unsampled ≥ τ, bound |",
                  "|---|---|---|---|---|---|"]
         for s in self.strata:

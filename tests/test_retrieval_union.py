@@ -105,6 +105,7 @@ def test_everything_scored_returns_the_true_union():
     assert len(res.threshold) == 2 and res.top_scores.shape == (len(res.top), 2)
     assert "union of 2 rankings' top 10 found" in res.summary() and "one per ranking" in res.report()
     assert "its shortlist the true union" in res.report()
+    assert "each ranking's own top 10, found among the scored: recall ≥ 1.000 too" in res.report()
 
 
 def test_prescored_must_have_one_score_per_ranking():
