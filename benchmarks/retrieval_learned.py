@@ -30,14 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
-from concept_influence.evaluation import top_k_recall  # noqa: E402
-from concept_influence.retrieval import (  # noqa: E402
-    array_scorer,
-    best_certifiable,
-    hypergeometric_upper,
-    union_recall_bound,
-    union_top,
-)
+from concept_influence.retrieval import array_scorer, best_certifiable, union_top  # noqa: E402
 from concept_influence.retrieval_learned import (  # noqa: E402
     REFINE_STOP,
     fit_first_stage,
@@ -66,23 +59,6 @@ def exact_seconds(folder: Path, n: int) -> float:
         * n / 1000
 
 
-def _recall(top: np.ndarray, y: np.ndarray, k: int) -> float:
-    """Recall of the true top k (``y`` [N]), or of the true union of each ranking's top k (``y`` [N, C])."""
-    if y.ndim == 1:
-        return top_k_recall(top, y, k)
-    truth = union_top(y, k)
-    return len(np.intersect1d(truth, top)) / len(truth)
-
-
-def _limit(y: np.ndarray, k: int, budget: int) -> float:
-    """What a perfect free first stage certifies: its shortlist the true top k (or the true union), the rest of the
-    budget a sample that finds nothing above the threshold."""
-    if y.ndim == 1:
-        return best_certifiable(len(y), k, budget)
-    t = len(union_top(y, k))
-    return union_recall_bound(hypergeometric_upper(len(y) - t, budget - t, 0, 0.05), k, t, y.shape[1])
-
-
 def _spearman(predicted: np.ndarray, y: np.ndarray) -> float:
     """Spearman of the first stage with the exact scores (with several rankings: the lowest)."""
     return min(spearmanr(predicted, column)[0] for column in y.reshape(len(y), -1).T)
@@ -98,6 +74,8 @@ def study(folder: Path, reps: int, budget_share: float = 0.1, union: bool = Fals
         y = np.stack([y, behaviour.astype(np.float64)], axis=1)
     n = len(y)
     k, budget = n // 100, int(round(budget_share * n))
+    truth = union_top(y, k)  # the true top k (ties by position), or the true union of each ranking's
+    limit = best_certifiable(n, k, budget, rankings=1 if y.ndim == 1 else y.shape[1], union=len(truth))
     all_exact = exact_seconds(folder, n)
     t0 = time.perf_counter()
     features = text_features(pool_examples(folder, ids))
@@ -114,7 +92,7 @@ def study(folder: Path, reps: int, budget_share: float = 0.1, union: bool = Fals
             res = stage.retrieve(array_scorer(y), k, budget=budget, seed=rng, project=(), **options)
             own = (time.perf_counter() - t0) / all_exact
             rest = np.setdiff1d(np.arange(n), stage.sample)
-            recall = _recall(res.top, y, k)
+            recall = len(np.intersect1d(truth, res.top)) / len(truth)
             got.append((res.recall_bound, recall, recall >= res.recall_bound, stage.heldout_spearman,
                         _spearman(stage.scores[rest], y[rest]), own, res.prescored + res.shortlist,
                         len(stage.rounds), res.spent / n))
@@ -126,7 +104,7 @@ def study(folder: Path, reps: int, budget_share: float = 0.1, union: bool = Fals
                     f"**{np.median(cert):.3f}** ({cert.min():.3f}–{cert.max():.3f}) | {(cert >= 0.95).mean():.2f} | "
                     f"{np.median(a[:, 1]):.3f} ({a[:, 1].min():.3f}) | **{a[:, 2].mean():.3f}** | "
                     f"{np.median(a[:, 8]):.3f} + {feature_share + np.median(a[:, 5]):.4f} | "
-                    f"{_limit(y, k, budget):.3f} |")
+                    f"{limit:.3f} |")
         print(f"{folder.name} {label} {share}: {reps} reps in {a[:, 5].sum() * all_exact:.0f} s", file=sys.stderr)
     return rows
 

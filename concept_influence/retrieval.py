@@ -144,23 +144,21 @@ class RetrievalResult:
                  + ", ".join(f"{t:.6g}" for t in np.atleast_1d(self.threshold))
                  + ("" if self.rankings == 1 else " (one per ranking; an example beats when it reaches any)"
                     + f"\n- each ranking's own top {self.k}, found among the scored: recall ≥ "
-                    f"{1 - min(self.beaters_bound, self.k) / self.k:.3f} too (each one's misses are beaters)"),
+                    f"{union_recall_bound(self.beaters_bound, self.k, self.k):.3f} too (each one's misses are beaters)"),
                  "", "| first-stage ranks | size | sampled | sampled ≥ τ | δ share | unsampled ≥ τ, bound |",
                  "|---|---|---|---|---|---|"]
         for s in self.strata:
             lines.append(f"| {s.start}–{s.stop - 1} | {s.size} | {s.sampled} | {s.beaters_sampled} | {s.delta:.3g} | "
                          f"{s.beaters_bound} |")
+        # (several rankings: the true union's size taken as the union found)
+        best = best_certifiable(self.n, self.k, self.budget, self.delta, rankings=self.rankings, union=len(self.top))
         if self.rankings == 1:
-            best, need = best_certifiable(self.n, self.k, self.budget, self.delta), minimum_budget(self.n, self.k,
-                                                                                                 self.delta)
+            need = minimum_budget(self.n, self.k, self.delta)
             lines += ["", f"What sampling allows: with a perfect first stage this budget certifies recall ≥ {best:.3f} "
                       f"at most; recall ≥ 0.95 needs at least {need} exact scores ({need / max(self.n, 1):.1%} of N)."]
         else:
-            t = len(self.top)  # the union found, for the true union's size
-            free = hypergeometric_upper(self.n - t, max(self.budget - t, 0), 0, self.delta) if self.budget < self.n else 0
             lines += ["", f"What sampling allows: with a perfect first stage (its shortlist the true union, taken as the "
-                      f"{t} found) this budget certifies recall ≥ "
-                      f"{union_recall_bound(free, self.k, t, self.rankings):.3f} at most."]
+                      f"{len(self.top)} found) this budget certifies recall ≥ {best:.3f} at most."]
         if self.projected:
             lines += ["", "What more budget would buy (projected from this sample's rates, same shortlist; an "
                       "estimate, not a certificate):", "", "| budget | projected recall bound |", "|---|---|"]
@@ -272,7 +270,7 @@ def certified_retrieval(first_stage, exact_scorer: Callable[[np.ndarray], Sequen
         beaters_bound=beaters, recall_bound=union_recall_bound(beaters, k, len(best), rankings))
     for factor in project:
         more = int(round(budget * factor))
-        _, projected = _bounds(*_projected_draws(sizes, alloc, found, more - budget), delta)
+        _, projected = _bounds(sizes, *_projected_draws(sizes, alloc, found, more - budget), delta)
         result.projected[more] = union_recall_bound(int(sum(projected)), k, len(best), rankings)
     return result
 

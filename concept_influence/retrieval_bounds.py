@@ -95,13 +95,16 @@ def union_recall_bound(beaters: int, k: int, found: int, rankings: int = 1) -> f
     return held / (held + beaters) if held else 0.0
 
 
-def best_certifiable(n: int, k: int, budget: int, delta: float = 0.05) -> float:
+def best_certifiable(n: int, k: int, budget: int, delta: float = 0.05, *, rankings: int = 1,
+                     union: int | None = None) -> float:
     """The highest recall ``budget`` exact scores can certify for the top ``k`` of ``n`` at confidence 1 − ``delta``,
     even with a perfect first stage: its top k scored, the rest of the budget a uniform sample that finds nothing
-    above the threshold."""
+    above the threshold. Several rankings retrieved at once: the shortlist is their true union, of ``union``
+    examples, and the bound :func:`union_recall_bound`."""
     if budget >= n:
         return 1.0
-    return 1.0 - min(hypergeometric_upper(n - k, max(budget - k, 0), 0, delta), k) / k
+    union = k if union is None else union
+    return union_recall_bound(hypergeometric_upper(n - union, max(budget - union, 0), 0, delta), k, union, rankings)
 
 
 def minimum_budget(n: int, k: int, delta: float = 0.05, recall: float = 0.95) -> int:
@@ -170,19 +173,19 @@ def _beats(exact: np.ndarray, tau) -> np.ndarray:
 def union_top(exact: np.ndarray, k: int) -> np.ndarray:
     """Positions of the top ``k`` of ``exact`` ``[m]``, best first; of ``[m, C]``: the union of each column's top k,
     ordered by the best rank in any column (then the worst)."""
+    from .stability import _top_and_ranks
+
     if exact.ndim == 1:
         return np.argsort(-exact, kind="stable")[:k]
-    ranks = np.empty(exact.shape, dtype=np.int64)
-    for c in range(exact.shape[1]):
-        ranks[np.argsort(-exact[:, c], kind="stable"), c] = np.arange(len(exact))
+    ranks = np.stack([_top_and_ranks(column, 0)[1] for column in exact.T], axis=1)
     members = np.flatnonzero(ranks.min(axis=1) < k)
     return members[np.lexsort((ranks[members].max(axis=1), ranks[members].min(axis=1)))]
 
 
-def _projected_draws(sizes, alloc, found, extra: int) -> tuple[list[int], list[int], list[int]]:
-    """(sizes, draws, beaters found) if ``extra`` more draws were added (proportionally to each stratum's size) and
-    they found examples above the threshold at this sample's rate: the bound on them estimates what more budget
+def _projected_draws(sizes, alloc, found, extra: int) -> tuple[list[int], list[int]]:
+    """(draws, beaters found) per stratum if ``extra`` more draws were added (proportionally to each stratum's size)
+    and they found examples above the threshold at this sample's rate: the bound on them estimates what more budget
     would buy."""
     more = _allocate([z - s for z, s in zip(sizes, alloc)], max(extra, 0))
     new = [s + e for s, e in zip(alloc, more)]
-    return sizes, new, [min(int(round(c / s * t)) if s else 0, t) for c, s, t in zip(found, alloc, new)]
+    return new, [min(int(round(c / s * t)) if s else 0, t) for c, s, t in zip(found, alloc, new)]
