@@ -47,6 +47,7 @@ import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -54,13 +55,14 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from concept_influence.curvature import CurvatureSettings  # noqa: E402
+from concept_influence.curvature import CurvatureSettings, fit_curvature  # noqa: E402
 from concept_influence.demo import run_demo  # noqa: E402
 from concept_influence.encoder import RowEncoder  # noqa: E402
-from concept_influence.estimators import ConceptInfluence, ProbeProjection  # noqa: E402
+from concept_influence.estimators import ConceptInfluence, ProbeProjection, SourceInfluence  # noqa: E402
 from concept_influence.index import GradientIndex  # noqa: E402
+from concept_influence.scores import Scores  # noqa: E402
 from concept_influence.toy.small_model import seed_everything  # noqa: E402
-from concept_influence_benchmarks.emergent_family import emergent_testbed  # noqa: E402
+from concept_influence_benchmarks.emergent_family import StepRecorder, emergent_testbed  # noqa: E402
 from concept_influence_benchmarks.retrieval_pools import (  # noqa: E402
     AUDIT,
     ENCODER_INDEX,
@@ -90,20 +92,30 @@ def build_pool(out: str | Path, n_pool: int = 20_000, rate: float = 0.05, seed: 
 
 def build_emergent_pool(out: str | Path, n_pool: int = 20_000, rate: float = 0.05, seed: int = 0, *,
                         quick: bool = False, progress: bool = True, encoder_share: float = 0.05, encoder_m: int = 64,
-                        behaviour: bool = False, **sizes) -> dict[str, float]:
+                        behaviour: bool = False, source: bool = False, fit_share: float = 0.2,
+                        **sizes) -> dict[str, float]:
     """Train the emergent testbed's default design with a pool of ``n_pool`` (varied prompts) into ``out`` and write
     the pool's :data:`ESTIMATORS` scores, and two encoder first stages (:data:`ENCODERS`: codes of ``encoder_m``
     dimensions fitted on the index of a uniform ``encoder_share`` of the pool), to ``out/scores``; ``behaviour``:
     the exact pass also scores the behaviour's own ranking (classic gradient-dot on the testbed's target-domain bad
     answers, as a run's ``[scoring] behaviour``) into ``out/scores/behaviour.safetensors``, the second ranking of the
-    union a run answers with. ``quick``: :meth:`EmergentConfig.quick`'s sizes, ``sizes``: further settings (tests).
-    Returns the seconds of each stage, also written to ``out/seconds.json``."""
+    union a run answers with. ``source``: instead, the estimator the benchmarks recommend (the family's
+    ``source[adam]x1|pool|all``): Concept Influence with unrolled (SOURCE) preconditioning summed over the base, the
+    middle and the end of the fine-tune, with Adam's step scales, EK-FAC fitted at each on a uniform ``fit_share`` of
+    the pool, and the behaviour's ranking summed over the same checkpoints (``behaviour`` implied; no encoders).
+    ``quick``: :meth:`EmergentConfig.quick`'s sizes, ``sizes``: further settings (tests). Returns the seconds of each
+    stage, also written to ``out/seconds.json``."""
     out = Path(out)
     cfg = emergent_pool_config(n_pool, rate, seed, quick, **sizes)
     seed_everything(cfg.seed)
     seconds, t0 = {}, time.perf_counter()
-    bed = emergent_testbed(cfg, out, progress, None)
+    recorder = StepRecorder() if source else None
+    bed = emergent_testbed(cfg, out, progress, recorder)
     seconds["pre-train and fine-tune"] = time.perf_counter() - t0
+    if source:
+        _score_source_pool(out, bed, recorder, cfg, fit_share, progress, seconds)
+        write_pool_settings(out, "emergent", n_pool, rate, seed, quick, **sizes)
+        return _write_seconds(out, seconds)
     exact = ConceptInfluence(bed.concept, fit=CurvatureSettings(batch_size=cfg.batch_size, seed=cfg.seed),
                              **(dict(variants=True, behaviour=bed.test) if behaviour else {}))
     t0 = time.perf_counter()
@@ -180,6 +192,33 @@ def build_audit_pool(out: str | Path, n_pool: int = 20_000, rate: float = 0.05, 
     return _write_seconds(out, seconds)
 
 
+def _score_source_pool(out: Path, bed, recorder, cfg, fit_share: float, progress: bool, seconds: dict) -> None:
+    """The ``source`` pool of :func:`build_emergent_pool`: SOURCE and the behaviour's ranking over the fine-tune's
+    checkpoints; the factor fits' seconds (fixed costs, on a sample) are kept apart from exact scoring's."""
+    import concept_influence.estimators.unrolled as unrolled_module
+
+    rng = np.random.default_rng(cfg.seed)
+    fit_set = [bed.pool[i] for i in np.sort(rng.choice(len(bed.pool), round(fit_share * len(bed.pool)), replace=False))]
+    points = recorder.points(bed.pretrained)
+    exact = SourceInfluence(bed.concept, [w for w, _, _ in points], [h for _, h, _ in points], fit_examples=fit_set,
+                            fit=CurvatureSettings(batch_size=cfg.batch_size, seed=cfg.seed),
+                            step_scales=[s for _, _, s in points], train_batch_size=cfg.batch_size, behaviour=bed.test)
+    fits = []
+
+    def timed_fit(*args, **kwargs):
+        t0 = time.perf_counter()
+        curvature = fit_curvature(*args, **kwargs)
+        fits.append(time.perf_counter() - t0)
+        return curvature
+
+    with mock.patch.object(unrolled_module, "fit_curvature", timed_fit):  # to time the fits inside the estimator
+        _score_pool(out, bed.adapter, bed.pool, exact, ProbeProjection(bed.concept), cfg.batch_size, progress, seconds)
+    seconds["EK-FAC fits (one per checkpoint)"] = sum(fits)
+    seconds["exact scoring"] -= sum(fits)
+    behaviour = Scores([e.id for e in bed.pool], exact.behaviour_, estimator="behaviour", columns=["behaviour"])
+    behaviour.save(out / "scores" / "behaviour.safetensors")
+
+
 def _score_pool(out: Path, adapter, pool, exact, fast, batch_size: int, progress: bool, seconds: dict) -> None:
     """Score the pool with exact Concept Influence and the probe projection into ``out/scores``, timing each."""
     for name, estimator, stage in (("concept_influence", exact, "exact scoring"),
@@ -217,11 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--design", choices=("demo", "emergent", "audit"), default="demo")
     p.add_argument("--behaviour", action="store_true", help="emergent: also the behaviour's own ranking (the union's "
                                                             "second ranking; retrieval_learned.py --union)")
+    p.add_argument("--source", action="store_true", help="emergent: the recommended estimator instead (SOURCE and the "
+                                                         "behaviour's ranking over the fine-tune's checkpoints)")
     args = p.parse_args(argv)
     command = "OMP_NUM_THREADS=1 python benchmarks/retrieval_large_pool.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     if args.design == "emergent":
-        stages, n = build_emergent_pool(args.out, args.n_pool, args.rate, args.seed, behaviour=args.behaviour), \
+        stages, n = build_emergent_pool(args.out, args.n_pool, args.rate, args.seed, behaviour=args.behaviour,
+                                                source=args.source), \
             args.n_pool
     elif args.design == "audit":
         stages, n = build_audit_pool(args.out, args.n_pool, args.rate, args.seed), args.n_pool

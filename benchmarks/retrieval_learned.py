@@ -12,7 +12,9 @@ their ``pool.json`` and checked against the score file's ids. Usage, from the re
 ``--union``: instead, pools with ``scores/behaviour.safetensors`` (``retrieval_large_pool.py --design emergent
 --behaviour``) are retrieved as the union a run answers with: the exact scores are two rankings (Concept Influence and the
 behaviour's own), the answer is the union of each one's top k, recall is of the true union, the learned stage fits
-one ridge output per ranking; the library's default variant only.
+one ridge output per ranking; the library's default variant only. ``--default``: the default variant only (one
+ranking). A pool built with ``--source`` holds the recommended estimator's rankings (SOURCE and the behaviour's, each
+over the fine-tune's checkpoints), read the same way.
 """
 
 from __future__ import annotations
@@ -64,9 +66,9 @@ def _spearman(predicted: np.ndarray, y: np.ndarray) -> float:
     return min(spearmanr(predicted, column)[0] for column in y.reshape(len(y), -1).T)
 
 
-def study(folder: Path, reps: int, budget_share: float = 0.1, union: bool = False) -> list[str]:
-    """Markdown rows: one per variant of :data:`VARIANTS` (``union``: the default's only, on the two rankings of the
-    union), and the limit a perfect free first stage reaches."""
+def study(folder: Path, reps: int, budget_share: float = 0.1, union: bool = False, default: bool = False) -> list[str]:
+    """Markdown rows: one per variant of :data:`VARIANTS` (``union``: on the two rankings of the union; ``union`` or
+    ``default``: the library's default variant only), and the limit a perfect free first stage reaches."""
     exact_scores = Scores.load(folder / "scores" / "concept_influence.safetensors")
     y, ids = exact_scores.column(0).astype(np.float64), list(exact_scores.ids)
     if union:
@@ -81,7 +83,7 @@ def study(folder: Path, reps: int, budget_share: float = 0.1, union: bool = Fals
     features = text_features(pool_examples(folder, ids))
     feature_share = (time.perf_counter() - t0) / all_exact
     rows = []
-    for variant, (label, share, refine, batch, stop) in enumerate(VARIANTS[:1] if union else VARIANTS):
+    for variant, (label, share, refine, batch, stop) in enumerate(VARIANTS[:1] if union or default else VARIANTS):
         sample = max(10, int(round(share * budget)))  # fit_first_stage needs ten (two per fold)
         got = []
         for rep in range(reps):
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=200, help="repetitions per row (default 200)")
     p.add_argument("--union", action="store_true", help="the union with the behaviour's ranking instead (pools with "
                                                         "scores/behaviour.safetensors)")
+    p.add_argument("--default", action="store_true", help="the library's default variant only")
     args = p.parse_args(argv)
     command = "OMP_NUM_THREADS=1 python benchmarks/retrieval_learned.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
           "certified | P(≥ 0.95) | true recall (worst) | coverage | cost (exact + first stage) | limit |")
     print("|---|---:|---:|---|---:|---|---|---|---:|---|---:|---|---:|")
     for folder in args.folders:
-        for row in study(folder, args.reps, union=args.union):
+        for row in study(folder, args.reps, union=args.union, default=args.default):
             print(row, flush=True)
     return 0
 

@@ -72,7 +72,7 @@ from .family_stability import (
     save_run,
 )
 
-__all__ = ["draw_design", "design_label", "run_variant", "run_family", "retrain_missing", "RETRAINED", "Testbed"]
+__all__ = ["StepRecorder", "draw_design", "design_label", "run_variant", "run_family", "retrain_missing", "RETRAINED", "Testbed"]
 
 #: Rankings whose top is removed before fine-tuning again.
 RETRAINED = (RECOMMENDED, UNION, GUARDED, "identity|all", "ekfac@0.1|pretrain+pool|base+final", "tfidf")
@@ -91,9 +91,9 @@ def draw_design(index: int, family_seed: int = 0) -> dict:
                 n_pool=rng.choice((300, 400, 500, 600)), n_pretrain=rng.choice((400, 500, 600)))
 
 
-class _Recorder:
+class StepRecorder:
     """Every step's learning rate, and snapshots of the trainable weights with Adam's per-map step scales at the middle
-    and at the end of the fine-tune (whose length :func:`_finetune` sets)."""
+    and at the end of the fine-tune (whose length :func:`_finetune` sets): the ``on_step`` of :func:`emergent_testbed`."""
 
     def __init__(self):
         self.adapter, self.n_steps = None, 0
@@ -104,6 +104,15 @@ class _Recorder:
         self.rates.append(rate)
         if step in (self.n_steps // 2, self.n_steps):
             self.snapshots[step] = (checkpointed_weights(self.adapter), adam_step_scales(optimizer, self.adapter.linear_maps()))
+
+    def points(self, pretrained: dict) -> list[tuple[dict, object, dict]]:
+        """The base, the middle and the end of the fine-tune (training order): each one's weights, the steps it stands
+        for (:func:`segment_horizons`) and Adam's step scales (the base has no Adam state yet: the middle's)."""
+        middle = self.n_steps // 2
+        horizons = segment_horizons([0, middle, self.n_steps], self.rates)
+        (mid_weights, mid_scales), (final, final_scales) = self.snapshots[middle], self.snapshots[self.n_steps]
+        return [(pretrained, horizons[0], mid_scales), (mid_weights, horizons[1], mid_scales),
+                (final, horizons[2], final_scales)]
 
 
 def _finetune(adapter, pretrained, examples, cfg, seed, progress, on_step=None) -> None:
@@ -206,16 +215,11 @@ def run_variant(cfg, out: str | Path, *, testbed=emergent_testbed, retrained: Se
     out = Path(out)
     started = time.perf_counter()
     seed_everything(cfg.seed)
-    recorder = _Recorder()
+    recorder = StepRecorder()
     bed = testbed(cfg, out, progress, recorder)
-    n_steps, middle = recorder.n_steps, recorder.n_steps // 2
     adapter, pool, labels = bed.adapter, bed.pool, bed.labels
     final = checkpointed_weights(adapter)
-    horizons = segment_horizons([0, middle, n_steps], recorder.rates)
-    mid_weights, mid_scales = recorder.snapshots[middle]
-    _, final_scales = recorder.snapshots[n_steps]
-    points = [(final, horizons[2], final_scales), (mid_weights, horizons[1], mid_scales),
-              (bed.pretrained, horizons[0], mid_scales)]  # the base has no Adam state yet: the middle's scales
+    points = recorder.points(bed.pretrained)[::-1]  # final first
     per_point = _study(adapter, bed.concept, bed.test, pool, bed.fit_sets, points, cfg, progress)
     load_checkpoint(adapter, final)
     scores: dict[str, np.ndarray] = {}
@@ -227,8 +231,8 @@ def run_variant(cfg, out: str | Path, *, testbed=emergent_testbed, retrained: Se
         scores[est.name] = est.score(adapter, pool, batch_size=cfg.batch_size, progress=False).column(0)
 
     results = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
-               "steps": n_steps, "horizons": [h.total for h in horizons], "adam_scales": final_scales, **bed.extra,
-               "planted": int(labels.sum())}
+               "steps": recorder.n_steps, "horizons": [h.total for _, h, _ in points[::-1]],
+               "adam_scales": points[0][2], **bed.extra, "planted": int(labels.sum())}
     check_candidates(results, scores, labels)
     results["behaviour"] = _behaviour(bed, scores, retrained, cfg, progress)
     load_checkpoint(adapter, final)
@@ -297,7 +301,7 @@ def retrain_missing(folder: str | Path, progress: bool = False, *, testbed=emerg
     if any(_dropped(scores[n], k) not in known for n in missing):
         cfg = config_class(**{n: tuple(v) if isinstance(v, list) else v for n, v in results["config"].items()})
         seed_everything(cfg.seed)
-        bed = testbed(cfg, folder, progress, _Recorder())
+        bed = testbed(cfg, folder, progress, StepRecorder())
         again = ProbeProjection(bed.concept).score(bed.adapter, bed.pool, batch_size=cfg.batch_size, progress=False)
         if not np.allclose(again.column(0), scores["probe_projection"], rtol=1e-4, atol=1e-6):
             raise RuntimeError(f"{folder}: the design trained again differs from the saved run; cannot retrain")

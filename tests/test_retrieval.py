@@ -340,6 +340,25 @@ def test_large_pool_script_builds_an_emergent_pool(tmp_path):
     assert 0 <= float(cells[10].strip("*")) <= 1 and cells[11].startswith("0.100 + ") and 0 <= float(cells[12]) <= 1
 
 
+def test_large_pool_script_builds_a_pool_scored_with_the_recommended_estimator(tmp_path):
+    """`--design emergent --source`: SOURCE over the base, middle and end of the fine-tune, the behaviour's ranking over the same checkpoints, the fits' seconds apart from exact scoring's; the union
+    benchmark reads it."""
+    large, learned = _script("retrieval_large_pool"), _script("retrieval_learned")
+    seconds = large.build_emergent_pool(tmp_path / "pool", n_pool=200, rate=0.1, quick=True, progress=False,
+                                        source=True, n_pretrain=30, n_eval=6, n_test=4, n_probe=10)
+    assert set(seconds) == {"pre-train and fine-tune", "EK-FAC fits (one per checkpoint)", "exact scoring", "fast path",
+                            "total"} and min(seconds.values()) > 0
+    from concept_influence.scores import Scores
+
+    exact = Scores.load(tmp_path / "pool" / "scores" / "concept_influence.safetensors")
+    behaviour = Scores.load(tmp_path / "pool" / "scores" / "behaviour.safetensors")
+    assert exact.estimator == "concept_influence[source]" and len(exact.metadata["checkpoints"]) == 3
+    assert len(exact.metadata["horizons"]) == 3 and min(exact.metadata["horizons"]) > 0
+    assert behaviour.ids == exact.ids and np.ptp(behaviour.column(0)) > 0 and np.ptp(exact.column(0)) > 0
+    row, = learned.study(tmp_path / "pool", reps=3, union=True)
+    assert "union with the behaviour's ranking" in row
+
+
 def test_audit_pool_and_the_learned_stage_benchmark(tmp_path):
     """`--design audit` (notebook 07's corpus and model) writes a pool whose chats the learned-stage benchmark
     rebuilds from pool.json; the benchmark's rows hold a coverage and an end-to-end cost for every variant."""
