@@ -341,8 +341,8 @@ def test_large_pool_script_builds_an_emergent_pool(tmp_path):
 
 
 def test_large_pool_script_builds_a_pool_scored_with_the_recommended_estimator(tmp_path):
-    """`--design emergent --source`: SOURCE over the base, middle and end of the fine-tune, the behaviour's ranking over the same checkpoints, the fits' seconds apart from exact scoring's; the union
-    benchmark reads it."""
+    """`--design emergent --source`: SOURCE over the base, middle and end of the fine-tune, the behaviour's
+    ranking over the same checkpoints, the fits' seconds apart from exact scoring's; the union benchmark reads it."""
     large, learned = _script("retrieval_large_pool"), _script("retrieval_learned")
     seconds = large.build_emergent_pool(tmp_path / "pool", n_pool=200, rate=0.1, quick=True, progress=False,
                                         source=True, n_pretrain=30, n_eval=6, n_test=4, n_probe=10)
