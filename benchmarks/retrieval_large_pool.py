@@ -62,7 +62,7 @@ from concept_influence.estimators import ConceptInfluence, ProbeProjection, Sour
 from concept_influence.index import GradientIndex  # noqa: E402
 from concept_influence.scores import Scores  # noqa: E402
 from concept_influence.toy.small_model import seed_everything  # noqa: E402
-from concept_influence_benchmarks.emergent_family import StepRecorder, emergent_testbed  # noqa: E402
+from concept_influence_benchmarks.emergent_family import StepRecorder, draw_design, emergent_testbed  # noqa: E402
 from concept_influence_benchmarks.retrieval_pools import (  # noqa: E402
     AUDIT,
     ENCODER_INDEX,
@@ -247,6 +247,15 @@ def stage_seconds(results: dict) -> dict[str, float]:
     return {**stages, "rest": results["total_seconds"] - sum(stages.values()), "total": results["total_seconds"]}
 
 
+def family_design(spec: str) -> dict:
+    """``SEED:INDEX`` → that family design's :class:`EmergentConfig` overrides, less its pool size and planted rate."""
+    try:
+        family_seed, index = (int(part) for part in spec.split(":"))
+    except ValueError:
+        raise SystemExit(f"--family-design: expected SEED:INDEX (two integers), got {spec!r}") from None
+    return {key: value for key, value in draw_design(index, family_seed).items() if key not in ("n_pool", "rate")}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path, help="the run folder to write")
@@ -258,13 +267,18 @@ def main(argv: list[str] | None = None) -> int:
                                                             "second ranking; retrieval_learned.py --union)")
     p.add_argument("--source", action="store_true", help="emergent: the recommended estimator instead (SOURCE and the "
                                                          "behaviour's ranking over the fine-tune's checkpoints)")
+    p.add_argument("--family-design", metavar="SEED:INDEX", help="emergent: the INDEX-th design drawn by the "
+                   "emergent family of seed SEED (its domains, marker, schedule, vocabulary, pre-training size and "
+                   "seed) instead of the default design; --n-pool and --rate stay this script's")
     args = p.parse_args(argv)
+    design = family_design(args.family_design) if args.family_design else {}
+    if design and args.design != "emergent":
+        p.error("--family-design needs --design emergent")
     command = "OMP_NUM_THREADS=1 python benchmarks/retrieval_large_pool.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     if args.design == "emergent":
-        stages, n = build_emergent_pool(args.out, args.n_pool, args.rate, args.seed, behaviour=args.behaviour,
-                                                source=args.source), \
-            args.n_pool
+        stages, n = build_emergent_pool(args.out, args.n_pool, args.rate, design.pop("seed", args.seed),
+                                        behaviour=args.behaviour, source=args.source, **design), args.n_pool
     elif args.design == "audit":
         stages, n = build_audit_pool(args.out, args.n_pool, args.rate, args.seed), args.n_pool
     else:

@@ -47,7 +47,8 @@ def emergent_pool_config(n_pool: int, rate: float, seed: int, quick: bool = Fals
     from .emergent_config import EmergentConfig
 
     settings = dict(n_pool=n_pool, rate=rate, seed=seed, varied_prompts=True, over_checkpoints=False,
-                    curvature_study=False, retrain=False, **sizes)
+                    curvature_study=False, retrain=False,
+                    **{key: tuple(v) if isinstance(v, list) else v for key, v in sizes.items()})  # JSON's lists
     return EmergentConfig.quick(**settings) if quick else EmergentConfig(**settings)
 
 

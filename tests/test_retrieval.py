@@ -359,6 +359,24 @@ def test_large_pool_script_builds_a_pool_scored_with_the_recommended_estimator(t
     assert "union with the behaviour's ranking" in row
 
 
+def test_large_pool_script_draws_a_family_design_whose_pool_rebuilds_from_its_json(tmp_path):
+    """`--family-design SEED:INDEX`: the family's design less its pool size and rate; pool.json's lists come back as
+    the config's tuples, so the pool rebuilds; a malformed spec is refused by name."""
+    from concept_influence_benchmarks.emergent_family import draw_design
+    from concept_influence_benchmarks.retrieval_pools import emergent_pool_config, write_pool_settings
+
+    large = _script("retrieval_large_pool")
+    design = large.family_design("3:2")
+    assert design == {k: v for k, v in draw_design(2, 3).items() if k not in ("n_pool", "rate")}
+    seed = design.pop("seed")
+    write_pool_settings(tmp_path, "emergent", 500, 0.1, seed, **design)
+    saved = json.loads((tmp_path / "pool.json").read_text())
+    config = emergent_pool_config(saved["n_pool"], saved["rate"], saved["seed"], **saved["sizes"])
+    assert config.domains == design["domains"] and config.marker == design["marker"] and config.n_pool == 500
+    with pytest.raises(SystemExit, match="SEED:INDEX"):
+        large.family_design("3")
+
+
 def test_audit_pool_and_the_learned_stage_benchmark(tmp_path):
     """`--design audit` (notebook 07's corpus and model) writes a pool whose chats the learned-stage benchmark
     rebuilds from pool.json; the benchmark's rows hold a coverage and an end-to-end cost for every variant."""
