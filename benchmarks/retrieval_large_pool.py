@@ -92,14 +92,14 @@ def build_pool(out: str | Path, n_pool: int = 20_000, rate: float = 0.05, seed: 
 
 def build_emergent_pool(out: str | Path, n_pool: int = 20_000, rate: float = 0.05, seed: int = 0, *,
                         quick: bool = False, progress: bool = True, encoder_share: float = 0.05, encoder_m: int = 64,
-                        behaviour: bool = False, source: bool = False, fit_share: float = 0.2,
+                        behaviour: bool = False, recommended: bool = False, fit_share: float = 0.2,
                         **sizes) -> dict[str, float]:
     """Train the emergent testbed's default design with a pool of ``n_pool`` (varied prompts) into ``out`` and write
     the pool's :data:`ESTIMATORS` scores, and two encoder first stages (:data:`ENCODERS`: codes of ``encoder_m``
     dimensions fitted on the index of a uniform ``encoder_share`` of the pool), to ``out/scores``; ``behaviour``:
     the exact pass also scores the behaviour's own ranking (classic gradient-dot on the testbed's target-domain bad
     answers, as a run's ``[scoring] behaviour``) into ``out/scores/behaviour.safetensors``, the second ranking of the
-    union a run answers with. ``source``: instead, the estimator the benchmarks recommend (the family's
+    union a run answers with. ``recommended``: instead, the estimator the benchmarks recommend (the family's
     ``source[adam]x1|pool|all``): Concept Influence with unrolled (SOURCE) preconditioning summed over the base, the
     middle and the end of the fine-tune, with Adam's step scales, EK-FAC fitted at each on a uniform ``fit_share`` of
     the pool, and the behaviour's ranking summed over the same checkpoints (``behaviour`` implied; no encoders).
@@ -109,10 +109,10 @@ def build_emergent_pool(out: str | Path, n_pool: int = 20_000, rate: float = 0.0
     cfg = emergent_pool_config(n_pool, rate, seed, quick, **sizes)
     seed_everything(cfg.seed)
     seconds, t0 = {}, time.perf_counter()
-    recorder = StepRecorder() if source else None
+    recorder = StepRecorder() if recommended else None
     bed = emergent_testbed(cfg, out, progress, recorder)
     seconds["pre-train and fine-tune"] = time.perf_counter() - t0
-    if source:
+    if recommended:
         _score_source_pool(out, bed, recorder, cfg, fit_share, progress, seconds)
         write_pool_settings(out, "emergent", n_pool, rate, seed, quick, **sizes)
         return _write_seconds(out, seconds)
@@ -193,7 +193,7 @@ def build_audit_pool(out: str | Path, n_pool: int = 20_000, rate: float = 0.05, 
 
 
 def _score_source_pool(out: Path, bed, recorder, cfg, fit_share: float, progress: bool, seconds: dict) -> None:
-    """The ``source`` pool of :func:`build_emergent_pool`: SOURCE and the behaviour's ranking over the fine-tune's
+    """The ``recommended`` pool of :func:`build_emergent_pool`: SOURCE and the behaviour's ranking over the fine-tune's
     checkpoints; the factor fits' seconds (fixed costs, on a sample) are kept apart from exact scoring's."""
     import concept_influence.estimators.unrolled as unrolled_module
 
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     if args.design == "emergent":
         stages, n = build_emergent_pool(args.out, args.n_pool, args.rate, design.pop("seed", args.seed),
-                                        behaviour=args.behaviour, source=args.source, **design), args.n_pool
+                                        behaviour=args.behaviour, recommended=args.source, **design), args.n_pool
     elif args.design == "audit":
         stages, n = build_audit_pool(args.out, args.n_pool, args.rate, args.seed), args.n_pool
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -345,7 +346,7 @@ def test_large_pool_script_builds_a_pool_scored_with_the_recommended_estimator(t
     ranking over the same checkpoints, the fits' seconds apart from exact scoring's; the union benchmark reads it."""
     large, learned = _script("retrieval_large_pool"), _script("retrieval_learned")
     seconds = large.build_emergent_pool(tmp_path / "pool", n_pool=200, rate=0.1, quick=True, progress=False,
-                                        source=True, n_pretrain=30, n_eval=6, n_test=4, n_probe=10)
+                                        recommended=True, n_pretrain=30, n_eval=6, n_test=4, n_probe=10)
     assert set(seconds) == {"pre-train and fine-tune", "EK-FAC fits (one per checkpoint)", "exact scoring", "fast path",
                             "total"} and min(seconds.values()) > 0
     from concept_influence.scores import Scores
@@ -375,6 +376,10 @@ def test_large_pool_script_draws_a_family_design_whose_pool_rebuilds_from_its_js
     assert config.domains == design["domains"] and config.marker == design["marker"] and config.n_pool == 500
     with pytest.raises(SystemExit, match="SEED:INDEX"):
         large.family_design("3")
+    with mock.patch.object(large, "build_emergent_pool", return_value={"total": 1.0}) as build:
+        large.main([str(tmp_path / "pool"), "--design", "emergent", "--source", "--family-design", "3:2"])
+    (_, _, _, called_seed), options = build.call_args
+    assert called_seed == seed and options["recommended"] and options["source"] == design["source"] == "code"
 
 
 def test_audit_pool_and_the_learned_stage_benchmark(tmp_path):
