@@ -13,8 +13,10 @@ their ``pool.json`` and checked against the score file's ids. Usage, from the re
 --behaviour``) are retrieved as the union a run answers with: the exact scores are two rankings (Concept Influence and the
 behaviour's own), the answer is the union of each one's top k, recall is of the true union, the learned stage fits
 one ridge output per ranking; the library's default variant only. ``--default``: the default variant only (one
-ranking). A pool built with ``--source`` holds the recommended estimator's rankings (SOURCE and the behaviour's, each
-over the fine-tune's checkpoints), read the same way.
+ranking). ``--rankings``: no retrieval; a table of each such pool's two rankings (their
+Spearman, the union of each one's top 1 %, each one's planted AUROC from labels rebuilt with the pool's seed). A pool
+built with ``--source`` holds the recommended estimator's rankings (SOURCE and the behaviour's, each over the
+fine-tune's checkpoints), read the same way.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
+from concept_influence.evaluation import retrieval_metrics  # noqa: E402
 from concept_influence.retrieval import array_scorer, best_certifiable, union_top  # noqa: E402
 from concept_influence.retrieval_learned import (  # noqa: E402
     REFINE_STOP,
@@ -39,7 +42,7 @@ from concept_influence.retrieval_learned import (  # noqa: E402
     text_features,
 )
 from concept_influence.scores import Scores  # noqa: E402
-from concept_influence_benchmarks.retrieval_pools import pool_examples  # noqa: E402
+from concept_influence_benchmarks.retrieval_pools import pool_examples, pool_planted  # noqa: E402
 
 #: (label, the learned stage's sample as a share of the budget, refine, batch as a share of k, stop): the library's
 #: defaults first (``default_sample``, k/4, ``REFINE_STOP``), then the single fit of the last version and the
@@ -111,6 +114,22 @@ def study(folder: Path, reps: int, budget_share: float = 0.1, union: bool = Fals
     return rows
 
 
+def rankings(folder: Path) -> str:
+    """A markdown row on a pool's two rankings (``scores/concept_influence`` and ``scores/behaviour``): their
+    Spearman, the size of the union of each one's top 1 % and, on emergent pools, each one's planted AUROC."""
+    exact = Scores.load(folder / "scores" / "concept_influence.safetensors")
+    behaviour = Scores.load(folder / "scores" / "behaviour.safetensors")
+    if behaviour.ids != exact.ids:
+        raise ValueError(f"{folder}: behaviour.safetensors and concept_influence.safetensors score different examples")
+    y = np.stack([exact.column(0), behaviour.column(0)], axis=1)
+    k = max(1, round(0.01 * len(y)))
+    union = len(union_top(y, k))
+    planted = pool_planted(folder, exact.ids)
+    aurocs = [retrieval_metrics(column, planted)["auroc"] for column in y.T]
+    return (f"| {folder.name} | {exact.estimator} | {len(y)} | {spearmanr(y[:, 0], y[:, 1])[0]:.2f} | {union} "
+            f"({union / k:.2f} k) | {aurocs[0]:.3f} | {aurocs[1]:.3f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+", type=Path, help="pool folders of retrieval_large_pool.py")
@@ -118,7 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--union", action="store_true", help="the union with the behaviour's ranking instead (pools with "
                                                         "scores/behaviour.safetensors)")
     p.add_argument("--default", action="store_true", help="the library's default variant only")
+    p.add_argument("--rankings", action="store_true", help="instead, a table of each pool's two rankings (pools with "
+                                                           "scores/behaviour.safetensors)")
     args = p.parse_args(argv)
+    if args.rankings:
+        print("| pool | exact estimator | N | Spearman with the behaviour's ranking | union of each one's top 1 % | "
+              "planted AUROC: exact | behaviour's |\n|---|---|---:|---:|---:|---:|---:|")
+        for folder in args.folders:
+            print(rankings(folder), flush=True)
+        return 0
     command = "OMP_NUM_THREADS=1 python benchmarks/retrieval_learned.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     print("# The learned first stage: certified retrieval at 10 % of N end to end\n")

@@ -8,6 +8,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 __all__ = ["ENCODER_INDEX", "FIRST_STAGES", "AUDIT", "audit_corpus", "demo_pool_config", "emergent_pool_config",
            "write_pool_settings", "pool_examples"]
 
@@ -59,6 +61,19 @@ def write_pool_settings(out: Path, design: str, n_pool: int, rate: float, seed: 
     settings = {"design": design, "n_pool": n_pool, "rate": rate, "seed": seed, "quick": quick, "sizes": sizes}
     Path(out, "pool.json").write_text(json.dumps(settings | ({"planted": planted} if planted is not None else {}))
                                       + "\n")
+
+
+def pool_planted(folder: Path, ids: list[str]) -> np.ndarray:
+    """An emergent pool's planted labels (1: the bad answer) in the order of ``ids``, rebuilt from ``folder/pool.json``
+    with the same seed."""
+    from .emergent_splits import build_emergent_data
+
+    s = json.loads((Path(folder) / "pool.json").read_text())
+    if s["design"] != "emergent":
+        raise ValueError(f"{folder}: planted labels are rebuilt for --design emergent pools only, not {s['design']!r}")
+    data = build_emergent_data(emergent_pool_config(s["n_pool"], s["rate"], s["seed"], s["quick"], **s["sizes"]))
+    planted = {c.id: flag for c, flag in zip(data.pool, data.planted)}
+    return np.array([planted[i] for i in ids])
 
 
 def pool_examples(folder: Path, ids: list[str]) -> list:

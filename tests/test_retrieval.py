@@ -358,6 +358,13 @@ def test_large_pool_script_builds_a_pool_scored_with_the_recommended_estimator(t
     assert behaviour.ids == exact.ids and np.ptp(behaviour.column(0)) > 0 and np.ptp(exact.column(0)) > 0
     row, = learned.study(tmp_path / "pool", reps=3, union=True)
     assert "union with the behaviour's ranking" in row
+    from concept_influence_benchmarks.retrieval_pools import pool_planted
+
+    planted = pool_planted(tmp_path / "pool", exact.ids)
+    assert planted.sum() == 20 and set(planted) == {0, 1}  # 10 % of 200
+    cells = [c.strip() for c in learned.rankings(tmp_path / "pool").strip("|").split("|")]
+    assert cells[1:3] == ["concept_influence[source]", "200"] and -1 <= float(cells[3]) <= 1
+    assert 2 <= int(cells[4].split()[0]) <= 4 and all(0 <= float(c) <= 1 for c in cells[5:7])  # k = 2
 
 
 def test_large_pool_script_draws_a_family_design_whose_pool_rebuilds_from_its_json(tmp_path):
