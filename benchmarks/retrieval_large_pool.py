@@ -287,8 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| stage | seconds | per 1,000 pool examples |\n|---|---:|---:|")
     for stage, seconds in stages.items():
         print(f"| {stage} | {seconds:.1f} | {1000 * seconds / n:.2f} |")
-    print(f"\npool {n}; next: OMP_NUM_THREADS=1 python "
-          f"benchmarks/retrieval_coverage.py --real {shlex.quote(str(args.out))} --sizes")
+    folder = shlex.quote(str(args.out))
+    follow = (f"retrieval_learned.py {folder} --default (or --union, --rankings)" if args.source
+              else f"retrieval_coverage.py --real {folder} --sizes")
+    print(f"\npool {n}; next: OMP_NUM_THREADS=1 python benchmarks/{follow}")
     return 0
 
 
