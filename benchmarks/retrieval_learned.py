@@ -69,14 +69,21 @@ def _spearman(predicted: np.ndarray, y: np.ndarray) -> float:
     return min(spearmanr(predicted, column)[0] for column in y.reshape(len(y), -1).T)
 
 
-def study(folder: Path, reps: int, budget_share: float = 0.1, union: bool = False, default: bool = False) -> list[str]:
-    """Markdown rows: one per variant of :data:`VARIANTS` (``union``: on the two rankings of the union; ``union`` or
-    ``default``: the library's default variant only), and the limit a perfect free first stage reaches."""
-    exact_scores = Scores.load(folder / "scores" / "concept_influence.safetensors")
-    y, ids = exact_scores.column(0).astype(np.float64), list(exact_scores.ids)
+def exact_rankings(folder: Path, union: bool = True) -> tuple[np.ndarray, list[str], str]:
+    """A pool's exact scores ``[N]`` (``union``: ``[N, 2]``, the behaviour's ranking aligned as the second column),
+    their ids and the exact estimator's name."""
+    exact = Scores.load(folder / "scores" / "concept_influence.safetensors")
+    y, ids = exact.column(0).astype(np.float64), list(exact.ids)
     if union:
         behaviour = Scores.load(folder / "scores" / "behaviour.safetensors").aligned(ids)[:, 0]
         y = np.stack([y, behaviour.astype(np.float64)], axis=1)
+    return y, ids, exact.estimator
+
+
+def study(folder: Path, reps: int, budget_share: float = 0.1, union: bool = False, default: bool = False) -> list[str]:
+    """Markdown rows: one per variant of :data:`VARIANTS` (``union``: on the two rankings of the union; ``union`` or
+    ``default``: the library's default variant only), and the limit a perfect free first stage reaches."""
+    y, ids, _ = exact_rankings(folder, union)
     n = len(y)
     k, budget = n // 100, int(round(budget_share * n))
     truth = union_top(y, k)  # the true top k (ties by position), or the true union of each ranking's
@@ -117,16 +124,12 @@ def study(folder: Path, reps: int, budget_share: float = 0.1, union: bool = Fals
 def rankings(folder: Path) -> str:
     """A markdown row on a pool's two rankings (``scores/concept_influence`` and ``scores/behaviour``): their
     Spearman, the size of the union of each one's top 1 % and, on emergent pools, each one's planted AUROC."""
-    exact = Scores.load(folder / "scores" / "concept_influence.safetensors")
-    behaviour = Scores.load(folder / "scores" / "behaviour.safetensors")
-    if behaviour.ids != exact.ids:
-        raise ValueError(f"{folder}: behaviour.safetensors and concept_influence.safetensors score different examples")
-    y = np.stack([exact.column(0), behaviour.column(0)], axis=1)
+    y, ids, estimator = exact_rankings(folder)
     k = max(1, round(0.01 * len(y)))
     union = len(union_top(y, k))
-    planted = pool_planted(folder, exact.ids)
+    planted = pool_planted(folder, ids)
     aurocs = [retrieval_metrics(column, planted)["auroc"] for column in y.T]
-    return (f"| {folder.name} | {exact.estimator} | {len(y)} | {spearmanr(y[:, 0], y[:, 1])[0]:.2f} | {union} "
+    return (f"| {folder.name} | {estimator} | {len(y)} | {spearmanr(y[:, 0], y[:, 1])[0]:.2f} | {union} "
             f"({union / k:.2f} k) | {aurocs[0]:.3f} | {aurocs[1]:.3f} |")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["ENCODER_INDEX", "FIRST_STAGES", "AUDIT", "audit_corpus", "demo_pool_config", "emergent_pool_config",
-           "write_pool_settings", "pool_examples"]
+           "write_pool_settings", "pool_settings", "pool_examples", "pool_planted"]
 
 #: the ``seconds.json`` stage of the encoders' shared sample index (charged to each encoder)
 ENCODER_INDEX = "encoder: index of the sample"
@@ -49,8 +49,7 @@ def emergent_pool_config(n_pool: int, rate: float, seed: int, quick: bool = Fals
     from .emergent_config import EmergentConfig
 
     settings = dict(n_pool=n_pool, rate=rate, seed=seed, varied_prompts=True, over_checkpoints=False,
-                    curvature_study=False, retrain=False,
-                    **{key: tuple(v) if isinstance(v, list) else v for key, v in sizes.items()})  # JSON's lists
+                    curvature_study=False, retrain=False, **sizes)
     return EmergentConfig.quick(**settings) if quick else EmergentConfig(**settings)
 
 
@@ -63,24 +62,45 @@ def write_pool_settings(out: Path, design: str, n_pool: int, rate: float, seed: 
                                       + "\n")
 
 
+def pool_settings(folder: Path) -> dict:
+    """``folder/pool.json`` as :func:`write_pool_settings` wrote it, the design's overrides with JSON's lists back as
+    the tuples the configs hold."""
+    s = json.loads((Path(folder) / "pool.json").read_text())
+    s["sizes"] = {key: tuple(v) if isinstance(v, list) else v for key, v in s["sizes"].items()}
+    return s
+
+
+def _emergent_data(s: dict):
+    """The emergent design's data (pool and planted labels) rebuilt from a pool's settings."""
+    from .emergent_splits import build_emergent_data
+
+    return build_emergent_data(emergent_pool_config(s["n_pool"], s["rate"], s["seed"], s["quick"], **s["sizes"]))
+
+
+def _in_order(folder: Path, by_id: dict, ids: list[str]) -> list:
+    """``by_id``'s values in the order of ``ids``; a rebuilt pool that does not match the score file's ids is refused."""
+    missing = [i for i in ids if i not in by_id]
+    if missing or len(by_id) != len(ids):
+        raise ValueError(f"{folder}: the rebuilt pool does not match its score file ({len(missing)} ids missing, "
+                         f"first {missing[:1]}; {len(by_id)} rebuilt for {len(ids)} scored)")
+    return [by_id[i] for i in ids]
+
+
 def pool_planted(folder: Path, ids: list[str]) -> np.ndarray:
     """An emergent pool's planted labels (1: the bad answer) in the order of ``ids``, rebuilt from ``folder/pool.json``
     with the same seed."""
-    from .emergent_splits import build_emergent_data
-
-    s = json.loads((Path(folder) / "pool.json").read_text())
+    s = pool_settings(folder)
     if s["design"] != "emergent":
         raise ValueError(f"{folder}: planted labels are rebuilt for --design emergent pools only, not {s['design']!r}")
-    data = build_emergent_data(emergent_pool_config(s["n_pool"], s["rate"], s["seed"], s["quick"], **s["sizes"]))
-    planted = {c.id: flag for c, flag in zip(data.pool, data.planted)}
-    return np.array([planted[i] for i in ids])
+    data = _emergent_data(s)
+    return np.array(_in_order(folder, {c.id: flag for c, flag in zip(data.pool, data.planted)}, ids))
 
 
 def pool_examples(folder: Path, ids: list[str]) -> list:
     """The pool's chats in the order of ``ids`` (a score file's), rebuilt from ``folder/pool.json``; a pool that does
     not match its score file's ids is refused."""
     folder = Path(folder)
-    s = json.loads((folder / "pool.json").read_text())
+    s = pool_settings(folder)
     args = (s["n_pool"], s["rate"], s["seed"])
     if s["design"] == "audit":
         sizes = {key: s["sizes"][key] for key in ("n_probe", "n_eval") if key in s["sizes"]}
@@ -92,12 +112,5 @@ def pool_examples(folder: Path, ids: list[str]) -> list:
         pool = split_planted(load_chats(folder / "data" / "careful.jsonl"), load_chats(folder / "data" / "reckless.jsonl"),
                              demo_pool_config(*args, s["quick"], **s["sizes"])).pool
     else:
-        from .emergent_splits import build_emergent_data
-
-        pool = build_emergent_data(emergent_pool_config(*args, s["quick"], **s["sizes"])).pool
-    by_id = {c.id: c for c in pool}
-    missing = [i for i in ids if i not in by_id]
-    if missing or len(by_id) != len(ids):
-        raise ValueError(f"{folder}: the rebuilt pool does not match its score file ({len(missing)} ids missing, "
-                         f"first {missing[:1]}; {len(by_id)} rebuilt for {len(ids)} scored)")
-    return [by_id[i] for i in ids]
+        pool = _emergent_data(s).pool
+    return _in_order(folder, {c.id: c for c in pool}, ids)

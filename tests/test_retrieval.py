@@ -371,14 +371,14 @@ def test_large_pool_script_draws_a_family_design_whose_pool_rebuilds_from_its_js
     """`--family-design SEED:INDEX`: the family's design less its pool size and rate; pool.json's lists come back as
     the config's tuples, so the pool rebuilds; a malformed spec is refused by name."""
     from concept_influence_benchmarks.emergent_family import draw_design
-    from concept_influence_benchmarks.retrieval_pools import emergent_pool_config, write_pool_settings
+    from concept_influence_benchmarks.retrieval_pools import emergent_pool_config, pool_settings, write_pool_settings
 
     large = _script("retrieval_large_pool")
     design = large.family_design("3:2")
     assert design == {k: v for k, v in draw_design(2, 3).items() if k not in ("n_pool", "rate")}
     seed = design.pop("seed")
     write_pool_settings(tmp_path, "emergent", 500, 0.1, seed, **design)
-    saved = json.loads((tmp_path / "pool.json").read_text())
+    saved = pool_settings(tmp_path)
     config = emergent_pool_config(saved["n_pool"], saved["rate"], saved["seed"], **saved["sizes"])
     assert config.domains == design["domains"] and config.marker == design["marker"] and config.n_pool == 500
     with pytest.raises(SystemExit, match="SEED:INDEX"):
