@@ -1,7 +1,7 @@
 """The learned first stage (concept_influence/retrieval_learned.py) on real pools whose exact scores are all known:
-certified recall, true recall and coverage at 10 % of N in exact scores **end to end** (the learned stage's sample
-counts in the budget; its features and fit are timed against exact scoring of all N), over repetitions that each draw
-a new training sample and a new retrieval sample (issue 28, criterion 2).
+certified recall, true recall and coverage at 10 % of N (``--budget-share``) in exact scores **end to end** (the
+learned stage's sample counts in the budget; its features and fit are timed against exact scoring of all N), over
+repetitions that each draw a new training sample and a new retrieval sample (issue 28, criterion 2).
 
 Pools: folders written by ``benchmarks/retrieval_large_pool.py`` (any ``--design``); the chats are rebuilt from
 their ``pool.json`` and checked against the score file's ids. Usage, from the repository root:
@@ -14,7 +14,10 @@ their ``pool.json`` and checked against the score file's ids. Usage, from the re
 behaviour's own), the answer is the union of each one's top k, recall is of the true union, the learned stage fits
 one ridge output per ranking; the library's default variant only. ``--default``: the default variant only (one
 ranking). ``--rankings``: no retrieval; a table of each such pool's two rankings (their
-Spearman, the union of each one's top 1 %, each one's planted AUROC from labels rebuilt with the pool's seed). A pool
+Spearman, the union of each one's top 1 %, each one's planted AUROC from labels rebuilt with the pool's seed).
+``--budget-share S``: exact scores for S·N instead of 10 % (``0.09`` leaves the learned stage's own ~1 % inside a
+strict 10 % end to end). ``--limits``: no pool; what a perfect free first stage certifies at 10 % end to end, by N and
+by the first stage's own cost. A pool
 built with ``--source`` holds the recommended estimator's rankings (SOURCE and the behaviour's, each over the
 fine-tune's checkpoints), read the same way.
 """
@@ -35,7 +38,7 @@ import numpy as np  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from concept_influence.evaluation import retrieval_metrics  # noqa: E402
-from concept_influence.retrieval import array_scorer, best_certifiable, union_top  # noqa: E402
+from concept_influence.retrieval import array_scorer, best_certifiable, default_split, union_top  # noqa: E402
 from concept_influence.retrieval_learned import (  # noqa: E402
     REFINE_STOP,
     fit_first_stage,
@@ -133,27 +136,55 @@ def rankings(folder: Path) -> str:
             f"({union / k:.2f} k) | {aurocs[0]:.3f} | {aurocs[1]:.3f} |")
 
 
+#: pool sizes and first-stage costs (a share of exact scoring of all N) of the limits table
+LIMIT_SIZES, LIMIT_COSTS = (20_000, 50_000, 80_000, 120_000, 200_000, 500_000, 1_000_000), (0.0, 0.01, 0.03)
+
+
+def limits(total: float = 0.1) -> str:
+    """A markdown table: at k = 1 % of N, δ = 0.05 and ``total`` of exact scoring's cost end to end, what a perfect
+    free first stage certifies (``best_certifiable``) when the first stage costs each of :data:`LIMIT_COSTS` (the
+    rest buys exact scores), and the shortlist ``default_split`` leaves it, in units of k: how far below the top k the
+    first stage may misplace a top-k example and still have it scored."""
+    head = " | ".join(f"first stage {100 * c:g} %: limit | shortlist / k" for c in LIMIT_COSTS)
+    rows = [f"| N | {head} |", "|---:|" + "---:|---:|" * len(LIMIT_COSTS)]
+    for n in LIMIT_SIZES:
+        k, cells = n // 100, []
+        for cost in LIMIT_COSTS:
+            budget = int(round((total - cost) * n))
+            cells += [f"{best_certifiable(n, k, budget):.3f}", f"{default_split(n, k, budget) / k:.1f}"]
+        rows.append(f"| {n:,} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("folders", nargs="+", type=Path, help="pool folders of retrieval_large_pool.py")
+    p.add_argument("folders", nargs="*", type=Path, help="pool folders of retrieval_large_pool.py")
     p.add_argument("--reps", type=int, default=200, help="repetitions per row (default 200)")
     p.add_argument("--union", action="store_true", help="the union with the behaviour's ranking instead (pools with "
                                                         "scores/behaviour.safetensors)")
     p.add_argument("--default", action="store_true", help="the library's default variant only")
     p.add_argument("--rankings", action="store_true", help="instead, a table of each pool's two rankings (pools with "
                                                            "scores/behaviour.safetensors)")
+    p.add_argument("--budget-share", type=float, default=0.1, help="exact scores as a share of N (default 0.1)")
+    p.add_argument("--limits", action="store_true", help="instead, the limits table (no pool is read)")
     args = p.parse_args(argv)
+    if args.limits:
+        print(limits())
+        return 0
     if args.rankings:
         print("| pool | exact estimator | N | Spearman with the behaviour's ranking | union of each one's top 1 % | "
               "planted AUROC: exact | behaviour's |\n|---|---|---:|---:|---:|---:|---:|")
         for folder in args.folders:
             print(rankings(folder), flush=True)
         return 0
+    if not args.folders:
+        p.error("give pool folders (or --limits)")
     command = "OMP_NUM_THREADS=1 python benchmarks/retrieval_learned.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    print("# The learned first stage: certified retrieval at 10 % of N end to end\n")
+    share = f"{100 * args.budget_share:g} %"
+    print(f"# The learned first stage: certified retrieval at {share} of N in exact scores\n")
     print(f"`{command}`\n")
-    print(f"k = 1 % of N, δ = 0.05, a budget of 10 % of N exact scores **including** the learned stage's sample "
+    print(f"k = 1 % of N, δ = 0.05, a budget of {share} of N exact scores **including** the learned stage's sample "
           f"(a uniform sample of the share of the budget shown, scored exactly; a ridge regression from the chats' "
           f"TF-IDF word features to their exact scores ranks the rest; the sample joins the shortlist as prescored "
           f"examples). **Refined**: the shortlist is built in rounds (score the best-predicted batch, refit on every "
@@ -180,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
           "certified | P(≥ 0.95) | true recall (worst) | coverage | cost (exact + first stage) | limit |")
     print("|---|---:|---:|---|---:|---|---|---|---:|---|---:|---|---:|")
     for folder in args.folders:
-        for row in study(folder, args.reps, union=args.union, default=args.default):
+        for row in study(folder, args.reps, args.budget_share, union=args.union, default=args.default):
             print(row, flush=True)
     return 0
 

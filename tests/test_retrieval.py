@@ -413,6 +413,23 @@ def test_audit_pool_and_the_learned_stage_benchmark(tmp_path):
         assert cells[11].startswith("0.100 + ")  # 10 % of N in exact scores, the stage's own share on top
 
 
+def test_learned_benchmark_limits_table_and_budget_share(capsys, tmp_path):
+    """`--limits` needs no pool: what a perfect free first stage certifies at 10 % end to end grows with N and falls
+    with the first stage's own cost; a run without pools or `--limits` is refused; `--budget-share` reaches study."""
+    learned = _script("retrieval_learned")
+    assert learned.main(["--limits"]) == 0
+    rows = [r.strip("|").split("|") for r in capsys.readouterr().out.strip().splitlines()[2:]]
+    assert [int(r[0].replace(",", "")) for r in rows] == list(learned.LIMIT_SIZES)
+    limits = np.array([[float(c) for c in r[1::2]] for r in rows])
+    assert (np.diff(limits, axis=0) > 0).all() and (np.diff(limits, axis=1) <= 0).all() and (limits[:, -1] < limits[:, 0]).all()
+    assert limits[0, 0] == pytest.approx(0.845, abs=1e-3)  # N = 20,000: 0.95 is out of reach at 10 %
+    with pytest.raises(SystemExit):
+        learned.main([])
+    with mock.patch.object(learned, "study", return_value=[]) as study:
+        learned.main([str(tmp_path), "--budget-share", "0.09", "--reps", "2"])
+    assert study.call_args.args == (tmp_path, 2, 0.09)
+
+
 def test_top_k_recall_counts_the_true_top_k_found_with_ties_broken_by_position():
     exact = np.array([0.5, 3.0, 2.0, 2.0, -1.0])
     assert top_k_recall([1, 2], exact, 2) == 1.0  # the top two: 3.0, then the first of the tied 2.0s
