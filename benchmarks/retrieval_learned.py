@@ -35,6 +35,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+from scipy import sparse  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from concept_influence.evaluation import retrieval_metrics  # noqa: E402
@@ -83,9 +84,12 @@ def exact_rankings(folder: Path, union: bool = True) -> tuple[np.ndarray, list[s
     return y, ids, exact.estimator
 
 
-def study(folder: Path, reps: int, budget_share: float = 0.1, union: bool = False, default: bool = False) -> list[str]:
+def study(folder: Path, reps: int, budget_share: float = 0.1, union: bool = False, default: bool = False,
+          extra: tuple[str, np.ndarray, float] | None = None) -> list[str]:
     """Markdown rows: one per variant of :data:`VARIANTS` (``union``: on the two rankings of the union; ``union`` or
-    ``default``: the library's default variant only), and the limit a perfect free first stage reaches."""
+    ``default``: the library's default variant only), and the limit a perfect free first stage reaches. ``extra``:
+    (label, dense ``[N, F]`` features in the pool's score order, their cost as a share of exact scoring of all N),
+    standardised and set beside the words; the label joins the variant's and the cost the stage's."""
     y, ids, _ = exact_rankings(folder, union)
     n = len(y)
     k, budget = n // 100, int(round(budget_share * n))
@@ -95,6 +99,10 @@ def study(folder: Path, reps: int, budget_share: float = 0.1, union: bool = Fals
     t0 = time.perf_counter()
     features = text_features(pool_examples(folder, ids))
     feature_share = (time.perf_counter() - t0) / all_exact
+    if extra is not None:
+        dense = np.asarray(extra[1], dtype=np.float64)
+        dense = (dense - dense.mean(0)) / np.where(dense.std(0) > 0, dense.std(0), 1.0)
+        features, feature_share = sparse.hstack([features, sparse.csr_matrix(dense)]).tocsr(), feature_share + extra[2]
     rows = []
     for variant, (label, share, refine, batch, stop) in enumerate(VARIANTS[:1] if union or default else VARIANTS):
         sample = max(10, int(round(share * budget)))  # fit_first_stage needs ten (two per fold)
@@ -113,7 +121,8 @@ def study(folder: Path, reps: int, budget_share: float = 0.1, union: bool = Fals
                         len(stage.rounds), res.spent / n))
         a = np.array(got, dtype=np.float64)
         cert = a[:, 0]
-        chosen = (" **default**" if variant == 0 else "") + (", union with the behaviour's ranking" if union else "")
+        chosen = (" **default**" if variant == 0 else "") + (", union with the behaviour's ranking" if union else "") \
+            + (f", {extra[0]}" if extra is not None else "")
         rows.append(f"| {folder.name} | {n} | {k} | {label}{chosen} | {sample} | {int(np.median(a[:, 6]))} "
                     f"({int(np.median(a[:, 7]))}) | {np.median(a[:, 3]):.2f} / {np.median(a[:, 4]):.2f} | "
                     f"**{np.median(cert):.3f}** ({cert.min():.3f}–{cert.max():.3f}) | {(cert >= 0.95).mean():.2f} | "

@@ -367,6 +367,32 @@ def test_large_pool_script_builds_a_pool_scored_with_the_recommended_estimator(t
     assert 2 <= int(cells[4].split()[0]) <= 4 and all(0 <= float(c) <= 1 for c in cells[5:7])  # k = 2
 
 
+def test_forward_features_benchmark_retrains_the_pools_model_and_reads_its_activations(tmp_path):
+    """`retrieval_forward_features.py`: the pool's model retrained from pool.json reproduces the stored fast path
+    (or is refused), its features are cached and read back without pickle in the score file's order, and the
+    learned-stage rows with them beside the words carry their cost."""
+    large, forward = _script("retrieval_large_pool"), _script("retrieval_forward_features")
+    large.build_emergent_pool(tmp_path / "pool", n_pool=120, rate=0.1, quick=True, progress=False, recommended=True,
+                              n_pretrain=20, n_eval=4, n_test=4, n_probe=8)
+    from concept_influence.scores import Scores
+
+    ids = list(Scores.load(tmp_path / "pool" / "scores" / "concept_influence.safetensors").ids)
+    features, seconds = forward.forward_features(tmp_path / "pool", ids[::-1])
+    assert features.shape[0] == 120 and np.isfinite(features).all() and seconds > 0
+    again, _ = forward.forward_features(tmp_path / "pool", ids)  # from the cache, in the order asked
+    np.testing.assert_array_equal(again, features[::-1])
+    assert np.ptp(features[:, -2]) > 0  # the loss tokens' count differs between chats
+    rows = forward.learned.study(tmp_path / "pool", 2, default=True, extra=("words + activations", again, 0.5))
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert "words + activations" in cells[3] and float(cells[11].split(" + ")[1]) >= 0.5
+    (tmp_path / "pool" / "forward_features.npz").unlink()
+    stored = Scores.load(tmp_path / "pool" / "scores" / "probe_projection.safetensors")
+    Scores(stored.ids, stored.values + 1.0, estimator=stored.estimator, columns=stored.columns).save(
+        tmp_path / "pool" / "scores" / "probe_projection.safetensors")
+    with pytest.raises(SystemExit, match="does not reproduce"):
+        forward.forward_features(tmp_path / "pool", ids)
+
+
 def test_large_pool_script_draws_a_family_design_whose_pool_rebuilds_from_its_json(tmp_path):
     """`--family-design SEED:INDEX`: the family's design less its pool size and rate; pool.json's lists come back as
     the config's tuples, so the pool rebuilds; a malformed spec is refused by name."""
