@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
           f"scores / N + the learned stage's own seconds (features, fits and predictions) over exact scoring of all "
           f"N, measured on this machine against the pool builder's exact-scoring seconds; **default**: the library's "
           f"defaults (`default_sample`, batch k/4, stop {REFINE_STOP}). Limit: what a perfect free first stage "
-          f"certifies at 10 % (`best_certifiable`).\n")
+          f"certifies at {share} (`best_certifiable`).\n")
     if args.union:
         print("**Union** (`--union`): the exact scores are two rankings, exact Concept Influence and the behaviour's "
               "own (classic gradient-dot on the behaviour's examples, scored in the same pass), retrieved together as "
