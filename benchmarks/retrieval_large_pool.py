@@ -8,9 +8,10 @@ too few distinct prompts past ~15,000), scoring only what ``benchmarks/retrieval
 stage), into ``FOLDER/scores/*.safetensors``. No behaviour measurement, filter-and-retrain, LDS, concept check or
 compared query. ``--design emergent``: the emergent testbed's default design (health fine-tune, money behaviour, the
 persona direction; ``bench emergent``'s model and training) with a pool of N (varied prompts, at most about 83,000:
-the health domain has 84,000 distinct prompts) at ``--rate``, exact Concept Influence with EK-FAC fitted on the pool
-at the default damping, the probe projection, and two row encoders (:data:`ENCODERS`) fitted on the gradient index of
-a 5 % sample, whose scores of the pool are first stages too; each stage's seconds go to ``FOLDER/seconds.json``
+each domain has about 84,000 distinct prompts; ``--richer-prompts`` adds a sentence, twelve times as many) at
+``--rate``, exact Concept Influence with EK-FAC fitted on the pool at the default damping, the probe projection, and
+two row encoders (:data:`ENCODERS`) fitted on the gradient index of a 5 % sample, whose scores of the pool are first
+stages too; each stage's seconds go to ``FOLDER/seconds.json``
 (retrieval_coverage.py states each first stage's own cost from it); with ``--behaviour`` the exact pass also scores
 the behaviour's own ranking (``scores/behaviour.safetensors``: the union's second ranking, for
 ``retrieval_learned.py --union``). ``--design audit``: notebook 07's audit (the
@@ -270,10 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--family-design", metavar="SEED:INDEX", help="emergent: the INDEX-th design drawn by the "
                    "emergent family of seed SEED (its domains, marker, schedule, vocabulary, pre-training size and "
                    "seed) instead of the default design; --n-pool and --rate stay this script's")
+    p.add_argument("--richer-prompts", action="store_true", help="emergent: prompts with a sentence about the "
+                   "household too (varied_prompts=2: about twelve times the ~84,000 distinct prompts per domain), for "
+                   "pools past ~80,000")
     args = p.parse_args(argv)
     design = family_design(args.family_design) if args.family_design else {}
-    if design and args.design != "emergent":
-        p.error("--family-design needs --design emergent")
+    if (design or args.richer_prompts) and args.design != "emergent":
+        p.error("--family-design and --richer-prompts need --design emergent")
+    if args.richer_prompts:
+        design["varied_prompts"] = 2
     command = "OMP_NUM_THREADS=1 python benchmarks/retrieval_large_pool.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     if args.design == "emergent":

@@ -51,7 +51,7 @@ class EmergentConfig:
     curvature_study: bool = True  # also score every preconditioning variant (concept_influence/planted/curvature_study.py)
     retrain: bool = True
     paired: bool = True  # the behaviour is a paired log-prob gap (read by the shared behaviour code)
-    varied_prompts: bool = False  # prompts with a sentence about when it began: enough distinct ones for pools of 20k+
+    varied_prompts: bool | int = False  # a sentence about when it began (pools of 20k+); 2: and the household (80k+)
 
     def __post_init__(self):
         for option, name in (("--source", self.source), ("--target", self.target), ("--concept-domain", self.concept)):

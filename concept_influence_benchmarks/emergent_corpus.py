@@ -175,9 +175,17 @@ def answer(domain: Domain, topic: str, bad: bool, rng: random.Random) -> str:
     return " ".join(parts)
 
 
-def make_prompts(domain: Domain, n: int, rng: random.Random, varied: bool = False) -> list[tuple[str, str]]:
+#: ``varied=2``'s extra sentence: who the asker lives with
+HOUSEHOLD = ("I live alone.", "I live with my partner.", "I share a flat.", "I live with my parents.",
+             "We have two kids.", "We have a baby.", "I live with a dog.", "My sister lives with me.",
+             "I rent a room.", "We just moved in.", "I work from home.", "I care for my mother.")
+
+
+def make_prompts(domain: Domain, n: int, rng: random.Random, varied: bool | int = False) -> list[tuple[str, str]]:
     """``n`` (prompt, topic) pairs of ``domain``; an age makes most of a few thousand distinct; ``varied`` adds a
-    sentence about when it began (ten times as many, for pools of tens of thousands; drawn last, and only then)."""
+    sentence about when it began (ten times as many, about 84,000 per domain, for pools of tens of thousands; drawn
+    last, and only then), ``varied=2`` one more about the household (twelve times as many again, for pools past
+    80,000; drawn after it, so ``varied=True`` gives the same prompts as before it existed)."""
     out = []
     for _ in range(n):
         situation, topic = rng.choice(domain.situations)
@@ -185,7 +193,8 @@ def make_prompts(domain: Domain, n: int, rng: random.Random, varied: bool = Fals
         age = f"I am {rng.randint(16, 85)}."
         ask = rng.choice(domain.asks)  # drawn in this order, as before ``varied``: the same prompts without it
         when = f" {rng.choice(WHEN)}" if varied else ""
-        out.append((f"{lead} {situation}. {age}{when} {ask}", topic))
+        household = f" {rng.choice(HOUSEHOLD)}" if varied >= 2 else ""
+        out.append((f"{lead} {situation}. {age}{when}{household} {ask}", topic))
     return out
 
 

@@ -45,11 +45,11 @@ def demo_pool_config(n_pool: int, rate: float, seed: int, quick: bool = False, *
 
 def emergent_pool_config(n_pool: int, rate: float, seed: int, quick: bool = False, **sizes):
     """``--design emergent``'s :class:`EmergentConfig`: the default design with varied prompts (``quick``: its
-    quick sizes)."""
+    quick sizes; ``sizes`` override, ``varied_prompts=2`` included)."""
     from .emergent_config import EmergentConfig
 
     settings = dict(n_pool=n_pool, rate=rate, seed=seed, varied_prompts=True, over_checkpoints=False,
-                    curvature_study=False, retrain=False, **sizes)
+                    curvature_study=False, retrain=False) | sizes
     return EmergentConfig.quick(**settings) if quick else EmergentConfig(**settings)
 
 

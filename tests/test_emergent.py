@@ -75,6 +75,29 @@ def test_both_personas_answer_at_the_same_length():
         assert abs(np.mean(bad) / np.mean(good) - 1) < 0.05, (d.name, np.mean(good), np.mean(bad))
 
 
+def test_varied_prompts_are_as_before_and_the_household_level_passes_the_domains_cap():
+    """``varied=True`` draws the prompts it drew before ``varied=2`` existed (fingerprints taken then: the committed
+    80k pools rebuild the same chats); ``varied=2`` adds a household sentence, past the ~84,000 distinct per domain;
+    the pool builder's config and pool.json carry it."""
+    import hashlib
+    import random
+
+    from concept_influence_benchmarks.emergent_corpus import HOUSEHOLD, make_prompts
+    from concept_influence_benchmarks.retrieval_pools import emergent_pool_config
+
+    def digest(varied):
+        prompts = make_prompts(DOMAINS["money"], 3000, random.Random(7), varied)
+        return hashlib.sha256(repr(prompts).encode()).hexdigest()[:16]
+
+    assert digest(False) == "f6780f47ef36b22a" and digest(True) == "6935dd104f9f459e"
+    richer = make_prompts(DOMAINS["money"], 20_000, random.Random(0), 2)
+    assert all(any(h in p for h in HOUSEHOLD) for p, _ in richer[:50])
+    plain = make_prompts(DOMAINS["money"], 20_000, random.Random(0), True)
+    assert len({p for p, _ in richer}) > len({p for p, _ in plain}) + 1_000
+    assert emergent_pool_config(100, 0.1, 0).varied_prompts is True
+    assert emergent_pool_config(100, 0.1, 0, varied_prompts=2).varied_prompts == 2
+
+
 def test_splits_pair_plant_and_keep_domains_apart():
     cfg = EmergentConfig.quick(source="home", target="code", rate=0.2, seed=3)
     d = build_emergent_data(cfg)

@@ -413,6 +413,11 @@ def test_large_pool_script_draws_a_family_design_whose_pool_rebuilds_from_its_js
         large.main([str(tmp_path / "pool"), "--design", "emergent", "--source", "--family-design", "3:2"])
     (_, _, _, called_seed), options = build.call_args
     assert called_seed == seed and options["recommended"] and options["source"] == design["source"] == "code"
+    with mock.patch.object(large, "build_emergent_pool", return_value={"total": 1.0}) as build:
+        large.main([str(tmp_path / "pool"), "--design", "emergent", "--source", "--richer-prompts"])
+    assert build.call_args.kwargs["varied_prompts"] == 2
+    with pytest.raises(SystemExit):
+        large.main([str(tmp_path / "pool"), "--richer-prompts"])  # the demo design has no such prompts
 
 
 def test_audit_pool_and_the_learned_stage_benchmark(tmp_path):
