@@ -36,16 +36,15 @@ def pooled_forward_features(adapter, examples, batch_size: int = 64):
     import torch
 
     from concept_influence.data import iter_batches
+    from concept_influence.encoder_features import loss_positions
 
     model = adapter.model
     hooks = [f"blocks.{i}.hook_resid_post" for i in range(model.cfg.n_layers)] + ["ln_final.hook_normalized"]
     rows = []
     with torch.no_grad():
-        for batch in iter_batches(examples, batch_size):
+        for batch in iter_batches(examples, batch_size, adapter.pad_token_id):
             logits, cache = model.run_with_cache(batch.input_ids, names_filter=lambda name: name in hooks)
-            mask = torch.zeros_like(batch.response_mask)
-            mask[:, :-1] = batch.response_mask[:, 1:]  # positions whose next token is an answer token
-            weight = (mask & batch.attention_mask.bool()).float()
+            weight = loss_positions(batch, "response").float()  # positions whose next token is an answer token
             count = weight.sum(1).clamp_min(1)
             loss = -logits.log_softmax(-1).gather(-1, batch.input_ids.roll(-1, 1)[..., None])[..., 0]
             error = (1 - (-loss).exp()) * weight
@@ -65,10 +64,9 @@ def forward_features(folder: Path, ids: list[str], check: int = 300) -> tuple[np
         from concept_influence.estimators import ProbeProjection
         from concept_influence.toy.small_model import seed_everything
         from concept_influence_benchmarks.emergent_family import StepRecorder, emergent_testbed
-        from concept_influence_benchmarks.retrieval_pools import emergent_pool_config, pool_settings
+        from concept_influence_benchmarks.retrieval_pools import pool_settings, settings_config
 
-        s = pool_settings(folder)
-        cfg = emergent_pool_config(s["n_pool"], s["rate"], s["seed"], s["quick"], **s["sizes"])
+        cfg = settings_config(pool_settings(folder))
         torch.set_num_threads(1)
         seed_everything(cfg.seed)
         with tempfile.TemporaryDirectory(prefix="forward-features-") as scratch:
@@ -94,9 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=50, help="repetitions per row (default 50)")
     p.add_argument("--budget-share", type=float, default=0.1, help="exact scores as a share of N (default 0.1)")
     args = p.parse_args(argv)
-    print("| pool | N | k | variant | sample | scored before the sample (rounds) | Spearman held-out / pool | "
-          "certified | P(≥ 0.95) | true recall (worst) | coverage | cost (exact + first stage) | limit |")
-    print("|---|---:|---:|---|---:|---|---|---|---:|---|---:|---|---:|")
+    print(learned.TABLE_HEAD)
     for folder in args.folders:
         _, ids, _ = learned.exact_rankings(folder, union=False)
         features, seconds = forward_features(folder, ids)

@@ -37,6 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 from scipy import sparse  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 from concept_influence.evaluation import retrieval_metrics  # noqa: E402
 from concept_influence.retrieval import array_scorer, best_certifiable, default_split, union_top  # noqa: E402
@@ -100,8 +101,7 @@ def study(folder: Path, reps: int, budget_share: float = 0.1, union: bool = Fals
     features = text_features(pool_examples(folder, ids))
     feature_share = (time.perf_counter() - t0) / all_exact
     if extra is not None:
-        dense = np.asarray(extra[1], dtype=np.float64)
-        dense = (dense - dense.mean(0)) / np.where(dense.std(0) > 0, dense.std(0), 1.0)
+        dense = StandardScaler().fit_transform(np.asarray(extra[1], dtype=np.float64))
         features, feature_share = sparse.hstack([features, sparse.csr_matrix(dense)]).tocsr(), feature_share + extra[2]
     rows = []
     for variant, (label, share, refine, batch, stop) in enumerate(VARIANTS[:1] if union or default else VARIANTS):
@@ -145,6 +145,10 @@ def rankings(folder: Path) -> str:
             f"({union / k:.2f} k) | {aurocs[0]:.3f} | {aurocs[1]:.3f} |")
 
 
+#: the header of :func:`study`'s rows
+TABLE_HEAD = ("| pool | N | k | variant | sample | scored before the sample (rounds) | Spearman held-out / pool | "
+              "certified | P(≥ 0.95) | true recall (worst) | coverage | cost (exact + first stage) | limit |\n"
+              "|---|---:|---:|---|---:|---|---|---|---:|---|---:|---|---:|")
 #: pool sizes and first-stage costs (a share of exact scoring of all N) of the limits table
 LIMIT_SIZES, LIMIT_COSTS = (20_000, 50_000, 80_000, 120_000, 200_000, 500_000, 1_000_000), (0.0, 0.01, 0.03)
 
@@ -180,14 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.limits:
         print(limits())
         return 0
+    if not args.folders:
+        p.error("give pool folders (or --limits)")
     if args.rankings:
         print("| pool | exact estimator | N | Spearman with the behaviour's ranking | union of each one's top 1 % | "
               "planted AUROC: exact | behaviour's |\n|---|---|---:|---:|---:|---:|---:|")
         for folder in args.folders:
             print(rankings(folder), flush=True)
         return 0
-    if not args.folders:
-        p.error("give pool folders (or --limits)")
     command = "OMP_NUM_THREADS=1 python benchmarks/retrieval_learned.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     share = f"{100 * args.budget_share:g} %"
@@ -216,9 +220,7 @@ def main(argv: list[str] | None = None) -> int:
               "union of each ranking's top k (between k and 2k examples). The ridge has one output per ranking and "
               "ranks by their union; Spearman: the lower of the two. Limit: a perfect free first stage whose "
               "shortlist is the true union.\n")
-    print("| pool | N | k | variant | sample | scored before the sample (rounds) | Spearman held-out / pool | "
-          "certified | P(≥ 0.95) | true recall (worst) | coverage | cost (exact + first stage) | limit |")
-    print("|---|---:|---:|---|---:|---|---|---|---:|---|---:|---|---:|")
+    print(TABLE_HEAD)
     for folder in args.folders:
         for row in study(folder, args.reps, args.budget_share, union=args.union, default=args.default):
             print(row, flush=True)

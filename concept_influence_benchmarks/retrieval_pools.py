@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["ENCODER_INDEX", "FIRST_STAGES", "AUDIT", "audit_corpus", "demo_pool_config", "emergent_pool_config",
-           "write_pool_settings", "pool_settings", "pool_examples", "pool_planted"]
+           "write_pool_settings", "pool_settings", "settings_config", "pool_examples", "pool_planted"]
 
 #: the ``seconds.json`` stage of the encoders' shared sample index (charged to each encoder)
 ENCODER_INDEX = "encoder: index of the sample"
@@ -70,11 +70,16 @@ def pool_settings(folder: Path) -> dict:
     return s
 
 
+def settings_config(s: dict):
+    """The :class:`EmergentConfig` an emergent pool was built with, from its settings (:func:`pool_settings`)."""
+    return emergent_pool_config(s["n_pool"], s["rate"], s["seed"], s["quick"], **s["sizes"])
+
+
 def _emergent_data(s: dict):
     """The emergent design's data (pool and planted labels) rebuilt from a pool's settings."""
     from .emergent_splits import build_emergent_data
 
-    return build_emergent_data(emergent_pool_config(s["n_pool"], s["rate"], s["seed"], s["quick"], **s["sizes"]))
+    return build_emergent_data(settings_config(s))
 
 
 def _in_order(folder: Path, by_id: dict, ids: list[str]) -> list:
