@@ -163,6 +163,8 @@ def test_default_split_for_a_union_leaves_the_sample_what_the_union_bound_needs(
     n, k, budget, union = 80_000, 800, 8_000, 1_500
     one, both = default_split(n, k, budget), default_split(n, k, budget, rankings=2, union=union)
     assert default_split(n, k, budget, rankings=1, union=k) == one and both > one
+    # a union no larger than k is one ranking's rule (what certified_retrieval uses, with no sample to estimate it)
+    assert default_split(n, k, budget, rankings=2, union=k) == one
 
     def certified(m: int) -> float:
         return union_recall_bound(hypergeometric_upper(n - m, budget - m, 0, 0.05), k, union, 2)
