@@ -6,7 +6,9 @@ true top-k chats never scored (the misses) and how often each is missed; then, f
 repetitions, their rank under single ridge fits on a uniform sample of 800 and 2,000 exact scores with other text
 features (words; words + character n-grams; words + response trigrams; words + length) and under the last refit of
 one refined retrieval; and the default retrieval again with the refits changed (the rounds' examples weighted 0.3,
-the penalty × 10 or × 0.1). Usage, from the repository root (about 5 minutes at 80,000):
+the penalty × 10 or × 0.1). On an emergent pool, also how many of the misses are planted chats and how many planted
+chats were scored before the retrieval's sample. ``--budget-share S``: exact scores for S·N instead of 10 %. Usage,
+from the repository root (about 5 minutes at 80,000):
 
     OMP_NUM_THREADS=1 python benchmarks/retrieval_misses.py runs/retrieval-emergent-80k > benchmarks/retrieval-misses.md
 """
@@ -35,7 +37,7 @@ from concept_influence.retrieval_learned import (  # noqa: E402
     text_features,
 )
 from concept_influence.scores import Scores  # noqa: E402
-from concept_influence_benchmarks.retrieval_pools import pool_examples  # noqa: E402
+from concept_influence_benchmarks.retrieval_pools import pool_examples, pool_planted, pool_settings  # noqa: E402
 
 
 def _feature_sets(chats: list) -> dict[str, sparse.csr_matrix]:
@@ -60,6 +62,31 @@ def _ranks(predicted: np.ndarray, among: np.ndarray, which: np.ndarray) -> list[
     return [int(r) for r in rank[which]]
 
 
+def _listed(ranks: list[int]) -> str:
+    """Ranks as a list, or past twelve of them their quartiles."""
+    if len(ranks) <= 12:
+        return str(ranks)
+    q1, q2, q3 = (int(v) for v in np.percentile(ranks, [25, 50, 75]))
+    return f"{len(ranks)} chats: median {q2} (quartiles {q1}–{q3}), {sum(r < 2000 for r in ranks)} within 2,000"
+
+
+def planted_misses(planted: np.ndarray, truth: np.ndarray, known: list[np.ndarray]) -> str:
+    """A sentence on the misses of repetitions that scored ``known`` (each one's examples scored before its sample):
+    per repetition (median) how many of the true top k ``truth`` (best first) were missed, the planted share of them,
+    their true rank (1 = best) and how many ``planted`` examples were scored."""
+    rank = np.full(len(planted), -1)
+    rank[truth] = np.arange(1, len(truth) + 1)
+    missed = [np.setdiff1d(truth, scored) for scored in known]
+    share = [planted[m].mean() for m in missed if len(m)]
+    ranks = [np.median(rank[m]) for m in missed if len(m)]
+    return (f"Of the true top k, {np.median([len(m) for m in missed]):.0f} never scored per repetition (median)"
+            + (f", {100 * np.median(share):.0f} % of them planted, at a median true rank of {np.median(ranks):.0f}" if share
+               else "")
+            + f"; the true top k holds {100 * planted[truth].mean():.0f} % planted chats, and "
+            f"{np.median([planted[s].sum() for s in known]):.0f} of the pool's {int(planted.sum())} planted chats were "
+            f"scored before the retrieval's sample.")
+
+
 def _retrieve(stage_features, y: np.ndarray, k: int, budget: int, rep: int):
     rng = np.random.default_rng(1000 * rep + budget // 10)
     stage = fit_first_stage(stage_features, array_scorer(y), default_sample(budget), seed=rng)
@@ -74,28 +101,33 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folder", type=Path)
     p.add_argument("--reps", type=int, default=60)
+    p.add_argument("--budget-share", type=float, default=0.1, help="exact scores for this share of N")
     args = p.parse_args(argv)
     exact = Scores.load(args.folder / "scores" / "concept_influence.safetensors")
     y, ids = exact.column(0).astype(np.float64), list(exact.ids)
     n = len(y)
-    k, budget = n // 100, n // 10
+    k, budget = n // 100, int(round(args.budget_share * n))
     truth = np.argsort(-y, kind="stable")[:k]
     true_rank = {int(i): r for r, i in enumerate(truth)}
     chats = pool_examples(args.folder, ids)
     sets = _feature_sets(chats)
     words = sets["words"]
-    missed, certified = Counter(), []
+    missed, certified, knowns = Counter(), [], []
     for rep in range(args.reps):
         _, result, known = _retrieve(words, y, k, budget, rep)
         missed.update(int(i) for i in np.setdiff1d(truth, known))
         certified.append(result.recall_bound)
+        knowns.append(known)
     certified = np.array(certified)
-    print(f"# The learned stage's misses on `{args.folder.name}` (N = {n}, k = {k}, 10 % of N)\n")
+    print(f"# The learned stage's misses on `{args.folder.name}` (N = {n}, k = {k}, {args.budget_share:.0%} of N)\n")
     print(f"`OMP_NUM_THREADS=1 python benchmarks/retrieval_misses.py {args.folder}"
-          + (f" --reps {args.reps}" if args.reps != 60 else "") + "`\n")
+          + (f" --reps {args.reps}" if args.reps != 60 else "")
+          + (f" --budget-share {args.budget_share}" if args.budget_share != 0.1 else "") + "`\n")
     print(f"Default refined retrieval, {args.reps} repetitions: certified {np.median(certified):.4f} at the median, "
           f"≥ 0.95 in {(certified >= 0.95).mean():.0%}; true top-k chats never scored: "
           f"{sum(missed.values()) / args.reps:.1f} per repetition, {len(missed)} distinct.\n")
+    if pool_settings(args.folder)["design"] == "emergent":
+        print(planted_misses(pool_planted(args.folder, ids), truth, knowns) + "\n")
     print("| chat (true rank) | missed in | prompt | response |\n|---|---:|---|---|")
     for i, count in missed.most_common(8):
         prompt, response = (text.replace("|", "/").replace("\n", " ") for text in (chats[i].prompt, chats[i].response))
@@ -112,11 +144,11 @@ def main(argv: list[str] | None = None) -> int:
             alpha = RidgeCV(alphas=ALPHAS).fit(x[chosen], target).alpha_ / LESS_SHRINKAGE
             predicted = Ridge(alpha=alpha).fit(x[chosen], target).predict(x)
             top = _ranks(predicted, np.arange(n), truth)
-            print(f"| {name} | {size} | {_ranks(predicted, np.arange(n), often)} | {sum(r < 2000 for r in top)} |")
+            print(f"| {name} | {size} | {_listed(_ranks(predicted, np.arange(n), often))} | {sum(r < 2000 for r in top)} |")
     stage, _, known = _retrieve(words, y, k, budget, 0)
     last = stage._predict(known, y[known])
     print(f"| words, the last refit of repetition 0 (among the unscored) | {len(known)} | "
-          f"{_ranks(last, np.setdiff1d(np.arange(n), known), np.setdiff1d(often, known))} | - |")
+          f"{_listed(_ranks(last, np.setdiff1d(np.arange(n), known), np.setdiff1d(often, known)))} | - |")
     print("\n## The refits changed (the default retrieval otherwise)\n")
     print("| refit | certified, median | ≥ 0.95 |\n|---|---:|---:|")
     print(f"| the library's (above) | {np.median(certified):.4f} | {(certified >= 0.95).mean():.0%} |")

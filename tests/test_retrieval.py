@@ -498,3 +498,20 @@ def test_coverage_benchmark_reads_a_large_real_pool_with_its_first_stages_costs(
         1 - hypergeometric_upper(n - m, 7000 - m, 0, 0.05) / 700)  # the sample finds nothing above the threshold
     limit, = [line.split(" | ") for line in out if line.startswith("| limit at N = 70000")]
     assert float(limit[9]) == pytest.approx(best_certifiable(n, 700, 7000), abs=5e-4)
+
+
+def test_misses_benchmark_says_how_many_of_the_missed_top_are_planted():
+    """`retrieval_misses.py`: per repetition, the true top k never scored, the planted share of them, their true
+    rank and the planted examples scored, each the median over repetitions; past twelve chats, ranks as quartiles."""
+    misses = _script("retrieval_misses")
+    planted = np.array([1, 1, 0, 1, 0, 0, 1, 0])
+    truth = np.array([3, 0, 2, 1])  # best first: true ranks 1..4
+    known = [np.array([0, 3, 5]), np.array([3, 6]), np.array([0, 1, 2, 3])]
+    # missed: {1, 2} (planted 1 of 2, ranks 4 and 3), {0, 1, 2} (2 of 3, ranks 2, 4, 3), none
+    sentence = misses.planted_misses(planted, truth, known)
+    assert sentence.startswith("Of the true top k, 2 never scored per repetition (median), 58 % of them planted, "
+                               "at a median true rank of 3;")
+    assert "the true top k holds 75 % planted chats, and 2 of the pool's 4 planted chats" in sentence
+    assert "planted" not in misses.planted_misses(planted, truth, [truth]).split(";")[0]
+    assert misses._listed([5, 1]) == "[5, 1]"
+    assert misses._listed(list(range(0, 4000, 200))) == "20 chats: median 1900 (quartiles 950–2850), 10 within 2,000"
