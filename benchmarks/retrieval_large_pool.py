@@ -204,20 +204,28 @@ def _score_source_pool(out: Path, bed, recorder, cfg, fit_share: float, progress
     exact = SourceInfluence(bed.concept, [w for w, _, _ in points], [h for _, h, _ in points], fit_examples=fit_set,
                             fit=CurvatureSettings(batch_size=cfg.batch_size, seed=cfg.seed),
                             step_scales=[s for _, _, s in points], train_batch_size=cfg.batch_size, behaviour=bed.test)
-    fits = []
+    fits, passes = [], []
 
-    def timed_fit(*args, **kwargs):
-        t0 = time.perf_counter()
-        curvature = fit_curvature(*args, **kwargs)
-        fits.append(time.perf_counter() - t0)
-        return curvature
+    def timed(function, into):
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            got = function(*args, **kwargs)
+            into.append(time.perf_counter() - t0)
+            return got
+        return run
 
-    with mock.patch.object(unrolled_module, "fit_curvature", timed_fit):  # to time the fits inside the estimator
+    # to time the fits, and each checkpoint's scoring pass, inside the estimator
+    with mock.patch.object(unrolled_module, "fit_curvature", timed(fit_curvature, fits)), \
+            mock.patch.object(unrolled_module, "score_with_queries", timed(unrolled_module.score_with_queries, passes)):
         _score_pool(out, bed.adapter, bed.pool, exact, ProbeProjection(bed.concept), cfg.batch_size, progress, seconds)
     seconds["EK-FAC fits (one per checkpoint)"] = sum(fits)
     seconds["exact scoring"] -= sum(fits)
-    behaviour = Scores([e.id for e in bed.pool], exact.behaviour_, estimator="behaviour", columns=["behaviour"])
-    behaviour.save(out / "scores" / "behaviour.safetensors")
+    ids = [e.id for e in bed.pool]
+    Scores(ids, exact.behaviour_, estimator="behaviour", columns=["behaviour"]).save(
+        out / "scores" / "behaviour.safetensors")
+    # each checkpoint's part of the sum (base, middle, end), and its scoring pass's seconds in the training order
+    Scores(ids, np.stack(list(exact.parts_.values()), axis=1), estimator="source parts", columns=list(exact.parts_),
+           metadata={"pass_seconds": passes[::-1]}).save(out / "scores" / "source_parts.safetensors")
 
 
 def _score_pool(out: Path, adapter, pool, exact, fast, batch_size: int, progress: bool, seconds: dict) -> None:
