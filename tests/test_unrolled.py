@@ -186,24 +186,6 @@ def test_source_over_checkpoints_chains_and_reports_its_parts(tl_adapter, tokeni
     assert not np.allclose(local.values, scores.values)
     with pytest.raises(ValueError, match="one horizon per checkpoint"):
         SourceInfluence(concept, [earlier, None], horizons[:1])
-    # one part alone is the full sum's part, chained or not, for one scoring pass
-    from unittest import mock
-
-    import concept_influence.estimators.unrolled as unrolled_module
-
-    for chain, full in ((True, estimator), (False, SourceInfluence(concept, [earlier, None], horizons, chain=False))):
-        if not chain:
-            full.score(tl_adapter, tokenized, batch_size=4, progress=False)
-        for position, name in enumerate(full.parts_):
-            alone = SourceInfluence(concept, [earlier, None], horizons, chain=chain, parts=[position])
-            with mock.patch.object(unrolled_module, "score_with_queries", wraps=unrolled_module.score_with_queries) as passes:
-                part = alone.score(tl_adapter, tokenized, batch_size=4, progress=False)
-            assert passes.call_count == 1 and list(alone.parts_) == [name]
-            np.testing.assert_allclose(part.column(0), full.parts_[name], rtol=1e-5,
-                                       atol=1e-6 * np.abs(full.parts_[name]).max())
-    for bad in ([], [2], [0, 0]):
-        with pytest.raises(ValueError, match="parts must be distinct positions in the 2 checkpoints"):
-            SourceInfluence(concept, [earlier, None], horizons, parts=bad)
 
 
 def test_source_scores_the_behaviours_own_ranking_over_the_checkpoints_and_its_union_with_the_concepts(

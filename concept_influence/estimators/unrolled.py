@@ -53,20 +53,14 @@ class SourceInfluence(Estimator):
     the checkpoints like the concept's) is scored in the same passes into :attr:`behaviour_`, compared in
     :attr:`stability_`, and joined with the concept's in :attr:`union_` (each example by its best place in either,
     :func:`~concept_influence.stability.union_ranking`): the recommended ranking, which over the emergent family fell
-    below AUROC 0.8 on no run where either alone did.
-
-    ``parts``: score only at these checkpoints (positions in ``checkpoints``) and return the sum of their parts, e.g.
-    the one part that agrees with the whole sum as a cheaper stand-in for it (a certified retrieval's ``cheap``
-    scorer, :meth:`~concept_influence.retrieval_learned.LearnedFirstStage.retrieve`): one scoring pass each instead of
-    one per checkpoint. With ``chain`` the later checkpoints' factors are still fitted, to carry the query back."""
+    below AUROC 0.8 on no run where either alone did."""
 
     name = "concept_influence[source]"
 
     def __init__(self, concept: ConceptFunction, checkpoints: Sequence, horizons: Sequence[Horizon], *,
                  fit_examples: Sequence[TokenizedExample] | None = None, fit: CurvatureSettings | None = None,
                  step_scales: str | Sequence[Mapping[str, float]] | None = "fisher", train_batch_size: int = 8,
-                 chain: bool = True, behaviour: Sequence[TokenizedExample] | None = None,
-                 parts: Sequence[int] | None = None):
+                 chain: bool = True, behaviour: Sequence[TokenizedExample] | None = None):
         if not checkpoints or len(horizons) != len(checkpoints):
             raise ValueError(f"SourceInfluence needs one horizon per checkpoint; got {len(horizons)} horizons for "
                              f"{len(checkpoints)} checkpoints")
@@ -74,10 +68,6 @@ class SourceInfluence(Estimator):
             raise ConceptError("the concept needs evaluation examples: ConceptFunction(..., eval_examples=...)")
         if not (step_scales in (None, "fisher") or (not isinstance(step_scales, str) and len(step_scales) == len(checkpoints))):
             raise ValueError('step_scales must be "fisher", None or one {map: scale} per checkpoint')
-        if parts is not None and (not parts or len(set(parts)) < len(parts)
-                                  or not all(isinstance(i, int) and 0 <= i < len(checkpoints) for i in parts)):
-            raise ValueError(f"parts must be distinct positions in the {len(checkpoints)} checkpoints, got {parts!r}")
-        self.parts = sorted(parts) if parts is not None else list(range(len(checkpoints)))
         self.concept, self.checkpoints, self.horizons = concept, list(checkpoints), list(horizons)
         self.fit_examples, self.fit = fit_examples, (fit or CurvatureSettings()).replace(strategy="ekfac")
         self.step_scales, self.train_batch_size, self.chain = step_scales, int(train_batch_size), chain
@@ -97,8 +87,6 @@ class SourceInfluence(Estimator):
         query = None
         try:
             for i in reversed(range(len(self.checkpoints))):
-                if i not in self.parts and (not self.chain or i < self.parts[0]):
-                    continue  # neither scored nor on the way to carry the query back to a scored checkpoint
                 adapter.model.load_state_dict(own, strict=False)
                 if self.checkpoints[i] is not None:
                     load_checkpoint(adapter, self.checkpoints[i])
@@ -109,9 +97,6 @@ class SourceInfluence(Estimator):
                 scales = (fisher_step_scales(ekfac, self.train_batch_size) if self.step_scales == "fisher"
                           else None if self.step_scales is None else self.step_scales[i])
                 unrolled = UnrolledCurvature.from_curvature(ekfac, self.horizons[i], step_scales=scales)
-                if i not in self.parts:
-                    query = unrolled.propagate(query)
-                    continue
                 kinds = variant_kinds(unrolled)  # the horizon ÷ 10 and × 10, then identity: the gradient here itself
                 names = ["chosen", *kinds]
                 rescaled = [c.precondition(query) for n, c in stability_variants(unrolled).items() if n != "identity"]
@@ -129,8 +114,8 @@ class SourceInfluence(Estimator):
         finally:
             adapter.model.load_state_dict(own, strict=False)
         total = sum(per_part)
-        labels = [describe_checkpoint(self.checkpoints[i]) for i in self.parts]
-        self.parts_ = {f"{i:02d} {label}": p[:, 0, 0] for i, label, p in zip(self.parts, labels, per_part)}
+        labels = [describe_checkpoint(c) for c in self.checkpoints]
+        self.parts_ = {f"{i:02d} {label}": p[:, 0, 0] for i, (label, p) in enumerate(zip(labels, per_part))}
         variants = {n: total[:, j, 0] for j, n in enumerate(names) if j}
         if len(per_part) > 1:
             variants.update({f"part {k}": v for k, v in self.parts_.items()})
@@ -143,7 +128,7 @@ class SourceInfluence(Estimator):
             self.union_ = union_ranking(total[:, 0, 0], self.behaviour_)
         agreement = {a: {b: float(spearmanr(pa, pb)[0]) for b, pb in self.parts_.items()} for a, pa in self.parts_.items()}
         metadata = {"curvature": "unrolled", "maps": [m.name for m in maps], "chain": self.chain,
-                    "checkpoints": labels, "horizons": [self.horizons[i].total for i in self.parts],
+                    "checkpoints": labels, "horizons": [h.total for h in self.horizons],
                     "parts_spearman": agreement, "stability": self.stability_.to_dict()}
         return Scores([e.id for e in examples], total[:, 0, :], estimator=self.name, columns=list(self.concept.names),
                       metadata=metadata)
