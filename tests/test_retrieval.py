@@ -356,6 +356,20 @@ def test_large_pool_script_builds_a_pool_scored_with_the_recommended_estimator(t
     assert exact.estimator == "concept_influence[source]" and len(exact.metadata["checkpoints"]) == 3
     assert len(exact.metadata["horizons"]) == 3 and min(exact.metadata["horizons"]) > 0
     assert behaviour.ids == exact.ids and np.ptp(behaviour.column(0)) > 0 and np.ptp(exact.column(0)) > 0
+    parts = Scores.load(tmp_path / "pool" / "scores" / "source_parts.safetensors")  # base, middle, end: their sum
+    assert parts.ids == exact.ids and parts.values.shape == (200, 3) and len(parts.metadata["pass_seconds"]) == 3
+    np.testing.assert_allclose(parts.values.sum(1), exact.column(0), rtol=1e-5, atol=1e-6 * np.abs(exact.column(0)).max())
+    assert min(parts.metadata["pass_seconds"]) > 0
+    cascade = _script("retrieval_cascade")
+    table = cascade.overlap(tmp_path / "pool").splitlines()
+    assert len(table) == 5 and all(0 < float(row.split("|")[2]) < 1 for row in table[2:])  # each part's measured cost
+    assert float(table[2].split("|")[-2]) >= float(table[2].split("|")[4])  # a deeper top holds more of SOURCE's
+    default, part = cascade.study(tmp_path / "pool", reps=2, budget_share=0.5, shares=[0.25])
+    assert "default (exact rounds)" in default and "cascade, 25% of the budget to the part" in part
+    cells = [c.strip() for c in part.strip("|").split("|")]
+    assert "weights given in memory (2)" in cells[4] and 0 <= float(cells[10].strip("*")) <= 1
+    exact_share, part_share = (float(c) for c in cells[11].split(" + "))  # the two add up to the budget
+    assert 0.49 <= exact_share + part_share <= 0.5 and part_share > 0
     row, = learned.study(tmp_path / "pool", reps=3, union=True)
     assert "union with the behaviour's ranking" in row
     from concept_influence_benchmarks.retrieval_pools import pool_planted
