@@ -42,10 +42,9 @@ HEAD = ("| pool | N | k | variant | part chosen (repetitions) | part scores | ex
         "|---|---:|---:|---|---|---:|---|---|---:|---|---:|---|---:|")
 
 
-def part_costs(folder: Path) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """The pool's SOURCE parts ``[N, P]`` in the score file's order, their names, and each part's cost per example
-    in exact scores (its scoring pass over the pool builder's exact-scoring seconds)."""
-    _, ids, _ = learned.exact_rankings(folder, union=False)
+def part_costs(folder: Path, ids: list[str]) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """The pool's SOURCE parts ``[N, P]`` in the order of ``ids`` (the exact score file's), their names, and each
+    part's cost per example in exact scores (its scoring pass over the pool builder's exact-scoring seconds)."""
     parts = Scores.load(folder / "scores" / "source_parts.safetensors")
     seconds = np.asarray(parts.metadata["pass_seconds"], dtype=np.float64)
     return parts.aligned(ids), list(parts.columns), seconds / learned.exact_seconds(folder, len(ids))
@@ -53,8 +52,8 @@ def part_costs(folder: Path) -> tuple[np.ndarray, list[str], np.ndarray]:
 
 def overlap(folder: Path, multiples=(1, 2, 4, 8, 16)) -> str:
     """A markdown table: the share of SOURCE's top k in each part's own top M, M a multiple of k."""
-    y, _, _ = learned.exact_rankings(folder, union=False)
-    parts, names, costs = part_costs(folder)
+    y, ids, _ = learned.exact_rankings(folder, union=False)
+    parts, names, costs = part_costs(folder, ids)
     k = len(y) // 100
     truth = np.argsort(-y, kind="stable")[:k]
     lines = ["| part | cost | Spearman with SOURCE | " + " | ".join(f"in its top {m}·k" for m in multiples) + " |",
@@ -86,7 +85,7 @@ def cascade(stage, exact, cheap, cost: float, share: float, k: int, budget: int,
 def study(folder: Path, reps: int, budget_share: float, shares: list[float]) -> list[str]:
     """Markdown rows: the default and the cascade at each share over ``reps`` repetitions (module docstring)."""
     y, ids, _ = learned.exact_rankings(folder, union=False)
-    parts, names, costs = part_costs(folder)
+    parts, names, costs = part_costs(folder, ids)
     n = len(y)
     k, budget = n // 100, int(round(budget_share * n))
     truth = np.argsort(-y, kind="stable")[:k]
@@ -106,7 +105,7 @@ def study(folder: Path, reps: int, budget_share: float, shares: list[float]) -> 
             recall = len(np.intersect1d(truth, res.top)) / k
             got[share].append((res.recall_bound, recall, recall >= res.recall_bound, cheap_scores,
                                res.prescored + res.shortlist, res.spent - res.prescored - res.shortlist,
-                               res.spent / n, math.ceil(costs[chosen] * cheap_scores) / n if share else 0.0, chosen))
+                               res.spent / n, (budget - res.budget) / n, chosen))  # the part's scores' share
         print(f"{folder.name}: repetition {rep + 1}/{reps}", file=sys.stderr, flush=True)
     limit = best_certifiable(n, k, budget)
     rows = []
