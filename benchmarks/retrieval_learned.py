@@ -86,9 +86,10 @@ def exact_rankings(folder: Path, union: bool = True) -> tuple[np.ndarray, list[s
 
 
 def study(folder: Path, reps: int, budget_share: float = 0.1, union: bool = False, default: bool = False,
-          extra: tuple[str, np.ndarray, float] | None = None) -> list[str]:
+          extra: tuple[str, np.ndarray, float] | None = None, stop: float | None = None) -> list[str]:
     """Markdown rows: one per variant of :data:`VARIANTS` (``union``: on the two rankings of the union; ``union`` or
-    ``default``: the library's default variant only), and the limit a perfect free first stage reaches. ``extra``:
+    ``default``: the library's default variant only; ``stop``: that variant with this stop rule instead, its only
+    row), and the limit a perfect free first stage reaches. ``extra``:
     (label, dense ``[N, F]`` features in the pool's score order, their cost as a share of exact scoring of all N),
     standardised and set beside the words; the label joins the variant's and the cost the stage's."""
     y, ids, _ = exact_rankings(folder, union)
@@ -104,7 +105,11 @@ def study(folder: Path, reps: int, budget_share: float = 0.1, union: bool = Fals
         dense = StandardScaler().fit_transform(np.asarray(extra[1], dtype=np.float64))
         features, feature_share = sparse.hstack([features, sparse.csr_matrix(dense)]).tocsr(), feature_share + extra[2]
     rows = []
-    for variant, (label, share, refine, batch, stop) in enumerate(VARIANTS[:1] if union or default else VARIANTS):
+    variants, marked = VARIANTS[:1] if union or default else VARIANTS, stop is None  # the library's default is marked
+    if stop is not None:
+        label, share, refine, batch, _ = VARIANTS[0]
+        variants = ((f"{label}, stop {stop:g}", share, refine, batch, stop),)
+    for variant, (label, share, refine, batch, stop) in enumerate(variants):
         sample = max(10, int(round(share * budget)))  # fit_first_stage needs ten (two per fold)
         got = []
         for rep in range(reps):
@@ -121,7 +126,7 @@ def study(folder: Path, reps: int, budget_share: float = 0.1, union: bool = Fals
                         len(stage.rounds), res.spent / n))
         a = np.array(got, dtype=np.float64)
         cert = a[:, 0]
-        chosen = (" **default**" if variant == 0 else "") + (", union with the behaviour's ranking" if union else "") \
+        chosen = (" **default**" if variant == 0 and marked else "") + (", union with the behaviour's ranking" if union else "") \
             + (f", {extra[0]}" if extra is not None else "")
         rows.append(f"| {folder.name} | {n} | {k} | {label}{chosen} | {sample} | {int(np.median(a[:, 6]))} "
                     f"({int(np.median(a[:, 7]))}) | {np.median(a[:, 3]):.2f} / {np.median(a[:, 4]):.2f} | "
@@ -178,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--default", action="store_true", help="the library's default variant only")
     p.add_argument("--rankings", action="store_true", help="instead, a table of each pool's two rankings (pools with "
                                                            "scores/behaviour.safetensors)")
+    p.add_argument("--stop", type=float, help="the default variant with this stop rule instead (its only row; 0: "
+                   "the rounds use all the room default_split leaves)")
     p.add_argument("--budget-share", type=float, default=0.1, help="exact scores as a share of N (default 0.1)")
     p.add_argument("--limits", action="store_true", help="instead, the limits table (no pool is read)")
     args = p.parse_args(argv)
@@ -222,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
               "shortlist is the true union.\n")
     print(TABLE_HEAD)
     for folder in args.folders:
-        for row in study(folder, args.reps, args.budget_share, union=args.union, default=args.default):
+        for row in study(folder, args.reps, args.budget_share, union=args.union, default=args.default,
+                         stop=args.stop):
             print(row, flush=True)
     return 0
 
