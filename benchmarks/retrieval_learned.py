@@ -85,8 +85,13 @@ def exact_rankings(folder: Path, union: bool = True) -> tuple[np.ndarray, list[s
     return y, ids, exact.estimator
 
 
+def stop_rule(text: str) -> float | str:
+    """``--stop``: a share of the batch, or ``bound`` (see ``LearnedFirstStage.retrieve``)."""
+    return text if text == "bound" else float(text)
+
+
 def study(folder: Path, reps: int, budget_share: float = 0.1, union: bool = False, default: bool = False,
-          extra: tuple[str, np.ndarray, float] | None = None, stop: float | None = None) -> list[str]:
+          extra: tuple[str, np.ndarray, float] | None = None, stop: float | str | None = None) -> list[str]:
     """Markdown rows: one per variant of :data:`VARIANTS` (``union``: on the two rankings of the union; ``union`` or
     ``default``: the library's default variant only; ``stop``: that variant with this stop rule instead, its only
     row), and the limit a perfect free first stage reaches. ``extra``:
@@ -108,7 +113,8 @@ def study(folder: Path, reps: int, budget_share: float = 0.1, union: bool = Fals
     variants, marked = VARIANTS[:1] if union or default else VARIANTS, stop is None  # the library's default is marked
     if stop is not None:
         label, share, refine, batch, _ = VARIANTS[0]
-        variants = ((f"{label}, stop {stop:g}", share, refine, batch, stop),)
+        variants = ((f"{label}, stop {stop if isinstance(stop, str) else format(stop, 'g')}", share, refine, batch,
+                     stop),)
     for variant, (label, share, refine, batch, stop) in enumerate(variants):
         sample = max(10, int(round(share * budget)))  # fit_first_stage needs ten (two per fold)
         got = []
@@ -183,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--default", action="store_true", help="the library's default variant only")
     p.add_argument("--rankings", action="store_true", help="instead, a table of each pool's two rankings (pools with "
                                                            "scores/behaviour.safetensors)")
-    p.add_argument("--stop", type=float, help="the default variant with this stop rule instead (its only row; 0: "
-                   "the rounds use all the room default_split leaves)")
+    p.add_argument("--stop", type=stop_rule, help="the default variant with this stop rule instead (its only row; 0: "
+                   "the rounds use all the room default_split leaves; bound: they go on while a batch finds more of "
+                   "the top than the next batch costs the certificate's sample)")
     p.add_argument("--budget-share", type=float, default=0.1, help="exact scores as a share of N (default 0.1)")
     p.add_argument("--limits", action="store_true", help="instead, the limits table (no pool is read)")
     args = p.parse_args(argv)

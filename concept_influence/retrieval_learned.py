@@ -27,6 +27,7 @@ from .retrieval import (
     certified_retrieval,
     default_budget,
     default_split,
+    hypergeometric_upper,
 )
 
 __all__ = ["LearnedFirstStage", "fit_first_stage", "text_features", "default_sample", "ALPHAS", "LESS_SHRINKAGE",
@@ -119,7 +120,7 @@ class LearnedFirstStage:
 
     def retrieve(self, exact_scorer: Callable[[np.ndarray], Sequence[float]], k: int, delta: float = 0.05,
                  budget: int | None = None, *, refine: bool = True, batch: int | None = None,
-                 stop: float = REFINE_STOP, target: float = 0.95, **options) -> RetrievalResult:
+                 stop: float | str = REFINE_STOP, target: float = 0.95, **options) -> RetrievalResult:
         """:func:`certified_retrieval` with this stage's scores and its sample as prescored examples; ``budget``
         counts the sample (default 10 % of N).
 
@@ -127,9 +128,10 @@ class LearnedFirstStage:
         ``batch`` best-predicted examples not yet scored are scored exactly, the ridge is refitted on every exact
         score so far (the penalty stays the sample's), and so on, until the shortlist has the size
         :func:`default_split` would give it (leaving at least one exact score to the sample) or a batch puts at most
-        ``stop`` of its examples above the k-th best exact score found before it; what is left of the budget goes to
-        the uniform sample of the rest. ``batch``: default k/4, and at least 2/``stop``, so that a batch that stops
-        the rounds has seen enough examples to mean it (a batch of seven holding none is no evidence). The rounds are
+        ``stop`` of its examples above the k-th best exact score found before it (``stop="bound"``: no more than the
+        next batch would cost the certificate, :meth:`_stop_level`); what is left of the budget goes to the uniform
+        sample of the rest. ``batch``: default k/4, and at least 2/``stop``, so that a batch that stops the rounds
+        has seen enough examples to mean it (a batch of seven holding none is no evidence). The rounds are
         all decided before that sample is drawn, so they are prescored examples and the bound is unchanged. They are
         recorded in :attr:`rounds` (examples scored, how many beat the k-th best before them)."""
         if not refine:
@@ -145,7 +147,10 @@ class LearnedFirstStage:
         if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or not len(self.sample) < budget:
             raise RetrievalError(f"budget must be an integer above the stage's sample of {len(self.sample)}, "
                                  f"got {budget!r}")
-        batch = max(k // 4, math.ceil(2 / stop) if stop > 0 else 1) if batch is None else batch
+        if not (stop == "bound" or isinstance(stop, (int, float)) and not isinstance(stop, bool) and 0 <= stop < 1):
+            raise RetrievalError(f"stop must be a share in [0, 1) or 'bound', got {stop!r}")
+        floor = math.ceil(2 / stop) if stop != "bound" and stop > 0 else 1
+        batch = max(k // 4, floor) if batch is None else batch
         if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
             raise RetrievalError(f"batch must be a positive integer, got {batch!r}")
         budget = int(min(budget, n))
@@ -163,11 +168,28 @@ class LearnedFirstStage:
             beat = int(np.any((got > kth).reshape(len(got), -1), axis=1).sum())
             known, exact, allowance = np.concatenate([known, chosen]), np.concatenate([exact, got]), allowance - len(chosen)
             self.rounds.append((len(chosen), beat))
-            if beat <= stop * len(chosen) or allowance <= 0:
+            if allowance <= 0 or beat <= self._stop_level(stop, len(chosen), n - len(known), budget - len(known),
+                                                          min(batch, allowance), delta):
                 break
             scores = self._predict(known, exact)
         return certified_retrieval(scores, exact_scorer, k, delta, budget, shortlist=max(k - len(known), 0),
                                    prescored=(known, exact), target=target, **options)
+
+    @staticmethod
+    def _stop_level(stop: float | str, scored: int, unscored: int, sample: int, following: int,
+                    delta: float) -> float:
+        """How many beaters a batch of ``scored`` may hold and still end the rounds. A share: ``stop`` of the batch.
+        ``"bound"``: what the following batch of ``following`` exact scores would add to the certificate's count of
+        possible misses by coming out of the sample (its zero-hit bound, :func:`hypergeometric_upper`, on the
+        ``unscored`` examples with ``sample`` of them drawn, and after), so the rounds go on while a batch finds more
+        of the top than the sample would lose by paying for the next one; no threshold to tune."""
+        if stop != "bound":
+            return stop * scored
+        after = sample - following
+        if after <= 0:
+            return math.inf
+        return (hypergeometric_upper(unscored - following, after, 0, delta)
+                - hypergeometric_upper(unscored, sample, 0, delta))
 
     def _union_size(self, k: int, n: int) -> dict:
         """With several rankings, the split's view of the union of their top k's: its size estimated from the

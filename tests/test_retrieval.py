@@ -341,6 +341,8 @@ def test_large_pool_script_builds_an_emergent_pool(tmp_path):
     assert 0 <= float(cells[10].strip("*")) <= 1 and cells[11].startswith("0.100 + ") and 0 <= float(cells[12]) <= 1
     row, = learned.study(tmp_path / "pool", reps=2, stop=0.0)  # --stop: the default variant's one row, not marked
     assert [c.strip() for c in row.strip("|").split("|")][3] == "refined, stop 0"
+    row, = learned.study(tmp_path / "pool", reps=2, stop=learned.stop_rule("bound"))
+    assert [c.strip() for c in row.strip("|").split("|")][3] == "refined, stop bound"
 
 
 def test_large_pool_script_builds_a_pool_scored_with_the_recommended_estimator(tmp_path):

@@ -74,6 +74,32 @@ def test_refined_rounds_score_the_best_predicted_and_stop_when_a_batch_adds_litt
     assert sum(s.sampled for s in res.strata) == budget - len(known)
 
 
+def test_bound_stop_goes_on_while_a_batch_finds_more_than_the_next_costs_the_sample():
+    """``stop="bound"``: every round but the last found more of the top than the next batch would add to the sample's
+    zero-hit count of possible misses (recomputed here from the hypergeometric bound), and the last found no more, or
+    the allowance was spent; the result is certified like any other, every exact score counted."""
+    from concept_influence.retrieval import default_split, hypergeometric_upper
+
+    n, k, budget, batch, delta = 6000, 60, 1500, 15, 0.05
+    x, exact = _linear_pool(n, 6, 0.5, seed=3)
+    calls: list[np.ndarray] = []
+    stage = fit_first_stage(x, array_scorer(exact, calls), 100, seed=0)
+    res = stage.retrieve(array_scorer(exact, calls), k, delta, budget, batch=batch, stop="bound", project=())
+    allowance = default_split(n - 100, k, budget - 100)
+    scored = 100
+    levels = []
+    for size, _ in stage.rounds:
+        scored += size
+        following = min(batch, allowance - (scored - 100))
+        sample = budget - scored
+        levels.append(hypergeometric_upper(n - scored - following, sample - following, 0, delta)
+                      - hypergeometric_upper(n - scored, sample, 0, delta) if following > 0 else None)
+    assert len(stage.rounds) > 1
+    assert all(above > level for (_, above), level in zip(stage.rounds[:-1], levels[:-1]))
+    assert levels[-1] is None or stage.rounds[-1][1] <= levels[-1]
+    assert res.spent == budget == len(np.unique(np.concatenate(calls)))
+
+
 def test_refining_finds_more_of_the_top_than_one_fit():
     """Where one fit on a small sample ranks the top poorly (scores that rise with a feature the fit barely sees),
     the rounds, refitted on the high scores they find, put more of the true top k in the shortlist."""
@@ -124,6 +150,8 @@ def test_refine_input_is_named():
         stage.retrieve(array_scorer(exact), 5, budget=100, shortlist=10)
     with pytest.raises(RetrievalError, match="batch must be"):
         stage.retrieve(array_scorer(exact), 5, budget=100, batch=0)
+    with pytest.raises(RetrievalError, match="stop must be a share in \\[0, 1\\) or 'bound', got 'never'"):
+        stage.retrieve(array_scorer(exact), 5, budget=100, stop="never")
     with pytest.raises(RetrievalError, match="above the stage's sample of 20"):
         stage.retrieve(array_scorer(exact), 5, budget=20)
     stage.features = None
