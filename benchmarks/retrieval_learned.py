@@ -47,6 +47,7 @@ from concept_influence.retrieval_learned import (  # noqa: E402
     text_features,
 )
 from concept_influence.scores import Scores  # noqa: E402
+from concept_influence.stability import check_stability  # noqa: E402
 from concept_influence_benchmarks.retrieval_pools import pool_examples, pool_planted  # noqa: E402
 
 #: (label, the learned stage's sample as a share of the budget, refine, batch as a share of k, stop): the library's
@@ -153,7 +154,21 @@ def rankings(folder: Path) -> str:
     planted = pool_planted(folder, ids)
     aurocs = [retrieval_metrics(column, planted)["auroc"] for column in y.T]
     return (f"| {folder.name} | {estimator} | {len(y)} | {spearmanr(y[:, 0], y[:, 1])[0]:.2f} | {union} "
-            f"({union / k:.2f} k) | {aurocs[0]:.3f} | {aurocs[1]:.3f} |")
+            f"({union / k:.2f} k) | {aurocs[0]:.3f} | {aurocs[1]:.3f} | {stability(folder, y, ids)} |")
+
+
+def stability(folder: Path, y: np.ndarray, ids: list[str]) -> str:
+    """What the stability check a run reports says of the exact ranking on this pool (``check_stability`` at its
+    defaults against the behaviour's ranking and, where the pool has them, SOURCE's checkpoint parts): "warns" and
+    the variants below the agreement it asks for, or "stable" and the lowest agreement."""
+    variants = {"behaviour": y[:, 1]}
+    if (folder / "scores" / "source_parts.safetensors").exists():
+        parts = Scores.load(folder / "scores" / "source_parts.safetensors").aligned(ids)
+        variants |= {f"part {i}": parts[:, i] for i in range(parts.shape[1])}
+    report = check_stability(y[:, 0], variants)
+    if report.stable:
+        return f"stable (lowest {min(report.agreement.values()):.2f})"
+    return "warns: " + ", ".join(f"{v} {report.agreement[v]:.2f}" for v in report.disagreeing)
 
 
 #: the header of :func:`study`'s rows
@@ -202,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give pool folders (or --limits)")
     if args.rankings:
         print("| pool | exact estimator | N | Spearman with the behaviour's ranking | union of each one's top 1 % | "
-              "planted AUROC: exact | behaviour's |\n|---|---|---:|---:|---:|---:|---:|")
+              "planted AUROC: exact | behaviour's | stability check of the exact ranking (agreement) |\n"
+              "|---|---|---:|---:|---:|---:|---:|---|")
         for folder in args.folders:
             print(rankings(folder), flush=True)
         return 0

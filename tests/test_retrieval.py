@@ -383,6 +383,14 @@ def test_large_pool_script_builds_a_pool_scored_with_the_recommended_estimator(t
     cells = [c.strip() for c in learned.rankings(tmp_path / "pool").strip("|").split("|")]
     assert cells[1:3] == ["concept_influence[source]", "200"] and -1 <= float(cells[3]) <= 1
     assert 2 <= int(cells[4].split()[0]) <= 4 and all(0 <= float(c) <= 1 for c in cells[5:7])  # k = 2
+    from concept_influence.stability import check_stability  # the run's stability check, SOURCE's parts included
+
+    parts = Scores.load(tmp_path / "pool" / "scores" / "source_parts.safetensors").aligned(exact.ids)
+    report = check_stability(exact.column(0), {"behaviour": behaviour.aligned(exact.ids)[:, 0],
+                                               **{f"part {i}": parts[:, i] for i in range(parts.shape[1])}})
+    assert len(report.agreement) == 1 + parts.shape[1]
+    assert cells[7] == (f"stable (lowest {min(report.agreement.values()):.2f})" if report.stable else
+                        "warns: " + ", ".join(f"{v} {report.agreement[v]:.2f}" for v in report.disagreeing))
 
 
 def test_forward_features_benchmark_retrains_the_pools_model_and_reads_its_activations(tmp_path):
