@@ -62,8 +62,10 @@ def test_damping_variants_equal_scoring_with_each_damping_and_identity(tl_adapte
     _close(scores.values, ConceptInfluence(concept, curvature, query_rank=query_rank).score(tl_adapter, tokenized, **kw).values)
     for f in DAMPING_VARIANTS:
         damped = ConceptInfluence(concept, curvature.with_damping(damping_factor=0.1 * f), query_rank=query_rank)
+        # float32 rounding grows as the damping shrinks (the inverse's largest eigenvalue with it): measured 1.6e-5 of
+        # the largest score at x0.01 on this toy, 1.2e-6 at x0.1 and 2e-7 above, so the tolerance scales with 1/f
         _close(variants.select([f"damping x{f:g}:{c}" for c in concept.names]).values,
-               damped.score(tl_adapter, tokenized, **kw).values)
+               damped.score(tl_adapter, tokenized, **kw).values, tolerance=1e-5 * max(1.0, 0.1 / f))
     identity = ConceptGradDot(concept, query_rank=query_rank).score(tl_adapter, tokenized, **kw)
     _close(variants.select([f"identity:{c}" for c in concept.names]).values, identity.values)
 
