@@ -46,8 +46,8 @@ from concept_influence.retrieval_learned import (  # noqa: E402
     fit_first_stage,
     text_features,
 )
+from concept_influence.runs.stability import run_stability  # noqa: E402
 from concept_influence.scores import Scores  # noqa: E402
-from concept_influence.stability import check_stability  # noqa: E402
 from concept_influence_benchmarks.retrieval_pools import pool_examples, pool_planted  # noqa: E402
 
 #: (label, the learned stage's sample as a share of the budget, refine, batch as a share of k, stop): the library's
@@ -111,19 +111,21 @@ def study(folder: Path, reps: int, budget_share: float = 0.1, union: bool = Fals
         dense = StandardScaler().fit_transform(np.asarray(extra[1], dtype=np.float64))
         features, feature_share = sparse.hstack([features, sparse.csr_matrix(dense)]).tocsr(), feature_share + extra[2]
     rows = []
-    variants, marked = VARIANTS[:1] if union or default else VARIANTS, stop is None  # the library's default is marked
-    if stop is not None:
+    if stop is None:
+        variants = VARIANTS[:1] if union or default else VARIANTS
+    else:  # the default variant with another stop rule, not marked as the default
         label, share, refine, batch, _ = VARIANTS[0]
         variants = ((f"{label}, stop {stop if isinstance(stop, str) else format(stop, 'g')}", share, refine, batch,
                      stop),)
-    for variant, (label, share, refine, batch, stop) in enumerate(variants):
+    marked = stop is None
+    for variant, (label, share, refine, batch, rule) in enumerate(variants):
         sample = max(10, int(round(share * budget)))  # fit_first_stage needs ten (two per fold)
         got = []
         for rep in range(reps):
             rng = np.random.default_rng(1000 * rep + sample)
             t0 = time.perf_counter()  # the array scorer is free: this is the stage's own time (fits and predictions)
             stage = fit_first_stage(features, array_scorer(y), sample, seed=rng)
-            options = dict(refine=True, batch=max(1, round(batch * k)), stop=stop) if refine else dict(refine=False)
+            options = dict(refine=True, batch=max(1, round(batch * k)), stop=rule) if refine else dict(refine=False)
             res = stage.retrieve(array_scorer(y), k, budget=budget, seed=rng, project=(), **options)
             own = (time.perf_counter() - t0) / all_exact
             rest = np.setdiff1d(np.arange(n), stage.sample)
@@ -154,18 +156,21 @@ def rankings(folder: Path) -> str:
     planted = pool_planted(folder, ids)
     aurocs = [retrieval_metrics(column, planted)["auroc"] for column in y.T]
     return (f"| {folder.name} | {estimator} | {len(y)} | {spearmanr(y[:, 0], y[:, 1])[0]:.2f} | {union} "
-            f"({union / k:.2f} k) | {aurocs[0]:.3f} | {aurocs[1]:.3f} | {stability(folder, y, ids)} |")
+            f"({union / k:.2f} k) | {aurocs[0]:.3f} | {aurocs[1]:.3f} | {stability(folder)} |")
 
 
-def stability(folder: Path, y: np.ndarray, ids: list[str]) -> str:
-    """What the stability check a run reports says of the exact ranking on this pool (``check_stability`` at its
-    defaults against the behaviour's ranking and, where the pool has them, SOURCE's checkpoint parts): "warns" and
-    the variants below the agreement it asks for, or "stable" and the lowest agreement."""
-    variants = {"behaviour": y[:, 1]}
-    if (folder / "scores" / "source_parts.safetensors").exists():
-        parts = Scores.load(folder / "scores" / "source_parts.safetensors").aligned(ids)
-        variants |= {f"part {i}": parts[:, i] for i in range(parts.shape[1])}
-    report = check_stability(y[:, 0], variants)
+def stability(folder: Path) -> str:
+    """What the stability check a run reports (``run_stability``) says of the exact ranking on this pool, against the
+    behaviour's ranking and, where the pool has them, SOURCE's checkpoint parts: "warns" and the variants below the
+    agreement it asks for, or "stable" and the lowest agreement."""
+    scores = folder / "scores"
+    behaviour = Scores.load(scores / "behaviour.safetensors")
+    behaviour = behaviour.select(["behaviour"], metadata={"variants": {"behaviour": "behaviour"}})
+    parts = {}
+    if (scores / "source_parts.safetensors").exists():
+        source_parts = Scores.load(scores / "source_parts.safetensors")
+        parts = {str(i): source_parts.select([c]) for i, c in enumerate(source_parts.columns)}
+    report = run_stability(Scores.load(scores / "concept_influence.safetensors"), behaviour, parts)
     if report.stable:
         return f"stable (lowest {min(report.agreement.values()):.2f})"
     return "warns: " + ", ".join(f"{v} {report.agreement[v]:.2f}" for v in report.disagreeing)
